@@ -1,0 +1,44 @@
+#include "hsm/key_store_factory.h"
+
+#include <string_view>
+
+#include "hsm/pkcs11/pkcs11_key_store.h"
+#include "hsm/pkcs11/softhsm_token.h"
+
+namespace medgate::hsm {
+namespace {
+
+// The URI scheme, lower-cased ("pkcs11", "tpm2"), or the whole string when it has no colon.
+std::string scheme_of(std::string_view uri) {
+  std::string scheme(uri.substr(0, uri.find(':')));
+  for (char& c : scheme)
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  return scheme;
+}
+
+}  // namespace
+
+// config.softhsm_conf is exported as SOFTHSM2_CONF just before the PKCS#11 module is initialised
+// (see hsm/pkcs11/module.h). The environment is process-wide: a process talks to one SoftHSM
+// configuration at a time, and opening a second one while the first is in use is refused.
+Result<std::unique_ptr<KeyStore>> open_key_store(const KeyStoreConfig& config, KeyPolicy policy) {
+  const std::string scheme = scheme_of(config.uri);
+  if (scheme == "pkcs11") {
+    MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<pkcs11::Pkcs11KeyStore> store,
+                             pkcs11::Pkcs11KeyStore::open(config, policy));
+    return std::unique_ptr<KeyStore>(std::move(store));
+  }
+  if (scheme == "tpm2")
+    return Status::InvalidArgument("the TPM 2.0 key store is not built yet (issue 3)");
+  if (config.uri.empty()) return Status::InvalidArgument("no key store URI configured");
+  return Status::InvalidArgument("unknown key store URI scheme '" + scheme +
+                                 "' (expected pkcs11: or tpm2:)");
+}
+
+Result<KeyStoreConfig> create_softhsm_token(const std::filesystem::path& dir,
+                                            const std::string& label,
+                                            const std::filesystem::path& pin_file) {
+  return pkcs11::provision_softhsm_token(dir, label, pin_file);
+}
+
+}  // namespace medgate::hsm

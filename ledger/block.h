@@ -1,1 +1,78 @@
+// LEDGER-CRITICAL: block headers and signed heads, and their canonical encodings (version 1).
+//
+// A block is the batch of entries one group commit writes. Its header chains to the previous
+// block and commits to the Merkle root over every entry so far:
+//
+//   { 0: 2 (block header), 1: version, 2: ledger id, 3: height, 4: previous block hash (32 zero
+//     bytes for height 0), 5: first entry index, 6: entry count, 7: tree size, 8: Merkle root,
+//     9: time (us since epoch), 10: signing key id }
+//
+//   block hash = SHA-256(header bytes)
+//
+// The signing key id names the key whose signed heads are to cover the block. Heads are signed on
+// their own cadence (never per entry, since a TPM signature takes ~200 ms) and cover the latest
+// block at that moment:
+//
+//   { 0: 3 (signed head), 1: version, 2: ledger id, 3: block height, 4: block hash, 5: tree size,
+//     6: Merkle root, 7: time (us), 8: key id }
+//
+//   signature = ECDSA P-256 over SHA-256(head bytes), DER. Checkable with stock OpenSSL:
+//   openssl dgst -sha256 -verify key.pem -signature head.sig head.cbor
 #pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "hsm/bytes.h"
+#include "hsm/public_key.h"
+#include "hsm/status.h"
+
+namespace medgate::ledger {
+
+inline constexpr std::uint64_t kBlockFormatVersion = 1;
+inline constexpr std::uint64_t kHeadFormatVersion = 1;
+
+struct BlockHeader {
+  std::uint64_t version = kBlockFormatVersion;
+  std::string ledger_id;
+  std::uint64_t height = 0;
+  Hash previous_hash{};
+  std::uint64_t first_index = 0;
+  std::uint64_t entry_count = 0;
+  std::uint64_t tree_size = 0;
+  Hash root{};
+  std::uint64_t time_us = 0;
+  KeyId key_id{};
+  friend bool operator==(const BlockHeader&, const BlockHeader&) = default;
+};
+
+Bytes encode_block_header(const BlockHeader& header);
+// Strict: canonical bytes, right kind and version, every field present, tree_size ==
+// first_index + entry_count. kCorruption names the problem.
+Result<BlockHeader> decode_block_header(ByteView bytes);
+inline Hash block_hash(ByteView header_bytes) { return sha256(header_bytes); }
+
+struct HeadBody {
+  std::uint64_t version = kHeadFormatVersion;
+  std::string ledger_id;
+  std::uint64_t height = 0;
+  Hash block_hash{};
+  std::uint64_t tree_size = 0;
+  Hash root{};
+  std::uint64_t time_us = 0;
+  KeyId key_id{};
+  friend bool operator==(const HeadBody&, const HeadBody&) = default;
+};
+
+Bytes encode_head(const HeadBody& head);
+Result<HeadBody> decode_head(ByteView bytes);
+inline Hash head_digest(ByteView head_bytes) { return sha256(head_bytes); }
+
+struct SignedHead {
+  std::uint64_t sequence = 0;  // the store's row number, not signed
+  Bytes bytes;                 // canonical head bytes (what is signed)
+  HeadBody head;               // decoded from `bytes`
+  Bytes signature;             // DER ECDSA over SHA-256(bytes)
+};
+
+}  // namespace medgate::ledger

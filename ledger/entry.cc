@@ -1,0 +1,237 @@
+// LEDGER-CRITICAL: see entry.h. The encoding written here is the one that is hashed.
+#include "ledger/entry.h"
+
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+
+#include <fmt/format.h>
+
+namespace medgate::ledger {
+namespace {
+
+Status require_text(const cbor::Value& body, std::string_view key) {
+  const cbor::Value* v = body.find(key);
+  if (!v || !v->as_text() || v->as_text()->empty())
+    return Status::InvalidArgument(fmt::format("body needs a non-empty text \"{}\"", key));
+  return Status::Ok();
+}
+
+Status require_bytes(const cbor::Value& body, std::string_view key, std::size_t size) {
+  const cbor::Value* v = body.find(key);
+  if (!v || !v->as_bytes() || (size && v->as_bytes()->size() != size))
+    return Status::InvalidArgument(
+        size ? fmt::format("body needs \"{}\" as {} bytes", key, size)
+             : fmt::format("body needs \"{}\" as bytes", key));
+  return Status::Ok();
+}
+
+Status check_genesis(const cbor::Value& body) {
+  MEDGATE_RETURN_IF_ERROR(require_text(body, "ledger_id"));
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "key_id", 32));
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "public_key", 0));
+  return Status::Ok();
+}
+
+Status check_admin_action(const cbor::Value& body) {
+  MEDGATE_RETURN_IF_ERROR(require_text(body, "op"));
+  if (const cbor::Value* args = body.find("args"); args && !args->as_map())
+    return Status::InvalidArgument("body \"args\" must be a map");
+  return Status::Ok();
+}
+
+Status check_key_event(const cbor::Value& body) {
+  MEDGATE_RETURN_IF_ERROR(require_text(body, "event"));
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "key_id", 32));
+  return Status::Ok();
+}
+
+constexpr EntryTypeInfo kEntryTypes[] = {
+    {EntryType::kGenesis, "genesis", "admin", check_genesis},
+    {EntryType::kAdminAction, "admin-action", "admin", check_admin_action},
+    {EntryType::kKeyEvent, "key-event", "key", check_key_event},
+};
+
+enum Key : std::uint64_t {
+  kKind = 0,
+  kVersion = 1,
+  kType = 2,
+  kTime = 3,
+  kActor = 4,
+  kBody = 5,
+  kSubjects = 6,
+};
+
+Status check_body(const EntryTypeInfo& info, const cbor::Value& body) {
+  const cbor::Map* map = body.as_map();
+  if (!map) return Status::InvalidArgument(fmt::format("{} entry body is not a map", info.name));
+  for (const auto& [k, v] : *map)
+    if (!k.as_text()) return Status::InvalidArgument(fmt::format("{} entry body has a non-text key", info.name));
+  return info.check_body(body).with_context(fmt::format("{} entry", info.name));
+}
+
+}  // namespace
+
+const EntryTypeInfo* find_entry_type(std::uint64_t type) {
+  for (const auto& info : kEntryTypes)
+    if (static_cast<std::uint64_t>(info.type) == type) return &info;
+  return nullptr;
+}
+
+const EntryTypeInfo* find_entry_type(std::string_view name) {
+  for (const auto& info : kEntryTypes)
+    if (info.name == name) return &info;
+  return nullptr;
+}
+
+Result<Bytes> encode_entry(const Entry& entry) {
+  const EntryTypeInfo* info = find_entry_type(static_cast<std::uint64_t>(entry.type));
+  if (!info) return Status::InvalidArgument(fmt::format("unknown entry type {}", static_cast<std::uint32_t>(entry.type)));
+  if (entry.actor.empty()) return Status::InvalidArgument("entry has no actor");
+  MEDGATE_RETURN_IF_ERROR(check_body(*info, entry.body));
+
+  cbor::Writer w;
+  w.map_header(entry.subjects.empty() ? 6 : 7);
+  w.uint(kKind);
+  w.uint(static_cast<std::uint64_t>(ObjectKind::kEntry));
+  w.uint(kVersion);
+  w.uint(kEntryFormatVersion);
+  w.uint(kType);
+  w.uint(static_cast<std::uint64_t>(entry.type));
+  w.uint(kTime);
+  w.uint(entry.time_us);
+  w.uint(kActor);
+  w.text(entry.actor);
+  w.uint(kBody);
+  cbor::encode_to(entry.body, w);
+  if (!entry.subjects.empty()) {
+    w.uint(kSubjects);
+    w.array_header(entry.subjects.size());
+    for (const SubjectLink& s : entry.subjects) {
+      if (s.subject.empty()) return Status::InvalidArgument("subject link with an empty subject");
+      w.array_header(2);
+      w.bytes(s.subject);
+      if (s.previous) w.uint(*s.previous);
+      else w.null();
+    }
+  }
+  return w.take();
+}
+
+Result<Entry> decode_entry(ByteView bytes) {
+  MEDGATE_ASSIGN_OR_RETURN(cbor::Value v, cbor::decode(bytes));
+  const cbor::Map* map = v.as_map();
+  if (!map) return Status::Corruption("entry is not a CBOR map");
+  for (const auto& [k, item] : *map) {
+    auto key = k.as_uint();
+    if (!key || *key > kSubjects) return Status::Corruption("entry has a key this format does not define");
+  }
+  auto get_uint = [&](std::uint64_t key) -> std::optional<std::uint64_t> {
+    const cbor::Value* x = v.find(key);
+    return x ? x->as_uint() : std::nullopt;
+  };
+  if (get_uint(kKind) != static_cast<std::uint64_t>(ObjectKind::kEntry))
+    return Status::Corruption("object is not an entry (key 0)");
+  auto version = get_uint(kVersion);
+  if (version != kEntryFormatVersion)
+    return Status::Corruption(version ? fmt::format("entry format version {} is not supported by this build (it reads {})",
+                                                    *version, kEntryFormatVersion)
+                                      : "entry has no format version");
+  auto type = get_uint(kType);
+  if (!type) return Status::Corruption("entry has no type");
+  const EntryTypeInfo* info = find_entry_type(*type);
+  if (!info) return Status::Corruption(fmt::format("entry type {} is unknown to this build", *type));
+  Entry e;
+  e.type = info->type;
+  auto time = get_uint(kTime);
+  if (!time) return Status::Corruption("entry has no time");
+  e.time_us = *time;
+  const cbor::Value* actor = v.find(kActor);
+  if (!actor || !actor->as_text() || actor->as_text()->empty()) return Status::Corruption("entry has no actor");
+  e.actor = *actor->as_text();
+  const cbor::Value* body = v.find(kBody);
+  if (!body) return Status::Corruption("entry has no body");
+  if (Status s = check_body(*info, *body); !s.ok()) return Status::Corruption(s.message());
+  e.body = *body;
+  if (const cbor::Value* subjects = v.find(kSubjects)) {
+    const cbor::Array* list = subjects->as_array();
+    if (!list || list->empty()) return Status::Corruption("entry subjects must be a non-empty array");
+    for (const cbor::Value& item : *list) {
+      const cbor::Array* pair = item.as_array();
+      if (!pair || pair->size() != 2 || !(*pair)[0].as_bytes() || (*pair)[0].as_bytes()->empty() ||
+          !((*pair)[1].as_uint() || (*pair)[1].is_null()))
+        return Status::Corruption("entry subject link is not [pseudonym, previous index or null]");
+      e.subjects.push_back({*(*pair)[0].as_bytes(), (*pair)[1].as_uint()});
+    }
+  }
+  return e;
+}
+
+std::uint64_t now_us() {
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                        std::chrono::system_clock::now().time_since_epoch())
+                                        .count());
+}
+
+std::string format_time(std::uint64_t time_us) {
+  std::time_t secs = static_cast<std::time_t>(time_us / 1000000);
+  std::tm tm{};
+  gmtime_r(&secs, &tm);
+  return fmt::format("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z", tm.tm_year + 1900, tm.tm_mon + 1,
+                     tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, time_us % 1000000);
+}
+
+std::optional<std::uint64_t> parse_time(std::string_view s) {
+  // YYYY-MM-DDTHH:MM:SS[.frac](Z|+HH:MM|-HH:MM)
+  auto digits = [&](std::size_t pos, std::size_t n) -> std::optional<int> {
+    if (pos + n > s.size()) return std::nullopt;
+    int v = 0;
+    for (std::size_t i = pos; i < pos + n; ++i) {
+      if (s[i] < '0' || s[i] > '9') return std::nullopt;
+      v = v * 10 + (s[i] - '0');
+    }
+    return v;
+  };
+  auto year = digits(0, 4), mon = digits(5, 2), day = digits(8, 2), hour = digits(11, 2),
+       min = digits(14, 2), sec = digits(17, 2);
+  if (!year || !mon || !day || !hour || !min || !sec || s.size() < 20 || s[4] != '-' ||
+      s[7] != '-' || (s[10] != 'T' && s[10] != 't' && s[10] != ' ') || s[13] != ':' || s[16] != ':')
+    return std::nullopt;
+  if (*mon < 1 || *mon > 12 || *day < 1 || *day > 31 || *hour > 23 || *min > 59 || *sec > 60 || *year < 1970)
+    return std::nullopt;
+  std::size_t pos = 19;
+  std::uint64_t micros = 0;
+  if (s[pos] == '.') {
+    ++pos;
+    int n = 0;
+    while (pos < s.size() && s[pos] >= '0' && s[pos] <= '9') {
+      if (n < 6) micros = micros * 10 + static_cast<std::uint64_t>(s[pos] - '0');
+      ++n;
+      ++pos;
+    }
+    if (n == 0) return std::nullopt;
+    for (; n < 6; ++n) micros *= 10;
+  }
+  long offset = 0;
+  if (pos < s.size() && (s[pos] == 'Z' || s[pos] == 'z') && pos + 1 == s.size()) {
+  } else if (pos + 6 == s.size() && (s[pos] == '+' || s[pos] == '-') && s[pos + 3] == ':') {
+    auto oh = digits(pos + 1, 2), om = digits(pos + 4, 2);
+    if (!oh || !om || *oh > 23 || *om > 59) return std::nullopt;
+    offset = (*oh * 60 + *om) * 60 * (s[pos] == '+' ? 1 : -1);
+  } else {
+    return std::nullopt;
+  }
+  std::tm tm{};
+  tm.tm_year = *year - 1900;
+  tm.tm_mon = *mon - 1;
+  tm.tm_mday = *day;
+  tm.tm_hour = *hour;
+  tm.tm_min = *min;
+  tm.tm_sec = *sec;
+  std::time_t t = timegm(&tm);
+  long secs = static_cast<long>(t) - offset;
+  if (secs < 0) return std::nullopt;
+  return static_cast<std::uint64_t>(secs) * 1000000 + micros;
+}
+
+}  // namespace medgate::ledger

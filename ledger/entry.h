@@ -1,1 +1,88 @@
+// LEDGER-CRITICAL: ledger entries, their types and their canonical encoding (format version 1).
+//
+// An entry is one fact the appliance records: who (actor) did or saw what (type + body) when
+// (time). Its canonical bytes are a deterministic CBOR map (ledger/cbor.h):
+//
+//   { 0: 1 (object kind: entry), 1: format version, 2: type, 3: time (microseconds since the
+//     Unix epoch, UTC), 4: actor (text), 5: body (map with text keys), 6: subjects (optional) }
+//
+// Merkle leaf hash = SHA-256(0x00 || these bytes). An entry does not contain its own index, so the
+// same entry can be re-proposed at another position (replication) without re-encoding.
+//
+// Subjects (key 6) make per-subject completeness provable (the audit-export issue): an array of
+// [subject, previous] pairs, where subject is a keyed pseudonym (bytes, never a real identifier)
+// and previous is the index of that subject's previous entry, or null for its first. Absent when
+// an entry is about no subject.
+//
+// Adding an entry type: add it to EntryType with a new number (numbers are never reused), and a row
+// to the table in entry.cc with its name, its audit kind and its body check.
 #pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "hsm/bytes.h"
+#include "hsm/status.h"
+#include "ledger/cbor.h"
+
+namespace medgate::ledger {
+
+inline constexpr std::uint64_t kEntryFormatVersion = 1;
+
+// Object kinds: key 0 of every canonical map, so that no two kinds of signed or hashed object can
+// ever share bytes.
+enum class ObjectKind : std::uint64_t { kEntry = 1, kBlockHeader = 2, kSignedHead = 3 };
+
+enum class EntryType : std::uint32_t {
+  kGenesis = 1,      // the ledger's first entry: its id and the key that signs its heads
+  kAdminAction = 2,  // a state-changing admin call: operation and arguments (no PHI)
+  kKeyEvent = 3,     // a key registered, rotated or retired
+  // Reserved for later issues: device observation, device registry, consent, rules, access
+  // decision, erasure.
+};
+
+struct EntryTypeInfo {
+  EntryType type;
+  std::string_view name;        // "genesis", shown by medctl and used in --kind filters
+  std::string_view audit_kind;  // the audit-export category: "admin", "key", ...
+  Status (*check_body)(const cbor::Value& body);
+};
+
+// nullptr for a type this build does not know.
+const EntryTypeInfo* find_entry_type(std::uint64_t type);
+const EntryTypeInfo* find_entry_type(std::string_view name);
+
+struct SubjectLink {
+  Bytes subject;                       // a keyed pseudonym
+  std::optional<std::uint64_t> previous;  // index of the subject's previous entry
+  friend bool operator==(const SubjectLink&, const SubjectLink&) = default;
+};
+
+struct Entry {
+  EntryType type = EntryType::kAdminAction;
+  std::uint64_t time_us = 0;
+  std::string actor;  // "system:medgated", "user:alice", "uid:1234"
+  cbor::Value body;   // a map with text keys; checked per type
+  std::vector<SubjectLink> subjects;
+  friend bool operator==(const Entry&, const Entry&) = default;
+};
+
+// Checks the entry (known type, non-empty actor, body shape) and encodes it. kInvalidArgument
+// names what is wrong.
+Result<Bytes> encode_entry(const Entry& entry);
+
+// Strict decode: canonical CBOR, the right object kind and version, known keys only, a known type
+// whose body passes its check. kCorruption names the problem.
+Result<Entry> decode_entry(ByteView bytes);
+
+// Microseconds since the Unix epoch, now.
+std::uint64_t now_us();
+// RFC 3339 UTC with microseconds: "2026-11-25T17:03:04.123456Z".
+std::string format_time(std::uint64_t time_us);
+// Accepts RFC 3339 with 'Z' or a numeric offset and optional fraction.
+std::optional<std::uint64_t> parse_time(std::string_view rfc3339);
+
+}  // namespace medgate::ledger

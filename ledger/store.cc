@@ -1,0 +1,878 @@
+// The ledger store. See store.h for the contract; the threads are:
+//   - callers of append(): encode the entry and hash its leaf on their own thread, queue it, wait;
+//   - the writer: one SQLite transaction per batch (entries + tiles + block header), fsync, wake;
+//   - the head signer: signs a head over the latest block every head_interval (or on request) and
+//     hands the signed head to the writer to store;
+//   - the checkpointer: copies the WAL into the database file off the write path.
+#include "ledger/store.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <mutex>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "ledger/merkle.h"
+#include "ledger/schema.h"
+#include "ledger/sqlite.h"
+#include "ledger/tiles.h"
+
+namespace medgate::ledger {
+namespace {
+
+constexpr int kCheckpointPages = 1000;  // ~4 MiB of WAL before a passive checkpoint
+
+std::string hex_short(const Hash& h) { return to_hex(ByteView(h).first(8)); }
+
+Status apply_pragmas(sql::Database& db, const LedgerOptions& options) {
+  MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("PRAGMA journal_mode=WAL"));
+  MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+  if (step != sql::Statement::Step::kRow || st.column_text(0) != "wal")
+    return Status::IOError("cannot switch the ledger to WAL mode");
+  return db.exec(fmt::format(
+      "PRAGMA synchronous=FULL; PRAGMA journal_size_limit={}; PRAGMA wal_autocheckpoint=0;"
+      "PRAGMA cache_size=-8000; PRAGMA temp_store=MEMORY;",
+      options.wal_limit_bytes));
+}
+
+// Reads tiles through one connection. Not thread-safe: one per connection.
+TileReader tile_reader(const sql::Database& db) {
+  auto st = std::make_shared<Result<sql::Statement>>(
+      db.prepare("SELECT hashes FROM tiles WHERE level = ? AND idx = ?"));
+  return [st](int level, std::uint64_t index) -> Result<Bytes> {
+    if (!st->ok()) return st->status();
+    sql::Statement& s = st->value();
+    s.bind(1, level).bind(2, index);
+    Result<sql::Statement::Step> step = s.step();
+    Result<Bytes> out = Status::NotFound(fmt::format("Merkle tile ({}, {}) is missing", level, index));
+    if (!step.ok()) out = step.status();
+    else if (*step == sql::Statement::Step::kRow) {
+      ByteView b = s.column_blob(0);
+      out = Bytes(b.begin(), b.end());
+    }
+    s.reset();
+    return out;
+  };
+}
+
+void fsync_directory(const std::filesystem::path& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+// An exclusive flock on `<db>.lock` that holds the owner's pid, so a second writer can be told
+// who holds the ledger.
+class LockFile {
+ public:
+  static Result<LockFile> acquire(const std::filesystem::path& db_path) {
+    std::filesystem::path path = db_path;
+    path += ".lock";
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) return Status::IOError(fmt::format("cannot open lock {}: {}", path.string(), std::strerror(errno)));
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      char buf[32] = {};
+      ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+      ::close(fd);
+      std::string pid = n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : "";
+      while (!pid.empty() && (pid.back() == '\n' || pid.back() == ' ')) pid.pop_back();
+      std::string comm;
+      if (!pid.empty()) {
+        std::ifstream f("/proc/" + pid + "/comm");
+        std::getline(f, comm);
+      }
+      return Status::FailedPrecondition(fmt::format(
+          "ledger {} is in use by process {}{}", db_path.string(), pid.empty() ? "?" : pid,
+          comm.empty() ? "" : " (" + comm + ")"));
+    }
+    std::string pid = std::to_string(::getpid()) + "\n";
+    if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, pid.data(), pid.size(), 0) < 0) {
+      ::close(fd);
+      return Status::IOError(fmt::format("cannot write lock {}", path.string()));
+    }
+    return LockFile(fd);
+  }
+  LockFile(LockFile&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  ~LockFile() {
+    if (fd_ >= 0) ::close(fd_);  // releases the flock
+  }
+
+ private:
+  explicit LockFile(int fd) : fd_(fd) {}
+  int fd_;
+};
+
+struct PendingEntry {
+  Bytes bytes;
+  Hash leaf;
+  EntryType type;
+  std::uint64_t time_us;
+};
+
+struct Job {
+  std::vector<PendingEntry> entries;      // an append (kept together in one block)
+  std::optional<SignedHead> head;         // or a signed head to store
+  bool done = false;
+  Status status;
+  std::uint64_t first_index = 0;
+};
+
+Result<SignedHead> read_signed_head(sql::Statement& st) {
+  SignedHead h;
+  h.sequence = st.column_uint(0);
+  ByteView body = st.column_blob(1), sig = st.column_blob(2);
+  h.bytes.assign(body.begin(), body.end());
+  h.signature.assign(sig.begin(), sig.end());
+  MEDGATE_ASSIGN_OR_RETURN(h.head, decode_head(h.bytes));
+  return h;
+}
+
+}  // namespace
+
+class Ledger::Impl {
+ public:
+  Impl(LedgerOptions options, hsm::KeyStore& signer, LockFile lock)
+      : options_(std::move(options)), signer_(signer), lock_(std::move(lock)) {}
+
+  ~Impl() { close(); }
+
+  Status open() {
+    MEDGATE_ASSIGN_OR_RETURN(db_, sql::Database::open(options_.path, sql::Database::Mode::kReadWrite));
+    MEDGATE_RETURN_IF_ERROR(apply_pragmas(db_, options_));
+    MEDGATE_RETURN_IF_ERROR(migrate_schema(db_));
+    MEDGATE_RETURN_IF_ERROR(load_state());
+    MEDGATE_ASSIGN_OR_RETURN(insert_entry_, db_.prepare("INSERT INTO entries (idx, type, time_us, bytes) VALUES (?,?,?,?)"));
+    MEDGATE_ASSIGN_OR_RETURN(insert_tile_, db_.prepare("INSERT OR REPLACE INTO tiles (level, idx, hashes) VALUES (?,?,?)"));
+    MEDGATE_ASSIGN_OR_RETURN(insert_block_, db_.prepare("INSERT INTO blocks (height, first_index, entry_count, header) VALUES (?,?,?,?)"));
+    MEDGATE_ASSIGN_OR_RETURN(insert_head_, db_.prepare("INSERT INTO heads (height, tree_size, head, signature) VALUES (?,?,?,?)"));
+    sqlite3_wal_hook(db_.handle(), &Impl::wal_hook, this);
+    writer_ = std::thread([this] { writer_loop(); });
+    signer_thread_ = std::thread([this] { signer_loop(); });
+    checkpointer_ = std::thread([this] { checkpointer_loop(); });
+    return Status::Ok();
+  }
+
+  // ---- writes ----
+
+  Result<std::uint64_t> append(std::span<const Entry> entries) {
+    if (entries.empty()) return Status::InvalidArgument("nothing to append");
+    Job job;
+    job.entries.reserve(entries.size());
+    std::uint64_t now = now_us();
+    for (const Entry& e : entries) {
+      Entry copy_if_needed;
+      const Entry* src = &e;
+      if (e.time_us == 0) {
+        copy_if_needed = e;
+        copy_if_needed.time_us = now;
+        src = &copy_if_needed;
+      }
+      Result<Bytes> bytes = encode_entry(*src);
+      if (!bytes.ok()) {
+        failed_appends_.fetch_add(1);
+        return bytes.status();
+      }
+      Hash leaf = merkle::leaf_hash(*bytes);
+      job.entries.push_back({std::move(bytes).value(), leaf, src->type, src->time_us});
+    }
+    Status s = submit(job);
+    if (!s.ok()) {
+      failed_appends_.fetch_add(1);
+      return s;
+    }
+    return job.first_index;
+  }
+
+  Result<SignedHead> sign_head_now() {
+    std::unique_lock lk(sign_mu_);
+    std::uint64_t target = committed_size_.load();
+    if (latest_head_ && latest_head_->head.tree_size >= target) return *latest_head_;
+    std::uint64_t ticket = ++sign_requested_;
+    sign_cv_.notify_all();
+    sign_done_cv_.wait(lk, [&] { return sign_completed_ >= ticket || signer_stopped_; });
+    if (latest_head_ && latest_head_->head.tree_size >= target) return *latest_head_;
+    if (!last_sign_status_.ok()) return last_sign_status_;
+    return Status::Unavailable("the ledger closed before a head could be signed");
+  }
+
+  void close() {
+    {
+      std::lock_guard lk(queue_mu_);
+      if (closed_) return;
+      closed_ = true;
+      accepting_ = false;
+    }
+    if (writer_.joinable()) {
+      // Wait for everything accepted to commit, then sign a final head, then stop the threads.
+      {
+        std::unique_lock lk(queue_mu_);
+        done_cv_.wait(lk, [&] { return queue_.empty() && !writer_busy_; });
+      }
+      if (latest_head_size() < committed_size_.load()) (void)sign_head_now();
+      {
+        std::lock_guard lk(sign_mu_);
+        signer_stop_ = true;
+      }
+      sign_cv_.notify_all();
+      signer_thread_.join();
+      {
+        std::lock_guard lk(queue_mu_);
+        writer_stop_ = true;
+      }
+      writer_cv_.notify_all();
+      writer_.join();
+      {
+        std::lock_guard lk(checkpoint_mu_);
+        checkpoint_stop_ = true;
+      }
+      checkpoint_cv_.notify_all();
+      checkpointer_.join();
+      // A last checkpoint so the file is complete on its own.
+      (void)db_.exec("PRAGMA wal_checkpoint(TRUNCATE)");
+    }
+  }
+
+  // ---- reads ----
+
+  LedgerStats stats() const {
+    LedgerStats s;
+    s.ledger_id = ledger_id_;
+    {
+      std::lock_guard lk(state_mu_);
+      s.tree_size = last_block_.header.tree_size;
+      s.height = last_block_.header.height;
+      s.root = last_block_.header.root;
+      s.last_block_time_us = last_block_.header.time_us;
+      s.writer_error = writer_error_.ok() ? "" : writer_error_.message();
+    }
+    {
+      std::lock_guard lk(sign_mu_);
+      s.latest_head = latest_head_;
+      s.signer_error = last_sign_status_.ok() ? "" : last_sign_status_.message();
+    }
+    s.appended = appended_.load();
+    s.batches = batches_.load();
+    s.failed_appends = failed_appends_.load();
+    s.heads_signed = heads_signed_.load();
+    s.sign_failures = sign_failures_.load();
+    return s;
+  }
+
+  std::optional<SignedHead> latest_head() const {
+    std::lock_guard lk(sign_mu_);
+    return latest_head_;
+  }
+
+  template <typename F>
+  auto with_reader(F&& f) const -> decltype(f(std::declval<sql::Database&>())) {
+    sql::Database db;
+    {
+      std::lock_guard lk(readers_mu_);
+      if (!readers_.empty()) {
+        db = std::move(readers_.back());
+        readers_.pop_back();
+      }
+    }
+    if (!db.handle()) {
+      auto opened = sql::Database::open(options_.path, sql::Database::Mode::kReadOnly);
+      if (!opened.ok()) return opened.status();
+      db = std::move(opened).value();
+    }
+    auto result = f(db);
+    std::lock_guard lk(readers_mu_);
+    if (readers_.size() < 4) readers_.push_back(std::move(db));
+    return result;
+  }
+
+  Result<StoredEntry> entry(std::uint64_t index) const {
+    std::uint64_t size = committed_size_.load();
+    if (index >= size)
+      return Status::NotFound(fmt::format("entry {} does not exist (the ledger has {} entries)", index, size));
+    return with_reader([&](sql::Database& db) -> Result<StoredEntry> {
+      MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("SELECT bytes FROM entries WHERE idx = ?"));
+      st.bind(1, index);
+      MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+      if (step != sql::Statement::Step::kRow) return Status::Corruption(fmt::format("entry {} is missing from the store", index));
+      StoredEntry out;
+      out.index = index;
+      ByteView b = st.column_blob(0);
+      out.bytes.assign(b.begin(), b.end());
+      out.leaf = merkle::leaf_hash(out.bytes);
+      Result<Entry> decoded = decode_entry(out.bytes);
+      if (!decoded.ok()) return decoded.status().with_context(fmt::format("entry {}", index));
+      out.entry = std::move(decoded).value();
+      return out;
+    });
+  }
+
+  Result<StoredBlock> block(std::uint64_t height) const {
+    std::uint64_t latest;
+    {
+      std::lock_guard lk(state_mu_);
+      latest = last_block_.header.height;
+    }
+    if (height > latest)
+      return Status::NotFound(fmt::format("block {} does not exist (the latest is {})", height, latest));
+    return with_reader([&](sql::Database& db) -> Result<StoredBlock> {
+      MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("SELECT header FROM blocks WHERE height = ?"));
+      st.bind(1, height);
+      MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+      if (step != sql::Statement::Step::kRow) return Status::Corruption(fmt::format("block {} is missing from the store", height));
+      ByteView b = st.column_blob(0);
+      StoredBlock out;
+      out.bytes.assign(b.begin(), b.end());
+      out.hash = block_hash(out.bytes);
+      Result<BlockHeader> h = decode_block_header(out.bytes);
+      if (!h.ok()) return h.status().with_context(fmt::format("block {}", height));
+      out.header = std::move(h).value();
+      return out;
+    });
+  }
+
+  Result<std::uint64_t> block_height_of(std::uint64_t index) const {
+    std::uint64_t size = committed_size_.load();
+    if (index >= size)
+      return Status::NotFound(fmt::format("entry {} does not exist (the ledger has {} entries)", index, size));
+    return with_reader([&](sql::Database& db) -> Result<std::uint64_t> {
+      MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare(
+          "SELECT height FROM blocks WHERE first_index <= ? ORDER BY first_index DESC LIMIT 1"));
+      st.bind(1, index);
+      MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+      if (step != sql::Statement::Step::kRow) return Status::Corruption(fmt::format("no block holds entry {}", index));
+      return st.column_uint(0);
+    });
+  }
+
+  Result<SignedHead> head(std::uint64_t sequence) const {
+    return with_reader([&](sql::Database& db) -> Result<SignedHead> {
+      MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("SELECT seq, head, signature FROM heads WHERE seq = ?"));
+      st.bind(1, sequence);
+      MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+      if (step != sql::Statement::Step::kRow) return Status::NotFound(fmt::format("signed head #{} does not exist", sequence));
+      return read_signed_head(st);
+    });
+  }
+
+  Status check_size(std::uint64_t size) const {
+    std::uint64_t committed = committed_size_.load();
+    if (size > committed)
+      return Status::InvalidArgument(fmt::format("tree size {} is beyond the ledger's {} entries", size, committed));
+    return Status::Ok();
+  }
+
+  Result<Hash> root_at(std::uint64_t size) const {
+    MEDGATE_RETURN_IF_ERROR(check_size(size));
+    return with_reader([&](sql::Database& db) { return merkle::root(size, node_source(tile_reader(db))); });
+  }
+
+  Result<std::vector<Hash>> inclusion_proof(std::uint64_t index, std::uint64_t size) const {
+    MEDGATE_RETURN_IF_ERROR(check_size(size));
+    return with_reader([&](sql::Database& db) {
+      return merkle::inclusion_proof(index, size, node_source(tile_reader(db)));
+    });
+  }
+
+  Result<std::vector<Hash>> consistency_proof(std::uint64_t from, std::uint64_t to) const {
+    MEDGATE_RETURN_IF_ERROR(check_size(to));
+    return with_reader([&](sql::Database& db) {
+      return merkle::consistency_proof(from, to, node_source(tile_reader(db)));
+    });
+  }
+
+  const std::string& ledger_id() const { return ledger_id_; }
+  const KeyId& key_id() const { return signer_.signing_key().id(); }
+
+ private:
+  // ---- opening ----
+
+  Status load_state() {
+    MEDGATE_ASSIGN_OR_RETURN(auto meta, db_.prepare("SELECT value FROM meta WHERE key = 'ledger_id'"));
+    MEDGATE_ASSIGN_OR_RETURN(auto step, meta.step());
+    if (step != sql::Statement::Step::kRow) return Status::Corruption("the ledger file has no ledger id");
+    ledger_id_ = to_string(meta.column_blob(0));
+
+    MEDGATE_ASSIGN_OR_RETURN(auto last, db_.prepare("SELECT height, header FROM blocks ORDER BY height DESC LIMIT 1"));
+    MEDGATE_ASSIGN_OR_RETURN(step, last.step());
+    if (step != sql::Statement::Step::kRow) return Status::Corruption("the ledger file has no blocks (not even genesis)");
+    std::uint64_t height = last.column_uint(0);
+    ByteView header_bytes = last.column_blob(1);
+    last_block_.bytes.assign(header_bytes.begin(), header_bytes.end());
+    Result<BlockHeader> header = decode_block_header(last_block_.bytes);
+    if (!header.ok()) return header.status().with_context(fmt::format("block {}", height));
+    last_block_.header = std::move(header).value();
+    last_block_.hash = block_hash(last_block_.bytes);
+    if (last_block_.header.height != height || last_block_.header.ledger_id != ledger_id_)
+      return Status::Corruption(fmt::format("block {}'s header does not match its row", height));
+    committed_size_ = last_block_.header.tree_size;
+
+    MEDGATE_ASSIGN_OR_RETURN(auto count, db_.prepare("SELECT count(*), coalesce(max(idx), -1) FROM entries"));
+    MEDGATE_ASSIGN_OR_RETURN(step, count.step());
+    if (count.column_uint(0) != last_block_.header.tree_size ||
+        count.column_int(1) + 1 != static_cast<std::int64_t>(last_block_.header.tree_size))
+      return Status::Corruption(fmt::format(
+          "the store holds {} entry rows but its blocks cover {}; run `medctl ledger verify --db`",
+          count.column_uint(0), last_block_.header.tree_size));
+
+    Result<TileBuilder> builder = TileBuilder::load(last_block_.header.tree_size, tile_reader(db_));
+    if (!builder.ok()) return builder.status().with_context("rebuilding the Merkle right edge");
+    tiles_ = std::move(builder).value();
+    if (tiles_.root() != last_block_.header.root)
+      return Status::Corruption(fmt::format("the stored Merkle tiles give root {} but block {} says {}",
+                                            hex_short(tiles_.root()), height, hex_short(last_block_.header.root)));
+
+    // The genesis entry names the key this ledger's heads are signed with.
+    MEDGATE_ASSIGN_OR_RETURN(auto genesis, db_.prepare("SELECT bytes FROM entries WHERE idx = 0"));
+    MEDGATE_ASSIGN_OR_RETURN(step, genesis.step());
+    if (step != sql::Statement::Step::kRow) return Status::Corruption("the genesis entry is missing");
+    Result<Entry> g = decode_entry(genesis.column_blob(0));
+    if (!g.ok()) return g.status().with_context("genesis entry");
+    if (g->type != EntryType::kGenesis) return Status::Corruption("entry 0 is not a genesis entry");
+    const Bytes* genesis_key = g->body.find("key_id")->as_bytes();
+    if (!std::equal(genesis_key->begin(), genesis_key->end(), key_id().begin(), key_id().end()))
+      return Status::FailedPrecondition(fmt::format(
+          "the key store's signing key {} is not this ledger's key {}", to_hex(key_id()), to_hex(*genesis_key)));
+
+    MEDGATE_ASSIGN_OR_RETURN(auto heads, db_.prepare("SELECT seq, head, signature FROM heads ORDER BY seq DESC LIMIT 1"));
+    MEDGATE_ASSIGN_OR_RETURN(step, heads.step());
+    if (step != sql::Statement::Step::kRow) return Status::Corruption("the ledger has no signed head");
+    MEDGATE_ASSIGN_OR_RETURN(SignedHead head, read_signed_head(heads));
+    MEDGATE_RETURN_IF_ERROR(check_head(head).with_context(fmt::format("latest signed head #{}", head.sequence)));
+    latest_head_ = std::move(head);
+    return Status::Ok();
+  }
+
+  // The latest head must be ours, well signed, and agree with the block it names.
+  Status check_head(const SignedHead& h) {
+    if (h.head.ledger_id != ledger_id_) return Status::Corruption("names another ledger");
+    if (h.head.key_id != key_id())
+      return Status::FailedPrecondition(fmt::format("signed by key {}, not by this key store's key {}",
+                                                    to_hex(h.head.key_id), to_hex(key_id())));
+    Status sig = signer_.signing_key().verify_digest(head_digest(h.bytes), h.signature);
+    if (!sig.ok()) return Status::VerificationFailed("its signature does not verify: " + sig.message());
+    MEDGATE_ASSIGN_OR_RETURN(auto st, db_.prepare("SELECT header FROM blocks WHERE height = ?"));
+    st.bind(1, h.head.height);
+    MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+    if (step != sql::Statement::Step::kRow)
+      return Status::Corruption(fmt::format("covers block {}, which is missing", h.head.height));
+    ByteView b = st.column_blob(0);
+    Result<BlockHeader> header = decode_block_header(b);
+    if (!header.ok()) return header.status();
+    if (block_hash(b) != h.head.block_hash || header->tree_size != h.head.tree_size || header->root != h.head.root)
+      return Status::VerificationFailed(fmt::format("does not match block {}", h.head.height));
+    return Status::Ok();
+  }
+
+  // ---- the writer ----
+
+  Status submit(Job& job) {
+    std::unique_lock lk(queue_mu_);
+    if (!accepting_ && !job.head) return Status::FailedPrecondition("the ledger is closing");
+    std::size_t n = job.entries.size();
+    space_cv_.wait(lk, [&] { return queued_entries_ + n <= options_.max_queued_entries || queued_entries_ == 0 || !accepting_; });
+    if (!accepting_ && !job.head) return Status::FailedPrecondition("the ledger is closing");
+    queued_entries_ += n;
+    queue_.push_back(&job);
+    writer_cv_.notify_one();
+    done_cv_.wait(lk, [&] { return job.done; });
+    return job.status;
+  }
+
+  void writer_loop() {
+    std::vector<Job*> batch;
+    for (;;) {
+      std::unique_lock lk(queue_mu_);
+      writer_cv_.wait(lk, [&] { return !queue_.empty() || writer_stop_; });
+      if (queue_.empty()) return;
+      std::size_t entries = 0;
+      while (!queue_.empty() && (batch.empty() || entries + queue_.front()->entries.size() <= options_.max_batch_entries)) {
+        entries += queue_.front()->entries.size();
+        batch.push_back(queue_.front());
+        queue_.pop_front();
+      }
+      writer_busy_ = true;
+      lk.unlock();
+      Status s = commit_batch(batch);
+      lk.lock();
+      for (Job* job : batch) {
+        job->status = s;
+        job->done = true;
+      }
+      queued_entries_ -= entries;
+      writer_busy_ = false;
+      batch.clear();
+      lk.unlock();
+      space_cv_.notify_all();
+      done_cv_.notify_all();
+      if (s.ok()) bound_wal();
+    }
+  }
+
+  Status commit_batch(const std::vector<Job*>& batch) {
+    {
+      std::lock_guard lk(state_mu_);
+      if (!writer_error_.ok()) return writer_error_;
+    }
+    TileBuilder before = tiles_;
+    std::uint64_t first = tiles_.size();
+    bool began = false;
+    Status s = write_batch(batch, first, began);
+    if (!s.ok()) {
+      tiles_ = std::move(before);
+      (void)tiles_.take_dirty();
+      // A full disk leaves SQLite's state clean (the transaction rolled back); anything else, an
+      // fsync error above all, leaves the file's durable state unknown.
+      // A transaction that never began wrote nothing (another process held the write lock).
+      bool disk_full = sql::is_disk_full(s);
+      if (began && !disk_full) {
+        std::lock_guard lk(state_mu_);
+        writer_error_ = Status(s.code(), "the ledger stopped writing after an error (reopen it once the cause is fixed): " + s.message());
+      }
+      return s;
+    }
+    return Status::Ok();
+  }
+
+  Status write_batch(const std::vector<Job*>& batch, std::uint64_t first, bool& began) {
+    MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_));
+    began = true;
+    std::uint64_t index = first;
+    for (Job* job : batch) {
+      job->first_index = index;
+      for (const PendingEntry& e : job->entries) {
+        insert_entry_.bind(1, index).bind(2, static_cast<std::int64_t>(e.type)).bind(3, e.time_us).bind(4, ByteView(e.bytes));
+        MEDGATE_RETURN_IF_ERROR(insert_entry_.run().with_context(fmt::format("writing entry {}", index)));
+        tiles_.append(e.leaf);
+        ++index;
+      }
+    }
+    std::optional<StoredBlock> new_block;
+    if (index > first) {
+      for (const auto& [key, hashes] : tiles_.take_dirty()) {
+        insert_tile_.bind(1, key.level).bind(2, key.index).bind(3, ByteView(hashes));
+        MEDGATE_RETURN_IF_ERROR(insert_tile_.run().with_context("writing Merkle tiles"));
+      }
+      StoredBlock b;
+      {
+        std::lock_guard lk(state_mu_);
+        b.header.ledger_id = ledger_id_;
+        b.header.height = last_block_.header.height + 1;
+        b.header.previous_hash = last_block_.hash;
+        b.header.time_us = std::max(now_us(), last_block_.header.time_us);
+      }
+      b.header.first_index = first;
+      b.header.entry_count = index - first;
+      b.header.tree_size = index;
+      b.header.root = tiles_.root();
+      b.header.key_id = key_id();
+      b.bytes = encode_block_header(b.header);
+      b.hash = block_hash(b.bytes);
+      insert_block_.bind(1, b.header.height).bind(2, first).bind(3, index - first).bind(4, ByteView(b.bytes));
+      MEDGATE_RETURN_IF_ERROR(insert_block_.run().with_context(fmt::format("writing block {}", b.header.height)));
+      new_block = std::move(b);
+    }
+    for (Job* job : batch) {
+      if (!job->head) continue;
+      const SignedHead& h = *job->head;
+      insert_head_.bind(1, h.head.height).bind(2, h.head.tree_size).bind(3, ByteView(h.bytes)).bind(4, ByteView(h.signature));
+      MEDGATE_RETURN_IF_ERROR(insert_head_.run().with_context("writing a signed head"));
+      job->head->sequence = static_cast<std::uint64_t>(sqlite3_last_insert_rowid(db_.handle()));
+    }
+    MEDGATE_RETURN_IF_ERROR(tx.commit().with_context("committing"));
+    // Durable: publish.
+    if (new_block) {
+      std::lock_guard lk(state_mu_);
+      last_block_ = std::move(*new_block);
+      committed_size_ = index;
+    }
+    appended_.fetch_add(index - first);
+    batches_.fetch_add(1);
+    return Status::Ok();
+  }
+
+  static int wal_hook(void* self, sqlite3*, const char*, int pages) {
+    auto* impl = static_cast<Impl*>(self);
+    impl->wal_pages_ = pages;
+    // Past the limit the writer truncates (bound_wal); a passive checkpoint running then would
+    // only make that attempt fail as busy.
+    bool over = static_cast<std::int64_t>(pages) * 4096 > impl->options_.wal_limit_bytes;
+    if (pages >= kCheckpointPages && !over) {
+      std::lock_guard lk(impl->checkpoint_mu_);
+      impl->checkpoint_wanted_ = true;
+      impl->checkpoint_cv_.notify_one();
+    }
+    return SQLITE_OK;
+  }
+
+  // Copies the WAL into the database file on its own connection, off the write path. Passive:
+  // it blocks nobody. It cannot restart the WAL while readers keep arriving, though; that is
+  // bound_wal()'s job.
+  void checkpointer_loop() {
+    Result<sql::Database> db = sql::Database::open(options_.path, sql::Database::Mode::kReadWrite);
+    // Until a connection has read the file it does not know it is in WAL mode, and a checkpoint
+    // on it is a silent no-op.
+    if (db.ok()) (void)db->exec("PRAGMA journal_mode=WAL");
+    for (;;) {
+      std::unique_lock lk(checkpoint_mu_);
+      checkpoint_cv_.wait(lk, [&] { return checkpoint_wanted_ || checkpoint_stop_; });
+      if (checkpoint_stop_) return;
+      checkpoint_wanted_ = false;
+      lk.unlock();
+      if (db.ok()) sqlite3_wal_checkpoint_v2(db->handle(), nullptr, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
+    }
+  }
+
+  // Called by the writer between batches. Past wal_limit_bytes, a truncating checkpoint (most
+  // frames are already copied by the checkpointer) waits briefly for the current readers, which
+  // read in short chunks, and empties the WAL. If a long-lived reader (an admin's sqlite3 shell,
+  // a backup) holds it up, appends go on and the WAL grows until that reader goes: there is no
+  // way around that, so retry with a growing back-off rather than stall every batch.
+  void bound_wal() {
+    if (static_cast<std::int64_t>(wal_pages_.load()) * 4096 <= options_.wal_limit_bytes) return;
+    auto now = std::chrono::steady_clock::now();
+    if (now < truncate_after_) return;
+    sqlite3_busy_timeout(db_.handle(), 250);
+    int rc = sqlite3_wal_checkpoint_v2(db_.handle(), nullptr, SQLITE_CHECKPOINT_TRUNCATE, nullptr, nullptr);
+    sqlite3_busy_timeout(db_.handle(), 10000);
+    if (rc == SQLITE_OK) {
+      wal_pages_ = 0;
+      truncate_backoff_ = std::chrono::milliseconds(50);
+    } else {
+      // Busy: a reader, or the passive checkpointer at work. Back off, longer each time.
+      truncate_after_ = now + truncate_backoff_;
+      truncate_backoff_ = std::min(truncate_backoff_ * 2, std::chrono::milliseconds(10000));
+    }
+  }
+
+  // ---- the head signer ----
+
+  std::uint64_t latest_head_size() const {
+    std::lock_guard lk(sign_mu_);
+    return latest_head_ ? latest_head_->head.tree_size : 0;
+  }
+
+  void signer_loop() {
+    auto next = std::chrono::steady_clock::now() + options_.head_interval;
+    for (;;) {
+      std::uint64_t ticket;
+      {
+        std::unique_lock lk(sign_mu_);
+        auto due = [&] {
+          if (signer_stop_ || sign_requested_ > sign_completed_) return true;
+          return options_.head_interval.count() > 0 && std::chrono::steady_clock::now() >= next &&
+                 (!latest_head_ || latest_head_->head.tree_size < committed_size_.load());
+        };
+        if (options_.head_interval.count() > 0) sign_cv_.wait_until(lk, next, due);
+        else sign_cv_.wait(lk, due);
+        if (signer_stop_) {
+          signer_stopped_ = true;
+          sign_done_cv_.notify_all();
+          return;
+        }
+        if (!due()) {
+          next = std::chrono::steady_clock::now() + options_.head_interval;
+          continue;
+        }
+        ticket = sign_requested_;
+      }
+      Result<SignedHead> signed_head = sign_and_store();
+      next = std::chrono::steady_clock::now() + options_.head_interval;
+      std::lock_guard lk(sign_mu_);
+      if (signed_head.ok()) {
+        latest_head_ = std::move(signed_head).value();
+        last_sign_status_ = Status::Ok();
+        heads_signed_.fetch_add(1);
+      } else {
+        last_sign_status_ = signed_head.status();
+        sign_failures_.fetch_add(1);
+      }
+      sign_completed_ = ticket;
+      sign_done_cv_.notify_all();
+    }
+  }
+
+  Result<SignedHead> sign_and_store() {
+    HeadBody body;
+    {
+      std::lock_guard lk(state_mu_);
+      body.ledger_id = ledger_id_;
+      body.height = last_block_.header.height;
+      body.block_hash = last_block_.hash;
+      body.tree_size = last_block_.header.tree_size;
+      body.root = last_block_.header.root;
+      body.time_us = std::max(now_us(), last_block_.header.time_us);
+    }
+    body.key_id = key_id();
+    Job job;
+    SignedHead h;
+    h.bytes = encode_head(body);
+    h.head = body;
+    Result<Bytes> sig = signer_.sign_digest(head_digest(h.bytes));
+    if (!sig.ok()) return sig.status().with_context("signing a head");
+    // A key store that returns a bad signature must not get it stored as if it were good.
+    Status check = signer_.signing_key().verify_digest(head_digest(h.bytes), *sig);
+    if (!check.ok()) return Status::Internal("the key store returned a signature that does not verify");
+    h.signature = std::move(sig).value();
+    job.head = std::move(h);
+    {
+      std::unique_lock lk(queue_mu_);
+      queue_.push_back(&job);
+      writer_cv_.notify_one();
+      done_cv_.wait(lk, [&] { return job.done; });
+    }
+    if (!job.status.ok()) return job.status.with_context("storing a signed head");
+    return std::move(*job.head);
+  }
+
+  LedgerOptions options_;
+  hsm::KeyStore& signer_;
+  LockFile lock_;
+  std::string ledger_id_;
+
+  sql::Database db_;  // the writer's connection (writer thread only, after open)
+  sql::Statement insert_entry_, insert_tile_, insert_block_, insert_head_;
+  TileBuilder tiles_;  // writer thread only
+
+  mutable std::mutex state_mu_;
+  StoredBlock last_block_;
+  Status writer_error_;
+  std::atomic<std::uint64_t> committed_size_{0};
+
+  std::mutex queue_mu_;
+  std::condition_variable writer_cv_, space_cv_, done_cv_;
+  std::deque<Job*> queue_;
+  std::size_t queued_entries_ = 0;
+  bool accepting_ = true, closed_ = false, writer_stop_ = false, writer_busy_ = false;
+  std::thread writer_;
+
+  mutable std::mutex sign_mu_;
+  std::condition_variable sign_cv_, sign_done_cv_;
+  std::uint64_t sign_requested_ = 0, sign_completed_ = 0;
+  bool signer_stop_ = false, signer_stopped_ = false;
+  std::optional<SignedHead> latest_head_;
+  Status last_sign_status_;
+  std::thread signer_thread_;
+
+  std::mutex checkpoint_mu_;
+  std::condition_variable checkpoint_cv_;
+  bool checkpoint_wanted_ = false, checkpoint_stop_ = false;
+  std::atomic<int> wal_pages_{0};
+  std::chrono::steady_clock::time_point truncate_after_;  // writer thread only
+  std::chrono::milliseconds truncate_backoff_{50};
+  std::thread checkpointer_;
+
+  mutable std::mutex readers_mu_;
+  mutable std::vector<sql::Database> readers_;
+
+  std::atomic<std::uint64_t> appended_{0}, batches_{0}, failed_appends_{0}, heads_signed_{0}, sign_failures_{0};
+};
+
+// ---- Ledger ----
+
+Ledger::Ledger(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Ledger::~Ledger() { close(); }
+
+Result<std::unique_ptr<Ledger>> Ledger::create(const LedgerOptions& options, const std::string& ledger_id,
+                                               hsm::KeyStore& signer, const std::string& actor) {
+  if (ledger_id.empty()) return Status::InvalidArgument("the ledger id is empty");
+  if (std::filesystem::exists(options.path))
+    return Status::FailedPrecondition(fmt::format("{} exists already; refusing to overwrite a ledger", options.path.string()));
+  {
+    MEDGATE_ASSIGN_OR_RETURN(LockFile lock, LockFile::acquire(options.path));
+    MEDGATE_ASSIGN_OR_RETURN(sql::Database db, sql::Database::open(options.path, sql::Database::Mode::kCreate));
+    MEDGATE_RETURN_IF_ERROR(apply_pragmas(db, options));
+    MEDGATE_RETURN_IF_ERROR(migrate_schema(db));
+
+    const PublicKey& key = signer.signing_key();
+    std::uint64_t now = now_us();
+    Entry genesis;
+    genesis.type = EntryType::kGenesis;
+    genesis.time_us = now;
+    genesis.actor = actor;
+    MEDGATE_ASSIGN_OR_RETURN(genesis.body, cbor::Value::map({
+        {cbor::Value::text("ledger_id"), cbor::Value::text(ledger_id)},
+        {cbor::Value::text("key_id"), cbor::Value::bytes(key.id())},
+        {cbor::Value::text("public_key"), cbor::Value::bytes(key.spki_der())},
+        {cbor::Value::text("key_store"), cbor::Value::text(signer.description())},
+        {cbor::Value::text("software"), cbor::Value::text("medgate " MEDGATE_VERSION)},
+    }));
+    MEDGATE_ASSIGN_OR_RETURN(Bytes entry_bytes, encode_entry(genesis));
+    TileBuilder builder;
+    builder.append(merkle::leaf_hash(entry_bytes));
+
+    BlockHeader header;
+    header.ledger_id = ledger_id;
+    header.height = 0;
+    header.first_index = 0;
+    header.entry_count = 1;
+    header.tree_size = 1;
+    header.root = builder.root();
+    header.time_us = now;
+    header.key_id = key.id();
+    Bytes header_bytes = encode_block_header(header);
+
+    HeadBody head{kHeadFormatVersion, ledger_id, 0, block_hash(header_bytes), 1, header.root, now, key.id()};
+    Bytes head_bytes = encode_head(head);
+    MEDGATE_ASSIGN_OR_RETURN(Bytes signature, signer.sign_digest(head_digest(head_bytes)));
+    MEDGATE_RETURN_IF_ERROR(key.verify_digest(head_digest(head_bytes), signature)
+                                .with_context("the key store's first signature does not verify"));
+
+    MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db));
+    MEDGATE_ASSIGN_OR_RETURN(auto meta, db.prepare("INSERT INTO meta (key, value) VALUES ('ledger_id', ?)"));
+    MEDGATE_RETURN_IF_ERROR(meta.bind(1, ByteView(as_bytes(ledger_id))).run());
+    MEDGATE_ASSIGN_OR_RETURN(auto ins_entry, db.prepare("INSERT INTO entries (idx, type, time_us, bytes) VALUES (0,?,?,?)"));
+    MEDGATE_RETURN_IF_ERROR(ins_entry.bind(1, static_cast<std::int64_t>(EntryType::kGenesis)).bind(2, now).bind(3, ByteView(entry_bytes)).run());
+    MEDGATE_ASSIGN_OR_RETURN(auto ins_tile, db.prepare("INSERT INTO tiles (level, idx, hashes) VALUES (?,?,?)"));
+    for (const auto& [k, hashes] : builder.take_dirty())
+      MEDGATE_RETURN_IF_ERROR(ins_tile.bind(1, k.level).bind(2, k.index).bind(3, ByteView(hashes)).run());
+    MEDGATE_ASSIGN_OR_RETURN(auto ins_block, db.prepare("INSERT INTO blocks (height, first_index, entry_count, header) VALUES (0,0,1,?)"));
+    MEDGATE_RETURN_IF_ERROR(ins_block.bind(1, ByteView(header_bytes)).run());
+    MEDGATE_ASSIGN_OR_RETURN(auto ins_head, db.prepare("INSERT INTO heads (height, tree_size, head, signature) VALUES (0,1,?,?)"));
+    MEDGATE_RETURN_IF_ERROR(ins_head.bind(1, ByteView(head_bytes)).bind(2, ByteView(signature)).run());
+    MEDGATE_RETURN_IF_ERROR(tx.commit());
+    fsync_directory(options.path.has_parent_path() ? options.path.parent_path() : ".");
+  }
+  return open(options, signer);
+}
+
+Result<std::unique_ptr<Ledger>> Ledger::open(const LedgerOptions& options, hsm::KeyStore& signer) {
+  if (!std::filesystem::exists(options.path))
+    return Status::NotFound(fmt::format("no ledger at {}", options.path.string()));
+  MEDGATE_ASSIGN_OR_RETURN(LockFile lock, LockFile::acquire(options.path));
+  auto impl = std::make_unique<Impl>(options, signer, std::move(lock));
+  MEDGATE_RETURN_IF_ERROR(impl->open().with_context(options.path.string()));
+  return std::unique_ptr<Ledger>(new Ledger(std::move(impl)));
+}
+
+Result<std::uint64_t> Ledger::append(const Entry& entry) { return impl_->append(std::span(&entry, 1)); }
+Result<std::uint64_t> Ledger::append_all(std::span<const Entry> entries) { return impl_->append(entries); }
+Result<SignedHead> Ledger::sign_head_now() { return impl_->sign_head_now(); }
+void Ledger::close() {
+  if (impl_) impl_->close();
+}
+const std::string& Ledger::ledger_id() const { return impl_->ledger_id(); }
+const KeyId& Ledger::signing_key_id() const { return impl_->key_id(); }
+LedgerStats Ledger::stats() const { return impl_->stats(); }
+std::optional<SignedHead> Ledger::latest_head() const { return impl_->latest_head(); }
+Result<StoredEntry> Ledger::entry(std::uint64_t index) const { return impl_->entry(index); }
+Result<StoredBlock> Ledger::block(std::uint64_t height) const { return impl_->block(height); }
+Result<std::uint64_t> Ledger::block_height_of(std::uint64_t index) const { return impl_->block_height_of(index); }
+Result<SignedHead> Ledger::head(std::uint64_t sequence) const { return impl_->head(sequence); }
+Result<Hash> Ledger::root_at(std::uint64_t size) const { return impl_->root_at(size); }
+Result<std::vector<Hash>> Ledger::inclusion_proof(std::uint64_t index, std::uint64_t size) const {
+  return impl_->inclusion_proof(index, size);
+}
+Result<std::vector<Hash>> Ledger::consistency_proof(std::uint64_t from, std::uint64_t to) const {
+  return impl_->consistency_proof(from, to);
+}
+
+}  // namespace medgate::ledger

@@ -1,1 +1,128 @@
+// The ledger store: one SQLite file holding entries, blocks, Merkle tiles and signed heads.
+//
+// Writes go through one writer thread with group commit: any number of threads call append(); the
+// writer takes everything queued (up to a batch limit), writes the entries, the Merkle tiles and
+// one block header in a single IMMEDIATE transaction, commits (WAL, synchronous=FULL: the commit
+// returns after fsync), and only then wakes the callers. append() returning OK means durable.
+//
+// Heads are signed by a separate thread on their own cadence (LedgerOptions::head_interval) and
+// never on the append path, since a TPM signature takes ~200 ms. The longest time an entry waits
+// for a signed head covering it is head_interval + one signature + one commit.
+//
+// A write error fails the appends of that batch loudly. A full disk (SQLITE_FULL) is rolled back
+// and later appends may succeed once space is freed; any other I/O error (an fsync that failed
+// leaves the file's state unknown) stops the writer for good: every later append fails with the
+// same error until the ledger is reopened, so nothing is ever retried as if nothing happened.
+//
+// Thread safety: all public methods may be called from any thread. One writable Ledger per file:
+// open() takes an exclusive lock (`<path>.lock`) and names the process that holds it otherwise.
 #pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "hsm/bytes.h"
+#include "hsm/key_store.h"
+#include "hsm/status.h"
+#include "ledger/block.h"
+#include "ledger/entry.h"
+
+namespace medgate::ledger {
+
+inline constexpr int kSchemaVersion = 1;
+
+struct LedgerOptions {
+  std::filesystem::path path;
+  std::size_t max_batch_entries = 16384;      // entries per group commit (one block)
+  std::size_t max_queued_entries = 262144;    // append() waits while more than this are queued
+  std::chrono::milliseconds head_interval{1000};  // 0: heads only on sign_head_now() and close()
+  std::int64_t wal_limit_bytes = 64LL << 20;  // WAL is checkpointed and truncated past this
+};
+
+struct StoredEntry {
+  std::uint64_t index = 0;
+  Bytes bytes;  // canonical bytes, as hashed
+  Entry entry;  // decoded
+  Hash leaf{};
+};
+
+struct StoredBlock {
+  Bytes bytes;  // canonical header bytes
+  BlockHeader header;
+  Hash hash{};
+};
+
+struct LedgerStats {
+  std::string ledger_id;
+  std::uint64_t tree_size = 0;
+  std::uint64_t height = 0;  // latest block
+  Hash root{};
+  std::uint64_t last_block_time_us = 0;
+  std::optional<SignedHead> latest_head;
+  std::uint64_t appended = 0;        // entries committed since open
+  std::uint64_t batches = 0;         // group commits since open
+  std::uint64_t failed_appends = 0;  // appends that returned an error since open
+  std::uint64_t heads_signed = 0;
+  std::uint64_t sign_failures = 0;
+  std::string writer_error;  // non-empty once the writer stopped after an I/O error
+  std::string signer_error;  // the last signing failure, if the latest attempt failed
+};
+
+class Ledger {
+ public:
+  // Creates a new ledger file holding block 0 (the genesis entry naming `ledger_id` and the
+  // signer's public key) and a first signed head. kFailedPrecondition if the file exists.
+  static Result<std::unique_ptr<Ledger>> create(const LedgerOptions& options,
+                                                const std::string& ledger_id,
+                                                hsm::KeyStore& signer, const std::string& actor);
+
+  // Opens an existing ledger for writing: applies schema migrations, rebuilds the Merkle right
+  // edge from stored tiles, and checks that the latest block's root matches them and that the
+  // latest signed head is signed by `signer`'s key and matches its block. `signer` must outlive the
+  // Ledger.
+  static Result<std::unique_ptr<Ledger>> open(const LedgerOptions& options, hsm::KeyStore& signer);
+
+  ~Ledger();
+  Ledger(const Ledger&) = delete;
+  Ledger& operator=(const Ledger&) = delete;
+
+  // Appends one entry and returns its index once it is durable.
+  Result<std::uint64_t> append(const Entry& entry);
+  // Appends entries atomically (all in the same block) and returns the first index.
+  Result<std::uint64_t> append_all(std::span<const Entry> entries);
+
+  // Signs a head covering everything committed when called and returns it once durable.
+  Result<SignedHead> sign_head_now();
+
+  // Stops accepting appends, commits what was accepted, signs a final head, joins the threads.
+  // Idempotent; the destructor calls it.
+  void close();
+
+  // ---- readers ----
+  const std::string& ledger_id() const;
+  const KeyId& signing_key_id() const;
+  LedgerStats stats() const;
+  std::optional<SignedHead> latest_head() const;
+  Result<StoredEntry> entry(std::uint64_t index) const;
+  Result<StoredBlock> block(std::uint64_t height) const;
+  Result<std::uint64_t> block_height_of(std::uint64_t entry_index) const;
+  Result<SignedHead> head(std::uint64_t sequence) const;
+  // Root of the first `size` entries; size must not exceed the committed tree size.
+  Result<Hash> root_at(std::uint64_t size) const;
+  Result<std::vector<Hash>> inclusion_proof(std::uint64_t index, std::uint64_t size) const;
+  Result<std::vector<Hash>> consistency_proof(std::uint64_t from, std::uint64_t to) const;
+
+  class Impl;
+
+ private:
+  explicit Ledger(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace medgate::ledger

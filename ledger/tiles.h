@@ -1,1 +1,83 @@
+// LEDGER-CRITICAL: the stored form of the Merkle log's nodes. Every later root and proof is
+// computed from what is written here.
+//
+// Nodes are stored in tlog-style tiles of height 4. Tile (t, k) holds the hashes of the nodes at
+// level 4t with indexes [16k, 16k + 16), concatenated, 32 bytes each; the tile at the right edge
+// of a level is partial and holds fewer (hash count = blob size / 32). Level-0 tiles hold the
+// leaf hashes.
+//
+// Why tiles rather than one row per node: an append rewrites one row per 16 leaves (plus, rarely,
+// a higher-level row) instead of ~2 new rows per leaf, which keeps appends cheap; yet any node is
+// still computable from a single tile by hashing at most 15 pairs (node (4t + r, i) from 2^r
+// hashes at level 4t), so a root or a proof stays O(log n) tile reads.
 #pragma once
+
+#include <compare>
+#include <cstdint>
+#include <functional>
+#include <utility>
+#include <vector>
+
+#include "hsm/bytes.h"
+#include "hsm/status.h"
+#include "ledger/merkle.h"
+
+namespace medgate::ledger {
+
+constexpr int kTileHeight = 4;
+constexpr std::uint64_t kTileWidth = 16;  // 2^kTileHeight hashes per full tile
+
+struct TileKey {
+  int level = 0;            // tile level t: the tile holds nodes of Merkle level 4t
+  std::uint64_t index = 0;  // k: the tile holds node indexes [16k, 16k + 16)
+  auto operator<=>(const TileKey&) const = default;
+};
+
+// Returns the stored blob of tile (tile_level, tile_index), or kNotFound if there is none.
+using TileReader = std::function<Result<Bytes>(int tile_level, std::uint64_t tile_index)>;
+
+// A NodeSource over stored tiles: node (4t + r, i) is hashed up r levels from the 2^r hashes of
+// tile (t, (i << r) / 16). A tile that is not a whole number of hashes, holds more than 16, or
+// lacks the hashes a node needs is kCorruption naming the tile; the reader's errors pass through
+// with the tile named. The source keeps the last tile read (the levels of one proof mostly share
+// a tile), re-reading it if it is too short: stored hashes must never change once written, which
+// holds for what TileBuilder writes. `reader` is copied into the source and must stay usable for
+// as long as the source is; the source is safe to call from several threads if the reader is.
+merkle::NodeSource node_source(TileReader reader);
+
+// The writer's in-memory right edge of the tiled tree: the CompactRange plus, at each tile level,
+// the hashes of the partial tile (at most 15). Memory is O(log n) plus the tiles completed since
+// the last take_dirty(). Not thread-safe.
+class TileBuilder {
+ public:
+  TileBuilder() = default;  // the empty tree
+
+  // Rebuilds the right edge for a tree of `size` leaves from its stored tiles (O(log n) reads).
+  // Hashes a stored tile holds beyond `size` are ignored (nothing reads past the tree size) and
+  // are replaced as the tree grows; a partial tile holding them is rewritten at the next
+  // take_dirty().
+  static Result<TileBuilder> load(std::uint64_t size, const TileReader& reader);
+
+  void append(const Hash& leaf);
+  std::uint64_t size() const { return range_.size(); }
+  Hash root() const { return range_.root(); }
+
+  // Every tile whose content changed since the last call (completed ones and the current partial
+  // ones), each with its full current content, for the caller to INSERT OR REPLACE. Completed
+  // tiles come first, in the order they completed.
+  std::vector<std::pair<TileKey, Bytes>> take_dirty();
+
+ private:
+  struct PartialTile {
+    std::vector<Hash> hashes;  // nodes at level 4t from index 16 * (count / 16) on; < 16 of them
+    bool dirty = false;
+  };
+
+  void add_node(int tile_level, std::uint64_t index, const Hash& hash);
+
+  merkle::CompactRange range_;
+  std::vector<PartialTile> partial_;  // by tile level
+  std::vector<std::pair<TileKey, Bytes>> completed_;
+};
+
+}  // namespace medgate::ledger

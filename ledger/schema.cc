@@ -1,0 +1,66 @@
+#include "ledger/schema.h"
+
+#include <fmt/format.h>
+
+#include "ledger/store.h"
+
+namespace medgate::ledger {
+namespace {
+
+// kMigrations[i] takes the schema from version i to version i + 1. Append only; never edit a
+// migration that has shipped.
+constexpr const char* kMigrations[] = {
+    // 0 -> 1: the first schema.
+    R"sql(
+      CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+      -- Canonical entry bytes; type and time are copied out for queries and checked by the verifier.
+      CREATE TABLE entries (idx INTEGER PRIMARY KEY, type INTEGER NOT NULL, time_us INTEGER NOT NULL,
+                            bytes BLOB NOT NULL);
+      CREATE TABLE blocks (height INTEGER PRIMARY KEY, first_index INTEGER NOT NULL UNIQUE,
+                           entry_count INTEGER NOT NULL, header BLOB NOT NULL);
+      -- Merkle nodes in tiles of 16 (ledger/tiles.h).
+      CREATE TABLE tiles (level INTEGER NOT NULL, idx INTEGER NOT NULL, hashes BLOB NOT NULL,
+                          PRIMARY KEY (level, idx)) WITHOUT ROWID;
+      CREATE TABLE heads (seq INTEGER PRIMARY KEY, height INTEGER NOT NULL, tree_size INTEGER NOT NULL,
+                          head BLOB NOT NULL, signature BLOB NOT NULL);
+    )sql",
+};
+constexpr int kKnownVersion = static_cast<int>(std::size(kMigrations));
+static_assert(kKnownVersion == kSchemaVersion);
+
+Result<int> user_version(sql::Database& db) {
+  MEDGATE_ASSIGN_OR_RETURN(sql::Statement st, db.prepare("PRAGMA user_version"));
+  MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+  if (step != sql::Statement::Step::kRow) return Status::Corruption("PRAGMA user_version gave no row");
+  return static_cast<int>(st.column_int(0));
+}
+
+}  // namespace
+
+Status migrate_schema(sql::Database& db) {
+  MEDGATE_ASSIGN_OR_RETURN(int version, user_version(db));
+  if (version > kKnownVersion)
+    return Status::FailedPrecondition(fmt::format(
+        "ledger schema version {} is newer than this build understands ({}); use a newer medgate",
+        version, kKnownVersion));
+  for (int v = version; v < kKnownVersion; ++v) {
+    MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db));
+    Status s = db.exec(kMigrations[v]);
+    if (s.ok()) s = db.exec(fmt::format("PRAGMA user_version = {}", v + 1));
+    if (s.ok()) s = tx.commit();
+    if (!s.ok())
+      return s.with_context(fmt::format("schema migration {} -> {} failed; the file is unchanged", v, v + 1));
+  }
+  return Status::Ok();
+}
+
+Status check_schema_readable(sql::Database& db) {
+  MEDGATE_ASSIGN_OR_RETURN(int version, user_version(db));
+  if (version == 0) return Status::Corruption("not a medgate ledger (no schema)");
+  if (version > kKnownVersion)
+    return Status::FailedPrecondition(fmt::format(
+        "ledger schema version {} is newer than this build understands ({})", version, kKnownVersion));
+  return Status::Ok();
+}
+
+}  // namespace medgate::ledger
