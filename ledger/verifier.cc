@@ -7,6 +7,7 @@
 #include <map>
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include "ledger/block.h"
 #include "ledger/entry.h"
@@ -385,6 +386,23 @@ std::string VerifyProblem::describe() const {
     case Where::kTile: return reason;
   }
   return reason;
+}
+
+nlohmann::json to_json(const VerifyReport& r) {
+  nlohmann::json out = {{"ok", r.ok()},
+              {"ledger_id", r.ledger_id},
+              {"entries", r.entries},
+              {"blocks", r.blocks},
+              {"heads", r.heads},
+              {"root", to_hex(r.root)},
+              {"unsigned_entries", r.unsigned_entries},
+              {"key_ids", r.key_ids}};
+  if (r.latest_signed_size) {
+    out["latest_signed_size"] = *r.latest_signed_size;
+    out["latest_signed_time"] = format_time(r.latest_signed_time_us);
+  }
+  if (r.problem) out["problem"] = r.problem->describe();
+  return out;
 }
 
 Result<VerifyReport> verify_ledger_file(const std::filesystem::path& path, const VerifyOptions& options) {

@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "hsm/bytes.h"
 #include "hsm/public_key.h"
 #include "hsm/status.h"
@@ -61,5 +63,8 @@ struct VerifyReport {
 // file cannot be read as a ledger at all (missing, not SQLite, unknown schema); tampering is
 // reported in the VerifyReport.
 Result<VerifyReport> verify_ledger_file(const std::filesystem::path& path, const VerifyOptions& options);
+
+// The report as JSON, for medctl --json and the admin API.
+nlohmann::json to_json(const VerifyReport& report);
 
 }  // namespace medgate::ledger

@@ -1,0 +1,307 @@
+#include "appliance/daemon.h"
+
+#include <signal.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <thread>
+
+#include "appliance/admin_server.h"
+#include "appliance/json_cbor.h"
+#include "appliance/log.h"
+#include "hsm/key_store_factory.h"
+#include "ledger/store.h"
+#include "ledger/verifier.h"
+
+namespace medgate::appliance {
+namespace {
+
+using nlohmann::json;
+
+std::uint64_t age_seconds(std::uint64_t time_us) {
+  std::uint64_t now = ledger::now_us();
+  return now > time_us ? (now - time_us) / 1000000 : 0;
+}
+
+json head_json(const ledger::SignedHead& h) {
+  return {{"sequence", h.sequence},
+          {"height", h.head.height},
+          {"tree_size", h.head.tree_size},
+          {"root", to_hex(h.head.root)},
+          {"block_hash", to_hex(h.head.block_hash)},
+          {"time", ledger::format_time(h.head.time_us)},
+          {"age_seconds", age_seconds(h.head.time_us)},
+          {"key_id", to_hex(h.head.key_id)},
+          {"head", to_base64(h.bytes)},
+          {"signature", to_base64(h.signature)}};
+}
+
+json hashes_json(const std::vector<Hash>& hashes) {
+  json out = json::array();
+  for (const Hash& h : hashes) out.push_back(to_hex(h));
+  return out;
+}
+
+Result<std::uint64_t> uint_arg(const json& args, const char* name) {
+  auto it = args.find(name);
+  if (it == args.end()) return Status::InvalidArgument(fmt::format("argument \"{}\" is required", name));
+  if (!it->is_number_unsigned() && !(it->is_number_integer() && it->get<std::int64_t>() >= 0))
+    return Status::InvalidArgument(fmt::format("argument \"{}\" must be a non-negative integer", name));
+  return it->get<std::uint64_t>();
+}
+
+std::optional<std::uint64_t> optional_uint(const json& args, const char* name) {
+  auto it = args.find(name);
+  if (it == args.end() || it->is_null()) return std::nullopt;
+  if (!it->is_number_unsigned() && !(it->is_number_integer() && it->get<std::int64_t>() >= 0)) return std::nullopt;
+  return it->get<std::uint64_t>();
+}
+
+}  // namespace
+
+class Daemon::Impl {
+ public:
+  explicit Impl(Config config) : config_(std::move(config)), started_(std::chrono::steady_clock::now()) {}
+
+  Status start() {
+    set_log_level(config_.log_level);
+    log(LogLevel::kInfo, "daemon.start", "medgated {} starting with {}", MEDGATE_VERSION, config_.source.string());
+    Result<std::unique_ptr<hsm::KeyStore>> keys = hsm::open_key_store(config_.key_store);
+    if (!keys.ok()) return keys.status().with_context("key store");
+    keys_ = std::move(keys).value();
+    log(LogLevel::kInfo, "keys.open", "key store {} open; signing key {}", keys_->description(),
+        to_hex(keys_->signing_key().id()));
+
+    ledger::LedgerOptions options;
+    options.path = config_.ledger_path;
+    options.head_interval = config_.head_interval;
+    Result<std::unique_ptr<ledger::Ledger>> opened = ledger::Ledger::open(options, *keys_);
+    if (!opened.ok()) return opened.status().with_context("ledger");
+    ledger_ = std::move(opened).value();
+    if (ledger_->ledger_id() != config_.ledger_id)
+      return Status::FailedPrecondition(fmt::format("ledger {} is '{}' but the config names '{}'",
+                                                    config_.ledger_path.string(), ledger_->ledger_id(), config_.ledger_id));
+    ledger::LedgerStats stats = ledger_->stats();
+    log(LogLevel::kInfo, "ledger.open", "ledger '{}' open: {} entries, block {}, root {}", stats.ledger_id,
+        stats.tree_size, stats.height, to_hex(stats.root));
+
+    Result<std::unique_ptr<AdminServer>> server = AdminServer::start(config_.admin, operations());
+    if (!server.ok()) return server.status().with_context("admin socket");
+    admin_ = std::move(server).value();
+    log(LogLevel::kInfo, "admin.listen", "admin API on {}", config_.admin.socket.string());
+
+    std::uint64_t watchdog_us = 0;
+    if (sd_watchdog_enabled(0, &watchdog_us) > 0 && watchdog_us > 0)
+      watchdog_ = std::thread([this, watchdog_us] { watchdog_loop(std::chrono::microseconds(watchdog_us / 2)); });
+    return Status::Ok();
+  }
+
+  void stop() {
+    if (stopped_.exchange(true)) return;
+    log(LogLevel::kInfo, "daemon.stop", "stopping: finishing admin requests, committing accepted entries");
+    {
+      std::lock_guard lk(watchdog_mu_);
+      watchdog_stop_ = true;
+    }
+    watchdog_cv_.notify_all();
+    if (watchdog_.joinable()) watchdog_.join();
+    if (admin_) admin_->stop();
+    if (ledger_) {
+      ledger_->close();
+      ledger::LedgerStats s = ledger_->stats();
+      log(LogLevel::kInfo, "ledger.close", "ledger closed at {} entries; latest signed head covers {}", s.tree_size,
+          s.latest_head ? s.latest_head->head.tree_size : 0);
+    }
+  }
+
+ private:
+  // Pings systemd's watchdog while the ledger writer is healthy; after a write error it stops, so
+  // systemd restarts medgated (which reopens and re-checks the ledger).
+  void watchdog_loop(std::chrono::microseconds period) {
+    std::unique_lock lk(watchdog_mu_);
+    while (!watchdog_stop_) {
+      if (ledger_->stats().writer_error.empty()) sd_notify(0, "WATCHDOG=1");
+      watchdog_cv_.wait_for(lk, period);
+    }
+  }
+
+  // Records a state-changing admin call on the ledger before it takes effect.
+  Result<std::uint64_t> record(const Caller& caller, const std::string& op, const json& args) {
+    MEDGATE_ASSIGN_OR_RETURN(ledger::cbor::Value cbor_args, json_to_cbor(args));
+    ledger::Entry e;
+    e.type = ledger::EntryType::kAdminAction;
+    e.actor = caller.actor();
+    MEDGATE_ASSIGN_OR_RETURN(e.body, ledger::cbor::Value::map({{ledger::cbor::Value::text("op"), ledger::cbor::Value::text(op)},
+                                                               {ledger::cbor::Value::text("args"), std::move(cbor_args)}}));
+    Result<std::uint64_t> index = ledger_->append(e);
+    if (!index.ok()) {
+      log(LogLevel::kError, "ledger.append", "recording {} by {} failed: {}", op, caller.actor(), index.status().message());
+      return index.status();
+    }
+    log(LogLevel::kNotice, "admin.action", "{} by {} recorded as entry {}", op, caller.actor(), *index);
+    return index;
+  }
+
+  std::vector<Operation> operations() {
+    std::vector<Operation> ops;
+    auto read = [&](std::string name, auto fn) { ops.push_back({std::move(name), Role::kAuditor, fn}); };
+    auto change = [&](std::string name, auto fn) { ops.push_back({std::move(name), Role::kAdmin, fn}); };
+
+    read("status", [this](const Caller& c, const json&) -> Result<json> { return status(c); });
+    read("ledger.head", [this](const Caller&, const json&) -> Result<json> {
+      auto h = ledger_->latest_head();
+      if (!h) return Status::NotFound("the ledger has no signed head yet");
+      json out = head_json(*h);
+      out["ledger_id"] = ledger_->ledger_id();
+      return out;
+    });
+    read("ledger.verify", [this](const Caller& c, const json&) -> Result<json> {
+      log(LogLevel::kInfo, "ledger.verify", "full verification requested by {}", c.actor());
+      ledger::VerifyOptions options;
+      options.trusted_keys = {keys_->signing_key()};
+      MEDGATE_ASSIGN_OR_RETURN(ledger::VerifyReport report, ledger::verify_ledger_file(config_.ledger_path, options));
+      if (!report.ok())
+        log(LogLevel::kError, "ledger.tamper", "verification failed: {}", report.problem->describe());
+      return ledger::to_json(report);
+    });
+    read("ledger.entry", [this](const Caller&, const json& args) -> Result<json> {
+      MEDGATE_ASSIGN_OR_RETURN(std::uint64_t index, uint_arg(args, "index"));
+      MEDGATE_ASSIGN_OR_RETURN(ledger::StoredEntry e, ledger_->entry(index));
+      MEDGATE_ASSIGN_OR_RETURN(std::uint64_t height, ledger_->block_height_of(index));
+      const ledger::EntryTypeInfo* info = ledger::find_entry_type(static_cast<std::uint64_t>(e.entry.type));
+      json subjects = json::array();
+      for (const auto& s : e.entry.subjects)
+        subjects.push_back({{"subject", to_hex(s.subject)}, {"previous", s.previous ? json(*s.previous) : json(nullptr)}});
+      return json{{"index", index},
+                  {"block", height},
+                  {"type", info ? info->name : "unknown"},
+                  {"kind", info ? info->audit_kind : "unknown"},
+                  {"time", ledger::format_time(e.entry.time_us)},
+                  {"actor", e.entry.actor},
+                  {"body", ledger::cbor::to_json(e.entry.body)},
+                  {"subjects", subjects},
+                  {"leaf_hash", to_hex(e.leaf)},
+                  {"bytes", to_base64(e.bytes)}};
+    });
+    read("ledger.block", [this](const Caller&, const json& args) -> Result<json> {
+      MEDGATE_ASSIGN_OR_RETURN(std::uint64_t height, uint_arg(args, "height"));
+      MEDGATE_ASSIGN_OR_RETURN(ledger::StoredBlock b, ledger_->block(height));
+      const auto& h = b.header;
+      return json{{"height", h.height},         {"hash", to_hex(b.hash)},
+                  {"previous_hash", to_hex(h.previous_hash)}, {"first_index", h.first_index},
+                  {"entry_count", h.entry_count}, {"tree_size", h.tree_size},
+                  {"root", to_hex(h.root)},      {"time", ledger::format_time(h.time_us)},
+                  {"key_id", to_hex(h.key_id)},  {"version", h.version},
+                  {"ledger_id", h.ledger_id},    {"header", to_base64(b.bytes)}};
+    });
+    read("ledger.proof", [this](const Caller&, const json& args) -> Result<json> {
+      MEDGATE_ASSIGN_OR_RETURN(std::uint64_t index, uint_arg(args, "index"));
+      auto head = ledger_->latest_head();
+      std::uint64_t size = optional_uint(args, "size").value_or(head ? head->head.tree_size : 0);
+      MEDGATE_ASSIGN_OR_RETURN(ledger::StoredEntry e, ledger_->entry(index));
+      MEDGATE_ASSIGN_OR_RETURN(std::vector<Hash> proof, ledger_->inclusion_proof(index, size));
+      MEDGATE_ASSIGN_OR_RETURN(Hash root, ledger_->root_at(size));
+      json out = {{"index", index}, {"tree_size", size}, {"leaf_hash", to_hex(e.leaf)}, {"proof", hashes_json(proof)}, {"root", to_hex(root)}};
+      if (head && head->head.tree_size == size) out["signed_head"] = head_json(*head);
+      return out;
+    });
+    read("ledger.consistency", [this](const Caller&, const json& args) -> Result<json> {
+      MEDGATE_ASSIGN_OR_RETURN(std::uint64_t from, uint_arg(args, "from"));
+      auto head = ledger_->latest_head();
+      std::uint64_t to = optional_uint(args, "to").value_or(head ? head->head.tree_size : 0);
+      MEDGATE_ASSIGN_OR_RETURN(std::vector<Hash> proof, ledger_->consistency_proof(from, to));
+      MEDGATE_ASSIGN_OR_RETURN(Hash from_root, ledger_->root_at(from));
+      MEDGATE_ASSIGN_OR_RETURN(Hash to_root, ledger_->root_at(to));
+      json out = {{"from", from}, {"to", to}, {"from_root", to_hex(from_root)}, {"to_root", to_hex(to_root)}, {"proof", hashes_json(proof)}};
+      if (head && head->head.tree_size == to) out["signed_head"] = head_json(*head);
+      return out;
+    });
+    read("keys.show", [this](const Caller&, const json&) -> Result<json> {
+      const PublicKey& k = keys_->signing_key();
+      return json{{"key_id", to_hex(k.id())}, {"public_key_pem", k.pem()}, {"key_store", keys_->description()}};
+    });
+    change("ledger.sign_head", [this](const Caller& c, const json& args) -> Result<json> {
+      MEDGATE_ASSIGN_OR_RETURN(std::uint64_t index, record(c, "ledger.sign_head", args));
+      MEDGATE_ASSIGN_OR_RETURN(ledger::SignedHead head, ledger_->sign_head_now());
+      json out = head_json(head);
+      out["recorded_as"] = index;
+      return out;
+    });
+    return ops;
+  }
+
+  Result<json> status(const Caller& caller) {
+    ledger::LedgerStats s = ledger_->stats();
+    AdminCounters a = admin_->counters();
+    json out = {
+        {"daemon", {{"version", MEDGATE_VERSION}, {"pid", ::getpid()},
+                    {"uptime_seconds", std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - started_).count()},
+                    {"config", config_.source.string()}}},
+        {"caller", {{"actor", caller.actor()}, {"role", role_name(caller.role)}}},
+        {"ledger", {{"id", s.ledger_id}, {"path", config_.ledger_path.string()}, {"entries", s.tree_size},
+                    {"height", s.height}, {"root", to_hex(s.root)}, {"last_block_time", ledger::format_time(s.last_block_time_us)},
+                    {"appended_since_start", s.appended}, {"commits_since_start", s.batches},
+                    {"failed_appends", s.failed_appends}, {"writer_error", s.writer_error}}},
+        {"signed_head", nullptr},
+        {"key_store", {{"description", keys_->description()}, {"key_id", to_hex(keys_->signing_key().id())},
+                       {"heads_signed", s.heads_signed}, {"sign_failures", s.sign_failures}, {"last_error", s.signer_error}}},
+        {"admin", {{"socket", config_.admin.socket.string()}, {"connections", a.connections}, {"requests", a.requests},
+                   {"errors", a.errors}, {"refused", a.refused}}},
+        {"ingest", json::object()},
+    };
+    if (s.latest_head) {
+      out["signed_head"] = {{"sequence", s.latest_head->sequence}, {"tree_size", s.latest_head->head.tree_size},
+                            {"time", ledger::format_time(s.latest_head->head.time_us)},
+                            {"age_seconds", age_seconds(s.latest_head->head.time_us)},
+                            {"unsigned_entries", s.tree_size - s.latest_head->head.tree_size}};
+    }
+    return out;
+  }
+
+  Config config_;
+  std::chrono::steady_clock::time_point started_;
+  std::unique_ptr<hsm::KeyStore> keys_;
+  std::unique_ptr<ledger::Ledger> ledger_;
+  std::unique_ptr<AdminServer> admin_;
+  std::atomic<bool> stopped_{false};
+  std::thread watchdog_;
+  std::mutex watchdog_mu_;
+  std::condition_variable watchdog_cv_;
+  bool watchdog_stop_ = false;
+
+  friend class Daemon;
+};
+
+Daemon::Daemon(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Daemon::~Daemon() { stop(); }
+
+Result<std::unique_ptr<Daemon>> Daemon::start(const Config& config) {
+  auto impl = std::make_unique<Impl>(config);
+  Status s = impl->start();
+  if (!s.ok()) {
+    impl->stop();
+    return s;
+  }
+  return std::unique_ptr<Daemon>(new Daemon(std::move(impl)));
+}
+
+void Daemon::run_until_signal() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  int sig = 0;
+  sigwait(&set, &sig);
+  log(LogLevel::kInfo, "daemon.signal", "received {}", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+  sd_notify(0, "STOPPING=1");
+  stop();
+}
+
+void Daemon::stop() {
+  if (impl_) impl_->stop();
+}
+
+}  // namespace medgate::appliance

@@ -1,0 +1,122 @@
+// medgated: the medgate daemon. `medgated --config FILE` runs in the foreground (systemd
+// Type=notify); `medgated init ...` is what `medctl init` runs.
+#include <pwd.h>
+#include <signal.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
+
+#include <iostream>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "appliance/admin_protocol.h"
+#include "appliance/config.h"
+#include "appliance/daemon.h"
+#include "appliance/init.h"
+#include "appliance/log.h"
+
+using namespace medgate;
+using namespace medgate::appliance;
+
+namespace {
+
+std::string invoking_actor() {
+  uid_t uid = ::getuid();
+  if (struct passwd* pw = ::getpwuid(uid)) return std::string("user:") + pw->pw_name;
+  return "uid:" + std::to_string(uid);
+}
+
+int run_daemon(const std::string& config_path) {
+  // Block the stop signals in every thread; run_until_signal() waits for them.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+
+  Result<Config> config = load_config(config_path);
+  if (!config.ok()) {
+    log(LogLevel::kError, "config.invalid", "{}", config.status().message());
+    return 2;
+  }
+  Result<std::unique_ptr<Daemon>> daemon = Daemon::start(*config);
+  if (!daemon.ok()) {
+    log(LogLevel::kError, "daemon.refused", "not starting: {}", daemon.status().to_string());
+    return daemon.status().code() == StatusCode::kUnavailable ? 3 : 1;
+  }
+  sd_notify(0, "READY=1");
+  log(LogLevel::kInfo, "daemon.ready", "ready");
+  (*daemon)->run_until_signal();
+  log(LogLevel::kInfo, "daemon.exit", "stopped cleanly");
+  return 0;
+}
+
+int run_init(const InitOptions& options, bool json) {
+  Result<InitResult> r = initialize(options);
+  if (!r.ok()) {
+    if (json) std::cout << admin::error_response(r.status()).dump() << "\n";
+    std::cerr << "medctl init: " << r.status().message() << "\n";
+    return admin::exit_code(r.status().code());
+  }
+  if (json) {
+    std::cout << nlohmann::json{{"ledger_id", r->ledger_id},
+                                {"config", r->config.string()},
+                                {"ledger", r->ledger.string()},
+                                {"public_key", r->public_key.string()},
+                                {"socket", r->socket.string()},
+                                {"key_id", to_hex(r->key_id)},
+                                {"key_store", r->key_store}}
+                     .dump(2)
+              << "\n";
+  } else {
+    std::cout << "Created ledger '" << r->ledger_id << "'\n"
+              << "  ledger      " << r->ledger.string() << "\n"
+              << "  key store   " << r->key_store << "\n"
+              << "  signing key " << to_hex(r->key_id) << "\n"
+              << "  public key  " << r->public_key.string() << "  (give this to auditors)\n"
+              << "  config      " << r->config.string() << "\n"
+              << "Start the daemon with: medgated --config " << r->config.string() << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"medgated: the medgate appliance daemon"};
+  app.set_version_flag("--version", std::string("medgated ") + MEDGATE_VERSION);
+  std::string config_path;
+  app.add_option("--config", config_path, "configuration file (TOML)");
+
+  InitOptions init;
+  bool init_json = false;
+  std::string pin_file, pin_env;
+  CLI::App* init_cmd = app.add_subcommand("init", "create the key store, ledger and config (used by `medctl init`)");
+  init_cmd->add_option("--data-dir", init.data_dir, "data directory")->required();
+  init_cmd->add_option("--key-store", init.key_store, "softhsm | pkcs11:URI | tpm2[:TCTI]");
+  init_cmd->add_option("--ledger-id", init.ledger_id, "the ledger's name (default: the host name)");
+  init_cmd->add_option("--config-out", init.config_out, "where to write the config (default: DIR/medgated.toml)");
+  init_cmd->add_option("--socket", init.socket, "admin socket path (default: DIR/admin.sock)");
+  init_cmd->add_option("--pin-file", pin_file, "file holding the token PIN (pkcs11: key stores)");
+  init_cmd->add_option("--pin-env", pin_env, "environment variable holding the token PIN");
+  init_cmd->add_flag("--json", init_json, "print the result as JSON");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  if (*init_cmd) {
+    if (!pin_file.empty()) init.pin = {hsm::PinSource::Kind::kFile, pin_file};
+    if (!pin_env.empty()) init.pin = {hsm::PinSource::Kind::kEnv, pin_env};
+    init.actor = invoking_actor();
+    return run_init(init, init_json);
+  }
+  if (config_path.empty()) {
+    std::cerr << "medgated: --config FILE is required (see medgated --help)\n";
+    return 2;
+  }
+  return run_daemon(config_path);
+}

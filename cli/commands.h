@@ -1,0 +1,39 @@
+// medctl's commands. Each returns medctl's exit code (../shared/CLI.md): 0 success, 1 a negative
+// answer (verification failed, permission denied), 2 bad usage or input, 3 a part unreachable.
+// With --json each prints exactly one JSON document on stdout; messages go to stderr.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace medgate::cli {
+
+struct GlobalOptions {
+  std::optional<std::string> socket;
+  std::optional<std::string> config;
+  bool json = false;
+};
+
+struct InitArgs {
+  std::string data_dir;
+  std::string key_store = "softhsm";
+  std::optional<std::string> ledger_id;
+  std::optional<std::string> socket;
+  std::optional<std::string> pin_file;
+  std::optional<std::string> pin_env;
+};
+
+int cmd_init(const GlobalOptions& g, const InitArgs& args);
+int cmd_status(const GlobalOptions& g);
+int cmd_ledger_head(const GlobalOptions& g);
+// Online through the daemon, or offline when `db` is given (then `trust` is required).
+int cmd_ledger_verify(const GlobalOptions& g, const std::optional<std::string>& db, const std::vector<std::string>& trust);
+int cmd_ledger_show(const GlobalOptions& g, std::optional<std::uint64_t> entry, std::optional<std::uint64_t> block);
+int cmd_ledger_proof(const GlobalOptions& g, std::uint64_t entry, std::optional<std::uint64_t> size);
+int cmd_ledger_consistency(const GlobalOptions& g, std::uint64_t from, std::optional<std::uint64_t> to);
+int cmd_ledger_sign_head(const GlobalOptions& g);
+int cmd_keys_show(const GlobalOptions& g);
+
+}  // namespace medgate::cli
