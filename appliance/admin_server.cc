@@ -72,6 +72,23 @@ bool write_all(int fd, const std::string& data) {
   return true;
 }
 
+// Ends a connection after a final error reply without losing that reply: a client still writing
+// its (oversized, or unwelcome) request would otherwise get EPIPE and never read the answer. So
+// stop sending, discard what still arrives for a moment, then close.
+void linger_close(int fd) {
+  ::shutdown(fd, SHUT_WR);
+  char sink[65536];
+  std::size_t discarded = 0;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (discarded < (64u << 20) && std::chrono::steady_clock::now() < deadline) {
+    struct pollfd p = {fd, POLLIN, 0};
+    if (::poll(&p, 1, 200) <= 0) continue;
+    ssize_t n = ::recv(fd, sink, sizeof sink, 0);
+    if (n <= 0) break;
+    discarded += static_cast<std::size_t>(n);
+  }
+}
+
 }  // namespace
 
 std::string_view role_name(Role role) {
@@ -247,6 +264,7 @@ class AdminServer::Impl {
                         caller.uid, config_.admin_group, config_.auditor_group)))
                             .dump() + "\n");
       count_refused();
+      linger_close(fd);
     } else {
       session(fd, caller);
     }
@@ -273,6 +291,7 @@ class AdminServer::Impl {
         write_all(fd, admin::error_response(Status::InvalidArgument(fmt::format(
                           "request exceeds the limit of {} bytes", config_.max_request_bytes)))
                               .dump() + "\n");
+        linger_close(fd);
         return;
       }
       auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(idle_deadline - std::chrono::steady_clock::now());

@@ -68,7 +68,7 @@ Result<nlohmann::json> AdminClient::call(std::string_view op, const nlohmann::js
   while (off < line.size()) {
     ssize_t n = ::send(fd_, line.data() + off, line.size() - off, MSG_NOSIGNAL);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return Status::Unavailable(fmt::format("medgated at {} closed the connection", path_.string()));
+    if (n <= 0) break;  // the daemon may have answered (a refusal) and hung up: read that below
     off += static_cast<std::size_t>(n);
   }
   char chunk[65536];

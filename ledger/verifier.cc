@@ -35,6 +35,7 @@ struct EntryRow {
   std::uint64_t index;
   std::int64_t type;
   std::int64_t time_us;
+  bool integer_columns;  // SQLite is dynamically typed: 2.5 or '2' would read back as 2
   Bytes bytes;
 };
 
@@ -57,7 +58,8 @@ class EntryStream {
       MEDGATE_ASSIGN_OR_RETURN(auto step, st_.step());
       if (step == sql::Statement::Step::kDone) break;
       ByteView b = st_.column_blob(3);
-      buffer_.push_back({st_.column_uint(0), st_.column_int(1), st_.column_int(2), Bytes(b.begin(), b.end())});
+      buffer_.push_back({st_.column_uint(0), st_.column_int(1), st_.column_int(2), st_.column_int(4) == 1,
+                         Bytes(b.begin(), b.end())});
     }
     st_.reset();
     if (!buffer_.empty()) cursor_ = static_cast<std::int64_t>(buffer_.back().index) + 1;
@@ -126,7 +128,8 @@ class TileChecker {
  public:
   explicit TileChecker(TileReader reader) : reader_(std::move(reader)) {}
 
-  // kCorruption describing the mismatch, or OK.
+  // OK; kVerificationFailed when the hash differs from the stored one (the message names the
+  // tile); kCorruption when the tile is missing or malformed.
   Status check(int level, std::uint64_t index, const Hash& hash) {
     int t = level / kTileHeight;
     std::uint64_t k = index / kTileWidth, pos = index % kTileWidth;
@@ -140,9 +143,9 @@ class TileChecker {
         return Status::Corruption(fmt::format("Merkle tile ({}, {}) has a malformed size of {} bytes", t, k, c.blob.size()));
     }
     if (c.blob.size() < (pos + 1) * 32)
-      return Status::Corruption(fmt::format("Merkle tile ({}, {}) lacks the hash of node {}", t, k, index));
+      return Status::Corruption(fmt::format("Merkle tile ({}, {}) lacks the hash of node ({}, {})", t, k, level, index));
     if (!std::equal(hash.begin(), hash.end(), c.blob.begin() + static_cast<std::ptrdiff_t>(pos * 32)))
-      return Status::Corruption(fmt::format("does not match the hash stored in Merkle tile ({}, {}) when it was committed", t, k));
+      return Status::VerificationFailed(fmt::format("the hash stored in Merkle tile ({}, {}) when it was committed", t, k));
     return Status::Ok();
   }
 
@@ -175,8 +178,45 @@ class Verifier {
     total_ = count.column_uint(0);
     count.reset();
 
+    // Rows the streams below never reach (they read upward from 0): anything at a negative key,
+    // and heads whose sequence has a gap (a head deleted from the middle of the history).
+    MEDGATE_ASSIGN_OR_RETURN(auto negative, db_.prepare(
+        "SELECT 'entry', min(idx) FROM entries WHERE idx < 0 UNION ALL SELECT 'block', min(height) FROM blocks WHERE height < 0 "
+        "UNION ALL SELECT 'head', min(seq) FROM heads WHERE seq < 1"));
+    for (;;) {
+      MEDGATE_ASSIGN_OR_RETURN(step, negative.step());
+      if (step != sql::Statement::Step::kRow) break;
+      if (negative.column_is_null(1)) continue;
+      std::string what = negative.column_text(0);
+      std::int64_t n = negative.column_int(1);
+      negative.reset();
+      return fail(problem(VerifyProblem::Where::kFile, 0, fmt::format(
+          "{} {} is stored at a number no ledger writes (below the first): the file was edited", what, n)));
+    }
+    negative.reset();
+    MEDGATE_ASSIGN_OR_RETURN(auto gaps, db_.prepare(
+        "SELECT min(seq), max(seq), count(*) FROM heads"));
+    MEDGATE_ASSIGN_OR_RETURN(step, gaps.step());
+    if (step == sql::Statement::Step::kRow && gaps.column_uint(2) > 0 &&
+        (gaps.column_uint(0) != 1 || gaps.column_uint(1) != gaps.column_uint(2))) {
+      std::uint64_t heads = gaps.column_uint(2), last = gaps.column_uint(1);
+      gaps.reset();
+      // Name the first missing sequence number.
+      MEDGATE_ASSIGN_OR_RETURN(auto first_gap, db_.prepare(
+          "SELECT coalesce((SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM heads WHERE seq = 1)), "
+          "(SELECT min(seq) + 1 FROM heads h WHERE NOT EXISTS (SELECT 1 FROM heads WHERE seq = h.seq + 1) AND seq < ?))"));
+      first_gap.bind(1, last);
+      MEDGATE_ASSIGN_OR_RETURN(step, first_gap.step());
+      std::uint64_t missing = first_gap.column_uint(0);
+      first_gap.reset();
+      return fail(problem(VerifyProblem::Where::kHead, missing, fmt::format(
+          "is missing: {} heads are stored but their numbers run to {} (a signed head was deleted)", heads, last)));
+    }
+    gaps.reset();
+
     MEDGATE_ASSIGN_OR_RETURN(auto entries_st, db_.prepare(
-        "SELECT idx, type, time_us, bytes FROM entries WHERE idx >= ? ORDER BY idx LIMIT ?"));
+        "SELECT idx, type, time_us, bytes, typeof(type) = 'integer' AND typeof(time_us) = 'integer' "
+        "FROM entries WHERE idx >= ? ORDER BY idx LIMIT ?"));
     MEDGATE_ASSIGN_OR_RETURN(auto blocks_st, db_.prepare(
         "SELECT height, first_index, entry_count, header FROM blocks WHERE height >= ? ORDER BY height LIMIT ?"));
     MEDGATE_ASSIGN_OR_RETURN(auto heads_st, db_.prepare(
@@ -235,28 +275,36 @@ class Verifier {
         if (!e || e->index != i)
           return fail(problem(VerifyProblem::Where::kEntry, i, fmt::format(
               "is missing (block {} covers entries {}..{})", h, header.first_index, header.tree_size - 1)));
+        Hash leaf = merkle::leaf_hash(e->bytes);
+        if (!tile_problem) {
+          if (Status s = tiles.check(0, i, leaf); !s.ok()) {
+            // A leaf that differs from the one stored at commit time names the changed entry;
+            // the block root check below decides whether the entry or the tile was changed.
+            tile_problem = s.code() == StatusCode::kVerificationFailed
+                               ? problem(VerifyProblem::Where::kEntry, i, "its bytes do not match " + s.message())
+                               : problem(VerifyProblem::Where::kTile, i, s.message());
+          }
+        }
         Result<Entry> entry = decode_entry(e->bytes);
         if (!entry.ok()) return fail(problem(VerifyProblem::Where::kEntry, i, "does not decode: " + entry.status().message()));
-        if (static_cast<std::int64_t>(entry->type) != e->type || static_cast<std::int64_t>(entry->time_us) != e->time_us)
-          return fail(problem(VerifyProblem::Where::kEntry, i, "its type or time column does not match its bytes"));
+        if (!e->integer_columns || static_cast<std::int64_t>(entry->type) != e->type ||
+            static_cast<std::int64_t>(entry->time_us) != e->time_us)
+          return fail(tile_problem && tile_problem->where == VerifyProblem::Where::kEntry && tile_problem->number == i
+                          ? *tile_problem
+                          : problem(VerifyProblem::Where::kEntry, i, "its type or time column does not match its bytes"));
         if (i == 0) {
           VerifyProblem p;
           if (!take_genesis(*entry, p)) return fail(p);
         } else if (entry->type == EntryType::kGenesis) {
           return fail(problem(VerifyProblem::Where::kEntry, i, "is a second genesis entry"));
         }
-        Hash leaf = merkle::leaf_hash(e->bytes);
-        if (!tile_problem) {
-          if (Status s = tiles.check(0, i, leaf); !s.ok()) {
-            // A leaf that differs from the one stored at commit time names the changed entry;
-            // the block root check below decides whether the entry or the tile was changed.
-            tile_problem = problem(VerifyProblem::Where::kEntry, i, "its bytes " + s.message());
-          }
-        }
         tree.append(leaf, [&](int level, std::uint64_t index, const Hash& node) {
           if (tile_problem || level % kTileHeight != 0) return;
           if (Status s = tiles.check(level, index, node); !s.ok())
-            tile_problem = problem(VerifyProblem::Where::kTile, index, fmt::format("Merkle node ({}, {}) {}", level, index, s.message()));
+            tile_problem = problem(VerifyProblem::Where::kTile, index,
+                                   s.code() == StatusCode::kVerificationFailed
+                                       ? fmt::format("Merkle node ({}, {}) does not match {}", level, index, s.message())
+                                       : s.message());
         });
         ++report_.entries;
         if (options_.progress && report_.entries % 65536 == 0) options_.progress(report_.entries, total_);

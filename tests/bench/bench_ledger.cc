@@ -1,0 +1,910 @@
+// bench_ledger: the ledger's record-worthy numbers, each printed beside a plain-SQLite baseline
+// and the issue's target. A benchmark, not a test: nothing here judges a time; `--smoke` (a
+// ctest) runs every phase with tiny counts only so that the benchmark cannot rot.
+//
+//   1. Appends: 1, 8 and 64 threads each call Ledger::append (one entry, durable on return) in a
+//      loop; entries/s and p50/p99 of the time spent in append().
+//   2. The "traditional centralized" baseline at the same concurrency: the same entry bytes in a
+//      plain SQLite table (WAL, synchronous=FULL) behind a group-commit writer of the ledger's
+//      shape, so the ratio isolates what the ledger adds (canonical encoding, leaf hashing, Merkle
+//      tiles, block headers, signed heads); plus a naive row per thread and connection.
+//   3. verify_ledger_file over N entries, beside a bare scan that SHA-256es every stored entry.
+//   4. `--rss`: peak RSS while 10M entries are appended.
+//
+// Run a Release build; `bench_ledger --help` lists the flags.
+#include <fcntl.h>
+#include <sched.h>
+#include <sqlite3.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+#include <sys/utsname.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <ctime>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <latch>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "hsm/key_store_factory.h"
+#include "ledger/entry.h"
+#include "ledger/merkle.h"
+#include "ledger/sqlite.h"
+#include "ledger/store.h"
+#include "ledger/verifier.h"
+#include "tests/support/temp_dir.h"
+
+namespace medgate::bench {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+using ledger::Entry;
+using ledger::Ledger;
+
+constexpr std::size_t kEntryBytes = 200;           // canonical size of a benchmark entry
+constexpr std::uint64_t kFillBatch = 5000;         // entries per append_all when filling a ledger
+constexpr int kFillThreads = 4;                    // threads calling append_all when filling
+constexpr std::chrono::milliseconds kHeadInterval{1000};  // as in production
+constexpr double kTargetRatio = 1.3;               // ledger / baseline time at 64 appenders
+constexpr double kTargetAppendRate = 250'000;      // entries/s at 64 appenders
+constexpr double kTargetVerifyRate = 1'000'000;    // entries/s
+constexpr double kTargetPeakRssMiB = 64;           // at 10M entries
+
+constexpr std::string_view kUsage = R"(usage: bench_ledger [flags]
+
+Prints the ledger's append throughput and commit latency at 1, 8 and 64 appender threads beside a
+plain SQLite log doing the same group commit, and the verifier's speed beside a bare scan.
+
+  --seconds N          seconds per append phase (default 5; fractions allowed)
+  --verify-entries N   entries in the ledger that is verified (default 1000000)
+  --only append|verify run only the append phases or only the verification phase
+  --rss                instead of the default run: append 10,000,000 entries (append_all batches,
+                       a few threads) to a fresh ledger and print peak RSS before, during and
+                       after, and the file size. Takes a minute or more; runs alone so that the
+                       peak is the writer's.
+  --rss-entries N      entries for --rss (default 10000000)
+  --dir PATH           where the ledgers go (default /var/tmp, since /tmp may be tmpfs); a
+                       scratch directory is made under it and removed at the end
+  --smoke              every phase with tiny counts, in a few seconds (the ctest)
+  --help               this text
+)";
+
+// ---- command line ----
+
+enum class Only { kAll, kAppend, kVerify };
+
+struct Options {
+  double seconds = 5;
+  std::uint64_t verify_entries = 1'000'000;
+  std::uint64_t rss_entries = 10'000'000;
+  bool rss = false;
+  bool smoke = false;
+  bool help = false;
+  Only only = Only::kAll;
+  fs::path dir = "/var/tmp";
+};
+
+Result<std::uint64_t> parse_count(std::string_view flag, std::string_view text) {
+  std::uint64_t v = 0;
+  if (text.empty()) return Status::InvalidArgument(fmt::format("{} needs a number", flag));
+  for (char c : text) {
+    if (c == '_' || c == ',') continue;  // 1_000_000 and 1,000,000 read as 1000000
+    if (c < '0' || c > '9') return Status::InvalidArgument(fmt::format("{} {}: not a count", flag, text));
+    v = v * 10 + static_cast<std::uint64_t>(c - '0');
+  }
+  return v;
+}
+
+Result<Options> parse_args(int argc, char** argv) {
+  Options o;
+  bool seconds_set = false, verify_set = false, rss_entries_set = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string_view a = argv[i];
+    auto value = [&]() -> Result<std::string_view> {
+      if (i + 1 >= argc) return Status::InvalidArgument(fmt::format("{} needs a value", a));
+      return std::string_view(argv[++i]);
+    };
+    if (a == "--help" || a == "-h") {
+      o.help = true;
+    } else if (a == "--smoke") {
+      o.smoke = true;
+    } else if (a == "--rss") {
+      o.rss = true;
+    } else if (a == "--seconds") {
+      MEDGATE_ASSIGN_OR_RETURN(std::string_view v, value());
+      char* end = nullptr;
+      std::string s(v);
+      o.seconds = std::strtod(s.c_str(), &end);
+      if (end != s.c_str() + s.size() || !(o.seconds > 0) || o.seconds > 3600)
+        return Status::InvalidArgument(fmt::format("--seconds {}: want a number of seconds in (0, 3600]", v));
+      seconds_set = true;
+    } else if (a == "--verify-entries") {
+      MEDGATE_ASSIGN_OR_RETURN(std::string_view v, value());
+      MEDGATE_ASSIGN_OR_RETURN(o.verify_entries, parse_count(a, v));
+      if (o.verify_entries == 0) return Status::InvalidArgument("--verify-entries must be at least 1");
+      verify_set = true;
+    } else if (a == "--rss-entries") {
+      MEDGATE_ASSIGN_OR_RETURN(std::string_view v, value());
+      MEDGATE_ASSIGN_OR_RETURN(o.rss_entries, parse_count(a, v));
+      if (o.rss_entries == 0) return Status::InvalidArgument("--rss-entries must be at least 1");
+      rss_entries_set = true;
+    } else if (a == "--only") {
+      MEDGATE_ASSIGN_OR_RETURN(std::string_view v, value());
+      if (v == "append") o.only = Only::kAppend;
+      else if (v == "verify") o.only = Only::kVerify;
+      else return Status::InvalidArgument(fmt::format("--only {}: want append or verify", v));
+    } else if (a == "--dir") {
+      MEDGATE_ASSIGN_OR_RETURN(std::string_view v, value());
+      o.dir = fs::path(v);
+    } else {
+      return Status::InvalidArgument(fmt::format("unknown argument {} (see --help)", a));
+    }
+  }
+  if (o.rss && o.only != Only::kAll)
+    return Status::InvalidArgument("--rss runs alone; it does not combine with --only");
+  if (o.smoke) {
+    if (!seconds_set) o.seconds = 0.25;
+    if (!verify_set) o.verify_entries = 20'000;
+    if (!rss_entries_set) o.rss_entries = 20'000;
+  }
+  return o;
+}
+
+// ---- formatting ----
+
+std::string grouped(std::uint64_t v) {
+  std::string digits = std::to_string(v), out;
+  for (std::size_t i = 0; i < digits.size(); ++i) {
+    if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
+  }
+  return out;
+}
+
+std::string rate(double per_second) { return grouped(static_cast<std::uint64_t>(per_second + 0.5)); }
+std::string mib(std::uint64_t bytes) { return fmt::format("{:.1f}", static_cast<double>(bytes) / (1 << 20)); }
+
+// A plain-text table: the first column left-aligned, the others right-aligned, widths from content.
+class Table {
+ public:
+  explicit Table(std::vector<std::string> headers) { rows_.push_back(std::move(headers)); }
+  void row(std::vector<std::string> cells) { rows_.push_back(std::move(cells)); }
+  void print() const {
+    std::vector<std::size_t> width;
+    for (const auto& r : rows_) {
+      if (width.size() < r.size()) width.resize(r.size(), 0);
+      for (std::size_t c = 0; c < r.size(); ++c) width[c] = std::max(width[c], r[c].size());
+    }
+    for (const auto& r : rows_) {
+      std::string line;
+      for (std::size_t c = 0; c < r.size(); ++c) {
+        if (c == 0) line += fmt::format("{:<{}}", r[c], width[c]);
+        else line += fmt::format("  {:>{}}", r[c], width[c]);
+      }
+      while (!line.empty() && line.back() == ' ') line.pop_back();
+      fmt::print("  {}\n", line);
+    }
+    std::fflush(stdout);
+  }
+
+ private:
+  std::vector<std::vector<std::string>> rows_;
+};
+
+// ---- the machine ----
+
+std::string first_line_with(const fs::path& file, std::string_view key) {
+  std::ifstream in(file);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(key, 0) != 0) continue;
+    std::size_t colon = line.find(':');
+    std::string v = colon == std::string::npos ? line : line.substr(colon + 1);
+    v.erase(0, v.find_first_not_of(" \t"));
+    return v;
+  }
+  return "?";
+}
+
+int cpus_available() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof set, &set) != 0) return static_cast<int>(std::thread::hardware_concurrency());
+  return CPU_COUNT(&set);
+}
+
+struct MountInfo {
+  std::string device, mount_point, type, options;
+};
+
+// The mount holding `path`: the longest mount point that is a prefix of it.
+MountInfo mount_of(const fs::path& path) {
+  std::error_code ec;
+  std::string p = fs::canonical(path, ec).string();
+  std::ifstream in("/proc/self/mounts");
+  MountInfo best;
+  std::string device, mount_point, type, options;
+  while (in >> device >> mount_point >> type >> options) {
+    in.ignore(256, '\n');
+    bool under = p == mount_point || mount_point == "/" ||
+                 (p.rfind(mount_point, 0) == 0 && p.size() > mount_point.size() && p[mount_point.size()] == '/');
+    if (under && mount_point.size() >= best.mount_point.size()) best = {device, mount_point, type, options};
+  }
+  return best;
+}
+
+std::string utc_now() {
+  std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%SZ", &tm);
+  return buf;
+}
+
+struct Percentiles {
+  double p50_ms = 0, p99_ms = 0, max_ms = 0;
+};
+
+Percentiles percentiles(std::vector<std::int64_t>& ns) {
+  if (ns.empty()) return {};
+  auto at = [&](double q) {
+    auto k = static_cast<std::size_t>(q * static_cast<double>(ns.size() - 1));
+    std::nth_element(ns.begin(), ns.begin() + static_cast<std::ptrdiff_t>(k), ns.end());
+    return static_cast<double>(ns[k]) / 1e6;
+  };
+  Percentiles p;
+  p.p50_ms = at(0.50);
+  p.p99_ms = at(0.99);
+  p.max_ms = at(1.0);
+  return p;
+}
+
+// What one commit costs the disk at the least: a 4 KiB append and fdatasync (what SQLite does to
+// its WAL per commit with synchronous=FULL), timed `n` times.
+Result<Percentiles> probe_fsync(const fs::path& dir, int n) {
+  fs::path file = dir / "fsync-probe";
+  int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return Status::IOError(fmt::format("cannot create {}", file.string()));
+  std::vector<char> page(4096, 'x');
+  std::vector<std::int64_t> ns;
+  for (int i = 0; i < n; ++i) {
+    auto t0 = Clock::now();
+    bool ok = ::write(fd, page.data(), page.size()) == static_cast<ssize_t>(page.size()) && ::fdatasync(fd) == 0;
+    if (!ok) {
+      ::close(fd);
+      return Status::IOError(fmt::format("write or fdatasync on {} failed", file.string()));
+    }
+    ns.push_back(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count());
+  }
+  ::close(fd);
+  fs::remove(file);
+  return percentiles(ns);
+}
+
+void print_header(int argc, char** argv, const fs::path& scratch, const Percentiles& disk, int fsync_samples,
+                  std::size_t entry_size) {
+  std::string command;
+  for (int i = 0; i < argc; ++i) {
+    if (i > 0) command += ' ';
+    command += argv[i];
+  }
+  utsname u{};
+  uname(&u);
+  MountInfo m = mount_of(scratch);
+  std::uint64_t mem_kib = 0;
+  (void)std::sscanf(first_line_with("/proc/meminfo", "MemTotal").c_str(), "%lu", &mem_kib);
+#ifdef NDEBUG
+  const char* build = "assertions off";
+#else
+  const char* build = "ASSERTIONS ON: not a Release build, the numbers are not representative";
+#endif
+  fmt::print("medgate ledger benchmark (medgate {}, g++ {}, {}, SQLite {})\n", MEDGATE_VERSION, __VERSION__,
+             build, sqlite3_libversion());
+  fmt::print("  command:  {}\n", command);
+  double load[3] = {0, 0, 0};
+  if (std::FILE* f = std::fopen("/proc/loadavg", "r")) {
+    (void)std::fscanf(f, "%lf %lf %lf", &load[0], &load[1], &load[2]);
+    std::fclose(f);
+  }
+  fmt::print("  date:     {} (load average at start: {:.2f} {:.2f} {:.2f})\n", utc_now(), load[0], load[1], load[2]);
+  fmt::print("  machine:  {} CPUs (nproc), {}, {} {} {}, {:.1f} GiB RAM\n", cpus_available(),
+             first_line_with("/proc/cpuinfo", "model name"), u.sysname, u.release, u.machine,
+             static_cast<double>(mem_kib) / (1 << 20));
+  fmt::print("  ledgers:  {} on {} ({}, mounted at {}, {})\n", scratch.string(), m.type, m.device, m.mount_point,
+             m.options);
+  fmt::print("  fsync:    4 KiB append + fdatasync: p50 {:.3f} ms, p99 {:.3f} ms ({} samples)\n", disk.p50_ms,
+             disk.p99_ms, fsync_samples);
+  fmt::print("  entries:  admin-action, {} bytes canonical; head_interval {} ms; heads signed by SoftHSM\n\n",
+             entry_size, kHeadInterval.count());
+  std::fflush(stdout);
+}
+
+// ---- memory ----
+
+struct Memory {
+  std::uint64_t hwm_kib = 0, rss_kib = 0;
+};
+
+Memory memory_now() {
+  Memory m;
+  (void)std::sscanf(first_line_with("/proc/self/status", "VmHWM").c_str(), "%lu", &m.hwm_kib);
+  (void)std::sscanf(first_line_with("/proc/self/status", "VmRSS").c_str(), "%lu", &m.rss_kib);
+  if (m.hwm_kib == 0) {  // no /proc: getrusage has the peak only
+    rusage ru{};
+    getrusage(RUSAGE_SELF, &ru);
+    m.hwm_kib = static_cast<std::uint64_t>(ru.ru_maxrss);
+  }
+  return m;
+}
+
+std::uint64_t size_of(const fs::path& p) {
+  std::error_code ec;
+  auto n = fs::file_size(p, ec);
+  return ec ? 0 : n;
+}
+
+fs::path with_suffix(fs::path p, const char* suffix) {
+  p += suffix;
+  return p;
+}
+
+// ---- entries ----
+
+// Builds admin-action entries of kEntryBytes canonical bytes:
+// {"op": "bench", "args": {"n": n, "pad": <text>}}.
+class EntryMaker {
+ public:
+  static Result<EntryMaker> create() {
+    EntryMaker m;
+    for (std::size_t pad = 0; pad < kEntryBytes; ++pad) {
+      m.pad_.assign(pad, 'p');
+      MEDGATE_ASSIGN_OR_RETURN(Entry e, m.make(1'000'000));
+      MEDGATE_ASSIGN_OR_RETURN(Bytes bytes, ledger::encode_entry(e));
+      m.size_ = bytes.size();
+      if (bytes.size() >= kEntryBytes) break;
+    }
+    return m;
+  }
+
+  Result<Entry> make(std::uint64_t n) const {
+    using ledger::cbor::Value;
+    MEDGATE_ASSIGN_OR_RETURN(Value args, Value::map({{Value::text("n"), Value::uint(n)},
+                                                     {Value::text("pad"), Value::text(pad_)}}));
+    MEDGATE_ASSIGN_OR_RETURN(Value body, Value::map({{Value::text("op"), Value::text("bench")},
+                                                     {Value::text("args"), std::move(args)}}));
+    Entry e;
+    e.type = ledger::EntryType::kAdminAction;
+    e.time_us = ledger::now_us();
+    e.actor = "user:bench";
+    e.body = std::move(body);
+    return e;
+  }
+
+  std::size_t size() const { return size_; }
+
+ private:
+  EntryMaker() = default;
+  std::string pad_;
+  std::size_t size_ = 0;
+};
+
+// ---- the append driver ----
+
+struct AppendRun {
+  std::string store;
+  int threads = 0;
+  std::uint64_t entries = 0;
+  double seconds = 0;
+  Percentiles latency;
+  std::uint64_t commits = 0;  // group commits; 0 where each append is its own
+  double per_second() const { return seconds > 0 ? static_cast<double>(entries) / seconds : 0; }
+};
+
+// Runs `threads` threads for `seconds`, each looping: item = prepare(thread, n) untimed, then
+// commit(item) timed. Stops at the first error.
+template <typename Prepare, typename Commit>
+Result<AppendRun> run_appenders(std::string store, int threads, double seconds, Prepare prepare, Commit commit) {
+  std::vector<std::vector<std::int64_t>> latencies(static_cast<std::size_t>(threads));
+  std::atomic<bool> stop{false};
+  std::latch start(threads + 1);
+  std::mutex error_mu;
+  Status first_error;
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      auto& mine = latencies[static_cast<std::size_t>(t)];
+      mine.reserve(1 << 16);
+      start.arrive_and_wait();
+      for (std::uint64_t i = 0; !stop.load(std::memory_order_relaxed); ++i) {
+        auto item = prepare(t, i * static_cast<std::uint64_t>(threads) + static_cast<std::uint64_t>(t));
+        Status s = item.status();
+        if (s.ok()) {
+          auto t0 = Clock::now();
+          s = commit(*item);
+          if (s.ok()) mine.push_back(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count());
+        }
+        if (!s.ok()) {
+          std::lock_guard lk(error_mu);
+          if (first_error.ok()) first_error = s;
+          stop = true;
+          return;
+        }
+      }
+    });
+  }
+  start.arrive_and_wait();
+  auto t0 = Clock::now();
+  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+  stop = true;
+  for (auto& th : pool) th.join();
+  double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+  if (!first_error.ok()) return first_error.with_context(fmt::format("{} with {} threads", store, threads));
+
+  AppendRun run;
+  run.store = std::move(store);
+  run.threads = threads;
+  run.seconds = elapsed;
+  std::vector<std::int64_t> all;
+  for (auto& v : latencies) {
+    all.insert(all.end(), v.begin(), v.end());
+    std::vector<std::int64_t>().swap(v);
+  }
+  run.entries = all.size();
+  run.latency = percentiles(all);
+  return run;
+}
+
+ledger::LedgerOptions ledger_options(const fs::path& path) {
+  ledger::LedgerOptions o;
+  o.path = path;
+  o.head_interval = kHeadInterval;
+  return o;
+}
+
+Result<AppendRun> bench_ledger_appends(const fs::path& dir, hsm::KeyStore& signer, const EntryMaker& maker,
+                                       int threads, double seconds) {
+  MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<Ledger> ledger,
+                           Ledger::create(ledger_options(dir / "ledger.db"), "bench-append", signer, "user:bench"));
+  MEDGATE_ASSIGN_OR_RETURN(
+      AppendRun run,
+      run_appenders("ledger", threads, seconds, [&](int, std::uint64_t n) { return maker.make(n); },
+                    [&](const Entry& e) { return ledger->append(e).status(); }));
+  ledger::LedgerStats stats = ledger->stats();
+  run.commits = stats.batches;
+  ledger->close();
+  if (!stats.writer_error.empty()) return Status::IOError("ledger writer: " + stats.writer_error);
+  return run;
+}
+
+// ---- the baselines ----
+
+Result<ledger::sql::Database> open_plain_log(const fs::path& path, ledger::sql::Database::Mode mode) {
+  MEDGATE_ASSIGN_OR_RETURN(auto db, ledger::sql::Database::open(path, mode));
+  MEDGATE_RETURN_IF_ERROR(db.exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"));
+  return db;
+}
+
+Status create_plain_log(const fs::path& path) {
+  MEDGATE_ASSIGN_OR_RETURN(auto db, open_plain_log(path, ledger::sql::Database::Mode::kCreate));
+  return db.exec("CREATE TABLE log(idx INTEGER PRIMARY KEY, bytes BLOB)");
+}
+
+// The "traditional centralized" log: rows in one SQLite table, written the way the ledger writes
+// (callers queue rows; one writer inserts all queued rows in one IMMEDIATE transaction, commits
+// in WAL mode with synchronous=FULL, then wakes them) but with nothing else: no encoding, no
+// hashing, no tiles, no block headers. SQLite's default autocheckpoint (1000 pages, on the
+// writer) stands in for the ledger's checkpointer thread.
+class GroupCommitLog {
+ public:
+  static Result<std::unique_ptr<GroupCommitLog>> create(const fs::path& path, std::size_t max_batch) {
+    MEDGATE_RETURN_IF_ERROR(create_plain_log(path));
+    MEDGATE_ASSIGN_OR_RETURN(auto db, open_plain_log(path, ledger::sql::Database::Mode::kReadWrite));
+    MEDGATE_ASSIGN_OR_RETURN(auto insert, db.prepare("INSERT INTO log(idx, bytes) VALUES (?, ?)"));
+    std::unique_ptr<GroupCommitLog> log(new GroupCommitLog(std::move(db), std::move(insert), max_batch));
+    log->writer_ = std::thread([p = log.get()] { p->writer_loop(); });
+    return log;
+  }
+
+  ~GroupCommitLog() {
+    {
+      std::lock_guard lk(mu_);
+      stop_ = true;
+    }
+    writer_cv_.notify_one();
+    writer_.join();
+  }
+
+  // Returns once the row is durable.
+  Status append(ByteView bytes) {
+    Row row;
+    row.bytes = bytes;
+    std::unique_lock lk(mu_);
+    queue_.push_back(&row);
+    writer_cv_.notify_one();
+    done_cv_.wait(lk, [&] { return row.done; });
+    return row.status;
+  }
+
+  std::uint64_t commits() const { return commits_.load(); }
+
+ private:
+  struct Row {
+    ByteView bytes;
+    bool done = false;
+    Status status;
+  };
+
+  GroupCommitLog(ledger::sql::Database db, ledger::sql::Statement insert, std::size_t max_batch)
+      : db_(std::move(db)), insert_(std::move(insert)), max_batch_(max_batch) {}
+
+  void writer_loop() {
+    std::vector<Row*> batch;
+    for (;;) {
+      std::unique_lock lk(mu_);
+      writer_cv_.wait(lk, [&] { return !queue_.empty() || stop_; });
+      if (queue_.empty()) return;
+      while (!queue_.empty() && batch.size() < max_batch_) {
+        batch.push_back(queue_.front());
+        queue_.pop_front();
+      }
+      lk.unlock();
+      Status s = write(batch);
+      lk.lock();
+      for (Row* r : batch) {
+        r->status = s;
+        r->done = true;
+      }
+      batch.clear();
+      lk.unlock();
+      done_cv_.notify_all();
+    }
+  }
+
+  Status write(const std::vector<Row*>& batch) {
+    MEDGATE_ASSIGN_OR_RETURN(auto tx, ledger::sql::Transaction::immediate(db_));
+    for (const Row* r : batch) {
+      insert_.bind(1, next_index_).bind(2, r->bytes);
+      MEDGATE_RETURN_IF_ERROR(insert_.run());
+      ++next_index_;
+    }
+    MEDGATE_RETURN_IF_ERROR(tx.commit());
+    commits_.fetch_add(1);
+    return Status::Ok();
+  }
+
+  ledger::sql::Database db_;  // writer thread only
+  ledger::sql::Statement insert_;
+  std::size_t max_batch_;
+  std::uint64_t next_index_ = 0;
+  std::atomic<std::uint64_t> commits_{0};
+  std::mutex mu_;
+  std::condition_variable writer_cv_, done_cv_;
+  std::deque<Row*> queue_;
+  bool stop_ = false;
+  std::thread writer_;
+};
+
+// Both baselines store what the ledger would: the entry's canonical bytes, encoded untimed.
+auto baseline_prepare(const EntryMaker& maker) {
+  return [&maker](int, std::uint64_t n) -> Result<Bytes> {
+    MEDGATE_ASSIGN_OR_RETURN(Entry e, maker.make(n));
+    return ledger::encode_entry(e);
+  };
+}
+
+Result<AppendRun> bench_group_commit(const fs::path& dir, const EntryMaker& maker, int threads, double seconds) {
+  MEDGATE_ASSIGN_OR_RETURN(auto log, GroupCommitLog::create(dir / "plain.db", ledger::LedgerOptions{}.max_batch_entries));
+  MEDGATE_ASSIGN_OR_RETURN(AppendRun run,
+                           run_appenders("sqlite, group commit", threads, seconds, baseline_prepare(maker),
+                                         [&](const Bytes& b) { return log->append(b); }));
+  run.commits = log->commits();
+  return run;
+}
+
+// The naive log: each thread has its own connection and commits its own row; SQLite's write lock
+// serialises them (the busy handler backs off and retries).
+Result<AppendRun> bench_naive(const fs::path& dir, const EntryMaker& maker, int threads, double seconds) {
+  fs::path path = dir / "naive.db";
+  MEDGATE_RETURN_IF_ERROR(create_plain_log(path));
+  struct Connection {
+    ledger::sql::Database db;
+    ledger::sql::Statement insert;
+  };
+  std::vector<Connection> connections;
+  for (int t = 0; t < threads; ++t) {
+    MEDGATE_ASSIGN_OR_RETURN(auto db, open_plain_log(path, ledger::sql::Database::Mode::kReadWrite));
+    sqlite3_busy_timeout(db.handle(), 60'000);
+    MEDGATE_ASSIGN_OR_RETURN(auto insert, db.prepare("INSERT INTO log(bytes) VALUES (?)"));
+    connections.push_back({std::move(db), std::move(insert)});
+  }
+  // The thread index travels with the item so that commit() uses the thread's own connection.
+  auto prepare = [&, encode = baseline_prepare(maker)](int t, std::uint64_t n) -> Result<std::pair<int, Bytes>> {
+    MEDGATE_ASSIGN_OR_RETURN(Bytes b, encode(t, n));
+    return std::pair<int, Bytes>(t, std::move(b));
+  };
+  auto commit = [&](const std::pair<int, Bytes>& item) -> Status {
+    Connection& c = connections[static_cast<std::size_t>(item.first)];
+    MEDGATE_ASSIGN_OR_RETURN(auto tx, ledger::sql::Transaction::immediate(c.db));
+    MEDGATE_RETURN_IF_ERROR(c.insert.bind(1, ByteView(item.second)).run());
+    return tx.commit();
+  };
+  return run_appenders("sqlite, naive (own conn)", threads, seconds, prepare, commit);
+}
+
+Status run_append_phases(const fs::path& scratch, hsm::KeyStore& signer, const EntryMaker& maker,
+                         const Options& options) {
+  fmt::print("Appends: each thread calls append() with one entry and waits until it is durable, in a loop\n"
+             "for {:.2f} s per row; latency is the time spent in that call. Baselines write the same entry\n"
+             "bytes (encoded outside the timed call) to `log(idx INTEGER PRIMARY KEY, bytes BLOB)`, WAL,\n"
+             "synchronous=FULL; a fresh file per row.\n",
+             options.seconds);
+  Table table({"store", "threads", "entries", "entries/s", "p50 ms", "p99 ms", "max ms", "commits", "entries/commit"});
+  Table ratios({"threads", "ledger entries/s", "baseline entries/s", "ledger/baseline time", "target"});
+  std::optional<AppendRun> ledger_at_64;
+  for (int threads : {1, 8, 64}) {
+    auto add = [&](const AppendRun& r) {
+      table.row({r.store, std::to_string(r.threads), grouped(r.entries), rate(r.per_second()),
+                 fmt::format("{:.3f}", r.latency.p50_ms), fmt::format("{:.3f}", r.latency.p99_ms), fmt::format("{:.1f}", r.latency.max_ms),
+                 r.commits ? grouped(r.commits) : "-",
+                 r.commits ? fmt::format("{:.1f}", static_cast<double>(r.entries) / static_cast<double>(r.commits))
+                           : "1"});
+    };
+    fs::path dir = scratch / fmt::format("append-{}", threads);
+    fs::create_directories(dir);
+    MEDGATE_ASSIGN_OR_RETURN(AppendRun led, bench_ledger_appends(dir, signer, maker, threads, options.seconds));
+    add(led);
+    MEDGATE_ASSIGN_OR_RETURN(AppendRun base, bench_group_commit(dir, maker, threads, options.seconds));
+    add(base);
+    if (threads <= 8) {
+      MEDGATE_ASSIGN_OR_RETURN(AppendRun naive, bench_naive(dir, maker, threads, options.seconds));
+      add(naive);
+    }
+    fs::remove_all(dir);
+    double ratio = led.per_second() > 0 ? base.per_second() / led.per_second() : 0;
+    ratios.row({std::to_string(threads), rate(led.per_second()), rate(base.per_second()),
+                fmt::format("{:.2f}x", ratio), threads == 64 ? fmt::format("<= {:.1f}x", kTargetRatio) : ""});
+    if (threads == 64) ledger_at_64 = led;
+  }
+  fmt::print("\n");
+  table.print();
+  fmt::print("\nLedger time per entry over the group-commit baseline's (baseline entries/s / ledger entries/s):\n\n");
+  ratios.print();
+  if (ledger_at_64)
+    fmt::print("\n  ledger at 64 appenders: {} entries/s (target >= {})\n\n", rate(ledger_at_64->per_second()),
+               rate(kTargetAppendRate));
+  return Status::Ok();
+}
+
+// ---- filling a ledger ----
+
+struct FillResult {
+  std::uint64_t entries = 0;
+  double seconds = 0;
+};
+
+// Appends `count` entries with append_all in kFillBatch batches from kFillThreads threads. Calls
+// `tick(appended so far)` from this thread every 100 ms or so.
+Result<FillResult> fill_ledger(Ledger& ledger, const EntryMaker& maker, std::uint64_t count,
+                               const std::function<void(std::uint64_t)>& tick) {
+  std::atomic<std::uint64_t> next{0};
+  std::atomic<int> running{kFillThreads};
+  std::mutex error_mu;
+  Status first_error;
+  auto t0 = Clock::now();
+  std::vector<std::thread> pool;
+  for (int t = 0; t < kFillThreads; ++t) {
+    pool.emplace_back([&] {
+      std::vector<Entry> batch;
+      for (;;) {
+        std::uint64_t first = next.fetch_add(kFillBatch);
+        if (first >= count) break;
+        std::uint64_t n = std::min(kFillBatch, count - first);
+        batch.clear();
+        Status s;
+        for (std::uint64_t i = 0; i < n && s.ok(); ++i) {
+          Result<Entry> e = maker.make(first + i);
+          if (e.ok()) batch.push_back(std::move(e).value());
+          else s = e.status();
+        }
+        if (s.ok()) s = ledger.append_all(batch).status();
+        if (!s.ok()) {
+          std::lock_guard lk(error_mu);
+          if (first_error.ok()) first_error = s;
+          next = count;
+          break;
+        }
+      }
+      running.fetch_sub(1);
+    });
+  }
+  while (running.load() > 0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (tick) tick(ledger.stats().appended);
+  }
+  for (auto& th : pool) th.join();
+  if (!first_error.ok()) return first_error.with_context("filling the ledger");
+  return FillResult{count, std::chrono::duration<double>(Clock::now() - t0).count()};
+}
+
+// ---- verification ----
+
+// The floor under any verifier: read every stored entry once and hash it as a Merkle leaf.
+struct ScanResult {
+  std::uint64_t rows = 0;
+  double seconds = 0;
+};
+
+Result<ScanResult> scan_and_hash(const fs::path& path) {
+  auto t0 = Clock::now();
+  MEDGATE_ASSIGN_OR_RETURN(auto db, ledger::sql::Database::open(path, ledger::sql::Database::Mode::kReadOnly));
+  MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("SELECT bytes FROM entries"));
+  ScanResult scan;
+  for (;;) {
+    MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+    if (step == ledger::sql::Statement::Step::kDone) break;
+    (void)ledger::merkle::leaf_hash(st.column_blob(0));  // out of line: not optimised away
+    ++scan.rows;
+  }
+  scan.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  return scan;
+}
+
+Status run_verify_phase(const fs::path& scratch, hsm::KeyStore& signer, const EntryMaker& maker,
+                        const Options& options) {
+  fs::path dir = scratch / "verify";
+  fs::create_directories(dir);
+  fs::path path = dir / "ledger.db";
+  FillResult fill;
+  {
+    MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<Ledger> ledger,
+                             Ledger::create(ledger_options(path), "bench-verify", signer, "user:bench"));
+    MEDGATE_ASSIGN_OR_RETURN(fill, fill_ledger(*ledger, maker, options.verify_entries, nullptr));
+    ledger->close();  // signs a final head and checkpoints the WAL into the file
+  }
+  std::uint64_t total = options.verify_entries + 1;  // with the genesis entry
+  fmt::print("Verification: a ledger of {} entries ({} + genesis), {} MiB on disk, built in {:.1f} s\n"
+             "({} entries/s via append_all x {} from {} threads), then closed. The page cache is warm\n"
+             "(the file was just written), so this is CPU, not disk.\n\n",
+             grouped(total), grouped(options.verify_entries), mib(size_of(path) + size_of(with_suffix(path, "-wal"))),
+             fill.seconds, rate(static_cast<double>(fill.entries) / fill.seconds), kFillBatch, kFillThreads);
+
+  MEDGATE_ASSIGN_OR_RETURN(ScanResult scan, scan_and_hash(path));
+
+  ledger::VerifyOptions vo;
+  vo.trusted_keys.push_back(signer.signing_key());
+  auto t0 = Clock::now();
+  MEDGATE_ASSIGN_OR_RETURN(ledger::VerifyReport report, ledger::verify_ledger_file(path, vo));
+  double verify_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  if (!report.ok()) return Status::VerificationFailed("the benchmark ledger does not verify: " + report.problem->describe());
+  if (report.entries != total || scan.rows != total)
+    return Status::Internal(fmt::format("verified {} and scanned {} entries, expected {}", report.entries, scan.rows, total));
+
+  double verify_rate = static_cast<double>(report.entries) / verify_seconds;
+  double scan_rate = static_cast<double>(scan.rows) / scan.seconds;
+  Table table({"pass", "entries", "seconds", "entries/s", "target"});
+  table.row({"verify_ledger_file", grouped(report.entries), fmt::format("{:.3f}", verify_seconds), rate(verify_rate),
+             fmt::format(">= {}", rate(kTargetVerifyRate))});
+  table.row({"baseline: SELECT bytes FROM entries + SHA-256", grouped(scan.rows), fmt::format("{:.3f}", scan.seconds),
+             rate(scan_rate), ""});
+  table.print();
+  fmt::print("\n  verifier time / baseline time: {:.2f}x ({} blocks, {} signed heads checked)\n\n",
+             scan_rate / verify_rate, grouped(report.blocks), grouped(report.heads));
+  fs::remove_all(dir);
+  return Status::Ok();
+}
+
+// ---- peak RSS ----
+
+Status run_rss_phase(const fs::path& scratch, hsm::KeyStore& signer, const EntryMaker& maker,
+                     const Options& options) {
+  fs::path dir = scratch / "rss";
+  fs::create_directories(dir);
+  fs::path path = dir / "ledger.db";
+  fmt::print("Peak RSS: {} entries appended to a fresh ledger with append_all x {} from {} threads\n"
+             "(VmHWM is the process's peak resident set; VmRSS is now).\n\n",
+             grouped(options.rss_entries), kFillBatch, kFillThreads);
+  Table table({"point", "appended", "seconds", "VmHWM MiB", "VmRSS MiB", "file MiB", "WAL MiB"});
+  auto t0 = Clock::now();
+  auto add = [&](std::string point, std::uint64_t appended) {
+    Memory m = memory_now();
+    table.row({std::move(point), grouped(appended),
+               fmt::format("{:.1f}", std::chrono::duration<double>(Clock::now() - t0).count()), mib(m.hwm_kib * 1024),
+               mib(m.rss_kib * 1024), mib(size_of(path)), mib(size_of(with_suffix(path, "-wal")))});
+  };
+  add("before (token open)", 0);
+  Memory before = memory_now();
+  FillResult fill;
+  {
+    MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<Ledger> ledger,
+                             Ledger::create(ledger_options(path), "bench-rss", signer, "user:bench"));
+    add("ledger created", 0);
+    std::uint64_t step = std::max<std::uint64_t>(options.rss_entries / 10, 1), next_mark = step;
+    MEDGATE_ASSIGN_OR_RETURN(fill, fill_ledger(*ledger, maker, options.rss_entries, [&](std::uint64_t appended) {
+                               if (appended < next_mark) return;
+                               add("appending", appended);
+                               while (next_mark <= appended) next_mark += step;
+                             }));
+    add("all appended", ledger->stats().appended);
+    ledger->close();
+    add("closed", fill.entries);
+  }
+  Memory after = memory_now();
+  table.print();
+  fmt::print("\n  peak RSS: {} MiB before the ledger, {} MiB after {} entries (target <= {:.0f} MiB)\n"
+             "  file: {} MiB for {} entries ({:.0f} bytes/entry); appended at {} entries/s\n\n",
+             mib(before.hwm_kib * 1024), mib(after.hwm_kib * 1024), grouped(fill.entries), kTargetPeakRssMiB,
+             mib(size_of(path)), grouped(fill.entries + 1),
+             static_cast<double>(size_of(path)) / static_cast<double>(fill.entries + 1),
+             rate(static_cast<double>(fill.entries) / fill.seconds));
+  fs::remove_all(dir);
+  return Status::Ok();
+}
+
+// ---- the run ----
+
+Status run(int argc, char** argv, const Options& options) {
+  std::error_code ec;
+  fs::create_directories(options.dir, ec);
+  if (!fs::is_directory(options.dir))
+    return Status::InvalidArgument(fmt::format("--dir {} is not a directory", options.dir.string()));
+  // TempDir makes its directory under $TMPDIR: point that at --dir.
+  ::setenv("TMPDIR", fs::absolute(options.dir).c_str(), 1);
+  testing::TempDir scratch("medgate-bench");
+
+  MEDGATE_ASSIGN_OR_RETURN(EntryMaker maker, EntryMaker::create());
+  int fsync_samples = options.smoke ? 5 : 50;
+  MEDGATE_ASSIGN_OR_RETURN(Percentiles disk, probe_fsync(scratch.path(), fsync_samples));
+  print_header(argc, argv, scratch.path(), disk, fsync_samples, maker.size());
+
+  // One SoftHSM token for the whole run: a process can have only one token directory open.
+  MEDGATE_ASSIGN_OR_RETURN(hsm::KeyStoreConfig config,
+                           hsm::create_softhsm_token(scratch / "softhsm", "bench", scratch / "pin"));
+  MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<hsm::KeyStore> signer,
+                           hsm::open_key_store(config, hsm::KeyPolicy::kCreateIfMissing));
+
+  if (options.rss) return run_rss_phase(scratch.path(), *signer, maker, options);
+  if (options.only != Only::kVerify) MEDGATE_RETURN_IF_ERROR(run_append_phases(scratch.path(), *signer, maker, options));
+  if (options.only != Only::kAppend) MEDGATE_RETURN_IF_ERROR(run_verify_phase(scratch.path(), *signer, maker, options));
+  if (options.smoke) MEDGATE_RETURN_IF_ERROR(run_rss_phase(scratch.path(), *signer, maker, options));
+  return Status::Ok();
+}
+
+}  // namespace
+}  // namespace medgate::bench
+
+int main(int argc, char** argv) {
+  using namespace medgate;
+  Result<bench::Options> options = bench::parse_args(argc, argv);
+  if (!options.ok()) {
+    fmt::print(stderr, "bench_ledger: {}\n", options.status().message());
+    return 2;
+  }
+  if (options->help) {
+    fmt::print("{}", bench::kUsage);
+    return 0;
+  }
+  Status s = bench::run(argc, argv, *options);
+  if (!s.ok()) {
+    fmt::print(stderr, "bench_ledger: {}\n", s.to_string());
+    return 1;
+  }
+  return 0;
+}

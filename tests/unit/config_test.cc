@@ -1,0 +1,86 @@
+// medgated.toml: what a valid file gives, and that every mistake names the file and line.
+#include <catch2/catch.hpp>
+
+#include "appliance/config.h"
+
+using namespace medgate;
+using namespace medgate::appliance;
+
+namespace {
+const char* kGood = R"(
+[ledger]
+id = "ward-7"
+data_dir = "data"
+head_interval_ms = 250
+
+[key_store]
+uri = "pkcs11:token=medgate;object=medgate-signing?module-path=/usr/lib/softhsm/libsofthsm2.so"
+pin_credential = "hsm-pin"
+
+[admin]
+socket = "/run/medgate/admin.sock"
+admin_group = "wheel"
+
+[log]
+level = "debug"
+)";
+
+Status error_of(const std::string& text) { return parse_config(text, "/etc/medgate/medgated.toml").status(); }
+}  // namespace
+
+TEST_CASE("a valid config gives its values, with relative paths against the file's directory", "[config]") {
+  auto c = parse_config(kGood, "/etc/medgate/medgated.toml");
+  REQUIRE(c.ok());
+  CHECK(c->ledger_id == "ward-7");
+  CHECK(c->data_dir == "/etc/medgate/data");
+  CHECK(c->ledger_path == "/etc/medgate/data/ledger.db");
+  CHECK(c->head_interval == std::chrono::milliseconds(250));
+  CHECK(c->key_store.pin.kind == hsm::PinSource::Kind::kCredential);
+  CHECK(c->key_store.pin.name == "hsm-pin");
+  CHECK(c->admin.socket == "/run/medgate/admin.sock");
+  CHECK(c->admin.admin_group == "wheel");
+  CHECK(c->admin.auditor_group == "medgate-audit");
+  CHECK(c->log_level == LogLevel::kDebug);
+}
+
+TEST_CASE("render_config writes a file that parses back to the same config", "[config]") {
+  auto c = parse_config(kGood, "/etc/medgate/medgated.toml");
+  REQUIRE(c.ok());
+  c->key_store.pin = {hsm::PinSource::Kind::kFile, "/var/lib/medgate/hsm-pin"};
+  c->key_store.softhsm_conf = "/var/lib/medgate/softhsm/softhsm2.conf";
+  c->ledger_id = "it's \"quoted\"";
+  auto back = parse_config(render_config(*c), "/etc/medgate/medgated.toml");
+  REQUIRE(back.ok());
+  CHECK(back->ledger_id == c->ledger_id);
+  CHECK(back->key_store.uri == c->key_store.uri);
+  CHECK(back->key_store.pin.name == "/var/lib/medgate/hsm-pin");
+  CHECK(back->key_store.softhsm_conf == c->key_store.softhsm_conf);
+  CHECK(back->admin.socket == c->admin.socket);
+  CHECK(back->ledger_path == c->ledger_path);
+}
+
+TEST_CASE("config errors name the file, the line and the problem", "[config]") {
+  std::string good = kGood;
+  auto with = [&](const std::string& from, const std::string& to) {
+    std::string s = good;
+    s.replace(s.find(from), from.size(), to);
+    return error_of(s);
+  };
+  Status s = with("head_interval_ms = 250", "head_interval_ms = 'fast'");
+  CHECK(s.code() == StatusCode::kInvalidArgument);
+  CHECK_THAT(s.message(), Catch::Contains("medgated.toml:5: [ledger] head_interval_ms must be an integer"));
+  CHECK_THAT(with("head_interval_ms = 250", "head_interval_ms = 1").message(), Catch::Contains(":5: [ledger] head_interval_ms must be between"));
+  CHECK_THAT(with("admin_group", "admin_grup").message(), Catch::Contains(":13: unknown key 'admin_grup' in [admin]"));
+  CHECK_THAT(with("[log]", "[logging]").message(), Catch::Contains("unknown key 'logging' in [top level]"));
+  CHECK_THAT(with("id = \"ward-7\"", "").message(), Catch::Contains("[ledger] id is required"));
+  CHECK_THAT(with("uri = ", "url = ").message(), Catch::Contains("unknown key 'url'"));
+  CHECK_THAT(with("pin_credential = \"hsm-pin\"", "pin_credential = \"x\"\npin_env = \"Y\"").message(),
+             Catch::Contains("only one of pin_file, pin_env, pin_credential"));
+  CHECK_THAT(with("level = \"debug\"", "level = \"chatty\"").message(), Catch::Contains("level 'chatty' is not one of"));
+  CHECK_THAT(with("[ledger]", "[ledger").message(), Catch::Contains("medgated.toml:2:"));
+  CHECK_THAT(with("socket = \"/run/medgate/admin.sock\"", "socket = \"/" + std::string(120, 'x') + "\"").message(),
+             Catch::Contains("longer than a Unix socket allows"));
+  CHECK_THAT(error_of("ledger = 5").message(), Catch::Contains("'ledger' must be a table"));
+  CHECK_THAT(error_of("").message(), Catch::Contains("[ledger] id is required"));
+  CHECK(load_config("/nonexistent/medgated.toml").status().code() == StatusCode::kInvalidArgument);
+}
