@@ -55,16 +55,20 @@ inline StatusCode code_from_name(std::string_view name) {
 // medctl's exit code for a failed call.
 inline int exit_code(StatusCode code) {
   switch (code) {
-    case StatusCode::kOk: return 0;
+    case StatusCode::kOk:
+      return 0;
     case StatusCode::kVerificationFailed:
     case StatusCode::kPermissionDenied:
     case StatusCode::kIOError:
-    case StatusCode::kInternal: return 1;
+    case StatusCode::kInternal:
+      return 1;
     case StatusCode::kInvalidArgument:
     case StatusCode::kNotFound:
     case StatusCode::kCorruption:
-    case StatusCode::kFailedPrecondition: return 2;
-    case StatusCode::kUnavailable: return 3;
+    case StatusCode::kFailedPrecondition:
+      return 2;
+    case StatusCode::kUnavailable:
+      return 3;
   }
   return 1;
 }
@@ -73,17 +77,21 @@ inline nlohmann::json request(std::string_view op, nlohmann::json args = nlohman
   return {{"v", kProtocolVersion}, {"op", op}, {"args", std::move(args)}};
 }
 
-inline nlohmann::json ok_response(nlohmann::json result) { return {{"ok", true}, {"result", std::move(result)}}; }
+inline nlohmann::json ok_response(nlohmann::json result) {
+  return {{"ok", true}, {"result", std::move(result)}};
+}
 
 inline nlohmann::json error_response(const Status& status) {
-  return {{"ok", false}, {"error", {{"code", code_name(status.code())}, {"message", status.message()}}}};
+  return {{"ok", false},
+          {"error", {{"code", code_name(status.code())}, {"message", status.message()}}}};
 }
 
 // Turns a response back into a result or a Status; a malformed response is kInternal.
 inline Result<nlohmann::json> parse_response(const nlohmann::json& response) {
   if (!response.is_object() || !response.contains("ok") || !response["ok"].is_boolean())
     return Status::Internal("the daemon's response is malformed");
-  if (response["ok"].get<bool>()) return response.contains("result") ? response["result"] : nlohmann::json::object();
+  if (response["ok"].get<bool>())
+    return response.contains("result") ? response["result"] : nlohmann::json::object();
   const auto& e = response.value("error", nlohmann::json::object());
   return Status(code_from_name(e.value("code", "internal")), e.value("message", "unknown error"));
 }

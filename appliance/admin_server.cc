@@ -93,14 +93,19 @@ void linger_close(int fd) {
 
 std::string_view role_name(Role role) {
   switch (role) {
-    case Role::kNone: return "none";
-    case Role::kAuditor: return "auditor";
-    case Role::kAdmin: return "admin";
+    case Role::kNone:
+      return "none";
+    case Role::kAuditor:
+      return "auditor";
+    case Role::kAdmin:
+      return "admin";
   }
   return "none";
 }
 
-std::string Caller::actor() const { return user.empty() ? "uid:" + std::to_string(uid) : "user:" + user; }
+std::string Caller::actor() const {
+  return user.empty() ? "uid:" + std::to_string(uid) : "user:" + user;
+}
 
 Role role_of(uid_t uid, gid_t gid, const AdminConfig& config) {
   if (uid == 0) return Role::kAdmin;
@@ -121,17 +126,21 @@ class AdminServer::Impl {
     const std::string path = config_.socket.string();
     struct sockaddr_un addr {};
     addr.sun_family = AF_UNIX;
-    if (path.size() >= sizeof addr.sun_path) return Status::InvalidArgument("admin socket path is too long: " + path);
+    if (path.size() >= sizeof addr.sun_path)
+      return Status::InvalidArgument("admin socket path is too long: " + path);
     std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
 
     struct stat st {};
     if (::lstat(path.c_str(), &st) == 0) {
       if (!S_ISSOCK(st.st_mode))
-        return Status::FailedPrecondition("admin socket path " + path + " exists and is not a socket");
+        return Status::FailedPrecondition("admin socket path " + path +
+                                          " exists and is not a socket");
       int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
       bool live = ::connect(probe, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
       ::close(probe);
-      if (live) return Status::FailedPrecondition("admin socket " + path + " is in use by another running medgated");
+      if (live)
+        return Status::FailedPrecondition("admin socket " + path +
+                                          " is in use by another running medgated");
       ::unlink(path.c_str());  // stale, from a crash
     }
     std::error_code ec;
@@ -187,20 +196,23 @@ class AdminServer::Impl {
     ::chmod(path.c_str(), 0660);
     auto admin = group_id(config_.admin_group);
     if (!admin) {
-      log(LogLevel::kWarning, "admin.socket", "group '{}' does not exist: only root can use {}", config_.admin_group, path);
+      log(LogLevel::kWarning, "admin.socket", "group '{}' does not exist: only root can use {}",
+          config_.admin_group, path);
     } else if (::chown(path.c_str(), static_cast<uid_t>(-1), *admin) != 0) {
-      log(LogLevel::kWarning, "admin.socket", "cannot give {} to group '{}': {}", path, config_.admin_group, std::strerror(errno));
+      log(LogLevel::kWarning, "admin.socket", "cannot give {} to group '{}': {}", path,
+          config_.admin_group, std::strerror(errno));
     }
     auto auditor = group_id(config_.auditor_group);
     if (!auditor) {
-      log(LogLevel::kWarning, "admin.socket", "group '{}' does not exist: auditors cannot connect", config_.auditor_group);
+      log(LogLevel::kWarning, "admin.socket", "group '{}' does not exist: auditors cannot connect",
+          config_.auditor_group);
       return;
     }
     std::string text = "u::rw-,g::rw-,g:" + std::to_string(*auditor) + ":rw-,m::rw-,o::---";
     acl_t acl = acl_from_text(text.c_str());
     if (!acl || acl_set_file(path.c_str(), ACL_TYPE_ACCESS, acl) != 0)
-      log(LogLevel::kWarning, "admin.socket", "cannot add an ACL for group '{}' on {}: {}", config_.auditor_group, path,
-          std::strerror(errno));
+      log(LogLevel::kWarning, "admin.socket", "cannot add an ACL for group '{}' on {}: {}",
+          config_.auditor_group, path, std::strerror(errno));
     if (acl) acl_free(acl);
   }
 
@@ -217,9 +229,11 @@ class AdminServer::Impl {
       ++counters_.connections;
       if (active_ >= config_.max_connections) {
         ++counters_.refused;
-        write_all(fd, admin::error_response(Status::Unavailable(
-                          fmt::format("too many admin connections (limit {}); try again", config_.max_connections)))
-                              .dump() + "\n");
+        write_all(fd, admin::error_response(Status::Unavailable(fmt::format(
+                                                "too many admin connections (limit {}); try again",
+                                                config_.max_connections)))
+                              .dump() +
+                          "\n");
         ::close(fd);
         continue;
       }
@@ -257,12 +271,16 @@ class AdminServer::Impl {
       caller.role = role_of(cred.uid, cred.gid, config_);
     }
     if (caller.role == Role::kNone) {
-      log(LogLevel::kNotice, "admin.refused", "refused {} (uid {}, pid {}): not root and not in group {} or {}",
-          caller.actor(), caller.uid, caller.pid, config_.admin_group, config_.auditor_group);
-      write_all(fd, admin::error_response(Status::PermissionDenied(fmt::format(
-                        "{} (uid {}) may not use medgate: not root and not in group '{}' or '{}'", caller.actor(),
-                        caller.uid, config_.admin_group, config_.auditor_group)))
-                            .dump() + "\n");
+      log(LogLevel::kNotice, "admin.refused",
+          "refused {} (uid {}, pid {}): not root and not in group {} or {}", caller.actor(),
+          caller.uid, caller.pid, config_.admin_group, config_.auditor_group);
+      write_all(fd,
+                admin::error_response(
+                    Status::PermissionDenied(fmt::format(
+                        "{} (uid {}) may not use medgate: not root and not in group '{}' or '{}'",
+                        caller.actor(), caller.uid, config_.admin_group, config_.auditor_group)))
+                        .dump() +
+                    "\n");
       count_refused();
       linger_close(fd);
     } else {
@@ -288,13 +306,16 @@ class AdminServer::Impl {
       }
       if (buffer.size() > config_.max_request_bytes) {
         count_error();
-        write_all(fd, admin::error_response(Status::InvalidArgument(fmt::format(
-                          "request exceeds the limit of {} bytes", config_.max_request_bytes)))
-                              .dump() + "\n");
+        write_all(fd, admin::error_response(
+                          Status::InvalidArgument(fmt::format(
+                              "request exceeds the limit of {} bytes", config_.max_request_bytes)))
+                              .dump() +
+                          "\n");
         linger_close(fd);
         return;
       }
-      auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(idle_deadline - std::chrono::steady_clock::now());
+      auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(
+          idle_deadline - std::chrono::steady_clock::now());
       if (remaining.count() <= 0) return;  // idle: free the slot
       struct pollfd fds[2] = {{fd, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
       int rc = ::poll(fds, 2, static_cast<int>(std::min<std::int64_t>(remaining.count(), 1000)));
@@ -321,24 +342,31 @@ class AdminServer::Impl {
     if (!request.is_object()) return fail(Status::InvalidArgument("request must be a JSON object"));
     auto v = request.find("v");
     if (v == request.end() || !v->is_number_integer() || v->get<int>() != admin::kProtocolVersion)
-      return fail(Status::InvalidArgument(fmt::format("request needs \"v\": {} (the protocol version)", admin::kProtocolVersion)));
+      return fail(Status::InvalidArgument(
+          fmt::format("request needs \"v\": {} (the protocol version)", admin::kProtocolVersion)));
     auto op = request.find("op");
-    if (op == request.end() || !op->is_string()) return fail(Status::InvalidArgument("request needs \"op\" as a string"));
+    if (op == request.end() || !op->is_string())
+      return fail(Status::InvalidArgument("request needs \"op\" as a string"));
     nlohmann::json args = request.value("args", nlohmann::json::object());
-    if (!args.is_object()) return fail(Status::InvalidArgument("request \"args\" must be an object"));
+    if (!args.is_object())
+      return fail(Status::InvalidArgument("request \"args\" must be an object"));
     auto it = ops_.find(op->get<std::string>());
-    if (it == ops_.end()) return fail(Status::InvalidArgument(fmt::format("unknown operation '{}'", op->get<std::string>())));
+    if (it == ops_.end())
+      return fail(
+          Status::InvalidArgument(fmt::format("unknown operation '{}'", op->get<std::string>())));
     const Operation& operation = it->second;
     if (caller.role < operation.required)
-      return fail(Status::PermissionDenied(fmt::format(
-          "{} is an {} and '{}' needs the {} role (group '{}')", caller.actor(), role_name(caller.role), operation.name,
-          role_name(operation.required), config_.admin_group)));
+      return fail(Status::PermissionDenied(
+          fmt::format("{} is an {} and '{}' needs the {} role (group '{}')", caller.actor(),
+                      role_name(caller.role), operation.name, role_name(operation.required),
+                      config_.admin_group)));
     try {
       Result<nlohmann::json> result = operation.handler(caller, args);
       if (!result.ok()) return fail(result.status());
       return admin::ok_response(std::move(result).value());
     } catch (const nlohmann::json::exception& e) {
-      return fail(Status::InvalidArgument(fmt::format("bad arguments for '{}': {}", operation.name, e.what())));
+      return fail(Status::InvalidArgument(
+          fmt::format("bad arguments for '{}': {}", operation.name, e.what())));
     }
   }
 
@@ -364,9 +392,12 @@ class AdminServer::Impl {
 };
 
 AdminServer::AdminServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-AdminServer::~AdminServer() { stop(); }
+AdminServer::~AdminServer() {
+  stop();
+}
 
-Result<std::unique_ptr<AdminServer>> AdminServer::start(const AdminConfig& config, std::vector<Operation> operations) {
+Result<std::unique_ptr<AdminServer>> AdminServer::start(const AdminConfig& config,
+                                                        std::vector<Operation> operations) {
   auto impl = std::make_unique<Impl>(config, std::move(operations));
   MEDGATE_RETURN_IF_ERROR(impl->start());
   return std::unique_ptr<AdminServer>(new AdminServer(std::move(impl)));
@@ -375,6 +406,8 @@ Result<std::unique_ptr<AdminServer>> AdminServer::start(const AdminConfig& confi
 void AdminServer::stop() {
   if (impl_) impl_->stop();
 }
-AdminCounters AdminServer::counters() const { return impl_->counters(); }
+AdminCounters AdminServer::counters() const {
+  return impl_->counters();
+}
 
 }  // namespace medgate::appliance

@@ -55,7 +55,8 @@ class AdminServer {
  public:
   // Binds and listens. Refuses if another process answers on the socket path; removes a stale
   // socket file left by a crash.
-  static Result<std::unique_ptr<AdminServer>> start(const AdminConfig& config, std::vector<Operation> operations);
+  static Result<std::unique_ptr<AdminServer>> start(const AdminConfig& config,
+                                                    std::vector<Operation> operations);
   ~AdminServer();
   AdminServer(const AdminServer&) = delete;
   AdminServer& operator=(const AdminServer&) = delete;

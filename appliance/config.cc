@@ -17,13 +17,15 @@ class Reader {
   Reader(const std::filesystem::path& source) : source_(source) {}
 
   Status error_at(const toml::source_region& where, const std::string& what) const {
-    return Status::InvalidArgument(fmt::format("{}:{}: {}", source_.string(), where.begin.line, what));
+    return Status::InvalidArgument(
+        fmt::format("{}:{}: {}", source_.string(), where.begin.line, what));
   }
   Status error(const std::string& what) const {
     return Status::InvalidArgument(fmt::format("{}: {}", source_.string(), what));
   }
 
-  Status check_keys(const toml::table& table, std::string_view name, const std::set<std::string_view>& allowed) const {
+  Status check_keys(const toml::table& table, std::string_view name,
+                    const std::set<std::string_view>& allowed) const {
     for (const auto& [key, node] : table) {
       if (!allowed.count(key.str()))
         return error_at(key.source(), fmt::format("unknown key '{}' in [{}]", key.str(), name));
@@ -32,12 +34,15 @@ class Reader {
   }
 
   template <typename T>
-  Result<std::optional<T>> get(const toml::table& table, std::string_view section, std::string_view key) const {
+  Result<std::optional<T>> get(const toml::table& table, std::string_view section,
+                               std::string_view key) const {
     const toml::node* node = table.get(key);
     if (!node) return std::optional<T>();
     auto value = node->value<T>();
     if (!value) {
-      const char* want = std::is_same_v<T, std::string> ? "a string" : std::is_same_v<T, bool> ? "true or false" : "an integer";
+      const char* want = std::is_same_v<T, std::string> ? "a string"
+                         : std::is_same_v<T, bool>      ? "true or false"
+                                                        : "an integer";
       return error_at(node->source(), fmt::format("[{}] {} must be {}", section, key, want));
     }
     return std::optional<T>(*value);
@@ -73,7 +78,9 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
   }
   MEDGATE_RETURN_IF_ERROR(r.check_keys(root, "top level", {"ledger", "key_store", "admin", "log"}));
   for (const auto& [key, node] : root)
-    if (!node.is_table()) return r.error_at(node.source(), fmt::format("'{}' must be a table ([{}])", key.str(), key.str()));
+    if (!node.is_table())
+      return r.error_at(node.source(),
+                        fmt::format("'{}' must be a table ([{}])", key.str(), key.str()));
 
   Config c;
   c.source = source;
@@ -84,7 +91,8 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
   };
 
   const toml::table& ledger = section("ledger");
-  MEDGATE_RETURN_IF_ERROR(r.check_keys(ledger, "ledger", {"id", "data_dir", "path", "head_interval_ms"}));
+  MEDGATE_RETURN_IF_ERROR(
+      r.check_keys(ledger, "ledger", {"id", "data_dir", "path", "head_interval_ms"}));
   MEDGATE_ASSIGN_OR_RETURN(auto id, r.get<std::string>(ledger, "ledger", "id"));
   if (!id || id->empty()) return r.error("[ledger] id is required");
   c.ledger_id = *id;
@@ -93,15 +101,18 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
   c.data_dir = r.resolve(*data_dir);
   MEDGATE_ASSIGN_OR_RETURN(auto path, r.get<std::string>(ledger, "ledger", "path"));
   c.ledger_path = path ? r.resolve(*path) : c.data_dir / "ledger.db";
-  MEDGATE_ASSIGN_OR_RETURN(auto interval, r.get<std::int64_t>(ledger, "ledger", "head_interval_ms"));
+  MEDGATE_ASSIGN_OR_RETURN(auto interval,
+                           r.get<std::int64_t>(ledger, "ledger", "head_interval_ms"));
   if (interval) {
     if (*interval < 10 || *interval > 3600000)
-      return r.error_at(ledger.get("head_interval_ms")->source(), "[ledger] head_interval_ms must be between 10 and 3600000");
+      return r.error_at(ledger.get("head_interval_ms")->source(),
+                        "[ledger] head_interval_ms must be between 10 and 3600000");
     c.head_interval = std::chrono::milliseconds(*interval);
   }
 
   const toml::table& keys = section("key_store");
-  MEDGATE_RETURN_IF_ERROR(r.check_keys(keys, "key_store", {"uri", "pin_file", "pin_env", "pin_credential", "softhsm_conf"}));
+  MEDGATE_RETURN_IF_ERROR(r.check_keys(
+      keys, "key_store", {"uri", "pin_file", "pin_env", "pin_credential", "softhsm_conf"}));
   MEDGATE_ASSIGN_OR_RETURN(auto uri, r.get<std::string>(keys, "key_store", "uri"));
   if (!uri || uri->empty()) return r.error("[key_store] uri is required");
   c.key_store.uri = *uri;
@@ -116,41 +127,53 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
     c.key_store.pin = {hsm::PinSource::Kind::kEnv, *pin_env};
     ++pin_sources;
   }
-  MEDGATE_ASSIGN_OR_RETURN(auto pin_credential, r.get<std::string>(keys, "key_store", "pin_credential"));
+  MEDGATE_ASSIGN_OR_RETURN(auto pin_credential,
+                           r.get<std::string>(keys, "key_store", "pin_credential"));
   if (pin_credential) {
     c.key_store.pin = {hsm::PinSource::Kind::kCredential, *pin_credential};
     ++pin_sources;
   }
-  if (pin_sources > 1) return r.error("[key_store] give only one of pin_file, pin_env, pin_credential");
-  MEDGATE_ASSIGN_OR_RETURN(auto softhsm_conf, r.get<std::string>(keys, "key_store", "softhsm_conf"));
+  if (pin_sources > 1)
+    return r.error("[key_store] give only one of pin_file, pin_env, pin_credential");
+  MEDGATE_ASSIGN_OR_RETURN(auto softhsm_conf,
+                           r.get<std::string>(keys, "key_store", "softhsm_conf"));
   if (softhsm_conf) c.key_store.softhsm_conf = r.resolve(*softhsm_conf);
 
   const toml::table& admin = section("admin");
-  MEDGATE_RETURN_IF_ERROR(r.check_keys(admin, "admin", {"socket", "admin_group", "auditor_group", "max_request_bytes", "max_connections", "idle_timeout_s"}));
+  MEDGATE_RETURN_IF_ERROR(r.check_keys(admin, "admin",
+                                       {"socket", "admin_group", "auditor_group",
+                                        "max_request_bytes", "max_connections", "idle_timeout_s"}));
   MEDGATE_ASSIGN_OR_RETURN(auto socket, r.get<std::string>(admin, "admin", "socket"));
   c.admin.socket = socket ? r.resolve(*socket) : c.data_dir / "admin.sock";
   if (c.admin.socket.string().size() >= 108)
-    return r.error(fmt::format("[admin] socket path {} is longer than a Unix socket allows (107 bytes)", c.admin.socket.string()));
+    return r.error(
+        fmt::format("[admin] socket path {} is longer than a Unix socket allows (107 bytes)",
+                    c.admin.socket.string()));
   MEDGATE_ASSIGN_OR_RETURN(auto admin_group, r.get<std::string>(admin, "admin", "admin_group"));
   if (admin_group) c.admin.admin_group = *admin_group;
   MEDGATE_ASSIGN_OR_RETURN(auto auditor_group, r.get<std::string>(admin, "admin", "auditor_group"));
   if (auditor_group) c.admin.auditor_group = *auditor_group;
-  MEDGATE_ASSIGN_OR_RETURN(auto max_request, r.get<std::int64_t>(admin, "admin", "max_request_bytes"));
+  MEDGATE_ASSIGN_OR_RETURN(auto max_request,
+                           r.get<std::int64_t>(admin, "admin", "max_request_bytes"));
   if (max_request) {
     if (*max_request < 1024 || *max_request > (64 << 20))
-      return r.error_at(admin.get("max_request_bytes")->source(), "[admin] max_request_bytes must be between 1024 and 67108864");
+      return r.error_at(admin.get("max_request_bytes")->source(),
+                        "[admin] max_request_bytes must be between 1024 and 67108864");
     c.admin.max_request_bytes = static_cast<std::size_t>(*max_request);
   }
-  MEDGATE_ASSIGN_OR_RETURN(auto max_connections, r.get<std::int64_t>(admin, "admin", "max_connections"));
+  MEDGATE_ASSIGN_OR_RETURN(auto max_connections,
+                           r.get<std::int64_t>(admin, "admin", "max_connections"));
   if (max_connections) {
     if (*max_connections < 1 || *max_connections > 1024)
-      return r.error_at(admin.get("max_connections")->source(), "[admin] max_connections must be between 1 and 1024");
+      return r.error_at(admin.get("max_connections")->source(),
+                        "[admin] max_connections must be between 1 and 1024");
     c.admin.max_connections = static_cast<int>(*max_connections);
   }
   MEDGATE_ASSIGN_OR_RETURN(auto idle, r.get<std::int64_t>(admin, "admin", "idle_timeout_s"));
   if (idle) {
     if (*idle < 1 || *idle > 86400)
-      return r.error_at(admin.get("idle_timeout_s")->source(), "[admin] idle_timeout_s must be between 1 and 86400");
+      return r.error_at(admin.get("idle_timeout_s")->source(),
+                        "[admin] idle_timeout_s must be between 1 and 86400");
     c.admin.idle_timeout = std::chrono::seconds(*idle);
   }
 
@@ -158,12 +181,18 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
   MEDGATE_RETURN_IF_ERROR(r.check_keys(log, "log", {"level"}));
   MEDGATE_ASSIGN_OR_RETURN(auto level, r.get<std::string>(log, "log", "level"));
   if (level) {
-    static const std::pair<std::string_view, LogLevel> kLevels[] = {
-        {"error", LogLevel::kError}, {"warning", LogLevel::kWarning}, {"notice", LogLevel::kNotice},
-        {"info", LogLevel::kInfo}, {"debug", LogLevel::kDebug}};
-    auto it = std::find_if(std::begin(kLevels), std::end(kLevels), [&](auto& p) { return p.first == *level; });
+    static const std::pair<std::string_view, LogLevel> kLevels[] = {{"error", LogLevel::kError},
+                                                                    {"warning", LogLevel::kWarning},
+                                                                    {"notice", LogLevel::kNotice},
+                                                                    {"info", LogLevel::kInfo},
+                                                                    {"debug", LogLevel::kDebug}};
+    auto it = std::find_if(std::begin(kLevels), std::end(kLevels),
+                           [&](auto& p) { return p.first == *level; });
     if (it == std::end(kLevels))
-      return r.error_at(log.get("level")->source(), fmt::format("[log] level '{}' is not one of error, warning, notice, info, debug", *level));
+      return r.error_at(
+          log.get("level")->source(),
+          fmt::format("[log] level '{}' is not one of error, warning, notice, info, debug",
+                      *level));
     c.log_level = it->second;
   }
   return c;
@@ -180,13 +209,22 @@ std::string render_config(const Config& c) {
   };
   std::string pin;
   switch (c.key_store.pin.kind) {
-    case hsm::PinSource::Kind::kFile: pin = "pin_file = " + q(c.key_store.pin.name); break;
-    case hsm::PinSource::Kind::kEnv: pin = "pin_env = " + q(c.key_store.pin.name); break;
-    case hsm::PinSource::Kind::kCredential: pin = "pin_credential = " + q(c.key_store.pin.name); break;
-    case hsm::PinSource::Kind::kNone: pin = "# pin_file = \"/etc/medgate/hsm-pin\""; break;
+    case hsm::PinSource::Kind::kFile:
+      pin = "pin_file = " + q(c.key_store.pin.name);
+      break;
+    case hsm::PinSource::Kind::kEnv:
+      pin = "pin_env = " + q(c.key_store.pin.name);
+      break;
+    case hsm::PinSource::Kind::kCredential:
+      pin = "pin_credential = " + q(c.key_store.pin.name);
+      break;
+    case hsm::PinSource::Kind::kNone:
+      pin = "# pin_file = \"/etc/medgate/hsm-pin\"";
+      break;
   }
-  std::string softhsm = c.key_store.softhsm_conf ? "softhsm_conf = " + q(c.key_store.softhsm_conf->string())
-                                                 : "# softhsm_conf = \"/var/lib/medgate/softhsm/softhsm2.conf\"";
+  std::string softhsm = c.key_store.softhsm_conf
+                            ? "softhsm_conf = " + q(c.key_store.softhsm_conf->string())
+                            : "# softhsm_conf = \"/var/lib/medgate/softhsm/softhsm2.conf\"";
   return fmt::format(R"(# medgated configuration, written by `medctl init`. See medgated.toml(5).
 
 [ledger]
@@ -214,9 +252,9 @@ auditor_group = {}
 [log]
 level = "info"
 )",
-                     q(c.ledger_id), q(c.data_dir.string()), q(c.ledger_path.string()), c.head_interval.count(),
-                     q(c.key_store.uri), pin, softhsm, q(c.admin.socket.string()), q(c.admin.admin_group),
-                     q(c.admin.auditor_group));
+                     q(c.ledger_id), q(c.data_dir.string()), q(c.ledger_path.string()),
+                     c.head_interval.count(), q(c.key_store.uri), pin, softhsm,
+                     q(c.admin.socket.string()), q(c.admin.admin_group), q(c.admin.auditor_group));
 }
 
 }  // namespace medgate::appliance

@@ -47,16 +47,19 @@ json hashes_json(const std::vector<Hash>& hashes) {
 
 Result<std::uint64_t> uint_arg(const json& args, const char* name) {
   auto it = args.find(name);
-  if (it == args.end()) return Status::InvalidArgument(fmt::format("argument \"{}\" is required", name));
+  if (it == args.end())
+    return Status::InvalidArgument(fmt::format("argument \"{}\" is required", name));
   if (!it->is_number_unsigned() && !(it->is_number_integer() && it->get<std::int64_t>() >= 0))
-    return Status::InvalidArgument(fmt::format("argument \"{}\" must be a non-negative integer", name));
+    return Status::InvalidArgument(
+        fmt::format("argument \"{}\" must be a non-negative integer", name));
   return it->get<std::uint64_t>();
 }
 
 std::optional<std::uint64_t> optional_uint(const json& args, const char* name) {
   auto it = args.find(name);
   if (it == args.end() || it->is_null()) return std::nullopt;
-  if (!it->is_number_unsigned() && !(it->is_number_integer() && it->get<std::int64_t>() >= 0)) return std::nullopt;
+  if (!it->is_number_unsigned() && !(it->is_number_integer() && it->get<std::int64_t>() >= 0))
+    return std::nullopt;
   return it->get<std::uint64_t>();
 }
 
@@ -64,11 +67,13 @@ std::optional<std::uint64_t> optional_uint(const json& args, const char* name) {
 
 class Daemon::Impl {
  public:
-  explicit Impl(Config config) : config_(std::move(config)), started_(std::chrono::steady_clock::now()) {}
+  explicit Impl(Config config)
+      : config_(std::move(config)), started_(std::chrono::steady_clock::now()) {}
 
   Status start() {
     set_log_level(config_.log_level);
-    log(LogLevel::kInfo, "daemon.start", "medgated {} starting with {}", MEDGATE_VERSION, config_.source.string());
+    log(LogLevel::kInfo, "daemon.start", "medgated {} starting with {}", MEDGATE_VERSION,
+        config_.source.string());
     Result<std::unique_ptr<hsm::KeyStore>> keys = hsm::open_key_store(config_.key_store);
     if (!keys.ok()) return keys.status().with_context("key store");
     keys_ = std::move(keys).value();
@@ -83,10 +88,11 @@ class Daemon::Impl {
     ledger_ = std::move(opened).value();
     if (ledger_->ledger_id() != config_.ledger_id)
       return Status::FailedPrecondition(fmt::format("ledger {} is '{}' but the config names '{}'",
-                                                    config_.ledger_path.string(), ledger_->ledger_id(), config_.ledger_id));
+                                                    config_.ledger_path.string(),
+                                                    ledger_->ledger_id(), config_.ledger_id));
     ledger::LedgerStats stats = ledger_->stats();
-    log(LogLevel::kInfo, "ledger.open", "ledger '{}' open: {} entries, block {}, root {}", stats.ledger_id,
-        stats.tree_size, stats.height, to_hex(stats.root));
+    log(LogLevel::kInfo, "ledger.open", "ledger '{}' open: {} entries, block {}, root {}",
+        stats.ledger_id, stats.tree_size, stats.height, to_hex(stats.root));
 
     Result<std::unique_ptr<AdminServer>> server = AdminServer::start(config_.admin, operations());
     if (!server.ok()) return server.status().with_context("admin socket");
@@ -95,13 +101,15 @@ class Daemon::Impl {
 
     std::uint64_t watchdog_us = 0;
     if (sd_watchdog_enabled(0, &watchdog_us) > 0 && watchdog_us > 0)
-      watchdog_ = std::thread([this, watchdog_us] { watchdog_loop(std::chrono::microseconds(watchdog_us / 2)); });
+      watchdog_ = std::thread(
+          [this, watchdog_us] { watchdog_loop(std::chrono::microseconds(watchdog_us / 2)); });
     return Status::Ok();
   }
 
   void stop() {
     if (stopped_.exchange(true)) return;
-    log(LogLevel::kInfo, "daemon.stop", "stopping: finishing admin requests, committing accepted entries");
+    log(LogLevel::kInfo, "daemon.stop",
+        "stopping: finishing admin requests, committing accepted entries");
     {
       std::lock_guard lk(watchdog_mu_);
       watchdog_stop_ = true;
@@ -112,7 +120,8 @@ class Daemon::Impl {
     if (ledger_) {
       ledger_->close();
       ledger::LedgerStats s = ledger_->stats();
-      log(LogLevel::kInfo, "ledger.close", "ledger closed at {} entries; latest signed head covers {}", s.tree_size,
+      log(LogLevel::kInfo, "ledger.close",
+          "ledger closed at {} entries; latest signed head covers {}", s.tree_size,
           s.latest_head ? s.latest_head->head.tree_size : 0);
     }
   }
@@ -134,21 +143,29 @@ class Daemon::Impl {
     ledger::Entry e;
     e.type = ledger::EntryType::kAdminAction;
     e.actor = caller.actor();
-    MEDGATE_ASSIGN_OR_RETURN(e.body, ledger::cbor::Value::map({{ledger::cbor::Value::text("op"), ledger::cbor::Value::text(op)},
-                                                               {ledger::cbor::Value::text("args"), std::move(cbor_args)}}));
+    MEDGATE_ASSIGN_OR_RETURN(
+        e.body,
+        ledger::cbor::Value::map({{ledger::cbor::Value::text("op"), ledger::cbor::Value::text(op)},
+                                  {ledger::cbor::Value::text("args"), std::move(cbor_args)}}));
     Result<std::uint64_t> index = ledger_->append(e);
     if (!index.ok()) {
-      log(LogLevel::kError, "ledger.append", "recording {} by {} failed: {}", op, caller.actor(), index.status().message());
+      log(LogLevel::kError, "ledger.append", "recording {} by {} failed: {}", op, caller.actor(),
+          index.status().message());
       return index.status();
     }
-    log(LogLevel::kNotice, "admin.action", "{} by {} recorded as entry {}", op, caller.actor(), *index);
+    log(LogLevel::kNotice, "admin.action", "{} by {} recorded as entry {}", op, caller.actor(),
+        *index);
     return index;
   }
 
   std::vector<Operation> operations() {
     std::vector<Operation> ops;
-    auto read = [&](std::string name, auto fn) { ops.push_back({std::move(name), Role::kAuditor, fn}); };
-    auto change = [&](std::string name, auto fn) { ops.push_back({std::move(name), Role::kAdmin, fn}); };
+    auto read = [&](std::string name, auto fn) {
+      ops.push_back({std::move(name), Role::kAuditor, fn});
+    };
+    auto change = [&](std::string name, auto fn) {
+      ops.push_back({std::move(name), Role::kAdmin, fn});
+    };
 
     read("status", [this](const Caller& c, const json&) -> Result<json> { return status(c); });
     read("ledger.head", [this](const Caller&, const json&) -> Result<json> {
@@ -162,19 +179,23 @@ class Daemon::Impl {
       log(LogLevel::kInfo, "ledger.verify", "full verification requested by {}", c.actor());
       ledger::VerifyOptions options;
       options.trusted_keys = {keys_->signing_key()};
-      MEDGATE_ASSIGN_OR_RETURN(ledger::VerifyReport report, ledger::verify_ledger_file(config_.ledger_path, options));
+      MEDGATE_ASSIGN_OR_RETURN(ledger::VerifyReport report,
+                               ledger::verify_ledger_file(config_.ledger_path, options));
       if (!report.ok())
-        log(LogLevel::kError, "ledger.tamper", "verification failed: {}", report.problem->describe());
+        log(LogLevel::kError, "ledger.tamper", "verification failed: {}",
+            report.problem->describe());
       return ledger::to_json(report);
     });
     read("ledger.entry", [this](const Caller&, const json& args) -> Result<json> {
       MEDGATE_ASSIGN_OR_RETURN(std::uint64_t index, uint_arg(args, "index"));
       MEDGATE_ASSIGN_OR_RETURN(ledger::StoredEntry e, ledger_->entry(index));
       MEDGATE_ASSIGN_OR_RETURN(std::uint64_t height, ledger_->block_height_of(index));
-      const ledger::EntryTypeInfo* info = ledger::find_entry_type(static_cast<std::uint64_t>(e.entry.type));
+      const ledger::EntryTypeInfo* info =
+          ledger::find_entry_type(static_cast<std::uint64_t>(e.entry.type));
       json subjects = json::array();
       for (const auto& s : e.entry.subjects)
-        subjects.push_back({{"subject", to_hex(s.subject)}, {"previous", s.previous ? json(*s.previous) : json(nullptr)}});
+        subjects.push_back({{"subject", to_hex(s.subject)},
+                            {"previous", s.previous ? json(*s.previous) : json(nullptr)}});
       return json{{"index", index},
                   {"block", height},
                   {"type", info ? info->name : "unknown"},
@@ -190,12 +211,18 @@ class Daemon::Impl {
       MEDGATE_ASSIGN_OR_RETURN(std::uint64_t height, uint_arg(args, "height"));
       MEDGATE_ASSIGN_OR_RETURN(ledger::StoredBlock b, ledger_->block(height));
       const auto& h = b.header;
-      return json{{"height", h.height},         {"hash", to_hex(b.hash)},
-                  {"previous_hash", to_hex(h.previous_hash)}, {"first_index", h.first_index},
-                  {"entry_count", h.entry_count}, {"tree_size", h.tree_size},
-                  {"root", to_hex(h.root)},      {"time", ledger::format_time(h.time_us)},
-                  {"key_id", to_hex(h.key_id)},  {"version", h.version},
-                  {"ledger_id", h.ledger_id},    {"header", to_base64(b.bytes)}};
+      return json{{"height", h.height},
+                  {"hash", to_hex(b.hash)},
+                  {"previous_hash", to_hex(h.previous_hash)},
+                  {"first_index", h.first_index},
+                  {"entry_count", h.entry_count},
+                  {"tree_size", h.tree_size},
+                  {"root", to_hex(h.root)},
+                  {"time", ledger::format_time(h.time_us)},
+                  {"key_id", to_hex(h.key_id)},
+                  {"version", h.version},
+                  {"ledger_id", h.ledger_id},
+                  {"header", to_base64(b.bytes)}};
     });
     read("ledger.proof", [this](const Caller&, const json& args) -> Result<json> {
       MEDGATE_ASSIGN_OR_RETURN(std::uint64_t index, uint_arg(args, "index"));
@@ -204,7 +231,11 @@ class Daemon::Impl {
       MEDGATE_ASSIGN_OR_RETURN(ledger::StoredEntry e, ledger_->entry(index));
       MEDGATE_ASSIGN_OR_RETURN(std::vector<Hash> proof, ledger_->inclusion_proof(index, size));
       MEDGATE_ASSIGN_OR_RETURN(Hash root, ledger_->root_at(size));
-      json out = {{"index", index}, {"tree_size", size}, {"leaf_hash", to_hex(e.leaf)}, {"proof", hashes_json(proof)}, {"root", to_hex(root)}};
+      json out = {{"index", index},
+                  {"tree_size", size},
+                  {"leaf_hash", to_hex(e.leaf)},
+                  {"proof", hashes_json(proof)},
+                  {"root", to_hex(root)}};
       if (head && head->head.tree_size == size) out["signed_head"] = head_json(*head);
       return out;
     });
@@ -215,13 +246,19 @@ class Daemon::Impl {
       MEDGATE_ASSIGN_OR_RETURN(std::vector<Hash> proof, ledger_->consistency_proof(from, to));
       MEDGATE_ASSIGN_OR_RETURN(Hash from_root, ledger_->root_at(from));
       MEDGATE_ASSIGN_OR_RETURN(Hash to_root, ledger_->root_at(to));
-      json out = {{"from", from}, {"to", to}, {"from_root", to_hex(from_root)}, {"to_root", to_hex(to_root)}, {"proof", hashes_json(proof)}};
+      json out = {{"from", from},
+                  {"to", to},
+                  {"from_root", to_hex(from_root)},
+                  {"to_root", to_hex(to_root)},
+                  {"proof", hashes_json(proof)}};
       if (head && head->head.tree_size == to) out["signed_head"] = head_json(*head);
       return out;
     });
     read("keys.show", [this](const Caller&, const json&) -> Result<json> {
       const PublicKey& k = keys_->signing_key();
-      return json{{"key_id", to_hex(k.id())}, {"public_key_pem", k.pem()}, {"key_store", keys_->description()}};
+      return json{{"key_id", to_hex(k.id())},
+                  {"public_key_pem", k.pem()},
+                  {"key_store", keys_->description()}};
     });
     change("ledger.sign_head", [this](const Caller& c, const json& args) -> Result<json> {
       MEDGATE_ASSIGN_OR_RETURN(std::uint64_t index, record(c, "ledger.sign_head", args));
@@ -237,23 +274,43 @@ class Daemon::Impl {
     ledger::LedgerStats s = ledger_->stats();
     AdminCounters a = admin_->counters();
     json out = {
-        {"daemon", {{"version", MEDGATE_VERSION}, {"pid", ::getpid()},
-                    {"uptime_seconds", std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - started_).count()},
-                    {"config", config_.source.string()}}},
+        {"daemon",
+         {{"version", MEDGATE_VERSION},
+          {"pid", ::getpid()},
+          {"uptime_seconds", std::chrono::duration_cast<std::chrono::seconds>(
+                                 std::chrono::steady_clock::now() - started_)
+                                 .count()},
+          {"config", config_.source.string()}}},
         {"caller", {{"actor", caller.actor()}, {"role", role_name(caller.role)}}},
-        {"ledger", {{"id", s.ledger_id}, {"path", config_.ledger_path.string()}, {"entries", s.tree_size},
-                    {"height", s.height}, {"root", to_hex(s.root)}, {"last_block_time", ledger::format_time(s.last_block_time_us)},
-                    {"appended_since_start", s.appended}, {"commits_since_start", s.batches},
-                    {"failed_appends", s.failed_appends}, {"writer_error", s.writer_error}}},
+        {"ledger",
+         {{"id", s.ledger_id},
+          {"path", config_.ledger_path.string()},
+          {"entries", s.tree_size},
+          {"height", s.height},
+          {"root", to_hex(s.root)},
+          {"last_block_time", ledger::format_time(s.last_block_time_us)},
+          {"appended_since_start", s.appended},
+          {"commits_since_start", s.batches},
+          {"failed_appends", s.failed_appends},
+          {"writer_error", s.writer_error}}},
         {"signed_head", nullptr},
-        {"key_store", {{"description", keys_->description()}, {"key_id", to_hex(keys_->signing_key().id())},
-                       {"heads_signed", s.heads_signed}, {"sign_failures", s.sign_failures}, {"last_error", s.signer_error}}},
-        {"admin", {{"socket", config_.admin.socket.string()}, {"connections", a.connections}, {"requests", a.requests},
-                   {"errors", a.errors}, {"refused", a.refused}}},
+        {"key_store",
+         {{"description", keys_->description()},
+          {"key_id", to_hex(keys_->signing_key().id())},
+          {"heads_signed", s.heads_signed},
+          {"sign_failures", s.sign_failures},
+          {"last_error", s.signer_error}}},
+        {"admin",
+         {{"socket", config_.admin.socket.string()},
+          {"connections", a.connections},
+          {"requests", a.requests},
+          {"errors", a.errors},
+          {"refused", a.refused}}},
         {"ingest", json::object()},
     };
     if (s.latest_head) {
-      out["signed_head"] = {{"sequence", s.latest_head->sequence}, {"tree_size", s.latest_head->head.tree_size},
+      out["signed_head"] = {{"sequence", s.latest_head->sequence},
+                            {"tree_size", s.latest_head->head.tree_size},
                             {"time", ledger::format_time(s.latest_head->head.time_us)},
                             {"age_seconds", age_seconds(s.latest_head->head.time_us)},
                             {"unsigned_entries", s.tree_size - s.latest_head->head.tree_size}};
@@ -276,7 +333,9 @@ class Daemon::Impl {
 };
 
 Daemon::Daemon(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-Daemon::~Daemon() { stop(); }
+Daemon::~Daemon() {
+  stop();
+}
 
 Result<std::unique_ptr<Daemon>> Daemon::start(const Config& config) {
   auto impl = std::make_unique<Impl>(config);

@@ -17,8 +17,11 @@ namespace {
 
 Status write_file(const std::filesystem::path& path, const std::string& text, mode_t mode) {
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode);
-  if (fd < 0) return Status::FailedPrecondition(fmt::format("cannot create {}: {}", path.string(), std::strerror(errno)));
-  bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) && ::fsync(fd) == 0;
+  if (fd < 0)
+    return Status::FailedPrecondition(
+        fmt::format("cannot create {}: {}", path.string(), std::strerror(errno)));
+  bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) &&
+            ::fsync(fd) == 0;
   ::close(fd);
   if (!ok) return Status::IOError(fmt::format("cannot write {}", path.string()));
   return Status::Ok();
@@ -37,11 +40,15 @@ Result<InitResult> initialize(const InitOptions& o) {
   std::filesystem::path dir = std::filesystem::absolute(o.data_dir).lexically_normal();
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
-  if (ec) return Status::InvalidArgument(fmt::format("cannot create data dir {}: {}", dir.string(), ec.message()));
+  if (ec)
+    return Status::InvalidArgument(
+        fmt::format("cannot create data dir {}: {}", dir.string(), ec.message()));
   ::chmod(dir.c_str(), 0750);
   const std::filesystem::path ledger_path = dir / "ledger.db";
   if (std::filesystem::exists(ledger_path))
-    return Status::FailedPrecondition(fmt::format("{} already holds a ledger ({}); refusing to create another", dir.string(), ledger_path.string()));
+    return Status::FailedPrecondition(
+        fmt::format("{} already holds a ledger ({}); refusing to create another", dir.string(),
+                    ledger_path.string()));
 
   Config config;
   config.ledger_id = o.ledger_id.empty() ? host_name() : o.ledger_id;
@@ -50,22 +57,27 @@ Result<InitResult> initialize(const InitOptions& o) {
   config.admin.socket = o.socket ? std::filesystem::absolute(*o.socket) : dir / "admin.sock";
   config.source = o.config_out ? std::filesystem::absolute(*o.config_out) : dir / "medgated.toml";
   if (std::filesystem::exists(config.source))
-    return Status::FailedPrecondition(fmt::format("{} exists already; refusing to overwrite it", config.source.string()));
+    return Status::FailedPrecondition(
+        fmt::format("{} exists already; refusing to overwrite it", config.source.string()));
 
   if (o.key_store == "softhsm") {
     std::filesystem::path token_dir = dir / "softhsm";
     std::filesystem::create_directories(token_dir, ec);
     ::chmod(token_dir.c_str(), 0700);
-    MEDGATE_ASSIGN_OR_RETURN(config.key_store, hsm::create_softhsm_token(token_dir, "medgate", dir / "hsm-pin"));
+    MEDGATE_ASSIGN_OR_RETURN(config.key_store,
+                             hsm::create_softhsm_token(token_dir, "medgate", dir / "hsm-pin"));
   } else if (o.key_store.rfind("pkcs11:", 0) == 0) {
     config.key_store.uri = o.key_store;
     config.key_store.pin = o.pin;
     if (o.pin.kind == hsm::PinSource::Kind::kNone)
-      return Status::InvalidArgument("a pkcs11: key store needs a PIN source: --pin-file FILE or --pin-env VAR");
+      return Status::InvalidArgument(
+          "a pkcs11: key store needs a PIN source: --pin-file FILE or --pin-env VAR");
   } else if (o.key_store.rfind("tpm2", 0) == 0) {
-    return Status::InvalidArgument("the TPM 2.0 key store is not built yet (issue 3); use softhsm or a pkcs11: URI");
+    return Status::InvalidArgument(
+        "the TPM 2.0 key store is not built yet (issue 3); use softhsm or a pkcs11: URI");
   } else {
-    return Status::InvalidArgument(fmt::format("--key-store '{}' is not softhsm, pkcs11:URI or tpm2[:TCTI]", o.key_store));
+    return Status::InvalidArgument(
+        fmt::format("--key-store '{}' is not softhsm, pkcs11:URI or tpm2[:TCTI]", o.key_store));
   }
 
   MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<hsm::KeyStore> keys,

@@ -15,12 +15,12 @@ namespace medgate::appliance {
 
 struct InitOptions {
   std::filesystem::path data_dir;
-  std::string key_store = "softhsm";  // "softhsm", "pkcs11:URI" or "tpm2[:TCTI]"
-  std::string ledger_id;              // default: the host name
+  std::string key_store = "softhsm";                // "softhsm", "pkcs11:URI" or "tpm2[:TCTI]"
+  std::string ledger_id;                            // default: the host name
   std::optional<std::filesystem::path> config_out;  // default: data_dir/medgated.toml
   std::optional<std::filesystem::path> socket;      // default: data_dir/admin.sock
-  hsm::PinSource pin;                 // for pkcs11: URIs (softhsm makes its own PIN file)
-  std::string actor;                  // who ran it, as recorded in the genesis entry
+  hsm::PinSource pin;  // for pkcs11: URIs (softhsm makes its own PIN file)
+  std::string actor;   // who ran it, as recorded in the genesis entry
 };
 
 struct InitResult {

@@ -9,11 +9,16 @@ Result<ledger::cbor::Value> convert(const nlohmann::json& json, int depth) {
   if (depth > ledger::cbor::kMaxDepth - 4)
     return Status::InvalidArgument("arguments are nested too deeply to record on the ledger");
   switch (json.type()) {
-    case nlohmann::json::value_t::null: return Value::null();
-    case nlohmann::json::value_t::boolean: return Value::boolean(json.get<bool>());
-    case nlohmann::json::value_t::number_unsigned: return Value::uint(json.get<std::uint64_t>());
-    case nlohmann::json::value_t::number_integer: return Value::integer(json.get<std::int64_t>());
-    case nlohmann::json::value_t::string: return Value::text(json.get<std::string>());
+    case nlohmann::json::value_t::null:
+      return Value::null();
+    case nlohmann::json::value_t::boolean:
+      return Value::boolean(json.get<bool>());
+    case nlohmann::json::value_t::number_unsigned:
+      return Value::uint(json.get<std::uint64_t>());
+    case nlohmann::json::value_t::number_integer:
+      return Value::integer(json.get<std::int64_t>());
+    case nlohmann::json::value_t::string:
+      return Value::text(json.get<std::string>());
     case nlohmann::json::value_t::array: {
       ledger::cbor::Array items;
       for (const auto& item : json) {
@@ -30,12 +35,16 @@ Result<ledger::cbor::Value> convert(const nlohmann::json& json, int depth) {
       }
       return Value::map(std::move(entries));
     }
-    default: return Status::InvalidArgument("fractional and binary values cannot be recorded on the ledger");
+    default:
+      return Status::InvalidArgument(
+          "fractional and binary values cannot be recorded on the ledger");
   }
 }
 
 }  // namespace
 
-Result<ledger::cbor::Value> json_to_cbor(const nlohmann::json& json) { return convert(json, 0); }
+Result<ledger::cbor::Value> json_to_cbor(const nlohmann::json& json) {
+  return convert(json, 0);
+}
 
 }  // namespace medgate::appliance

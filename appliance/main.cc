@@ -93,11 +93,13 @@ int main(int argc, char** argv) {
   InitOptions init;
   bool init_json = false;
   std::string pin_file, pin_env;
-  CLI::App* init_cmd = app.add_subcommand("init", "create the key store, ledger and config (used by `medctl init`)");
+  CLI::App* init_cmd =
+      app.add_subcommand("init", "create the key store, ledger and config (used by `medctl init`)");
   init_cmd->add_option("--data-dir", init.data_dir, "data directory")->required();
   init_cmd->add_option("--key-store", init.key_store, "softhsm | pkcs11:URI | tpm2[:TCTI]");
   init_cmd->add_option("--ledger-id", init.ledger_id, "the ledger's name (default: the host name)");
-  init_cmd->add_option("--config-out", init.config_out, "where to write the config (default: DIR/medgated.toml)");
+  init_cmd->add_option("--config-out", init.config_out,
+                       "where to write the config (default: DIR/medgated.toml)");
   init_cmd->add_option("--socket", init.socket, "admin socket path (default: DIR/admin.sock)");
   init_cmd->add_option("--pin-file", pin_file, "file holding the token PIN (pkcs11: key stores)");
   init_cmd->add_option("--pin-env", pin_env, "environment variable holding the token PIN");

@@ -42,7 +42,8 @@ Result<AdminClient> AdminClient::connect(const std::filesystem::path& socket) {
   struct sockaddr_un addr {};
   addr.sun_family = AF_UNIX;
   const std::string path = socket.string();
-  if (path.size() >= sizeof addr.sun_path) return Status::InvalidArgument("socket path is too long: " + path);
+  if (path.size() >= sizeof addr.sun_path)
+    return Status::InvalidArgument("socket path is too long: " + path);
   std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return Status::Internal(std::string("socket: ") + std::strerror(errno));
@@ -50,10 +51,14 @@ Result<AdminClient> AdminClient::connect(const std::filesystem::path& socket) {
     int e = errno;
     ::close(fd);
     if (e == EACCES || e == EPERM)
-      return Status::PermissionDenied(fmt::format(
-          "permission denied on {}: use medctl as root or as a member of the medgate-admin or medgate-audit group", path));
-    return Status::Unavailable(fmt::format("cannot reach medgated at {}: {} (is it running? try `systemctl status medgated`, or give --socket/--config)",
-                                           path, std::strerror(e)));
+      return Status::PermissionDenied(
+          fmt::format("permission denied on {}: use medctl as root or as a member of the "
+                      "medgate-admin or medgate-audit group",
+                      path));
+    return Status::Unavailable(
+        fmt::format("cannot reach medgated at {}: {} (is it running? try `systemctl status "
+                    "medgated`, or give --socket/--config)",
+                    path, std::strerror(e)));
   }
   return AdminClient(fd, socket);
 }
@@ -79,7 +84,8 @@ Result<nlohmann::json> AdminClient::call(std::string_view op, const nlohmann::js
     if (n <= 0) {
       // The daemon may have answered (e.g. a refusal) and closed before reading our request.
       if (!buffer_.empty()) break;
-      return Status::Unavailable(fmt::format("medgated at {} closed the connection without answering", path_.string()));
+      return Status::Unavailable(
+          fmt::format("medgated at {} closed the connection without answering", path_.string()));
     }
     buffer_.append(chunk, static_cast<std::size_t>(n));
   }

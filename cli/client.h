@@ -25,7 +25,8 @@ class AdminClient {
   ~AdminClient();
 
   // Sends one request and waits for its response; the daemon's error comes back as a Status.
-  Result<nlohmann::json> call(std::string_view op, const nlohmann::json& args = nlohmann::json::object());
+  Result<nlohmann::json> call(std::string_view op,
+                              const nlohmann::json& args = nlohmann::json::object());
 
  private:
   AdminClient(int fd, std::filesystem::path path) : fd_(fd), path_(std::move(path)) {}

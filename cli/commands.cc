@@ -31,11 +31,14 @@ int fail(const GlobalOptions& g, const Status& s, std::string_view what = "medct
 }
 
 Result<json> call(const GlobalOptions& g, std::string_view op, const json& args = json::object()) {
-  MEDGATE_ASSIGN_OR_RETURN(AdminClient client, AdminClient::connect(resolve_socket(g.socket, g.config)));
+  MEDGATE_ASSIGN_OR_RETURN(AdminClient client,
+                           AdminClient::connect(resolve_socket(g.socket, g.config)));
   return client.call(op, args);
 }
 
-std::string short_hex(const std::string& hex) { return hex.size() > 16 ? hex.substr(0, 16) + "…" : hex; }
+std::string short_hex(const std::string& hex) {
+  return hex.size() > 16 ? hex.substr(0, 16) + "…" : hex;
+}
 
 std::string age(std::uint64_t seconds) {
   if (seconds < 120) return fmt::format("{} s", seconds);
@@ -50,9 +53,11 @@ Status check_signed_head(const json& head, const PublicKey& key) {
   auto sig = from_base64(head.value("signature", ""));
   if (!bytes || !sig) return Status::VerificationFailed("the signed head is not valid base64");
   MEDGATE_ASSIGN_OR_RETURN(ledger::HeadBody body, ledger::decode_head(*bytes));
-  if (body.key_id != key.id()) return Status::VerificationFailed("the head is signed by another key");
+  if (body.key_id != key.id())
+    return Status::VerificationFailed("the head is signed by another key");
   MEDGATE_RETURN_IF_ERROR(key.verify_digest(ledger::head_digest(*bytes), *sig));
-  if (to_hex(body.root) != head.value("root", "") || body.tree_size != head.value("tree_size", 0ULL))
+  if (to_hex(body.root) != head.value("root", "") ||
+      body.tree_size != head.value("tree_size", 0ULL))
     return Status::VerificationFailed("the head's fields do not match its signed bytes");
   return Status::Ok();
 }
@@ -72,7 +77,9 @@ Result<std::vector<Hash>> parse_hashes(const json& list) {
   return out;
 }
 
-bool stderr_is_tty() { return ::isatty(STDERR_FILENO) == 1; }
+bool stderr_is_tty() {
+  return ::isatty(STDERR_FILENO) == 1;
+}
 
 }  // namespace
 
@@ -82,9 +89,12 @@ int cmd_init(const GlobalOptions& g, const InitArgs& a) {
   std::string medgated = "medgated";
   std::error_code ec;
   auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
-  if (const char* env = std::getenv("MEDGATED"); env && *env) medgated = env;
-  else if (!ec && std::filesystem::exists(self.parent_path() / "medgated")) medgated = (self.parent_path() / "medgated").string();
-  std::vector<std::string> args = {medgated, "init", "--data-dir", a.data_dir, "--key-store", a.key_store};
+  if (const char* env = std::getenv("MEDGATED"); env && *env)
+    medgated = env;
+  else if (!ec && std::filesystem::exists(self.parent_path() / "medgated"))
+    medgated = (self.parent_path() / "medgated").string();
+  std::vector<std::string> args = {medgated,   "init",        "--data-dir",
+                                   a.data_dir, "--key-store", a.key_store};
   if (a.ledger_id) args.insert(args.end(), {"--ledger-id", *a.ledger_id});
   if (a.socket) args.insert(args.end(), {"--socket", *a.socket});
   if (a.pin_file) args.insert(args.end(), {"--pin-file", *a.pin_file});
@@ -95,7 +105,9 @@ int cmd_init(const GlobalOptions& g, const InitArgs& a) {
   for (auto& s : args) argv.push_back(s.data());
   argv.push_back(nullptr);
   ::execvp(argv[0], argv.data());
-  return fail(g, Status::Unavailable(fmt::format("cannot run {}: {}", medgated, std::strerror(errno))), "medctl init");
+  return fail(g,
+              Status::Unavailable(fmt::format("cannot run {}: {}", medgated, std::strerror(errno))),
+              "medctl init");
 }
 
 int cmd_status(const GlobalOptions& g) {
@@ -110,30 +122,41 @@ int cmd_status(const GlobalOptions& g) {
   const json& l = s["ledger"];
   const json& k = s["key_store"];
   const json& a = s["admin"];
-  std::cout << fmt::format("medgated   {} (pid {}, up {}), config {}\n", d["version"].get<std::string>(),
-                           d["pid"].get<int>(), age(d["uptime_seconds"].get<std::uint64_t>()), d["config"].get<std::string>());
-  std::cout << fmt::format("ledger     '{}': {} entries in {} blocks, root {}\n", l["id"].get<std::string>(),
-                           l["entries"].get<std::uint64_t>(), l["height"].get<std::uint64_t>() + 1,
+  std::cout << fmt::format("medgated   {} (pid {}, up {}), config {}\n",
+                           d["version"].get<std::string>(), d["pid"].get<int>(),
+                           age(d["uptime_seconds"].get<std::uint64_t>()),
+                           d["config"].get<std::string>());
+  std::cout << fmt::format("ledger     '{}': {} entries in {} blocks, root {}\n",
+                           l["id"].get<std::string>(), l["entries"].get<std::uint64_t>(),
+                           l["height"].get<std::uint64_t>() + 1,
                            short_hex(l["root"].get<std::string>()));
   if (s["signed_head"].is_object()) {
     const json& h = s["signed_head"];
-    std::cout << fmt::format("signed     head #{} covers {} entries, signed {} ago ({} entries not yet covered)\n",
-                             h["sequence"].get<std::uint64_t>(), h["tree_size"].get<std::uint64_t>(),
-                             age(h["age_seconds"].get<std::uint64_t>()), h["unsigned_entries"].get<std::uint64_t>());
+    std::cout << fmt::format(
+        "signed     head #{} covers {} entries, signed {} ago ({} entries not yet covered)\n",
+        h["sequence"].get<std::uint64_t>(), h["tree_size"].get<std::uint64_t>(),
+        age(h["age_seconds"].get<std::uint64_t>()), h["unsigned_entries"].get<std::uint64_t>());
   }
-  std::cout << fmt::format("key store  {}\n           signing key {}, {} heads signed, {} failures{}\n",
-                           k["description"].get<std::string>(), short_hex(k["key_id"].get<std::string>()),
-                           k["heads_signed"].get<std::uint64_t>(), k["sign_failures"].get<std::uint64_t>(),
-                           k["last_error"].get<std::string>().empty() ? "" : " (last: " + k["last_error"].get<std::string>() + ")");
+  std::cout << fmt::format(
+      "key store  {}\n           signing key {}, {} heads signed, {} failures{}\n",
+      k["description"].get<std::string>(), short_hex(k["key_id"].get<std::string>()),
+      k["heads_signed"].get<std::uint64_t>(), k["sign_failures"].get<std::uint64_t>(),
+      k["last_error"].get<std::string>().empty()
+          ? ""
+          : " (last: " + k["last_error"].get<std::string>() + ")");
   std::string writer = l["writer_error"].get<std::string>();
-  std::cout << fmt::format("writer     {}; {} appended and {} commits since start, {} failed appends\n",
-                           writer.empty() ? "healthy" : "STOPPED: " + writer, l["appended_since_start"].get<std::uint64_t>(),
-                           l["commits_since_start"].get<std::uint64_t>(), l["failed_appends"].get<std::uint64_t>());
+  std::cout << fmt::format(
+      "writer     {}; {} appended and {} commits since start, {} failed appends\n",
+      writer.empty() ? "healthy" : "STOPPED: " + writer,
+      l["appended_since_start"].get<std::uint64_t>(), l["commits_since_start"].get<std::uint64_t>(),
+      l["failed_appends"].get<std::uint64_t>());
   std::cout << fmt::format("admin      {}: {} connections, {} requests, {} errors, {} refused\n",
                            a["socket"].get<std::string>(), a["connections"].get<std::uint64_t>(),
-                           a["requests"].get<std::uint64_t>(), a["errors"].get<std::uint64_t>(), a["refused"].get<std::uint64_t>());
+                           a["requests"].get<std::uint64_t>(), a["errors"].get<std::uint64_t>(),
+                           a["refused"].get<std::uint64_t>());
   std::cout << fmt::format("ingest     no device ingest configured yet\n");
-  std::cout << fmt::format("you        {} ({})\n", s["caller"]["actor"].get<std::string>(), s["caller"]["role"].get<std::string>());
+  std::cout << fmt::format("you        {} ({})\n", s["caller"]["actor"].get<std::string>(),
+                           s["caller"]["role"].get<std::string>());
   return writer.empty() ? 0 : 1;
 }
 
@@ -145,15 +168,19 @@ int cmd_ledger_head(const GlobalOptions& g) {
   Status checked = check_signed_head(*r, *key);
   json h = *r;
   h["signature_checked"] = checked.ok();
-  if (g.json) std::cout << h.dump(2) << "\n";
+  if (g.json)
+    std::cout << h.dump(2) << "\n";
   else
     std::cout << fmt::format(
-        "ledger     {}\nhead       #{}\nheight     {}\ntree size  {}\nroot       {}\ntime       {}\nkey id     {}\nsignature  {}\n"
+        "ledger     {}\nhead       #{}\nheight     {}\ntree size  {}\nroot       {}\ntime       "
+        "{}\nkey id     {}\nsignature  {}\n"
         "checked    {}\n",
-        h["ledger_id"].get<std::string>(), h["sequence"].get<std::uint64_t>(), h["height"].get<std::uint64_t>(),
-        h["tree_size"].get<std::uint64_t>(), h["root"].get<std::string>(), h["time"].get<std::string>(),
-        h["key_id"].get<std::string>(), h["signature"].get<std::string>(),
-        checked.ok() ? "signature verifies with the daemon's public key" : "SIGNATURE DOES NOT VERIFY: " + checked.message());
+        h["ledger_id"].get<std::string>(), h["sequence"].get<std::uint64_t>(),
+        h["height"].get<std::uint64_t>(), h["tree_size"].get<std::uint64_t>(),
+        h["root"].get<std::string>(), h["time"].get<std::string>(), h["key_id"].get<std::string>(),
+        h["signature"].get<std::string>(),
+        checked.ok() ? "signature verifies with the daemon's public key"
+                     : "SIGNATURE DOES NOT VERIFY: " + checked.message());
   if (!checked.ok()) {
     std::cerr << "medctl ledger head: " << checked.message() << "\n";
     return 1;
@@ -161,16 +188,22 @@ int cmd_ledger_head(const GlobalOptions& g) {
   return 0;
 }
 
-int cmd_ledger_verify(const GlobalOptions& g, const std::optional<std::string>& db, const std::vector<std::string>& trust) {
+int cmd_ledger_verify(const GlobalOptions& g, const std::optional<std::string>& db,
+                      const std::vector<std::string>& trust) {
   json report;
   if (db) {
     if (trust.empty())
-      return fail(g, Status::InvalidArgument("--db needs --trust PEM: a ledger can only be verified against a key you trust"),
-                  "medctl ledger verify");
+      return fail(
+          g,
+          Status::InvalidArgument(
+              "--db needs --trust PEM: a ledger can only be verified against a key you trust"),
+          "medctl ledger verify");
     ledger::VerifyOptions options;
     for (const std::string& file : trust) {
       std::ifstream in(file);
-      if (!in) return fail(g, Status::InvalidArgument("cannot read trusted key " + file), "medctl ledger verify");
+      if (!in)
+        return fail(g, Status::InvalidArgument("cannot read trusted key " + file),
+                    "medctl ledger verify");
       std::stringstream pem;
       pem << in.rdbuf();
       Result<PublicKey> key = PublicKey::from_pem(pem.str());
@@ -180,7 +213,8 @@ int cmd_ledger_verify(const GlobalOptions& g, const std::optional<std::string>& 
     bool tty = !g.json && stderr_is_tty();
     if (tty)
       options.progress = [](std::uint64_t done, std::uint64_t total) {
-        std::cerr << fmt::format("\rverifying {:>12} of {} entries ({:3}%)", done, total, total ? done * 100 / total : 100)
+        std::cerr << fmt::format("\rverifying {:>12} of {} entries ({:3}%)", done, total,
+                                 total ? done * 100 / total : 100)
                   << std::flush;
       };
     Result<ledger::VerifyReport> r = ledger::verify_ledger_file(*db, options);
@@ -196,44 +230,56 @@ int cmd_ledger_verify(const GlobalOptions& g, const std::optional<std::string>& 
   if (g.json) {
     std::cout << report.dump(2) << "\n";
   } else if (ok) {
-    std::cout << fmt::format("ledger '{}' verifies: {} entries, {} blocks, {} signed heads, root {}\n",
-                             report["ledger_id"].get<std::string>(), report["entries"].get<std::uint64_t>(),
-                             report["blocks"].get<std::uint64_t>(), report["heads"].get<std::uint64_t>(),
-                             report["root"].get<std::string>());
+    std::cout << fmt::format(
+        "ledger '{}' verifies: {} entries, {} blocks, {} signed heads, root {}\n",
+        report["ledger_id"].get<std::string>(), report["entries"].get<std::uint64_t>(),
+        report["blocks"].get<std::uint64_t>(), report["heads"].get<std::uint64_t>(),
+        report["root"].get<std::string>());
     if (report.value("unsigned_entries", 0ULL) > 0)
-      std::cout << fmt::format("note: the last {} entries are committed but not yet covered by a signed head (not tampering)\n",
-                               report["unsigned_entries"].get<std::uint64_t>());
+      std::cout << fmt::format(
+          "note: the last {} entries are committed but not yet covered by a signed head (not "
+          "tampering)\n",
+          report["unsigned_entries"].get<std::uint64_t>());
   } else {
     std::cout << "VERIFICATION FAILED: " << report.value("problem", "unknown problem") << "\n";
   }
   return ok ? 0 : 1;
 }
 
-int cmd_ledger_show(const GlobalOptions& g, std::optional<std::uint64_t> entry, std::optional<std::uint64_t> block) {
+int cmd_ledger_show(const GlobalOptions& g, std::optional<std::uint64_t> entry,
+                    std::optional<std::uint64_t> block) {
   if (entry.has_value() == block.has_value())
-    return fail(g, Status::InvalidArgument("give exactly one of --entry N or --block H"), "medctl ledger show");
-  Result<json> r = entry ? call(g, "ledger.entry", {{"index", *entry}}) : call(g, "ledger.block", {{"height", *block}});
+    return fail(g, Status::InvalidArgument("give exactly one of --entry N or --block H"),
+                "medctl ledger show");
+  Result<json> r = entry ? call(g, "ledger.entry", {{"index", *entry}})
+                         : call(g, "ledger.block", {{"height", *block}});
   if (!r.ok()) return fail(g, r.status(), "medctl ledger show");
   const json& x = *r;
   if (g.json) {
     std::cout << x.dump(2) << "\n";
   } else if (entry) {
-    std::cout << fmt::format("entry      {}\nblock      {}\ntype       {} ({})\ntime       {}\nactor      {}\nleaf hash  {}\nbody       {}\n",
-                             x["index"].get<std::uint64_t>(), x["block"].get<std::uint64_t>(), x["type"].get<std::string>(),
-                             x["kind"].get<std::string>(), x["time"].get<std::string>(), x["actor"].get<std::string>(),
-                             x["leaf_hash"].get<std::string>(), x["body"].dump());
+    std::cout << fmt::format(
+        "entry      {}\nblock      {}\ntype       {} ({})\ntime       {}\nactor      {}\nleaf hash "
+        " {}\nbody       {}\n",
+        x["index"].get<std::uint64_t>(), x["block"].get<std::uint64_t>(),
+        x["type"].get<std::string>(), x["kind"].get<std::string>(), x["time"].get<std::string>(),
+        x["actor"].get<std::string>(), x["leaf_hash"].get<std::string>(), x["body"].dump());
     if (!x["subjects"].empty()) std::cout << "subjects   " << x["subjects"].dump() << "\n";
   } else {
-    std::cout << fmt::format("block      {}\nhash       {}\nprevious   {}\nentries    {}..{} ({})\ntree size  {}\nroot       {}\ntime       {}\nkey id     {}\n",
-                             x["height"].get<std::uint64_t>(), x["hash"].get<std::string>(), x["previous_hash"].get<std::string>(),
-                             x["first_index"].get<std::uint64_t>(), x["tree_size"].get<std::uint64_t>() - 1,
-                             x["entry_count"].get<std::uint64_t>(), x["tree_size"].get<std::uint64_t>(),
-                             x["root"].get<std::string>(), x["time"].get<std::string>(), x["key_id"].get<std::string>());
+    std::cout << fmt::format(
+        "block      {}\nhash       {}\nprevious   {}\nentries    {}..{} ({})\ntree size  {}\nroot  "
+        "     {}\ntime       {}\nkey id     {}\n",
+        x["height"].get<std::uint64_t>(), x["hash"].get<std::string>(),
+        x["previous_hash"].get<std::string>(), x["first_index"].get<std::uint64_t>(),
+        x["tree_size"].get<std::uint64_t>() - 1, x["entry_count"].get<std::uint64_t>(),
+        x["tree_size"].get<std::uint64_t>(), x["root"].get<std::string>(),
+        x["time"].get<std::string>(), x["key_id"].get<std::string>());
   }
   return 0;
 }
 
-int cmd_ledger_proof(const GlobalOptions& g, std::uint64_t entry, std::optional<std::uint64_t> size) {
+int cmd_ledger_proof(const GlobalOptions& g, std::uint64_t entry,
+                     std::optional<std::uint64_t> size) {
   json args = {{"index", entry}};
   if (size) args["size"] = *size;
   Result<json> r = call(g, "ledger.proof", args);
@@ -244,33 +290,42 @@ int cmd_ledger_proof(const GlobalOptions& g, std::uint64_t entry, std::optional<
   auto leaf = hash_from_hex(p.value("leaf_hash", ""));
   auto root = hash_from_hex(p.value("root", ""));
   Result<std::vector<Hash>> path = parse_hashes(p["proof"]);
-  Status checked = !leaf || !root || !path.ok() ? Status::VerificationFailed("the proof is malformed")
-                                                 : ledger::merkle::verify_inclusion(entry, p["tree_size"], *leaf, *path, *root);
+  Status checked =
+      !leaf || !root || !path.ok()
+          ? Status::VerificationFailed("the proof is malformed")
+          : ledger::merkle::verify_inclusion(entry, p["tree_size"], *leaf, *path, *root);
   std::string signed_by;
   if (checked.ok() && p.contains("signed_head")) {
     Result<PublicKey> key = daemon_key(g);
     checked = key.ok() ? check_signed_head(p["signed_head"], *key) : key.status();
-    if (checked.ok() && p["signed_head"]["root"] != p["root"]) checked = Status::VerificationFailed("the signed head has another root");
-    if (checked.ok()) signed_by = fmt::format("signed head #{}", p["signed_head"]["sequence"].get<std::uint64_t>());
+    if (checked.ok() && p["signed_head"]["root"] != p["root"])
+      checked = Status::VerificationFailed("the signed head has another root");
+    if (checked.ok())
+      signed_by = fmt::format("signed head #{}", p["signed_head"]["sequence"].get<std::uint64_t>());
   }
   p["verified"] = checked.ok();
-  if (g.json) std::cout << p.dump(2) << "\n";
+  if (g.json)
+    std::cout << p.dump(2) << "\n";
   else {
-    std::cout << fmt::format("entry      {}\ntree size  {}\nleaf hash  {}\nroot       {}\nproof      {} hashes\n", entry,
-                             p["tree_size"].get<std::uint64_t>(), p["leaf_hash"].get<std::string>(), p["root"].get<std::string>(),
-                             p["proof"].size());
+    std::cout << fmt::format(
+        "entry      {}\ntree size  {}\nleaf hash  {}\nroot       {}\nproof      {} hashes\n", entry,
+        p["tree_size"].get<std::uint64_t>(), p["leaf_hash"].get<std::string>(),
+        p["root"].get<std::string>(), p["proof"].size());
     for (const auto& h : p["proof"]) std::cout << "           " << h.get<std::string>() << "\n";
     std::cout << "verified   "
-              << (checked.ok() ? (signed_by.empty() ? "the path gives the root (no signed head at this size)"
-                                                    : "the path gives the root of " + signed_by + ", whose signature verifies")
-                               : "NO: " + checked.message())
+              << (checked.ok()
+                      ? (signed_by.empty() ? "the path gives the root (no signed head at this size)"
+                                           : "the path gives the root of " + signed_by +
+                                                 ", whose signature verifies")
+                      : "NO: " + checked.message())
               << "\n";
   }
   if (!checked.ok()) std::cerr << "medctl ledger proof: " << checked.message() << "\n";
   return checked.ok() ? 0 : 1;
 }
 
-int cmd_ledger_consistency(const GlobalOptions& g, std::uint64_t from, std::optional<std::uint64_t> to) {
+int cmd_ledger_consistency(const GlobalOptions& g, std::uint64_t from,
+                           std::optional<std::uint64_t> to) {
   json args = {{"from", from}};
   if (to) args["to"] = *to;
   Result<json> r = call(g, "ledger.consistency", args);
@@ -279,20 +334,26 @@ int cmd_ledger_consistency(const GlobalOptions& g, std::uint64_t from, std::opti
   auto a = hash_from_hex(p.value("from_root", ""));
   auto b = hash_from_hex(p.value("to_root", ""));
   Result<std::vector<Hash>> path = parse_hashes(p["proof"]);
-  Status checked = !a || !b || !path.ok() ? Status::VerificationFailed("the proof is malformed")
-                                           : ledger::merkle::verify_consistency(from, p["to"], *a, *b, *path);
+  Status checked = !a || !b || !path.ok()
+                       ? Status::VerificationFailed("the proof is malformed")
+                       : ledger::merkle::verify_consistency(from, p["to"], *a, *b, *path);
   if (checked.ok() && p.contains("signed_head")) {
     Result<PublicKey> key = daemon_key(g);
     checked = key.ok() ? check_signed_head(p["signed_head"], *key) : key.status();
   }
   p["verified"] = checked.ok();
-  if (g.json) std::cout << p.dump(2) << "\n";
+  if (g.json)
+    std::cout << p.dump(2) << "\n";
   else {
-    std::cout << fmt::format("from       {} entries, root {}\nto         {} entries, root {}\nproof      {} hashes\n", from,
-                             p["from_root"].get<std::string>(), p["to"].get<std::uint64_t>(), p["to_root"].get<std::string>(),
-                             p["proof"].size());
+    std::cout << fmt::format(
+        "from       {} entries, root {}\nto         {} entries, root {}\nproof      {} hashes\n",
+        from, p["from_root"].get<std::string>(), p["to"].get<std::uint64_t>(),
+        p["to_root"].get<std::string>(), p["proof"].size());
     for (const auto& h : p["proof"]) std::cout << "           " << h.get<std::string>() << "\n";
-    std::cout << "verified   " << (checked.ok() ? "the later tree extends the earlier one" : "NO: " + checked.message()) << "\n";
+    std::cout << "verified   "
+              << (checked.ok() ? "the later tree extends the earlier one"
+                               : "NO: " + checked.message())
+              << "\n";
   }
   return checked.ok() ? 0 : 1;
 }
@@ -300,21 +361,26 @@ int cmd_ledger_consistency(const GlobalOptions& g, std::uint64_t from, std::opti
 int cmd_ledger_sign_head(const GlobalOptions& g) {
   Result<json> r = call(g, "ledger.sign_head");
   if (!r.ok()) return fail(g, r.status(), "medctl ledger sign-head");
-  if (g.json) std::cout << r->dump(2) << "\n";
+  if (g.json)
+    std::cout << r->dump(2) << "\n";
   else
-    std::cout << fmt::format("signed head #{} covers {} entries (root {}); the request is entry {}\n",
-                             (*r)["sequence"].get<std::uint64_t>(), (*r)["tree_size"].get<std::uint64_t>(),
-                             (*r)["root"].get<std::string>(), (*r)["recorded_as"].get<std::uint64_t>());
+    std::cout << fmt::format(
+        "signed head #{} covers {} entries (root {}); the request is entry {}\n",
+        (*r)["sequence"].get<std::uint64_t>(), (*r)["tree_size"].get<std::uint64_t>(),
+        (*r)["root"].get<std::string>(), (*r)["recorded_as"].get<std::uint64_t>());
   return 0;
 }
 
 int cmd_keys_show(const GlobalOptions& g) {
   Result<json> r = call(g, "keys.show");
   if (!r.ok()) return fail(g, r.status(), "medctl keys show");
-  if (g.json) std::cout << r->dump(2) << "\n";
+  if (g.json)
+    std::cout << r->dump(2) << "\n";
   else
-    std::cout << (*r)["public_key_pem"].get<std::string>() << "key id     " << (*r)["key_id"].get<std::string>()
-              << "  (SHA-256 of the DER public key)\nkey store  " << (*r)["key_store"].get<std::string>() << "\n";
+    std::cout << (*r)["public_key_pem"].get<std::string>() << "key id     "
+              << (*r)["key_id"].get<std::string>()
+              << "  (SHA-256 of the DER public key)\nkey store  "
+              << (*r)["key_store"].get<std::string>() << "\n";
   return 0;
 }
 

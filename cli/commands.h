@@ -29,10 +29,14 @@ int cmd_init(const GlobalOptions& g, const InitArgs& args);
 int cmd_status(const GlobalOptions& g);
 int cmd_ledger_head(const GlobalOptions& g);
 // Online through the daemon, or offline when `db` is given (then `trust` is required).
-int cmd_ledger_verify(const GlobalOptions& g, const std::optional<std::string>& db, const std::vector<std::string>& trust);
-int cmd_ledger_show(const GlobalOptions& g, std::optional<std::uint64_t> entry, std::optional<std::uint64_t> block);
-int cmd_ledger_proof(const GlobalOptions& g, std::uint64_t entry, std::optional<std::uint64_t> size);
-int cmd_ledger_consistency(const GlobalOptions& g, std::uint64_t from, std::optional<std::uint64_t> to);
+int cmd_ledger_verify(const GlobalOptions& g, const std::optional<std::string>& db,
+                      const std::vector<std::string>& trust);
+int cmd_ledger_show(const GlobalOptions& g, std::optional<std::uint64_t> entry,
+                    std::optional<std::uint64_t> block);
+int cmd_ledger_proof(const GlobalOptions& g, std::uint64_t entry,
+                     std::optional<std::uint64_t> size);
+int cmd_ledger_consistency(const GlobalOptions& g, std::uint64_t from,
+                           std::optional<std::uint64_t> to);
 int cmd_ledger_sign_head(const GlobalOptions& g);
 int cmd_keys_show(const GlobalOptions& g);
 

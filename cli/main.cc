@@ -16,26 +16,35 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("medctl ") + MEDGATE_VERSION);
   app.require_subcommand(1);
   GlobalOptions g;
-  app.add_option("--socket", g.socket, "admin socket (default: $MEDGATE_SOCKET, the config's socket, /run/medgate/admin.sock)");
-  app.add_option("--config", g.config, "medgated.toml, to find the socket (or, for init, where to write it)");
+  app.add_option(
+      "--socket", g.socket,
+      "admin socket (default: $MEDGATE_SOCKET, the config's socket, /run/medgate/admin.sock)");
+  app.add_option("--config", g.config,
+                 "medgated.toml, to find the socket (or, for init, where to write it)");
   app.add_flag("--json", g.json, "print one JSON document on stdout");
 
   int rc = 0;
   InitArgs init;
-  auto* init_cmd = app.add_subcommand("init", "create the key store, signing key, ledger and config");
+  auto* init_cmd =
+      app.add_subcommand("init", "create the key store, signing key, ledger and config");
   init_cmd->add_option("--data-dir", init.data_dir, "data directory")->required();
-  init_cmd->add_option("--key-store", init.key_store, "softhsm (a token under DIR) | pkcs11:URI | tpm2[:TCTI]");
+  init_cmd->add_option("--key-store", init.key_store,
+                       "softhsm (a token under DIR) | pkcs11:URI | tpm2[:TCTI]");
   init_cmd->add_option("--ledger-id", init.ledger_id, "the ledger's name (default: the host name)");
-  init_cmd->add_option("--socket", init.socket, "admin socket path for the config (default: DIR/admin.sock)");
-  init_cmd->add_option("--pin-file", init.pin_file, "file holding the token PIN (pkcs11: key stores)");
+  init_cmd->add_option("--socket", init.socket,
+                       "admin socket path for the config (default: DIR/admin.sock)");
+  init_cmd->add_option("--pin-file", init.pin_file,
+                       "file holding the token PIN (pkcs11: key stores)");
   init_cmd->add_option("--pin-env", init.pin_env, "environment variable holding the token PIN");
   init_cmd->callback([&] { rc = cmd_init(g, init); });
 
-  app.add_subcommand("status", "daemon, ledger, signed head, key store and admin counters")->callback([&] { rc = cmd_status(g); });
+  app.add_subcommand("status", "daemon, ledger, signed head, key store and admin counters")
+      ->callback([&] { rc = cmd_status(g); });
 
   auto* ledger = app.add_subcommand("ledger", "the ledger: heads, verification, entries, proofs");
   ledger->require_subcommand(1);
-  ledger->add_subcommand("head", "the latest signed head (its signature is checked)")->callback([&] { rc = cmd_ledger_head(g); });
+  ledger->add_subcommand("head", "the latest signed head (its signature is checked)")
+      ->callback([&] { rc = cmd_ledger_head(g); });
 
   std::optional<std::string> db;
   std::vector<std::string> trust;
@@ -45,7 +54,8 @@ int main(int argc, char** argv) {
   verify->callback([&] { rc = cmd_ledger_verify(g, db, trust); });
 
   std::optional<std::uint64_t> entry, block;
-  auto* show = ledger->add_subcommand("show", "one entry (metadata, never PHI values) or one block");
+  auto* show =
+      ledger->add_subcommand("show", "one entry (metadata, never PHI values) or one block");
   show->add_option("--entry", entry, "entry index");
   show->add_option("--block", block, "block height");
   show->callback([&] { rc = cmd_ledger_show(g, entry, block); });
@@ -59,7 +69,8 @@ int main(int argc, char** argv) {
 
   std::uint64_t from = 0;
   std::optional<std::uint64_t> to;
-  auto* consistency = ledger->add_subcommand("consistency", "RFC 9162 consistency proof between two tree sizes");
+  auto* consistency =
+      ledger->add_subcommand("consistency", "RFC 9162 consistency proof between two tree sizes");
   consistency->add_option("--from", from, "earlier tree size")->required();
   consistency->add_option("--to", to, "later tree size (default: the latest signed head's)");
   consistency->callback([&] { rc = cmd_ledger_consistency(g, from, to); });
@@ -69,7 +80,9 @@ int main(int argc, char** argv) {
 
   auto* keys = app.add_subcommand("keys", "the appliance's signing key");
   keys->require_subcommand(1);
-  keys->add_subcommand("show", "public key (PEM) and fingerprint")->callback([&] { rc = cmd_keys_show(g); });
+  keys->add_subcommand("show", "public key (PEM) and fingerprint")->callback([&] {
+    rc = cmd_keys_show(g);
+  });
 
   try {
     app.parse(argc, argv);

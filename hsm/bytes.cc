@@ -78,7 +78,11 @@ Hash sha256(ByteView data) {
   return h;
 }
 
-void secure_wipe(std::span<std::byte> bytes) { OPENSSL_cleanse(bytes.data(), bytes.size()); }
-void secure_wipe(std::string& s) { OPENSSL_cleanse(s.data(), s.size()); }
+void secure_wipe(std::span<std::byte> bytes) {
+  OPENSSL_cleanse(bytes.data(), bytes.size());
+}
+void secure_wipe(std::string& s) {
+  OPENSSL_cleanse(s.data(), s.size());
+}
 
 }  // namespace medgate

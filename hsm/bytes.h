@@ -22,7 +22,9 @@ inline ByteView as_bytes(std::string_view s) {
 inline const unsigned char* u8(ByteView b) {
   return reinterpret_cast<const unsigned char*>(b.data());
 }
-inline unsigned char* u8(std::span<std::byte> b) { return reinterpret_cast<unsigned char*>(b.data()); }
+inline unsigned char* u8(std::span<std::byte> b) {
+  return reinterpret_cast<unsigned char*>(b.data());
+}
 inline Bytes to_bytes(std::string_view s) {
   auto v = as_bytes(s);
   return {v.begin(), v.end()};

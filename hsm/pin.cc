@@ -12,17 +12,22 @@ namespace medgate::hsm {
 
 std::string PinSource::describe() const {
   switch (kind) {
-    case Kind::kNone: return "no PIN source";
-    case Kind::kFile: return "PIN file " + name;
-    case Kind::kEnv: return "environment variable " + name;
-    case Kind::kCredential: return "systemd credential " + name;
+    case Kind::kNone:
+      return "no PIN source";
+    case Kind::kFile:
+      return "PIN file " + name;
+    case Kind::kEnv:
+      return "environment variable " + name;
+    case Kind::kCredential:
+      return "systemd credential " + name;
   }
   return "?";
 }
 
 static Result<std::string> read_secret_file(const std::string& path, bool check_mode) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-  if (fd < 0) return Status::InvalidArgument("cannot open PIN file " + path + ": " + std::strerror(errno));
+  if (fd < 0)
+    return Status::InvalidArgument("cannot open PIN file " + path + ": " + std::strerror(errno));
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
@@ -53,13 +58,15 @@ static Result<std::string> read_secret_file(const std::string& path, bool check_
 Result<std::string> read_pin(const PinSource& source) {
   switch (source.kind) {
     case PinSource::Kind::kNone:
-      return Status::InvalidArgument("no PIN source configured (pin_file, pin_env or pin_credential)");
+      return Status::InvalidArgument(
+          "no PIN source configured (pin_file, pin_env or pin_credential)");
     case PinSource::Kind::kFile:
       return read_secret_file(source.name, /*check_mode=*/true);
     case PinSource::Kind::kEnv: {
       const char* v = std::getenv(source.name.c_str());
       if (!v || !*v)
-        return Status::InvalidArgument("environment variable " + source.name + " is not set or empty");
+        return Status::InvalidArgument("environment variable " + source.name +
+                                       " is not set or empty");
       return std::string(v);
     }
     case PinSource::Kind::kCredential: {

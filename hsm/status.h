@@ -36,7 +36,9 @@ class [[nodiscard]] Status {
   Status(StatusCode code, std::string message) : code_(code), message_(std::move(message)) {}
 
   static Status Ok() { return {}; }
-  static Status InvalidArgument(std::string m) { return {StatusCode::kInvalidArgument, std::move(m)}; }
+  static Status InvalidArgument(std::string m) {
+    return {StatusCode::kInvalidArgument, std::move(m)};
+  }
   static Status NotFound(std::string m) { return {StatusCode::kNotFound, std::move(m)}; }
   static Status Corruption(std::string m) { return {StatusCode::kCorruption, std::move(m)}; }
   static Status VerificationFailed(std::string m) {
@@ -96,9 +98,9 @@ class [[nodiscard]] Result {
 }  // namespace medgate
 
 // Returns early from a function returning Status or Result<T> when `expr` is not OK.
-#define MEDGATE_RETURN_IF_ERROR(expr)               \
-  do {                                              \
-    ::medgate::Status medgate_status_ = (expr);     \
+#define MEDGATE_RETURN_IF_ERROR(expr)                  \
+  do {                                                 \
+    ::medgate::Status medgate_status_ = (expr);        \
     if (!medgate_status_.ok()) return medgate_status_; \
   } while (false)
 

@@ -16,27 +16,32 @@ Result<cbor::Value> decode_fixed_map(ByteView bytes, ObjectKind kind, std::uint6
   const cbor::Map* map = v.as_map();
   if (!map) return Status::Corruption(fmt::format("{} is not a CBOR map", what));
   if (map->size() != key_count)
-    return Status::Corruption(fmt::format("{} has {} fields, expected {}", what, map->size(), key_count));
+    return Status::Corruption(
+        fmt::format("{} has {} fields, expected {}", what, map->size(), key_count));
   for (std::uint64_t i = 0; i < key_count; ++i)
-    if ((*map)[i].first.as_uint() != i) return Status::Corruption(fmt::format("{} lacks field {}", what, i));
+    if ((*map)[i].first.as_uint() != i)
+      return Status::Corruption(fmt::format("{} lacks field {}", what, i));
   if ((*map)[0].second.as_uint() != static_cast<std::uint64_t>(kind))
     return Status::Corruption(fmt::format("object is not a {} (key 0)", what));
   auto got = (*map)[1].second.as_uint();
   if (got != version)
-    return Status::Corruption(got ? fmt::format("{} version {} is not supported by this build", what, *got)
-                                  : fmt::format("{} has no version", what));
+    return Status::Corruption(
+        got ? fmt::format("{} version {} is not supported by this build", what, *got)
+            : fmt::format("{} has no version", what));
   return v;
 }
 
 Result<std::uint64_t> field_uint(const cbor::Value& v, std::uint64_t key, std::string_view what) {
   auto u = v.find(key)->as_uint();
-  if (!u) return Status::Corruption(fmt::format("{} field {} is not an unsigned integer", what, key));
+  if (!u)
+    return Status::Corruption(fmt::format("{} field {} is not an unsigned integer", what, key));
   return *u;
 }
 
 Result<Hash> field_hash(const cbor::Value& v, std::uint64_t key, std::string_view what) {
   const Bytes* b = v.find(key)->as_bytes();
-  if (!b || b->size() != 32) return Status::Corruption(fmt::format("{} field {} is not 32 bytes", what, key));
+  if (!b || b->size() != 32)
+    return Status::Corruption(fmt::format("{} field {} is not 32 bytes", what, key));
   Hash h;
   std::copy(b->begin(), b->end(), h.begin());
   return h;
@@ -44,7 +49,8 @@ Result<Hash> field_hash(const cbor::Value& v, std::uint64_t key, std::string_vie
 
 Result<std::string> field_text(const cbor::Value& v, std::uint64_t key, std::string_view what) {
   const std::string* t = v.find(key)->as_text();
-  if (!t || t->empty()) return Status::Corruption(fmt::format("{} field {} is not a non-empty text", what, key));
+  if (!t || t->empty())
+    return Status::Corruption(fmt::format("{} field {} is not a non-empty text", what, key));
   return *t;
 }
 
@@ -69,8 +75,8 @@ Bytes encode_block_header(const BlockHeader& h) {
 
 Result<BlockHeader> decode_block_header(ByteView bytes) {
   constexpr std::string_view what = "block header";
-  MEDGATE_ASSIGN_OR_RETURN(cbor::Value v,
-                           decode_fixed_map(bytes, ObjectKind::kBlockHeader, kBlockFormatVersion, 11, what));
+  MEDGATE_ASSIGN_OR_RETURN(cbor::Value v, decode_fixed_map(bytes, ObjectKind::kBlockHeader,
+                                                           kBlockFormatVersion, 11, what));
   BlockHeader h;
   MEDGATE_ASSIGN_OR_RETURN(h.ledger_id, field_text(v, 2, what));
   MEDGATE_ASSIGN_OR_RETURN(h.height, field_uint(v, 3, what));
@@ -105,8 +111,8 @@ Bytes encode_head(const HeadBody& h) {
 
 Result<HeadBody> decode_head(ByteView bytes) {
   constexpr std::string_view what = "signed head";
-  MEDGATE_ASSIGN_OR_RETURN(cbor::Value v,
-                           decode_fixed_map(bytes, ObjectKind::kSignedHead, kHeadFormatVersion, 9, what));
+  MEDGATE_ASSIGN_OR_RETURN(
+      cbor::Value v, decode_fixed_map(bytes, ObjectKind::kSignedHead, kHeadFormatVersion, 9, what));
   HeadBody h;
   MEDGATE_ASSIGN_OR_RETURN(h.ledger_id, field_text(v, 2, what));
   MEDGATE_ASSIGN_OR_RETURN(h.height, field_uint(v, 3, what));

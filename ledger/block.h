@@ -50,7 +50,9 @@ Bytes encode_block_header(const BlockHeader& header);
 // Strict: canonical bytes, right kind and version, every field present, tree_size ==
 // first_index + entry_count. kCorruption names the problem.
 Result<BlockHeader> decode_block_header(ByteView bytes);
-inline Hash block_hash(ByteView header_bytes) { return sha256(header_bytes); }
+inline Hash block_hash(ByteView header_bytes) {
+  return sha256(header_bytes);
+}
 
 struct HeadBody {
   std::uint64_t version = kHeadFormatVersion;
@@ -66,7 +68,9 @@ struct HeadBody {
 
 Bytes encode_head(const HeadBody& head);
 Result<HeadBody> decode_head(ByteView bytes);
-inline Hash head_digest(ByteView head_bytes) { return sha256(head_bytes); }
+inline Hash head_digest(ByteView head_bytes) {
+  return sha256(head_bytes);
+}
 
 struct SignedHead {
   std::uint64_t sequence = 0;  // the store's row number, not signed

@@ -24,7 +24,8 @@ Result<Value> Value::map(Map entries) {
   std::sort(keys.begin(), keys.end());
   for (std::size_t i = 1; i < keys.size(); ++i)
     if (keys[i].first == keys[i - 1].first)
-      return Status::InvalidArgument("duplicate map key " + to_json(entries[keys[i].second].first).dump());
+      return Status::InvalidArgument("duplicate map key " +
+                                     to_json(entries[keys[i].second].first).dump());
   auto sorted = std::make_shared<Map>();
   sorted->reserve(entries.size());
   for (auto& [bytes, index] : keys) sorted->push_back(std::move(entries[index]));
@@ -33,14 +34,22 @@ Result<Value> Value::map(Map entries) {
 
 Value::Type Value::type() const {
   switch (v_.index()) {
-    case 0: return Type::kUnsigned;
-    case 1: return Type::kNegative;
-    case 2: return Type::kBytes;
-    case 3: return Type::kText;
-    case 4: return Type::kArray;
-    case 5: return Type::kMap;
-    case 6: return Type::kBool;
-    default: return Type::kNull;
+    case 0:
+      return Type::kUnsigned;
+    case 1:
+      return Type::kNegative;
+    case 2:
+      return Type::kBytes;
+    case 3:
+      return Type::kText;
+    case 4:
+      return Type::kArray;
+    case 5:
+      return Type::kMap;
+    case 6:
+      return Type::kBool;
+    default:
+      return Type::kNull;
   }
 }
 
@@ -107,16 +116,23 @@ void Writer::head(int major, std::uint64_t arg) {
     out_.push_back(std::byte(m | additional));
     for (int i = nbytes - 1; i >= 0; --i) out_.push_back(std::byte((arg >> (8 * i)) & 0xff));
   };
-  if (arg < 24) put(static_cast<unsigned>(arg), 0);
-  else if (arg <= 0xff) put(24, 1);
-  else if (arg <= 0xffff) put(25, 2);
-  else if (arg <= 0xffffffffULL) put(26, 4);
-  else put(27, 8);
+  if (arg < 24)
+    put(static_cast<unsigned>(arg), 0);
+  else if (arg <= 0xff)
+    put(24, 1);
+  else if (arg <= 0xffff)
+    put(25, 2);
+  else if (arg <= 0xffffffffULL)
+    put(26, 4);
+  else
+    put(27, 8);
 }
 
 void Writer::integer(std::int64_t v) {
-  if (v >= 0) head(0, static_cast<std::uint64_t>(v));
-  else head(1, static_cast<std::uint64_t>(-(v + 1)));
+  if (v >= 0)
+    head(0, static_cast<std::uint64_t>(v));
+  else
+    head(1, static_cast<std::uint64_t>(-(v + 1)));
 }
 
 void Writer::bytes(ByteView b) {
@@ -134,7 +150,8 @@ void encode_to(const Value& value, Writer& out) {
   std::visit(
       [&](const auto& v) {
         using T = std::decay_t<decltype(v)>;
-        if constexpr (std::is_same_v<T, std::uint64_t>) out.uint(v);
+        if constexpr (std::is_same_v<T, std::uint64_t>)
+          out.uint(v);
         else if constexpr (std::is_same_v<T, Value::Negative>) {
           // Writer::integer cannot express -2^64..-2^63-1; write the head directly.
           Writer tmp;
@@ -142,8 +159,10 @@ void encode_to(const Value& value, Writer& out) {
           Bytes b = tmp.take();
           b[0] = std::byte(std::to_integer<unsigned>(b[0]) | 0x20);
           out.raw(b);
-        } else if constexpr (std::is_same_v<T, Bytes>) out.bytes(v);
-        else if constexpr (std::is_same_v<T, std::string>) out.text(v);
+        } else if constexpr (std::is_same_v<T, Bytes>)
+          out.bytes(v);
+        else if constexpr (std::is_same_v<T, std::string>)
+          out.text(v);
         else if constexpr (std::is_same_v<T, std::shared_ptr<Array>>) {
           out.array_header(v->size());
           for (const Value& item : *v) encode_to(item, out);
@@ -153,8 +172,10 @@ void encode_to(const Value& value, Writer& out) {
             encode_to(k, out);
             encode_to(item, out);
           }
-        } else if constexpr (std::is_same_v<T, bool>) out.boolean(v);
-        else out.null();
+        } else if constexpr (std::is_same_v<T, bool>)
+          out.boolean(v);
+        else
+          out.null();
       },
       value.v_);
 }
@@ -174,13 +195,23 @@ bool valid_utf8(const unsigned char* s, std::size_t n) {
   std::size_t i = 0;
   while (i < n) {
     unsigned c = s[i];
-    if (c < 0x80) { ++i; continue; }
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
     std::size_t len;
     unsigned cp;
-    if (c >= 0xc2 && c <= 0xdf) { len = 2; cp = c & 0x1f; }
-    else if (c >= 0xe0 && c <= 0xef) { len = 3; cp = c & 0x0f; }
-    else if (c >= 0xf0 && c <= 0xf4) { len = 4; cp = c & 0x07; }
-    else return false;
+    if (c >= 0xc2 && c <= 0xdf) {
+      len = 2;
+      cp = c & 0x1f;
+    } else if (c >= 0xe0 && c <= 0xef) {
+      len = 3;
+      cp = c & 0x0f;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+      len = 4;
+      cp = c & 0x07;
+    } else
+      return false;
     if (n - i < len) return false;
     for (std::size_t k = 1; k < len; ++k) {
       if ((s[i + k] & 0xc0) != 0x80) return false;
@@ -208,10 +239,14 @@ class Decoder {
     unsigned major = initial >> 5, additional = initial & 0x1f;
     if (major == 7) {
       switch (additional) {
-        case 20: return Value::boolean(false);
-        case 21: return Value::boolean(true);
-        case 22: return Value::null();
-        default: return error_at(start, "floats, undefined and other simple values are not allowed");
+        case 20:
+          return Value::boolean(false);
+        case 21:
+          return Value::boolean(true);
+        case 22:
+          return Value::null();
+        default:
+          return error_at(start, "floats, undefined and other simple values are not allowed");
       }
     }
     if (major == 6) return error_at(start, "tags are not allowed");
@@ -220,7 +255,8 @@ class Decoder {
       arg = additional;
     } else if (additional <= 27) {
       int nbytes = 1 << (additional - 24);
-      if (data_.size() - pos_ < static_cast<std::size_t>(nbytes)) return error("unexpected end of data");
+      if (data_.size() - pos_ < static_cast<std::size_t>(nbytes))
+        return error("unexpected end of data");
       for (int i = 0; i < nbytes; ++i) arg = (arg << 8) | std::to_integer<unsigned>(data_[pos_++]);
       std::uint64_t min = additional == 24 ? 24 : (1ULL << (8 * (nbytes / 2)));
       if (arg < min) return error_at(start, "integer or length not in shortest form");
@@ -231,15 +267,18 @@ class Decoder {
     }
     std::size_t remaining = data_.size() - pos_;
     switch (major) {
-      case 0: return Value::uint(arg);
-      case 1: return Value(Value::Rep(Value::Negative{arg}));
+      case 0:
+        return Value::uint(arg);
+      case 1:
+        return Value(Value::Rep(Value::Negative{arg}));
       case 2:
       case 3: {
         if (arg > remaining) return error_at(start, "string runs past the end of the data");
         auto body = data_.subspan(pos_, static_cast<std::size_t>(arg));
         pos_ += body.size();
         if (major == 2) return Value::bytes(body);
-        if (!valid_utf8(u8(body), body.size())) return error_at(start, "text string is not valid UTF-8");
+        if (!valid_utf8(u8(body), body.size()))
+          return error_at(start, "text string is not valid UTF-8");
         return Value::text(to_string(body));
       }
       case 4: {
@@ -266,10 +305,10 @@ class Decoder {
             bool ascending = std::lexicographical_compare(prev_key.begin(), prev_key.end(),
                                                           key.begin(), key.end());
             if (!ascending)
-              return error_at(key_start, std::equal(prev_key.begin(), prev_key.end(), key.begin(),
-                                                     key.end())
-                                             ? "duplicate map key"
-                                             : "map keys not in canonical order");
+              return error_at(key_start,
+                              std::equal(prev_key.begin(), prev_key.end(), key.begin(), key.end())
+                                  ? "duplicate map key"
+                                  : "map keys not in canonical order");
           }
           prev_key = key;
           MEDGATE_ASSIGN_OR_RETURN(Value v, item(depth + 1));
@@ -277,7 +316,8 @@ class Decoder {
         }
         return Value(Value::Rep(std::move(entries)));
       }
-      default: return error_at(start, "unknown major type");
+      default:
+        return error_at(start, "unknown major type");
     }
   }
 
@@ -306,13 +346,16 @@ Result<Value> decode(ByteView data) {
 
 nlohmann::json to_json(const Value& value) {
   switch (value.type()) {
-    case Value::Type::kUnsigned: return *value.as_uint();
+    case Value::Type::kUnsigned:
+      return *value.as_uint();
     case Value::Type::kNegative: {
       if (auto i = value.as_int()) return *i;
       return "(integer below -2^63)";
     }
-    case Value::Type::kBytes: return to_hex(*value.as_bytes());
-    case Value::Type::kText: return *value.as_text();
+    case Value::Type::kBytes:
+      return to_hex(*value.as_bytes());
+    case Value::Type::kText:
+      return *value.as_text();
     case Value::Type::kArray: {
       nlohmann::json a = nlohmann::json::array();
       for (const Value& v : *value.as_array()) a.push_back(to_json(v));
@@ -326,8 +369,10 @@ nlohmann::json to_json(const Value& value) {
       }
       return o;
     }
-    case Value::Type::kBool: return *value.as_bool();
-    case Value::Type::kNull: return nullptr;
+    case Value::Type::kBool:
+      return *value.as_bool();
+    case Value::Type::kNull:
+      return nullptr;
   }
   return nullptr;
 }

@@ -20,9 +20,8 @@ Status require_text(const cbor::Value& body, std::string_view key) {
 Status require_bytes(const cbor::Value& body, std::string_view key, std::size_t size) {
   const cbor::Value* v = body.find(key);
   if (!v || !v->as_bytes() || (size && v->as_bytes()->size() != size))
-    return Status::InvalidArgument(
-        size ? fmt::format("body needs \"{}\" as {} bytes", key, size)
-             : fmt::format("body needs \"{}\" as bytes", key));
+    return Status::InvalidArgument(size ? fmt::format("body needs \"{}\" as {} bytes", key, size)
+                                        : fmt::format("body needs \"{}\" as bytes", key));
   return Status::Ok();
 }
 
@@ -66,7 +65,8 @@ Status check_body(const EntryTypeInfo& info, const cbor::Value& body) {
   const cbor::Map* map = body.as_map();
   if (!map) return Status::InvalidArgument(fmt::format("{} entry body is not a map", info.name));
   for (const auto& [k, v] : *map)
-    if (!k.as_text()) return Status::InvalidArgument(fmt::format("{} entry body has a non-text key", info.name));
+    if (!k.as_text())
+      return Status::InvalidArgument(fmt::format("{} entry body has a non-text key", info.name));
   return info.check_body(body).with_context(fmt::format("{} entry", info.name));
 }
 
@@ -86,7 +86,9 @@ const EntryTypeInfo* find_entry_type(std::string_view name) {
 
 Result<Bytes> encode_entry(const Entry& entry) {
   const EntryTypeInfo* info = find_entry_type(static_cast<std::uint64_t>(entry.type));
-  if (!info) return Status::InvalidArgument(fmt::format("unknown entry type {}", static_cast<std::uint32_t>(entry.type)));
+  if (!info)
+    return Status::InvalidArgument(
+        fmt::format("unknown entry type {}", static_cast<std::uint32_t>(entry.type)));
   if (entry.actor.empty()) return Status::InvalidArgument("entry has no actor");
   MEDGATE_RETURN_IF_ERROR(check_body(*info, entry.body));
 
@@ -111,8 +113,10 @@ Result<Bytes> encode_entry(const Entry& entry) {
       if (s.subject.empty()) return Status::InvalidArgument("subject link with an empty subject");
       w.array_header(2);
       w.bytes(s.subject);
-      if (s.previous) w.uint(*s.previous);
-      else w.null();
+      if (s.previous)
+        w.uint(*s.previous);
+      else
+        w.null();
     }
   }
   return w.take();
@@ -124,7 +128,8 @@ Result<Entry> decode_entry(ByteView bytes) {
   if (!map) return Status::Corruption("entry is not a CBOR map");
   for (const auto& [k, item] : *map) {
     auto key = k.as_uint();
-    if (!key || *key > kSubjects) return Status::Corruption("entry has a key this format does not define");
+    if (!key || *key > kSubjects)
+      return Status::Corruption("entry has a key this format does not define");
   }
   auto get_uint = [&](std::uint64_t key) -> std::optional<std::uint64_t> {
     const cbor::Value* x = v.find(key);
@@ -134,20 +139,24 @@ Result<Entry> decode_entry(ByteView bytes) {
     return Status::Corruption("object is not an entry (key 0)");
   auto version = get_uint(kVersion);
   if (version != kEntryFormatVersion)
-    return Status::Corruption(version ? fmt::format("entry format version {} is not supported by this build (it reads {})",
-                                                    *version, kEntryFormatVersion)
-                                      : "entry has no format version");
+    return Status::Corruption(
+        version
+            ? fmt::format("entry format version {} is not supported by this build (it reads {})",
+                          *version, kEntryFormatVersion)
+            : "entry has no format version");
   auto type = get_uint(kType);
   if (!type) return Status::Corruption("entry has no type");
   const EntryTypeInfo* info = find_entry_type(*type);
-  if (!info) return Status::Corruption(fmt::format("entry type {} is unknown to this build", *type));
+  if (!info)
+    return Status::Corruption(fmt::format("entry type {} is unknown to this build", *type));
   Entry e;
   e.type = info->type;
   auto time = get_uint(kTime);
   if (!time) return Status::Corruption("entry has no time");
   e.time_us = *time;
   const cbor::Value* actor = v.find(kActor);
-  if (!actor || !actor->as_text() || actor->as_text()->empty()) return Status::Corruption("entry has no actor");
+  if (!actor || !actor->as_text() || actor->as_text()->empty())
+    return Status::Corruption("entry has no actor");
   e.actor = *actor->as_text();
   const cbor::Value* body = v.find(kBody);
   if (!body) return Status::Corruption("entry has no body");
@@ -155,7 +164,8 @@ Result<Entry> decode_entry(ByteView bytes) {
   e.body = *body;
   if (const cbor::Value* subjects = v.find(kSubjects)) {
     const cbor::Array* list = subjects->as_array();
-    if (!list || list->empty()) return Status::Corruption("entry subjects must be a non-empty array");
+    if (!list || list->empty())
+      return Status::Corruption("entry subjects must be a non-empty array");
     for (const cbor::Value& item : *list) {
       const cbor::Array* pair = item.as_array();
       if (!pair || pair->size() != 2 || !(*pair)[0].as_bytes() || (*pair)[0].as_bytes()->empty() ||
@@ -197,7 +207,8 @@ std::optional<std::uint64_t> parse_time(std::string_view s) {
   if (!year || !mon || !day || !hour || !min || !sec || s.size() < 20 || s[4] != '-' ||
       s[7] != '-' || (s[10] != 'T' && s[10] != 't' && s[10] != ' ') || s[13] != ':' || s[16] != ':')
     return std::nullopt;
-  if (*mon < 1 || *mon > 12 || *day < 1 || *day > 31 || *hour > 23 || *min > 59 || *sec > 60 || *year < 1970)
+  if (*mon < 1 || *mon > 12 || *day < 1 || *day > 31 || *hour > 23 || *min > 59 || *sec > 60 ||
+      *year < 1970)
     return std::nullopt;
   std::size_t pos = 19;
   std::uint64_t micros = 0;

@@ -56,7 +56,7 @@ const EntryTypeInfo* find_entry_type(std::uint64_t type);
 const EntryTypeInfo* find_entry_type(std::string_view name);
 
 struct SubjectLink {
-  Bytes subject;                       // a keyed pseudonym
+  Bytes subject;                          // a keyed pseudonym
   std::optional<std::uint64_t> previous;  // index of the subject's previous entry
   friend bool operator==(const SubjectLink&, const SubjectLink&) = default;
 };

@@ -64,8 +64,9 @@ class CompactRange {
 
   // Appends a leaf hash. `completed`, if given, is called with every perfect node that the append
   // completes (level >= 1), lowest first, so callers can store them.
-  void append(const Hash& leaf,
-              const std::function<void(int level, std::uint64_t index, const Hash&)>& completed = {});
+  void append(
+      const Hash& leaf,
+      const std::function<void(int level, std::uint64_t index, const Hash&)>& completed = {});
   std::uint64_t size() const { return size_; }
   Hash root() const;
 

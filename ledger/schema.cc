@@ -31,7 +31,8 @@ static_assert(kKnownVersion == kSchemaVersion);
 Result<int> user_version(sql::Database& db) {
   MEDGATE_ASSIGN_OR_RETURN(sql::Statement st, db.prepare("PRAGMA user_version"));
   MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
-  if (step != sql::Statement::Step::kRow) return Status::Corruption("PRAGMA user_version gave no row");
+  if (step != sql::Statement::Step::kRow)
+    return Status::Corruption("PRAGMA user_version gave no row");
   return static_cast<int>(st.column_int(0));
 }
 
@@ -49,7 +50,8 @@ Status migrate_schema(sql::Database& db) {
     if (s.ok()) s = db.exec(fmt::format("PRAGMA user_version = {}", v + 1));
     if (s.ok()) s = tx.commit();
     if (!s.ok())
-      return s.with_context(fmt::format("schema migration {} -> {} failed; the file is unchanged", v, v + 1));
+      return s.with_context(
+          fmt::format("schema migration {} -> {} failed; the file is unchanged", v, v + 1));
   }
   return Status::Ok();
 }
@@ -58,8 +60,9 @@ Status check_schema_readable(sql::Database& db) {
   MEDGATE_ASSIGN_OR_RETURN(int version, user_version(db));
   if (version == 0) return Status::Corruption("not a medgate ledger (no schema)");
   if (version > kKnownVersion)
-    return Status::FailedPrecondition(fmt::format(
-        "ledger schema version {} is newer than this build understands ({})", version, kKnownVersion));
+    return Status::FailedPrecondition(
+        fmt::format("ledger schema version {} is newer than this build understands ({})", version,
+                    kKnownVersion));
   return Status::Ok();
 }
 

@@ -7,9 +7,15 @@ namespace medgate::ledger::sql {
 Result<Database> Database::open(const std::filesystem::path& path, Mode mode) {
   int flags = SQLITE_OPEN_NOMUTEX;  // each connection is used by one thread at a time
   switch (mode) {
-    case Mode::kReadOnly: flags |= SQLITE_OPEN_READONLY; break;
-    case Mode::kReadWrite: flags |= SQLITE_OPEN_READWRITE; break;
-    case Mode::kCreate: flags |= SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE; break;
+    case Mode::kReadOnly:
+      flags |= SQLITE_OPEN_READONLY;
+      break;
+    case Mode::kReadWrite:
+      flags |= SQLITE_OPEN_READWRITE;
+      break;
+    case Mode::kCreate:
+      flags |= SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE;
+      break;
   }
   sqlite3* db = nullptr;
   int rc = sqlite3_open_v2(path.c_str(), &db, flags, nullptr);
@@ -60,20 +66,24 @@ Status Database::error(std::string_view what) const {
   int rc = sqlite3_extended_errcode(db_);
   std::string msg = fmt::format("{}: {} (SQLite {})", what, sqlite3_errmsg(db_), rc);
   switch (rc & 0xff) {
-    case SQLITE_FULL: return Status::IOError(fmt::format("{}: disk full (SQLite {})", what, rc));
+    case SQLITE_FULL:
+      return Status::IOError(fmt::format("{}: disk full (SQLite {})", what, rc));
     case SQLITE_IOERR:
     case SQLITE_CANTOPEN:
     case SQLITE_READONLY:
     case SQLITE_BUSY:
     case SQLITE_LOCKED:
-    case SQLITE_PERM: return Status::IOError(msg);
+    case SQLITE_PERM:
+      return Status::IOError(msg);
     case SQLITE_CORRUPT:
     case SQLITE_NOTADB:
     case SQLITE_SCHEMA:
     case SQLITE_ERROR:
     case SQLITE_MISMATCH:
-    case SQLITE_CONSTRAINT: return Status::Corruption(msg);
-    default: return Status::Internal(msg);
+    case SQLITE_CONSTRAINT:
+      return Status::Corruption(msg);
+    default:
+      return Status::Internal(msg);
   }
 }
 
@@ -86,7 +96,9 @@ Statement& Statement::operator=(Statement&& o) noexcept {
   return *this;
 }
 
-Statement::~Statement() { sqlite3_finalize(st_); }
+Statement::~Statement() {
+  sqlite3_finalize(st_);
+}
 
 Statement& Statement::bind(int i, std::int64_t v) {
   sqlite3_bind_int64(st_, i, v);
@@ -110,11 +122,14 @@ Result<Statement::Step> Statement::step() {
   std::string msg = fmt::format("{} (SQLite {})", sqlite3_errmsg(db), ext);
   sqlite3_reset(st_);
   switch (ext & 0xff) {
-    case SQLITE_FULL: return Status::IOError(fmt::format("disk full (SQLite {})", ext));
+    case SQLITE_FULL:
+      return Status::IOError(fmt::format("disk full (SQLite {})", ext));
     case SQLITE_CORRUPT:
     case SQLITE_NOTADB:
-    case SQLITE_CONSTRAINT: return Status::Corruption(msg);
-    default: return Status::IOError(msg);
+    case SQLITE_CONSTRAINT:
+      return Status::Corruption(msg);
+    default:
+      return Status::IOError(msg);
   }
 }
 
@@ -139,7 +154,8 @@ ByteView Statement::column_blob(int i) const {
 std::string Statement::column_text(int i) const {
   const unsigned char* p = sqlite3_column_text(st_, i);
   int n = sqlite3_column_bytes(st_, i);
-  return p ? std::string(reinterpret_cast<const char*>(p), static_cast<std::size_t>(n)) : std::string();
+  return p ? std::string(reinterpret_cast<const char*>(p), static_cast<std::size_t>(n))
+           : std::string();
 }
 
 Result<Transaction> Transaction::immediate(Database& db) {
@@ -163,7 +179,8 @@ Status Transaction::commit() {
 }
 
 bool is_disk_full(const Status& status) {
-  return status.code() == StatusCode::kIOError && status.message().find("disk full (SQLite") != std::string::npos;
+  return status.code() == StatusCode::kIOError &&
+         status.message().find("disk full (SQLite") != std::string::npos;
 }
 
 }  // namespace medgate::ledger::sql

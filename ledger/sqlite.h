@@ -59,7 +59,9 @@ class Statement {
   void reset();
 
   std::int64_t column_int(int i) const { return sqlite3_column_int64(st_, i); }
-  std::uint64_t column_uint(int i) const { return static_cast<std::uint64_t>(sqlite3_column_int64(st_, i)); }
+  std::uint64_t column_uint(int i) const {
+    return static_cast<std::uint64_t>(sqlite3_column_int64(st_, i));
+  }
   ByteView column_blob(int i) const;
   std::string column_text(int i) const;
   bool column_is_null(int i) const { return sqlite3_column_type(st_, i) == SQLITE_NULL; }

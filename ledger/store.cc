@@ -30,7 +30,9 @@ namespace {
 
 constexpr int kCheckpointPages = 1000;  // ~4 MiB of WAL before a passive checkpoint
 
-std::string hex_short(const Hash& h) { return to_hex(ByteView(h).first(8)); }
+std::string hex_short(const Hash& h) {
+  return to_hex(ByteView(h).first(8));
+}
 
 Status apply_pragmas(sql::Database& db, const LedgerOptions& options) {
   MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("PRAGMA journal_mode=WAL"));
@@ -52,8 +54,10 @@ TileReader tile_reader(const sql::Database& db) {
     sql::Statement& s = st->value();
     s.bind(1, level).bind(2, index);
     Result<sql::Statement::Step> step = s.step();
-    Result<Bytes> out = Status::NotFound(fmt::format("Merkle tile ({}, {}) is missing", level, index));
-    if (!step.ok()) out = step.status();
+    Result<Bytes> out =
+        Status::NotFound(fmt::format("Merkle tile ({}, {}) is missing", level, index));
+    if (!step.ok())
+      out = step.status();
     else if (*step == sql::Statement::Step::kRow) {
       ByteView b = s.column_blob(0);
       out = Bytes(b.begin(), b.end());
@@ -79,7 +83,9 @@ class LockFile {
     std::filesystem::path path = db_path;
     path += ".lock";
     int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (fd < 0) return Status::IOError(fmt::format("cannot open lock {}: {}", path.string(), std::strerror(errno)));
+    if (fd < 0)
+      return Status::IOError(
+          fmt::format("cannot open lock {}: {}", path.string(), std::strerror(errno)));
     if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
       char buf[32] = {};
       ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
@@ -91,9 +97,9 @@ class LockFile {
         std::ifstream f("/proc/" + pid + "/comm");
         std::getline(f, comm);
       }
-      return Status::FailedPrecondition(fmt::format(
-          "ledger {} is in use by process {}{}", db_path.string(), pid.empty() ? "?" : pid,
-          comm.empty() ? "" : " (" + comm + ")"));
+      return Status::FailedPrecondition(fmt::format("ledger {} is in use by process {}{}",
+                                                    db_path.string(), pid.empty() ? "?" : pid,
+                                                    comm.empty() ? "" : " (" + comm + ")"));
     }
     std::string pid = std::to_string(::getpid()) + "\n";
     if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, pid.data(), pid.size(), 0) < 0) {
@@ -120,8 +126,8 @@ struct PendingEntry {
 };
 
 struct Job {
-  std::vector<PendingEntry> entries;      // an append (kept together in one block)
-  std::optional<SignedHead> head;         // or a signed head to store
+  std::vector<PendingEntry> entries;  // an append (kept together in one block)
+  std::optional<SignedHead> head;     // or a signed head to store
   bool done = false;
   Status status;
   std::uint64_t first_index = 0;
@@ -147,14 +153,24 @@ class Ledger::Impl {
   ~Impl() { close(); }
 
   Status open() {
-    MEDGATE_ASSIGN_OR_RETURN(db_, sql::Database::open(options_.path, sql::Database::Mode::kReadWrite));
+    MEDGATE_ASSIGN_OR_RETURN(db_,
+                             sql::Database::open(options_.path, sql::Database::Mode::kReadWrite));
     MEDGATE_RETURN_IF_ERROR(apply_pragmas(db_, options_));
     MEDGATE_RETURN_IF_ERROR(migrate_schema(db_));
     MEDGATE_RETURN_IF_ERROR(load_state());
-    MEDGATE_ASSIGN_OR_RETURN(insert_entry_, db_.prepare("INSERT INTO entries (idx, type, time_us, bytes) VALUES (?,?,?,?)"));
-    MEDGATE_ASSIGN_OR_RETURN(insert_tile_, db_.prepare("INSERT OR REPLACE INTO tiles (level, idx, hashes) VALUES (?,?,?)"));
-    MEDGATE_ASSIGN_OR_RETURN(insert_block_, db_.prepare("INSERT INTO blocks (height, first_index, entry_count, header) VALUES (?,?,?,?)"));
-    MEDGATE_ASSIGN_OR_RETURN(insert_head_, db_.prepare("INSERT INTO heads (height, tree_size, head, signature) VALUES (?,?,?,?)"));
+    MEDGATE_ASSIGN_OR_RETURN(
+        insert_entry_,
+        db_.prepare("INSERT INTO entries (idx, type, time_us, bytes) VALUES (?,?,?,?)"));
+    MEDGATE_ASSIGN_OR_RETURN(
+        insert_tile_,
+        db_.prepare("INSERT OR REPLACE INTO tiles (level, idx, hashes) VALUES (?,?,?)"));
+    MEDGATE_ASSIGN_OR_RETURN(
+        insert_block_,
+        db_.prepare(
+            "INSERT INTO blocks (height, first_index, entry_count, header) VALUES (?,?,?,?)"));
+    MEDGATE_ASSIGN_OR_RETURN(
+        insert_head_,
+        db_.prepare("INSERT INTO heads (height, tree_size, head, signature) VALUES (?,?,?,?)"));
     sqlite3_wal_hook(db_.handle(), &Impl::wal_hook, this);
     writer_ = std::thread([this] { writer_loop(); });
     signer_thread_ = std::thread([this] { signer_loop(); });
@@ -297,12 +313,14 @@ class Ledger::Impl {
   Result<StoredEntry> entry(std::uint64_t index) const {
     std::uint64_t size = committed_size_.load();
     if (index >= size)
-      return Status::NotFound(fmt::format("entry {} does not exist (the ledger has {} entries)", index, size));
+      return Status::NotFound(
+          fmt::format("entry {} does not exist (the ledger has {} entries)", index, size));
     return with_reader([&](sql::Database& db) -> Result<StoredEntry> {
       MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("SELECT bytes FROM entries WHERE idx = ?"));
       st.bind(1, index);
       MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
-      if (step != sql::Statement::Step::kRow) return Status::Corruption(fmt::format("entry {} is missing from the store", index));
+      if (step != sql::Statement::Step::kRow)
+        return Status::Corruption(fmt::format("entry {} is missing from the store", index));
       StoredEntry out;
       out.index = index;
       ByteView b = st.column_blob(0);
@@ -322,12 +340,14 @@ class Ledger::Impl {
       latest = last_block_.header.height;
     }
     if (height > latest)
-      return Status::NotFound(fmt::format("block {} does not exist (the latest is {})", height, latest));
+      return Status::NotFound(
+          fmt::format("block {} does not exist (the latest is {})", height, latest));
     return with_reader([&](sql::Database& db) -> Result<StoredBlock> {
       MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("SELECT header FROM blocks WHERE height = ?"));
       st.bind(1, height);
       MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
-      if (step != sql::Statement::Step::kRow) return Status::Corruption(fmt::format("block {} is missing from the store", height));
+      if (step != sql::Statement::Step::kRow)
+        return Status::Corruption(fmt::format("block {} is missing from the store", height));
       ByteView b = st.column_blob(0);
       StoredBlock out;
       out.bytes.assign(b.begin(), b.end());
@@ -342,23 +362,27 @@ class Ledger::Impl {
   Result<std::uint64_t> block_height_of(std::uint64_t index) const {
     std::uint64_t size = committed_size_.load();
     if (index >= size)
-      return Status::NotFound(fmt::format("entry {} does not exist (the ledger has {} entries)", index, size));
+      return Status::NotFound(
+          fmt::format("entry {} does not exist (the ledger has {} entries)", index, size));
     return with_reader([&](sql::Database& db) -> Result<std::uint64_t> {
-      MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare(
-          "SELECT height FROM blocks WHERE first_index <= ? ORDER BY first_index DESC LIMIT 1"));
+      MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("SELECT height FROM blocks WHERE first_index <= "
+                                                   "? ORDER BY first_index DESC LIMIT 1"));
       st.bind(1, index);
       MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
-      if (step != sql::Statement::Step::kRow) return Status::Corruption(fmt::format("no block holds entry {}", index));
+      if (step != sql::Statement::Step::kRow)
+        return Status::Corruption(fmt::format("no block holds entry {}", index));
       return st.column_uint(0);
     });
   }
 
   Result<SignedHead> head(std::uint64_t sequence) const {
     return with_reader([&](sql::Database& db) -> Result<SignedHead> {
-      MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("SELECT seq, head, signature FROM heads WHERE seq = ?"));
+      MEDGATE_ASSIGN_OR_RETURN(auto st,
+                               db.prepare("SELECT seq, head, signature FROM heads WHERE seq = ?"));
       st.bind(1, sequence);
       MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
-      if (step != sql::Statement::Step::kRow) return Status::NotFound(fmt::format("signed head #{} does not exist", sequence));
+      if (step != sql::Statement::Step::kRow)
+        return Status::NotFound(fmt::format("signed head #{} does not exist", sequence));
       return read_signed_head(st);
     });
   }
@@ -366,13 +390,15 @@ class Ledger::Impl {
   Status check_size(std::uint64_t size) const {
     std::uint64_t committed = committed_size_.load();
     if (size > committed)
-      return Status::InvalidArgument(fmt::format("tree size {} is beyond the ledger's {} entries", size, committed));
+      return Status::InvalidArgument(
+          fmt::format("tree size {} is beyond the ledger's {} entries", size, committed));
     return Status::Ok();
   }
 
   Result<Hash> root_at(std::uint64_t size) const {
     MEDGATE_RETURN_IF_ERROR(check_size(size));
-    return with_reader([&](sql::Database& db) { return merkle::root(size, node_source(tile_reader(db))); });
+    return with_reader(
+        [&](sql::Database& db) { return merkle::root(size, node_source(tile_reader(db))); });
   }
 
   Result<std::vector<Hash>> inclusion_proof(std::uint64_t index, std::uint64_t size) const {
@@ -396,14 +422,18 @@ class Ledger::Impl {
   // ---- opening ----
 
   Status load_state() {
-    MEDGATE_ASSIGN_OR_RETURN(auto meta, db_.prepare("SELECT value FROM meta WHERE key = 'ledger_id'"));
+    MEDGATE_ASSIGN_OR_RETURN(auto meta,
+                             db_.prepare("SELECT value FROM meta WHERE key = 'ledger_id'"));
     MEDGATE_ASSIGN_OR_RETURN(auto step, meta.step());
-    if (step != sql::Statement::Step::kRow) return Status::Corruption("the ledger file has no ledger id");
+    if (step != sql::Statement::Step::kRow)
+      return Status::Corruption("the ledger file has no ledger id");
     ledger_id_ = to_string(meta.column_blob(0));
 
-    MEDGATE_ASSIGN_OR_RETURN(auto last, db_.prepare("SELECT height, header FROM blocks ORDER BY height DESC LIMIT 1"));
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto last, db_.prepare("SELECT height, header FROM blocks ORDER BY height DESC LIMIT 1"));
     MEDGATE_ASSIGN_OR_RETURN(step, last.step());
-    if (step != sql::Statement::Step::kRow) return Status::Corruption("the ledger file has no blocks (not even genesis)");
+    if (step != sql::Statement::Step::kRow)
+      return Status::Corruption("the ledger file has no blocks (not even genesis)");
     std::uint64_t height = last.column_uint(0);
     ByteView header_bytes = last.column_blob(1);
     last_block_.bytes.assign(header_bytes.begin(), header_bytes.end());
@@ -415,7 +445,8 @@ class Ledger::Impl {
       return Status::Corruption(fmt::format("block {}'s header does not match its row", height));
     committed_size_ = last_block_.header.tree_size;
 
-    MEDGATE_ASSIGN_OR_RETURN(auto count, db_.prepare("SELECT count(*), coalesce(max(idx), -1) FROM entries"));
+    MEDGATE_ASSIGN_OR_RETURN(auto count,
+                             db_.prepare("SELECT count(*), coalesce(max(idx), -1) FROM entries"));
     MEDGATE_ASSIGN_OR_RETURN(step, count.step());
     if (count.column_uint(0) != last_block_.header.tree_size ||
         count.column_int(1) + 1 != static_cast<std::int64_t>(last_block_.header.tree_size))
@@ -427,26 +458,33 @@ class Ledger::Impl {
     if (!builder.ok()) return builder.status().with_context("rebuilding the Merkle right edge");
     tiles_ = std::move(builder).value();
     if (tiles_.root() != last_block_.header.root)
-      return Status::Corruption(fmt::format("the stored Merkle tiles give root {} but block {} says {}",
-                                            hex_short(tiles_.root()), height, hex_short(last_block_.header.root)));
+      return Status::Corruption(
+          fmt::format("the stored Merkle tiles give root {} but block {} says {}",
+                      hex_short(tiles_.root()), height, hex_short(last_block_.header.root)));
 
     // The genesis entry names the key this ledger's heads are signed with.
     MEDGATE_ASSIGN_OR_RETURN(auto genesis, db_.prepare("SELECT bytes FROM entries WHERE idx = 0"));
     MEDGATE_ASSIGN_OR_RETURN(step, genesis.step());
-    if (step != sql::Statement::Step::kRow) return Status::Corruption("the genesis entry is missing");
+    if (step != sql::Statement::Step::kRow)
+      return Status::Corruption("the genesis entry is missing");
     Result<Entry> g = decode_entry(genesis.column_blob(0));
     if (!g.ok()) return g.status().with_context("genesis entry");
     if (g->type != EntryType::kGenesis) return Status::Corruption("entry 0 is not a genesis entry");
     const Bytes* genesis_key = g->body.find("key_id")->as_bytes();
     if (!std::equal(genesis_key->begin(), genesis_key->end(), key_id().begin(), key_id().end()))
-      return Status::FailedPrecondition(fmt::format(
-          "the key store's signing key {} is not this ledger's key {}", to_hex(key_id()), to_hex(*genesis_key)));
+      return Status::FailedPrecondition(
+          fmt::format("the key store's signing key {} is not this ledger's key {}",
+                      to_hex(key_id()), to_hex(*genesis_key)));
 
-    MEDGATE_ASSIGN_OR_RETURN(auto heads, db_.prepare("SELECT seq, head, signature FROM heads ORDER BY seq DESC LIMIT 1"));
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto heads,
+        db_.prepare("SELECT seq, head, signature FROM heads ORDER BY seq DESC LIMIT 1"));
     MEDGATE_ASSIGN_OR_RETURN(step, heads.step());
-    if (step != sql::Statement::Step::kRow) return Status::Corruption("the ledger has no signed head");
+    if (step != sql::Statement::Step::kRow)
+      return Status::Corruption("the ledger has no signed head");
     MEDGATE_ASSIGN_OR_RETURN(SignedHead head, read_signed_head(heads));
-    MEDGATE_RETURN_IF_ERROR(check_head(head).with_context(fmt::format("latest signed head #{}", head.sequence)));
+    MEDGATE_RETURN_IF_ERROR(
+        check_head(head).with_context(fmt::format("latest signed head #{}", head.sequence)));
     latest_head_ = std::move(head);
     return Status::Ok();
   }
@@ -455,10 +493,12 @@ class Ledger::Impl {
   Status check_head(const SignedHead& h) {
     if (h.head.ledger_id != ledger_id_) return Status::Corruption("names another ledger");
     if (h.head.key_id != key_id())
-      return Status::FailedPrecondition(fmt::format("signed by key {}, not by this key store's key {}",
-                                                    to_hex(h.head.key_id), to_hex(key_id())));
+      return Status::FailedPrecondition(
+          fmt::format("signed by key {}, not by this key store's key {}", to_hex(h.head.key_id),
+                      to_hex(key_id())));
     Status sig = signer_.signing_key().verify_digest(head_digest(h.bytes), h.signature);
-    if (!sig.ok()) return Status::VerificationFailed("its signature does not verify: " + sig.message());
+    if (!sig.ok())
+      return Status::VerificationFailed("its signature does not verify: " + sig.message());
     MEDGATE_ASSIGN_OR_RETURN(auto st, db_.prepare("SELECT header FROM blocks WHERE height = ?"));
     st.bind(1, h.head.height);
     MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
@@ -467,7 +507,8 @@ class Ledger::Impl {
     ByteView b = st.column_blob(0);
     Result<BlockHeader> header = decode_block_header(b);
     if (!header.ok()) return header.status();
-    if (block_hash(b) != h.head.block_hash || header->tree_size != h.head.tree_size || header->root != h.head.root)
+    if (block_hash(b) != h.head.block_hash || header->tree_size != h.head.tree_size ||
+        header->root != h.head.root)
       return Status::VerificationFailed(fmt::format("does not match block {}", h.head.height));
     return Status::Ok();
   }
@@ -478,7 +519,10 @@ class Ledger::Impl {
     std::unique_lock lk(queue_mu_);
     if (!accepting_ && !job.head) return Status::FailedPrecondition("the ledger is closing");
     std::size_t n = job.entries.size();
-    space_cv_.wait(lk, [&] { return queued_entries_ + n <= options_.max_queued_entries || queued_entries_ == 0 || !accepting_; });
+    space_cv_.wait(lk, [&] {
+      return queued_entries_ + n <= options_.max_queued_entries || queued_entries_ == 0 ||
+             !accepting_;
+    });
     if (!accepting_ && !job.head) return Status::FailedPrecondition("the ledger is closing");
     queued_entries_ += n;
     queue_.push_back(&job);
@@ -494,7 +538,8 @@ class Ledger::Impl {
       writer_cv_.wait(lk, [&] { return !queue_.empty() || writer_stop_; });
       if (queue_.empty()) return;
       std::size_t entries = 0;
-      while (!queue_.empty() && (batch.empty() || entries + queue_.front()->entries.size() <= options_.max_batch_entries)) {
+      while (!queue_.empty() && (batch.empty() || entries + queue_.front()->entries.size() <=
+                                                      options_.max_batch_entries)) {
         entries += queue_.front()->entries.size();
         batch.push_back(queue_.front());
         queue_.pop_front();
@@ -535,7 +580,10 @@ class Ledger::Impl {
       bool disk_full = sql::is_disk_full(s);
       if (began && !disk_full) {
         std::lock_guard lk(state_mu_);
-        writer_error_ = Status(s.code(), "the ledger stopped writing after an error (reopen it once the cause is fixed): " + s.message());
+        writer_error_ = Status(
+            s.code(),
+            "the ledger stopped writing after an error (reopen it once the cause is fixed): " +
+                s.message());
       }
       return s;
     }
@@ -549,8 +597,12 @@ class Ledger::Impl {
     for (Job* job : batch) {
       job->first_index = index;
       for (const PendingEntry& e : job->entries) {
-        insert_entry_.bind(1, index).bind(2, static_cast<std::int64_t>(e.type)).bind(3, e.time_us).bind(4, ByteView(e.bytes));
-        MEDGATE_RETURN_IF_ERROR(insert_entry_.run().with_context(fmt::format("writing entry {}", index)));
+        insert_entry_.bind(1, index)
+            .bind(2, static_cast<std::int64_t>(e.type))
+            .bind(3, e.time_us)
+            .bind(4, ByteView(e.bytes));
+        MEDGATE_RETURN_IF_ERROR(
+            insert_entry_.run().with_context(fmt::format("writing entry {}", index)));
         tiles_.append(e.leaf);
         ++index;
       }
@@ -576,14 +628,21 @@ class Ledger::Impl {
       b.header.key_id = key_id();
       b.bytes = encode_block_header(b.header);
       b.hash = block_hash(b.bytes);
-      insert_block_.bind(1, b.header.height).bind(2, first).bind(3, index - first).bind(4, ByteView(b.bytes));
-      MEDGATE_RETURN_IF_ERROR(insert_block_.run().with_context(fmt::format("writing block {}", b.header.height)));
+      insert_block_.bind(1, b.header.height)
+          .bind(2, first)
+          .bind(3, index - first)
+          .bind(4, ByteView(b.bytes));
+      MEDGATE_RETURN_IF_ERROR(
+          insert_block_.run().with_context(fmt::format("writing block {}", b.header.height)));
       new_block = std::move(b);
     }
     for (Job* job : batch) {
       if (!job->head) continue;
       const SignedHead& h = *job->head;
-      insert_head_.bind(1, h.head.height).bind(2, h.head.tree_size).bind(3, ByteView(h.bytes)).bind(4, ByteView(h.signature));
+      insert_head_.bind(1, h.head.height)
+          .bind(2, h.head.tree_size)
+          .bind(3, ByteView(h.bytes))
+          .bind(4, ByteView(h.signature));
       MEDGATE_RETURN_IF_ERROR(insert_head_.run().with_context("writing a signed head"));
       job->head->sequence = static_cast<std::uint64_t>(sqlite3_last_insert_rowid(db_.handle()));
     }
@@ -627,7 +686,9 @@ class Ledger::Impl {
       if (checkpoint_stop_) return;
       checkpoint_wanted_ = false;
       lk.unlock();
-      if (db.ok()) sqlite3_wal_checkpoint_v2(db->handle(), nullptr, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
+      if (db.ok())
+        sqlite3_wal_checkpoint_v2(db->handle(), nullptr, SQLITE_CHECKPOINT_PASSIVE, nullptr,
+                                  nullptr);
     }
   }
 
@@ -641,7 +702,8 @@ class Ledger::Impl {
     auto now = std::chrono::steady_clock::now();
     if (now < truncate_after_) return;
     sqlite3_busy_timeout(db_.handle(), 250);
-    int rc = sqlite3_wal_checkpoint_v2(db_.handle(), nullptr, SQLITE_CHECKPOINT_TRUNCATE, nullptr, nullptr);
+    int rc = sqlite3_wal_checkpoint_v2(db_.handle(), nullptr, SQLITE_CHECKPOINT_TRUNCATE, nullptr,
+                                       nullptr);
     sqlite3_busy_timeout(db_.handle(), 10000);
     if (rc == SQLITE_OK) {
       wal_pages_ = 0;
@@ -671,8 +733,10 @@ class Ledger::Impl {
           return options_.head_interval.count() > 0 && std::chrono::steady_clock::now() >= next &&
                  (!latest_head_ || latest_head_->head.tree_size < committed_size_.load());
         };
-        if (options_.head_interval.count() > 0) sign_cv_.wait_until(lk, next, due);
-        else sign_cv_.wait(lk, due);
+        if (options_.head_interval.count() > 0)
+          sign_cv_.wait_until(lk, next, due);
+        else
+          sign_cv_.wait(lk, due);
         if (signer_stop_) {
           signer_stopped_ = true;
           sign_done_cv_.notify_all();
@@ -720,7 +784,8 @@ class Ledger::Impl {
     if (!sig.ok()) return sig.status().with_context("signing a head");
     // A key store that returns a bad signature must not get it stored as if it were good.
     Status check = signer_.signing_key().verify_digest(head_digest(h.bytes), *sig);
-    if (!check.ok()) return Status::Internal("the key store returned a signature that does not verify");
+    if (!check.ok())
+      return Status::Internal("the key store returned a signature that does not verify");
     h.signature = std::move(sig).value();
     job.head = std::move(h);
     {
@@ -773,22 +838,28 @@ class Ledger::Impl {
   mutable std::mutex readers_mu_;
   mutable std::vector<sql::Database> readers_;
 
-  std::atomic<std::uint64_t> appended_{0}, batches_{0}, failed_appends_{0}, heads_signed_{0}, sign_failures_{0};
+  std::atomic<std::uint64_t> appended_{0}, batches_{0}, failed_appends_{0}, heads_signed_{0},
+      sign_failures_{0};
 };
 
 // ---- Ledger ----
 
 Ledger::Ledger(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-Ledger::~Ledger() { close(); }
+Ledger::~Ledger() {
+  close();
+}
 
-Result<std::unique_ptr<Ledger>> Ledger::create(const LedgerOptions& options, const std::string& ledger_id,
-                                               hsm::KeyStore& signer, const std::string& actor) {
+Result<std::unique_ptr<Ledger>> Ledger::create(const LedgerOptions& options,
+                                               const std::string& ledger_id, hsm::KeyStore& signer,
+                                               const std::string& actor) {
   if (ledger_id.empty()) return Status::InvalidArgument("the ledger id is empty");
   if (std::filesystem::exists(options.path))
-    return Status::FailedPrecondition(fmt::format("{} exists already; refusing to overwrite a ledger", options.path.string()));
+    return Status::FailedPrecondition(
+        fmt::format("{} exists already; refusing to overwrite a ledger", options.path.string()));
   {
     MEDGATE_ASSIGN_OR_RETURN(LockFile lock, LockFile::acquire(options.path));
-    MEDGATE_ASSIGN_OR_RETURN(sql::Database db, sql::Database::open(options.path, sql::Database::Mode::kCreate));
+    MEDGATE_ASSIGN_OR_RETURN(sql::Database db,
+                             sql::Database::open(options.path, sql::Database::Mode::kCreate));
     MEDGATE_RETURN_IF_ERROR(apply_pragmas(db, options));
     MEDGATE_RETURN_IF_ERROR(migrate_schema(db));
 
@@ -798,13 +869,15 @@ Result<std::unique_ptr<Ledger>> Ledger::create(const LedgerOptions& options, con
     genesis.type = EntryType::kGenesis;
     genesis.time_us = now;
     genesis.actor = actor;
-    MEDGATE_ASSIGN_OR_RETURN(genesis.body, cbor::Value::map({
-        {cbor::Value::text("ledger_id"), cbor::Value::text(ledger_id)},
-        {cbor::Value::text("key_id"), cbor::Value::bytes(key.id())},
-        {cbor::Value::text("public_key"), cbor::Value::bytes(key.spki_der())},
-        {cbor::Value::text("key_store"), cbor::Value::text(signer.description())},
-        {cbor::Value::text("software"), cbor::Value::text("medgate " MEDGATE_VERSION)},
-    }));
+    MEDGATE_ASSIGN_OR_RETURN(
+        genesis.body,
+        cbor::Value::map({
+            {cbor::Value::text("ledger_id"), cbor::Value::text(ledger_id)},
+            {cbor::Value::text("key_id"), cbor::Value::bytes(key.id())},
+            {cbor::Value::text("public_key"), cbor::Value::bytes(key.spki_der())},
+            {cbor::Value::text("key_store"), cbor::Value::text(signer.description())},
+            {cbor::Value::text("software"), cbor::Value::text("medgate " MEDGATE_VERSION)},
+        }));
     MEDGATE_ASSIGN_OR_RETURN(Bytes entry_bytes, encode_entry(genesis));
     TileBuilder builder;
     builder.append(merkle::leaf_hash(entry_bytes));
@@ -820,24 +893,39 @@ Result<std::unique_ptr<Ledger>> Ledger::create(const LedgerOptions& options, con
     header.key_id = key.id();
     Bytes header_bytes = encode_block_header(header);
 
-    HeadBody head{kHeadFormatVersion, ledger_id, 0, block_hash(header_bytes), 1, header.root, now, key.id()};
+    HeadBody head{kHeadFormatVersion, ledger_id, 0,       block_hash(header_bytes), 1,
+                  header.root,        now,       key.id()};
     Bytes head_bytes = encode_head(head);
     MEDGATE_ASSIGN_OR_RETURN(Bytes signature, signer.sign_digest(head_digest(head_bytes)));
     MEDGATE_RETURN_IF_ERROR(key.verify_digest(head_digest(head_bytes), signature)
                                 .with_context("the key store's first signature does not verify"));
 
     MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db));
-    MEDGATE_ASSIGN_OR_RETURN(auto meta, db.prepare("INSERT INTO meta (key, value) VALUES ('ledger_id', ?)"));
+    MEDGATE_ASSIGN_OR_RETURN(auto meta,
+                             db.prepare("INSERT INTO meta (key, value) VALUES ('ledger_id', ?)"));
     MEDGATE_RETURN_IF_ERROR(meta.bind(1, ByteView(as_bytes(ledger_id))).run());
-    MEDGATE_ASSIGN_OR_RETURN(auto ins_entry, db.prepare("INSERT INTO entries (idx, type, time_us, bytes) VALUES (0,?,?,?)"));
-    MEDGATE_RETURN_IF_ERROR(ins_entry.bind(1, static_cast<std::int64_t>(EntryType::kGenesis)).bind(2, now).bind(3, ByteView(entry_bytes)).run());
-    MEDGATE_ASSIGN_OR_RETURN(auto ins_tile, db.prepare("INSERT INTO tiles (level, idx, hashes) VALUES (?,?,?)"));
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto ins_entry,
+        db.prepare("INSERT INTO entries (idx, type, time_us, bytes) VALUES (0,?,?,?)"));
+    MEDGATE_RETURN_IF_ERROR(ins_entry.bind(1, static_cast<std::int64_t>(EntryType::kGenesis))
+                                .bind(2, now)
+                                .bind(3, ByteView(entry_bytes))
+                                .run());
+    MEDGATE_ASSIGN_OR_RETURN(auto ins_tile,
+                             db.prepare("INSERT INTO tiles (level, idx, hashes) VALUES (?,?,?)"));
     for (const auto& [k, hashes] : builder.take_dirty())
-      MEDGATE_RETURN_IF_ERROR(ins_tile.bind(1, k.level).bind(2, k.index).bind(3, ByteView(hashes)).run());
-    MEDGATE_ASSIGN_OR_RETURN(auto ins_block, db.prepare("INSERT INTO blocks (height, first_index, entry_count, header) VALUES (0,0,1,?)"));
+      MEDGATE_RETURN_IF_ERROR(
+          ins_tile.bind(1, k.level).bind(2, k.index).bind(3, ByteView(hashes)).run());
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto ins_block,
+        db.prepare(
+            "INSERT INTO blocks (height, first_index, entry_count, header) VALUES (0,0,1,?)"));
     MEDGATE_RETURN_IF_ERROR(ins_block.bind(1, ByteView(header_bytes)).run());
-    MEDGATE_ASSIGN_OR_RETURN(auto ins_head, db.prepare("INSERT INTO heads (height, tree_size, head, signature) VALUES (0,1,?,?)"));
-    MEDGATE_RETURN_IF_ERROR(ins_head.bind(1, ByteView(head_bytes)).bind(2, ByteView(signature)).run());
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto ins_head,
+        db.prepare("INSERT INTO heads (height, tree_size, head, signature) VALUES (0,1,?,?)"));
+    MEDGATE_RETURN_IF_ERROR(
+        ins_head.bind(1, ByteView(head_bytes)).bind(2, ByteView(signature)).run());
     MEDGATE_RETURN_IF_ERROR(tx.commit());
     fsync_directory(options.path.has_parent_path() ? options.path.parent_path() : ".");
   }
@@ -853,21 +941,45 @@ Result<std::unique_ptr<Ledger>> Ledger::open(const LedgerOptions& options, hsm::
   return std::unique_ptr<Ledger>(new Ledger(std::move(impl)));
 }
 
-Result<std::uint64_t> Ledger::append(const Entry& entry) { return impl_->append(std::span(&entry, 1)); }
-Result<std::uint64_t> Ledger::append_all(std::span<const Entry> entries) { return impl_->append(entries); }
-Result<SignedHead> Ledger::sign_head_now() { return impl_->sign_head_now(); }
+Result<std::uint64_t> Ledger::append(const Entry& entry) {
+  return impl_->append(std::span(&entry, 1));
+}
+Result<std::uint64_t> Ledger::append_all(std::span<const Entry> entries) {
+  return impl_->append(entries);
+}
+Result<SignedHead> Ledger::sign_head_now() {
+  return impl_->sign_head_now();
+}
 void Ledger::close() {
   if (impl_) impl_->close();
 }
-const std::string& Ledger::ledger_id() const { return impl_->ledger_id(); }
-const KeyId& Ledger::signing_key_id() const { return impl_->key_id(); }
-LedgerStats Ledger::stats() const { return impl_->stats(); }
-std::optional<SignedHead> Ledger::latest_head() const { return impl_->latest_head(); }
-Result<StoredEntry> Ledger::entry(std::uint64_t index) const { return impl_->entry(index); }
-Result<StoredBlock> Ledger::block(std::uint64_t height) const { return impl_->block(height); }
-Result<std::uint64_t> Ledger::block_height_of(std::uint64_t index) const { return impl_->block_height_of(index); }
-Result<SignedHead> Ledger::head(std::uint64_t sequence) const { return impl_->head(sequence); }
-Result<Hash> Ledger::root_at(std::uint64_t size) const { return impl_->root_at(size); }
+const std::string& Ledger::ledger_id() const {
+  return impl_->ledger_id();
+}
+const KeyId& Ledger::signing_key_id() const {
+  return impl_->key_id();
+}
+LedgerStats Ledger::stats() const {
+  return impl_->stats();
+}
+std::optional<SignedHead> Ledger::latest_head() const {
+  return impl_->latest_head();
+}
+Result<StoredEntry> Ledger::entry(std::uint64_t index) const {
+  return impl_->entry(index);
+}
+Result<StoredBlock> Ledger::block(std::uint64_t height) const {
+  return impl_->block(height);
+}
+Result<std::uint64_t> Ledger::block_height_of(std::uint64_t index) const {
+  return impl_->block_height_of(index);
+}
+Result<SignedHead> Ledger::head(std::uint64_t sequence) const {
+  return impl_->head(sequence);
+}
+Result<Hash> Ledger::root_at(std::uint64_t size) const {
+  return impl_->root_at(size);
+}
 Result<std::vector<Hash>> Ledger::inclusion_proof(std::uint64_t index, std::uint64_t size) const {
   return impl_->inclusion_proof(index, size);
 }

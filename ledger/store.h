@@ -39,10 +39,10 @@ inline constexpr int kSchemaVersion = 1;
 
 struct LedgerOptions {
   std::filesystem::path path;
-  std::size_t max_batch_entries = 16384;      // entries per group commit (one block)
-  std::size_t max_queued_entries = 262144;    // append() waits while more than this are queued
+  std::size_t max_batch_entries = 16384;          // entries per group commit (one block)
+  std::size_t max_queued_entries = 262144;        // append() waits while more than this are queued
   std::chrono::milliseconds head_interval{1000};  // 0: heads only on sign_head_now() and close()
-  std::int64_t wal_limit_bytes = 64LL << 20;  // WAL is checkpointed and truncated past this
+  std::int64_t wal_limit_bytes = 64LL << 20;      // WAL is checkpointed and truncated past this
 };
 
 struct StoredEntry {
@@ -79,8 +79,8 @@ class Ledger {
   // Creates a new ledger file holding block 0 (the genesis entry naming `ledger_id` and the
   // signer's public key) and a first signed head. kFailedPrecondition if the file exists.
   static Result<std::unique_ptr<Ledger>> create(const LedgerOptions& options,
-                                                const std::string& ledger_id,
-                                                hsm::KeyStore& signer, const std::string& actor);
+                                                const std::string& ledger_id, hsm::KeyStore& signer,
+                                                const std::string& actor);
 
   // Opens an existing ledger for writing: applies schema migrations, rebuilds the Merkle right
   // edge from stored tiles, and checks that the latest block's root matches them and that the

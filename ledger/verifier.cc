@@ -23,7 +23,9 @@ constexpr std::uint64_t kEntryChunk = 8192;
 constexpr std::uint64_t kBlockChunk = 1024;
 constexpr std::uint64_t kHeadChunk = 1024;
 
-std::string short_hex(const Hash& h) { return to_hex(ByteView(h).first(8)); }
+std::string short_hex(const Hash& h) {
+  return to_hex(ByteView(h).first(8));
+}
 
 VerifyProblem problem(VerifyProblem::Where where, std::uint64_t number, std::string reason) {
   return {where, number, std::move(reason)};
@@ -58,8 +60,8 @@ class EntryStream {
       MEDGATE_ASSIGN_OR_RETURN(auto step, st_.step());
       if (step == sql::Statement::Step::kDone) break;
       ByteView b = st_.column_blob(3);
-      buffer_.push_back({st_.column_uint(0), st_.column_int(1), st_.column_int(2), st_.column_int(4) == 1,
-                         Bytes(b.begin(), b.end())});
+      buffer_.push_back({st_.column_uint(0), st_.column_int(1), st_.column_int(2),
+                         st_.column_int(4) == 1, Bytes(b.begin(), b.end())});
     }
     st_.reset();
     if (!buffer_.empty()) cursor_ = static_cast<std::int64_t>(buffer_.back().index) + 1;
@@ -84,7 +86,8 @@ template <typename Row>
 class ChunkedStream {
  public:
   using Reader = Row (*)(sql::Statement&);
-  ChunkedStream(sql::Statement st, std::uint64_t chunk, Reader reader, std::uint64_t (*key)(const Row&))
+  ChunkedStream(sql::Statement st, std::uint64_t chunk, Reader reader,
+                std::uint64_t (*key)(const Row&))
       : st_(std::move(st)), chunk_(chunk), reader_(reader), key_(key) {}
   Result<std::optional<Row>> peek() {
     if (buffer_.empty() && !done_) {
@@ -95,8 +98,10 @@ class ChunkedStream {
         buffer_.push_back(reader_(st_));
       }
       st_.reset();
-      if (buffer_.empty()) done_ = true;
-      else cursor_ = static_cast<std::int64_t>(key_(buffer_.back())) + 1;
+      if (buffer_.empty())
+        done_ = true;
+      else
+        cursor_ = static_cast<std::int64_t>(key_(buffer_.back())) + 1;
     }
     if (buffer_.empty()) return std::optional<Row>();
     return std::optional<Row>(buffer_.front());
@@ -119,7 +124,8 @@ BlockRow read_block(sql::Statement& st) {
 }
 HeadRow read_head(sql::Statement& st) {
   ByteView h = st.column_blob(3), s = st.column_blob(4);
-  return {st.column_uint(0), st.column_uint(1), st.column_uint(2), Bytes(h.begin(), h.end()), Bytes(s.begin(), s.end())};
+  return {st.column_uint(0), st.column_uint(1), st.column_uint(2), Bytes(h.begin(), h.end()),
+          Bytes(s.begin(), s.end())};
 }
 
 // Compares recomputed nodes with the stored tiles, so a changed entry is named even when the
@@ -133,19 +139,26 @@ class TileChecker {
   Status check(int level, std::uint64_t index, const Hash& hash) {
     int t = level / kTileHeight;
     std::uint64_t k = index / kTileWidth, pos = index % kTileWidth;
-    if (cache_.size() <= static_cast<std::size_t>(t)) cache_.resize(static_cast<std::size_t>(t) + 1);
+    if (cache_.size() <= static_cast<std::size_t>(t))
+      cache_.resize(static_cast<std::size_t>(t) + 1);
     Cached& c = cache_[static_cast<std::size_t>(t)];
     if (!c.valid || c.index != k || c.blob.size() < (pos + 1) * 32) {
       Result<Bytes> blob = reader_(t, k);
-      if (!blob.ok()) return Status::Corruption(fmt::format("Merkle tile ({}, {}) cannot be read: {}", t, k, blob.status().message()));
+      if (!blob.ok())
+        return Status::Corruption(
+            fmt::format("Merkle tile ({}, {}) cannot be read: {}", t, k, blob.status().message()));
       c = {true, k, std::move(blob).value()};
       if (c.blob.size() % 32 != 0 || c.blob.size() > kTileWidth * 32)
-        return Status::Corruption(fmt::format("Merkle tile ({}, {}) has a malformed size of {} bytes", t, k, c.blob.size()));
+        return Status::Corruption(fmt::format(
+            "Merkle tile ({}, {}) has a malformed size of {} bytes", t, k, c.blob.size()));
     }
     if (c.blob.size() < (pos + 1) * 32)
-      return Status::Corruption(fmt::format("Merkle tile ({}, {}) lacks the hash of node ({}, {})", t, k, level, index));
-    if (!std::equal(hash.begin(), hash.end(), c.blob.begin() + static_cast<std::ptrdiff_t>(pos * 32)))
-      return Status::VerificationFailed(fmt::format("the hash stored in Merkle tile ({}, {}) when it was committed", t, k));
+      return Status::Corruption(
+          fmt::format("Merkle tile ({}, {}) lacks the hash of node ({}, {})", t, k, level, index));
+    if (!std::equal(hash.begin(), hash.end(),
+                    c.blob.begin() + static_cast<std::ptrdiff_t>(pos * 32)))
+      return Status::VerificationFailed(
+          fmt::format("the hash stored in Merkle tile ({}, {}) when it was committed", t, k));
     return Status::Ok();
   }
 
@@ -167,9 +180,11 @@ class Verifier {
 
   Result<VerifyReport> run() {
     MEDGATE_RETURN_IF_ERROR(check_schema_readable(db_));
-    MEDGATE_ASSIGN_OR_RETURN(auto meta, db_.prepare("SELECT value FROM meta WHERE key = 'ledger_id'"));
+    MEDGATE_ASSIGN_OR_RETURN(auto meta,
+                             db_.prepare("SELECT value FROM meta WHERE key = 'ledger_id'"));
     MEDGATE_ASSIGN_OR_RETURN(auto step, meta.step());
-    if (step != sql::Statement::Step::kRow) return fail(problem(VerifyProblem::Where::kFile, 0, "the file has no ledger id"));
+    if (step != sql::Statement::Step::kRow)
+      return fail(problem(VerifyProblem::Where::kFile, 0, "the file has no ledger id"));
     report_.ledger_id = to_string(meta.column_blob(0));
     meta.reset();
 
@@ -180,9 +195,10 @@ class Verifier {
 
     // Rows the streams below never reach (they read upward from 0): anything at a negative key,
     // and heads whose sequence has a gap (a head deleted from the middle of the history).
-    MEDGATE_ASSIGN_OR_RETURN(auto negative, db_.prepare(
-        "SELECT 'entry', min(idx) FROM entries WHERE idx < 0 UNION ALL SELECT 'block', min(height) FROM blocks WHERE height < 0 "
-        "UNION ALL SELECT 'head', min(seq) FROM heads WHERE seq < 1"));
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto negative, db_.prepare("SELECT 'entry', min(idx) FROM entries WHERE idx < 0 UNION ALL "
+                                   "SELECT 'block', min(height) FROM blocks WHERE height < 0 "
+                                   "UNION ALL SELECT 'head', min(seq) FROM heads WHERE seq < 1"));
     for (;;) {
       MEDGATE_ASSIGN_OR_RETURN(step, negative.step());
       if (step != sql::Statement::Step::kRow) break;
@@ -190,44 +206,57 @@ class Verifier {
       std::string what = negative.column_text(0);
       std::int64_t n = negative.column_int(1);
       negative.reset();
-      return fail(problem(VerifyProblem::Where::kFile, 0, fmt::format(
-          "{} {} is stored at a number no ledger writes (below the first): the file was edited", what, n)));
+      return fail(problem(
+          VerifyProblem::Where::kFile, 0,
+          fmt::format(
+              "{} {} is stored at a number no ledger writes (below the first): the file was edited",
+              what, n)));
     }
     negative.reset();
-    MEDGATE_ASSIGN_OR_RETURN(auto gaps, db_.prepare(
-        "SELECT min(seq), max(seq), count(*) FROM heads"));
+    MEDGATE_ASSIGN_OR_RETURN(auto gaps,
+                             db_.prepare("SELECT min(seq), max(seq), count(*) FROM heads"));
     MEDGATE_ASSIGN_OR_RETURN(step, gaps.step());
     if (step == sql::Statement::Step::kRow && gaps.column_uint(2) > 0 &&
         (gaps.column_uint(0) != 1 || gaps.column_uint(1) != gaps.column_uint(2))) {
       std::uint64_t heads = gaps.column_uint(2), last = gaps.column_uint(1);
       gaps.reset();
       // Name the first missing sequence number.
-      MEDGATE_ASSIGN_OR_RETURN(auto first_gap, db_.prepare(
-          "SELECT coalesce((SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM heads WHERE seq = 1)), "
-          "(SELECT min(seq) + 1 FROM heads h WHERE NOT EXISTS (SELECT 1 FROM heads WHERE seq = h.seq + 1) AND seq < ?))"));
+      MEDGATE_ASSIGN_OR_RETURN(
+          auto first_gap,
+          db_.prepare(
+              "SELECT coalesce((SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM heads WHERE seq = 1)), "
+              "(SELECT min(seq) + 1 FROM heads h WHERE NOT EXISTS (SELECT 1 FROM heads WHERE seq = "
+              "h.seq + 1) AND seq < ?))"));
       first_gap.bind(1, last);
       MEDGATE_ASSIGN_OR_RETURN(step, first_gap.step());
       std::uint64_t missing = first_gap.column_uint(0);
       first_gap.reset();
-      return fail(problem(VerifyProblem::Where::kHead, missing, fmt::format(
-          "is missing: {} heads are stored but their numbers run to {} (a signed head was deleted)", heads, last)));
+      return fail(problem(VerifyProblem::Where::kHead, missing,
+                          fmt::format("is missing: {} heads are stored but their numbers run to {} "
+                                      "(a signed head was deleted)",
+                                      heads, last)));
     }
     gaps.reset();
 
-    MEDGATE_ASSIGN_OR_RETURN(auto entries_st, db_.prepare(
-        "SELECT idx, type, time_us, bytes, typeof(type) = 'integer' AND typeof(time_us) = 'integer' "
-        "FROM entries WHERE idx >= ? ORDER BY idx LIMIT ?"));
-    MEDGATE_ASSIGN_OR_RETURN(auto blocks_st, db_.prepare(
-        "SELECT height, first_index, entry_count, header FROM blocks WHERE height >= ? ORDER BY height LIMIT ?"));
-    MEDGATE_ASSIGN_OR_RETURN(auto heads_st, db_.prepare(
-        "SELECT seq, height, tree_size, head, signature FROM heads WHERE seq >= ? ORDER BY seq LIMIT ?"));
-    MEDGATE_ASSIGN_OR_RETURN(auto tile_st, db_.prepare("SELECT hashes FROM tiles WHERE level = ? AND idx = ?"));
+    MEDGATE_ASSIGN_OR_RETURN(auto entries_st,
+                             db_.prepare("SELECT idx, type, time_us, bytes, typeof(type) = "
+                                         "'integer' AND typeof(time_us) = 'integer' "
+                                         "FROM entries WHERE idx >= ? ORDER BY idx LIMIT ?"));
+    MEDGATE_ASSIGN_OR_RETURN(auto blocks_st,
+                             db_.prepare("SELECT height, first_index, entry_count, header FROM "
+                                         "blocks WHERE height >= ? ORDER BY height LIMIT ?"));
+    MEDGATE_ASSIGN_OR_RETURN(auto heads_st,
+                             db_.prepare("SELECT seq, height, tree_size, head, signature FROM "
+                                         "heads WHERE seq >= ? ORDER BY seq LIMIT ?"));
+    MEDGATE_ASSIGN_OR_RETURN(auto tile_st,
+                             db_.prepare("SELECT hashes FROM tiles WHERE level = ? AND idx = ?"));
     auto tile_stmt = std::make_shared<sql::Statement>(std::move(tile_st));
     TileChecker tiles([tile_stmt](int level, std::uint64_t index) -> Result<Bytes> {
       tile_stmt->bind(1, level).bind(2, index);
       auto s = tile_stmt->step();
       Result<Bytes> out = Status::NotFound("missing");
-      if (!s.ok()) out = s.status();
+      if (!s.ok())
+        out = s.status();
       else if (*s == sql::Statement::Step::kRow) {
         ByteView b = tile_stmt->column_blob(0);
         out = Bytes(b.begin(), b.end());
@@ -253,45 +282,62 @@ class Verifier {
       const std::uint64_t h = row->height;
       if (h != expected_height)
         return fail(problem(VerifyProblem::Where::kBlock, expected_height,
-                            h > expected_height ? fmt::format("is missing (the next stored block is {})", h)
-                                                : "is stored twice"));
+                            h > expected_height
+                                ? fmt::format("is missing (the next stored block is {})", h)
+                                : "is stored twice"));
       Result<BlockHeader> decoded = decode_block_header(row->header);
-      if (!decoded.ok()) return fail(problem(VerifyProblem::Where::kBlock, h, "header does not decode: " + decoded.status().message()));
+      if (!decoded.ok())
+        return fail(problem(VerifyProblem::Where::kBlock, h,
+                            "header does not decode: " + decoded.status().message()));
       const BlockHeader& header = *decoded;
-      if (header.height != h || header.first_index != row->first_index || header.entry_count != row->entry_count)
-        return fail(problem(VerifyProblem::Where::kBlock, h, "header does not match the block's row (height, first entry or count)"));
+      if (header.height != h || header.first_index != row->first_index ||
+          header.entry_count != row->entry_count)
+        return fail(
+            problem(VerifyProblem::Where::kBlock, h,
+                    "header does not match the block's row (height, first entry or count)"));
       if (header.ledger_id != report_.ledger_id)
-        return fail(problem(VerifyProblem::Where::kBlock, h, fmt::format("names ledger '{}', not '{}'", header.ledger_id, report_.ledger_id)));
+        return fail(problem(
+            VerifyProblem::Where::kBlock, h,
+            fmt::format("names ledger '{}', not '{}'", header.ledger_id, report_.ledger_id)));
       if (header.previous_hash != previous)
-        return fail(problem(VerifyProblem::Where::kBlock, h, fmt::format(
-            "does not chain: its previous-block hash is {} but block {} hashes to {}",
-            short_hex(header.previous_hash), h == 0 ? 0 : h - 1, short_hex(previous))));
+        return fail(problem(
+            VerifyProblem::Where::kBlock, h,
+            fmt::format("does not chain: its previous-block hash is {} but block {} hashes to {}",
+                        short_hex(header.previous_hash), h == 0 ? 0 : h - 1, short_hex(previous))));
       if (header.first_index != tree.size())
-        return fail(problem(VerifyProblem::Where::kBlock, h, fmt::format(
-            "starts at entry {} but the previous block ended at entry {}", header.first_index, tree.size())));
+        return fail(
+            problem(VerifyProblem::Where::kBlock, h,
+                    fmt::format("starts at entry {} but the previous block ended at entry {}",
+                                header.first_index, tree.size())));
 
       for (std::uint64_t i = header.first_index; i < header.tree_size; ++i) {
         MEDGATE_ASSIGN_OR_RETURN(std::optional<EntryRow> e, entries.next());
         if (!e || e->index != i)
-          return fail(problem(VerifyProblem::Where::kEntry, i, fmt::format(
-              "is missing (block {} covers entries {}..{})", h, header.first_index, header.tree_size - 1)));
+          return fail(problem(VerifyProblem::Where::kEntry, i,
+                              fmt::format("is missing (block {} covers entries {}..{})", h,
+                                          header.first_index, header.tree_size - 1)));
         Hash leaf = merkle::leaf_hash(e->bytes);
         if (!tile_problem) {
           if (Status s = tiles.check(0, i, leaf); !s.ok()) {
             // A leaf that differs from the one stored at commit time names the changed entry;
             // the block root check below decides whether the entry or the tile was changed.
             tile_problem = s.code() == StatusCode::kVerificationFailed
-                               ? problem(VerifyProblem::Where::kEntry, i, "its bytes do not match " + s.message())
+                               ? problem(VerifyProblem::Where::kEntry, i,
+                                         "its bytes do not match " + s.message())
                                : problem(VerifyProblem::Where::kTile, i, s.message());
           }
         }
         Result<Entry> entry = decode_entry(e->bytes);
-        if (!entry.ok()) return fail(problem(VerifyProblem::Where::kEntry, i, "does not decode: " + entry.status().message()));
+        if (!entry.ok())
+          return fail(problem(VerifyProblem::Where::kEntry, i,
+                              "does not decode: " + entry.status().message()));
         if (!e->integer_columns || static_cast<std::int64_t>(entry->type) != e->type ||
             static_cast<std::int64_t>(entry->time_us) != e->time_us)
-          return fail(tile_problem && tile_problem->where == VerifyProblem::Where::kEntry && tile_problem->number == i
+          return fail(tile_problem && tile_problem->where == VerifyProblem::Where::kEntry &&
+                              tile_problem->number == i
                           ? *tile_problem
-                          : problem(VerifyProblem::Where::kEntry, i, "its type or time column does not match its bytes"));
+                          : problem(VerifyProblem::Where::kEntry, i,
+                                    "its type or time column does not match its bytes"));
         if (i == 0) {
           VerifyProblem p;
           if (!take_genesis(*entry, p)) return fail(p);
@@ -303,21 +349,28 @@ class Verifier {
           if (Status s = tiles.check(level, index, node); !s.ok())
             tile_problem = problem(VerifyProblem::Where::kTile, index,
                                    s.code() == StatusCode::kVerificationFailed
-                                       ? fmt::format("Merkle node ({}, {}) does not match {}", level, index, s.message())
+                                       ? fmt::format("Merkle node ({}, {}) does not match {}",
+                                                     level, index, s.message())
                                        : s.message());
         });
         ++report_.entries;
-        if (options_.progress && report_.entries % 65536 == 0) options_.progress(report_.entries, total_);
+        if (options_.progress && report_.entries % 65536 == 0)
+          options_.progress(report_.entries, total_);
       }
       if (tree.root() != header.root) {
-        if (tile_problem && tile_problem->where == VerifyProblem::Where::kEntry) return fail(*tile_problem);
-        return fail(problem(VerifyProblem::Where::kBlock, h, fmt::format(
-            "Merkle root over entries {}..{} is {} but the header says {}", header.first_index,
-            header.tree_size - 1, short_hex(tree.root()), short_hex(header.root))));
+        if (tile_problem && tile_problem->where == VerifyProblem::Where::kEntry)
+          return fail(*tile_problem);
+        return fail(
+            problem(VerifyProblem::Where::kBlock, h,
+                    fmt::format("Merkle root over entries {}..{} is {} but the header says {}",
+                                header.first_index, header.tree_size - 1, short_hex(tree.root()),
+                                short_hex(header.root))));
       }
       if (tile_problem) return fail(*tile_problem);
       if (!known_.count(header.key_id))
-        return fail(problem(VerifyProblem::Where::kBlock, h, fmt::format("names signing key {}, which the ledger does not know", to_hex(header.key_id))));
+        return fail(problem(VerifyProblem::Where::kBlock, h,
+                            fmt::format("names signing key {}, which the ledger does not know",
+                                        to_hex(header.key_id))));
 
       previous = block_hash(row->header);
       ++report_.blocks;
@@ -333,16 +386,19 @@ class Verifier {
         if (!check_head(*head, h, previous, header, p)) return fail(p);
       }
     }
-    if (report_.blocks == 0) return fail(problem(VerifyProblem::Where::kFile, 0, "the ledger has no blocks"));
+    if (report_.blocks == 0)
+      return fail(problem(VerifyProblem::Where::kFile, 0, "the ledger has no blocks"));
 
     MEDGATE_ASSIGN_OR_RETURN(std::optional<HeadRow> stray, heads.peek());
     if (stray)
-      return fail(problem(VerifyProblem::Where::kHead, stray->seq, fmt::format(
-          "covers block {}, which is not in the ledger (the last block is {}): the ledger was truncated",
-          stray->height, expected_height - 1)));
+      return fail(problem(VerifyProblem::Where::kHead, stray->seq,
+                          fmt::format("covers block {}, which is not in the ledger (the last block "
+                                      "is {}): the ledger was truncated",
+                                      stray->height, expected_height - 1)));
     MEDGATE_ASSIGN_OR_RETURN(std::optional<EntryRow> extra, entries.next());
     if (extra)
-      return fail(problem(VerifyProblem::Where::kEntry, extra->index, "is not covered by any block"));
+      return fail(
+          problem(VerifyProblem::Where::kEntry, extra->index, "is not covered by any block"));
 
     report_.root = tree.root();
     if (!report_.latest_signed_size)
@@ -365,41 +421,53 @@ class Verifier {
     }
     const std::string* id = genesis.body.find("ledger_id")->as_text();
     if (*id != report_.ledger_id) {
-      p = problem(VerifyProblem::Where::kEntry, 0, fmt::format("names ledger '{}', not '{}'", *id, report_.ledger_id));
+      p = problem(VerifyProblem::Where::kEntry, 0,
+                  fmt::format("names ledger '{}', not '{}'", *id, report_.ledger_id));
       return false;
     }
     Result<PublicKey> key = PublicKey::from_spki_der(*genesis.body.find("public_key")->as_bytes());
     const Bytes* key_id = genesis.body.find("key_id")->as_bytes();
-    if (!key.ok() || !std::equal(key_id->begin(), key_id->end(), key->id().begin(), key->id().end())) {
-      p = problem(VerifyProblem::Where::kEntry, 0, "its public key is malformed or does not match its key id");
+    if (!key.ok() ||
+        !std::equal(key_id->begin(), key_id->end(), key->id().begin(), key->id().end())) {
+      p = problem(VerifyProblem::Where::kEntry, 0,
+                  "its public key is malformed or does not match its key id");
       return false;
     }
     if (!trusted_.count(key->id())) {
-      p = problem(VerifyProblem::Where::kEntry, 0, fmt::format(
-          "the ledger's genesis key {} is not among the trusted keys", to_hex(key->id())));
+      p = problem(VerifyProblem::Where::kEntry, 0,
+                  fmt::format("the ledger's genesis key {} is not among the trusted keys",
+                              to_hex(key->id())));
       return false;
     }
     known_.emplace(key->id(), *key);
     return true;
   }
 
-  bool check_head(const HeadRow& row, std::uint64_t height, const Hash& hash, const BlockHeader& header,
-                  VerifyProblem& p) {
+  bool check_head(const HeadRow& row, std::uint64_t height, const Hash& hash,
+                  const BlockHeader& header, VerifyProblem& p) {
     auto bad = [&](std::string reason) {
       p = problem(VerifyProblem::Where::kHead, row.seq, std::move(reason));
       return false;
     };
-    if (row.height < height) return bad(fmt::format("covers block {} but is stored after a head for a later block", row.height));
+    if (row.height < height)
+      return bad(
+          fmt::format("covers block {} but is stored after a head for a later block", row.height));
     Result<HeadBody> head = decode_head(row.head);
     if (!head.ok()) return bad("does not decode: " + head.status().message());
     if (head->height != row.height || head->tree_size != row.tree_size)
       return bad("does not match its row (height or tree size)");
-    if (head->ledger_id != report_.ledger_id) return bad(fmt::format("names ledger '{}'", head->ledger_id));
-    if (head->block_hash != hash || head->tree_size != header.tree_size || head->root != header.root)
-      return bad(fmt::format("does not match block {} (block hash, tree size or root differ)", height));
+    if (head->ledger_id != report_.ledger_id)
+      return bad(fmt::format("names ledger '{}'", head->ledger_id));
+    if (head->block_hash != hash || head->tree_size != header.tree_size ||
+        head->root != header.root)
+      return bad(
+          fmt::format("does not match block {} (block hash, tree size or root differ)", height));
     auto key = known_.find(head->key_id);
-    if (key == known_.end()) return bad(fmt::format("is signed by key {}, which the ledger does not know", to_hex(head->key_id)));
-    if (!trusted_.count(head->key_id)) return bad(fmt::format("is signed by key {}, which is not trusted", to_hex(head->key_id)));
+    if (key == known_.end())
+      return bad(
+          fmt::format("is signed by key {}, which the ledger does not know", to_hex(head->key_id)));
+    if (!trusted_.count(head->key_id))
+      return bad(fmt::format("is signed by key {}, which is not trusted", to_hex(head->key_id)));
     if (row.signature.empty()) return bad("has no signature");
     Status sig = key->second.verify_digest(head_digest(row.head), row.signature);
     if (!sig.ok()) return bad("signature does not verify: " + sig.message());
@@ -409,7 +477,8 @@ class Verifier {
     report_.latest_signed_size = head->tree_size;
     report_.latest_signed_time_us = head->time_us;
     std::string id = to_hex(head->key_id);
-    if (std::find(report_.key_ids.begin(), report_.key_ids.end(), id) == report_.key_ids.end()) report_.key_ids.push_back(id);
+    if (std::find(report_.key_ids.begin(), report_.key_ids.end(), id) == report_.key_ids.end())
+      report_.key_ids.push_back(id);
     return true;
   }
 
@@ -427,24 +496,29 @@ class Verifier {
 
 std::string VerifyProblem::describe() const {
   switch (where) {
-    case Where::kFile: return reason;
-    case Where::kEntry: return fmt::format("entry {}: {}", number, reason);
-    case Where::kBlock: return fmt::format("block {}: {}", number, reason);
-    case Where::kHead: return fmt::format("signed head #{}: {}", number, reason);
-    case Where::kTile: return reason;
+    case Where::kFile:
+      return reason;
+    case Where::kEntry:
+      return fmt::format("entry {}: {}", number, reason);
+    case Where::kBlock:
+      return fmt::format("block {}: {}", number, reason);
+    case Where::kHead:
+      return fmt::format("signed head #{}: {}", number, reason);
+    case Where::kTile:
+      return reason;
   }
   return reason;
 }
 
 nlohmann::json to_json(const VerifyReport& r) {
   nlohmann::json out = {{"ok", r.ok()},
-              {"ledger_id", r.ledger_id},
-              {"entries", r.entries},
-              {"blocks", r.blocks},
-              {"heads", r.heads},
-              {"root", to_hex(r.root)},
-              {"unsigned_entries", r.unsigned_entries},
-              {"key_ids", r.key_ids}};
+                        {"ledger_id", r.ledger_id},
+                        {"entries", r.entries},
+                        {"blocks", r.blocks},
+                        {"heads", r.heads},
+                        {"root", to_hex(r.root)},
+                        {"unsigned_entries", r.unsigned_entries},
+                        {"key_ids", r.key_ids}};
   if (r.latest_signed_size) {
     out["latest_signed_size"] = *r.latest_signed_size;
     out["latest_signed_time"] = format_time(r.latest_signed_time_us);
@@ -453,9 +527,12 @@ nlohmann::json to_json(const VerifyReport& r) {
   return out;
 }
 
-Result<VerifyReport> verify_ledger_file(const std::filesystem::path& path, const VerifyOptions& options) {
-  if (!std::filesystem::exists(path)) return Status::NotFound(fmt::format("no ledger file at {}", path.string()));
-  MEDGATE_ASSIGN_OR_RETURN(sql::Database db, sql::Database::open(path, sql::Database::Mode::kReadOnly));
+Result<VerifyReport> verify_ledger_file(const std::filesystem::path& path,
+                                        const VerifyOptions& options) {
+  if (!std::filesystem::exists(path))
+    return Status::NotFound(fmt::format("no ledger file at {}", path.string()));
+  MEDGATE_ASSIGN_OR_RETURN(sql::Database db,
+                           sql::Database::open(path, sql::Database::Mode::kReadOnly));
   Result<VerifyReport> report = Verifier(db, options).run();
   if (!report.ok()) return report.status().with_context(path.string());
   return report;

@@ -62,7 +62,8 @@ struct VerifyReport {
 // Verifies the ledger file at `path`, opened read-only. The returned Status fails only when the
 // file cannot be read as a ledger at all (missing, not SQLite, unknown schema); tampering is
 // reported in the VerifyReport.
-Result<VerifyReport> verify_ledger_file(const std::filesystem::path& path, const VerifyOptions& options);
+Result<VerifyReport> verify_ledger_file(const std::filesystem::path& path,
+                                        const VerifyOptions& options);
 
 // The report as JSON, for medctl --json and the admin API.
 nlohmann::json to_json(const VerifyReport& report);

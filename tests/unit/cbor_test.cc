@@ -12,8 +12,12 @@ using namespace medgate;
 using namespace medgate::ledger;
 
 namespace {
-Bytes hex(std::string_view h) { return *from_hex(h); }
-std::string enc(const cbor::Value& v) { return to_hex(cbor::encode(v)); }
+Bytes hex(std::string_view h) {
+  return *from_hex(h);
+}
+std::string enc(const cbor::Value& v) {
+  return to_hex(cbor::encode(v));
+}
 }  // namespace
 
 TEST_CASE("CBOR encodes integers in shortest form (RFC 8949 appendix A)", "[cbor]") {
@@ -45,7 +49,9 @@ TEST_CASE("CBOR maps are sorted by encoded key and reject duplicates", "[cbor]")
                              {cbor::Value::text("aa"), cbor::Value::uint(3)}});
   REQUIRE(m.ok());
   // 0a < 6161 < 6162 < 626161 (bytewise on encodings: shorter text sorts first).
-  CHECK(enc(*m) == "a40a00616101616202626161" "03");
+  CHECK(enc(*m) ==
+        "a40a00616101616202626161"
+        "03");
   CHECK(m->find("a")->as_uint() == 1u);
   CHECK(m->find(10)->as_uint() == 0u);
   CHECK(m->find("zz") == nullptr);
@@ -57,9 +63,9 @@ TEST_CASE("CBOR maps are sorted by encoded key and reject duplicates", "[cbor]")
 
 TEST_CASE("CBOR decode round-trips what encode wrote", "[cbor]") {
   auto inner = cbor::Value::map({{cbor::Value::text("x"), cbor::Value::bytes(hex("00ff"))}});
-  auto v = cbor::Value::array({cbor::Value::uint(0), cbor::Value::integer(-5), cbor::Value::text("héllo"),
-                               *inner, cbor::Value::null(), cbor::Value::boolean(true),
-                               cbor::Value::array({})});
+  auto v = cbor::Value::array({cbor::Value::uint(0), cbor::Value::integer(-5),
+                               cbor::Value::text("héllo"), *inner, cbor::Value::null(),
+                               cbor::Value::boolean(true), cbor::Value::array({})});
   Bytes bytes = cbor::encode(v);
   auto back = cbor::decode(bytes);
   REQUIRE(back.ok());
@@ -67,32 +73,33 @@ TEST_CASE("CBOR decode round-trips what encode wrote", "[cbor]") {
   CHECK(cbor::encode(*back) == bytes);
 }
 
-TEST_CASE("CBOR decode refuses every non-canonical or unsupported form, naming the offset", "[cbor]") {
+TEST_CASE("CBOR decode refuses every non-canonical or unsupported form, naming the offset",
+          "[cbor]") {
   struct Case {
     const char* hex;
     const char* why;
   };
   const Case cases[] = {
-      {"1817", "shortest form"},           // 23 written with one extra byte
-      {"190017", "shortest form"},         // 23 in two bytes
-      {"1a0000ffff", "shortest form"},     // fits in two bytes
+      {"1817", "shortest form"},        // 23 written with one extra byte
+      {"190017", "shortest form"},      // 23 in two bytes
+      {"1a0000ffff", "shortest form"},  // fits in two bytes
       {"1b00000000ffffffff", "shortest form"},
-      {"5f4101ff", "indefinite"},          // indefinite byte string
-      {"9f01ff", "indefinite"},            // indefinite array
+      {"5f4101ff", "indefinite"},             // indefinite byte string
+      {"9f01ff", "indefinite"},               // indefinite array
       {"a2616201616101", "canonical order"},  // {"b":1,"a":1}
-      {"a2616101616102", "duplicate"},     // {"a":1,"a":2}
-      {"f93c00", "floats"},                // half float
-      {"fb3ff199999999999a", "floats"},    // double
-      {"f7", "floats"},                    // undefined
-      {"c11a514b67b0", "tags"},            // tag 1
-      {"62c328", "UTF-8"},                 // invalid UTF-8
-      {"63eda080", "UTF-8"},               // a surrogate
+      {"a2616101616102", "duplicate"},        // {"a":1,"a":2}
+      {"f93c00", "floats"},                   // half float
+      {"fb3ff199999999999a", "floats"},       // double
+      {"f7", "floats"},                       // undefined
+      {"c11a514b67b0", "tags"},               // tag 1
+      {"62c328", "UTF-8"},                    // invalid UTF-8
+      {"63eda080", "UTF-8"},                  // a surrogate
       {"c0", "tags"},
       {"1c", "reserved"},
       {"", "end of data"},
       {"0102", "trailing"},
       {"43010203ff", "trailing"},
-      {"45010203", "past the end"},        // length beyond data
+      {"45010203", "past the end"},                    // length beyond data
       {"9bffffffffffffffff", "longer than the data"},  // huge array count
       {"bbffffffffffffffff", "longer than the data"},
       {"7bffffffffffffffff", "past the end"},

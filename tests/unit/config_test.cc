@@ -25,10 +25,13 @@ admin_group = "wheel"
 level = "debug"
 )";
 
-Status error_of(const std::string& text) { return parse_config(text, "/etc/medgate/medgated.toml").status(); }
+Status error_of(const std::string& text) {
+  return parse_config(text, "/etc/medgate/medgated.toml").status();
+}
 }  // namespace
 
-TEST_CASE("a valid config gives its values, with relative paths against the file's directory", "[config]") {
+TEST_CASE("a valid config gives its values, with relative paths against the file's directory",
+          "[config]") {
   auto c = parse_config(kGood, "/etc/medgate/medgated.toml");
   REQUIRE(c.ok());
   CHECK(c->ledger_id == "ward-7");
@@ -68,18 +71,26 @@ TEST_CASE("config errors name the file, the line and the problem", "[config]") {
   };
   Status s = with("head_interval_ms = 250", "head_interval_ms = 'fast'");
   CHECK(s.code() == StatusCode::kInvalidArgument);
-  CHECK_THAT(s.message(), Catch::Contains("medgated.toml:5: [ledger] head_interval_ms must be an integer"));
-  CHECK_THAT(with("head_interval_ms = 250", "head_interval_ms = 1").message(), Catch::Contains(":5: [ledger] head_interval_ms must be between"));
-  CHECK_THAT(with("admin_group", "admin_grup").message(), Catch::Contains(":13: unknown key 'admin_grup' in [admin]"));
-  CHECK_THAT(with("[log]", "[logging]").message(), Catch::Contains("unknown key 'logging' in [top level]"));
+  CHECK_THAT(s.message(),
+             Catch::Contains("medgated.toml:5: [ledger] head_interval_ms must be an integer"));
+  CHECK_THAT(with("head_interval_ms = 250", "head_interval_ms = 1").message(),
+             Catch::Contains(":5: [ledger] head_interval_ms must be between"));
+  CHECK_THAT(with("admin_group", "admin_grup").message(),
+             Catch::Contains(":13: unknown key 'admin_grup' in [admin]"));
+  CHECK_THAT(with("[log]", "[logging]").message(),
+             Catch::Contains("unknown key 'logging' in [top level]"));
   CHECK_THAT(with("id = \"ward-7\"", "").message(), Catch::Contains("[ledger] id is required"));
   CHECK_THAT(with("uri = ", "url = ").message(), Catch::Contains("unknown key 'url'"));
-  CHECK_THAT(with("pin_credential = \"hsm-pin\"", "pin_credential = \"x\"\npin_env = \"Y\"").message(),
-             Catch::Contains("only one of pin_file, pin_env, pin_credential"));
-  CHECK_THAT(with("level = \"debug\"", "level = \"chatty\"").message(), Catch::Contains("level 'chatty' is not one of"));
+  CHECK_THAT(
+      with("pin_credential = \"hsm-pin\"", "pin_credential = \"x\"\npin_env = \"Y\"").message(),
+      Catch::Contains("only one of pin_file, pin_env, pin_credential"));
+  CHECK_THAT(with("level = \"debug\"", "level = \"chatty\"").message(),
+             Catch::Contains("level 'chatty' is not one of"));
   CHECK_THAT(with("[ledger]", "[ledger").message(), Catch::Contains("medgated.toml:2:"));
-  CHECK_THAT(with("socket = \"/run/medgate/admin.sock\"", "socket = \"/" + std::string(120, 'x') + "\"").message(),
-             Catch::Contains("longer than a Unix socket allows"));
+  CHECK_THAT(
+      with("socket = \"/run/medgate/admin.sock\"", "socket = \"/" + std::string(120, 'x') + "\"")
+          .message(),
+      Catch::Contains("longer than a Unix socket allows"));
   CHECK_THAT(error_of("ledger = 5").message(), Catch::Contains("'ledger' must be a table"));
   CHECK_THAT(error_of("").message(), Catch::Contains("[ledger] id is required"));
   CHECK(load_config("/nonexistent/medgated.toml").status().code() == StatusCode::kInvalidArgument);

@@ -27,9 +27,13 @@ TEST_CASE("an entry encodes canonically and decodes back", "[entry]") {
   REQUIRE(bytes.ok());
   // Golden bytes: the format is frozen at version 1. If this changes, every ledger breaks.
   CHECK(to_hex(*bytes) ==
-        "a600010101020203" "1b0006446e35cd4400" "046a757365723a616c696365"
+        "a600010101020203"
+        "1b0006446e35cd4400"
+        "046a757365723a616c696365"
         // body: {"op": "sign-head", "args": {}} -- "op" (62 6f70) sorts before "args" (64 ...)
-        "05a2626f7069" "7369676e2d68656164" "6461726773a0");
+        "05a2626f7069"
+        "7369676e2d68656164"
+        "6461726773a0");
   auto back = decode_entry(*bytes);
   REQUIRE(back.ok());
   CHECK(*back == e);
@@ -75,7 +79,7 @@ TEST_CASE("decode_entry refuses other objects, versions, keys and types", "[entr
     return decode_entry(b);
   };
   CHECK_THAT(with(2, 2).status().message(), Catch::Contains("not an entry"));           // kind 2
-  CHECK_THAT(with(4, 9).status().message(), Catch::Contains("version 9"));             // version
+  CHECK_THAT(with(4, 9).status().message(), Catch::Contains("version 9"));              // version
   CHECK_THAT(with(6, 0x17).status().message(), Catch::Contains("type 23 is unknown"));  // type
   // An extra key 7 is not in format 1.
   Bytes extra = good;
@@ -102,9 +106,11 @@ TEST_CASE("block headers and heads round-trip and check their arithmetic", "[ent
   REQUIRE(back.ok());
   CHECK(*back == h);
   h.tree_size = 106;
-  CHECK_THAT(decode_block_header(encode_block_header(h)).status().message(), Catch::Contains("!= tree size"));
+  CHECK_THAT(decode_block_header(encode_block_header(h)).status().message(),
+             Catch::Contains("!= tree size"));
   // An entry's bytes are not a block header.
-  CHECK_THAT(decode_block_header(*encode_entry(admin_entry())).status().message(), Catch::Contains("fields"));
+  CHECK_THAT(decode_block_header(*encode_entry(admin_entry())).status().message(),
+             Catch::Contains("fields"));
 
   HeadBody head{kHeadFormatVersion, "icu-1", 7, block_hash(b), 105, h.root, 456, h.key_id};
   auto hb = decode_head(encode_head(head));

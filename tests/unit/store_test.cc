@@ -34,9 +34,10 @@ Entry note(const std::string& op, std::uint64_t n = 0) {
   Entry e;
   e.type = EntryType::kAdminAction;
   e.actor = "user:test";
-  e.body = *cbor::Value::map({{cbor::Value::text("op"), cbor::Value::text(op)},
-                              {cbor::Value::text("args"),
-                               *cbor::Value::map({{cbor::Value::text("n"), cbor::Value::uint(n)}})}});
+  e.body =
+      *cbor::Value::map({{cbor::Value::text("op"), cbor::Value::text(op)},
+                         {cbor::Value::text("args"),
+                          *cbor::Value::map({{cbor::Value::text("n"), cbor::Value::uint(n)}})}});
   return e;
 }
 
@@ -75,7 +76,9 @@ TEST_CASE("a new ledger holds the genesis block and a signed head", "[store]") {
   CHECK(s.height == 0);
   REQUIRE(s.latest_head);
   CHECK(s.latest_head->head.tree_size == 1);
-  CHECK(keys->signing_key().verify_digest(head_digest(s.latest_head->bytes), s.latest_head->signature).ok());
+  CHECK(keys->signing_key()
+            .verify_digest(head_digest(s.latest_head->bytes), s.latest_head->signature)
+            .ok());
   auto genesis = (*ledger)->entry(0);
   REQUIRE(genesis.ok());
   CHECK(genesis->entry.type == EntryType::kGenesis);
@@ -112,7 +115,8 @@ TEST_CASE("concurrent appends are durable, contiguous, provable and verify", "[s
   for (int t = 0; t < kThreads; ++t) {
     REQUIRE(got[static_cast<std::size_t>(t)].size() == kPerThread);
     // Each thread's entries come back in its own order.
-    CHECK(std::is_sorted(got[static_cast<std::size_t>(t)].begin(), got[static_cast<std::size_t>(t)].end()));
+    CHECK(std::is_sorted(got[static_cast<std::size_t>(t)].begin(),
+                         got[static_cast<std::size_t>(t)].end()));
     all.insert(got[static_cast<std::size_t>(t)].begin(), got[static_cast<std::size_t>(t)].end());
   }
   CHECK(all.size() == kThreads * kPerThread);
@@ -137,15 +141,19 @@ TEST_CASE("concurrent appends are durable, contiguous, provable and verify", "[s
     REQUIRE(entry.ok());
     auto proof = ledger->inclusion_proof(idx, head->head.tree_size);
     REQUIRE(proof.ok());
-    CHECK(merkle::verify_inclusion(idx, head->head.tree_size, entry->leaf, *proof, head->head.root).ok());
+    CHECK(merkle::verify_inclusion(idx, head->head.tree_size, entry->leaf, *proof, head->head.root)
+              .ok());
   }
   auto old_root = ledger->root_at(100);
   REQUIRE(old_root.ok());
   auto consistency = ledger->consistency_proof(100, head->head.tree_size);
   REQUIRE(consistency.ok());
-  CHECK(merkle::verify_consistency(100, head->head.tree_size, *old_root, head->head.root, *consistency).ok());
+  CHECK(merkle::verify_consistency(100, head->head.tree_size, *old_root, head->head.root,
+                                   *consistency)
+            .ok());
   CHECK(ledger->entry(s.tree_size).status().code() == StatusCode::kNotFound);
-  CHECK(ledger->inclusion_proof(0, s.tree_size + 1).status().code() == StatusCode::kInvalidArgument);
+  CHECK(ledger->inclusion_proof(0, s.tree_size + 1).status().code() ==
+        StatusCode::kInvalidArgument);
 
   ledger->close();
   VerifyReport report = verify(path, keys->signing_key());
@@ -165,12 +173,14 @@ TEST_CASE("a ledger reopens where it stopped and refuses a second writer", "[sto
   {
     auto ledger = Ledger::create(options_for(path), "ward-7", *keys, "user:root");
     REQUIRE(ledger.ok());
-    for (int i = 0; i < 40; ++i) REQUIRE((*ledger)->append(note("a", static_cast<std::uint64_t>(i))).ok());
+    for (int i = 0; i < 40; ++i)
+      REQUIRE((*ledger)->append(note("a", static_cast<std::uint64_t>(i))).ok());
 
     auto second = Ledger::open(options_for(path), *keys);
     REQUIRE_FALSE(second.ok());
     CHECK(second.status().code() == StatusCode::kFailedPrecondition);
-    CHECK_THAT(second.status().message(), Catch::Contains("in use by process " + std::to_string(getpid())));
+    CHECK_THAT(second.status().message(),
+               Catch::Contains("in use by process " + std::to_string(getpid())));
     root = (*ledger)->stats().root;
   }
   auto ledger = Ledger::open(options_for(path), *keys);
@@ -201,7 +211,8 @@ TEST_CASE("open refuses a ledger whose key store holds another key", "[store]") 
   CHECK_THAT(opened.status().message(), Catch::Contains("is not this ledger's key"));
 }
 
-TEST_CASE("a full disk fails the append loudly and later appends succeed once there is room", "[store][disk]") {
+TEST_CASE("a full disk fails the append loudly and later appends succeed once there is room",
+          "[store][disk]") {
   if (geteuid() != 0) {
     WARN("skipped: mounting a small tmpfs needs root");
     return;
@@ -224,14 +235,17 @@ TEST_CASE("a full disk fails the append loudly and later appends succeed once th
   {
     std::ofstream ballast(mnt / "ballast", std::ios::binary);
     std::string block(4096, 'x');
-    while (ballast.write(block.data(), block.size())) {}
+    while (ballast.write(block.data(), block.size())) {
+    }
   }
   Status failure;
   std::uint64_t acked = 0;
   for (int i = 0; i < 20000 && failure.ok(); ++i) {
     auto r = (*ledger)->append(note(std::string(200, 'p'), static_cast<std::uint64_t>(i)));
-    if (r.ok()) ++acked;
-    else failure = r.status();
+    if (r.ok())
+      ++acked;
+    else
+      failure = r.status();
   }
   REQUIRE_FALSE(failure.ok());
   CHECK(failure.code() == StatusCode::kIOError);
@@ -281,10 +295,10 @@ int shim_open(sqlite3_vfs*, sqlite3_filename name, sqlite3_file* file, int flags
     g_real_methods = s->real->pMethods;
     g_shim_methods = *g_real_methods;
     // Forward everything to the real file except xSync.
-#define FWD(name, ...)                                                   \
-  g_shim_methods.name = [](sqlite3_file* f, auto... a) {                 \
-    auto* r = reinterpret_cast<ShimFile*>(f)->real;                      \
-    return r->pMethods->name(r, a...);                                   \
+#define FWD(name, ...)                                   \
+  g_shim_methods.name = [](sqlite3_file* f, auto... a) { \
+    auto* r = reinterpret_cast<ShimFile*>(f)->real;      \
+    return r->pMethods->name(r, a...);                   \
   };
     FWD(xClose)
     FWD(xRead)
@@ -328,7 +342,8 @@ void remove_shim_vfs() {
 }
 }  // namespace
 
-TEST_CASE("an fsync failure stops the writer for good: nothing is retried as if it were fine", "[store][disk]") {
+TEST_CASE("an fsync failure stops the writer for good: nothing is retried as if it were fine",
+          "[store][disk]") {
   TempDir dir;
   SoftHsmToken token(dir.path());
   auto keys = token.open_with_key();
@@ -369,7 +384,8 @@ TEST_CASE("an fsync failure stops the writer for good: nothing is retried as if 
   CHECK(report.ok());
 }
 
-TEST_CASE("kill -9 during concurrent appends loses nothing that was acknowledged", "[store][crash]") {
+TEST_CASE("kill -9 during concurrent appends loses nothing that was acknowledged",
+          "[store][crash]") {
   TempDir dir;
   auto path = dir / "ledger.db";
   SoftHsmToken token(dir.path());
@@ -398,7 +414,8 @@ TEST_CASE("kill -9 during concurrent appends loses nothing that was acknowledged
           auto r = (*ledger)->append(note("crash-" + std::to_string(t), i));
           if (!r.ok()) _exit(5);
           // Acknowledged: tell the parent which index holds which (thread, i).
-          std::string line = std::to_string(*r) + " " + std::to_string(t) + " " + std::to_string(i) + "\n";
+          std::string line =
+              std::to_string(*r) + " " + std::to_string(t) + " " + std::to_string(i) + "\n";
           std::lock_guard lk(out_mu);
           if (::write(fds[1], line.data(), line.size()) < 0) _exit(6);
         }
@@ -418,7 +435,8 @@ TEST_CASE("kill -9 during concurrent appends loses nothing that was acknowledged
     while ((nl = buffer.find('\n')) != std::string::npos) {
       std::uint64_t idx, i;
       int t;
-      if (std::sscanf(buffer.substr(0, nl).c_str(), "%lu %d %lu", &idx, &t, &i) == 3) acked[idx] = {t, i};
+      if (std::sscanf(buffer.substr(0, nl).c_str(), "%lu %d %lu", &idx, &t, &i) == 3)
+        acked[idx] = {t, i};
       buffer.erase(0, nl + 1);
     }
   }
@@ -487,7 +505,8 @@ TEST_CASE("the WAL stays bounded while verifications read the live ledger", "[st
   SECTION("a reader that holds one snapshot makes it grow, so the bound above means something") {
     sqlite3* db = nullptr;
     REQUIRE(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
-    REQUIRE(sqlite3_exec(db, "BEGIN; SELECT count(*) FROM entries;", nullptr, nullptr, nullptr) == SQLITE_OK);
+    REQUIRE(sqlite3_exec(db, "BEGIN; SELECT count(*) FROM entries;", nullptr, nullptr, nullptr) ==
+            SQLITE_OK);
     std::uint64_t max_wal = write_mib(60);
     sqlite3_exec(db, "COMMIT", nullptr, nullptr, nullptr);
     sqlite3_close(db);
