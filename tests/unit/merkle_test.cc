@@ -2,6 +2,7 @@
 // files), the derived proofs for the 8-leaf reference tree, and a naive transcription of RFC
 // 9162's MTH / PATH / PROOF run on random trees.
 #include "ledger/merkle.h"
+#include "tests/support/merkle_reference.h"
 
 #include <algorithm>
 #include <bit>
@@ -66,35 +67,7 @@ std::optional<std::vector<Hash>> b64_proof(const json& v) {
   return out;
 }
 
-// ---- Naive RFC 9162 2.1 reference, straight from the recursive definitions. ----
-using Leaves = std::span<const Hash>;
-
-std::uint64_t split(std::uint64_t n) {
-  return std::bit_floor(n - 1);
-}
-
-Hash mth(Leaves d) {
-  if (d.empty()) return merkle::empty_root();
-  if (d.size() == 1) return d[0];
-  auto k = split(d.size());
-  return merkle::node_hash(mth(d.first(k)), mth(d.subspan(k)));
-}
-
-std::vector<Hash> path(std::uint64_t m, Leaves d) {
-  if (d.size() <= 1) return {};
-  auto k = split(d.size());
-  std::vector<Hash> p = m < k ? path(m, d.first(k)) : path(m - k, d.subspan(k));
-  p.push_back(m < k ? mth(d.subspan(k)) : mth(d.first(k)));
-  return p;
-}
-
-std::vector<Hash> subproof(std::uint64_t m, Leaves d, bool b) {
-  if (m == d.size()) return b ? std::vector<Hash>{} : std::vector<Hash>{mth(d)};
-  auto k = split(d.size());
-  std::vector<Hash> p = m <= k ? subproof(m, d.first(k), b) : subproof(m - k, d.subspan(k), false);
-  p.push_back(m <= k ? mth(d.subspan(k)) : mth(d.first(k)));
-  return p;
-}
+using namespace medgate::testing::merkle_reference;
 
 // A NodeSource over leaves in memory that computes each node naively, refuses any node not
 // wholly inside `size` (the contract in merkle.h) and counts reads.

@@ -20,6 +20,7 @@
 #include "ledger/merkle.h"
 #include "ledger/store.h"
 #include "ledger/verifier.h"
+#include "tests/support/entries.h"
 #include "tests/support/softhsm.h"
 #include "tests/support/temp_dir.h"
 
@@ -30,16 +31,7 @@ using medgate::testing::TempDir;
 
 namespace {
 
-Entry note(const std::string& op, std::uint64_t n = 0) {
-  Entry e;
-  e.type = EntryType::kAdminAction;
-  e.actor = "user:test";
-  e.body =
-      *cbor::Value::map({{cbor::Value::text("op"), cbor::Value::text(op)},
-                         {cbor::Value::text("args"),
-                          *cbor::Value::map({{cbor::Value::text("n"), cbor::Value::uint(n)}})}});
-  return e;
-}
+using medgate::testing::note;
 
 LedgerOptions options_for(const std::filesystem::path& path) {
   LedgerOptions o;

@@ -10,6 +10,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "tests/support/merkle_reference.h"
+
 namespace merkle = medgate::ledger::merkle;
 using medgate::Bytes;
 using medgate::Hash;
@@ -22,35 +24,7 @@ using medgate::ledger::TileKey;
 
 namespace {
 
-// ---- Naive RFC 9162 2.1 reference (the same transcription as merkle_test.cc). ----
-using Leaves = std::span<const Hash>;
-
-std::uint64_t split(std::uint64_t n) {
-  return std::bit_floor(n - 1);
-}
-
-Hash mth(Leaves d) {
-  if (d.empty()) return merkle::empty_root();
-  if (d.size() == 1) return d[0];
-  auto k = split(d.size());
-  return merkle::node_hash(mth(d.first(k)), mth(d.subspan(k)));
-}
-
-std::vector<Hash> path(std::uint64_t m, Leaves d) {
-  if (d.size() <= 1) return {};
-  auto k = split(d.size());
-  std::vector<Hash> p = m < k ? path(m, d.first(k)) : path(m - k, d.subspan(k));
-  p.push_back(m < k ? mth(d.subspan(k)) : mth(d.first(k)));
-  return p;
-}
-
-std::vector<Hash> subproof(std::uint64_t m, Leaves d, bool b) {
-  if (m == d.size()) return b ? std::vector<Hash>{} : std::vector<Hash>{mth(d)};
-  auto k = split(d.size());
-  std::vector<Hash> p = m <= k ? subproof(m, d.first(k), b) : subproof(m - k, d.subspan(k), false);
-  p.push_back(m <= k ? mth(d.subspan(k)) : mth(d.first(k)));
-  return p;
-}
+using namespace medgate::testing::merkle_reference;
 
 // ---- An in-memory tile table, standing in for the SQLite one. ----
 using Store = std::map<TileKey, Bytes>;

@@ -26,6 +26,7 @@
 #include "ledger/store.h"
 #include "ledger/tiles.h"
 #include "ledger/verifier.h"
+#include "tests/support/entries.h"
 #include "tests/support/softhsm.h"
 #include "tests/support/temp_dir.h"
 
@@ -40,16 +41,7 @@ namespace {
 
 constexpr std::uint64_t kTailEntries = 12;  // appended after the tail ledger's last head
 
-Entry note(const std::string& op, std::uint64_t n) {
-  Entry e;
-  e.type = EntryType::kAdminAction;
-  e.actor = "user:test";
-  e.body =
-      *cbor::Value::map({{cbor::Value::text("op"), cbor::Value::text(op)},
-                         {cbor::Value::text("args"),
-                          *cbor::Value::map({{cbor::Value::text("n"), cbor::Value::uint(n)}})}});
-  return e;
-}
+using medgate::testing::note;
 
 // Runs `body(t)` on `threads` threads and returns how many of its calls failed.
 int run_threads(int threads, const std::function<bool(int)>& body) {
