@@ -1,6 +1,7 @@
 #include "appliance/config.h"
 
 #include <algorithm>
+#include <cctype>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -20,6 +21,9 @@ class Reader {
     return Status::InvalidArgument(
         fmt::format("{}:{}: {}", source_.string(), where.begin.line, what));
   }
+  Status error_at_line(int line, const std::string& what) const {
+    return Status::InvalidArgument(fmt::format("{}:{}: {}", source_.string(), line, what));
+  }
   Status error(const std::string& what) const {
     return Status::InvalidArgument(fmt::format("{}: {}", source_.string(), what));
   }
@@ -38,12 +42,29 @@ class Reader {
                                std::string_view key) const {
     const toml::node* node = table.get(key);
     if (!node) return std::optional<T>();
-    auto value = node->value<T>();
+    // Exact types only: toml++'s value<T>() would convert (a float to an integer, out of range).
+    std::optional<T> value;
+    if constexpr (std::is_same_v<T, std::string>) {
+      if (const auto* v = node->as_string()) value = v->get();
+    } else if constexpr (std::is_same_v<T, bool>) {
+      if (const auto* v = node->as_boolean()) value = v->get();
+    } else {
+      if (const auto* v = node->as_integer()) value = v->get();
+    }
     if (!value) {
       const char* want = std::is_same_v<T, std::string> ? "a string"
                          : std::is_same_v<T, bool>      ? "true or false"
                                                         : "an integer";
       return error_at(node->source(), fmt::format("[{}] {} must be {}", section, key, want));
+    }
+    if constexpr (std::is_same_v<T, std::string>) {
+      // \u escapes can still smuggle in what check_toml_characters keeps out of the text.
+      for (char ch : *value)
+        if (static_cast<unsigned char>(ch) >= 0x80 || static_cast<unsigned char>(ch) < 0x20)
+          return error_at(
+              node->source(),
+              fmt::format("[{}] {} must be printable ASCII (no escapes for other characters)",
+                          section, key));
     }
     return std::optional<T>(*value);
   }
@@ -58,6 +79,88 @@ class Reader {
   std::filesystem::path source_;
 };
 
+// Checks the text before toml++ sees it, against TOML's own rules plus one of ours: no control
+// characters but tab, CR and LF; non-ASCII characters only in comments (TOML allows them in
+// strings too, but toml++ misreads them where it takes a string for something else); a table header
+// ([x] or [[x]]) begins with a key; and, since no setting takes them, no multi-line strings, arrays
+// or inline tables. Debian's toml++ 3.3.0 hits an unreachable branch or a failed assertion on
+// inputs that break these (upstream PRs #301 and #305, and more in arrays; found by tests/fuzz), so
+// such input gets a clear error here instead. A setting that needs a list must come with parsing
+// that is fuzzed.
+Status check_toml_characters(std::string_view text, const Reader& r) {
+  enum class In { kCode, kComment, kBasic, kLiteral } in = In::kCode;
+  int line = 1;
+  bool line_start = true;  // nothing but blanks so far on this line (outside strings)
+  auto at = [&](const std::string& what) { return r.error_at_line(line, what); };
+  auto header_starts_with_key = [&](std::size_t i) {
+    std::size_t j = i + 1;
+    auto blanks = [&] {
+      while (j < text.size() && (text[j] == ' ' || text[j] == '\t')) ++j;
+    };
+    blanks();
+    if (j < text.size() && text[j] == '[') ++j, blanks();
+    if (j >= text.size()) return true;  // the parser reports the end of the text itself
+    unsigned char k = static_cast<unsigned char>(text[j]);
+    return std::isalnum(k) || k == '_' || k == '-' || k == '"' || k == '\'' || k == ']';
+  };
+  // Characters first, so that a control character is named as such wherever it is.
+  for (std::size_t i = 0, l = 1; i < text.size(); ++i) {
+    auto c = static_cast<unsigned char>(text[i]);
+    if (c == '\n') ++l;
+    if ((c < 0x20 && c != '\t' && c != '\r' && c != '\n') || c == 0x7f)
+      return r.error_at_line(static_cast<int>(l),
+                             fmt::format("control character 0x{:02x} is not allowed", c));
+  }
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    auto c = static_cast<unsigned char>(text[i]);
+    if (c == '\n') {
+      if (in == In::kBasic || in == In::kLiteral)
+        return at("a quoted string is not closed on its line");
+      ++line;
+      line_start = true;
+      in = In::kCode;
+      continue;
+    }
+    if (c >= 0x80 && in != In::kComment)
+      return at("a non-ASCII character outside a comment (ids, paths and names must be ASCII)");
+    switch (in) {
+      case In::kCode:
+        if (c == ' ' || c == '\t' || c == '\r') break;
+        if (c == '[' && line_start) {
+          if (!header_starts_with_key(i)) return at("a table header must begin with a key name");
+          if (i + 1 < text.size() && text[i + 1] == '[') ++i;  // [[array of tables]]
+          line_start = false;
+          continue;
+        }
+        if (c == '[')
+          return at("arrays are not accepted in medgated.toml (no setting takes a list)");
+        if (c == '{') return at("inline tables are not accepted in medgated.toml; use a [section]");
+        line_start = false;
+        if (text.substr(i, 3) == "\"\"\"" || text.substr(i, 3) == "'''")
+          return at("multi-line strings are not accepted in medgated.toml");
+        if (c == '#')
+          in = In::kComment;
+        else if (c == '"')
+          in = In::kBasic;
+        else if (c == '\'')
+          in = In::kLiteral;
+        break;
+      case In::kComment:
+        break;
+      case In::kBasic:
+        if (c == '\\')
+          ++i;  // an escape: skip the escaped character (a newline is caught above)
+        else if (c == '"')
+          in = In::kCode;
+        break;
+      case In::kLiteral:
+        if (c == '\'') in = In::kCode;
+        break;
+    }
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 Result<Config> load_config(const std::filesystem::path& file) {
@@ -70,6 +173,7 @@ Result<Config> load_config(const std::filesystem::path& file) {
 
 Result<Config> parse_config(std::string_view text, const std::filesystem::path& source) {
   Reader r(source);
+  MEDGATE_RETURN_IF_ERROR(check_toml_characters(text, r));
   toml::table root;
   try {
     root = toml::parse(text, source.string());

@@ -58,14 +58,14 @@ using Clock = std::chrono::steady_clock;
 using ledger::Entry;
 using ledger::Ledger;
 
-constexpr std::size_t kEntryBytes = 200;           // canonical size of a benchmark entry
-constexpr std::uint64_t kFillBatch = 5000;         // entries per append_all when filling a ledger
-constexpr int kFillThreads = 4;                    // threads calling append_all when filling
+constexpr std::size_t kEntryBytes = 200;    // canonical size of a benchmark entry
+constexpr std::uint64_t kFillBatch = 5000;  // entries per append_all when filling a ledger
+constexpr int kFillThreads = 4;             // threads calling append_all when filling
 constexpr std::chrono::milliseconds kHeadInterval{1000};  // as in production
-constexpr double kTargetRatio = 1.3;               // ledger / baseline time at 64 appenders
-constexpr double kTargetAppendRate = 250'000;      // entries/s at 64 appenders
-constexpr double kTargetVerifyRate = 1'000'000;    // entries/s
-constexpr double kTargetPeakRssMiB = 64;           // at 10M entries
+constexpr double kTargetRatio = 1.3;                      // ledger / baseline time at 64 appenders
+constexpr double kTargetAppendRate = 250'000;             // entries/s at 64 appenders
+constexpr double kTargetVerifyRate = 1'000'000;           // entries/s
+constexpr double kTargetPeakRssMiB = 64;                  // at 10M entries
 
 constexpr std::string_view kUsage = R"(usage: bench_ledger [flags]
 
@@ -106,7 +106,8 @@ Result<std::uint64_t> parse_count(std::string_view flag, std::string_view text) 
   if (text.empty()) return Status::InvalidArgument(fmt::format("{} needs a number", flag));
   for (char c : text) {
     if (c == '_' || c == ',') continue;  // 1_000_000 and 1,000,000 read as 1000000
-    if (c < '0' || c > '9') return Status::InvalidArgument(fmt::format("{} {}: not a count", flag, text));
+    if (c < '0' || c > '9')
+      return Status::InvalidArgument(fmt::format("{} {}: not a count", flag, text));
     v = v * 10 + static_cast<std::uint64_t>(c - '0');
   }
   return v;
@@ -133,12 +134,14 @@ Result<Options> parse_args(int argc, char** argv) {
       std::string s(v);
       o.seconds = std::strtod(s.c_str(), &end);
       if (end != s.c_str() + s.size() || !(o.seconds > 0) || o.seconds > 3600)
-        return Status::InvalidArgument(fmt::format("--seconds {}: want a number of seconds in (0, 3600]", v));
+        return Status::InvalidArgument(
+            fmt::format("--seconds {}: want a number of seconds in (0, 3600]", v));
       seconds_set = true;
     } else if (a == "--verify-entries") {
       MEDGATE_ASSIGN_OR_RETURN(std::string_view v, value());
       MEDGATE_ASSIGN_OR_RETURN(o.verify_entries, parse_count(a, v));
-      if (o.verify_entries == 0) return Status::InvalidArgument("--verify-entries must be at least 1");
+      if (o.verify_entries == 0)
+        return Status::InvalidArgument("--verify-entries must be at least 1");
       verify_set = true;
     } else if (a == "--rss-entries") {
       MEDGATE_ASSIGN_OR_RETURN(std::string_view v, value());
@@ -147,9 +150,12 @@ Result<Options> parse_args(int argc, char** argv) {
       rss_entries_set = true;
     } else if (a == "--only") {
       MEDGATE_ASSIGN_OR_RETURN(std::string_view v, value());
-      if (v == "append") o.only = Only::kAppend;
-      else if (v == "verify") o.only = Only::kVerify;
-      else return Status::InvalidArgument(fmt::format("--only {}: want append or verify", v));
+      if (v == "append")
+        o.only = Only::kAppend;
+      else if (v == "verify")
+        o.only = Only::kVerify;
+      else
+        return Status::InvalidArgument(fmt::format("--only {}: want append or verify", v));
     } else if (a == "--dir") {
       MEDGATE_ASSIGN_OR_RETURN(std::string_view v, value());
       o.dir = fs::path(v);
@@ -178,8 +184,12 @@ std::string grouped(std::uint64_t v) {
   return out;
 }
 
-std::string rate(double per_second) { return grouped(static_cast<std::uint64_t>(per_second + 0.5)); }
-std::string mib(std::uint64_t bytes) { return fmt::format("{:.1f}", static_cast<double>(bytes) / (1 << 20)); }
+std::string rate(double per_second) {
+  return grouped(static_cast<std::uint64_t>(per_second + 0.5));
+}
+std::string mib(std::uint64_t bytes) {
+  return fmt::format("{:.1f}", static_cast<double>(bytes) / (1 << 20));
+}
 
 // A plain-text table: the first column left-aligned, the others right-aligned, widths from content.
 class Table {
@@ -195,8 +205,10 @@ class Table {
     for (const auto& r : rows_) {
       std::string line;
       for (std::size_t c = 0; c < r.size(); ++c) {
-        if (c == 0) line += fmt::format("{:<{}}", r[c], width[c]);
-        else line += fmt::format("  {:>{}}", r[c], width[c]);
+        if (c == 0)
+          line += fmt::format("{:<{}}", r[c], width[c]);
+        else
+          line += fmt::format("  {:>{}}", r[c], width[c]);
       }
       while (!line.empty() && line.back() == ' ') line.pop_back();
       fmt::print("  {}\n", line);
@@ -226,7 +238,8 @@ std::string first_line_with(const fs::path& file, std::string_view key) {
 int cpus_available() {
   cpu_set_t set;
   CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof set, &set) != 0) return static_cast<int>(std::thread::hardware_concurrency());
+  if (sched_getaffinity(0, sizeof set, &set) != 0)
+    return static_cast<int>(std::thread::hardware_concurrency());
   return CPU_COUNT(&set);
 }
 
@@ -244,8 +257,10 @@ MountInfo mount_of(const fs::path& path) {
   while (in >> device >> mount_point >> type >> options) {
     in.ignore(256, '\n');
     bool under = p == mount_point || mount_point == "/" ||
-                 (p.rfind(mount_point, 0) == 0 && p.size() > mount_point.size() && p[mount_point.size()] == '/');
-    if (under && mount_point.size() >= best.mount_point.size()) best = {device, mount_point, type, options};
+                 (p.rfind(mount_point, 0) == 0 && p.size() > mount_point.size() &&
+                  p[mount_point.size()] == '/');
+    if (under && mount_point.size() >= best.mount_point.size())
+      best = {device, mount_point, type, options};
   }
   return best;
 }
@@ -287,7 +302,8 @@ Result<Percentiles> probe_fsync(const fs::path& dir, int n) {
   std::vector<std::int64_t> ns;
   for (int i = 0; i < n; ++i) {
     auto t0 = Clock::now();
-    bool ok = ::write(fd, page.data(), page.size()) == static_cast<ssize_t>(page.size()) && ::fdatasync(fd) == 0;
+    bool ok = ::write(fd, page.data(), page.size()) == static_cast<ssize_t>(page.size()) &&
+              ::fdatasync(fd) == 0;
     if (!ok) {
       ::close(fd);
       return Status::IOError(fmt::format("write or fdatasync on {} failed", file.string()));
@@ -299,8 +315,8 @@ Result<Percentiles> probe_fsync(const fs::path& dir, int n) {
   return percentiles(ns);
 }
 
-void print_header(int argc, char** argv, const fs::path& scratch, const Percentiles& disk, int fsync_samples,
-                  std::size_t entry_size) {
+void print_header(int argc, char** argv, const fs::path& scratch, const Percentiles& disk,
+                  int fsync_samples, std::size_t entry_size) {
   std::string command;
   for (int i = 0; i < argc; ++i) {
     if (i > 0) command += ' ';
@@ -316,24 +332,27 @@ void print_header(int argc, char** argv, const fs::path& scratch, const Percenti
 #else
   const char* build = "ASSERTIONS ON: not a Release build, the numbers are not representative";
 #endif
-  fmt::print("medgate ledger benchmark (medgate {}, g++ {}, {}, SQLite {})\n", MEDGATE_VERSION, __VERSION__,
-             build, sqlite3_libversion());
+  fmt::print("medgate ledger benchmark (medgate {}, g++ {}, {}, SQLite {})\n", MEDGATE_VERSION,
+             __VERSION__, build, sqlite3_libversion());
   fmt::print("  command:  {}\n", command);
   double load[3] = {0, 0, 0};
   if (std::FILE* f = std::fopen("/proc/loadavg", "r")) {
     (void)std::fscanf(f, "%lf %lf %lf", &load[0], &load[1], &load[2]);
     std::fclose(f);
   }
-  fmt::print("  date:     {} (load average at start: {:.2f} {:.2f} {:.2f})\n", utc_now(), load[0], load[1], load[2]);
+  fmt::print("  date:     {} (load average at start: {:.2f} {:.2f} {:.2f})\n", utc_now(), load[0],
+             load[1], load[2]);
   fmt::print("  machine:  {} CPUs (nproc), {}, {} {} {}, {:.1f} GiB RAM\n", cpus_available(),
              first_line_with("/proc/cpuinfo", "model name"), u.sysname, u.release, u.machine,
              static_cast<double>(mem_kib) / (1 << 20));
-  fmt::print("  ledgers:  {} on {} ({}, mounted at {}, {})\n", scratch.string(), m.type, m.device, m.mount_point,
-             m.options);
-  fmt::print("  fsync:    4 KiB append + fdatasync: p50 {:.3f} ms, p99 {:.3f} ms ({} samples)\n", disk.p50_ms,
-             disk.p99_ms, fsync_samples);
-  fmt::print("  entries:  admin-action, {} bytes canonical; head_interval {} ms; heads signed by SoftHSM\n\n",
-             entry_size, kHeadInterval.count());
+  fmt::print("  ledgers:  {} on {} ({}, mounted at {}, {})\n", scratch.string(), m.type, m.device,
+             m.mount_point, m.options);
+  fmt::print("  fsync:    4 KiB append + fdatasync: p50 {:.3f} ms, p99 {:.3f} ms ({} samples)\n",
+             disk.p50_ms, disk.p99_ms, fsync_samples);
+  fmt::print(
+      "  entries:  admin-action, {} bytes canonical; head_interval {} ms; heads signed by "
+      "SoftHSM\n\n",
+      entry_size, kHeadInterval.count());
   std::fflush(stdout);
 }
 
@@ -421,7 +440,8 @@ struct AppendRun {
 // Runs `threads` threads for `seconds`, each looping: item = prepare(thread, n) untimed, then
 // commit(item) timed. Stops at the first error.
 template <typename Prepare, typename Commit>
-Result<AppendRun> run_appenders(std::string store, int threads, double seconds, Prepare prepare, Commit commit) {
+Result<AppendRun> run_appenders(std::string store, int threads, double seconds, Prepare prepare,
+                                Commit commit) {
   std::vector<std::vector<std::int64_t>> latencies(static_cast<std::size_t>(threads));
   std::atomic<bool> stop{false};
   std::latch start(threads + 1);
@@ -434,12 +454,15 @@ Result<AppendRun> run_appenders(std::string store, int threads, double seconds, 
       mine.reserve(1 << 16);
       start.arrive_and_wait();
       for (std::uint64_t i = 0; !stop.load(std::memory_order_relaxed); ++i) {
-        auto item = prepare(t, i * static_cast<std::uint64_t>(threads) + static_cast<std::uint64_t>(t));
+        auto item =
+            prepare(t, i * static_cast<std::uint64_t>(threads) + static_cast<std::uint64_t>(t));
         Status s = item.status();
         if (s.ok()) {
           auto t0 = Clock::now();
           s = commit(*item);
-          if (s.ok()) mine.push_back(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count());
+          if (s.ok())
+            mine.push_back(
+                std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count());
         }
         if (!s.ok()) {
           std::lock_guard lk(error_mu);
@@ -456,7 +479,8 @@ Result<AppendRun> run_appenders(std::string store, int threads, double seconds, 
   stop = true;
   for (auto& th : pool) th.join();
   double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
-  if (!first_error.ok()) return first_error.with_context(fmt::format("{} with {} threads", store, threads));
+  if (!first_error.ok())
+    return first_error.with_context(fmt::format("{} with {} threads", store, threads));
 
   AppendRun run;
   run.store = std::move(store);
@@ -479,14 +503,16 @@ ledger::LedgerOptions ledger_options(const fs::path& path) {
   return o;
 }
 
-Result<AppendRun> bench_ledger_appends(const fs::path& dir, hsm::KeyStore& signer, const EntryMaker& maker,
-                                       int threads, double seconds) {
-  MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<Ledger> ledger,
-                           Ledger::create(ledger_options(dir / "ledger.db"), "bench-append", signer, "user:bench"));
+Result<AppendRun> bench_ledger_appends(const fs::path& dir, hsm::KeyStore& signer,
+                                       const EntryMaker& maker, int threads, double seconds) {
+  MEDGATE_ASSIGN_OR_RETURN(
+      std::unique_ptr<Ledger> ledger,
+      Ledger::create(ledger_options(dir / "ledger.db"), "bench-append", signer, "user:bench"));
   MEDGATE_ASSIGN_OR_RETURN(
       AppendRun run,
-      run_appenders("ledger", threads, seconds, [&](int, std::uint64_t n) { return maker.make(n); },
-                    [&](const Entry& e) { return ledger->append(e).status(); }));
+      run_appenders(
+          "ledger", threads, seconds, [&](int, std::uint64_t n) { return maker.make(n); },
+          [&](const Entry& e) { return ledger->append(e).status(); }));
   ledger::LedgerStats stats = ledger->stats();
   run.commits = stats.batches;
   ledger->close();
@@ -496,7 +522,8 @@ Result<AppendRun> bench_ledger_appends(const fs::path& dir, hsm::KeyStore& signe
 
 // ---- the baselines ----
 
-Result<ledger::sql::Database> open_plain_log(const fs::path& path, ledger::sql::Database::Mode mode) {
+Result<ledger::sql::Database> open_plain_log(const fs::path& path,
+                                             ledger::sql::Database::Mode mode) {
   MEDGATE_ASSIGN_OR_RETURN(auto db, ledger::sql::Database::open(path, mode));
   MEDGATE_RETURN_IF_ERROR(db.exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"));
   return db;
@@ -514,11 +541,14 @@ Status create_plain_log(const fs::path& path) {
 // writer) stands in for the ledger's checkpointer thread.
 class GroupCommitLog {
  public:
-  static Result<std::unique_ptr<GroupCommitLog>> create(const fs::path& path, std::size_t max_batch) {
+  static Result<std::unique_ptr<GroupCommitLog>> create(const fs::path& path,
+                                                        std::size_t max_batch) {
     MEDGATE_RETURN_IF_ERROR(create_plain_log(path));
-    MEDGATE_ASSIGN_OR_RETURN(auto db, open_plain_log(path, ledger::sql::Database::Mode::kReadWrite));
+    MEDGATE_ASSIGN_OR_RETURN(auto db,
+                             open_plain_log(path, ledger::sql::Database::Mode::kReadWrite));
     MEDGATE_ASSIGN_OR_RETURN(auto insert, db.prepare("INSERT INTO log(idx, bytes) VALUES (?, ?)"));
-    std::unique_ptr<GroupCommitLog> log(new GroupCommitLog(std::move(db), std::move(insert), max_batch));
+    std::unique_ptr<GroupCommitLog> log(
+        new GroupCommitLog(std::move(db), std::move(insert), max_batch));
     log->writer_ = std::thread([p = log.get()] { p->writer_loop(); });
     return log;
   }
@@ -610,18 +640,23 @@ auto baseline_prepare(const EntryMaker& maker) {
   };
 }
 
-Result<AppendRun> bench_group_commit(const fs::path& dir, const EntryMaker& maker, int threads, double seconds) {
-  MEDGATE_ASSIGN_OR_RETURN(auto log, GroupCommitLog::create(dir / "plain.db", ledger::LedgerOptions{}.max_batch_entries));
-  MEDGATE_ASSIGN_OR_RETURN(AppendRun run,
-                           run_appenders("sqlite, group commit", threads, seconds, baseline_prepare(maker),
-                                         [&](const Bytes& b) { return log->append(b); }));
+Result<AppendRun> bench_group_commit(const fs::path& dir, const EntryMaker& maker, int threads,
+                                     double seconds) {
+  MEDGATE_ASSIGN_OR_RETURN(
+      auto log,
+      GroupCommitLog::create(dir / "plain.db", ledger::LedgerOptions{}.max_batch_entries));
+  MEDGATE_ASSIGN_OR_RETURN(
+      AppendRun run,
+      run_appenders("sqlite, group commit", threads, seconds, baseline_prepare(maker),
+                    [&](const Bytes& b) { return log->append(b); }));
   run.commits = log->commits();
   return run;
 }
 
 // The naive log: each thread has its own connection and commits its own row; SQLite's write lock
 // serialises them (the busy handler backs off and retries).
-Result<AppendRun> bench_naive(const fs::path& dir, const EntryMaker& maker, int threads, double seconds) {
+Result<AppendRun> bench_naive(const fs::path& dir, const EntryMaker& maker, int threads,
+                              double seconds) {
   fs::path path = dir / "naive.db";
   MEDGATE_RETURN_IF_ERROR(create_plain_log(path));
   struct Connection {
@@ -630,13 +665,15 @@ Result<AppendRun> bench_naive(const fs::path& dir, const EntryMaker& maker, int 
   };
   std::vector<Connection> connections;
   for (int t = 0; t < threads; ++t) {
-    MEDGATE_ASSIGN_OR_RETURN(auto db, open_plain_log(path, ledger::sql::Database::Mode::kReadWrite));
+    MEDGATE_ASSIGN_OR_RETURN(auto db,
+                             open_plain_log(path, ledger::sql::Database::Mode::kReadWrite));
     sqlite3_busy_timeout(db.handle(), 60'000);
     MEDGATE_ASSIGN_OR_RETURN(auto insert, db.prepare("INSERT INTO log(bytes) VALUES (?)"));
     connections.push_back({std::move(db), std::move(insert)});
   }
   // The thread index travels with the item so that commit() uses the thread's own connection.
-  auto prepare = [&, encode = baseline_prepare(maker)](int t, std::uint64_t n) -> Result<std::pair<int, Bytes>> {
+  auto prepare = [&, encode = baseline_prepare(maker)](
+                     int t, std::uint64_t n) -> Result<std::pair<int, Bytes>> {
     MEDGATE_ASSIGN_OR_RETURN(Bytes b, encode(t, n));
     return std::pair<int, Bytes>(t, std::move(b));
   };
@@ -651,27 +688,33 @@ Result<AppendRun> bench_naive(const fs::path& dir, const EntryMaker& maker, int 
 
 Status run_append_phases(const fs::path& scratch, hsm::KeyStore& signer, const EntryMaker& maker,
                          const Options& options) {
-  fmt::print("Appends: each thread calls append() with one entry and waits until it is durable, in a loop\n"
-             "for {:.2f} s per row; latency is the time spent in that call. Baselines write the same entry\n"
-             "bytes (encoded outside the timed call) to `log(idx INTEGER PRIMARY KEY, bytes BLOB)`, WAL,\n"
-             "synchronous=FULL; a fresh file per row.\n",
-             options.seconds);
-  Table table({"store", "threads", "entries", "entries/s", "p50 ms", "p99 ms", "max ms", "commits", "entries/commit"});
-  Table ratios({"threads", "ledger entries/s", "baseline entries/s", "ledger/baseline time", "target"});
+  fmt::print(
+      "Appends: each thread calls append() with one entry and waits until it is durable,\n"
+      "in a loop for {:.2f} s per row; latency is the time spent in that call. Baselines\n"
+      "write the same entry bytes (encoded outside the timed call) to\n"
+      "`log(idx INTEGER PRIMARY KEY, bytes BLOB)`, WAL, synchronous=FULL; a fresh file per row.\n",
+      options.seconds);
+  Table table({"store", "threads", "entries", "entries/s", "p50 ms", "p99 ms", "max ms", "commits",
+               "entries/commit"});
+  Table ratios(
+      {"threads", "ledger entries/s", "baseline entries/s", "ledger/baseline time", "target"});
   std::optional<AppendRun> ledger_at_64;
   for (int threads : {1, 8, 64}) {
     auto add = [&](const AppendRun& r) {
       table.row({r.store, std::to_string(r.threads), grouped(r.entries), rate(r.per_second()),
-                 fmt::format("{:.3f}", r.latency.p50_ms), fmt::format("{:.3f}", r.latency.p99_ms), fmt::format("{:.1f}", r.latency.max_ms),
-                 r.commits ? grouped(r.commits) : "-",
-                 r.commits ? fmt::format("{:.1f}", static_cast<double>(r.entries) / static_cast<double>(r.commits))
+                 fmt::format("{:.3f}", r.latency.p50_ms), fmt::format("{:.3f}", r.latency.p99_ms),
+                 fmt::format("{:.1f}", r.latency.max_ms), r.commits ? grouped(r.commits) : "-",
+                 r.commits ? fmt::format("{:.1f}", static_cast<double>(r.entries) /
+                                                       static_cast<double>(r.commits))
                            : "1"});
     };
     fs::path dir = scratch / fmt::format("append-{}", threads);
     fs::create_directories(dir);
-    MEDGATE_ASSIGN_OR_RETURN(AppendRun led, bench_ledger_appends(dir, signer, maker, threads, options.seconds));
+    MEDGATE_ASSIGN_OR_RETURN(AppendRun led,
+                             bench_ledger_appends(dir, signer, maker, threads, options.seconds));
     add(led);
-    MEDGATE_ASSIGN_OR_RETURN(AppendRun base, bench_group_commit(dir, maker, threads, options.seconds));
+    MEDGATE_ASSIGN_OR_RETURN(AppendRun base,
+                             bench_group_commit(dir, maker, threads, options.seconds));
     add(base);
     if (threads <= 8) {
       MEDGATE_ASSIGN_OR_RETURN(AppendRun naive, bench_naive(dir, maker, threads, options.seconds));
@@ -680,16 +723,19 @@ Status run_append_phases(const fs::path& scratch, hsm::KeyStore& signer, const E
     fs::remove_all(dir);
     double ratio = led.per_second() > 0 ? base.per_second() / led.per_second() : 0;
     ratios.row({std::to_string(threads), rate(led.per_second()), rate(base.per_second()),
-                fmt::format("{:.2f}x", ratio), threads == 64 ? fmt::format("<= {:.1f}x", kTargetRatio) : ""});
+                fmt::format("{:.2f}x", ratio),
+                threads == 64 ? fmt::format("<= {:.1f}x", kTargetRatio) : ""});
     if (threads == 64) ledger_at_64 = led;
   }
   fmt::print("\n");
   table.print();
-  fmt::print("\nLedger time per entry over the group-commit baseline's (baseline entries/s / ledger entries/s):\n\n");
+  fmt::print(
+      "\nLedger time per entry over the group-commit baseline's (baseline entries/s / ledger "
+      "entries/s):\n\n");
   ratios.print();
   if (ledger_at_64)
-    fmt::print("\n  ledger at 64 appenders: {} entries/s (target >= {})\n\n", rate(ledger_at_64->per_second()),
-               rate(kTargetAppendRate));
+    fmt::print("\n  ledger at 64 appenders: {} entries/s (target >= {})\n\n",
+               rate(ledger_at_64->per_second()), rate(kTargetAppendRate));
   return Status::Ok();
 }
 
@@ -721,8 +767,10 @@ Result<FillResult> fill_ledger(Ledger& ledger, const EntryMaker& maker, std::uin
         Status s;
         for (std::uint64_t i = 0; i < n && s.ok(); ++i) {
           Result<Entry> e = maker.make(first + i);
-          if (e.ok()) batch.push_back(std::move(e).value());
-          else s = e.status();
+          if (e.ok())
+            batch.push_back(std::move(e).value());
+          else
+            s = e.status();
         }
         if (s.ok()) s = ledger.append_all(batch).status();
         if (!s.ok()) {
@@ -754,7 +802,8 @@ struct ScanResult {
 
 Result<ScanResult> scan_and_hash(const fs::path& path) {
   auto t0 = Clock::now();
-  MEDGATE_ASSIGN_OR_RETURN(auto db, ledger::sql::Database::open(path, ledger::sql::Database::Mode::kReadOnly));
+  MEDGATE_ASSIGN_OR_RETURN(
+      auto db, ledger::sql::Database::open(path, ledger::sql::Database::Mode::kReadOnly));
   MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("SELECT bytes FROM entries"));
   ScanResult scan;
   for (;;) {
@@ -774,17 +823,20 @@ Status run_verify_phase(const fs::path& scratch, hsm::KeyStore& signer, const En
   fs::path path = dir / "ledger.db";
   FillResult fill;
   {
-    MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<Ledger> ledger,
-                             Ledger::create(ledger_options(path), "bench-verify", signer, "user:bench"));
+    MEDGATE_ASSIGN_OR_RETURN(
+        std::unique_ptr<Ledger> ledger,
+        Ledger::create(ledger_options(path), "bench-verify", signer, "user:bench"));
     MEDGATE_ASSIGN_OR_RETURN(fill, fill_ledger(*ledger, maker, options.verify_entries, nullptr));
     ledger->close();  // signs a final head and checkpoints the WAL into the file
   }
   std::uint64_t total = options.verify_entries + 1;  // with the genesis entry
-  fmt::print("Verification: a ledger of {} entries ({} + genesis), {} MiB on disk, built in {:.1f} s\n"
-             "({} entries/s via append_all x {} from {} threads), then closed. The page cache is warm\n"
-             "(the file was just written), so this is CPU, not disk.\n\n",
-             grouped(total), grouped(options.verify_entries), mib(size_of(path) + size_of(with_suffix(path, "-wal"))),
-             fill.seconds, rate(static_cast<double>(fill.entries) / fill.seconds), kFillBatch, kFillThreads);
+  fmt::print(
+      "Verification: a ledger of {} entries ({} + genesis), {} MiB on disk, built in {:.1f} s\n"
+      "({} entries/s via append_all x {} from {} threads), then closed. The page cache is warm\n"
+      "(the file was just written), so this is CPU, not disk.\n\n",
+      grouped(total), grouped(options.verify_entries),
+      mib(size_of(path) + size_of(with_suffix(path, "-wal"))), fill.seconds,
+      rate(static_cast<double>(fill.entries) / fill.seconds), kFillBatch, kFillThreads);
 
   MEDGATE_ASSIGN_OR_RETURN(ScanResult scan, scan_and_hash(path));
 
@@ -793,17 +845,20 @@ Status run_verify_phase(const fs::path& scratch, hsm::KeyStore& signer, const En
   auto t0 = Clock::now();
   MEDGATE_ASSIGN_OR_RETURN(ledger::VerifyReport report, ledger::verify_ledger_file(path, vo));
   double verify_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-  if (!report.ok()) return Status::VerificationFailed("the benchmark ledger does not verify: " + report.problem->describe());
+  if (!report.ok())
+    return Status::VerificationFailed("the benchmark ledger does not verify: " +
+                                      report.problem->describe());
   if (report.entries != total || scan.rows != total)
-    return Status::Internal(fmt::format("verified {} and scanned {} entries, expected {}", report.entries, scan.rows, total));
+    return Status::Internal(fmt::format("verified {} and scanned {} entries, expected {}",
+                                        report.entries, scan.rows, total));
 
   double verify_rate = static_cast<double>(report.entries) / verify_seconds;
   double scan_rate = static_cast<double>(scan.rows) / scan.seconds;
   Table table({"pass", "entries", "seconds", "entries/s", "target"});
-  table.row({"verify_ledger_file", grouped(report.entries), fmt::format("{:.3f}", verify_seconds), rate(verify_rate),
-             fmt::format(">= {}", rate(kTargetVerifyRate))});
-  table.row({"baseline: SELECT bytes FROM entries + SHA-256", grouped(scan.rows), fmt::format("{:.3f}", scan.seconds),
-             rate(scan_rate), ""});
+  table.row({"verify_ledger_file", grouped(report.entries), fmt::format("{:.3f}", verify_seconds),
+             rate(verify_rate), fmt::format(">= {}", rate(kTargetVerifyRate))});
+  table.row({"baseline: SELECT bytes FROM entries + SHA-256", grouped(scan.rows),
+             fmt::format("{:.3f}", scan.seconds), rate(scan_rate), ""});
   table.print();
   fmt::print("\n  verifier time / baseline time: {:.2f}x ({} blocks, {} signed heads checked)\n\n",
              scan_rate / verify_rate, grouped(report.blocks), grouped(report.heads));
@@ -818,42 +873,47 @@ Status run_rss_phase(const fs::path& scratch, hsm::KeyStore& signer, const Entry
   fs::path dir = scratch / "rss";
   fs::create_directories(dir);
   fs::path path = dir / "ledger.db";
-  fmt::print("Peak RSS: {} entries appended to a fresh ledger with append_all x {} from {} threads\n"
-             "(VmHWM is the process's peak resident set; VmRSS is now).\n\n",
-             grouped(options.rss_entries), kFillBatch, kFillThreads);
+  fmt::print(
+      "Peak RSS: {} entries appended to a fresh ledger with append_all x {} from {} threads\n"
+      "(VmHWM is the process's peak resident set; VmRSS is now).\n\n",
+      grouped(options.rss_entries), kFillBatch, kFillThreads);
   Table table({"point", "appended", "seconds", "VmHWM MiB", "VmRSS MiB", "file MiB", "WAL MiB"});
   auto t0 = Clock::now();
   auto add = [&](std::string point, std::uint64_t appended) {
     Memory m = memory_now();
     table.row({std::move(point), grouped(appended),
-               fmt::format("{:.1f}", std::chrono::duration<double>(Clock::now() - t0).count()), mib(m.hwm_kib * 1024),
-               mib(m.rss_kib * 1024), mib(size_of(path)), mib(size_of(with_suffix(path, "-wal")))});
+               fmt::format("{:.1f}", std::chrono::duration<double>(Clock::now() - t0).count()),
+               mib(m.hwm_kib * 1024), mib(m.rss_kib * 1024), mib(size_of(path)),
+               mib(size_of(with_suffix(path, "-wal")))});
   };
   add("before (token open)", 0);
   Memory before = memory_now();
   FillResult fill;
   {
-    MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<Ledger> ledger,
-                             Ledger::create(ledger_options(path), "bench-rss", signer, "user:bench"));
+    MEDGATE_ASSIGN_OR_RETURN(
+        std::unique_ptr<Ledger> ledger,
+        Ledger::create(ledger_options(path), "bench-rss", signer, "user:bench"));
     add("ledger created", 0);
     std::uint64_t step = std::max<std::uint64_t>(options.rss_entries / 10, 1), next_mark = step;
-    MEDGATE_ASSIGN_OR_RETURN(fill, fill_ledger(*ledger, maker, options.rss_entries, [&](std::uint64_t appended) {
-                               if (appended < next_mark) return;
-                               add("appending", appended);
-                               while (next_mark <= appended) next_mark += step;
-                             }));
+    MEDGATE_ASSIGN_OR_RETURN(
+        fill, fill_ledger(*ledger, maker, options.rss_entries, [&](std::uint64_t appended) {
+          if (appended < next_mark) return;
+          add("appending", appended);
+          while (next_mark <= appended) next_mark += step;
+        }));
     add("all appended", ledger->stats().appended);
     ledger->close();
     add("closed", fill.entries);
   }
   Memory after = memory_now();
   table.print();
-  fmt::print("\n  peak RSS: {} MiB before the ledger, {} MiB after {} entries (target <= {:.0f} MiB)\n"
-             "  file: {} MiB for {} entries ({:.0f} bytes/entry); appended at {} entries/s\n\n",
-             mib(before.hwm_kib * 1024), mib(after.hwm_kib * 1024), grouped(fill.entries), kTargetPeakRssMiB,
-             mib(size_of(path)), grouped(fill.entries + 1),
-             static_cast<double>(size_of(path)) / static_cast<double>(fill.entries + 1),
-             rate(static_cast<double>(fill.entries) / fill.seconds));
+  fmt::print(
+      "\n  peak RSS: {} MiB before the ledger, {} MiB after {} entries (target <= {:.0f} MiB)\n"
+      "  file: {} MiB for {} entries ({:.0f} bytes/entry); appended at {} entries/s\n\n",
+      mib(before.hwm_kib * 1024), mib(after.hwm_kib * 1024), grouped(fill.entries),
+      kTargetPeakRssMiB, mib(size_of(path)), grouped(fill.entries + 1),
+      static_cast<double>(size_of(path)) / static_cast<double>(fill.entries + 1),
+      rate(static_cast<double>(fill.entries) / fill.seconds));
   fs::remove_all(dir);
   return Status::Ok();
 }
@@ -864,7 +924,8 @@ Status run(int argc, char** argv, const Options& options) {
   std::error_code ec;
   fs::create_directories(options.dir, ec);
   if (!fs::is_directory(options.dir))
-    return Status::InvalidArgument(fmt::format("--dir {} is not a directory", options.dir.string()));
+    return Status::InvalidArgument(
+        fmt::format("--dir {} is not a directory", options.dir.string()));
   // TempDir makes its directory under $TMPDIR: point that at --dir.
   ::setenv("TMPDIR", fs::absolute(options.dir).c_str(), 1);
   testing::TempDir scratch("medgate-bench");
@@ -875,15 +936,19 @@ Status run(int argc, char** argv, const Options& options) {
   print_header(argc, argv, scratch.path(), disk, fsync_samples, maker.size());
 
   // One SoftHSM token for the whole run: a process can have only one token directory open.
-  MEDGATE_ASSIGN_OR_RETURN(hsm::KeyStoreConfig config,
-                           hsm::create_softhsm_token(scratch / "softhsm", "bench", scratch / "pin"));
+  MEDGATE_ASSIGN_OR_RETURN(
+      hsm::KeyStoreConfig config,
+      hsm::create_softhsm_token(scratch / "softhsm", "bench", scratch / "pin"));
   MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<hsm::KeyStore> signer,
                            hsm::open_key_store(config, hsm::KeyPolicy::kCreateIfMissing));
 
   if (options.rss) return run_rss_phase(scratch.path(), *signer, maker, options);
-  if (options.only != Only::kVerify) MEDGATE_RETURN_IF_ERROR(run_append_phases(scratch.path(), *signer, maker, options));
-  if (options.only != Only::kAppend) MEDGATE_RETURN_IF_ERROR(run_verify_phase(scratch.path(), *signer, maker, options));
-  if (options.smoke) MEDGATE_RETURN_IF_ERROR(run_rss_phase(scratch.path(), *signer, maker, options));
+  if (options.only != Only::kVerify)
+    MEDGATE_RETURN_IF_ERROR(run_append_phases(scratch.path(), *signer, maker, options));
+  if (options.only != Only::kAppend)
+    MEDGATE_RETURN_IF_ERROR(run_verify_phase(scratch.path(), *signer, maker, options));
+  if (options.smoke)
+    MEDGATE_RETURN_IF_ERROR(run_rss_phase(scratch.path(), *signer, maker, options));
   return Status::Ok();
 }
 
