@@ -79,87 +79,170 @@ class Reader {
   std::filesystem::path source_;
 };
 
-// Checks the text before toml++ sees it, against TOML's own rules plus one of ours: no control
-// characters but tab, CR and LF; non-ASCII characters only in comments (TOML allows them in
-// strings too, but toml++ misreads them where it takes a string for something else); a table header
-// ([x] or [[x]]) begins with a key; and, since no setting takes them, no multi-line strings, arrays
-// or inline tables. Debian's toml++ 3.3.0 hits an unreachable branch or a failed assertion on
-// inputs that break these (upstream PRs #301 and #305, and more in arrays; found by tests/fuzz), so
-// such input gets a clear error here instead. A setting that needs a list must come with parsing
-// that is fuzzed.
-Status check_toml_characters(std::string_view text, const Reader& r) {
-  enum class In { kCode, kComment, kBasic, kLiteral } in = In::kCode;
-  int line = 1;
-  bool line_start = true;  // nothing but blanks so far on this line (outside strings)
-  auto at = [&](const std::string& what) { return r.error_at_line(line, what); };
-  auto header_starts_with_key = [&](std::size_t i) {
-    std::size_t j = i + 1;
-    auto blanks = [&] {
-      while (j < text.size() && (text[j] == ' ' || text[j] == '\t')) ++j;
-    };
+// medgated.toml is checked line by line against the small part of TOML it uses before toml++
+// sees it: [table] headers, key = value with a quoted string, an integer, true or false, and
+// comments. Debian's toml++ 3.3.0 reaches failed assertions and unreachable code on some malformed
+// input (upstream PRs #301 and #305 and more; found by tests/fuzz), so it only ever gets text that
+// is well-formed in this subset. Non-ASCII is allowed in comments only: ids, paths and names are
+// ASCII (toml++ also misreads non-ASCII in places).
+class SubsetChecker {
+  static constexpr const char* kNoValue =
+      "expected a value: a quoted string, an integer, true or false (no floats or dates)";
+  static constexpr const char* kNonAscii =
+      "a non-ASCII character outside a comment (ids, paths and names must be ASCII)";
+
+ public:
+  SubsetChecker(std::string_view text, const Reader& r) : text_(text), r_(r) {}
+
+  Status check() {
+    for (std::size_t c = 0, l = 1; c < text_.size(); ++c) {
+      auto ch = static_cast<unsigned char>(text_[c]);
+      if (ch == '\n') ++l;
+      if ((ch < 0x20 && ch != '\t' && ch != '\r' && ch != '\n') || ch == 0x7f)
+        return r_.error_at_line(static_cast<int>(l),
+                                fmt::format("control character 0x{:02x} is not allowed", ch));
+    }
+    while (pos_ < text_.size()) {
+      blanks();
+      if (peek() == '[')
+        MEDGATE_RETURN_IF_ERROR(header());
+      else if (peek() != '#' && !at_line_end())
+        MEDGATE_RETURN_IF_ERROR(key_value());
+      blanks();
+      if (peek() == '#') comment();
+      if (!at_line_end()) return fail("unexpected text after the value");
+      if (peek() == '\r') ++pos_;
+      if (pos_ < text_.size()) {
+        if (text_[pos_] != '\n') return fail("a carriage return must be followed by a line feed");
+        ++pos_;
+        ++line_;
+        line_start_ = pos_;
+      }
+    }
+    return Status::Ok();
+  }
+
+ private:
+  char peek(std::size_t ahead = 0) const {
+    return pos_ + ahead < text_.size() ? text_[pos_ + ahead] : '\0';
+  }
+  bool at_line_end() const { return pos_ >= text_.size() || peek() == '\n' || peek() == '\r'; }
+  void blanks() {
+    while (peek() == ' ' || peek() == '\t') ++pos_;
+  }
+  Status fail(const std::string& what) const {
+    return r_.error_at_line(line_, fmt::format("column {}: {}", pos_ - line_start_ + 1, what));
+  }
+  void comment() {
+    while (!at_line_end()) ++pos_;
+  }
+  static bool bare(char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-';
+  }
+
+  Status header() {
+    ++pos_;
+    bool array = peek() == '[';
+    if (array) ++pos_;
     blanks();
-    if (j < text.size() && text[j] == '[') ++j, blanks();
-    if (j >= text.size()) return true;  // the parser reports the end of the text itself
-    unsigned char k = static_cast<unsigned char>(text[j]);
-    return std::isalnum(k) || k == '_' || k == '-' || k == '"' || k == '\'' || k == ']';
-  };
-  // Characters first, so that a control character is named as such wherever it is.
-  for (std::size_t i = 0, l = 1; i < text.size(); ++i) {
-    auto c = static_cast<unsigned char>(text[i]);
-    if (c == '\n') ++l;
-    if ((c < 0x20 && c != '\t' && c != '\r' && c != '\n') || c == 0x7f)
-      return r.error_at_line(static_cast<int>(l),
-                             fmt::format("control character 0x{:02x} is not allowed", c));
+    MEDGATE_RETURN_IF_ERROR(key());
+    blanks();
+    if (peek() != ']' || (array && peek(1) != ']'))
+      return fail(array ? "expected ']]' to close the header" : "expected ']' to close the header");
+    pos_ += array ? 2 : 1;
+    return Status::Ok();
   }
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    auto c = static_cast<unsigned char>(text[i]);
-    if (c == '\n') {
-      if (in == In::kBasic || in == In::kLiteral)
-        return at("a quoted string is not closed on its line");
-      ++line;
-      line_start = true;
-      in = In::kCode;
-      continue;
+
+  Status key() {
+    for (;;) {
+      if (peek() == '"' || peek() == '\'') {
+        MEDGATE_RETURN_IF_ERROR(string());
+      } else if (bare(peek())) {
+        while (bare(peek())) ++pos_;
+      } else if (static_cast<unsigned char>(peek()) >= 0x80) {
+        return fail(kNonAscii);
+      } else {
+        return fail("expected a key name");
+      }
+      blanks();
+      if (peek() != '.') return Status::Ok();
+      ++pos_;
+      blanks();
     }
-    if (c >= 0x80 && in != In::kComment)
-      return at("a non-ASCII character outside a comment (ids, paths and names must be ASCII)");
-    switch (in) {
-      case In::kCode:
-        if (c == ' ' || c == '\t' || c == '\r') break;
-        if (c == '[' && line_start) {
-          if (!header_starts_with_key(i)) return at("a table header must begin with a key name");
-          if (i + 1 < text.size() && text[i + 1] == '[') ++i;  // [[array of tables]]
-          line_start = false;
-          continue;
+  }
+
+  Status key_value() {
+    MEDGATE_RETURN_IF_ERROR(key());
+    blanks();
+    if (peek() != '=') return fail("expected '=' after the key");
+    ++pos_;
+    blanks();
+    char c = peek();
+    if (c == '"' || c == '\'') {
+      if (peek(1) == c && peek(2) == c)
+        return fail("multi-line strings are not accepted in medgated.toml");
+      return string();
+    }
+    if (c == '[') return fail("arrays are not accepted in medgated.toml (no setting takes a list)");
+    if (c == '{') return fail("inline tables are not accepted in medgated.toml; use a [section]");
+    if (static_cast<unsigned char>(c) >= 0x80) return fail(kNonAscii);
+    if (text_.substr(pos_, 4) == "true" && !bare(peek(4))) return pos_ += 4, Status::Ok();
+    if (text_.substr(pos_, 5) == "false" && !bare(peek(5))) return pos_ += 5, Status::Ok();
+    return integer();
+  }
+
+  // [+-]? (0 | [1-9] (_? [0-9])*), as TOML writes decimal integers.
+  Status integer() {
+    if (peek() == '+' || peek() == '-') ++pos_;
+    if (peek() == '0' && !std::isdigit(static_cast<unsigned char>(peek(1))) && peek(1) != '_')
+      return ++pos_, terminated();
+    if (peek() < '1' || peek() > '9') return fail(kNoValue);
+    ++pos_;
+    while (std::isdigit(static_cast<unsigned char>(peek())) ||
+           (peek() == '_' && std::isdigit(static_cast<unsigned char>(peek(1)))))
+      ++pos_;
+    if (pos_ - line_start_ > 40) return fail("the number is too long");
+    return terminated();
+  }
+
+  Status terminated() const {
+    char c = peek();
+    if (at_line_end() || c == ' ' || c == '\t' || c == '#') return Status::Ok();
+    return fail(kNoValue);
+  }
+
+  Status string() {
+    char quote = peek();
+    ++pos_;
+    for (;;) {
+      if (at_line_end()) return fail("a quoted string is not closed on its line");
+      auto c = static_cast<unsigned char>(peek());
+      if (c >= 0x80)
+        return fail("a non-ASCII character outside a comment (ids, paths and names must be ASCII)");
+      ++pos_;
+      if (c == static_cast<unsigned char>(quote)) return Status::Ok();
+      if (quote == '"' && c == '\\') {
+        char e = peek();
+        if (e == 'u' || e == 'U') {
+          std::size_t digits = e == 'u' ? 4 : 8;
+          ++pos_;
+          for (std::size_t i = 0; i < digits; ++i, ++pos_)
+            if (!std::isxdigit(static_cast<unsigned char>(peek())))
+              return fail("a \\u escape needs hex digits");
+        } else if (std::string_view("btnfr\"\\").find(e) != std::string_view::npos && e != '\0') {
+          ++pos_;
+        } else {
+          return fail("an unknown escape sequence in a string");
         }
-        if (c == '[')
-          return at("arrays are not accepted in medgated.toml (no setting takes a list)");
-        if (c == '{') return at("inline tables are not accepted in medgated.toml; use a [section]");
-        line_start = false;
-        if (text.substr(i, 3) == "\"\"\"" || text.substr(i, 3) == "'''")
-          return at("multi-line strings are not accepted in medgated.toml");
-        if (c == '#')
-          in = In::kComment;
-        else if (c == '"')
-          in = In::kBasic;
-        else if (c == '\'')
-          in = In::kLiteral;
-        break;
-      case In::kComment:
-        break;
-      case In::kBasic:
-        if (c == '\\')
-          ++i;  // an escape: skip the escaped character (a newline is caught above)
-        else if (c == '"')
-          in = In::kCode;
-        break;
-      case In::kLiteral:
-        if (c == '\'') in = In::kCode;
-        break;
+      }
     }
   }
-  return Status::Ok();
-}
+
+  std::string_view text_;
+  const Reader& r_;
+  std::size_t pos_ = 0, line_start_ = 0;
+  int line_ = 1;
+};
 
 }  // namespace
 
@@ -173,7 +256,7 @@ Result<Config> load_config(const std::filesystem::path& file) {
 
 Result<Config> parse_config(std::string_view text, const std::filesystem::path& source) {
   Reader r(source);
-  MEDGATE_RETURN_IF_ERROR(check_toml_characters(text, r));
+  MEDGATE_RETURN_IF_ERROR(SubsetChecker(text, r).check());
   toml::table root;
   try {
     root = toml::parse(text, source.string());

@@ -74,7 +74,7 @@ TEST_CASE("config errors name the file, the line and the problem", "[config]") {
   CHECK_THAT(s.message(),
              Catch::Contains("medgated.toml:5: [ledger] head_interval_ms must be an integer"));
   CHECK_THAT(with("head_interval_ms = 250", "head_interval_ms = 2e50").message(),
-             Catch::Contains(":5: [ledger] head_interval_ms must be an integer"));
+             Catch::Contains(":5: column 21: expected a value"));
   CHECK_THAT(with("head_interval_ms = 250", "head_interval_ms = 1").message(),
              Catch::Contains(":5: [ledger] head_interval_ms must be between"));
   CHECK_THAT(with("admin_group", "admin_grup").message(),
@@ -101,28 +101,34 @@ TEST_CASE("config errors name the file, the line and the problem", "[config]") {
 TEST_CASE("characters TOML forbids get a clear error before the parser sees them", "[config]") {
   // toml++ 3.3.0 (Debian 12) misbehaves on these (tests/fuzz/corpus/config/crash-*).
   CHECK_THAT(error_of("\xc3\xbc").message(),
-             Catch::Contains("medgated.toml:1: a non-ASCII character outside a comment"));
+             Catch::Contains("medgated.toml:1: column 1: a non-ASCII character outside a comment"));
   CHECK_THAT(error_of("[\x01").message(),
              Catch::Contains("medgated.toml:1: control character 0x01"));
   CHECK_THAT(error_of("# ok\n[ledger]\nid = \"a\x7f\"").message(),
              Catch::Contains("medgated.toml:3: control character 0x7f"));
   CHECK_THAT(error_of("[ledger]\nid = \"unclosed\n").message(),
-             Catch::Contains("medgated.toml:2: a quoted string is not closed"));
+             Catch::Contains("medgated.toml:2: column 15: a quoted string is not closed"));
   CHECK_THAT(error_of("\n[[@l").message(),
-             Catch::Contains("medgated.toml:2: a table header must begin with a key"));
+             Catch::Contains("medgated.toml:2: column 3: expected a key name"));
   CHECK_THAT(error_of("[ledger]\nx = [1, 2]\n").message(),
-             Catch::Contains("medgated.toml:2: arrays are not accepted"));
+             Catch::Contains("medgated.toml:2: column 5: arrays are not accepted"));
   CHECK_THAT(error_of("ledger = { id = 1 }").message(),
              Catch::Contains("inline tables are not accepted"));
   CHECK_THAT(error_of("[\"quoted [key]\"]\n").message(),
              Catch::Contains("unknown key 'quoted [key]'"));
   // Non-ASCII is fine in comments only: toml++ 3.3.0 misreads it in strings it takes for numbers.
-  CHECK_THAT(error_of("[ledger]\nid = \"Station S\xc3\xbc"
-                      "d\"")
-                 .message(),
-             Catch::Contains("medgated.toml:2: a non-ASCII character outside a comment"));
+  CHECK_THAT(
+      error_of("[ledger]\nid = \"Station S\xc3\xbc"
+               "d\"")
+          .message(),
+      Catch::Contains("medgated.toml:2: column 16: a non-ASCII character outside a comment"));
   CHECK_THAT(error_of("[ledger]\ndata_dir =+\"/x\xc9\xbf\"").message(),
-             Catch::Contains("non-ASCII"));
+             Catch::Contains(":2: column 12: expected a value"));
+  CHECK_THAT(error_of("[ledger]\nhead_interval_ms = 1979-05-27").message(),
+             Catch::Contains("no floats or dates"));
+  CHECK_THAT(error_of("[ledger]\nid = \"a\\q\"").message(), Catch::Contains("unknown escape"));
+  CHECK_THAT(error_of("[ledger]\nid = \"x\" trailing").message(),
+             Catch::Contains("unexpected text after the value"));
   CHECK_THAT(error_of("[ledger]\nid = \"S\\u00fcd\"").message(),
              Catch::Contains(":2: [ledger] id must be printable ASCII"));
   std::string commented = std::string(kGood) +
