@@ -190,10 +190,19 @@ Bytes encode(const Value& value) {
 
 namespace {
 
-// RFC 3629 UTF-8: no overlong forms, no surrogates, nothing above U+10FFFF.
+// RFC 3629 UTF-8: no overlong forms, no surrogates, nothing above U+10FFFF. ASCII runs are
+// checked eight bytes at a time: ledger text is nearly all ASCII and this is on the verifier's
+// path.
 bool valid_utf8(const unsigned char* s, std::size_t n) {
   std::size_t i = 0;
   while (i < n) {
+    while (i + 8 <= n) {
+      std::uint64_t word;
+      std::memcpy(&word, s + i, 8);
+      if (word & 0x8080808080808080ULL) break;
+      i += 8;
+    }
+    if (i >= n) break;
     unsigned c = s[i];
     if (c < 0x80) {
       ++i;
@@ -225,13 +234,20 @@ bool valid_utf8(const unsigned char* s, std::size_t n) {
   return true;
 }
 
+struct Nothing {};
+
 }  // namespace
 
-class Decoder {
+// One strict parser for both uses: Parser<true> builds Values (decode), Parser<false> only checks
+// (validate), so the two can never disagree about what is canonical.
+template <bool kBuild>
+class Parser {
  public:
-  explicit Decoder(ByteView data) : data_(data) {}
+  using Item = std::conditional_t<kBuild, Value, Nothing>;
 
-  Result<Value> item(int depth) {
+  explicit Parser(ByteView data) : data_(data) {}
+
+  Result<Item> item(int depth) {
     if (depth > kMaxDepth) return error(fmt::format("nesting deeper than {}", kMaxDepth));
     std::size_t start = pos_;
     if (pos_ >= data_.size()) return error("unexpected end of data");
@@ -240,11 +256,12 @@ class Decoder {
     if (major == 7) {
       switch (additional) {
         case 20:
-          return Value::boolean(false);
         case 21:
-          return Value::boolean(true);
+          if constexpr (kBuild) return Value::boolean(additional == 21);
+          return Item{};
         case 22:
-          return Value::null();
+          if constexpr (kBuild) return Value::null();
+          return Item{};
         default:
           return error_at(start, "floats, undefined and other simple values are not allowed");
       }
@@ -268,38 +285,44 @@ class Decoder {
     std::size_t remaining = data_.size() - pos_;
     switch (major) {
       case 0:
-        return Value::uint(arg);
+        if constexpr (kBuild) return Value::uint(arg);
+        return Item{};
       case 1:
-        return Value(Value::Rep(Value::Negative{arg}));
+        if constexpr (kBuild) return Value(Value::Rep(Value::Negative{arg}));
+        return Item{};
       case 2:
       case 3: {
         if (arg > remaining) return error_at(start, "string runs past the end of the data");
         auto body = data_.subspan(pos_, static_cast<std::size_t>(arg));
         pos_ += body.size();
-        if (major == 2) return Value::bytes(body);
-        if (!valid_utf8(u8(body), body.size()))
+        if (major == 3 && !valid_utf8(u8(body), body.size()))
           return error_at(start, "text string is not valid UTF-8");
-        return Value::text(to_string(body));
+        if constexpr (kBuild) return major == 2 ? Value::bytes(body) : Value::text(to_string(body));
+        return Item{};
       }
       case 4: {
         // Each item takes at least one byte: refuse counts the data cannot hold before allocating.
         if (arg > remaining) return error_at(start, "array is longer than the data");
         Array items;
-        items.reserve(static_cast<std::size_t>(arg));
+        if constexpr (kBuild) items.reserve(static_cast<std::size_t>(arg));
         for (std::uint64_t i = 0; i < arg; ++i) {
-          MEDGATE_ASSIGN_OR_RETURN(Value v, item(depth + 1));
-          items.push_back(std::move(v));
+          MEDGATE_ASSIGN_OR_RETURN(Item v, item(depth + 1));
+          if constexpr (kBuild) items.push_back(std::move(v));
         }
-        return Value::array(std::move(items));
+        if constexpr (kBuild) return Value::array(std::move(items));
+        return Item{};
       }
       case 5: {
         if (arg > remaining / 2) return error_at(start, "map is longer than the data");
-        auto entries = std::make_shared<Map>();
-        entries->reserve(static_cast<std::size_t>(arg));
+        std::shared_ptr<Map> entries;
+        if constexpr (kBuild) {
+          entries = std::make_shared<Map>();
+          entries->reserve(static_cast<std::size_t>(arg));
+        }
         ByteView prev_key;
         for (std::uint64_t i = 0; i < arg; ++i) {
           std::size_t key_start = pos_;
-          MEDGATE_ASSIGN_OR_RETURN(Value k, item(depth + 1));
+          MEDGATE_ASSIGN_OR_RETURN(Item k, item(depth + 1));
           ByteView key = data_.subspan(key_start, pos_ - key_start);
           if (i > 0) {
             bool ascending = std::lexicographical_compare(prev_key.begin(), prev_key.end(),
@@ -311,17 +334,24 @@ class Decoder {
                                   : "map keys not in canonical order");
           }
           prev_key = key;
-          MEDGATE_ASSIGN_OR_RETURN(Value v, item(depth + 1));
-          entries->emplace_back(std::move(k), std::move(v));
+          MEDGATE_ASSIGN_OR_RETURN(Item v, item(depth + 1));
+          if constexpr (kBuild) entries->emplace_back(std::move(k), std::move(v));
         }
-        return Value(Value::Rep(std::move(entries)));
+        if constexpr (kBuild) return Value(Value::Rep(std::move(entries)));
+        return Item{};
       }
       default:
         return error_at(start, "unknown major type");
     }
   }
 
-  std::size_t pos() const { return pos_; }
+  Result<Item> whole() {
+    MEDGATE_ASSIGN_OR_RETURN(Item v, item(0));
+    if (pos_ != data_.size())
+      return Status::Corruption(fmt::format("CBOR at byte {}: {} trailing bytes after the item",
+                                            pos_, data_.size() - pos_));
+    return v;
+  }
 
  private:
   Status error(const std::string& what) const { return error_at(pos_, what); }
@@ -334,12 +364,83 @@ class Decoder {
 };
 
 Result<Value> decode(ByteView data) {
-  Decoder d(data);
-  MEDGATE_ASSIGN_OR_RETURN(Value v, d.item(0));
-  if (d.pos() != data.size())
-    return Status::Corruption(fmt::format("CBOR at byte {}: {} trailing bytes after the item",
-                                          d.pos(), data.size() - d.pos()));
-  return v;
+  return Parser<true>(data).whole();
+}
+
+Status validate(ByteView data) {
+  return Parser<false>(data).whole().status();
+}
+
+// ---- Cursor ---------------------------------------------------------------------------------
+
+Result<Cursor::Head> Cursor::head() {
+  if (pos_ >= data_.size()) return Status::Corruption("CBOR: unexpected end of data");
+  unsigned initial = std::to_integer<unsigned>(data_[pos_++]);
+  Head h{static_cast<int>(initial >> 5), initial & 0x1f};
+  unsigned additional = initial & 0x1f;
+  if (h.major == 7 || additional < 24) return h;
+  if (additional > 27) return Status::Corruption("CBOR: unsupported length encoding");
+  std::size_t nbytes = std::size_t{1} << (additional - 24);
+  if (data_.size() - pos_ < nbytes) return Status::Corruption("CBOR: unexpected end of data");
+  h.arg = 0;
+  for (std::size_t i = 0; i < nbytes; ++i)
+    h.arg = (h.arg << 8) | std::to_integer<unsigned>(data_[pos_++]);
+  return h;
+}
+
+Result<std::uint64_t> Cursor::read_uint() {
+  MEDGATE_ASSIGN_OR_RETURN(Head h, head());
+  if (h.major != 0) return Status::Corruption("CBOR: expected an unsigned integer");
+  return h.arg;
+}
+
+Result<ByteView> Cursor::read_string(int major) {
+  MEDGATE_ASSIGN_OR_RETURN(Head h, head());
+  if (h.major != major)
+    return Status::Corruption(major == 2 ? "CBOR: expected bytes" : "CBOR: expected text");
+  if (h.arg > data_.size() - pos_)
+    return Status::Corruption("CBOR: string runs past the end of the data");
+  ByteView out = data_.subspan(pos_, static_cast<std::size_t>(h.arg));
+  pos_ += out.size();
+  return out;
+}
+
+Result<ByteView> Cursor::read_bytes() {
+  return read_string(2);
+}
+
+Result<std::string_view> Cursor::read_text() {
+  MEDGATE_ASSIGN_OR_RETURN(ByteView b, read_string(3));
+  return std::string_view(reinterpret_cast<const char*>(b.data()), b.size());
+}
+
+Result<ByteView> Cursor::read_item() {
+  std::size_t start = pos_;
+  // Items to skip: validated data nests at most kMaxDepth deep, so a counter suffices.
+  std::uint64_t pending = 1;
+  while (pending > 0) {
+    --pending;
+    MEDGATE_ASSIGN_OR_RETURN(Head h, head());
+    switch (h.major) {
+      case 2:
+      case 3:
+        if (h.arg > data_.size() - pos_)
+          return Status::Corruption("CBOR: string runs past the end of the data");
+        pos_ += static_cast<std::size_t>(h.arg);
+        break;
+      case 4:
+        if (h.arg > data_.size()) return Status::Corruption("CBOR: array is longer than the data");
+        pending += h.arg;
+        break;
+      case 5:
+        if (h.arg > data_.size()) return Status::Corruption("CBOR: map is longer than the data");
+        pending += 2 * h.arg;
+        break;
+      default:
+        break;
+    }
+  }
+  return data_.subspan(start, pos_ - start);
 }
 
 // ---- JSON rendering -------------------------------------------------------------------------

@@ -87,7 +87,8 @@ class Value {
                            std::shared_ptr<Map>, bool, Null>;
   explicit Value(Rep v) : v_(std::move(v)) {}
   Rep v_;
-  friend class Decoder;
+  template <bool>
+  friend class Parser;
   friend void encode_to(const Value&, class Writer&);
 };
 
@@ -120,6 +121,32 @@ Bytes encode(const Value& value);
 // Strict decode of exactly one item filling all of `data`. kCorruption naming the byte offset and
 // the rule broken (e.g. "at byte 12: integer not in shortest form").
 Result<Value> decode(ByteView data);
+
+// The same checks as decode() without building anything: the verifier's path, which must keep up
+// with a million entries a second.
+Status validate(ByteView data);
+
+// Walks data that validate() accepted, without allocating: the verifier reads entry headers with
+// it. Bounds are still checked (an error, never a crash), but canonical form is not re-checked.
+class Cursor {
+ public:
+  explicit Cursor(ByteView data) : data_(data) {}
+  struct Head {
+    int major = 0;
+    std::uint64_t arg = 0;  // the value, length or count; for major 7 the simple value
+  };
+  Result<Head> head();
+  Result<std::uint64_t> read_uint();
+  Result<ByteView> read_bytes();
+  Result<std::string_view> read_text();
+  Result<ByteView> read_item();  // the next item's whole encoding, skipped over
+  bool at_end() const { return pos_ >= data_.size(); }
+
+ private:
+  Result<ByteView> read_string(int major);
+  ByteView data_;
+  std::size_t pos_ = 0;
+};
 
 // Renders a Value as JSON for people and scripts (byte strings as lowercase hex). Not canonical,
 // never hashed.

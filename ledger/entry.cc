@@ -67,7 +67,9 @@ Status check_body(const EntryTypeInfo& info, const cbor::Value& body) {
   for (const auto& [k, v] : *map)
     if (!k.as_text())
       return Status::InvalidArgument(fmt::format("{} entry body has a non-text key", info.name));
-  return info.check_body(body).with_context(fmt::format("{} entry", info.name));
+  Status s = info.check_body(body);
+  if (!s.ok()) return s.with_context(fmt::format("{} entry", info.name));
+  return s;
 }
 
 }  // namespace
@@ -122,56 +124,114 @@ Result<Bytes> encode_entry(const Entry& entry) {
   return w.take();
 }
 
-Result<Entry> decode_entry(ByteView bytes) {
-  MEDGATE_ASSIGN_OR_RETURN(cbor::Value v, cbor::decode(bytes));
-  const cbor::Map* map = v.as_map();
-  if (!map) return Status::Corruption("entry is not a CBOR map");
-  for (const auto& [k, item] : *map) {
-    auto key = k.as_uint();
-    if (!key || *key > kSubjects)
+Result<EntryHeader> read_entry_header(ByteView bytes) {
+  MEDGATE_RETURN_IF_ERROR(cbor::validate(bytes));
+  cbor::Cursor c(bytes);
+  MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head map, c.head());
+  if (map.major != 5) return Status::Corruption("entry is not a CBOR map");
+  static constexpr const char* kMissing[] = {"an object kind", "a format version", "a type",
+                                             "a time",         "an actor",         "a body"};
+  EntryHeader h;
+  // Canonical maps have unique keys in ascending order, so format 1's keys must be 0..5 and
+  // optionally 6, in that order: the first key out of place names what is missing or extra.
+  for (std::uint64_t i = 0; i < map.arg; ++i) {
+    Result<std::uint64_t> key = c.read_uint();
+    if (!key.ok() || *key > kSubjects)
       return Status::Corruption("entry has a key this format does not define");
+    if (*key != i) return Status::Corruption(fmt::format("entry has no {}", kMissing[i]));
+    switch (*key) {
+      case kKind: {
+        Result<std::uint64_t> kind = c.read_uint();
+        if (!kind.ok() || *kind != static_cast<std::uint64_t>(ObjectKind::kEntry))
+          return Status::Corruption("object is not an entry (key 0)");
+        break;
+      }
+      case kVersion: {
+        Result<std::uint64_t> version = c.read_uint();
+        if (!version.ok() || *version != kEntryFormatVersion)
+          return Status::Corruption(
+              version.ok()
+                  ? fmt::format(
+                        "entry format version {} is not supported by this build (it reads {})",
+                        *version, kEntryFormatVersion)
+                  : "entry format version is not an integer");
+        break;
+      }
+      case kType: {
+        Result<std::uint64_t> type = c.read_uint();
+        if (!type.ok()) return Status::Corruption("entry type is not an integer");
+        h.info = find_entry_type(*type);
+        if (!h.info)
+          return Status::Corruption(fmt::format("entry type {} is unknown to this build", *type));
+        break;
+      }
+      case kTime: {
+        Result<std::uint64_t> time = c.read_uint();
+        if (!time.ok()) return Status::Corruption("entry time is not an unsigned integer");
+        h.time_us = *time;
+        break;
+      }
+      case kActor: {
+        Result<std::string_view> actor = c.read_text();
+        if (!actor.ok() || actor->empty()) return Status::Corruption("entry has no actor");
+        h.actor = *actor;
+        break;
+      }
+      case kBody: {
+        MEDGATE_ASSIGN_OR_RETURN(h.body, c.read_item());
+        cbor::Cursor b(h.body);
+        MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head body, b.head());
+        if (body.major != 5)
+          return Status::Corruption(fmt::format("{} entry body is not a map", h.info->name));
+        for (std::uint64_t k = 0; k < body.arg; ++k) {
+          if (!b.read_text().ok())
+            return Status::Corruption(
+                fmt::format("{} entry body has a non-text key", h.info->name));
+          MEDGATE_RETURN_IF_ERROR(b.read_item().status());
+        }
+        break;
+      }
+      case kSubjects: {
+        MEDGATE_ASSIGN_OR_RETURN(h.subjects, c.read_item());
+        cbor::Cursor s(h.subjects);
+        MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head list, s.head());
+        if (list.major != 4 || list.arg == 0)
+          return Status::Corruption("entry subjects must be a non-empty array");
+        for (std::uint64_t k = 0; k < list.arg; ++k) {
+          Result<cbor::Cursor::Head> pair = s.head();
+          Result<ByteView> subject = pair.ok() && pair->major == 4 && pair->arg == 2
+                                         ? s.read_bytes()
+                                         : Result<ByteView>(Status::Corruption("not a pair"));
+          Result<cbor::Cursor::Head> previous =
+              subject.ok() ? s.head() : Result<cbor::Cursor::Head>(subject.status());
+          if (!subject.ok() || subject->empty() || !previous.ok() ||
+              !(previous->major == 0 || (previous->major == 7 && previous->arg == 22)))
+            return Status::Corruption(
+                "entry subject link is not [pseudonym, previous index or null]");
+        }
+        break;
+      }
+    }
   }
-  auto get_uint = [&](std::uint64_t key) -> std::optional<std::uint64_t> {
-    const cbor::Value* x = v.find(key);
-    return x ? x->as_uint() : std::nullopt;
-  };
-  if (get_uint(kKind) != static_cast<std::uint64_t>(ObjectKind::kEntry))
-    return Status::Corruption("object is not an entry (key 0)");
-  auto version = get_uint(kVersion);
-  if (version != kEntryFormatVersion)
-    return Status::Corruption(
-        version
-            ? fmt::format("entry format version {} is not supported by this build (it reads {})",
-                          *version, kEntryFormatVersion)
-            : "entry has no format version");
-  auto type = get_uint(kType);
-  if (!type) return Status::Corruption("entry has no type");
-  const EntryTypeInfo* info = find_entry_type(*type);
-  if (!info)
-    return Status::Corruption(fmt::format("entry type {} is unknown to this build", *type));
+  if (map.arg < kSubjects)
+    return Status::Corruption(fmt::format("entry has no {}", kMissing[map.arg]));
+  h.type = h.info->type;
+  return h;
+}
+
+Result<Entry> decode_entry(ByteView bytes) {
+  MEDGATE_ASSIGN_OR_RETURN(EntryHeader h, read_entry_header(bytes));
   Entry e;
-  e.type = info->type;
-  auto time = get_uint(kTime);
-  if (!time) return Status::Corruption("entry has no time");
-  e.time_us = *time;
-  const cbor::Value* actor = v.find(kActor);
-  if (!actor || !actor->as_text() || actor->as_text()->empty())
-    return Status::Corruption("entry has no actor");
-  e.actor = *actor->as_text();
-  const cbor::Value* body = v.find(kBody);
-  if (!body) return Status::Corruption("entry has no body");
-  if (Status s = check_body(*info, *body); !s.ok()) return Status::Corruption(s.message());
-  e.body = *body;
-  if (const cbor::Value* subjects = v.find(kSubjects)) {
-    const cbor::Array* list = subjects->as_array();
-    if (!list || list->empty())
-      return Status::Corruption("entry subjects must be a non-empty array");
-    for (const cbor::Value& item : *list) {
-      const cbor::Array* pair = item.as_array();
-      if (!pair || pair->size() != 2 || !(*pair)[0].as_bytes() || (*pair)[0].as_bytes()->empty() ||
-          !((*pair)[1].as_uint() || (*pair)[1].is_null()))
-        return Status::Corruption("entry subject link is not [pseudonym, previous index or null]");
-      e.subjects.push_back({*(*pair)[0].as_bytes(), (*pair)[1].as_uint()});
+  e.type = h.type;
+  e.time_us = h.time_us;
+  e.actor = std::string(h.actor);
+  MEDGATE_ASSIGN_OR_RETURN(e.body, cbor::decode(h.body));
+  if (Status s = check_body(*h.info, e.body); !s.ok()) return Status::Corruption(s.message());
+  if (!h.subjects.empty()) {
+    MEDGATE_ASSIGN_OR_RETURN(cbor::Value subjects, cbor::decode(h.subjects));
+    for (const cbor::Value& item : *subjects.as_array()) {
+      const cbor::Array& pair = *item.as_array();
+      e.subjects.push_back({*pair[0].as_bytes(), pair[1].as_uint()});
     }
   }
   return e;

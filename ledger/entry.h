@@ -78,6 +78,20 @@ Result<Bytes> encode_entry(const Entry& entry);
 // whose body passes its check. kCorruption names the problem.
 Result<Entry> decode_entry(ByteView bytes);
 
+// The part of decode_entry that needs no allocation: every byte checked for canonical form, the
+// kind, version, type, time, actor and subject links read, the body checked to be a map with text
+// keys but not against its type's rules. The views point into `bytes`. This is what the verifier
+// runs on every entry; decode_entry adds the body.
+struct EntryHeader {
+  const EntryTypeInfo* info = nullptr;
+  EntryType type = EntryType::kAdminAction;
+  std::uint64_t time_us = 0;
+  std::string_view actor;
+  ByteView body;      // the body's canonical encoding
+  ByteView subjects;  // empty when the entry has no subject links
+};
+Result<EntryHeader> read_entry_header(ByteView bytes);
+
 // Microseconds since the Unix epoch, now.
 std::uint64_t now_us();
 // RFC 3339 UTC with microseconds: "2026-11-25T17:03:04.123456Z".

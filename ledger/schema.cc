@@ -16,7 +16,7 @@ constexpr const char* kMigrations[] = {
       -- Canonical entry bytes; type and time are copied out for queries and checked by the verifier.
       CREATE TABLE entries (idx INTEGER PRIMARY KEY, type INTEGER NOT NULL, time_us INTEGER NOT NULL,
                             bytes BLOB NOT NULL);
-      CREATE TABLE blocks (height INTEGER PRIMARY KEY, first_index INTEGER NOT NULL UNIQUE,
+      CREATE TABLE blocks (height INTEGER PRIMARY KEY, first_index INTEGER NOT NULL,
                            entry_count INTEGER NOT NULL, header BLOB NOT NULL);
       -- Merkle nodes in tiles of 16 (ledger/tiles.h).
       CREATE TABLE tiles (level INTEGER NOT NULL, idx INTEGER NOT NULL, hashes BLOB NOT NULL,

@@ -163,17 +163,34 @@ Result<Transaction> Transaction::immediate(Database& db) {
   return Transaction(&db);
 }
 
+Result<TransactionStatements> TransactionStatements::prepare(const Database& db) {
+  TransactionStatements t;
+  MEDGATE_ASSIGN_OR_RETURN(t.begin_immediate, db.prepare("BEGIN IMMEDIATE"));
+  MEDGATE_ASSIGN_OR_RETURN(t.commit, db.prepare("COMMIT"));
+  MEDGATE_ASSIGN_OR_RETURN(t.rollback, db.prepare("ROLLBACK"));
+  return t;
+}
+
+Result<Transaction> Transaction::immediate(Database& db, TransactionStatements& statements) {
+  MEDGATE_RETURN_IF_ERROR(statements.begin_immediate.run());
+  return Transaction(&db, &statements);
+}
+
 Result<Transaction> Transaction::deferred(Database& db) {
   MEDGATE_RETURN_IF_ERROR(db.exec("BEGIN"));
   return Transaction(&db);
 }
 
 Transaction::~Transaction() {
-  if (db_ && !sqlite3_get_autocommit(db_->handle())) (void)db_->exec("ROLLBACK");
+  if (!db_ || sqlite3_get_autocommit(db_->handle())) return;
+  if (statements_)
+    (void)statements_->rollback.run();
+  else
+    (void)db_->exec("ROLLBACK");
 }
 
 Status Transaction::commit() {
-  Status s = db_->exec("COMMIT");
+  Status s = statements_ ? statements_->commit.run() : db_->exec("COMMIT");
   if (s.ok()) db_ = nullptr;
   return s;
 }

@@ -72,19 +72,32 @@ class Statement {
   sqlite3_stmt* st_ = nullptr;
 };
 
+// BEGIN IMMEDIATE / COMMIT / ROLLBACK prepared once, for a connection that runs many
+// transactions (the ledger's writer).
+struct TransactionStatements {
+  static Result<TransactionStatements> prepare(const Database& db);
+  Statement begin_immediate, commit, rollback;
+};
+
 // Runs `BEGIN IMMEDIATE` and rolls back in the destructor unless commit() succeeded.
 class Transaction {
  public:
   static Result<Transaction> immediate(Database& db);
+  // The same through statements prepared once; `statements` must outlive the transaction.
+  static Result<Transaction> immediate(Database& db, TransactionStatements& statements);
   static Result<Transaction> deferred(Database& db);
-  Transaction(Transaction&& o) noexcept : db_(o.db_) { o.db_ = nullptr; }
+  Transaction(Transaction&& o) noexcept : db_(o.db_), statements_(o.statements_) {
+    o.db_ = nullptr;
+  }
   Transaction& operator=(Transaction&&) = delete;
   ~Transaction();
   Status commit();
 
  private:
-  explicit Transaction(Database* db) : db_(db) {}
+  explicit Transaction(Database* db, TransactionStatements* statements = nullptr)
+      : db_(db), statements_(statements) {}
   Database* db_;
+  TransactionStatements* statements_;
 };
 
 // True for the Status this layer returns when SQLite reported SQLITE_FULL.

@@ -171,6 +171,7 @@ class Ledger::Impl {
     MEDGATE_ASSIGN_OR_RETURN(
         insert_head_,
         db_.prepare("INSERT INTO heads (height, tree_size, head, signature) VALUES (?,?,?,?)"));
+    MEDGATE_ASSIGN_OR_RETURN(tx_statements_, sql::TransactionStatements::prepare(db_));
     sqlite3_wal_hook(db_.handle(), &Impl::wal_hook, this);
     writer_ = std::thread([this] { writer_loop(); });
     signer_thread_ = std::thread([this] { signer_loop(); });
@@ -364,14 +365,31 @@ class Ledger::Impl {
     if (index >= size)
       return Status::NotFound(
           fmt::format("entry {} does not exist (the ledger has {} entries)", index, size));
+    std::uint64_t latest;
+    {
+      std::lock_guard lk(state_mu_);
+      latest = last_block_.header.height;
+    }
+    // Blocks are numbered in entry order: binary search on the height (the primary key) rather
+    // than keep an index on first_index that every commit would have to write.
     return with_reader([&](sql::Database& db) -> Result<std::uint64_t> {
-      MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("SELECT height FROM blocks WHERE first_index <= "
-                                                   "? ORDER BY first_index DESC LIMIT 1"));
-      st.bind(1, index);
-      MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
-      if (step != sql::Statement::Step::kRow)
-        return Status::Corruption(fmt::format("no block holds entry {}", index));
-      return st.column_uint(0);
+      MEDGATE_ASSIGN_OR_RETURN(auto st,
+                               db.prepare("SELECT first_index FROM blocks WHERE height = ?"));
+      std::uint64_t lo = 0, hi = latest;  // the answer is in [lo, hi]
+      while (lo < hi) {
+        std::uint64_t mid = lo + (hi - lo + 1) / 2;
+        st.bind(1, mid);
+        MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+        if (step != sql::Statement::Step::kRow)
+          return Status::Corruption(fmt::format("block {} is missing", mid));
+        std::uint64_t first = st.column_uint(0);
+        st.reset();
+        if (first <= index)
+          lo = mid;
+        else
+          hi = mid - 1;
+      }
+      return lo;
     });
   }
 
@@ -591,7 +609,7 @@ class Ledger::Impl {
   }
 
   Status write_batch(const std::vector<Job*>& batch, std::uint64_t first, bool& began) {
-    MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_));
+    MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_, tx_statements_));
     began = true;
     std::uint64_t index = first;
     for (Job* job : batch) {
@@ -601,8 +619,8 @@ class Ledger::Impl {
             .bind(2, static_cast<std::int64_t>(e.type))
             .bind(3, e.time_us)
             .bind(4, ByteView(e.bytes));
-        MEDGATE_RETURN_IF_ERROR(
-            insert_entry_.run().with_context(fmt::format("writing entry {}", index)));
+        if (Status st = insert_entry_.run(); !st.ok())
+          return st.with_context(fmt::format("writing entry {}", index));
         tiles_.append(e.leaf);
         ++index;
       }
@@ -632,8 +650,8 @@ class Ledger::Impl {
           .bind(2, first)
           .bind(3, index - first)
           .bind(4, ByteView(b.bytes));
-      MEDGATE_RETURN_IF_ERROR(
-          insert_block_.run().with_context(fmt::format("writing block {}", b.header.height)));
+      if (Status st = insert_block_.run(); !st.ok())
+        return st.with_context(fmt::format("writing block {}", b.header.height));
       new_block = std::move(b);
     }
     for (Job* job : batch) {
@@ -692,9 +710,10 @@ class Ledger::Impl {
     }
   }
 
-  // Called by the writer between batches. Past wal_limit_bytes, a truncating checkpoint (most
+  // Called by the writer between batches. Past wal_limit_bytes, a restarting checkpoint (most
   // frames are already copied by the checkpointer) waits briefly for the current readers, which
-  // read in short chunks, and empties the WAL. If a long-lived reader (an admin's sqlite3 shell,
+  // read in short chunks, so that the next commit writes the WAL from its start again
+  // (journal_size_limit then trims the file; a truncate on every restart costs ~30 ms here). If a long-lived reader (an admin's sqlite3 shell,
   // a backup) holds it up, appends go on and the WAL grows until that reader goes: there is no
   // way around that, so retry with a growing back-off rather than stall every batch.
   void bound_wal() {
@@ -702,7 +721,7 @@ class Ledger::Impl {
     auto now = std::chrono::steady_clock::now();
     if (now < truncate_after_) return;
     sqlite3_busy_timeout(db_.handle(), 250);
-    int rc = sqlite3_wal_checkpoint_v2(db_.handle(), nullptr, SQLITE_CHECKPOINT_TRUNCATE, nullptr,
+    int rc = sqlite3_wal_checkpoint_v2(db_.handle(), nullptr, SQLITE_CHECKPOINT_RESTART, nullptr,
                                        nullptr);
     sqlite3_busy_timeout(db_.handle(), 10000);
     if (rc == SQLITE_OK) {
@@ -805,6 +824,7 @@ class Ledger::Impl {
 
   sql::Database db_;  // the writer's connection (writer thread only, after open)
   sql::Statement insert_entry_, insert_tile_, insert_block_, insert_head_;
+  sql::TransactionStatements tx_statements_;
   TileBuilder tiles_;  // writer thread only
 
   mutable std::mutex state_mu_;
