@@ -7,6 +7,7 @@
 #include "ledger/store.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/file.h>
 #include <unistd.h>
 
@@ -128,9 +129,27 @@ struct PendingEntry {
 struct Job {
   std::vector<PendingEntry> entries;  // an append (kept together in one block)
   std::optional<SignedHead> head;     // or a signed head to store
-  bool done = false;
   Status status;
   std::uint64_t first_index = 0;
+
+  // Each job is woken on its own, so a commit wakes exactly the callers it made durable (one
+  // shared condition variable would wake every waiting appender on every commit). The writer
+  // sets `done` holding `mu`, so the caller cannot destroy the job before the writer is done.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+
+  void finish(Status s) {
+    std::lock_guard lk(mu);
+    status = std::move(s);
+    done = true;
+    cv.notify_one();
+  }
+  Status wait() {
+    std::unique_lock lk(mu);
+    cv.wait(lk, [&] { return done; });
+    return status;
+  }
 };
 
 Result<SignedHead> read_signed_head(sql::Statement& st) {
@@ -173,9 +192,19 @@ class Ledger::Impl {
         db_.prepare("INSERT INTO heads (height, tree_size, head, signature) VALUES (?,?,?,?)"));
     MEDGATE_ASSIGN_OR_RETURN(tx_statements_, sql::TransactionStatements::prepare(db_));
     sqlite3_wal_hook(db_.handle(), &Impl::wal_hook, this);
-    writer_ = std::thread([this] { writer_loop(); });
-    signer_thread_ = std::thread([this] { signer_loop(); });
-    checkpointer_ = std::thread([this] { checkpointer_loop(); });
+    // Named, so that top -H and perf show which of the ledger's threads is busy.
+    writer_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "ledger-writer");
+      writer_loop();
+    });
+    signer_thread_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "ledger-signer");
+      signer_loop();
+    });
+    checkpointer_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "ledger-ckpt");
+      checkpointer_loop();
+    });
     return Status::Ok();
   }
 
@@ -544,9 +573,9 @@ class Ledger::Impl {
     if (!accepting_ && !job.head) return Status::FailedPrecondition("the ledger is closing");
     queued_entries_ += n;
     queue_.push_back(&job);
+    lk.unlock();
     writer_cv_.notify_one();
-    done_cv_.wait(lk, [&] { return job.done; });
-    return job.status;
+    return job.wait();
   }
 
   void writer_loop() {
@@ -565,14 +594,11 @@ class Ledger::Impl {
       writer_busy_ = true;
       lk.unlock();
       Status s = commit_batch(batch);
+      for (Job* job : batch) job->finish(s);  // after this the job may be gone
+      batch.clear();
       lk.lock();
-      for (Job* job : batch) {
-        job->status = s;
-        job->done = true;
-      }
       queued_entries_ -= entries;
       writer_busy_ = false;
-      batch.clear();
       lk.unlock();
       space_cv_.notify_all();
       done_cv_.notify_all();
@@ -713,9 +739,10 @@ class Ledger::Impl {
   // Called by the writer between batches. Past wal_limit_bytes, a restarting checkpoint (most
   // frames are already copied by the checkpointer) waits briefly for the current readers, which
   // read in short chunks, so that the next commit writes the WAL from its start again
-  // (journal_size_limit then trims the file; a truncate on every restart costs ~30 ms here). If a long-lived reader (an admin's sqlite3 shell,
-  // a backup) holds it up, appends go on and the WAL grows until that reader goes: there is no
-  // way around that, so retry with a growing back-off rather than stall every batch.
+  // (journal_size_limit then trims the file; a truncate on every restart costs ~30 ms here). If a
+  // long-lived reader (an admin's sqlite3 shell, a backup) holds it up, appends go on and the WAL
+  // grows until that reader goes: there is no way around that, so retry with a growing back-off
+  // rather than stall every batch.
   void bound_wal() {
     if (static_cast<std::int64_t>(wal_pages_.load()) * 4096 <= options_.wal_limit_bytes) return;
     auto now = std::chrono::steady_clock::now();
@@ -808,12 +835,11 @@ class Ledger::Impl {
     h.signature = std::move(sig).value();
     job.head = std::move(h);
     {
-      std::unique_lock lk(queue_mu_);
+      std::lock_guard lk(queue_mu_);
       queue_.push_back(&job);
-      writer_cv_.notify_one();
-      done_cv_.wait(lk, [&] { return job.done; });
     }
-    if (!job.status.ok()) return job.status.with_context("storing a signed head");
+    writer_cv_.notify_one();
+    if (Status s = job.wait(); !s.ok()) return s.with_context("storing a signed head");
     return std::move(*job.head);
   }
 

@@ -2,6 +2,8 @@
 // ever make the checks stricter, and say so.
 #include "ledger/verifier.h"
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <condition_variable>
 #include <deque>
@@ -94,7 +96,10 @@ class EntryStream {
 
  private:
   EntryStream(sql::Database db, sql::Statement st) : db_(std::move(db)), st_(std::move(st)) {
-    reader_ = std::thread([this] { read_loop(); });
+    reader_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "ledger-verify");
+      read_loop();
+    });
   }
 
   void read_loop() {

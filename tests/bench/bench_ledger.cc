@@ -566,18 +566,25 @@ class GroupCommitLog {
   Status append(ByteView bytes) {
     Row row;
     row.bytes = bytes;
-    std::unique_lock lk(mu_);
-    queue_.push_back(&row);
+    {
+      std::lock_guard lk(mu_);
+      queue_.push_back(&row);
+    }
     writer_cv_.notify_one();
-    done_cv_.wait(lk, [&] { return row.done; });
+    std::unique_lock lk(row.mu);
+    row.cv.wait(lk, [&] { return row.done; });
     return row.status;
   }
 
   std::uint64_t commits() const { return commits_.load(); }
 
  private:
+  // Woken one by one, as the ledger wakes its appenders (store.cc's Job), so that the comparison
+  // is of the work done, not of two wake-up schemes.
   struct Row {
     ByteView bytes;
+    std::mutex mu;
+    std::condition_variable cv;
     bool done = false;
     Status status;
   };
@@ -597,14 +604,13 @@ class GroupCommitLog {
       }
       lk.unlock();
       Status s = write(batch);
-      lk.lock();
       for (Row* r : batch) {
+        std::lock_guard row_lock(r->mu);
         r->status = s;
         r->done = true;
+        r->cv.notify_one();
       }
       batch.clear();
-      lk.unlock();
-      done_cv_.notify_all();
     }
   }
 
@@ -626,7 +632,7 @@ class GroupCommitLog {
   std::uint64_t next_index_ = 0;
   std::atomic<std::uint64_t> commits_{0};
   std::mutex mu_;
-  std::condition_variable writer_cv_, done_cv_;
+  std::condition_variable writer_cv_;
   std::deque<Row*> queue_;
   bool stop_ = false;
   std::thread writer_;
