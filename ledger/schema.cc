@@ -18,7 +18,8 @@ constexpr const char* kMigrations[] = {
                             bytes BLOB NOT NULL);
       CREATE TABLE blocks (height INTEGER PRIMARY KEY, first_index INTEGER NOT NULL,
                            entry_count INTEGER NOT NULL, header BLOB NOT NULL);
-      -- Merkle nodes in tiles of 16 (ledger/tiles.h).
+      -- Merkle nodes in tiles of 16 (ledger/tiles.h). Level-0 tiles are stored once complete; the
+      -- partial one is recomputed from the entries (store.cc, tile_reader()).
       CREATE TABLE tiles (level INTEGER NOT NULL, idx INTEGER NOT NULL, hashes BLOB NOT NULL,
                           PRIMARY KEY (level, idx)) WITHOUT ROWID;
       CREATE TABLE heads (seq INTEGER PRIMARY KEY, height INTEGER NOT NULL, tree_size INTEGER NOT NULL,

@@ -47,12 +47,21 @@ Status apply_pragmas(sql::Database& db, const LedgerOptions& options) {
 }
 
 // Reads tiles through one connection. Not thread-safe: one per connection.
+//
+// Level-0 tiles (leaf hashes) are stored only once they are complete: the partial one at the right
+// edge would otherwise be rewritten by every commit, a WAL page each time. Its hashes are
+// recomputed here from the (at most 15) entries it covers.
 TileReader tile_reader(const sql::Database& db) {
-  auto st = std::make_shared<Result<sql::Statement>>(
-      db.prepare("SELECT hashes FROM tiles WHERE level = ? AND idx = ?"));
+  struct Statements {
+    Result<sql::Statement> tile, entries;
+  };
+  auto st = std::make_shared<Statements>(Statements{
+      db.prepare("SELECT hashes FROM tiles WHERE level = ? AND idx = ?"),
+      db.prepare("SELECT idx, bytes FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx")});
   return [st](int level, std::uint64_t index) -> Result<Bytes> {
-    if (!st->ok()) return st->status();
-    sql::Statement& s = st->value();
+    if (!st->tile.ok()) return st->tile.status();
+    if (!st->entries.ok()) return st->entries.status();
+    sql::Statement& s = st->tile.value();
     s.bind(1, level).bind(2, index);
     Result<sql::Statement::Step> step = s.step();
     Result<Bytes> out =
@@ -64,7 +73,24 @@ TileReader tile_reader(const sql::Database& db) {
       out = Bytes(b.begin(), b.end());
     }
     s.reset();
-    return out;
+    if (level != 0 || out.ok() || out.status().code() != StatusCode::kNotFound) return out;
+    sql::Statement& e = st->entries.value();
+    e.bind(1, index * kTileWidth).bind(2, (index + 1) * kTileWidth);
+    Bytes hashes;
+    for (std::uint64_t expected = index * kTileWidth;; ++expected) {
+      Result<sql::Statement::Step> row = e.step();
+      if (!row.ok()) {
+        e.reset();
+        return row.status();
+      }
+      if (*row == sql::Statement::Step::kDone) break;
+      if (e.column_uint(0) != expected) break;  // a gap: stop; callers see a short tile
+      Hash leaf = merkle::leaf_hash(e.column_blob(1));
+      hashes.insert(hashes.end(), leaf.begin(), leaf.end());
+    }
+    e.reset();
+    if (hashes.empty()) return out;
+    return hashes;
   };
 }
 
@@ -654,6 +680,7 @@ class Ledger::Impl {
     std::optional<StoredBlock> new_block;
     if (index > first) {
       for (const auto& [key, hashes] : tiles_.take_dirty()) {
+        if (key.level == 0 && hashes.size() < kTileWidth * 32) continue;  // see tile_reader()
         insert_tile_.bind(1, key.level).bind(2, key.index).bind(3, ByteView(hashes));
         MEDGATE_RETURN_IF_ERROR(insert_tile_.run().with_context("writing Merkle tiles"));
       }
@@ -960,8 +987,9 @@ Result<std::unique_ptr<Ledger>> Ledger::create(const LedgerOptions& options,
     MEDGATE_ASSIGN_OR_RETURN(auto ins_tile,
                              db.prepare("INSERT INTO tiles (level, idx, hashes) VALUES (?,?,?)"));
     for (const auto& [k, hashes] : builder.take_dirty())
-      MEDGATE_RETURN_IF_ERROR(
-          ins_tile.bind(1, k.level).bind(2, k.index).bind(3, ByteView(hashes)).run());
+      if (k.level != 0 || hashes.size() == kTileWidth * 32)  // see tile_reader()
+        MEDGATE_RETURN_IF_ERROR(
+            ins_tile.bind(1, k.level).bind(2, k.index).bind(3, ByteView(hashes)).run());
     MEDGATE_ASSIGN_OR_RETURN(
         auto ins_block,
         db.prepare(
