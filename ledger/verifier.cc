@@ -373,19 +373,53 @@ class Verifier {
     }
     MEDGATE_ASSIGN_OR_RETURN(auto tile_st,
                              db_.prepare("SELECT hashes FROM tiles WHERE level = ? AND idx = ?"));
-    auto tile_stmt = std::make_shared<sql::Statement>(std::move(tile_st));
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto leaf_tiles_st,
+        db_.prepare("SELECT idx, hashes FROM tiles WHERE level = 0 AND idx >= ? "
+                    "AND idx < ? ORDER BY idx"));
+    // Level-0 tiles are read 512 at a time (one query per 8,192 entries, not one per 16).
+    struct TileQueries {
+      sql::Statement one, leaves;
+      std::uint64_t first = 0;
+      std::vector<std::optional<Bytes>> window;
+    };
+    auto q = std::make_shared<TileQueries>(
+        TileQueries{std::move(tile_st), std::move(leaf_tiles_st), 0, {}});
     TileChecker tiles(
-        [tile_stmt](int level, std::uint64_t index) -> Result<Bytes> {
-          tile_stmt->bind(1, level).bind(2, index);
-          auto s = tile_stmt->step();
+        [q](int level, std::uint64_t index) -> Result<Bytes> {
+          constexpr std::uint64_t kWindow = 512;
+          if (level == 0) {
+            if (index < q->first || index >= q->first + q->window.size()) {
+              q->first = index;
+              q->window.assign(kWindow, std::nullopt);
+              q->leaves.bind(1, index).bind(2, index + kWindow);
+              for (;;) {
+                auto s = q->leaves.step();
+                if (!s.ok()) {
+                  q->leaves.reset();
+                  q->window.clear();
+                  return s.status();
+                }
+                if (*s == sql::Statement::Step::kDone) break;
+                ByteView b = q->leaves.column_blob(1);
+                q->window[q->leaves.column_uint(0) - index] = Bytes(b.begin(), b.end());
+              }
+              q->leaves.reset();
+            }
+            const std::optional<Bytes>& tile = q->window[index - q->first];
+            if (!tile) return Status::NotFound("missing");
+            return *tile;
+          }
+          q->one.bind(1, level).bind(2, index);
+          auto s = q->one.step();
           Result<Bytes> out = Status::NotFound("missing");
           if (!s.ok())
             out = s.status();
           else if (*s == sql::Statement::Step::kRow) {
-            ByteView b = tile_stmt->column_blob(0);
+            ByteView b = q->one.column_blob(0);
             out = Bytes(b.begin(), b.end());
           }
-          tile_stmt->reset();
+          q->one.reset();
           return out;
         },
         final_tree_size);
