@@ -176,11 +176,6 @@ Result<Transaction> Transaction::immediate(Database& db, TransactionStatements& 
   return Transaction(&db, &statements);
 }
 
-Result<Transaction> Transaction::deferred(Database& db) {
-  MEDGATE_RETURN_IF_ERROR(db.exec("BEGIN"));
-  return Transaction(&db);
-}
-
 Transaction::~Transaction() {
   if (!db_ || sqlite3_get_autocommit(db_->handle())) return;
   if (statements_)

@@ -85,7 +85,6 @@ class Transaction {
   static Result<Transaction> immediate(Database& db);
   // The same through statements prepared once; `statements` must outlive the transaction.
   static Result<Transaction> immediate(Database& db, TransactionStatements& statements);
-  static Result<Transaction> deferred(Database& db);
   Transaction(Transaction&& o) noexcept : db_(o.db_), statements_(o.statements_) {
     o.db_ = nullptr;
   }

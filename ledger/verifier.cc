@@ -540,7 +540,6 @@ class Verifier {
       previous = block_hash(row->header);
       ++report_.blocks;
       expected_height = h + 1;
-      last_header_ = header;
 
       // Heads are stored in sequence order and cover non-decreasing heights.
       for (;;) {
@@ -655,7 +654,6 @@ class Verifier {
   VerifyReport report_;
   std::uint64_t total_ = 0;
   std::uint64_t last_head_time_ = 0;
-  BlockHeader last_header_;
 };
 
 }  // namespace
