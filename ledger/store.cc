@@ -489,7 +489,7 @@ class Ledger::Impl {
   }
 
   const std::string& ledger_id() const { return ledger_id_; }
-  const KeyId& key_id() const { return signer_.signing_key().id(); }
+  KeyId key_id() const { return signer_.signing_key().id(); }
 
  private:
   // ---- opening ----
@@ -1030,7 +1030,7 @@ void Ledger::close() {
 const std::string& Ledger::ledger_id() const {
   return impl_->ledger_id();
 }
-const KeyId& Ledger::signing_key_id() const {
+KeyId Ledger::signing_key_id() const {
   return impl_->key_id();
 }
 LedgerStats Ledger::stats() const {

@@ -106,7 +106,7 @@ class Ledger {
 
   // ---- readers ----
   const std::string& ledger_id() const;
-  const KeyId& signing_key_id() const;
+  KeyId signing_key_id() const;
   LedgerStats stats() const;
   std::optional<SignedHead> latest_head() const;
   Result<StoredEntry> entry(std::uint64_t index) const;

@@ -43,9 +43,29 @@ class Pkcs11KeyStore final : public KeyStore {
   // CKM_ECDSA over the digest. kUnavailable when the token is gone or the session was lost; the
   // key store does not reconnect (reopen it).
   Result<Bytes> sign_digest(const Hash& digest) override;
-  const PublicKey& signing_key() const override { return public_key_; }
+  PublicKey signing_key() const override { return public_key_; }
   Result<Bytes> random(std::size_t n) override;
   std::string description() const override { return description_; }
+
+  // Not yet implemented (issue 3, in progress).
+  Result<Bytes> sign_digest_with(const KeyId& key, const Hash& digest) override {
+    if (key != public_key_.id()) return Status::NotFound("no such signing key");
+    return sign_digest(digest);
+  }
+  std::vector<PublicKey> signing_keys() const override { return {public_key_}; }
+  Status use_signing_key(const KeyId& key) override {
+    return key == public_key_.id() ? Status::Ok() : Status::NotFound("no such signing key");
+  }
+  Result<PublicKey> create_signing_key() override { return Status::FailedPrecondition("not implemented yet"); }
+  Result<Bytes> wrap_key(ByteView, ByteView) override { return Status::FailedPrecondition("not implemented yet"); }
+  Result<SecretBytes> unwrap_key(ByteView, ByteView) override {
+    return Status::FailedPrecondition("not implemented yet");
+  }
+  Result<Hash> keyed_hash(ByteView) override { return Status::FailedPrecondition("not implemented yet"); }
+  CounterKind counter_kind() const override { return CounterKind::kTokenObject; }
+  Result<std::uint64_t> read_counter() override { return Status::FailedPrecondition("not implemented yet"); }
+  Result<std::uint64_t> increment_counter() override { return Status::FailedPrecondition("not implemented yet"); }
+  KeyStoreHealth health() const override { return {}; }
 
  private:
   Pkcs11KeyStore(std::shared_ptr<Pkcs11Module> module, unsigned long session,
