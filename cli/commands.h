@@ -39,5 +39,6 @@ int cmd_ledger_consistency(const GlobalOptions& g, std::uint64_t from,
                            std::optional<std::uint64_t> to);
 int cmd_ledger_sign_head(const GlobalOptions& g);
 int cmd_keys_show(const GlobalOptions& g);
+int cmd_keys_rotate(const GlobalOptions& g);
 
 }  // namespace medgate::cli

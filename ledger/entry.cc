@@ -45,10 +45,20 @@ Status check_key_event(const cbor::Value& body) {
   return Status::Ok();
 }
 
+Status check_key_transition(const cbor::Value& body) {
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "old_key_id", 32));
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "new_key_id", 32));
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "new_public_key", 0));
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "old_signature", 0));
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "new_signature", 0));
+  return Status::Ok();
+}
+
 constexpr EntryTypeInfo kEntryTypes[] = {
     {EntryType::kGenesis, "genesis", "admin", check_genesis},
     {EntryType::kAdminAction, "admin-action", "admin", check_admin_action},
     {EntryType::kKeyEvent, "key-event", "key", check_key_event},
+    {EntryType::kKeyTransition, "key-transition", "key", check_key_transition},
 };
 
 enum Key : std::uint64_t {

@@ -34,12 +34,20 @@ inline constexpr std::uint64_t kEntryFormatVersion = 1;
 
 // Object kinds: key 0 of every canonical map, so that no two kinds of signed or hashed object can
 // ever share bytes.
-enum class ObjectKind : std::uint64_t { kEntry = 1, kBlockHeader = 2, kSignedHead = 3 };
+enum class ObjectKind : std::uint64_t {
+  kEntry = 1,
+  kBlockHeader = 2,
+  kSignedHead = 3,
+  kKeyTransition = 4,
+};
 
 enum class EntryType : std::uint32_t {
   kGenesis = 1,      // the ledger's first entry: its id and the key that signs its heads
   kAdminAction = 2,  // a state-changing admin call: operation and arguments (no PHI)
   kKeyEvent = 3,     // a key registered, rotated or retired
+  // 4 is taken by patient erasure (the vault).
+  kKeyTransition = 5,  // the signing key rotated: old and new key, each signing the statement in
+                       // block.h; heads covering it and everything after are signed by the new key
   // Reserved for later issues: device observation, device registry, consent, rules, access
   // decision, erasure.
 };
