@@ -260,7 +260,7 @@ TEST_CASE("the private key is sensitive, not extractable and sign-only", "[pkcs1
     CHECK(raw.get(key, CKA_VALUE).first == CKR_ATTRIBUTE_SENSITIVE);
     auto [rv, id] = raw.get(key, CKA_ID);
     CHECK(rv == CKR_OK);
-    CHECK(id.size() == 16);
+    REQUIRE(id.size() == 20);  // sequence number (4) and key-id prefix (16)
 
     std::vector<CK_OBJECT_HANDLE> publics = raw.find(CKO_PUBLIC_KEY, "medgate-signing");
     REQUIRE(publics.size() == 1);
