@@ -506,14 +506,14 @@ Result<std::optional<CK_OBJECT_HANDLE>> find_private_key(const Token& t, const s
 
 // Every signing key pair labelled `label`, oldest first, with its public key read.
 Result<std::vector<SigningKey>> find_signing_keys(const Token& t, const std::string& label) {
-  CK_OBJECT_CLASS object_class = CKO_PRIVATE_KEY;
+  CK_OBJECT_CLASS private_class = CKO_PRIVATE_KEY;
   CK_KEY_TYPE ec = CKK_EC;
   std::string l = label;
-  std::vector<CK_ATTRIBUTE> match = {
-      {CKA_CLASS, &object_class, sizeof object_class},
+  std::array<CK_ATTRIBUTE, 3> match = {{
+      {CKA_CLASS, &private_class, sizeof private_class},
       {CKA_KEY_TYPE, &ec, sizeof ec},
       {CKA_LABEL, l.data(), l.size()},
-  };
+  }};
   MEDGATE_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> private_keys, find_objects(t, match));
 
   std::vector<SigningKey> keys;
@@ -526,12 +526,15 @@ Result<std::vector<SigningKey>> find_signing_keys(const Token& t, const std::str
             "token " + t.label + " holds several EC private keys labelled " + label +
             " with CKA_ID " + to_hex(ckid) + "; medgate cannot tell which public key is whose");
     // The public half is the one with the same label and CKA_ID.
-    object_class = CKO_PUBLIC_KEY;
-    std::vector<CK_ATTRIBUTE> public_match = match;
-    public_match.push_back({CKA_ID, ckid.data(), ckid.size()});
+    CK_OBJECT_CLASS public_class = CKO_PUBLIC_KEY;
+    std::array<CK_ATTRIBUTE, 4> public_match = {{
+        {CKA_CLASS, &public_class, sizeof public_class},
+        {CKA_KEY_TYPE, &ec, sizeof ec},
+        {CKA_LABEL, l.data(), l.size()},
+        {CKA_ID, ckid.data(), ckid.size()},
+    }};
     MEDGATE_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> public_keys,
                              find_objects(t, public_match));
-    object_class = CKO_PRIVATE_KEY;
     if (public_keys.empty())
       return Status::NotFound("the signing key " + what + " has no public key object next to it");
     if (public_keys.size() > 1)
