@@ -18,7 +18,9 @@
 //     wrap_key() output: 0x01 || 12-byte IV || AES-GCM ciphertext || 16-byte tag, AAD = context.
 //   - "medgate-pseudonym": a 32-byte generic secret for CKM_SHA256_HMAC (sign only).
 //   - "medgate-counter": a private CKO_DATA object of application "medgate" whose CKA_VALUE is the
-//     counter, 8 bytes big-endian.
+//     counter, 8 bytes big-endian. PKCS#11 does not promise that a data object's value can be
+//     changed (SoftHSM refuses), so an increment replaces the object: it creates the successor,
+//     then destroys the predecessor, and a reader takes the largest value it finds.
 //
 // The token going away: when a call fails because the session or the login was lost (the token
 // was reset, unplugged, or someone closed every session on the slot), the key store opens a new
@@ -63,7 +65,10 @@ class Pkcs11KeyStore final : public KeyStore {
   // CKM_ECDSA over the digest. kUnavailable when the token stays unreachable after one reconnect.
   Result<Bytes> sign_digest(const Hash& digest) override;
   Result<Bytes> sign_digest_with(const KeyId& key, const Hash& digest) override;
+  // At open the key the URI's id= names is active, else the oldest: a key created but never put
+  // to use changes nothing when the store is reopened.
   PublicKey signing_key() const override;
+  // Oldest first, by the sequence number in CKA_ID.
   std::vector<PublicKey> signing_keys() const override;
   Status use_signing_key(const KeyId& key) override;
   // Generates the pair with the same template as the first key and the next sequence number.
