@@ -521,7 +521,7 @@ TEST_CASE("a head that is not properly signed is named", "[verifier]") {
       CHECK(r->problem->where == Where::kHead);
       CHECK(r->problem->number == seq);
       CHECK_THAT(r->problem->describe(),
-                 Catch::Contains("not by the ledger's key at that point"));
+                 Catch::Contains("not know") || Catch::Contains("not by the ledger's key"));
     }
   }
   SECTION("signature emptied") {
@@ -562,7 +562,7 @@ TEST_CASE("a tail committed after the latest head verifies as unsigned, not tamp
   CHECK(r.ok());
   CHECK(r.ledger_id == "ward-9");
   CHECK(r.entries == kTailEntries + 1);
-  CHECK(r.heads == 1);
+  CHECK(r.heads == 2);  // genesis, and the open's rollback-counter epoch
   CHECK(r.latest_signed_size == 1u);
   CHECK(r.unsigned_entries == kTailEntries);
 }
