@@ -272,6 +272,7 @@ class Daemon::Impl {
 
   Result<json> status(const Caller& caller) {
     ledger::LedgerStats s = ledger_->stats();
+    const hsm::KeyStoreHealth device = keys_->health();
     AdminCounters a = admin_->counters();
     json out = {
         {"daemon",
@@ -299,7 +300,12 @@ class Daemon::Impl {
           {"key_id", to_hex(keys_->signing_key().id())},
           {"heads_signed", s.heads_signed},
           {"sign_failures", s.sign_failures},
-          {"last_error", s.signer_error}}},
+          {"last_error", s.signer_error},
+          {"device",
+           {{"reachable", device.reachable},
+            {"errors", device.errors},
+            {"reconnects", device.reconnects},
+            {"last_error", device.last_error}}}}},
         {"admin",
          {{"socket", config_.admin.socket.string()},
           {"connections", a.connections},

@@ -544,7 +544,9 @@ class Ledger::Impl {
     if (!g.ok()) return g.status().with_context("genesis entry");
     if (g->type != EntryType::kGenesis) return Status::Corruption("entry 0 is not a genesis entry");
     const Bytes* genesis_key = g->body.find("key_id")->as_bytes();
-    if (!std::equal(genesis_key->begin(), genesis_key->end(), key_id().begin(), key_id().end()))
+    // One copy: begin() and end() of two key_id() temporaries are iterators into different arrays.
+    const KeyId own_key = key_id();
+    if (!std::equal(genesis_key->begin(), genesis_key->end(), own_key.begin(), own_key.end()))
       return Status::FailedPrecondition(
           fmt::format("the key store's signing key {} is not this ledger's key {}",
                       to_hex(key_id()), to_hex(*genesis_key)));
