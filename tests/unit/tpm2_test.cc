@@ -417,6 +417,66 @@ TEST_CASE("tpm2: a TPM that goes away and comes back is reconnected on the next 
   CHECK(fx.transient_handles() == 0);
 }
 
+TEST_CASE("tpm2: a full TPM (TPM_RC_OBJECT_MEMORY) frees the active key and runs once more",
+          "[tpm2]") {
+  Fixture fx;
+  auto store = fx.create();
+  Result<PublicKey> second = store->create_signing_key();
+  REQUIRE(second.ok());
+  // Someone else's object takes the third and last slot (tpm2-tools leaves it loaded).
+  fx.tpm.tool({"tpm2_createprimary", "-C", "o", "-c", (fx.dir / "other.ctx").string()});
+  REQUIRE(fx.transient_handles() == 3);
+
+  const Hash digest = digest_of("full");
+  Result<Bytes> sig = store->sign_digest_with(second->id(), digest);
+  INFO(sig.status().to_string());
+  REQUIRE(sig.ok());
+  CHECK(second->verify_digest(digest, *sig).ok());
+  CHECK(store->health().errors == 1);
+  CHECK_THAT(store->health().last_error, Catch::Contains("TPM_RC_OBJECT_MEMORY (0x902)"));
+  Result<Bytes> active = store->sign_digest(digest);  // reloads the active key
+  REQUIRE(active.ok());
+  CHECK(fx.transient_handles() == 3);
+
+  // Nothing to free for a second store: a clear kUnavailable, and nothing of it stays loaded.
+  Result<std::unique_ptr<KeyStore>> another = hsm::open_key_store(fx.config());
+  REQUIRE_FALSE(another.ok());
+  CHECK(another.status().code() == StatusCode::kUnavailable);
+  CHECK_THAT(another.status().message(), Catch::Contains("TPM_RC_OBJECT_MEMORY"));
+  CHECK(fx.transient_handles() == 3);
+}
+
+TEST_CASE("tpm2: dictionary-attack lockout is a clear kUnavailable naming TPM_RC_LOCKOUT",
+          "[tpm2]") {
+  Fixture fx;
+  auto store = fx.create();
+  // One wrong password on a DA-protected NV index locks the TPM out.
+  fx.tpm.tool({"tpm2_dictionarylockout", "-s", "-n", "1", "-t", "600", "-l", "600"});
+  fx.tpm.tool({"tpm2_nvdefine", "0x01500020", "-C", "o", "-s", "8", "-a", "authread|authwrite",
+               "-p", "secret"});
+  CHECK_THROWS(fx.tpm.tool({"tpm2_nvread", "0x01500020", "-C", "0x01500020", "-P", "wrong"}));
+
+  const Hash digest = digest_of("locked");
+  Result<Bytes> sig = store->sign_digest(digest);
+  REQUIRE_FALSE(sig.ok());
+  CHECK(sig.status().code() == StatusCode::kUnavailable);
+  CHECK_THAT(sig.status().message(),
+             Catch::Contains("TPM_RC_LOCKOUT (0x921)") && Catch::Contains(fx.tpm.tcti()));
+  const hsm::KeyStoreHealth h = store->health();
+  CHECK(h.errors == 1);
+  CHECK_THAT(h.last_error, Catch::Contains("TPM_RC_LOCKOUT"));
+  CHECK(h.reconnects == 0);
+  // The counter has no DA protection; the in-memory keys need no TPM.
+  CHECK(store->increment_counter().ok());
+  CHECK(store->keyed_hash(as_bytes("x")).ok());
+
+  fx.tpm.tool({"tpm2_dictionarylockout", "-c"});
+  Result<Bytes> after = store->sign_digest(digest);
+  INFO(after.status().to_string());
+  REQUIRE(after.ok());
+  CHECK(store->signing_key().verify_digest(digest, *after).ok());
+}
+
 TEST_CASE("tpm2: configuration and key directory errors are clear", "[tpm2]") {
   Fixture fx;
   KeyStoreConfig c = fx.config();
