@@ -23,10 +23,10 @@ using CipherCtx = std::unique_ptr<EVP_CIPHER_CTX, decltype(&EVP_CIPHER_CTX_free)
 
 Status hkdf_sha256(ByteView secret, std::string_view info, std::span<std::byte> out) {
   std::unique_ptr<EVP_KDF, decltype(&EVP_KDF_free)> kdf(EVP_KDF_fetch(nullptr, "HKDF", nullptr),
-                                                       EVP_KDF_free);
+                                                        EVP_KDF_free);
   if (!kdf) return Status::Internal("OpenSSL has no HKDF");
   std::unique_ptr<EVP_KDF_CTX, decltype(&EVP_KDF_CTX_free)> ctx(EVP_KDF_CTX_new(kdf.get()),
-                                                               EVP_KDF_CTX_free);
+                                                                EVP_KDF_CTX_free);
   char digest[] = "SHA256";
   std::array<OSSL_PARAM, 4> params = {
       OSSL_PARAM_construct_utf8_string(OSSL_KDF_PARAM_DIGEST, digest, 0),
@@ -87,7 +87,8 @@ Result<Bytes> DerivedKeys::wrap(ByteView key, ByteView context) const {
     ok = EVP_EncryptUpdate(ctx.get(), nullptr, &n, u8(context), static_cast<int>(context.size())) ==
          1;
   unsigned char* ciphertext = u8(std::span<std::byte>(out)) + 1 + kIvBytes;
-  ok = ok && EVP_EncryptUpdate(ctx.get(), ciphertext, &n, u8(key), static_cast<int>(key.size())) == 1;
+  ok = ok &&
+       EVP_EncryptUpdate(ctx.get(), ciphertext, &n, u8(key), static_cast<int>(key.size())) == 1;
   ok = ok && EVP_EncryptFinal_ex(ctx.get(), ciphertext + n, &n) == 1;
   ok = ok && EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_GET_TAG, static_cast<int>(kTagBytes),
                                  ciphertext + key.size()) == 1;
@@ -136,9 +137,8 @@ Result<SecretBytes> DerivedKeys::unwrap(ByteView wrapped, ByteView context) cons
 Hash DerivedKeys::keyed_hash(ByteView message) const {
   Hash out{};
   unsigned int n = 0;
-  HMAC(EVP_sha256(), u8(pseudonym_key_),
-       static_cast<int>(pseudonym_key_.size()), u8(message), message.size(),
-       u8(std::span<std::byte>(out)), &n);
+  HMAC(EVP_sha256(), u8(pseudonym_key_), static_cast<int>(pseudonym_key_.size()), u8(message),
+       message.size(), u8(std::span<std::byte>(out)), &n);
   return out;
 }
 

@@ -70,7 +70,8 @@ Status write_file_atomically(const std::filesystem::path& path, ByteView bytes) 
   }
   std::filesystem::path dir = path.parent_path().empty() ? "." : path.parent_path();
   Fd dir_fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (dir_fd.get() < 0 || ::fsync(dir_fd.get()) != 0) return io_error("fsync directory", dir, errno);
+  if (dir_fd.get() < 0 || ::fsync(dir_fd.get()) != 0)
+    return io_error("fsync directory", dir, errno);
   return Status::Ok();
 }
 

@@ -41,7 +41,9 @@ std::string hex32(std::uint32_t v) {
   return s.data();
 }
 
-std::string short_id(const KeyId& id) { return to_hex(id).substr(0, 16); }
+std::string short_id(const KeyId& id) {
+  return to_hex(id).substr(0, 16);
+}
 
 std::string pcr_list(const std::vector<unsigned>& pcrs) {
   std::string s;
@@ -114,8 +116,9 @@ Result<T> unmarshal(ByteView bytes, const std::string& what) {
   TSS2_RC rc =
       Unmarshal(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), &offset, &value);
   if (rc != TSS2_RC_SUCCESS || offset != bytes.size())
-    return Status::Corruption(what + " is damaged: it is not a marshalled TPM structure" +
-                              (rc != TSS2_RC_SUCCESS ? " (" + rc_text(rc) + ")" : " (extra bytes)"));
+    return Status::Corruption(
+        what + " is damaged: it is not a marshalled TPM structure" +
+        (rc != TSS2_RC_SUCCESS ? " (" + rc_text(rc) + ")" : " (extra bytes)"));
   return value;
 }
 
@@ -136,8 +139,8 @@ Result<TPM2B_PRIVATE> unmarshal_private(ByteView b, const std::string& what) {
 Result<PublicKey> public_key_of(const TPM2B_PUBLIC& in, const std::string& what) {
   const TPMT_PUBLIC& p = in.publicArea;
   if (p.type != TPM2_ALG_ECC || p.parameters.eccDetail.curveID != TPM2_ECC_NIST_P256 ||
-      (p.objectAttributes & TPMA_OBJECT_SIGN_ENCRYPT) == 0 ||
-      p.unique.ecc.x.size > 32 || p.unique.ecc.y.size > 32)
+      (p.objectAttributes & TPMA_OBJECT_SIGN_ENCRYPT) == 0 || p.unique.ecc.x.size > 32 ||
+      p.unique.ecc.y.size > 32)
     return Status::Corruption(what + " is not an ECDSA P-256 signing key");
   std::array<unsigned char, 65> point{};
   point[0] = 0x04;
@@ -241,8 +244,8 @@ Result<std::unique_ptr<Tpm2KeyStore>> Tpm2KeyStore::open(const KeyStoreConfig& c
                                                          KeyPolicy policy) {
   std::string_view uri = config.uri;
   if (uri.size() < 4 || (uri.size() > 4 && uri[4] != ':'))
-    return Status::InvalidArgument("a TPM key store URI is tpm2 or tpm2:TCTI, not '" +
-                                   config.uri + "'");
+    return Status::InvalidArgument("a TPM key store URI is tpm2 or tpm2:TCTI, not '" + config.uri +
+                                   "'");
   std::string tcti = uri.size() <= 5 ? std::string(kDefaultTcti) : std::string(uri.substr(5));
   if (config.key_dir.empty())
     return Status::InvalidArgument("the TPM key store needs a key directory (key_dir)");
@@ -268,8 +271,7 @@ Result<std::unique_ptr<Tpm2KeyStore>> Tpm2KeyStore::open(const KeyStoreConfig& c
         break;
     }
   } else if (!std::filesystem::is_directory(dir, ec)) {
-    return Status::InvalidArgument("the TPM key directory " + dir.string() +
-                                   " is not a directory");
+    return Status::InvalidArgument("the TPM key directory " + dir.string() + " is not a directory");
   }
 
   std::unique_ptr<Tpm2KeyStore> store(new Tpm2KeyStore(tcti, dir, config.counter_nv_index));
@@ -295,8 +297,7 @@ Status Tpm2KeyStore::open_signing_keys(KeyPolicy policy) {
         return Status::NotFound("no TPM signing key in " + key_dir_.string() + " (" +
                                 order_path.string() + " does not exist)");
       case KeyPolicy::kCreateIfMissing: {
-        MEDGATE_ASSIGN_OR_RETURN(SigningKey genesis,
-                                 with_device<SigningKey>([this](Device& d) {
+        MEDGATE_ASSIGN_OR_RETURN(SigningKey genesis, with_device<SigningKey>([this](Device& d) {
                                    return make_signing_key(d);
                                  }));
         MEDGATE_RETURN_IF_ERROR(write_signing_key(genesis, {genesis}));
@@ -371,10 +372,10 @@ Result<Tpm2KeyStore::SigningKey> Tpm2KeyStore::make_signing_key(Device& d) {
 // The blobs first, then the list that makes the key part of the store: a crash in between leaves
 // unlisted files, which are harmless.
 Status Tpm2KeyStore::write_signing_key(const SigningKey& key, const std::vector<SigningKey>& all) {
-  MEDGATE_RETURN_IF_ERROR(write_file_atomically(key_file(key.public_key.id(), ".priv"),
-                                                key.private_blob));
-  MEDGATE_RETURN_IF_ERROR(write_file_atomically(key_file(key.public_key.id(), ".pub"),
-                                                key.public_blob));
+  MEDGATE_RETURN_IF_ERROR(
+      write_file_atomically(key_file(key.public_key.id(), ".priv"), key.private_blob));
+  MEDGATE_RETURN_IF_ERROR(
+      write_file_atomically(key_file(key.public_key.id(), ".pub"), key.public_blob));
   std::string order;
   for (const SigningKey& k : all) order += to_hex(k.public_key.id()) + "\n";
   return write_file_atomically(key_dir_ / kKeyOrderFile, as_bytes(order));
@@ -415,9 +416,8 @@ Result<Bytes> Tpm2KeyStore::sign_with(Device& d, std::size_t index, const Hash& 
   if (index == active_) {
     MEDGATE_ASSIGN_OR_RETURN(key, active_handle(d));
   } else {
-    MEDGATE_ASSIGN_OR_RETURN(*other.out(),
-                             load(d, signing.public_blob, signing.private_blob,
-                                  key_file(signing.public_key.id(), ".priv")));
+    MEDGATE_ASSIGN_OR_RETURN(*other.out(), load(d, signing.public_blob, signing.private_blob,
+                                                key_file(signing.public_key.id(), ".priv")));
     key = other.get();
   }
   TPM2B_DIGEST in_digest{};
@@ -442,7 +442,8 @@ Result<Bytes> Tpm2KeyStore::sign_with(Device& d, std::size_t index, const Hash& 
   const TPMS_SIGNATURE_ECC& ecdsa = signature->signature.ecdsa;
   if (signature->sigAlg != TPM2_ALG_ECDSA || ecdsa.signatureR.size > 32 ||
       ecdsa.signatureS.size > 32)
-    return Status::Unavailable("the TPM at " + tcti_ + " returned a signature that is not ECDSA P-256");
+    return Status::Unavailable("the TPM at " + tcti_ +
+                               " returned a signature that is not ECDSA P-256");
   std::array<std::byte, 64> raw{};
   std::memcpy(raw.data() + 32 - ecdsa.signatureR.size, ecdsa.signatureR.buffer,
               ecdsa.signatureR.size);
@@ -494,8 +495,8 @@ Status Tpm2KeyStore::use_signing_key(const KeyId& key) {
 
 Result<PublicKey> Tpm2KeyStore::create_signing_key() {
   std::lock_guard lock(mutex_);
-  MEDGATE_ASSIGN_OR_RETURN(SigningKey key,
-                           with_device<SigningKey>([this](Device& d) { return make_signing_key(d); }));
+  MEDGATE_ASSIGN_OR_RETURN(
+      SigningKey key, with_device<SigningKey>([this](Device& d) { return make_signing_key(d); }));
   std::vector<SigningKey> all = keys_;
   all.push_back(key);
   MEDGATE_RETURN_IF_ERROR(write_signing_key(key, all));
@@ -521,68 +522,68 @@ Status Tpm2KeyStore::open_data_key_secret(const std::vector<unsigned>& seal_pcrs
     }
     // Seal 64 random bytes from the TPM, to the PCRs' current values when PCRs are given.
     Result<bool> sealed = with_device<bool>([&](Device& d) -> Result<bool> {
-          TPM2B_DIGEST policy_digest{};
-          if (!seal_pcrs.empty()) {
-            FlushGuard trial(d);
-            TPMT_SYM_DEF symmetric{};
-            symmetric.algorithm = TPM2_ALG_NULL;
-            TSS2_RC rc = d.call([&] {
-              return Esys_StartAuthSession(d.esys(), ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
-                                           ESYS_TR_NONE, ESYS_TR_NONE, nullptr, TPM2_SE_TRIAL,
-                                           &symmetric, TPM2_ALG_SHA256, trial.out());
-            });
-            if (rc != TSS2_RC_SUCCESS) return d.fail("starting a trial policy session", rc);
-            const TPM2B_DIGEST current{};
-            const TPML_PCR_SELECTION selection = pcr_selection(seal_pcrs);
-            rc = d.call([&] {
-              return Esys_PolicyPCR(d.esys(), trial.get(), ESYS_TR_NONE, ESYS_TR_NONE,
-                                    ESYS_TR_NONE, &current, &selection);
-            });
-            if (rc != TSS2_RC_SUCCESS) return d.fail("TPM2_PolicyPCR", rc);
-            TPM2B_DIGEST* digest = nullptr;
-            rc = d.call([&] {
-              return Esys_PolicyGetDigest(d.esys(), trial.get(), ESYS_TR_NONE, ESYS_TR_NONE,
-                                          ESYS_TR_NONE, &digest);
-            });
-            EsysPtr<TPM2B_DIGEST> own(digest);
-            if (rc != TSS2_RC_SUCCESS) return d.fail("TPM2_PolicyGetDigest", rc);
-            policy_digest = *digest;
-          }
-          MEDGATE_ASSIGN_OR_RETURN(Bytes secret, random_from(d, kSecretBytes));
-          TPM2B_SENSITIVE_CREATE sensitive{};
-          sensitive.sensitive.data.size = static_cast<UINT16>(secret.size());
-          std::memcpy(sensitive.sensitive.data.buffer, secret.data(), secret.size());
-          secure_wipe(secret);
-          TPM2B_PUBLIC in_public{};
-          TPMT_PUBLIC& p = in_public.publicArea;
-          p.type = TPM2_ALG_KEYEDHASH;
-          p.nameAlg = TPM2_ALG_SHA256;
-          // No userWithAuth under a PCR policy: only the policy can release it.
-          p.objectAttributes = TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT | TPMA_OBJECT_NODA |
-                               (seal_pcrs.empty() ? TPMA_OBJECT_USERWITHAUTH : 0);
-          p.authPolicy = policy_digest;
-          p.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG_NULL;
-          const TPM2B_DATA outside_info{};
-          const TPML_PCR_SELECTION creation_pcrs{};
-          TPM2B_PRIVATE* out_private = nullptr;
-          TPM2B_PUBLIC* out_public = nullptr;
-          TSS2_RC rc = d.call([&] {
-            return Esys_Create(d.esys(), d.primary(), ESYS_TR_PASSWORD, ESYS_TR_NONE,
-                               ESYS_TR_NONE, &sensitive, &in_public, &outside_info, &creation_pcrs,
-                               &out_private, &out_public, nullptr, nullptr, nullptr);
-          });
-          secure_wipe(std::as_writable_bytes(std::span(sensitive.sensitive.data.buffer)));
-          EsysPtr<TPM2B_PRIVATE> own_private(out_private);
-          EsysPtr<TPM2B_PUBLIC> own_public(out_public);
-          if (rc != TSS2_RC_SUCCESS) return d.fail("sealing the data-key secret", rc);
-          MEDGATE_ASSIGN_OR_RETURN(Bytes pub_blob, marshal_public(*out_public));
-          MEDGATE_ASSIGN_OR_RETURN(Bytes priv_blob, marshal_private(*out_private));
-          // The public part last: its presence says the secret exists.
-          MEDGATE_RETURN_IF_ERROR(write_file_atomically(pcrs_path, as_bytes(pcr_list(seal_pcrs))));
-          MEDGATE_RETURN_IF_ERROR(write_file_atomically(priv_path, priv_blob));
-          MEDGATE_RETURN_IF_ERROR(write_file_atomically(pub_path, pub_blob));
-          return true;
+      TPM2B_DIGEST policy_digest{};
+      if (!seal_pcrs.empty()) {
+        FlushGuard trial(d);
+        TPMT_SYM_DEF symmetric{};
+        symmetric.algorithm = TPM2_ALG_NULL;
+        TSS2_RC rc = d.call([&] {
+          return Esys_StartAuthSession(d.esys(), ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                       ESYS_TR_NONE, ESYS_TR_NONE, nullptr, TPM2_SE_TRIAL,
+                                       &symmetric, TPM2_ALG_SHA256, trial.out());
         });
+        if (rc != TSS2_RC_SUCCESS) return d.fail("starting a trial policy session", rc);
+        const TPM2B_DIGEST current{};
+        const TPML_PCR_SELECTION selection = pcr_selection(seal_pcrs);
+        rc = d.call([&] {
+          return Esys_PolicyPCR(d.esys(), trial.get(), ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                &current, &selection);
+        });
+        if (rc != TSS2_RC_SUCCESS) return d.fail("TPM2_PolicyPCR", rc);
+        TPM2B_DIGEST* digest = nullptr;
+        rc = d.call([&] {
+          return Esys_PolicyGetDigest(d.esys(), trial.get(), ESYS_TR_NONE, ESYS_TR_NONE,
+                                      ESYS_TR_NONE, &digest);
+        });
+        EsysPtr<TPM2B_DIGEST> own(digest);
+        if (rc != TSS2_RC_SUCCESS) return d.fail("TPM2_PolicyGetDigest", rc);
+        policy_digest = *digest;
+      }
+      MEDGATE_ASSIGN_OR_RETURN(Bytes secret, random_from(d, kSecretBytes));
+      TPM2B_SENSITIVE_CREATE sensitive{};
+      sensitive.sensitive.data.size = static_cast<UINT16>(secret.size());
+      std::memcpy(sensitive.sensitive.data.buffer, secret.data(), secret.size());
+      secure_wipe(secret);
+      TPM2B_PUBLIC in_public{};
+      TPMT_PUBLIC& p = in_public.publicArea;
+      p.type = TPM2_ALG_KEYEDHASH;
+      p.nameAlg = TPM2_ALG_SHA256;
+      // No userWithAuth under a PCR policy: only the policy can release it.
+      p.objectAttributes = TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT | TPMA_OBJECT_NODA |
+                           (seal_pcrs.empty() ? TPMA_OBJECT_USERWITHAUTH : 0);
+      p.authPolicy = policy_digest;
+      p.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG_NULL;
+      const TPM2B_DATA outside_info{};
+      const TPML_PCR_SELECTION creation_pcrs{};
+      TPM2B_PRIVATE* out_private = nullptr;
+      TPM2B_PUBLIC* out_public = nullptr;
+      TSS2_RC rc = d.call([&] {
+        return Esys_Create(d.esys(), d.primary(), ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE,
+                           &sensitive, &in_public, &outside_info, &creation_pcrs, &out_private,
+                           &out_public, nullptr, nullptr, nullptr);
+      });
+      secure_wipe(std::as_writable_bytes(std::span(sensitive.sensitive.data.buffer)));
+      EsysPtr<TPM2B_PRIVATE> own_private(out_private);
+      EsysPtr<TPM2B_PUBLIC> own_public(out_public);
+      if (rc != TSS2_RC_SUCCESS) return d.fail("sealing the data-key secret", rc);
+      MEDGATE_ASSIGN_OR_RETURN(Bytes pub_blob, marshal_public(*out_public));
+      MEDGATE_ASSIGN_OR_RETURN(Bytes priv_blob, marshal_private(*out_private));
+      // The public part last: its presence says the secret exists.
+      MEDGATE_RETURN_IF_ERROR(write_file_atomically(pcrs_path, as_bytes(pcr_list(seal_pcrs))));
+      MEDGATE_RETURN_IF_ERROR(write_file_atomically(priv_path, priv_blob));
+      MEDGATE_RETURN_IF_ERROR(write_file_atomically(pub_path, pub_blob));
+      return true;
+    });
     if (!sealed.ok()) return sealed.status();
     pub = read_small_file(pub_path, kMaxFileBytes);
   }
@@ -596,8 +597,8 @@ Status Tpm2KeyStore::open_data_key_secret(const std::vector<unsigned>& seal_pcrs
   MEDGATE_ASSIGN_OR_RETURN(
       DerivedKeys keys, with_device<DerivedKeys>([&](Device& d) -> Result<DerivedKeys> {
         FlushGuard sealed(d);
-        MEDGATE_ASSIGN_OR_RETURN(*sealed.out(), load(d, *pub, priv, "the sealed data-key secret " +
-                                                                       priv_path.string()));
+        MEDGATE_ASSIGN_OR_RETURN(
+            *sealed.out(), load(d, *pub, priv, "the sealed data-key secret " + priv_path.string()));
         FlushGuard session(d);
         ESYS_TR auth = ESYS_TR_PASSWORD;
         if (!pcrs.empty()) {
@@ -615,8 +616,8 @@ Status Tpm2KeyStore::open_data_key_secret(const std::vector<unsigned>& seal_pcrs
           const TPM2B_DIGEST current{};
           const TPML_PCR_SELECTION selection = pcr_selection(pcrs);
           rc = d.call([&] {
-            return Esys_PolicyPCR(d.esys(), session.get(), ESYS_TR_NONE, ESYS_TR_NONE,
-                                  ESYS_TR_NONE, &current, &selection);
+            return Esys_PolicyPCR(d.esys(), session.get(), ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                  &current, &selection);
           });
           if (rc != TSS2_RC_SUCCESS) return d.fail("TPM2_PolicyPCR", rc);
           auth = session.get();
@@ -656,7 +657,9 @@ Result<SecretBytes> Tpm2KeyStore::unwrap_key(ByteView wrapped, ByteView context)
   return derived_->unwrap(wrapped, context);
 }
 
-Result<Hash> Tpm2KeyStore::keyed_hash(ByteView message) { return derived_->keyed_hash(message); }
+Result<Hash> Tpm2KeyStore::keyed_hash(ByteView message) {
+  return derived_->keyed_hash(message);
+}
 
 // ---- the counter ----
 
@@ -664,8 +667,8 @@ Result<std::uint32_t> Tpm2KeyStore::counter_handle(Device& d) {
   if (counter_tr_ != ESYS_TR_NONE) return counter_tr_;
   ESYS_TR nv = ESYS_TR_NONE;
   TSS2_RC rc = d.call([&] {
-    return Esys_TR_FromTPMPublic(d.esys(), counter_index_, ESYS_TR_NONE, ESYS_TR_NONE,
-                                 ESYS_TR_NONE, &nv);
+    return Esys_TR_FromTPMPublic(d.esys(), counter_index_, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                 &nv);
   });
   if (rc != TSS2_RC_SUCCESS) {
     if (rc_base(rc) == TPM2_RC_HANDLE)
@@ -720,8 +723,8 @@ Status Tpm2KeyStore::open_counter(KeyPolicy policy) {
            } else {
              TPM2B_NV_PUBLIC* info = nullptr;
              TSS2_RC rc = d.call([&] {
-               return Esys_NV_ReadPublic(d.esys(), *found, ESYS_TR_NONE, ESYS_TR_NONE,
-                                         ESYS_TR_NONE, &info, nullptr);
+               return Esys_NV_ReadPublic(d.esys(), *found, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                         &info, nullptr);
              });
              EsysPtr<TPM2B_NV_PUBLIC> own(info);
              if (rc != TSS2_RC_SUCCESS)

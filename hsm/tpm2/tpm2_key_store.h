@@ -53,8 +53,7 @@ class Tpm2KeyStore final : public KeyStore {
   // counter. With kCreateIfMissing, creates key_dir, the genesis signing key, the sealed secret
   // (to config.seal_pcrs) and the counter (incremented to its first value) when absent.
   // Errors as documented for open_key_store(); kCorruption for a damaged file in key_dir.
-  static Result<std::unique_ptr<Tpm2KeyStore>> open(const KeyStoreConfig& config,
-                                                    KeyPolicy policy);
+  static Result<std::unique_ptr<Tpm2KeyStore>> open(const KeyStoreConfig& config, KeyPolicy policy);
 
   ~Tpm2KeyStore() override;
   Tpm2KeyStore(const Tpm2KeyStore&) = delete;
@@ -114,11 +113,11 @@ class Tpm2KeyStore final : public KeyStore {
   const std::filesystem::path key_dir_;
   const std::uint32_t counter_index_;
 
-  mutable std::mutex mutex_;  // guards everything below
+  mutable std::mutex mutex_;        // guards everything below
   std::unique_ptr<Device> device_;  // null until connected and after the connection was lost
   bool connected_before_ = false;
-  std::uint32_t active_tr_;   // ESYS_TR of keys_[active_] while loaded, else ESYS_TR_NONE
-  std::uint32_t counter_tr_;  // ESYS_TR of the NV counter once looked up, else ESYS_TR_NONE
+  std::uint32_t active_tr_;       // ESYS_TR of keys_[active_] while loaded, else ESYS_TR_NONE
+  std::uint32_t counter_tr_;      // ESYS_TR of the NV counter once looked up, else ESYS_TR_NONE
   std::vector<SigningKey> keys_;  // oldest first
   std::size_t active_ = 0;
   std::optional<DerivedKeys> derived_;

@@ -37,7 +37,9 @@ constexpr std::array<RcName, 18> kRcNames = {{
     {TPM2_RC_INITIALIZE, "TPM_RC_INITIALIZE"},
 }};
 
-TSS2_RC layer_of(TSS2_RC rc) { return rc & TSS2_RC_LAYER_MASK; }
+TSS2_RC layer_of(TSS2_RC rc) {
+  return rc & TSS2_RC_LAYER_MASK;
+}
 
 // An ECC P-256 storage key in the owner hierarchy (the TCG's "SRK" template): the same seed and
 // template always give the same key, so it is re-created at each connect instead of persisted.

@@ -92,7 +92,9 @@ Swtpm::Swtpm(const std::filesystem::path& dir)
   throw std::runtime_error("cannot start swtpm on any port pair (see " + log_.string() + ")");
 }
 
-Swtpm::~Swtpm() { stop(); }
+Swtpm::~Swtpm() {
+  stop();
+}
 
 std::string Swtpm::tcti() const {
   return "swtpm:host=127.0.0.1,port=" + std::to_string(port_);
@@ -100,11 +102,11 @@ std::string Swtpm::tcti() const {
 
 bool Swtpm::start_on(int port) {
   const std::string p = std::to_string(port), c = std::to_string(port + 1);
-  pid_t pid = spawn({"swtpm", "socket", "--tpm2", "--tpmstate", "dir=" + state_dir_.string(),
-                     "--server", "type=tcp,port=" + p + ",bindaddr=127.0.0.1", "--ctrl",
-                     "type=tcp,port=" + c + ",bindaddr=127.0.0.1", "--flags",
-                     "not-need-init,startup-clear"},
-                    {}, &log_);
+  pid_t pid = spawn(
+      {"swtpm", "socket", "--tpm2", "--tpmstate", "dir=" + state_dir_.string(), "--server",
+       "type=tcp,port=" + p + ",bindaddr=127.0.0.1", "--ctrl",
+       "type=tcp,port=" + c + ",bindaddr=127.0.0.1", "--flags", "not-need-init,startup-clear"},
+      {}, &log_);
   const auto deadline = Clock::now() + std::chrono::seconds(10);
   while (Clock::now() < deadline) {
     int status = 0;

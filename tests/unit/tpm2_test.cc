@@ -61,7 +61,9 @@ struct Fixture {
   }
 };
 
-Hash digest_of(const std::string& text) { return sha256(as_bytes(text)); }
+Hash digest_of(const std::string& text) {
+  return sha256(as_bytes(text));
+}
 
 void flip_byte(const std::filesystem::path& file, std::size_t from_end) {
   std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
@@ -239,8 +241,7 @@ TEST_CASE("tpm2: data keys wrap and unwrap under the sealed secret", "[tpm2]") {
   }
   Bytes other_version = *wrapped;
   other_version[0] = std::byte{0x02};
-  CHECK(store->unwrap_key(other_version, context).status().code() ==
-        StatusCode::kInvalidArgument);
+  CHECK(store->unwrap_key(other_version, context).status().code() == StatusCode::kInvalidArgument);
   CHECK(store->unwrap_key(ByteView(*wrapped).first(20), context).status().code() ==
         StatusCode::kInvalidArgument);
   CHECK(store->wrap_key(Bytes(65), context).status().code() == StatusCode::kInvalidArgument);
@@ -255,8 +256,7 @@ TEST_CASE("tpm2: data keys wrap and unwrap under the sealed secret", "[tpm2]") {
   CHECK(Bytes(later->view().begin(), later->view().end()) == *data_key);
 }
 
-TEST_CASE("tpm2: keyed pseudonyms are deterministic, per message, and survive a reopen",
-          "[tpm2]") {
+TEST_CASE("tpm2: keyed pseudonyms are deterministic, per message, and survive a reopen", "[tpm2]") {
   Fixture fx;
   auto store = fx.create();
   Result<Hash> a1 = store->keyed_hash(as_bytes("MRN-0001"));
@@ -307,13 +307,12 @@ TEST_CASE("tpm2: an NV index that is not our counter is refused by name", "[tpm2
   Fixture fx;
   KeyStoreConfig c = fx.config();
   c.counter_nv_index = 0x01500001;
-  fx.tpm.tool({"tpm2_nvdefine", "0x01500001", "-C", "o", "-s", "8", "-a",
-               "ownerread|ownerwrite"});
+  fx.tpm.tool({"tpm2_nvdefine", "0x01500001", "-C", "o", "-s", "8", "-a", "ownerread|ownerwrite"});
   Result<std::unique_ptr<KeyStore>> store = hsm::open_key_store(c, KeyPolicy::kCreateIfMissing);
   REQUIRE_FALSE(store.ok());
   CHECK(store.status().code() == StatusCode::kFailedPrecondition);
-  CHECK_THAT(store.status().message(), Catch::Contains("0x01500001") &&
-                                           Catch::Contains("not a medgate rollback counter"));
+  CHECK_THAT(store.status().message(),
+             Catch::Contains("0x01500001") && Catch::Contains("not a medgate rollback counter"));
   CHECK(fx.transient_handles() == 0);  // the failed open flushed what it had loaded
 
   // kUseExisting without the counter: not found, naming the index.
