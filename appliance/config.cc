@@ -298,10 +298,10 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
   }
 
   const toml::table& keys = section("key_store");
-  MEDGATE_RETURN_IF_ERROR(r.check_keys(keys, "key_store",
-                                       {"uri", "pin_file", "pin_env", "pin_credential",
-                                        "softhsm_conf", "key_dir", "seal_pcrs",
-                                        "counter_nv_index"}));
+  MEDGATE_RETURN_IF_ERROR(
+      r.check_keys(keys, "key_store",
+                   {"uri", "pin_file", "pin_env", "pin_credential", "softhsm_conf", "key_dir",
+                    "seal_pcrs", "counter_nv_index"}));
   MEDGATE_ASSIGN_OR_RETURN(auto uri, r.get<std::string>(keys, "key_store", "uri"));
   if (!uri || uri->empty()) return r.error("[key_store] uri is required");
   c.key_store.uri = *uri;
@@ -330,7 +330,8 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
   // TPM only: where the key blobs are, the PCRs the data-key secret is sealed to, the counter.
   MEDGATE_ASSIGN_OR_RETURN(auto key_dir, r.get<std::string>(keys, "key_store", "key_dir"));
   if (key_dir) {
-    if (key_dir->empty()) return r.error_at(keys.get("key_dir")->source(), "[key_store] key_dir is empty");
+    if (key_dir->empty())
+      return r.error_at(keys.get("key_dir")->source(), "[key_store] key_dir is empty");
     c.key_store.key_dir = r.resolve(*key_dir);
   }
   MEDGATE_ASSIGN_OR_RETURN(auto seal_pcrs, r.get<std::string>(keys, "key_store", "seal_pcrs"));
@@ -354,7 +355,8 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
   if (tpm && c.key_store.key_dir.empty())
     return r.error("[key_store] key_dir is required for a tpm2 key store");
   if (!tpm && (key_dir || seal_pcrs || nv_index))
-    return r.error("[key_store] key_dir, seal_pcrs and counter_nv_index are for tpm2 key stores only");
+    return r.error(
+        "[key_store] key_dir, seal_pcrs and counter_nv_index are for tpm2 key stores only");
 
   const toml::table& admin = section("admin");
   MEDGATE_RETURN_IF_ERROR(r.check_keys(admin, "admin",
@@ -481,8 +483,8 @@ key_dir = {}
 seal_pcrs = {}
 # The TPM NV index of the rollback counter ({:#010x}).
 counter_nv_index = {})",
-        q(c.key_store.uri), q(c.key_store.key_dir.string()), q(pcrs),
-        c.key_store.counter_nv_index, c.key_store.counter_nv_index);
+        q(c.key_store.uri), q(c.key_store.key_dir.string()), q(pcrs), c.key_store.counter_nv_index,
+        c.key_store.counter_nv_index);
   } else {
     key_store_text = fmt::format(
         R"(# RFC 7512 PKCS#11 URI of the token and signing key.
@@ -516,8 +518,8 @@ auditor_group = {}
 level = "info"
 )",
                      q(c.ledger_id), q(c.data_dir.string()), q(c.ledger_path.string()),
-                     c.head_interval.count(), key_store_text,
-                     q(c.admin.socket.string()), q(c.admin.admin_group), q(c.admin.auditor_group));
+                     c.head_interval.count(), key_store_text, q(c.admin.socket.string()),
+                     q(c.admin.admin_group), q(c.admin.auditor_group));
 }
 
 }  // namespace medgate::appliance

@@ -147,7 +147,8 @@ int cmd_status(const GlobalOptions& g) {
           : " (last: " + k["last_error"].get<std::string>() + ")");
   if (k.contains("device") && k["device"].is_object()) {
     const json& dev = k["device"];
-    const std::uint64_t errors = dev.value("errors", 0ULL), reconnects = dev.value("reconnects", 0ULL);
+    const std::uint64_t errors = dev.value("errors", 0ULL),
+                        reconnects = dev.value("reconnects", 0ULL);
     if (!dev.value("reachable", true) || errors > 0 || reconnects > 0)
       std::cout << fmt::format("           device {}: {} errors, {} reconnects{}\n",
                                dev.value("reachable", true) ? "reachable" : "UNREACHABLE", errors,
