@@ -307,8 +307,10 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
   }
 
   const toml::table& keys = section("key_store");
-  MEDGATE_RETURN_IF_ERROR(r.check_keys(
-      keys, "key_store", {"uri", "pin_file", "pin_env", "pin_credential", "softhsm_conf"}));
+  MEDGATE_RETURN_IF_ERROR(
+      r.check_keys(keys, "key_store",
+                   {"uri", "pin_file", "pin_env", "pin_credential", "softhsm_conf", "key_dir",
+                    "seal_pcrs", "counter_nv_index"}));
   MEDGATE_ASSIGN_OR_RETURN(auto uri, r.get<std::string>(keys, "key_store", "uri"));
   if (!uri || uri->empty()) return r.error("[key_store] uri is required");
   c.key_store.uri = *uri;
@@ -334,6 +336,36 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
   MEDGATE_ASSIGN_OR_RETURN(auto softhsm_conf,
                            r.get<std::string>(keys, "key_store", "softhsm_conf"));
   if (softhsm_conf) c.key_store.softhsm_conf = r.resolve(*softhsm_conf);
+  // TPM only: where the key blobs are, the PCRs the data-key secret is sealed to, the counter.
+  MEDGATE_ASSIGN_OR_RETURN(auto key_dir, r.get<std::string>(keys, "key_store", "key_dir"));
+  if (key_dir) {
+    if (key_dir->empty())
+      return r.error_at(keys.get("key_dir")->source(), "[key_store] key_dir is empty");
+    c.key_store.key_dir = r.resolve(*key_dir);
+  }
+  MEDGATE_ASSIGN_OR_RETURN(auto seal_pcrs, r.get<std::string>(keys, "key_store", "seal_pcrs"));
+  if (seal_pcrs) {
+    Result<std::vector<unsigned>> pcrs = parse_pcr_list(*seal_pcrs);
+    if (!pcrs.ok())
+      return r.error_at(keys.get("seal_pcrs")->source(),
+                        "[key_store] seal_pcrs: " + pcrs.status().message());
+    c.key_store.seal_pcrs = std::move(pcrs).value();
+  }
+  MEDGATE_ASSIGN_OR_RETURN(auto nv_index,
+                           r.get<std::int64_t>(keys, "key_store", "counter_nv_index"));
+  if (nv_index) {
+    if (*nv_index < 0x01000000 || *nv_index > 0x01ffffff)
+      return r.error_at(keys.get("counter_nv_index")->source(),
+                        "[key_store] counter_nv_index must be an NV index, 16777216 (0x01000000) "
+                        "to 33554431 (0x01ffffff)");
+    c.key_store.counter_nv_index = static_cast<std::uint32_t>(*nv_index);
+  }
+  const bool tpm = c.key_store.uri.rfind("tpm2", 0) == 0;
+  if (tpm && c.key_store.key_dir.empty())
+    return r.error("[key_store] key_dir is required for a tpm2 key store");
+  if (!tpm && (key_dir || seal_pcrs || nv_index))
+    return r.error(
+        "[key_store] key_dir, seal_pcrs and counter_nv_index are for tpm2 key stores only");
 
   const toml::table& admin = section("admin");
   MEDGATE_RETURN_IF_ERROR(r.check_keys(admin, "admin",
@@ -394,6 +426,31 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
   return c;
 }
 
+Result<std::vector<unsigned>> parse_pcr_list(std::string_view text) {
+  std::vector<unsigned> pcrs;
+  if (text.empty()) return pcrs;
+  for (;;) {
+    std::size_t comma = text.find(',');
+    std::string_view item = text.substr(0, comma);
+    while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
+    while (!item.empty() && item.back() == ' ') item.remove_suffix(1);
+    if (item.empty() || item.size() > 2 ||
+        !std::all_of(item.begin(), item.end(), [](char ch) { return ch >= '0' && ch <= '9'; }))
+      return Status::InvalidArgument(
+          fmt::format("'{}' is not a PCR number; write a list like \"7\" or \"0,7\"", item));
+    unsigned pcr = static_cast<unsigned>(std::stoul(std::string(item)));
+    if (pcr > 23)
+      return Status::InvalidArgument(fmt::format("PCR {} does not exist (0 to 23)", pcr));
+    if (std::find(pcrs.begin(), pcrs.end(), pcr) != pcrs.end())
+      return Status::InvalidArgument(fmt::format("PCR {} is listed twice", pcr));
+    pcrs.push_back(pcr);
+    if (comma == std::string_view::npos) break;
+    text = text.substr(comma + 1);
+  }
+  std::sort(pcrs.begin(), pcrs.end());
+  return pcrs;
+}
+
 std::string render_config(const Config& c) {
   auto q = [](const std::string& s) {
     toml::table t;
@@ -421,6 +478,32 @@ std::string render_config(const Config& c) {
   std::string softhsm = c.key_store.softhsm_conf
                             ? "softhsm_conf = " + q(c.key_store.softhsm_conf->string())
                             : "# softhsm_conf = \"/var/lib/medgate/softhsm/softhsm2.conf\"";
+  std::string key_store_text;
+  if (c.key_store.uri.rfind("tpm2", 0) == 0) {
+    std::string pcrs;
+    for (unsigned p : c.key_store.seal_pcrs) pcrs += (pcrs.empty() ? "" : ",") + std::to_string(p);
+    key_store_text = fmt::format(
+        R"(# The TPM 2.0 the keys live in: tpm2:TCTI (tpm2 alone is tpm2:device:/dev/tpmrm0).
+uri = {}
+# The TPM's key blobs (signing keys, the sealed data-key secret): useless without this TPM.
+key_dir = {}
+# PCRs (SHA-256 bank) the data-key secret was sealed to at init, e.g. "7" or "0,7"; "" for none.
+# Changing this does not reseal: the blobs in key_dir record what they are sealed to.
+seal_pcrs = {}
+# The TPM NV index of the rollback counter ({:#010x}).
+counter_nv_index = {})",
+        q(c.key_store.uri), q(c.key_store.key_dir.string()), q(pcrs), c.key_store.counter_nv_index,
+        c.key_store.counter_nv_index);
+  } else {
+    key_store_text = fmt::format(
+        R"(# RFC 7512 PKCS#11 URI of the token and signing key.
+uri = {}
+# Where the PIN comes from: pin_file (mode 0600), pin_env (a variable name) or pin_credential
+# (a systemd credential from LoadCredential=). Never on a command line.
+{}
+{})",
+        q(c.key_store.uri), pin, softhsm);
+  }
   return fmt::format(R"(# medgated configuration, written by `medctl init`. See medgated.toml(5).
 
 [ledger]
@@ -437,11 +520,6 @@ head_interval_ms = {}
 counter_interval_s = {}
 
 [key_store]
-# RFC 7512 PKCS#11 URI of the token and signing key.
-uri = {}
-# Where the PIN comes from: pin_file (mode 0600), pin_env (a variable name) or pin_credential
-# (a systemd credential from LoadCredential=). Never on a command line.
-{}
 {}
 
 [admin]
@@ -453,8 +531,7 @@ auditor_group = {}
 level = "info"
 )",
                      q(c.ledger_id), q(c.data_dir.string()), q(c.ledger_path.string()),
-                     c.head_interval.count(), c.counter_interval.count(), q(c.key_store.uri), pin,
-                     softhsm,
+                     c.head_interval.count(), c.counter_interval.count(), key_store_text,
                      q(c.admin.socket.string()), q(c.admin.admin_group), q(c.admin.auditor_group));
 }
 

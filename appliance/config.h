@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "hsm/key_store_factory.h"
 #include "hsm/status.h"
@@ -39,6 +40,10 @@ struct Config {
 // required keys and impossible values. Relative paths are resolved against the file's directory.
 Result<Config> load_config(const std::filesystem::path& file);
 Result<Config> parse_config(std::string_view text, const std::filesystem::path& source);
+
+// A PCR list as written in [key_store] seal_pcrs and `--seal-pcrs`: "7", "0,7" (SHA-256 bank,
+// PCRs 0 to 23, each once); "" is no PCR. kInvalidArgument naming what is wrong.
+Result<std::vector<unsigned>> parse_pcr_list(std::string_view text);
 
 // The commented TOML that `medctl init` writes.
 std::string render_config(const Config& config);

@@ -343,8 +343,8 @@ class Daemon::Impl {
 
   Result<json> status(const Caller& caller) {
     ledger::LedgerStats s = ledger_->stats();
+    const hsm::KeyStoreHealth device = keys_->health();
     AdminCounters a = admin_->counters();
-    hsm::KeyStoreHealth health = keys_->health();
     json out = {
         {"daemon",
          {{"version", MEDGATE_VERSION},
@@ -372,10 +372,11 @@ class Daemon::Impl {
           {"heads_signed", s.heads_signed},
           {"sign_failures", s.sign_failures},
           {"last_error", s.signer_error},
-          {"reachable", health.reachable},
-          {"device_error", health.last_error},
-          {"device_errors", health.errors},
-          {"reconnects", health.reconnects}}},
+          {"device",
+           {{"reachable", device.reachable},
+            {"errors", device.errors},
+            {"reconnects", device.reconnects},
+            {"last_error", device.last_error}}}}},
         {"rollback_counter",
          {{"kind", keys_->counter_kind() == hsm::CounterKind::kTpmNv ? "tpm-nv" : "token-object"},
           {"signed", s.rollback_counter},

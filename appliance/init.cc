@@ -72,14 +72,26 @@ Result<InitResult> initialize(const InitOptions& o) {
     if (o.pin.kind == hsm::PinSource::Kind::kNone)
       return Status::InvalidArgument(
           "a pkcs11: key store needs a PIN source: --pin-file FILE or --pin-env VAR");
-  } else if (o.key_store.rfind("tpm2", 0) == 0) {
-    return Status::InvalidArgument(
-        "the TPM 2.0 key store is not built yet (issue 3); use softhsm or a pkcs11: URI");
+  } else if (o.key_store == "tpm2" || o.key_store.rfind("tpm2:", 0) == 0) {
+    // The TPM keeps the keys; its blobs (useless without it) go to DIR/tpm. No PIN.
+    std::filesystem::path key_dir = dir / "tpm";
+    std::filesystem::create_directories(key_dir, ec);
+    if (ec)
+      return Status::InvalidArgument(
+          fmt::format("cannot create {}: {}", key_dir.string(), ec.message()));
+    ::chmod(key_dir.c_str(), 0700);
+    config.key_store.uri = o.key_store;
+    config.key_store.key_dir = key_dir;
+    config.key_store.seal_pcrs = o.seal_pcrs;
+    if (o.pin.kind != hsm::PinSource::Kind::kNone)
+      return Status::InvalidArgument("a tpm2 key store takes no PIN (--pin-file, --pin-env)");
   } else {
     return Status::InvalidArgument(
         fmt::format("--key-store '{}' is not softhsm, pkcs11:URI or tpm2[:TCTI]", o.key_store));
   }
 
+  if (!o.seal_pcrs.empty() && config.key_store.key_dir.empty())
+    return Status::InvalidArgument("--seal-pcrs is for tpm2 key stores only");
   MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<hsm::KeyStore> keys,
                            hsm::open_key_store(config.key_store, hsm::KeyPolicy::kCreateIfMissing));
   ledger::LedgerOptions options;

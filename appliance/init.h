@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "hsm/pin.h"
 #include "hsm/public_key.h"
@@ -21,6 +22,8 @@ struct InitOptions {
   std::optional<std::filesystem::path> socket;      // default: data_dir/admin.sock
   hsm::PinSource pin;  // for pkcs11: URIs (softhsm makes its own PIN file)
   std::string actor;   // who ran it, as recorded in the genesis entry
+  // tpm2 only: the PCRs (SHA-256 bank) to seal the data-key secret to, e.g. {7}; empty: none.
+  std::vector<unsigned> seal_pcrs;
 };
 
 struct InitResult {

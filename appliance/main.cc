@@ -103,6 +103,9 @@ int main(int argc, char** argv) {
   init_cmd->add_option("--socket", init.socket, "admin socket path (default: DIR/admin.sock)");
   init_cmd->add_option("--pin-file", pin_file, "file holding the token PIN (pkcs11: key stores)");
   init_cmd->add_option("--pin-env", pin_env, "environment variable holding the token PIN");
+  std::string seal_pcrs;
+  init_cmd->add_option("--seal-pcrs", seal_pcrs,
+                       "tpm2: seal the data-key secret to these PCRs (SHA-256), e.g. 7 or 0,7");
   init_cmd->add_flag("--json", init_json, "print the result as JSON");
 
   try {
@@ -113,6 +116,12 @@ int main(int argc, char** argv) {
   if (*init_cmd) {
     if (!pin_file.empty()) init.pin = {hsm::PinSource::Kind::kFile, pin_file};
     if (!pin_env.empty()) init.pin = {hsm::PinSource::Kind::kEnv, pin_env};
+    Result<std::vector<unsigned>> pcrs = parse_pcr_list(seal_pcrs);
+    if (!pcrs.ok()) {
+      std::cerr << "medctl init: --seal-pcrs: " << pcrs.status().message() << "\n";
+      return 2;
+    }
+    init.seal_pcrs = std::move(pcrs).value();
     init.actor = invoking_actor();
     return run_init(init, init_json);
   }

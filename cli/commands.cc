@@ -99,6 +99,7 @@ int cmd_init(const GlobalOptions& g, const InitArgs& a) {
   if (a.socket) args.insert(args.end(), {"--socket", *a.socket});
   if (a.pin_file) args.insert(args.end(), {"--pin-file", *a.pin_file});
   if (a.pin_env) args.insert(args.end(), {"--pin-env", *a.pin_env});
+  if (a.seal_pcrs) args.insert(args.end(), {"--seal-pcrs", *a.seal_pcrs});
   if (g.config) args.insert(args.end(), {"--config-out", *g.config});
   if (g.json) args.push_back("--json");
   std::vector<char*> argv;
@@ -144,12 +145,18 @@ int cmd_status(const GlobalOptions& g) {
       k["last_error"].get<std::string>().empty()
           ? ""
           : " (last: " + k["last_error"].get<std::string>() + ")");
-  if (!k["reachable"].get<bool>() || !k["device_error"].get<std::string>().empty())
-    std::cout << fmt::format("           device {}: {} errors, {} reconnects, last error {}\n",
-                             k["reachable"].get<bool>() ? "reachable" : "UNREACHABLE",
-                             k["device_errors"].get<std::uint64_t>(),
-                             k["reconnects"].get<std::uint64_t>(),
-                             k["device_error"].get<std::string>());
+  if (k.contains("device") && k["device"].is_object()) {
+    const json& dev = k["device"];
+    const std::uint64_t errors = dev.value("errors", 0ULL),
+                        reconnects = dev.value("reconnects", 0ULL);
+    if (!dev.value("reachable", true) || errors > 0 || reconnects > 0)
+      std::cout << fmt::format("           device {}: {} errors, {} reconnects{}\n",
+                               dev.value("reachable", true) ? "reachable" : "UNREACHABLE", errors,
+                               reconnects,
+                               dev.value("last_error", std::string()).empty()
+                                   ? ""
+                                   : " (last: " + dev.value("last_error", std::string()) + ")");
+  }
   const json& rc = s["rollback_counter"];
   std::cout << fmt::format("rollback   {} counter {} (signed heads carry {}), {} epochs since "
                            "start, every {} s{}\n",

@@ -23,6 +23,7 @@ struct InitArgs {
   std::optional<std::string> socket;
   std::optional<std::string> pin_file;
   std::optional<std::string> pin_env;
+  std::optional<std::string> seal_pcrs;  // tpm2: "7", "0,7"
 };
 
 int cmd_init(const GlobalOptions& g, const InitArgs& args);

@@ -36,6 +36,9 @@ int main(int argc, char** argv) {
   init_cmd->add_option("--pin-file", init.pin_file,
                        "file holding the token PIN (pkcs11: key stores)");
   init_cmd->add_option("--pin-env", init.pin_env, "environment variable holding the token PIN");
+  init_cmd->add_option(
+      "--seal-pcrs", init.seal_pcrs,
+      "tpm2: seal the data-key secret to these PCRs (SHA-256 bank), e.g. 7 or 0,7");
   init_cmd->callback([&] { rc = cmd_init(g, init); });
 
   app.add_subcommand("status", "daemon, ledger, signed head, key store and admin counters")

@@ -4,6 +4,7 @@
 
 #include "hsm/pkcs11/pkcs11_key_store.h"
 #include "hsm/pkcs11/softhsm_token.h"
+#include "hsm/tpm2/tpm2_key_store.h"
 
 namespace medgate::hsm {
 namespace {
@@ -28,8 +29,14 @@ Result<std::unique_ptr<KeyStore>> open_key_store(const KeyStoreConfig& config, K
                              pkcs11::Pkcs11KeyStore::open(config, policy));
     return std::unique_ptr<KeyStore>(std::move(store));
   }
-  if (scheme == "tpm2")
-    return Status::InvalidArgument("the TPM 2.0 key store is not built yet (issue 3)");
+  if (scheme == "tpm2") {
+    if (config.key_dir.empty())
+      return Status::InvalidArgument(
+          "a tpm2: key store needs key_dir, the directory for its key blobs");
+    MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<tpm2::Tpm2KeyStore> store,
+                             tpm2::Tpm2KeyStore::open(config, policy));
+    return std::unique_ptr<KeyStore>(std::move(store));
+  }
   if (config.uri.empty()) return Status::InvalidArgument("no key store URI configured");
   return Status::InvalidArgument("unknown key store URI scheme '" + scheme +
                                  "' (expected pkcs11: or tpm2:)");

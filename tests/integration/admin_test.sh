@@ -21,8 +21,8 @@ if grep -q "$(cat "$DATA/hsm-pin")" "$CONF"; then failed "the PIN is in the conf
 expect_rc 2 "init refuses a data dir that already holds a ledger" -- "$MEDCTL" init --data-dir "$DATA" --ledger-id ward-7
 expect_in "already holds a ledger" "and says so"
 expect_rc 2 "init refuses an unknown key store" -- "$MEDCTL" init --data-dir "$WORK/other" --key-store floppy
-expect_rc 2 "init refuses tpm2 until it exists, saying so" -- "$MEDCTL" init --data-dir "$WORK/other2" --key-store tpm2
-expect_in "TPM 2.0 key store is not built yet" "tpm2 message"
+expect_rc 3 "init with a TPM that is not there is an unreachable part" -- "$MEDCTL" init --data-dir "$WORK/other2" --key-store tpm2:device:/nonexistent/tpmrm0
+expect_in "device:/nonexistent/tpmrm0" "and names the TCTI"
 
 # Roles come from groups: 'daemon' plays medgate-admin, 'nogroup' plays medgate-audit.
 sed -i "s/^admin_group = .*/admin_group = 'daemon'/; s/^auditor_group = .*/auditor_group = 'nogroup'/" "$CONF"

@@ -3,13 +3,25 @@
 # on a running medgated, verification offline trusting the old or the new public key, and a
 # ledger restored from an old copy refused at start (exit 1, named) while the copy itself still
 # verifies as the genuine older ledger it is.
+#
+#   keys_test.sh BIN_DIR [softhsm|tpm2]
 source "$(dirname "$0")/lib.sh" "$1"
+BACKEND=${2:-softhsm}
+
+KEY_STORE=(--key-store softhsm)
+COUNTER_KIND=token-object
+if [ "$BACKEND" = tpm2 ]; then
+  start_swtpm
+  KEY_STORE=(--key-store "tpm2:swtpm:host=127.0.0.1,port=$TPM_PORT")
+  COUNTER_KIND=tpm-nv
+fi
+say "== key store: $BACKEND"
 
 DATA=$WORK/data
 mkdir -p "$WORK/run"
 chmod 755 "$WORK/run"
 SOCK=$WORK/run/admin.sock
-"$MEDCTL" init --data-dir "$DATA" --ledger-id ward-7 --socket "$SOCK" >/dev/null
+"$MEDCTL" init --data-dir "$DATA" --ledger-id ward-7 --socket "$SOCK" "${KEY_STORE[@]}" >/dev/null
 CONF=$DATA/medgated.toml
 # Roles come from groups: 'daemon' plays medgate-admin, 'nogroup' plays medgate-audit.
 sed -i "s/^admin_group = .*/admin_group = 'daemon'/; s/^auditor_group = .*/auditor_group = 'nogroup'/" "$CONF"
@@ -19,7 +31,7 @@ export MEDGATE_SOCKET=$SOCK
 say "== rotation"
 start_daemon "$CONF"
 expect_rc 0 "status" -- "$MEDCTL" status
-expect_in "rollback +token-object counter [0-9]+" "status shows the rollback counter"
+expect_in "rollback +$COUNTER_KIND counter [0-9]+" "status shows the rollback counter"
 OLD_ID=$("$MEDCTL" --json keys show | sed -n 's/.*"key_id": "\([0-9a-f]*\)".*/\1/p')
 expect_rc 0 "sign-head before the rotation" -- "$MEDCTL" ledger sign-head
 expect_rc 1 "an auditor may not rotate" -- as_user nobody "$MEDCTL" keys rotate

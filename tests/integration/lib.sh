@@ -14,10 +14,13 @@ chmod 755 "$WORK/bin" "$WORK/bin/"*
 MEDCTL=$WORK/bin/medctl
 MEDGATED=$WORK/bin/medgated
 DAEMON_PID=
+SWTPM_PID=
+TPM_PORT=
 FAILURES=0
 CHECKS=0
 
 cleanup() {
+  stop_swtpm
   if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then kill -9 "$DAEMON_PID" 2>/dev/null || true; fi
   jobs -p | xargs -r kill -9 2>/dev/null || true
   rm -rf "$WORK"
@@ -83,6 +86,43 @@ stop_daemon() {
 
 # raw_request SOCKET: sends stdin to the admin socket and prints what comes back.
 raw_request() { socat -t 5 - "UNIX-CONNECT:$1" 2>&1 || true; }
+
+# swtpm on loopback for the tests that use a TPM; stopped on exit.
+TPM_STATE=$WORK/swtpm-state
+
+port_in_use() { ss -Htln "sport = :$1" 2>/dev/null | grep -q .; }
+
+# start_swtpm [PORT]: starts swtpm (on a free port pair unless PORT is given) and waits for it.
+start_swtpm() {
+  local want=${1:-} port
+  mkdir -p "$TPM_STATE"
+  for _ in $(seq 1 20); do
+    port=${want:-$(( (RANDOM % 15000 + 20000) * 2 ))}
+    if [ -z "$want" ] && { port_in_use "$port" || port_in_use $((port + 1)); }; then continue; fi
+    swtpm socket --tpm2 --tpmstate dir="$TPM_STATE" \
+      --server type=tcp,port="$port",bindaddr=127.0.0.1 \
+      --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 \
+      --flags not-need-init,startup-clear >>"$WORK/swtpm.log" 2>&1 &
+    SWTPM_PID=$!
+    for _ in $(seq 1 200); do
+      if ! kill -0 "$SWTPM_PID" 2>/dev/null; then break; fi
+      if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then TPM_PORT=$port; return 0; fi
+      sleep 0.05
+    done
+    kill -9 "$SWTPM_PID" 2>/dev/null || true
+    wait "$SWTPM_PID" 2>/dev/null || true
+    SWTPM_PID=
+    sleep 0.2
+  done
+  say "cannot start swtpm"; tail -5 "$WORK/swtpm.log"; return 1
+}
+
+stop_swtpm() {
+  [ -n "$SWTPM_PID" ] || return 0
+  swtpm_ioctl --tcp "127.0.0.1:$((TPM_PORT + 1))" -s >/dev/null 2>&1 || kill -TERM "$SWTPM_PID" 2>/dev/null || true
+  wait "$SWTPM_PID" 2>/dev/null || true
+  SWTPM_PID=
+}
 
 finish() {
   say ""

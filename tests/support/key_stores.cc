@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "tests/support/softhsm.h"
+#include "tests/support/swtpm.h"
 
 namespace medgate::testing {
 namespace {
@@ -18,16 +19,34 @@ class SoftHsmBackend final : public TestKeyStore::Backend {
   SoftHsmToken token_;
 };
 
+// A swtpm of its own, with the key blobs in `dir`/tpm.
+class Tpm2Backend final : public TestKeyStore::Backend {
+ public:
+  explicit Tpm2Backend(const std::filesystem::path& dir) : tpm_(dir) {
+    config_.uri = tpm_.uri();
+    config_.key_dir = dir / "tpm";
+    std::filesystem::create_directories(config_.key_dir);
+    std::filesystem::permissions(config_.key_dir, std::filesystem::perms::owner_all);
+  }
+  const hsm::KeyStoreConfig& config() const override { return config_; }
+
+ private:
+  Swtpm tpm_;
+  hsm::KeyStoreConfig config_;
+};
+
 }  // namespace
 
 std::vector<std::string> key_store_backends() {
-  return {"softhsm"};
+  return {"softhsm", "tpm2"};
 }
 
 TestKeyStore::TestKeyStore(const std::string& backend, const std::filesystem::path& dir)
     : name_(backend) {
   if (backend == "softhsm")
     backend_ = std::make_unique<SoftHsmBackend>(dir);
+  else if (backend == "tpm2")
+    backend_ = std::make_unique<Tpm2Backend>(dir);
   else
     throw std::runtime_error("unknown key store backend '" + backend + "'");
 }

@@ -1,5 +1,6 @@
 // Real key stores for backend-generic tests: each backend name stands for a real device in the
-// test's own directory ("softhsm": a SoftHSM token provisioned like `medctl init` does it).
+// test's own directory ("softhsm": a SoftHSM token provisioned like `medctl init` does it;
+// "tpm2": a swtpm of the test's own, with the key blobs next to it).
 //
 // To add a backend: give it a name in key_store_backends() and a TestKeyStore::Backend subclass in
 // key_stores.cc that brings the device up in `dir` (and down again in its destructor) and returns

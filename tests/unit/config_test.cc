@@ -142,3 +142,53 @@ TEST_CASE("characters TOML forbids get a clear error before the parser sees them
   CHECK_THAT(parse_config(multi, "/etc/medgate/medgated.toml").status().message(),
              Catch::Contains("multi-line strings are not accepted"));
 }
+
+TEST_CASE("a tpm2 key store: key_dir, seal_pcrs and counter_nv_index round-trip", "[config]") {
+  auto c = parse_config(kGood, "/etc/medgate/medgated.toml");
+  REQUIRE(c.ok());
+  c->key_store = {};
+  c->key_store.uri = "tpm2:swtpm:host=127.0.0.1,port=2321";
+  c->key_store.key_dir = "/var/lib/medgate/tpm";
+  c->key_store.seal_pcrs = {0, 7};
+  c->key_store.counter_nv_index = 0x01500010;
+  const std::string text = render_config(*c);
+  CHECK(text.find("pin_file") == std::string::npos);  // no PIN for a TPM
+  auto back = parse_config(text, "/etc/medgate/medgated.toml");
+  INFO(back.status().to_string());
+  REQUIRE(back.ok());
+  CHECK(back->key_store.uri == c->key_store.uri);
+  CHECK(back->key_store.key_dir == "/var/lib/medgate/tpm");
+  CHECK(back->key_store.seal_pcrs == std::vector<unsigned>{0, 7});
+  CHECK(back->key_store.counter_nv_index == 0x01500010u);
+
+  // No PCRs, relative key_dir, default counter.
+  auto plain = parse_config(
+      "[ledger]\nid = \"w\"\ndata_dir = \"d\"\n[key_store]\nuri = \"tpm2\"\nkey_dir = \"tpm\"\n"
+      "seal_pcrs = \"\"\n",
+      "/etc/medgate/medgated.toml");
+  REQUIRE(plain.ok());
+  CHECK(plain->key_store.key_dir == "/etc/medgate/tpm");
+  CHECK(plain->key_store.seal_pcrs.empty());
+  CHECK(plain->key_store.counter_nv_index == 0x01504d47u);
+}
+
+TEST_CASE("tpm2 settings are checked", "[config]") {
+  const std::string head = "[ledger]\nid = \"w\"\ndata_dir = \"d\"\n[key_store]\n";
+  auto err = [&](const std::string& keys) { return error_of(head + keys); };
+  CHECK_THAT(err("uri = \"tpm2\"\n").message(), Catch::Contains("key_dir is required"));
+  Status bad_pcr = err("uri = \"tpm2\"\nkey_dir = \"t\"\nseal_pcrs = \"7,24\"\n");
+  CHECK(bad_pcr.code() == StatusCode::kInvalidArgument);
+  CHECK_THAT(bad_pcr.message(), Catch::Contains("medgated.toml:7") && Catch::Contains("PCR 24"));
+  CHECK_THAT(err("uri = \"tpm2\"\nkey_dir = \"t\"\nseal_pcrs = \"7,x\"\n").message(),
+             Catch::Contains("'x' is not a PCR number"));
+  CHECK_THAT(err("uri = \"tpm2\"\nkey_dir = \"t\"\nseal_pcrs = \"7,7\"\n").message(),
+             Catch::Contains("listed twice"));
+  CHECK_THAT(err("uri = \"tpm2\"\nkey_dir = \"t\"\nseal_pcrs = 7\n").message(),
+             Catch::Contains("must be a string"));
+  CHECK_THAT(err("uri = \"tpm2\"\nkey_dir = \"t\"\ncounter_nv_index = 5\n").message(),
+             Catch::Contains("counter_nv_index must be an NV index"));
+  CHECK_THAT(err("uri = \"pkcs11:token=x\"\nkey_dir = \"t\"\n").message(),
+             Catch::Contains("tpm2 key stores only"));
+  CHECK(parse_pcr_list("0, 7").ok());
+  CHECK(*parse_pcr_list("7,0") == std::vector<unsigned>{0, 7});
+}

@@ -1,10 +1,12 @@
 // Signing-key rotation and rollback protection in the ledger store, against real SQLite files and
-// a real SoftHSM token: the transition entry, heads by the right key on each side of it, the
+// both real key stores (SoftHSM and swtpm): the transition entry, heads by the right key on each side of it, the
 // verifier following the chain from either end, a retired key's head refused; the rollback
 // counter in every head, a restored copy refused, a crash between the two steps of an epoch
 // accepted.
 #include <catch2/catch.hpp>
 
+#include <openssl/evp.h>
+#include <openssl/x509.h>
 #include <sqlite3.h>
 
 #include <chrono>
@@ -15,13 +17,14 @@
 #include "ledger/store.h"
 #include "ledger/verifier.h"
 #include "tests/support/entries.h"
-#include "tests/support/softhsm.h"
+#include "tests/support/key_stores.h"
 #include "tests/support/temp_dir.h"
 
 using namespace medgate;
 using namespace medgate::ledger;
 using medgate::testing::note;
-using medgate::testing::SoftHsmToken;
+using medgate::testing::key_store_backends;
+using medgate::testing::TestKeyStore;
 using medgate::testing::TempDir;
 namespace fs = std::filesystem;
 
@@ -63,13 +66,29 @@ void store_head(const fs::path& path, hsm::KeyStore& keys, const KeyId& key, Hea
   REQUIRE(st->run().ok());
 }
 
+// A P-256 key from no key store of this test: trusted by nobody's ledger.
+PublicKey stranger_key() {
+  EVP_PKEY* pkey = EVP_EC_gen("P-256");
+  REQUIRE(pkey);
+  unsigned char* der = nullptr;
+  int n = i2d_PUBKEY(pkey, &der);
+  REQUIRE(n > 0);
+  auto key = PublicKey::from_spki_der(ByteView(reinterpret_cast<std::byte*>(der), n));
+  OPENSSL_free(der);
+  EVP_PKEY_free(pkey);
+  REQUIRE(key.ok());
+  return *key;
+}
+
 }  // namespace
 
 TEST_CASE("a rotation records a transition signed by both keys and heads switch to the new key",
           "[store][keys]") {
+  std::string backend = GENERATE(from_range(key_store_backends()));
+  INFO("key store: " << backend);
   TempDir dir;
-  SoftHsmToken token(dir.path());
-  auto keys = token.open_with_key();
+  TestKeyStore token(backend, dir.path());
+  auto keys = token.open();
   auto path = dir / "ledger.db";
   PublicKey old_key = keys->signing_key();
   std::optional<PublicKey> new_key;
@@ -123,16 +142,11 @@ TEST_CASE("a rotation records a transition signed by both keys and heads switch 
     CHECK(verify(path, {*new_key}).ok());
   }
   SECTION("a verifier trusting neither names the chain") {
-    keys.reset();  // one SoftHSM configuration per process at a time
-    TempDir other_dir;
-    SoftHsmToken other(other_dir.path(), "other");
-    PublicKey stranger = other.open_with_key()->signing_key();
-    VerifyReport r = verify(path, {stranger});
+    VerifyReport r = verify(path, {stranger_key()});
     REQUIRE_FALSE(r.ok());
     CHECK_THAT(r.problem->reason, Catch::Contains("none of the ledger's signing keys"));
   }
   SECTION("a head signed by the retired key after the transition is refused") {
-    REQUIRE(keys);
     auto last = sql::Database::open(path, sql::Database::Mode::kReadOnly);
     REQUIRE(last.ok());
     auto st = last->prepare("SELECT head FROM heads ORDER BY seq DESC LIMIT 1");
@@ -151,9 +165,11 @@ TEST_CASE("a rotation records a transition signed by both keys and heads switch 
 }
 
 TEST_CASE("genesis and key-transition entries cannot be appended from outside", "[store][keys]") {
+  std::string backend = GENERATE(from_range(key_store_backends()));
+  INFO("key store: " << backend);
   TempDir dir;
-  SoftHsmToken token(dir.path());
-  auto keys = token.open_with_key();
+  TestKeyStore token(backend, dir.path());
+  auto keys = token.open();
   auto ledger = Ledger::create(options_for(dir / "ledger.db"), "ward-7", *keys, "user:root");
   REQUIRE(ledger.ok());
   Entry e = note("x");
@@ -169,9 +185,11 @@ TEST_CASE("genesis and key-transition entries cannot be appended from outside", 
 
 TEST_CASE("every head carries the rollback counter and epochs advance the key store's counter",
           "[store][rollback]") {
+  std::string backend = GENERATE(from_range(key_store_backends()));
+  INFO("key store: " << backend);
   TempDir dir;
-  SoftHsmToken token(dir.path());
-  auto keys = token.open_with_key();
+  TestKeyStore token(backend, dir.path());
+  auto keys = token.open();
   auto start = keys->read_counter();
   REQUIRE(start.ok());
   auto path = dir / "ledger.db";
@@ -212,9 +230,11 @@ TEST_CASE("every head carries the rollback counter and epochs advance the key st
 }
 
 TEST_CASE("a restored older copy of the ledger is refused at open", "[store][rollback]") {
+  std::string backend = GENERATE(from_range(key_store_backends()));
+  INFO("key store: " << backend);
   TempDir dir;
-  SoftHsmToken token(dir.path());
-  auto keys = token.open_with_key();
+  TestKeyStore token(backend, dir.path());
+  auto keys = token.open();
   auto path = dir / "ledger.db";
   auto copy = dir / "backup.db";
   REQUIRE(Ledger::create(options_for(path), "ward-7", *keys, "user:root").ok());
@@ -235,9 +255,11 @@ TEST_CASE("a restored older copy of the ledger is refused at open", "[store][rol
 
 TEST_CASE("a crash between the head and the counter's increment is not taken for a rollback",
           "[store][rollback]") {
+  std::string backend = GENERATE(from_range(key_store_backends()));
+  INFO("key store: " << backend);
   TempDir dir;
-  SoftHsmToken token(dir.path());
-  auto keys = token.open_with_key();
+  TestKeyStore token(backend, dir.path());
+  auto keys = token.open();
   auto path = dir / "ledger.db";
   REQUIRE(Ledger::create(options_for(path), "ward-7", *keys, "user:root").ok());
   std::uint64_t device = *keys->read_counter();
@@ -273,9 +295,11 @@ TEST_CASE("a crash between the head and the counter's increment is not taken for
 }
 
 TEST_CASE("a head whose rollback counter goes down is named by the verifier", "[verifier][rollback]") {
+  std::string backend = GENERATE(from_range(key_store_backends()));
+  INFO("key store: " << backend);
   TempDir dir;
-  SoftHsmToken token(dir.path());
-  auto keys = token.open_with_key();
+  TestKeyStore token(backend, dir.path());
+  auto keys = token.open();
   auto path = dir / "ledger.db";
   REQUIRE(Ledger::create(options_for(path), "ward-7", *keys, "user:root").ok());
   auto db = sql::Database::open(path, sql::Database::Mode::kReadOnly);
