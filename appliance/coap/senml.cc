@@ -269,7 +269,7 @@ class JsonPackHandler {
       depth_ = 1;
       return true;
     }
-    if (depth_ == 1) return fail(record_error(records_.size(), "is not a JSON object"));
+    if (depth_ == 1) return fail(malformed(fmt::format("record {} is not a JSON object", records_.size())));
     return open_nested();
   }
   bool end_array() {
@@ -306,7 +306,7 @@ class JsonPackHandler {
   }
   bool scalar(FieldValue v) {
     if (depth_ == 0) return fail(malformed("the pack is not a JSON array"));
-    if (depth_ == 1) return fail(record_error(records_.size(), "is not a JSON object"));
+    if (depth_ == 1) return fail(malformed(fmt::format("record {} is not a JSON object", records_.size())));
     if (depth_ > 2 || !field_) return true;  // part of an ignored field
     Status s = assign(record_, records_.size(), *field_, std::move(v), Format::kJson);
     return s.ok() ? true : fail(std::move(s));
@@ -548,7 +548,7 @@ class CborPackReader {
 
   Result<Record> read_record(std::size_t index) {
     MEDGATE_ASSIGN_OR_RETURN(Head h, head());
-    if (h.major != 5) return record_error(index, "is not a CBOR map");
+    if (h.major != 5) return malformed(fmt::format("record {} is not a CBOR map", index));
     Record r;
     std::set<std::string> keys;  // "i<n>" for integer keys, "t<text>" for text keys
     for (std::uint64_t i = 0; h.info == 31 ? !at_break() : i < h.arg; ++i) {
