@@ -100,11 +100,11 @@ Status field_error(std::size_t index, Field f, std::string_view what) {
 // An unknown key is echoed in a diagnostic only when it is short and plainly a label; anything
 // else could be a value that a confused sender put in key position.
 std::string printable_key(std::string_view key) {
-  const bool plain = !key.empty() && key.size() <= 32 &&
-                     std::all_of(key.begin(), key.end(), [](char c) {
-                       return std::isalnum(static_cast<unsigned char>(c)) || c == '_' ||
-                              c == '-' || c == '.' || c == ':';
-                     });
+  const bool plain =
+      !key.empty() && key.size() <= 32 && std::all_of(key.begin(), key.end(), [](char c) {
+        return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.' ||
+               c == ':';
+      });
   return plain ? fmt::format("'{}'", key) : std::string("a field");
 }
 
@@ -269,7 +269,8 @@ class JsonPackHandler {
       depth_ = 1;
       return true;
     }
-    if (depth_ == 1) return fail(malformed(fmt::format("record {} is not a JSON object", records_.size())));
+    if (depth_ == 1)
+      return fail(malformed(fmt::format("record {} is not a JSON object", records_.size())));
     return open_nested();
   }
   bool end_array() {
@@ -284,9 +285,9 @@ class JsonPackHandler {
     if (const Label* l = label_by_json(k)) {
       field_ = l->field;
     } else if (k.ends_with('_')) {
-      return fail(record_error(records_.size(),
-                               printable_key(k) + " must be understood (it ends in '_') and is "
-                                                  "not a field medgate knows"));
+      return fail(record_error(records_.size(), printable_key(k) +
+                                                    " must be understood (it ends in '_') and is "
+                                                    "not a field medgate knows"));
     }
     return true;
   }
@@ -306,7 +307,8 @@ class JsonPackHandler {
   }
   bool scalar(FieldValue v) {
     if (depth_ == 0) return fail(malformed("the pack is not a JSON array"));
-    if (depth_ == 1) return fail(malformed(fmt::format("record {} is not a JSON object", records_.size())));
+    if (depth_ == 1)
+      return fail(malformed(fmt::format("record {} is not a JSON object", records_.size())));
     if (depth_ > 2 || !field_) return true;  // part of an ignored field
     Status s = assign(record_, records_.size(), *field_, std::move(v), Format::kJson);
     return s.ok() ? true : fail(std::move(s));
@@ -532,9 +534,9 @@ class CborPackReader {
             return FieldValue(
                 Number{half_to_double(static_cast<std::uint16_t>(h.arg)), std::nullopt});
           case 26:
-            return FieldValue(Number{
-                static_cast<double>(std::bit_cast<float>(static_cast<std::uint32_t>(h.arg))),
-                std::nullopt});
+            return FieldValue(
+                Number{static_cast<double>(std::bit_cast<float>(static_cast<std::uint32_t>(h.arg))),
+                       std::nullopt});
           case 27:
             return FieldValue(Number{std::bit_cast<double>(h.arg), std::nullopt});
           case 31:
@@ -559,16 +561,16 @@ class CborPackReader {
       if (k.major == 0 || k.major == 1) {
         // Labels in Table 4 fit easily; larger integers are simply unknown labels.
         const bool small = k.arg < 1000;
-        const std::int64_t label =
-            small ? (k.major == 0 ? static_cast<std::int64_t>(k.arg)
-                                  : -1 - static_cast<std::int64_t>(k.arg))
-                  : 0;
+        const std::int64_t label = small ? (k.major == 0 ? static_cast<std::int64_t>(k.arg)
+                                                         : -1 - static_cast<std::int64_t>(k.arg))
+                                         : 0;
         key_id = fmt::format("i{}{}", k.major == 0 ? "" : "-", k.arg);
         if (small) {
           if (const Label* l = label_by_cbor(label)) field = l->field;
         }
-        shown = field ? fmt::format("'{}'", label_of(*field))
-                      : small ? fmt::format("label {}", label) : std::string("a field");
+        shown = field   ? fmt::format("'{}'", label_of(*field))
+                : small ? fmt::format("label {}", label)
+                        : std::string("a field");
       } else if (k.major == 3) {
         MEDGATE_ASSIGN_OR_RETURN(std::string text, text_body(k));
         if (const Label* l = label_by_json(text))
@@ -806,7 +808,8 @@ Result<std::vector<ResolvedRecord>> resolve(const std::vector<Record>& pack, std
     if (r.bool_value) values.push_back("'vb'");
     if (r.data_value) values.push_back("'vd'");
     if (values.size() > 1)
-      return record_error(i, fmt::format("more than one value field ({})", fmt::join(values, ", ")));
+      return record_error(i,
+                          fmt::format("more than one value field ({})", fmt::join(values, ", ")));
     if (values.empty() && !r.sum)
       return record_error(i, "no value field ('v', 'vs', 'vb' or 'vd') and no sum ('s')");
 
@@ -814,11 +817,13 @@ Result<std::vector<ResolvedRecord>> resolve(const std::vector<Record>& pack, std
     out_r.name = base_name.value_or("") + r.name.value_or("");
     if (out_r.name.empty()) return record_error(i, "no name (neither 'bn' nor 'n')");
     if (!name_start_char(out_r.name.front()))
-      return record_error(i, "the name ('bn' + 'n') does not start with a letter or digit "
-                             "(RFC 8428 section 4.5.1)");
+      return record_error(i,
+                          "the name ('bn' + 'n') does not start with a letter or digit "
+                          "(RFC 8428 section 4.5.1)");
     if (!std::all_of(out_r.name.begin(), out_r.name.end(), name_char))
-      return record_error(i, "the name ('bn' + 'n') has a character outside A-Z a-z 0-9 - : . / _ "
-                             "(RFC 8428 section 4.5.1)");
+      return record_error(i,
+                          "the name ('bn' + 'n') has a character outside A-Z a-z 0-9 - : . / _ "
+                          "(RFC 8428 section 4.5.1)");
     out_r.unit = r.unit ? *r.unit : base_unit.value_or("");
 
     if (r.value) {

@@ -83,12 +83,12 @@ using SenmlValue = std::variant<std::monostate, double, std::string, bool, Bytes
 
 // A record with its pack's base fields applied (RFC 8428 section 4.6) and its time made absolute.
 struct ResolvedRecord {
-  std::string name;  // bn + n, checked against section 4.5.1's characters
-  std::string unit;  // u, else bu, else empty
-  SenmlValue value;  // bv + v for numbers
+  std::string name;           // bn + n, checked against section 4.5.1's characters
+  std::string unit;           // u, else bu, else empty
+  SenmlValue value;           // bv + v for numbers
   std::optional<double> sum;  // bs + s when either is present
   std::uint64_t time_us = 0;  // bt + t, µs since the Unix epoch; relative times resolved on now
-  std::optional<double> update_time;       // ut, seconds
+  std::optional<double> update_time;      // ut, seconds
   std::uint64_t version = kSenmlVersion;  // bver of the pack; 10 when absent
 
   friend bool operator==(const ResolvedRecord&, const ResolvedRecord&) = default;

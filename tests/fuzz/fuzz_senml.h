@@ -34,12 +34,11 @@ inline void check_senml_pack(const Result<std::vector<appliance::coap::Record>>&
   FUZZ_CHECK(!resolved->empty() && resolved->size() <= records->size(), "%zu resolved",
              resolved->size());
   for (const auto& r : *resolved) {
-    const bool name_ok =
-        !r.name.empty() && std::isalnum(static_cast<unsigned char>(r.name[0])) &&
-        std::all_of(r.name.begin(), r.name.end(), [](char c) {
-          return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == ':' ||
-                 c == '.' || c == '/' || c == '_';
-        });
+    const bool name_ok = !r.name.empty() && std::isalnum(static_cast<unsigned char>(r.name[0])) &&
+                         std::all_of(r.name.begin(), r.name.end(), [](char c) {
+                           return std::isalnum(static_cast<unsigned char>(c)) || c == '-' ||
+                                  c == ':' || c == '.' || c == '/' || c == '_';
+                         });
     FUZZ_CHECK(name_ok, "resolved name outside RFC 8428 section 4.5.1");
     FUZZ_CHECK(r.version >= 1 && r.version <= senml::kSenmlVersion, "version %llu",
                static_cast<unsigned long long>(r.version));

@@ -198,8 +198,8 @@ TEST_CASE("JSON and CBOR of the same pack resolve the same", "[senml]") {
 }
 
 TEST_CASE("encode_senml_cbor round-trips every example through the CBOR decoder", "[senml]") {
-  for (std::string stem : {"ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "ex7", "ex9", "ex10", "ex11",
-                           "ex12", "ex13"}) {
+  for (std::string stem :
+       {"ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "ex7", "ex9", "ex10", "ex11", "ex12", "ex13"}) {
     INFO(stem);
     auto records = decode_senml_json(read_data(stem + ".gen.json"));
     REQUIRE(records.ok());
@@ -215,8 +215,9 @@ TEST_CASE("lenient CBOR: what SenML senders legitimately send", "[senml]") {
   REQUIRE(a.ok());
   CHECK((*a)[0].value == SenmlValue(1.5));
   // Single float, non-shortest integer, negative integer.
-  auto b = resolve_cbor(hex("83 a2 00 61 78 02 fa 3f c0 00 00  a2 00 61 78 02 18 05"
-                            "  a2 00 61 78 02 24"));
+  auto b =
+      resolve_cbor(hex("83 a2 00 61 78 02 fa 3f c0 00 00  a2 00 61 78 02 18 05"
+                       "  a2 00 61 78 02 24"));
   REQUIRE(b.ok());
   CHECK((*b)[0].value == SenmlValue(1.5));
   CHECK((*b)[1].value == SenmlValue(5.0));
@@ -272,10 +273,11 @@ TEST_CASE("malformed SenML JSON: each gets its own error, naming record and fiel
         "record 0: 't' plus 'bt' is outside the times medgate records (1970 to 9999)");
   CHECK(json_error(R"([{"n":"x","v":1,"t":-1e10}])") ==
         "record 0: 't' plus 'bt' is outside the times medgate records (1970 to 9999)");
-  CHECK(json_error(R"([{"bv":1e308,"n":"x","v":1e308}])") == "record 0: 'v' plus 'bv' is not finite");
+  CHECK(json_error(R"([{"bv":1e308,"n":"x","v":1e308}])") ==
+        "record 0: 'v' plus 'bv' is not finite");
   // Not JSON at all, trailing bytes, invalid UTF-8: the position, never the text.
   CHECK(json_error(R"([{"n":"x","v":1}] x)") == "not valid JSON (at byte 19)");
-  CHECK(json_error(R"([{"n":"x","v":1})") .find("not valid JSON") == 0);
+  CHECK(json_error(R"([{"n":"x","v":1})").find("not valid JSON") == 0);
   CHECK(json_error("[{\"n\":\"x\",\"vs\":\"\xff\"}]").find("not valid JSON") == 0);
   CHECK(json_error("").find("not valid JSON") == 0);
 }
@@ -311,7 +313,8 @@ TEST_CASE("bver: a positive integer, at most 10, one per pack (RFC 8428 section 
   CHECK(json_error(R"([{"bver":11,"n":"x","v":1}])") ==
         "record 0: 'bver' is 11, newer than the SenML version 10 medgate understands (RFC 8428 "
         "section 4.4)");
-  CHECK(json_error(R"([{"bver":0,"n":"x","v":1}])") == "record 0: 'bver' is not a positive integer");
+  CHECK(json_error(R"([{"bver":0,"n":"x","v":1}])") ==
+        "record 0: 'bver' is not a positive integer");
   CHECK(json_error(R"([{"bver":-1,"n":"x","v":1}])") ==
         "record 0: 'bver' is not a positive integer");
   CHECK(json_error(R"([{"bver":5.5,"n":"x","v":1}])") ==
@@ -377,8 +380,7 @@ TEST_CASE("malformed SenML CBOR: each gets its own error", "[senml]") {
 
 TEST_CASE("nesting, size and record limits", "[senml]") {
   // An ignored field nested past kMaxDepth.
-  CHECK(json_error(R"([{"n":"x","v":1,"foo":[[[[[[[1]]]]]]]}])") ==
-        "nested deeper than 8 levels");
+  CHECK(json_error(R"([{"n":"x","v":1,"foo":[[[[[[[1]]]]]]]}])") == "nested deeper than 8 levels");
   CHECK(resolve_json(R"([{"n":"x","v":1,"foo":[[[[[1]]]]]}])").ok());
   CHECK(cbor_error("81 a3 00 61 78 02 01 63 66 6f 6f 81 81 81 81 81 81 81 01") ==
         "CBOR at byte 17: nested deeper than 8 levels");
