@@ -46,12 +46,6 @@ VerifyReport verify(const fs::path& path, std::vector<PublicKey> trusted) {
   return *r;
 }
 
-void exec(const fs::path& path, const std::string& sql) {
-  auto db = sql::Database::open(path, sql::Database::Mode::kReadWrite);
-  REQUIRE(db.ok());
-  REQUIRE(db->exec(sql).ok());
-}
-
 // Stores a head the way the ledger's signer would, signed by `key` of `keys`.
 void store_head(const fs::path& path, hsm::KeyStore& keys, const KeyId& key, HeadBody head) {
   head.key_id = key;
