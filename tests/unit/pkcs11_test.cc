@@ -8,11 +8,15 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -88,7 +92,8 @@ class RawSession {
       if (label.substr(0, label.find_last_not_of(' ') + 1) == token.label()) slot = slots[i];
     }
     REQUIRE(slot.has_value());
-    REQUIRE(fn_->C_OpenSession(*slot, CKF_SERIAL_SESSION, nullptr, nullptr, &session_) == CKR_OK);
+    REQUIRE(fn_->C_OpenSession(*slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr,
+                               &session_) == CKR_OK);
     std::string pin = user_pin(token);
     REQUIRE(fn_->C_Login(session_, CKU_USER, reinterpret_cast<CK_UTF8CHAR*>(pin.data()),
                          pin.size()) == CKR_OK);
@@ -127,12 +132,91 @@ class RawSession {
     REQUIRE(value.size() == 1);
     return value[0] != std::byte{0};
   }
+  CK_ULONG number(CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type) {
+    auto [rv, value] = get(object, type);
+    REQUIRE(rv == CKR_OK);
+    REQUIRE(value.size() == sizeof(CK_ULONG));
+    CK_ULONG n = 0;
+    std::memcpy(&n, value.data(), sizeof n);
+    return n;
+  }
+  void destroy(CK_OBJECT_HANDLE object) {
+    REQUIRE(fn_->C_DestroyObject(session_, object) == CKR_OK);
+  }
+  // A counter object as medgate makes it, holding `value`.
+  void create_counter(std::uint64_t value) {
+    CK_OBJECT_CLASS data = CKO_DATA;
+    CK_BBOOL yes = CK_TRUE;
+    std::string label = "medgate-counter";
+    std::string application = "medgate";
+    std::array<unsigned char, 8> be{};
+    for (int i = 0; i < 8; ++i) be[7 - i] = static_cast<unsigned char>(value >> (8 * i));
+    CK_ATTRIBUTE object_template[] = {
+        {CKA_CLASS, &data, sizeof data},
+        {CKA_TOKEN, &yes, sizeof yes},
+        {CKA_PRIVATE, &yes, sizeof yes},
+        {CKA_APPLICATION, application.data(), application.size()},
+        {CKA_LABEL, label.data(), label.size()},
+        {CKA_VALUE, be.data(), be.size()},
+    };
+    CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;
+    REQUIRE(fn_->C_CreateObject(session_, object_template, 6, &object) == CKR_OK);
+  }
 
  private:
   void* handle_ = nullptr;
   CK_FUNCTION_LIST* fn_ = nullptr;
   CK_SESSION_HANDLE session_ = CK_INVALID_HANDLE;
 };
+
+// The SoftHSM module as the key store loaded and initialised it in this process: dlopen of a
+// loaded library returns the same instance, and C_Initialize is not called again. The test uses
+// it to do to the token what a reset or an unplugged token does to the key store's session.
+class LoadedModule {
+ public:
+  explicit LoadedModule(const std::string& token_label) {
+    handle_ = ::dlopen(kSoftHsm, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+    REQUIRE(handle_ != nullptr);
+    auto get_list = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(handle_, "C_GetFunctionList"));
+    REQUIRE(get_list != nullptr);
+    REQUIRE(get_list(&fn_) == CKR_OK);
+    CK_ULONG count = 16;
+    std::vector<CK_SLOT_ID> slots(count);
+    REQUIRE(fn_->C_GetSlotList(CK_TRUE, slots.data(), &count) == CKR_OK);
+    for (CK_ULONG i = 0; i < count; ++i) {
+      CK_TOKEN_INFO info{};
+      REQUIRE(fn_->C_GetTokenInfo(slots[i], &info) == CKR_OK);
+      std::string label(reinterpret_cast<const char*>(info.label), sizeof info.label);
+      if (label.substr(0, label.find_last_not_of(' ') + 1) == token_label) slot_ = slots[i];
+    }
+    REQUIRE(slot_.has_value());
+  }
+  ~LoadedModule() { ::dlclose(handle_); }
+
+  // Closes every session of this process on the token, the key store's included; that also logs
+  // the token out.
+  void close_all_sessions() { REQUIRE(fn_->C_CloseAllSessions(*slot_) == CKR_OK); }
+  // Logs the process out of the token through a session of its own; the key store's session
+  // stays open but loses its login.
+  void log_out() {
+    CK_SESSION_HANDLE session = CK_INVALID_HANDLE;
+    REQUIRE(fn_->C_OpenSession(*slot_, CKF_SERIAL_SESSION, nullptr, nullptr, &session) == CKR_OK);
+    REQUIRE(fn_->C_Logout(session) == CKR_OK);
+    REQUIRE(fn_->C_CloseSession(session) == CKR_OK);
+  }
+
+ private:
+  void* handle_ = nullptr;
+  CK_FUNCTION_LIST* fn_ = nullptr;
+  std::optional<CK_SLOT_ID> slot_;
+};
+
+// "%01%02..." for a pkcs11: URI's id=.
+std::string percent_encoded(ByteView bytes) {
+  std::string out;
+  for (std::byte b : bytes) out += "%" + to_hex(ByteView(&b, 1));
+  return out;
+}
 
 }  // namespace
 
@@ -260,7 +344,7 @@ TEST_CASE("the private key is sensitive, not extractable and sign-only", "[pkcs1
     CHECK(raw.get(key, CKA_VALUE).first == CKR_ATTRIBUTE_SENSITIVE);
     auto [rv, id] = raw.get(key, CKA_ID);
     CHECK(rv == CKR_OK);
-    CHECK(id.size() == 16);
+    REQUIRE(id.size() == 20);  // sequence number (4) and key-id prefix (16)
 
     std::vector<CK_OBJECT_HANDLE> publics = raw.find(CKO_PUBLIC_KEY, "medgate-signing");
     REQUIRE(publics.size() == 1);
@@ -553,6 +637,290 @@ TEST_CASE("concurrent signing from many threads", "[pkcs11]") {
   for (auto& thread : threads) thread.join();
   CHECK(failed == 0);
   CHECK(verified == kThreads * kSignsPerThread);
+}
+
+TEST_CASE("the KEK, the pseudonym key and the counter are on the token as specified", "[pkcs11]") {
+  TempDir dir;
+  SoftHsmToken token(dir.path());
+  token.open_with_key();
+
+  RawSession raw(token);
+  std::vector<CK_OBJECT_HANDLE> keks = raw.find(CKO_SECRET_KEY, "medgate-kek");
+  REQUIRE(keks.size() == 1);
+  const CK_OBJECT_HANDLE kek = keks[0];
+  CHECK(raw.number(kek, CKA_KEY_TYPE) == CKK_AES);
+  CHECK(raw.number(kek, CKA_VALUE_LEN) == 32);
+  CHECK(raw.flag(kek, CKA_TOKEN));
+  CHECK(raw.flag(kek, CKA_PRIVATE));
+  CHECK(raw.flag(kek, CKA_SENSITIVE));
+  CHECK(raw.flag(kek, CKA_ALWAYS_SENSITIVE));
+  CHECK_FALSE(raw.flag(kek, CKA_EXTRACTABLE));
+  CHECK(raw.flag(kek, CKA_NEVER_EXTRACTABLE));
+  CHECK(raw.flag(kek, CKA_ENCRYPT));
+  CHECK(raw.flag(kek, CKA_DECRYPT));
+  CHECK_FALSE(raw.flag(kek, CKA_WRAP));
+  CHECK_FALSE(raw.flag(kek, CKA_UNWRAP));
+  CHECK_FALSE(raw.flag(kek, CKA_SIGN));
+  CHECK_FALSE(raw.flag(kek, CKA_DERIVE));
+  CHECK(raw.get(kek, CKA_VALUE).first == CKR_ATTRIBUTE_SENSITIVE);
+
+  std::vector<CK_OBJECT_HANDLE> pseudonym_keys = raw.find(CKO_SECRET_KEY, "medgate-pseudonym");
+  REQUIRE(pseudonym_keys.size() == 1);
+  const CK_OBJECT_HANDLE pseudonym = pseudonym_keys[0];
+  CHECK(raw.number(pseudonym, CKA_KEY_TYPE) == CKK_GENERIC_SECRET);
+  CHECK(raw.number(pseudonym, CKA_VALUE_LEN) == 32);
+  CHECK(raw.flag(pseudonym, CKA_TOKEN));
+  CHECK(raw.flag(pseudonym, CKA_PRIVATE));
+  CHECK(raw.flag(pseudonym, CKA_SENSITIVE));
+  CHECK_FALSE(raw.flag(pseudonym, CKA_EXTRACTABLE));
+  CHECK(raw.flag(pseudonym, CKA_NEVER_EXTRACTABLE));
+  CHECK(raw.flag(pseudonym, CKA_SIGN));
+  CHECK_FALSE(raw.flag(pseudonym, CKA_ENCRYPT));
+  CHECK_FALSE(raw.flag(pseudonym, CKA_DECRYPT));
+  CHECK_FALSE(raw.flag(pseudonym, CKA_DERIVE));
+  CHECK(raw.get(pseudonym, CKA_VALUE).first == CKR_ATTRIBUTE_SENSITIVE);
+
+  std::vector<CK_OBJECT_HANDLE> counters = raw.find(CKO_DATA, "medgate-counter");
+  REQUIRE(counters.size() == 1);
+  CHECK(raw.flag(counters[0], CKA_TOKEN));
+  CHECK(raw.flag(counters[0], CKA_PRIVATE));
+  CHECK(raw.get(counters[0], CKA_APPLICATION).second == to_bytes("medgate"));
+  CHECK(raw.get(counters[0], CKA_VALUE).second == Bytes{std::byte{0}, std::byte{0}, std::byte{0},
+                                                        std::byte{0}, std::byte{0}, std::byte{0},
+                                                        std::byte{0}, std::byte{1}});
+}
+
+TEST_CASE("rotated signing keys carry their sequence number and key id in CKA_ID", "[pkcs11]") {
+  TempDir dir;
+  SoftHsmToken token(dir.path());
+  std::vector<PublicKey> keys;
+  {
+    auto store = token.open_with_key();
+    REQUIRE(store->create_signing_key().ok());
+    REQUIRE(store->create_signing_key().ok());
+    keys = store->signing_keys();
+    REQUIRE(keys.size() == 3);
+  }
+  std::vector<Bytes> ids;
+  {
+    RawSession raw(token);
+    std::vector<CK_OBJECT_HANDLE> privates = raw.find(CKO_PRIVATE_KEY, "medgate-signing");
+    REQUIRE(privates.size() == 3);
+    for (CK_OBJECT_HANDLE key : privates) {
+      // Every key has the first key's protection.
+      CHECK(raw.flag(key, CKA_SENSITIVE));
+      CHECK_FALSE(raw.flag(key, CKA_EXTRACTABLE));
+      CHECK(raw.flag(key, CKA_SIGN));
+      CHECK_FALSE(raw.flag(key, CKA_DECRYPT));
+      ids.push_back(raw.get(key, CKA_ID).second);
+    }
+    CHECK(raw.find(CKO_PUBLIC_KEY, "medgate-signing").size() == 3);
+  }
+  std::sort(ids.begin(), ids.end());
+  for (std::size_t i = 0; i < 3; ++i) {
+    INFO("key " << i);
+    REQUIRE(ids[i].size() == 20);
+    CHECK(ids[i][3] == std::byte(i + 1));  // sequence number 1, 2, 3 (big-endian)
+    CHECK(std::equal(ids[i].begin() + 4, ids[i].end(), keys[i].id().begin()));
+  }
+
+  SECTION("id= in the URI selects the active key") {
+    const std::string uri =
+        "pkcs11:token=test;object=medgate-signing;id=" + percent_encoded(ids[1]) +
+        "?module-path=" + kSoftHsm;
+    auto store = hsm::open_key_store(with_uri(token.config(), uri), KeyPolicy::kUseExisting);
+    INFO(store.status().to_string());
+    REQUIRE(store.ok());
+    CHECK((*store)->signing_key() == keys[1]);
+    CHECK((*store)->signing_keys() == keys);
+  }
+  SECTION("without id= the oldest key is active") {
+    auto store = hsm::open_key_store(token.config(), KeyPolicy::kUseExisting);
+    REQUIRE(store.ok());
+    CHECK((*store)->signing_key() == keys[0]);
+  }
+  SECTION("id= naming a key that is not there is not found, even with kCreateIfMissing") {
+    Bytes other = ids[1];
+    other[19] ^= std::byte{0x01};
+    const std::string uri =
+        "pkcs11:token=test;object=medgate-signing;id=" + percent_encoded(other) +
+        "?module-path=" + kSoftHsm;
+    auto store = hsm::open_key_store(with_uri(token.config(), uri), KeyPolicy::kCreateIfMissing);
+    CHECK(store.status().code() == StatusCode::kNotFound);
+    CHECK(store.status().message().find("3 other signing keys labelled medgate-signing") !=
+          std::string::npos);
+  }
+}
+
+TEST_CASE("kUseExisting names the object that is missing", "[pkcs11]") {
+  TempDir dir;
+  SoftHsmToken token(dir.path());
+  token.open_with_key();
+
+  struct Missing {
+    CK_OBJECT_CLASS object_class;
+    std::string label;
+    std::string message;
+  };
+  const Missing missing =
+      GENERATE(Missing{CKO_SECRET_KEY, "medgate-kek",
+                       "token test has no KEK 'medgate-kek': run medctl init"},
+               Missing{CKO_SECRET_KEY, "medgate-pseudonym",
+                       "token test has no pseudonym key 'medgate-pseudonym': run medctl init"},
+               Missing{CKO_DATA, "medgate-counter",
+                       "token test has no rollback counter 'medgate-counter': run medctl init"});
+  INFO(missing.label);
+  {
+    RawSession raw(token);
+    std::vector<CK_OBJECT_HANDLE> objects = raw.find(missing.object_class, missing.label);
+    REQUIRE(objects.size() == 1);
+    raw.destroy(objects[0]);
+  }
+  Result<std::unique_ptr<hsm::KeyStore>> store =
+      hsm::open_key_store(token.config(), KeyPolicy::kUseExisting);
+  CHECK(store.status().code() == StatusCode::kNotFound);
+  CHECK(store.status().message() == missing.message);
+
+  // kCreateIfMissing makes it again (a new key: what it wrapped before is lost, which is why
+  // medgated opens with kUseExisting).
+  store = hsm::open_key_store(token.config(), KeyPolicy::kCreateIfMissing);
+  INFO(store.status().to_string());
+  REQUIRE(store.ok());
+  store = hsm::open_key_store(token.config(), KeyPolicy::kUseExisting);
+  CHECK(store.ok());
+}
+
+TEST_CASE("malformed wrapped keys are refused with the reason", "[pkcs11]") {
+  TempDir dir;
+  SoftHsmToken token(dir.path());
+  auto store = token.open_with_key();
+  Result<Bytes> wrapped = store->wrap_key(to_bytes("0123456789abcdef0123456789abcdef"), {});
+  REQUIRE(wrapped.ok());
+  CHECK(wrapped->size() == 1 + 12 + 32 + 16);
+  CHECK((*wrapped)[0] == std::byte{0x01});
+
+  Bytes version_2 = *wrapped;
+  version_2[0] = std::byte{0x02};
+  Result<hsm::SecretBytes> result = store->unwrap_key(version_2, {});
+  CHECK(result.status().code() == StatusCode::kInvalidArgument);
+  CHECK(result.status().message().find("format version 2") != std::string::npos);
+
+  Bytes too_long = *wrapped;
+  too_long.resize(1 + 12 + 65 + 16);
+  result = store->unwrap_key(too_long, {});
+  CHECK(result.status().code() == StatusCode::kInvalidArgument);
+  CHECK(result.status().message().find("94 bytes") != std::string::npos);
+
+  result = store->unwrap_key(ByteView(*wrapped).first(29), {});
+  CHECK(result.status().code() == StatusCode::kInvalidArgument);
+  CHECK(result.status().message().find("30 to 93 bytes") != std::string::npos);
+
+  // A tag failure is a verdict, not a device error.
+  Bytes altered = *wrapped;
+  altered.back() ^= std::byte{0x01};
+  CHECK(store->unwrap_key(altered, {}).status().code() == StatusCode::kVerificationFailed);
+  CHECK(store->health().errors == 0);
+  CHECK(store->health().reconnects == 0);
+}
+
+TEST_CASE("a counter left twice by an interrupted increment reads as the larger", "[pkcs11]") {
+  TempDir dir;
+  SoftHsmToken token(dir.path());
+  token.open_with_key();  // the counter at 1
+  {
+    RawSession raw(token);
+    raw.create_counter(7);  // as if an increment from 6 stopped before removing its predecessor
+  }
+  auto store = token.open_with_key();
+  CHECK(store->read_counter().value() == 7);
+  CHECK(store->increment_counter().value() == 8);
+  store.reset();
+  RawSession raw(token);
+  CHECK(raw.find(CKO_DATA, "medgate-counter").size() == 1);
+}
+
+TEST_CASE("the key store reconnects when its session is lost", "[pkcs11]") {
+  TempDir dir;
+  SoftHsmToken token(dir.path());
+  auto store = token.open_with_key();
+  const Bytes context = to_bytes("patient:1");
+  Result<Bytes> wrapped = store->wrap_key(to_bytes("a data key of 32 bytes, exactly!"), context);
+  REQUIRE(wrapped.ok());
+  const Hash pseudonym = store->keyed_hash(as_bytes("MRN 1")).value();
+  REQUIRE(store->sign_digest(digest_of("before")).ok());
+  CHECK(store->health().reconnects == 0);
+
+  LoadedModule module(token.label());
+
+  SECTION("every session on the slot closed (as by a token reset)") {
+    module.close_all_sessions();
+    const Hash digest = digest_of("after");
+    Result<Bytes> signature = store->sign_digest(digest);
+    INFO(signature.status().to_string());
+    REQUIRE(signature.ok());
+    CHECK(store->signing_key().verify_digest(digest, *signature).ok());
+    hsm::KeyStoreHealth health = store->health();
+    CHECK(health.reachable);
+    CHECK(health.reconnects == 1);
+    CHECK(health.errors == 1);
+    CHECK(health.last_error == "CKR_SESSION_HANDLE_INVALID");
+
+    // Every kind of operation comes back the same way, with the objects found again.
+    module.close_all_sessions();
+    Result<hsm::SecretBytes> key = store->unwrap_key(*wrapped, context);
+    INFO(key.status().to_string());
+    REQUIRE(key.ok());
+    CHECK(to_string(key->view()) == "a data key of 32 bytes, exactly!");
+    module.close_all_sessions();
+    CHECK(store->keyed_hash(as_bytes("MRN 1")).value() == pseudonym);
+    module.close_all_sessions();
+    CHECK(store->increment_counter().value() == 2);
+    module.close_all_sessions();
+    Result<PublicKey> created = store->create_signing_key();
+    REQUIRE(created.ok());
+    module.close_all_sessions();
+    CHECK(store->sign_digest_with(created->id(), digest).ok());
+    CHECK(store->health().reconnects == 6);
+  }
+  SECTION("logged out while the session stays open") {
+    module.log_out();
+    Result<Bytes> signature = store->sign_digest(digest_of("after"));
+    INFO(signature.status().to_string());
+    REQUIRE(signature.ok());
+    hsm::KeyStoreHealth health = store->health();
+    CHECK(health.reconnects == 1);
+    CHECK(health.errors == 1);
+    INFO(health.last_error);
+    CHECK((health.last_error == "CKR_USER_NOT_LOGGED_IN" ||
+           health.last_error == "CKR_KEY_HANDLE_INVALID" ||
+           health.last_error == "CKR_OBJECT_HANDLE_INVALID"));
+  }
+  SECTION("the PIN is read again from its source; a wrong one leaves the token unavailable") {
+    const std::string pin = user_pin(token);
+    write_file(token.config().pin.name, "Wr0ngPinWr0ngPin\n", 0600);
+    module.close_all_sessions();
+    Result<Bytes> signature = store->sign_digest(digest_of("after"));
+    CHECK(signature.status().code() == StatusCode::kUnavailable);
+    const std::string& message = signature.status().message();
+    CHECK(message.find("signing on token test failed: CKR_SESSION_HANDLE_INVALID") !=
+          std::string::npos);
+    CHECK(message.find("reconnecting to token test failed: wrong PIN for token test") !=
+          std::string::npos);
+    CHECK(message.find("Wr0ngPin") == std::string::npos);
+    hsm::KeyStoreHealth health = store->health();
+    CHECK_FALSE(health.reachable);
+    CHECK(health.reconnects == 0);
+
+    // Once the PIN is right again the next call reconnects.
+    write_file(token.config().pin.name, pin + "\n", 0600);
+    signature = store->sign_digest(digest_of("later"));
+    INFO(signature.status().to_string());
+    REQUIRE(signature.ok());
+    health = store->health();
+    CHECK(health.reachable);
+    CHECK(health.reconnects == 1);
+    CHECK(health.errors == 2);
+  }
 }
 
 TEST_CASE("PKCS#11 signing rate", "[.][pkcs11][timing]") {
