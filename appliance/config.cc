@@ -279,7 +279,8 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
 
   const toml::table& ledger = section("ledger");
   MEDGATE_RETURN_IF_ERROR(
-      r.check_keys(ledger, "ledger", {"id", "data_dir", "path", "head_interval_ms"}));
+      r.check_keys(ledger, "ledger",
+                   {"id", "data_dir", "path", "head_interval_ms", "counter_interval_s"}));
   MEDGATE_ASSIGN_OR_RETURN(auto id, r.get<std::string>(ledger, "ledger", "id"));
   if (!id || id->empty()) return r.error("[ledger] id is required");
   c.ledger_id = *id;
@@ -295,6 +296,14 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
       return r.error_at(ledger.get("head_interval_ms")->source(),
                         "[ledger] head_interval_ms must be between 10 and 3600000");
     c.head_interval = std::chrono::milliseconds(*interval);
+  }
+  MEDGATE_ASSIGN_OR_RETURN(auto counter_interval,
+                           r.get<std::int64_t>(ledger, "ledger", "counter_interval_s"));
+  if (counter_interval) {
+    if (*counter_interval < 0 || *counter_interval > 86400)
+      return r.error_at(ledger.get("counter_interval_s")->source(),
+                        "[ledger] counter_interval_s must be between 0 and 86400");
+    c.counter_interval = std::chrono::seconds(*counter_interval);
   }
 
   const toml::table& keys = section("key_store");
@@ -422,6 +431,10 @@ path = {}
 # How often a head covering new entries is signed (milliseconds). An entry waits at most this
 # long plus one signature for a signed head that covers it.
 head_interval_ms = {}
+# How often, while entries arrive, the key store's rollback counter advances (seconds; 0: only at
+# start and clean stop). A restored copy of the ledger older than this is refused at start. Each
+# advance is one NV write on a TPM: 300 s is at most 288 a day.
+counter_interval_s = {}
 
 [key_store]
 # RFC 7512 PKCS#11 URI of the token and signing key.
@@ -440,7 +453,8 @@ auditor_group = {}
 level = "info"
 )",
                      q(c.ledger_id), q(c.data_dir.string()), q(c.ledger_path.string()),
-                     c.head_interval.count(), q(c.key_store.uri), pin, softhsm,
+                     c.head_interval.count(), c.counter_interval.count(), q(c.key_store.uri), pin,
+                     softhsm,
                      q(c.admin.socket.string()), q(c.admin.admin_group), q(c.admin.auditor_group));
 }
 

@@ -29,6 +29,7 @@ struct Config {
   std::filesystem::path data_dir;
   std::filesystem::path ledger_path;  // default: data_dir/ledger.db
   std::chrono::milliseconds head_interval{1000};
+  std::chrono::seconds counter_interval{300};  // rollback-counter epochs (ledger/store.h)
   hsm::KeyStoreConfig key_store;
   AdminConfig admin;
   LogLevel log_level = LogLevel::kInfo;

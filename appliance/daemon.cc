@@ -79,12 +79,12 @@ class Daemon::Impl {
     Result<std::unique_ptr<hsm::KeyStore>> keys = hsm::open_key_store(config_.key_store);
     if (!keys.ok()) return keys.status().with_context("key store");
     keys_ = std::move(keys).value();
-    log(LogLevel::kInfo, "keys.open", "key store {} open; signing key {}", keys_->description(),
-        to_hex(keys_->signing_key().id()));
+    log(LogLevel::kInfo, "keys.open", "key store {} open", keys_->description());
 
     ledger::LedgerOptions options;
     options.path = config_.ledger_path;
     options.head_interval = config_.head_interval;
+    options.counter_interval = config_.counter_interval;
     Result<std::unique_ptr<ledger::Ledger>> opened = ledger::Ledger::open(options, *keys_);
     if (!opened.ok()) return opened.status().with_context("ledger");
     ledger_ = std::move(opened).value();
@@ -93,8 +93,10 @@ class Daemon::Impl {
                                                     config_.ledger_path.string(),
                                                     ledger_->ledger_id(), config_.ledger_id));
     ledger::LedgerStats stats = ledger_->stats();
-    log(LogLevel::kInfo, "ledger.open", "ledger '{}' open: {} entries, block {}, root {}",
-        stats.ledger_id, stats.tree_size, stats.height, to_hex(stats.root));
+    log(LogLevel::kInfo, "ledger.open",
+        "ledger '{}' open: {} entries, block {}, root {}, signing key {}, rollback counter {}",
+        stats.ledger_id, stats.tree_size, stats.height, to_hex(stats.root),
+        to_hex(stats.active_key), stats.rollback_counter);
 
     // The payload vault, next to the ledger. Erasures a crash interrupted are finished before
     // anything else can touch the vault; one that cannot be finished now stays pending (its
@@ -119,6 +121,7 @@ class Daemon::Impl {
     admin_ = std::move(server).value();
     log(LogLevel::kInfo, "admin.listen", "admin API on {}", config_.admin.socket.string());
 
+    monitor_ = std::thread([this] { monitor_loop(); });
     std::uint64_t watchdog_us = 0;
     if (sd_watchdog_enabled(0, &watchdog_us) > 0 && watchdog_us > 0)
       watchdog_ = std::thread(
@@ -136,6 +139,7 @@ class Daemon::Impl {
     }
     watchdog_cv_.notify_all();
     if (watchdog_.joinable()) watchdog_.join();
+    if (monitor_.joinable()) monitor_.join();
     if (admin_) admin_->stop();
     if (ledger_) {
       ledger_->close();
@@ -154,6 +158,46 @@ class Daemon::Impl {
     while (!watchdog_stop_) {
       if (ledger_->stats().writer_error.empty()) sd_notify(0, "WATCHDOG=1");
       watchdog_cv_.wait_for(lk, period);
+    }
+  }
+
+  // Logs when the key store or the head signer starts or stops failing, once per change, so the
+  // journal shows a TPM lockout or a token that went away without repeating it every second.
+  void monitor_loop() {
+    std::unique_lock lk(watchdog_mu_);
+    std::string device_error, sign_error, counter_error;
+    std::uint64_t reconnects = 0;
+    auto changed = [](std::string& last, const std::string& now) {
+      if (last == now) return false;
+      last = now;
+      return true;
+    };
+    while (!watchdog_stop_) {
+      hsm::KeyStoreHealth h = keys_->health();
+      ledger::LedgerStats s = ledger_->stats();
+      std::string device_now = h.reachable ? h.last_error : "unreachable: " + h.last_error;
+      if (changed(device_error, device_now)) {
+        if (device_now.empty())
+          log(LogLevel::kNotice, "keys.health", "key store {} is healthy again",
+              keys_->description());
+        else
+          log(LogLevel::kError, "keys.health", "key store {}: {}", keys_->description(),
+              device_now);
+      }
+      if (h.reconnects > reconnects) {
+        log(LogLevel::kNotice, "keys.reconnect", "reconnected to key store {} ({} in total)",
+            keys_->description(), h.reconnects);
+        reconnects = h.reconnects;
+      }
+      if (changed(sign_error, s.signer_error)) {
+        if (sign_error.empty())
+          log(LogLevel::kNotice, "ledger.sign", "signing heads again");
+        else
+          log(LogLevel::kError, "ledger.sign", "cannot sign heads: {}", sign_error);
+      }
+      if (changed(counter_error, s.counter_error) && !counter_error.empty())
+        log(LogLevel::kError, "ledger.counter", "rollback counter: {}", counter_error);
+      watchdog_cv_.wait_for(lk, std::chrono::seconds(2));
     }
   }
 
@@ -201,10 +245,20 @@ class Daemon::Impl {
       options.trusted_keys = {keys_->signing_key()};
       MEDGATE_ASSIGN_OR_RETURN(ledger::VerifyReport report,
                                ledger::verify_ledger_file(config_.ledger_path, options));
+      // The file cannot show that it is an old copy; the key store's counter can.
+      Result<std::uint64_t> device = keys_->read_counter();
+      if (report.ok() && device.ok() && report.rollback_counter < *device)
+        report.problem = ledger::VerifyProblem{
+            ledger::VerifyProblem::Where::kFile, 0,
+            fmt::format("rollback: the latest signed head carries rollback counter {} but the key "
+                        "store's counter is {}",
+                        report.rollback_counter, *device)};
       if (!report.ok())
         log(LogLevel::kError, "ledger.tamper", "verification failed: {}",
             report.problem->describe());
-      return ledger::to_json(report);
+      json out = ledger::to_json(report);
+      out["key_store_counter"] = device.ok() ? json(*device) : json(nullptr);
+      return out;
     });
     read("ledger.entry", [this](const Caller&, const json& args) -> Result<json> {
       MEDGATE_ASSIGN_OR_RETURN(std::uint64_t index, uint_arg(args, "index"));
@@ -280,6 +334,23 @@ class Daemon::Impl {
                   {"public_key_pem", k.pem()},
                   {"key_store", keys_->description()}};
     });
+    change("keys.rotate", [this](const Caller& c, const json&) -> Result<json> {
+      log(LogLevel::kNotice, "keys.rotate", "signing-key rotation requested by {}", c.actor());
+      Result<ledger::KeyRotation> r = ledger_->rotate_signing_key(c.actor());
+      if (!r.ok()) {
+        log(LogLevel::kError, "keys.rotate", "rotation failed: {}", r.status().message());
+        return r.status();
+      }
+      log(LogLevel::kNotice, "keys.rotate", "signing key {} replaced by {} (entry {})",
+          to_hex(r->old_key.id()), to_hex(r->new_key.id()), r->entry_index);
+      json out = {{"entry", r->entry_index},
+                  {"old_key_id", to_hex(r->old_key.id())},
+                  {"new_key_id", to_hex(r->new_key.id())},
+                  {"public_key_pem", r->new_key.pem()},
+                  {"first_head", nullptr}};
+      if (r->first_head) out["first_head"] = head_json(*r->first_head);
+      return out;
+    });
     change("ledger.sign_head", [this](const Caller& c, const json& args) -> Result<json> {
       MEDGATE_ASSIGN_OR_RETURN(std::uint64_t index, record(c, "ledger.sign_head", args));
       MEDGATE_ASSIGN_OR_RETURN(ledger::SignedHead head, ledger_->sign_head_now());
@@ -318,6 +389,7 @@ class Daemon::Impl {
   Result<json> status(const Caller& caller) {
     ledger::LedgerStats s = ledger_->stats();
     AdminCounters a = admin_->counters();
+    hsm::KeyStoreHealth health = keys_->health();
     json out = {
         {"daemon",
          {{"version", MEDGATE_VERSION},
@@ -341,10 +413,21 @@ class Daemon::Impl {
         {"signed_head", nullptr},
         {"key_store",
          {{"description", keys_->description()},
-          {"key_id", to_hex(keys_->signing_key().id())},
+          {"key_id", to_hex(s.active_key)},
           {"heads_signed", s.heads_signed},
           {"sign_failures", s.sign_failures},
-          {"last_error", s.signer_error}}},
+          {"last_error", s.signer_error},
+          {"reachable", health.reachable},
+          {"device_error", health.last_error},
+          {"device_errors", health.errors},
+          {"reconnects", health.reconnects}}},
+        {"rollback_counter",
+         {{"kind", keys_->counter_kind() == hsm::CounterKind::kTpmNv ? "tpm-nv" : "token-object"},
+          {"signed", s.rollback_counter},
+          {"key_store", s.device_counter},
+          {"epochs_since_start", s.counter_epochs},
+          {"interval_seconds", config_.counter_interval.count()},
+          {"last_error", s.counter_error}}},
         {"admin",
          {{"socket", config_.admin.socket.string()},
           {"connections", a.connections},
@@ -372,6 +455,7 @@ class Daemon::Impl {
   std::unique_ptr<AdminServer> admin_;
   std::atomic<bool> stopped_{false};
   std::thread watchdog_;
+  std::thread monitor_;
   std::mutex watchdog_mu_;
   std::condition_variable watchdog_cv_;
   bool watchdog_stop_ = false;

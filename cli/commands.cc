@@ -144,6 +144,22 @@ int cmd_status(const GlobalOptions& g) {
       k["last_error"].get<std::string>().empty()
           ? ""
           : " (last: " + k["last_error"].get<std::string>() + ")");
+  if (!k["reachable"].get<bool>() || !k["device_error"].get<std::string>().empty())
+    std::cout << fmt::format("           device {}: {} errors, {} reconnects, last error {}\n",
+                             k["reachable"].get<bool>() ? "reachable" : "UNREACHABLE",
+                             k["device_errors"].get<std::uint64_t>(),
+                             k["reconnects"].get<std::uint64_t>(),
+                             k["device_error"].get<std::string>());
+  const json& rc = s["rollback_counter"];
+  std::cout << fmt::format("rollback   {} counter {} (signed heads carry {}), {} epochs since "
+                           "start, every {} s{}\n",
+                           rc["kind"].get<std::string>(), rc["key_store"].get<std::uint64_t>(),
+                           rc["signed"].get<std::uint64_t>(),
+                           rc["epochs_since_start"].get<std::uint64_t>(),
+                           rc["interval_seconds"].get<std::int64_t>(),
+                           rc["last_error"].get<std::string>().empty()
+                               ? ""
+                               : " (last: " + rc["last_error"].get<std::string>() + ")");
   std::string writer = l["writer_error"].get<std::string>();
   std::cout << fmt::format(
       "writer     {}; {} appended and {} commits since start, {} failed appends\n",
@@ -235,6 +251,15 @@ int cmd_ledger_verify(const GlobalOptions& g, const std::optional<std::string>& 
         report["ledger_id"].get<std::string>(), report["entries"].get<std::uint64_t>(),
         report["blocks"].get<std::uint64_t>(), report["heads"].get<std::uint64_t>(),
         report["root"].get<std::string>());
+    std::string keys;
+    for (const auto& k : report["key_ids"]) keys += (keys.empty() ? "" : " -> ") + k.get<std::string>();
+    std::cout << fmt::format("signing keys {}\nrollback counter {} in the latest head{}\n", keys,
+                             report.value("rollback_counter", 0ULL),
+                             report.contains("key_store_counter") &&
+                                     report["key_store_counter"].is_number()
+                                 ? fmt::format(" (key store: {})",
+                                               report["key_store_counter"].get<std::uint64_t>())
+                                 : std::string());
     if (report.value("unsigned_entries", 0ULL) > 0)
       std::cout << fmt::format(
           "note: the last {} entries are committed but not yet covered by a signed head (not "
@@ -368,6 +393,26 @@ int cmd_ledger_sign_head(const GlobalOptions& g) {
         "signed head #{} covers {} entries (root {}); the request is entry {}\n",
         (*r)["sequence"].get<std::uint64_t>(), (*r)["tree_size"].get<std::uint64_t>(),
         (*r)["root"].get<std::string>(), (*r)["recorded_as"].get<std::uint64_t>());
+  return 0;
+}
+
+int cmd_keys_rotate(const GlobalOptions& g) {
+  Result<json> r = call(g, "keys.rotate");
+  if (!r.ok()) return fail(g, r.status(), "medctl keys rotate");
+  if (g.json) {
+    std::cout << r->dump(2) << "\n";
+    return 0;
+  }
+  std::cout << fmt::format(
+      "signing key rotated at entry {}\n  old {}\n  new {}\n",
+      (*r)["entry"].get<std::uint64_t>(), (*r)["old_key_id"].get<std::string>(),
+      (*r)["new_key_id"].get<std::string>());
+  if ((*r)["first_head"].is_object())
+    std::cout << fmt::format("head #{} is the first signed by the new key\n",
+                             (*r)["first_head"]["sequence"].get<std::uint64_t>());
+  std::cout << (*r)["public_key_pem"].get<std::string>()
+            << "Verifiers that trust the old key follow the transition; give auditors the new "
+               "public key above for ledgers that start after it.\n";
   return 0;
 }
 

@@ -39,6 +39,7 @@ int cmd_ledger_consistency(const GlobalOptions& g, std::uint64_t from,
                            std::optional<std::uint64_t> to);
 int cmd_ledger_sign_head(const GlobalOptions& g);
 int cmd_keys_show(const GlobalOptions& g);
+int cmd_keys_rotate(const GlobalOptions& g);
 // Crypto-shreds a patient's data key (recorded on the ledger). `patient` "-" reads the identifier
 // from stdin, which keeps it out of the process list and the shell's history. On a terminal the
 // admin is asked to confirm unless `yes`.

@@ -83,6 +83,10 @@ int main(int argc, char** argv) {
   keys->add_subcommand("show", "public key (PEM) and fingerprint")->callback([&] {
     rc = cmd_keys_show(g);
   });
+  keys->add_subcommand("rotate",
+                       "new signing key in the key store; the transition is recorded, signed by "
+                       "the old and the new key")
+      ->callback([&] { rc = cmd_keys_rotate(g); });
 
   std::string erase_patient, erase_reason;
   bool erase_yes = false;

@@ -96,7 +96,7 @@ Result<BlockHeader> decode_block_header(ByteView bytes) {
 
 Bytes encode_head(const HeadBody& h) {
   cbor::Writer w;
-  w.map_header(9);
+  w.map_header(10);
   w.uint(0), w.uint(static_cast<std::uint64_t>(ObjectKind::kSignedHead));
   w.uint(1), w.uint(h.version);
   w.uint(2), w.text(h.ledger_id);
@@ -106,13 +106,14 @@ Bytes encode_head(const HeadBody& h) {
   w.uint(6), w.bytes(h.root);
   w.uint(7), w.uint(h.time_us);
   w.uint(8), w.bytes(h.key_id);
+  w.uint(9), w.uint(h.rollback_counter);
   return w.take();
 }
 
 Result<HeadBody> decode_head(ByteView bytes) {
   constexpr std::string_view what = "signed head";
   MEDGATE_ASSIGN_OR_RETURN(
-      cbor::Value v, decode_fixed_map(bytes, ObjectKind::kSignedHead, kHeadFormatVersion, 9, what));
+      cbor::Value v, decode_fixed_map(bytes, ObjectKind::kSignedHead, kHeadFormatVersion, 10, what));
   HeadBody h;
   MEDGATE_ASSIGN_OR_RETURN(h.ledger_id, field_text(v, 2, what));
   MEDGATE_ASSIGN_OR_RETURN(h.height, field_uint(v, 3, what));
@@ -121,7 +122,20 @@ Result<HeadBody> decode_head(ByteView bytes) {
   MEDGATE_ASSIGN_OR_RETURN(h.root, field_hash(v, 6, what));
   MEDGATE_ASSIGN_OR_RETURN(h.time_us, field_uint(v, 7, what));
   MEDGATE_ASSIGN_OR_RETURN(h.key_id, field_hash(v, 8, what));
+  MEDGATE_ASSIGN_OR_RETURN(h.rollback_counter, field_uint(v, 9, what));
   return h;
+}
+
+Bytes encode_key_transition_statement(const std::string& ledger_id, const KeyId& old_key,
+                                      const KeyId& new_key) {
+  cbor::Writer w;
+  w.map_header(5);
+  w.uint(0), w.uint(static_cast<std::uint64_t>(ObjectKind::kKeyTransition));
+  w.uint(1), w.uint(kKeyTransitionFormatVersion);
+  w.uint(2), w.text(ledger_id);
+  w.uint(3), w.bytes(old_key);
+  w.uint(4), w.bytes(new_key);
+  return w.take();
 }
 
 }  // namespace medgate::ledger

@@ -14,7 +14,11 @@
 // block at that moment:
 //
 //   { 0: 3 (signed head), 1: version, 2: ledger id, 3: block height, 4: block hash, 5: tree size,
-//     6: Merkle root, 7: time (us), 8: key id }
+//     6: Merkle root, 7: time (us), 8: key id, 9: rollback counter }
+//
+// The rollback counter is the value of the key store's monotonic counter (a TPM NV counter) that
+// this head belongs to; see "Rollback protection" in ledger/store.h. It never decreases from one
+// head to the next.
 //
 //   signature = ECDSA P-256 over SHA-256(head bytes), DER. Checkable with stock OpenSSL:
 //   openssl dgst -sha256 -verify key.pem -signature head.sig head.cbor
@@ -63,6 +67,7 @@ struct HeadBody {
   Hash root{};
   std::uint64_t time_us = 0;
   KeyId key_id{};
+  std::uint64_t rollback_counter = 0;
   friend bool operator==(const HeadBody&, const HeadBody&) = default;
 };
 
@@ -71,6 +76,16 @@ Result<HeadBody> decode_head(ByteView bytes);
 inline Hash head_digest(ByteView head_bytes) {
   return sha256(head_bytes);
 }
+
+// What both keys of a rotation sign; the ledger records it as a key-transition entry (entry.h)
+// holding both signatures:
+//
+//   { 0: 4 (key transition), 1: version, 2: ledger id, 3: old key id, 4: new key id }
+//
+//   signature = ECDSA P-256 over SHA-256(these bytes), DER, once by each key.
+inline constexpr std::uint64_t kKeyTransitionFormatVersion = 1;
+Bytes encode_key_transition_statement(const std::string& ledger_id, const KeyId& old_key,
+                                      const KeyId& new_key);
 
 struct SignedHead {
   std::uint64_t sequence = 0;  // the store's row number, not signed

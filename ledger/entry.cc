@@ -45,6 +45,15 @@ Status check_key_event(const cbor::Value& body) {
   return Status::Ok();
 }
 
+Status check_key_transition(const cbor::Value& body) {
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "old_key_id", 32));
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "new_key_id", 32));
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "new_public_key", 0));
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "old_signature", 0));
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "new_signature", 0));
+  return Status::Ok();
+}
+
 Status check_patient_erasure(const cbor::Value& body) {
   MEDGATE_RETURN_IF_ERROR(require_bytes(body, "pseudonym", 32));
   const cbor::Value* reason = body.find("reason");
@@ -57,6 +66,7 @@ constexpr EntryTypeInfo kEntryTypes[] = {
     {EntryType::kGenesis, "genesis", "admin", check_genesis},
     {EntryType::kAdminAction, "admin-action", "admin", check_admin_action},
     {EntryType::kKeyEvent, "key-event", "key", check_key_event},
+    {EntryType::kKeyTransition, "key-transition", "key", check_key_transition},
     {EntryType::kPatientErasure, "patient-erasure", "erasure", check_patient_erasure},
 };
 

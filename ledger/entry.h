@@ -34,7 +34,12 @@ inline constexpr std::uint64_t kEntryFormatVersion = 1;
 
 // Object kinds: key 0 of every canonical map, so that no two kinds of signed or hashed object can
 // ever share bytes.
-enum class ObjectKind : std::uint64_t { kEntry = 1, kBlockHeader = 2, kSignedHead = 3 };
+enum class ObjectKind : std::uint64_t {
+  kEntry = 1,
+  kBlockHeader = 2,
+  kSignedHead = 3,
+  kKeyTransition = 4,
+};
 
 enum class EntryType : std::uint32_t {
   kGenesis = 1,      // the ledger's first entry: its id and the key that signs its heads
@@ -43,6 +48,8 @@ enum class EntryType : std::uint32_t {
   // A patient's data key destroyed (crypto-shredding): {"pseudonym": bytes(32), "reason": text,
   // possibly empty}; its subject link names the same pseudonym.
   kPatientErasure = 4,
+  kKeyTransition = 5,  // the signing key rotated: old and new key, each signing the statement in
+                       // block.h; heads covering it and everything after are signed by the new key
   // Reserved for later issues: device observation, device registry, consent, rules, access
   // decision.
 };

@@ -25,6 +25,14 @@ constexpr const char* kMigrations[] = {
       CREATE TABLE heads (seq INTEGER PRIMARY KEY, height INTEGER NOT NULL, tree_size INTEGER NOT NULL,
                           head BLOB NOT NULL, signature BLOB NOT NULL);
     )sql",
+    // 1 -> 2: signing-key epochs, an index of the key-transition entries kept by the writer in the
+    // transaction that writes them, so that opening a ledger finds its active key without reading
+    // every entry. Heads covering tree sizes >= from_size are signed by key_id. The verifier does
+    // not trust this table: it follows the transition entries themselves.
+    R"sql(
+      CREATE TABLE key_epochs (from_size INTEGER PRIMARY KEY, key_id BLOB NOT NULL,
+                               entry_index INTEGER NOT NULL);
+    )sql",
 };
 constexpr int kKnownVersion = static_cast<int>(std::size(kMigrations));
 static_assert(kKnownVersion == kSchemaVersion);

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <deque>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <thread>
 
@@ -145,6 +146,12 @@ class LockFile {
   int fd_;
 };
 
+// Heads covering at least `from_size` entries are signed by `key`.
+struct KeyEpoch {
+  std::uint64_t from_size;
+  KeyId key;
+};
+
 struct PendingEntry {
   Bytes bytes;
   Hash leaf;
@@ -203,6 +210,8 @@ class Ledger::Impl {
     MEDGATE_RETURN_IF_ERROR(apply_pragmas(db_, options_));
     MEDGATE_RETURN_IF_ERROR(migrate_schema(db_));
     MEDGATE_RETURN_IF_ERROR(load_state());
+    next_epoch_ = std::chrono::steady_clock::now() + options_.counter_interval;
+    epoch_tree_size_ = committed_size_.load();
     MEDGATE_ASSIGN_OR_RETURN(
         insert_entry_,
         db_.prepare("INSERT INTO entries (idx, type, time_us, bytes) VALUES (?,?,?,?)"));
@@ -216,6 +225,9 @@ class Ledger::Impl {
     MEDGATE_ASSIGN_OR_RETURN(
         insert_head_,
         db_.prepare("INSERT INTO heads (height, tree_size, head, signature) VALUES (?,?,?,?)"));
+    MEDGATE_ASSIGN_OR_RETURN(
+        insert_epoch_,
+        db_.prepare("INSERT INTO key_epochs (from_size, key_id, entry_index) VALUES (?,?,?)"));
     MEDGATE_ASSIGN_OR_RETURN(tx_statements_, sql::TransactionStatements::prepare(db_));
     sqlite3_wal_hook(db_.handle(), &Impl::wal_hook, this);
     // Named, so that top -H and perf show which of the ledger's threads is busy.
@@ -231,13 +243,20 @@ class Ledger::Impl {
       pthread_setname_np(pthread_self(), "ledger-ckpt");
       checkpointer_loop();
     });
-    return Status::Ok();
+    // Opening is a counter epoch: a copy of the file taken before now is detectably old.
+    return advance_counter().with_context("starting a rollback-counter epoch");
   }
 
   // ---- writes ----
 
-  Result<std::uint64_t> append(std::span<const Entry> entries) {
+  Result<std::uint64_t> append(std::span<const Entry> entries, bool internal = false) {
     if (entries.empty()) return Status::InvalidArgument("nothing to append");
+    for (const Entry& e : entries)
+      if (!internal && (e.type == EntryType::kGenesis || e.type == EntryType::kKeyTransition)) {
+        failed_appends_.fetch_add(1);
+        return Status::InvalidArgument(
+            "genesis and key-transition entries are written only by the ledger itself");
+      }
     Job job;
     job.entries.reserve(entries.size());
     std::uint64_t now = now_us();
@@ -265,16 +284,68 @@ class Ledger::Impl {
     return job.first_index;
   }
 
-  Result<SignedHead> sign_head_now() {
+  // force: sign a new head even if the latest covers everything (a key or counter changed).
+  Result<SignedHead> sign_head_now(bool force = false) {
     std::unique_lock lk(sign_mu_);
     std::uint64_t target = committed_size_.load();
-    if (latest_head_ && latest_head_->head.tree_size >= target) return *latest_head_;
+    if (!force && latest_head_ && latest_head_->head.tree_size >= target) return *latest_head_;
     std::uint64_t ticket = ++sign_requested_;
     sign_cv_.notify_all();
     sign_done_cv_.wait(lk, [&] { return sign_completed_ >= ticket || signer_stopped_; });
-    if (latest_head_ && latest_head_->head.tree_size >= target) return *latest_head_;
+    if (sign_completed_ < ticket)
+      return Status::Unavailable("the ledger closed before a head could be signed");
     if (!last_sign_status_.ok()) return last_sign_status_;
-    return Status::Unavailable("the ledger closed before a head could be signed");
+    if (latest_head_ && latest_head_->head.tree_size >= target) return *latest_head_;
+    return Status::Internal("the signed head does not cover the committed entries");
+  }
+
+  // Runs a rollback-counter epoch on the signer thread (see store.h) and waits for it.
+  Status advance_counter() {
+    std::unique_lock lk(sign_mu_);
+    std::uint64_t ticket = ++counter_requested_;
+    sign_cv_.notify_all();
+    sign_done_cv_.wait(lk, [&] { return counter_completed_ >= ticket || signer_stopped_; });
+    if (counter_completed_ < ticket)
+      return Status::Unavailable("the ledger closed before the rollback counter could advance");
+    return last_counter_status_;
+  }
+
+  Result<KeyRotation> rotate_signing_key(const std::string& actor) {
+    std::lock_guard rotation(rotate_mu_);
+    KeyId old_id = key_id();
+    MEDGATE_ASSIGN_OR_RETURN(PublicKey old_key, public_key(old_id));
+    MEDGATE_ASSIGN_OR_RETURN(PublicKey new_key, signer_.create_signing_key());
+    {
+      std::lock_guard lk(keys_mu_);
+      keys_.insert_or_assign(new_key.id(), new_key);
+    }
+    Hash digest = sha256(encode_key_transition_statement(ledger_id_, old_id, new_key.id()));
+    Result<Bytes> old_sig = signer_.sign_digest_with(old_id, digest);
+    if (!old_sig.ok()) return old_sig.status().with_context("signing the transition with the old key");
+    Result<Bytes> new_sig = signer_.sign_digest_with(new_key.id(), digest);
+    if (!new_sig.ok()) return new_sig.status().with_context("signing the transition with the new key");
+    if (!old_key.verify_digest(digest, *old_sig).ok() ||
+        !new_key.verify_digest(digest, *new_sig).ok())
+      return Status::Internal("the key store returned a transition signature that does not verify");
+
+    Entry e;
+    e.type = EntryType::kKeyTransition;
+    e.actor = actor;
+    MEDGATE_ASSIGN_OR_RETURN(
+        e.body, cbor::Value::map({
+                    {cbor::Value::text("old_key_id"), cbor::Value::bytes(old_id)},
+                    {cbor::Value::text("new_key_id"), cbor::Value::bytes(new_key.id())},
+                    {cbor::Value::text("new_public_key"), cbor::Value::bytes(new_key.spki_der())},
+                    {cbor::Value::text("old_signature"), cbor::Value::bytes(*old_sig)},
+                    {cbor::Value::text("new_signature"), cbor::Value::bytes(*new_sig)},
+                }));
+    MEDGATE_ASSIGN_OR_RETURN(std::uint64_t index, append(std::span(&e, 1), /*internal=*/true));
+    // Durable: the writer recorded the new epoch in the same transaction.
+    if (Status s = signer_.use_signing_key(new_key.id()); !s.ok())
+      return s.with_context("switching the key store to the new key");
+    KeyRotation r{index, old_key, new_key, std::nullopt};
+    if (Result<SignedHead> h = sign_head_now(); h.ok()) r.first_head = std::move(h).value();
+    return r;
   }
 
   void close() {
@@ -290,7 +361,9 @@ class Ledger::Impl {
         std::unique_lock lk(queue_mu_);
         done_cv_.wait(lk, [&] { return queue_.empty() && !writer_busy_; });
       }
-      if (latest_head_size() < committed_size_.load()) (void)sign_head_now();
+      // A clean shutdown is a counter epoch: its final head carries the new value.
+      if (!advance_counter().ok() && latest_head_size() < committed_size_.load())
+        (void)sign_head_now();
       {
         std::lock_guard lk(sign_mu_);
         signer_stop_ = true;
@@ -331,7 +404,12 @@ class Ledger::Impl {
       std::lock_guard lk(sign_mu_);
       s.latest_head = latest_head_;
       s.signer_error = last_sign_status_.ok() ? "" : last_sign_status_.message();
+      s.device_counter = device_counter_;
+      s.counter_error = last_counter_status_.ok() ? "" : last_counter_status_.message();
     }
+    s.active_key = key_id();
+    s.rollback_counter = declared_counter_.load();
+    s.counter_epochs = counter_epochs_.load();
     s.appended = appended_.load();
     s.batches = batches_.load();
     s.failed_appends = failed_appends_.load();
@@ -489,7 +567,11 @@ class Ledger::Impl {
   }
 
   const std::string& ledger_id() const { return ledger_id_; }
-  KeyId key_id() const { return signer_.signing_key().id(); }
+  // The active signing key: the latest epoch's.
+  KeyId key_id() const {
+    std::lock_guard lk(state_mu_);
+    return epochs_.back().key;
+  }
 
  private:
   // ---- opening ----
@@ -544,10 +626,30 @@ class Ledger::Impl {
     if (!g.ok()) return g.status().with_context("genesis entry");
     if (g->type != EntryType::kGenesis) return Status::Corruption("entry 0 is not a genesis entry");
     const Bytes* genesis_key = g->body.find("key_id")->as_bytes();
-    if (!std::equal(genesis_key->begin(), genesis_key->end(), key_id().begin(), key_id().end()))
-      return Status::FailedPrecondition(
-          fmt::format("the key store's signing key {} is not this ledger's key {}",
-                      to_hex(key_id()), to_hex(*genesis_key)));
+    KeyEpoch first{1, {}};
+    std::copy(genesis_key->begin(), genesis_key->end(), first.key.begin());
+    {
+      std::lock_guard lk(state_mu_);
+      epochs_ = {first};
+    }
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto epochs, db_.prepare("SELECT from_size, key_id FROM key_epochs ORDER BY from_size"));
+    for (;;) {
+      MEDGATE_ASSIGN_OR_RETURN(step, epochs.step());
+      if (step != sql::Statement::Step::kRow) break;
+      ByteView id = epochs.column_blob(1);
+      if (id.size() != 32) return Status::Corruption("a key epoch row has a malformed key id");
+      KeyEpoch e{epochs.column_uint(0), {}};
+      std::copy(id.begin(), id.end(), e.key.begin());
+      std::lock_guard lk(state_mu_);
+      epochs_.push_back(e);
+    }
+    // The ledger decides which key signs; the key store must hold it.
+    KeyId active = key_id();
+    if (Status s = signer_.use_signing_key(active); !s.ok())
+      return Status::FailedPrecondition(fmt::format(
+          "the key store ({}) does not hold this ledger's signing key {}: {}",
+          signer_.description(), to_hex(active), s.message()));
 
     MEDGATE_ASSIGN_OR_RETURN(
         auto heads,
@@ -559,17 +661,42 @@ class Ledger::Impl {
     MEDGATE_RETURN_IF_ERROR(
         check_head(head).with_context(fmt::format("latest signed head #{}", head.sequence)));
     latest_head_ = std::move(head);
+    return check_rollback_counter();
+  }
+
+  // See "Rollback protection" in store.h.
+  Status check_rollback_counter() {
+    Result<std::uint64_t> device = signer_.read_counter();
+    if (!device.ok())
+      return device.status().with_context("reading the key store's rollback counter");
+    const SignedHead& h = *latest_head_;
+    std::uint64_t ledger = h.head.rollback_counter;
+    if (ledger < *device)
+      return Status::FailedPrecondition(fmt::format(
+          "rollback detected: the latest signed head (#{}, {}, tree size {}) carries rollback "
+          "counter {}, but the key store's counter is {}: this ledger file is older than the "
+          "ledger this key store last signed for (restored from a backup or a copy?)",
+          h.sequence, format_time(h.head.time_us), h.head.tree_size, ledger, *device));
+    if (ledger > *device + 1)
+      return Status::FailedPrecondition(fmt::format(
+          "the ledger's rollback counter {} is ahead of the key store's counter {}: the key store "
+          "is not the one this ledger was last used with, or its counter was reset",
+          ledger, *device));
+    declared_counter_ = ledger;
+    device_counter_ = *device;
     return Status::Ok();
   }
 
   // The latest head must be ours, well signed, and agree with the block it names.
   Status check_head(const SignedHead& h) {
     if (h.head.ledger_id != ledger_id_) return Status::Corruption("names another ledger");
-    if (h.head.key_id != key_id())
-      return Status::FailedPrecondition(
-          fmt::format("signed by key {}, not by this key store's key {}", to_hex(h.head.key_id),
-                      to_hex(key_id())));
-    Status sig = signer_.signing_key().verify_digest(head_digest(h.bytes), h.signature);
+    KeyId expected = key_for_size(h.head.tree_size);
+    if (h.head.key_id != expected)
+      return Status::VerificationFailed(
+          fmt::format("signed by key {}, not by the ledger's key for that tree size {}",
+                      to_hex(h.head.key_id), to_hex(expected)));
+    MEDGATE_ASSIGN_OR_RETURN(PublicKey key, public_key(expected));
+    Status sig = key.verify_digest(head_digest(h.bytes), h.signature);
     if (!sig.ok())
       return Status::VerificationFailed("its signature does not verify: " + sig.message());
     MEDGATE_ASSIGN_OR_RETURN(auto st, db_.prepare("SELECT header FROM blocks WHERE height = ?"));
@@ -664,6 +791,7 @@ class Ledger::Impl {
     MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_, tx_statements_));
     began = true;
     std::uint64_t index = first;
+    std::vector<KeyEpoch> new_epochs;
     for (Job* job : batch) {
       job->first_index = index;
       for (const PendingEntry& e : job->entries) {
@@ -673,6 +801,10 @@ class Ledger::Impl {
             .bind(4, ByteView(e.bytes));
         if (Status st = insert_entry_.run(); !st.ok())
           return st.with_context(fmt::format("writing entry {}", index));
+        if (e.type == EntryType::kKeyTransition) {
+          MEDGATE_ASSIGN_OR_RETURN(KeyEpoch epoch, write_key_epoch(e, index));
+          new_epochs.push_back(epoch);
+        }
         tiles_.append(e.leaf);
         ++index;
       }
@@ -696,7 +828,7 @@ class Ledger::Impl {
       b.header.entry_count = index - first;
       b.header.tree_size = index;
       b.header.root = tiles_.root();
-      b.header.key_id = key_id();
+      b.header.key_id = new_epochs.empty() ? key_id() : new_epochs.back().key;
       b.bytes = encode_block_header(b.header);
       b.hash = block_hash(b.bytes);
       insert_block_.bind(1, b.header.height)
@@ -723,10 +855,21 @@ class Ledger::Impl {
       std::lock_guard lk(state_mu_);
       last_block_ = std::move(*new_block);
       committed_size_ = index;
+      epochs_.insert(epochs_.end(), new_epochs.begin(), new_epochs.end());
     }
     appended_.fetch_add(index - first);
     batches_.fetch_add(1);
     return Status::Ok();
+  }
+
+  Result<KeyEpoch> write_key_epoch(const PendingEntry& e, std::uint64_t index) {
+    MEDGATE_ASSIGN_OR_RETURN(Entry entry, decode_entry(e.bytes));
+    const Bytes* id = entry.body.find("new_key_id")->as_bytes();
+    KeyEpoch epoch{index + 1, {}};
+    std::copy(id->begin(), id->end(), epoch.key.begin());
+    insert_epoch_.bind(1, epoch.from_size).bind(2, ByteView(epoch.key)).bind(3, index);
+    MEDGATE_RETURN_IF_ERROR(insert_epoch_.run().with_context("writing a key epoch"));
+    return epoch;
   }
 
   static int wal_hook(void* self, sqlite3*, const char*, int pages) {
@@ -801,19 +944,38 @@ class Ledger::Impl {
       std::uint64_t ticket;
       {
         std::unique_lock lk(sign_mu_);
+        auto counter_due = [&] {
+          if (counter_requested_ > counter_completed_) return true;
+          return options_.counter_interval.count() > 0 &&
+                 std::chrono::steady_clock::now() >= next_epoch_ &&
+                 committed_size_.load() > epoch_tree_size_;
+        };
         auto due = [&] {
-          if (signer_stop_ || sign_requested_ > sign_completed_) return true;
+          if (signer_stop_ || sign_requested_ > sign_completed_ || counter_due()) return true;
           return options_.head_interval.count() > 0 && std::chrono::steady_clock::now() >= next &&
                  (!latest_head_ || latest_head_->head.tree_size < committed_size_.load());
         };
-        if (options_.head_interval.count() > 0)
-          sign_cv_.wait_until(lk, next, due);
+        auto wake = next;
+        if (options_.counter_interval.count() > 0) wake = std::min(wake, next_epoch_);
+        if (options_.head_interval.count() > 0 || options_.counter_interval.count() > 0)
+          sign_cv_.wait_until(lk, wake, due);
         else
           sign_cv_.wait(lk, due);
         if (signer_stop_) {
           signer_stopped_ = true;
           sign_done_cv_.notify_all();
           return;
+        }
+        if (counter_due()) {
+          std::uint64_t counter_ticket = counter_requested_;
+          lk.unlock();
+          Status s = counter_epoch();
+          lk.lock();
+          last_counter_status_ = s;
+          counter_completed_ = counter_ticket;
+          sign_done_cv_.notify_all();
+          next = std::chrono::steady_clock::now() + options_.head_interval;
+          continue;
         }
         if (!due()) {
           next = std::chrono::steady_clock::now() + options_.head_interval;
@@ -824,17 +986,59 @@ class Ledger::Impl {
       Result<SignedHead> signed_head = sign_and_store();
       next = std::chrono::steady_clock::now() + options_.head_interval;
       std::lock_guard lk(sign_mu_);
-      if (signed_head.ok()) {
-        latest_head_ = std::move(signed_head).value();
-        last_sign_status_ = Status::Ok();
-        heads_signed_.fetch_add(1);
-      } else {
-        last_sign_status_ = signed_head.status();
-        sign_failures_.fetch_add(1);
-      }
+      publish_head(std::move(signed_head));
       sign_completed_ = ticket;
       sign_done_cv_.notify_all();
     }
+  }
+
+  // sign_mu_ held.
+  void publish_head(Result<SignedHead> signed_head) {
+    if (signed_head.ok()) {
+      latest_head_ = std::move(signed_head).value();
+      last_sign_status_ = Status::Ok();
+      heads_signed_.fetch_add(1);
+    } else {
+      last_sign_status_ = signed_head.status();
+      sign_failures_.fetch_add(1);
+    }
+  }
+
+  // One rollback-counter epoch (store.h): a durable head carrying device + 1, then the device's
+  // increment. Signer thread only.
+  Status counter_epoch() {
+    Result<std::uint64_t> device = signer_.read_counter();
+    if (!device.ok()) return device.status().with_context("reading the rollback counter");
+    std::uint64_t next_value = *device + 1;
+    if (next_value < declared_counter_.load())
+      return Status::FailedPrecondition(fmt::format(
+          "the key store's rollback counter {} is behind this ledger's {}: refusing to go back",
+          *device, declared_counter_.load()));
+    declared_counter_ = next_value;
+    std::uint64_t covered = committed_size_.load();
+    Result<SignedHead> head = sign_and_store();
+    bool head_ok = head.ok();
+    Status head_status = head_ok ? Status::Ok() : head.status();
+    {
+      std::lock_guard lk(sign_mu_);
+      publish_head(std::move(head));
+    }
+    if (!head_ok) return head_status.with_context("signing the rollback-counter head");
+    Result<std::uint64_t> moved = signer_.increment_counter();
+    if (!moved.ok()) return moved.status().with_context("incrementing the rollback counter");
+    {
+      std::lock_guard lk(sign_mu_);
+      device_counter_ = *moved;
+    }
+    if (*moved != next_value)
+      return Status::FailedPrecondition(fmt::format(
+          "the key store's rollback counter went from {} to {}, not to {}: is another ledger "
+          "using the same counter?",
+          *device, *moved, next_value));
+    epoch_tree_size_ = covered;
+    next_epoch_ = std::chrono::steady_clock::now() + options_.counter_interval;
+    counter_epochs_.fetch_add(1);
+    return Status::Ok();
   }
 
   Result<SignedHead> sign_and_store() {
@@ -848,15 +1052,17 @@ class Ledger::Impl {
       body.root = last_block_.header.root;
       body.time_us = std::max(now_us(), last_block_.header.time_us);
     }
-    body.key_id = key_id();
+    body.key_id = key_for_size(body.tree_size);
+    body.rollback_counter = declared_counter_.load();
+    MEDGATE_ASSIGN_OR_RETURN(PublicKey key, public_key(body.key_id));
     Job job;
     SignedHead h;
     h.bytes = encode_head(body);
     h.head = body;
-    Result<Bytes> sig = signer_.sign_digest(head_digest(h.bytes));
+    Result<Bytes> sig = signer_.sign_digest_with(body.key_id, head_digest(h.bytes));
     if (!sig.ok()) return sig.status().with_context("signing a head");
     // A key store that returns a bad signature must not get it stored as if it were good.
-    Status check = signer_.signing_key().verify_digest(head_digest(h.bytes), *sig);
+    Status check = key.verify_digest(head_digest(h.bytes), *sig);
     if (!check.ok())
       return Status::Internal("the key store returned a signature that does not verify");
     h.signature = std::move(sig).value();
@@ -870,13 +1076,41 @@ class Ledger::Impl {
     return std::move(*job.head);
   }
 
+  // The key that signs heads covering tree size `size`.
+  KeyId key_for_size(std::uint64_t size) const {
+    std::lock_guard lk(state_mu_);
+    KeyId key = epochs_.front().key;
+    for (const KeyEpoch& e : epochs_)
+      if (e.from_size <= size) key = e.key;
+    return key;
+  }
+
+  // The public half of a key the key store holds.
+  Result<PublicKey> public_key(const KeyId& id) {
+    std::lock_guard lk(keys_mu_);
+    auto it = keys_.find(id);
+    if (it == keys_.end()) {
+      for (const PublicKey& k : signer_.signing_keys()) keys_.insert_or_assign(k.id(), k);
+      it = keys_.find(id);
+    }
+    if (it == keys_.end())
+      return Status::FailedPrecondition(
+          fmt::format("the key store ({}) does not hold signing key {}", signer_.description(),
+                      to_hex(id)));
+    return it->second;
+  }
+
   LedgerOptions options_;
   hsm::KeyStore& signer_;
   LockFile lock_;
   std::string ledger_id_;
+  std::vector<KeyEpoch> epochs_;  // ascending; guarded by state_mu_
+  std::mutex keys_mu_;
+  std::map<KeyId, PublicKey> keys_;
+  std::mutex rotate_mu_;
 
   sql::Database db_;  // the writer's connection (writer thread only, after open)
-  sql::Statement insert_entry_, insert_tile_, insert_block_, insert_head_;
+  sql::Statement insert_entry_, insert_tile_, insert_block_, insert_head_, insert_epoch_;
   sql::TransactionStatements tx_statements_;
   TileBuilder tiles_;  // writer thread only
 
@@ -898,7 +1132,15 @@ class Ledger::Impl {
   bool signer_stop_ = false, signer_stopped_ = false;
   std::optional<SignedHead> latest_head_;
   Status last_sign_status_;
+  std::uint64_t counter_requested_ = 0, counter_completed_ = 0;
+  Status last_counter_status_;
+  std::uint64_t device_counter_ = 0;
   std::thread signer_thread_;
+  // Rollback counter: what new heads carry; the signer thread's epoch bookkeeping.
+  std::atomic<std::uint64_t> declared_counter_{0};
+  std::atomic<std::uint64_t> counter_epochs_{0};
+  std::uint64_t epoch_tree_size_ = 0;                    // signer thread only
+  std::chrono::steady_clock::time_point next_epoch_{};  // signer thread only
 
   std::mutex checkpoint_mu_;
   std::condition_variable checkpoint_cv_;
@@ -966,8 +1208,10 @@ Result<std::unique_ptr<Ledger>> Ledger::create(const LedgerOptions& options,
     header.key_id = key.id();
     Bytes header_bytes = encode_block_header(header);
 
-    HeadBody head{kHeadFormatVersion, ledger_id, 0,       block_hash(header_bytes), 1,
-                  header.root,        now,       key.id()};
+    Result<std::uint64_t> counter = signer.read_counter();
+    if (!counter.ok()) return counter.status().with_context("reading the rollback counter");
+    HeadBody head{kHeadFormatVersion, ledger_id, 0,        block_hash(header_bytes), 1,
+                  header.root,        now,       key.id(), *counter};
     Bytes head_bytes = encode_head(head);
     MEDGATE_ASSIGN_OR_RETURN(Bytes signature, signer.sign_digest(head_digest(head_bytes)));
     MEDGATE_RETURN_IF_ERROR(key.verify_digest(head_digest(head_bytes), signature)
@@ -1023,6 +1267,9 @@ Result<std::uint64_t> Ledger::append_all(std::span<const Entry> entries) {
 }
 Result<SignedHead> Ledger::sign_head_now() {
   return impl_->sign_head_now();
+}
+Result<KeyRotation> Ledger::rotate_signing_key(const std::string& actor) {
+  return impl_->rotate_signing_key(actor);
 }
 void Ledger::close() {
   if (impl_) impl_->close();

@@ -14,6 +14,21 @@
 // leaves the file's state unknown) stops the writer for good: every later append fails with the
 // same error until the ledger is reopened, so nothing is ever retried as if nothing happened.
 //
+// Signing keys. The genesis entry names the first key; Ledger::rotate_signing_key() records a
+// key-transition entry at index t signed by the old and the new key, and every head covering
+// tree size > t is signed by the new key. Ledger::open() makes the key store use the ledger's
+// active key.
+//
+// Rollback protection. Every signed head carries the value of the key store's monotonic counter
+// (a TPM NV counter; hsm/key_store.h) it belongs to. An epoch moves the counter from c to c+1 in
+// two steps: first a head carrying c+1 is made durable, then the device counter is incremented.
+// So the latest head's counter is always c or c+1 of the device's c, whatever step a crash
+// interrupts. Epochs happen when the ledger opens, when it closes cleanly and, while it runs,
+// every counter_interval if anything was appended. open() refuses a ledger whose latest head
+// carries a counter below the device's: an older copy of the file (a restored backup) that does
+// not know the device has moved on. A copy taken within the last epoch is not detected: the
+// window is counter_interval.
+//
 // Thread safety: all public methods may be called from any thread. One writable Ledger per file:
 // open() takes an exclusive lock (`<path>.lock`) and names the process that holds it otherwise.
 #pragma once
@@ -35,7 +50,7 @@
 
 namespace medgate::ledger {
 
-inline constexpr int kSchemaVersion = 1;
+inline constexpr int kSchemaVersion = 2;
 
 struct LedgerOptions {
   std::filesystem::path path;
@@ -43,6 +58,9 @@ struct LedgerOptions {
   std::size_t max_queued_entries = 262144;        // append() waits while more than this are queued
   std::chrono::milliseconds head_interval{1000};  // 0: heads only on sign_head_now() and close()
   std::int64_t wal_limit_bytes = 64LL << 20;      // WAL is checkpointed and truncated past this
+  // Rollback-counter epochs while running (0: only at open and close). Each epoch is one NV write
+  // on a TPM, whose NV memory wears: 300 s is at most 288 writes a day.
+  std::chrono::seconds counter_interval{300};
 };
 
 struct StoredEntry {
@@ -72,6 +90,18 @@ struct LedgerStats {
   std::uint64_t sign_failures = 0;
   std::string writer_error;  // non-empty once the writer stopped after an I/O error
   std::string signer_error;  // the last signing failure, if the latest attempt failed
+  KeyId active_key{};
+  std::uint64_t rollback_counter = 0;  // the value new heads carry
+  std::uint64_t device_counter = 0;    // the key store's counter at the last epoch
+  std::uint64_t counter_epochs = 0;    // epochs since open
+  std::string counter_error;           // the last epoch's failure, if it failed
+};
+
+struct KeyRotation {
+  std::uint64_t entry_index = 0;  // the key-transition entry
+  PublicKey old_key;
+  PublicKey new_key;
+  std::optional<SignedHead> first_head;  // the first head signed by the new key
 };
 
 class Ledger {
@@ -92,13 +122,18 @@ class Ledger {
   Ledger(const Ledger&) = delete;
   Ledger& operator=(const Ledger&) = delete;
 
-  // Appends one entry and returns its index once it is durable.
+  // Appends one entry and returns its index once it is durable. Genesis and key-transition
+  // entries are written only by the ledger itself (kInvalidArgument).
   Result<std::uint64_t> append(const Entry& entry);
   // Appends entries atomically (all in the same block) and returns the first index.
   Result<std::uint64_t> append_all(std::span<const Entry> entries);
 
   // Signs a head covering everything committed when called and returns it once durable.
   Result<SignedHead> sign_head_now();
+
+  // Creates a new signing key in the key store, records the transition (signed by the active and
+  // the new key), switches to the new key and signs a head with it.
+  Result<KeyRotation> rotate_signing_key(const std::string& actor);
 
   // Stops accepting appends, commits what was accepted, signs a final head, joins the threads.
   // Idempotent; the destructor calls it.

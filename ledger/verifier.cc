@@ -508,6 +508,9 @@ class Verifier {
           if (!take_genesis(*genesis, p)) return fail(p);
         } else if (e->header_type == static_cast<std::int64_t>(EntryType::kGenesis)) {
           return fail(problem(VerifyProblem::Where::kEntry, i, "is a second genesis entry"));
+        } else if (e->header_type == static_cast<std::int64_t>(EntryType::kKeyTransition)) {
+          VerifyProblem p;
+          if (!take_transition(i, e->bytes, p)) return fail(p);
         }
         tree.append(leaf, [&](int level, std::uint64_t index, const Hash& node) {
           if (tile_problem || level % kTileHeight != 0) return;
@@ -536,6 +539,11 @@ class Verifier {
         return fail(problem(VerifyProblem::Where::kBlock, h,
                             fmt::format("names signing key {}, which the ledger does not know",
                                         to_hex(header.key_id))));
+      if (header.key_id != active_key_)
+        return fail(problem(
+            VerifyProblem::Where::kBlock, h,
+            fmt::format("names signing key {}, but the ledger's key at that point is {}",
+                        short_hex(header.key_id), short_hex(active_key_))));
 
       previous = block_hash(row->header);
       ++report_.blocks;
@@ -564,6 +572,14 @@ class Verifier {
       return fail(
           problem(VerifyProblem::Where::kEntry, extra->index, "is not covered by any block"));
 
+    // Trust: every key of the ledger is chained to the genesis key by transitions that both
+    // keys signed, so trusting any one of them vouches for all of them, each for its own range.
+    bool chain_trusted = std::any_of(chain_.begin(), chain_.end(),
+                                     [&](const KeyId& k) { return trusted_.count(k) > 0; });
+    if (!chain_trusted)
+      return fail(problem(VerifyProblem::Where::kFile, 0,
+                          fmt::format("none of the ledger's signing keys ({}) is trusted",
+                                      describe_chain())));
     report_.root = tree.root();
     if (!report_.latest_signed_size)
       return fail(problem(VerifyProblem::Where::kFile, 0, "the ledger has no signed head"));
@@ -597,14 +613,55 @@ class Verifier {
                   "its public key is malformed or does not match its key id");
       return false;
     }
-    if (!trusted_.count(key->id())) {
-      p = problem(VerifyProblem::Where::kEntry, 0,
-                  fmt::format("the ledger's genesis key {} is not among the trusted keys",
-                              to_hex(key->id())));
-      return false;
-    }
+    // Whether the genesis key is trusted is decided at the end, once the chain of key
+    // transitions is known (a later key may be the trusted one).
     known_.emplace(key->id(), *key);
+    chain_.push_back(key->id());
+    active_key_ = key->id();
     return true;
+  }
+
+  // A key transition must name the active key as the old one and carry valid signatures of the
+  // statement (block.h) by both keys. The new key signs every head from here on.
+  bool take_transition(std::uint64_t index, ByteView bytes, VerifyProblem& p) {
+    auto bad = [&](std::string reason) {
+      p = problem(VerifyProblem::Where::kEntry, index, std::move(reason));
+      return false;
+    };
+    Result<Entry> e = decode_entry(bytes);
+    if (!e.ok()) return bad("does not decode: " + e.status().message());
+    auto hash_of = [&](std::string_view name) {
+      Hash h{};
+      const Bytes* b = e->body.find(name)->as_bytes();
+      std::copy(b->begin(), b->end(), h.begin());
+      return h;
+    };
+    KeyId old_id = hash_of("old_key_id"), new_id = hash_of("new_key_id");
+    if (old_id != active_key_)
+      return bad(fmt::format("is a key transition from key {}, but the active key is {}",
+                             short_hex(old_id), short_hex(active_key_)));
+    Result<PublicKey> new_key = PublicKey::from_spki_der(*e->body.find("new_public_key")->as_bytes());
+    if (!new_key.ok() || new_key->id() != new_id)
+      return bad("is a key transition whose new public key is malformed or does not match its id");
+    if (known_.count(new_id))
+      return bad(fmt::format("is a key transition to key {}, which the ledger used before",
+                             short_hex(new_id)));
+    Hash digest = sha256(encode_key_transition_statement(report_.ledger_id, old_id, new_id));
+    if (!known_.at(old_id).verify_digest(digest, *e->body.find("old_signature")->as_bytes()).ok())
+      return bad("is a key transition whose old-key signature does not verify");
+    if (!new_key->verify_digest(digest, *e->body.find("new_signature")->as_bytes()).ok())
+      return bad("is a key transition whose new-key signature does not verify");
+    retired_.emplace(old_id, index);
+    known_.emplace(new_id, *new_key);
+    chain_.push_back(new_id);
+    active_key_ = new_id;
+    return true;
+  }
+
+  std::string describe_chain() const {
+    std::string out;
+    for (const KeyId& k : chain_) out += (out.empty() ? "" : " -> ") + short_hex(k);
+    return out;
   }
 
   bool check_head(const HeadRow& row, std::uint64_t height, const Hash& hash,
@@ -630,13 +687,26 @@ class Verifier {
     if (key == known_.end())
       return bad(
           fmt::format("is signed by key {}, which the ledger does not know", to_hex(head->key_id)));
-    if (!trusted_.count(head->key_id))
-      return bad(fmt::format("is signed by key {}, which is not trusted", to_hex(head->key_id)));
+    if (head->key_id != active_key_) {
+      auto retired = retired_.find(head->key_id);
+      if (retired != retired_.end())
+        return bad(fmt::format(
+            "is signed by key {}, which the key transition at entry {} retired; heads covering "
+            "it are signed by {}",
+            short_hex(head->key_id), retired->second, short_hex(active_key_)));
+      return bad(fmt::format("is signed by key {}, not by the ledger's key at that point {}",
+                             short_hex(head->key_id), short_hex(active_key_)));
+    }
     if (row.signature.empty()) return bad("has no signature");
     Status sig = key->second.verify_digest(head_digest(row.head), row.signature);
     if (!sig.ok()) return bad("signature does not verify: " + sig.message());
     if (head->time_us < last_head_time_) return bad("is dated before the head stored before it");
+    if (head->rollback_counter < last_head_counter_)
+      return bad(fmt::format("carries rollback counter {}, lower than the head before it ({})",
+                             head->rollback_counter, last_head_counter_));
     last_head_time_ = head->time_us;
+    last_head_counter_ = head->rollback_counter;
+    report_.rollback_counter = head->rollback_counter;
     ++report_.heads;
     report_.latest_signed_size = head->tree_size;
     report_.latest_signed_time_us = head->time_us;
@@ -651,6 +721,10 @@ class Verifier {
   const VerifyOptions& options_;
   std::map<KeyId, PublicKey> trusted_;
   std::map<KeyId, PublicKey> known_;
+  std::vector<KeyId> chain_;                     // genesis key, then each transition's new key
+  std::map<KeyId, std::uint64_t> retired_;       // key -> the transition entry that retired it
+  KeyId active_key_{};
+  std::uint64_t last_head_counter_ = 0;
   VerifyReport report_;
   std::uint64_t total_ = 0;
   std::uint64_t last_head_time_ = 0;
@@ -682,7 +756,8 @@ nlohmann::json to_json(const VerifyReport& r) {
                         {"heads", r.heads},
                         {"root", to_hex(r.root)},
                         {"unsigned_entries", r.unsigned_entries},
-                        {"key_ids", r.key_ids}};
+                        {"key_ids", r.key_ids},
+                        {"rollback_counter", r.rollback_counter}};
   if (r.latest_signed_size) {
     out["latest_signed_size"] = *r.latest_signed_size;
     out["latest_signed_time"] = format_time(r.latest_signed_time_us);

@@ -30,7 +30,9 @@
 namespace medgate::ledger {
 
 struct VerifyOptions {
-  // The keys the caller trusts. The genesis key and every head's key must be among them.
+  // The keys the caller trusts. At least one key of the ledger's chain (the genesis key and the
+  // new key of each key transition, each transition signed by its old and new key) must be among
+  // them; then the chain is trusted, each key only for the range it was active.
   std::vector<PublicKey> trusted_keys;
   // Called now and then with (entries checked, entries in total); for progress bars.
   std::function<void(std::uint64_t done, std::uint64_t total)> progress;
@@ -57,6 +59,7 @@ struct VerifyReport {
   std::uint64_t latest_signed_time_us = 0;
   std::uint64_t unsigned_entries = 0;  // committed after the latest signed head (not tampering)
   std::vector<std::string> key_ids;    // hex ids of keys that signed heads
+  std::uint64_t rollback_counter = 0;  // carried by the latest valid head
 };
 
 // Verifies the ledger file at `path`, opened read-only. The returned Status fails only when the

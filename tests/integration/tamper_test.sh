@@ -89,14 +89,14 @@ expect_in "signed head #4: signature does not verify" "names head 4"
 "$MEDCTL" init --data-dir "$WORK/other" --ledger-id ward-7 >/dev/null
 OTHER=$WORK/other/ledger.db
 expect_rc 1 "a ledger made with another key" -- "$MEDCTL" ledger verify --db "$OTHER" --trust "$PEM"
-expect_in "entry 0: the ledger's genesis key [0-9a-f]+ is not among the trusted keys" "names the untrusted genesis key"
+expect_in "none of the ledger's signing keys \([0-9a-f]+\) is trusted" "names the untrusted genesis key"
 sqlite3 "$OTHER" "SELECT hex(head), hex(signature) FROM heads WHERE seq = 1" >"$WORK/other-head"
 IFS='|' read -r OH OS <"$WORK/other-head"
 tamper foreign_head "UPDATE heads SET head = X'$OH', signature = X'$OS' WHERE seq = 1"
 verify_copy "the genesis head replaced by one signed with another key"
 expect_in "signed head #1: " "names head 1"
 expect_rc 1 "trusting only the other key" -- "$MEDCTL" ledger verify --db "$DB" --trust "$WORK/other/signing-key.pem"
-expect_in "not among the trusted keys" "the real ledger is not trusted under the wrong key"
+expect_in "none of the ledger's signing keys" "the real ledger is not trusted under the wrong key"
 
 say "== not a ledger"
 printf 'hello\n' >"$WORK/text.db"

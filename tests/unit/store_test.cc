@@ -200,7 +200,7 @@ TEST_CASE("open refuses a ledger whose key store holds another key", "[store]") 
   auto opened = Ledger::open(options_for(path), *other_keys);
   REQUIRE_FALSE(opened.ok());
   CHECK(opened.status().code() == StatusCode::kFailedPrecondition);
-  CHECK_THAT(opened.status().message(), Catch::Contains("is not this ledger's key"));
+  CHECK_THAT(opened.status().message(), Catch::Contains("does not hold this ledger's signing key"));
 }
 
 TEST_CASE("a full disk fails the append loudly and later appends succeed once there is room",
