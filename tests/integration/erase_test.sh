@@ -37,9 +37,9 @@ expect_rc 2 "an empty identifier" -- "$MEDCTL" patient erase ""
 expect_in "identifier is empty" "names the problem"
 expect_rc 2 "no identifier at all is bad usage" -- "$MEDCTL" patient erase
 set +o pipefail
-OUT=$(printf '{"v":1,"op":"patient.erase","args":{"patient":7}}\n' | raw_request "$SOCK"); expect_in '"invalid_argument".*"patient"' "a non-text patient"
-OUT=$(printf '{"v":1,"op":"patient.erase","args":{}}\n' | raw_request "$SOCK"); expect_in '"invalid_argument".*"patient"' "no patient argument"
-OUT=$(printf '{"v":1,"op":"patient.erase","args":{"patient":"x","reason":5}}\n' | raw_request "$SOCK"); expect_in '"invalid_argument".*"reason"' "a non-text reason"
+OUT=$(printf '{"v":1,"op":"patient.erase","args":{"patient":7}}\n' | raw_request "$SOCK"); expect_in 'invalid_argument.*argument ..patient' "a non-text patient"
+OUT=$(printf '{"v":1,"op":"patient.erase","args":{}}\n' | raw_request "$SOCK"); expect_in 'invalid_argument.*argument ..patient' "no patient argument"
+OUT=$(printf '{"v":1,"op":"patient.erase","args":{"patient":"x","reason":5}}\n' | raw_request "$SOCK"); expect_in 'invalid_argument.*argument ..reason' "a non-text reason"
 set -o pipefail
 
 say "== roles"
@@ -53,10 +53,14 @@ say "== nothing recorded, nothing leaked"
 expect_rc 0 "status" -- "$MEDCTL" --json status
 expect_in "\"entries\": $ENTRIES_BEFORE" "a refused erasure appends nothing to the ledger"
 if grep -q "$MARK" "$WORK/medgated.log"; then failed "the identifier is in the daemon's log"; else pass "the identifier is not in the daemon's log"; fi
+no_marker_in_files() {
+  for f in "$DATA"/ledger.db* "$DATA"/vault.db*; do
+    if grep -qa "$MARK" "$f"; then failed "the identifier is in $(basename "$f") ($1)"; else pass "the identifier is not in $(basename "$f") ($1)"; fi
+  done
+}
+no_marker_in_files "daemon running"
 stop_daemon
-for f in "$DATA"/ledger.db* "$DATA"/vault.db*; do
-  if grep -qa "$MARK" "$f"; then failed "the identifier is in $(basename "$f")"; else pass "the identifier is not in $(basename "$f")"; fi
-done
+no_marker_in_files "daemon stopped"
 
 say "== restart"
 start_daemon "$CONF"
