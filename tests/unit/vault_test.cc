@@ -6,9 +6,11 @@
 
 #include <sqlite3.h>
 
+#include <atomic>
 #include <fstream>
 #include <iterator>
 #include <random>
+#include <thread>
 
 #include <fmt/format.h>
 
@@ -254,7 +256,10 @@ TEST_CASE("vault: erasure shreds the key and the identifier for good", "[vault]"
         StatusCode::kFailedPrecondition);
   CHECK(vault->finish_erase(*p, 9).status().code() == StatusCode::kFailedPrecondition);
 
-  // Gone from the database and its WAL, not just unreferenced.
+  // Gone from the database and its WAL, not just unreferenced; the WAL is truncated.
+  std::filesystem::path wal = f.path;
+  wal += "-wal";
+  CHECK(std::filesystem::file_size(wal) == 0);
   CHECK(raw_column(f.path, "wrapped_key", *p).empty());
   CHECK(!in_files(f.path, wrapped));
   CHECK(!in_files(f.path, sealed_id));
@@ -489,5 +494,54 @@ TEST_CASE("privacy: no identifier and no payload reaches any file in clear", "[v
       CHECK(!in_files(file, as_bytes(m)));
       CHECK(!in_files(file, as_bytes("MARKER-")));
     }
+  }
+}
+
+TEST_CASE("vault: threads share patients, keys and an erasure safely", "[vault]") {
+  VaultFixture f;
+  auto vault = f.open();
+  auto doomed = vault->pseudonym("MRN-0000");
+  REQUIRE(doomed.ok());
+  std::atomic<int> failures{0}, refused{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 6; ++t)
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 40; ++i) {
+        // Overlapping identifiers: several threads create the same patients at once.
+        std::string id = fmt::format("MRN-{:04}", 1 + (i + t) % 15);
+        auto p = vault->pseudonym(id);
+        if (!p.ok()) {
+          ++failures;
+          continue;
+        }
+        std::string payload = fmt::format("{}:{}:{}", id, t, i);
+        auto sealed = vault->encrypt(*p, as_bytes(payload), as_bytes(id));
+        auto back = sealed.ok() ? vault->decrypt(*p, *sealed, as_bytes(id)) : sealed;
+        if (!back.ok() || to_string(*back) != payload) ++failures;
+        // Meanwhile another thread erases MRN-0000: each call either works or is refused.
+        auto d = vault->encrypt(*doomed, as_bytes("x"), {});
+        if (!d.ok()) {
+          if (d.status().code() == StatusCode::kFailedPrecondition)
+            ++refused;
+          else
+            ++failures;
+        }
+      }
+    });
+  threads.emplace_back([&] {
+    if (!vault->begin_erase(*doomed, {"user:alice", "", 0}).ok() ||
+        !vault->finish_erase(*doomed, 1).ok())
+      ++failures;
+  });
+  for (auto& t : threads) t.join();
+  CHECK(failures == 0);
+  CHECK(vault->info(*doomed)->state == PatientState::kErased);
+  CHECK(vault->encrypt(*doomed, as_bytes("x"), {}).status().code() ==
+        StatusCode::kFailedPrecondition);
+  for (int i = 1; i <= 15; ++i) {
+    auto id = fmt::format("MRN-{:04}", i);
+    auto p = vault->find(id);
+    REQUIRE(p.ok());
+    CHECK(*vault->identifier(*p) == id);
   }
 }
