@@ -41,6 +41,8 @@ constexpr std::byte kFormatVersion{0x01};
 constexpr std::size_t kKeySize = 32;
 constexpr std::size_t kIvSize = 12;
 constexpr std::size_t kTagSize = 16;
+// OpenSSL's EVP calls take int lengths; observations are far smaller than this.
+constexpr std::size_t kMaxSealed = std::size_t{1} << 30;
 constexpr std::size_t kCachedPseudonyms = 4096;
 constexpr std::size_t kCachedKeys = 1024;
 
@@ -183,6 +185,9 @@ struct CipherCtx {
 // are safe far beyond the number of messages one patient's key will ever see.
 Result<Bytes> seal(ByteView key, std::string_view label, const Pseudonym& p, ByteView aad,
                    ByteView plaintext) {
+  if (plaintext.size() > kMaxSealed || aad.size() > kMaxSealed)
+    return Status::InvalidArgument(
+        fmt::format("a payload or its associated data is larger than {} bytes", kMaxSealed));
   Bytes out(1 + kIvSize + plaintext.size() + kTagSize);
   out[0] = kFormatVersion;
   std::span<std::byte> iv(out.data() + 1, kIvSize);
@@ -206,6 +211,9 @@ Result<Bytes> seal(ByteView key, std::string_view label, const Pseudonym& p, Byt
 
 Result<Bytes> open_sealed(ByteView key, std::string_view label, const Pseudonym& p, ByteView aad,
                           ByteView sealed) {
+  if (sealed.size() > kMaxSealed + 1 + kIvSize + kTagSize || aad.size() > kMaxSealed)
+    return Status::InvalidArgument(
+        fmt::format("a ciphertext or its associated data is larger than {} bytes", kMaxSealed));
   if (sealed.size() < 1 + kIvSize + kTagSize)
     return Status::VerificationFailed(
         fmt::format("ciphertext of {} bytes is shorter than the {} of an empty one", sealed.size(),
@@ -285,7 +293,11 @@ class LruCache {
 struct CachedIdentifier {
   std::string id;
   explicit CachedIdentifier(std::string_view s) : id(s) {}
-  CachedIdentifier(CachedIdentifier&& o) noexcept : id(std::move(o.id)) { o.id.clear(); }
+  // Copies and wipes rather than moves: a moved-from short string keeps its bytes in place.
+  CachedIdentifier(CachedIdentifier&& o) noexcept : id(o.id) {
+    secure_wipe(o.id);
+    o.id.clear();
+  }
   CachedIdentifier& operator=(CachedIdentifier&&) = delete;
   CachedIdentifier(const CachedIdentifier&) = delete;
   ~CachedIdentifier() { secure_wipe(id); }
