@@ -10,8 +10,10 @@
 #include <thread>
 
 #include "appliance/admin_server.h"
+#include "appliance/erasure.h"
 #include "appliance/json_cbor.h"
 #include "appliance/log.h"
+#include "appliance/vault.h"
 #include "hsm/key_store_factory.h"
 #include "ledger/store.h"
 #include "ledger/verifier.h"
@@ -95,6 +97,24 @@ class Daemon::Impl {
         "ledger '{}' open: {} entries, block {}, root {}, signing key {}, rollback counter {}",
         stats.ledger_id, stats.tree_size, stats.height, to_hex(stats.root),
         to_hex(stats.active_key), stats.rollback_counter);
+
+    // The payload vault, next to the ledger. Erasures a crash interrupted are finished before
+    // anything else can touch the vault; one that cannot be finished now stays pending (its
+    // patient's data is refused meanwhile) and is retried at the next start or erase request.
+    const std::filesystem::path vault_path = config_.data_dir / "vault.db";
+    Result<std::unique_ptr<Vault>> vault = Vault::open(vault_path, *keys_);
+    if (!vault.ok()) return vault.status().with_context("vault");
+    vault_ = std::move(vault).value();
+    erasure_ = std::make_unique<PatientErasure>(*vault_, *ledger_);
+    log(LogLevel::kInfo, "vault.open", "vault {} open", vault_path.string());
+    if (Result<std::vector<ErasureRecord>> done = erasure_->finish_pending(); !done.ok())
+      log(LogLevel::kError, "vault.erase", "an interrupted erasure is still pending: {}",
+          done.status().message());
+    else
+      for (const ErasureRecord& r : *done)
+        log(LogLevel::kNotice, "vault.erase",
+            "finished the interrupted erasure of patient {} (ledger entry {})",
+            r.pseudonym.prefix(), r.entry);
 
     Result<std::unique_ptr<AdminServer>> server = AdminServer::start(config_.admin, operations());
     if (!server.ok()) return server.status().with_context("admin socket");
@@ -338,6 +358,31 @@ class Daemon::Impl {
       out["recorded_as"] = index;
       return out;
     });
+    // Crypto-shredding: the patient's identifier is PHI, so it appears in no log line and no
+    // admin-action entry; the patient-erasure entry carries the pseudonym instead.
+    change("patient.erase", [this](const Caller& c, const json& args) -> Result<json> {
+      auto patient = args.find("patient");
+      if (patient == args.end() || !patient->is_string() || patient->get<std::string>().empty())
+        return Status::InvalidArgument(
+            "argument \"patient\" (the patient's identifier) is required");
+      std::string reason;
+      if (auto r = args.find("reason"); r != args.end() && !r->is_null()) {
+        if (!r->is_string()) return Status::InvalidArgument("argument \"reason\" must be text");
+        reason = r->get<std::string>();
+      }
+      Result<ErasureRecord> erased =
+          erasure_->erase(patient->get<std::string>(), reason, c.actor());
+      if (!erased.ok()) {
+        log(LogLevel::kWarning, "patient.erase", "erasure requested by {} not done: {}", c.actor(),
+            erased.status().message());
+        return erased.status();
+      }
+      log(LogLevel::kNotice, "patient.erase", "patient {} erased by {}; recorded as entry {}",
+          erased->pseudonym.prefix(), c.actor(), erased->entry);
+      return json{{"pseudonym", erased->pseudonym.hex()},
+                  {"entry", erased->entry},
+                  {"erased_at", ledger::format_time(erased->erased_us)}};
+    });
     return ops;
   }
 
@@ -406,6 +451,8 @@ class Daemon::Impl {
   std::chrono::steady_clock::time_point started_;
   std::unique_ptr<hsm::KeyStore> keys_;
   std::unique_ptr<ledger::Ledger> ledger_;
+  std::unique_ptr<Vault> vault_;
+  std::unique_ptr<PatientErasure> erasure_;
   std::unique_ptr<AdminServer> admin_;
   std::atomic<bool> stopped_{false};
   std::thread watchdog_;

@@ -436,4 +436,38 @@ int cmd_keys_show(const GlobalOptions& g) {
   return 0;
 }
 
+int cmd_patient_erase(const GlobalOptions& g, std::string patient, const std::string& reason,
+                      bool yes) {
+  const char* what = "medctl patient erase";
+  if (patient == "-") {
+    std::getline(std::cin, patient);
+    if (!patient.empty() && patient.back() == '\r') patient.pop_back();
+  }
+  if (patient.empty())
+    return fail(g, Status::InvalidArgument("the patient identifier is empty"), what);
+  if (!yes && ::isatty(STDIN_FILENO) == 1 && ::isatty(STDERR_FILENO) == 1) {
+    std::cerr << "Erasing a patient destroys their data key: everything stored for them becomes "
+                 "unreadable, for good.\nType 'erase' to go on: "
+              << std::flush;
+    std::string answer;
+    std::getline(std::cin, answer);
+    if (answer != "erase") {
+      secure_wipe(patient);
+      return fail(g, Status::FailedPrecondition("not confirmed; nothing was erased"), what);
+    }
+  }
+  Result<json> r = call(g, "patient.erase", {{"patient", patient}, {"reason", reason}});
+  secure_wipe(patient);
+  if (!r.ok()) return fail(g, r.status(), what);
+  if (g.json)
+    std::cout << r->dump(2) << "\n";
+  else
+    std::cout << fmt::format(
+        "patient    {}\nerased at  {}\nledger     entry {}\nthe data key is destroyed: nothing "
+        "stored for this patient can be decrypted any more\n",
+        (*r)["pseudonym"].get<std::string>(), (*r)["erased_at"].get<std::string>(),
+        (*r)["entry"].get<std::uint64_t>());
+  return 0;
+}
+
 }  // namespace medgate::cli

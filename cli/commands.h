@@ -41,5 +41,10 @@ int cmd_ledger_consistency(const GlobalOptions& g, std::uint64_t from,
 int cmd_ledger_sign_head(const GlobalOptions& g);
 int cmd_keys_show(const GlobalOptions& g);
 int cmd_keys_rotate(const GlobalOptions& g);
+// Crypto-shreds a patient's data key (recorded on the ledger). `patient` "-" reads the identifier
+// from stdin, which keeps it out of the process list and the shell's history. On a terminal the
+// admin is asked to confirm unless `yes`.
+int cmd_patient_erase(const GlobalOptions& g, std::string patient, const std::string& reason,
+                      bool yes);
 
 }  // namespace medgate::cli

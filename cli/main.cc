@@ -91,6 +91,19 @@ int main(int argc, char** argv) {
                        "the old and the new key")
       ->callback([&] { rc = cmd_keys_rotate(g); });
 
+  std::string erase_patient, erase_reason;
+  bool erase_yes = false;
+  auto* patient = app.add_subcommand("patient", "patients: erasure by crypto-shredding");
+  patient->require_subcommand(1);
+  auto* erase = patient->add_subcommand(
+      "erase", "destroy the patient's data key, so nothing stored for them can be decrypted again");
+  erase->add_option("P", erase_patient, "the patient's identifier, or - to read it from stdin")
+      ->required();
+  erase->add_option("--reason", erase_reason,
+                    "why, as recorded on the ledger in clear (never put patient data in it)");
+  erase->add_flag("--yes", erase_yes, "do not ask for confirmation on a terminal");
+  erase->callback([&] { rc = cmd_patient_erase(g, erase_patient, erase_reason, erase_yes); });
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

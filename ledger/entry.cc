@@ -54,11 +54,20 @@ Status check_key_transition(const cbor::Value& body) {
   return Status::Ok();
 }
 
+Status check_patient_erasure(const cbor::Value& body) {
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "pseudonym", 32));
+  const cbor::Value* reason = body.find("reason");
+  if (!reason || !reason->as_text())
+    return Status::InvalidArgument("body needs a text \"reason\" (it may be empty)");
+  return Status::Ok();
+}
+
 constexpr EntryTypeInfo kEntryTypes[] = {
     {EntryType::kGenesis, "genesis", "admin", check_genesis},
     {EntryType::kAdminAction, "admin-action", "admin", check_admin_action},
     {EntryType::kKeyEvent, "key-event", "key", check_key_event},
     {EntryType::kKeyTransition, "key-transition", "key", check_key_transition},
+    {EntryType::kPatientErasure, "patient-erasure", "erasure", check_patient_erasure},
 };
 
 enum Key : std::uint64_t {

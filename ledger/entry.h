@@ -45,11 +45,13 @@ enum class EntryType : std::uint32_t {
   kGenesis = 1,      // the ledger's first entry: its id and the key that signs its heads
   kAdminAction = 2,  // a state-changing admin call: operation and arguments (no PHI)
   kKeyEvent = 3,     // a key registered, rotated or retired
-  // 4 is taken by patient erasure (the vault).
+  // A patient's data key destroyed (crypto-shredding): {"pseudonym": bytes(32), "reason": text,
+  // possibly empty}; its subject link names the same pseudonym.
+  kPatientErasure = 4,
   kKeyTransition = 5,  // the signing key rotated: old and new key, each signing the statement in
                        // block.h; heads covering it and everything after are signed by the new key
   // Reserved for later issues: device observation, device registry, consent, rules, access
-  // decision, erasure.
+  // decision.
 };
 
 struct EntryTypeInfo {

@@ -129,3 +129,35 @@ TEST_CASE("RFC 3339 times parse and format", "[entry]") {
   CHECK_FALSE(parse_time("2026-11-25T17:03:04"));
   CHECK_FALSE(parse_time("yesterday"));
 }
+
+TEST_CASE("a patient-erasure entry carries a 32-byte pseudonym and a reason", "[entry]") {
+  Entry e;
+  e.type = EntryType::kPatientErasure;
+  e.time_us = 1764090000000000;
+  e.actor = "user:alice";
+  Bytes pseudonym(32, std::byte{0xab});
+  auto body = [&](std::optional<Bytes> p, std::optional<cbor::Value> reason) {
+    cbor::Map m;
+    if (p) m.emplace_back(cbor::Value::text("pseudonym"), cbor::Value::bytes(*p));
+    if (reason) m.emplace_back(cbor::Value::text("reason"), *reason);
+    return *cbor::Value::map(std::move(m));
+  };
+  e.body = body(pseudonym, cbor::Value::text(""));
+  e.subjects = {{pseudonym, std::nullopt}};
+  auto bytes = encode_entry(e);
+  REQUIRE(bytes.ok());
+  auto back = decode_entry(*bytes);
+  REQUIRE(back.ok());
+  CHECK(*back == e);
+  CHECK(find_entry_type(4)->name == "patient-erasure");
+  CHECK(find_entry_type("patient-erasure")->type == EntryType::kPatientErasure);
+
+  e.body = body(Bytes(31), cbor::Value::text("x"));
+  CHECK_THAT(encode_entry(e).status().message(), Catch::Contains("32 bytes"));
+  e.body = body(std::nullopt, cbor::Value::text("x"));
+  CHECK_THAT(encode_entry(e).status().message(), Catch::Contains("\"pseudonym\""));
+  e.body = body(pseudonym, std::nullopt);
+  CHECK_THAT(encode_entry(e).status().message(), Catch::Contains("\"reason\""));
+  e.body = body(pseudonym, cbor::Value::uint(3));
+  CHECK_THAT(encode_entry(e).status().message(), Catch::Contains("\"reason\""));
+}
