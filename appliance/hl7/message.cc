@@ -148,7 +148,7 @@ std::string decode_escapes(std::string_view raw, const Delimiters& d) {
       out.push_back(d.escape);
     } else if (seq == "P" && d.truncation) {
       out.push_back(*d.truncation);
-    } else if (!seq.empty() && seq[0] == 'X' && (seq.size() - 1) % 2 == 0 &&
+    } else if (seq.size() >= 3 && seq[0] == 'X' && (seq.size() - 1) % 2 == 0 &&
                std::all_of(seq.begin() + 1, seq.end(), [](char h) { return hex_value(h) >= 0; })) {
       for (std::size_t h = 1; h < seq.size(); h += 2) {
         out.push_back(static_cast<char>(hex_value(seq[h]) * 16 + hex_value(seq[h + 1])));

@@ -10,7 +10,7 @@
 // Values are bytes, kept as sent: nothing is transcoded (text without MSH-18 may well be
 // Latin-1), and escapes are decoded only when a value is read with get():
 //   \F\ \S\ \T\ \R\ \E\ (and \P\ when a truncation character is declared) become the delimiter
-//   they name; \Xhh..\ becomes the bytes hh.. (any even number of hex digits); everything else
+//   they name; \Xhh..\ becomes the bytes hh.. (a non-zero, even number of hex digits); the rest
 //   (\H\ \N\ \.br\ \Z..\ \C..\ \M..\, a malformed \X..\ or an unterminated escape) is kept
 //   verbatim, escape characters included. raw() gives the bytes as sent.
 // Z-segments are segments like any other.
