@@ -247,6 +247,32 @@ std::size_t Segment::subcomponent_count(std::size_t field, std::size_t rep,
   return count_pieces(c, delimiters_.subcomponent);
 }
 
+std::string_view FieldRepetition::raw(std::size_t comp, std::size_t sub) const {
+  if (comp == 0) return text_;
+  std::string_view c = piece(text_, delimiters_->component, comp);
+  if (sub == 0) return c;
+  return piece(c, delimiters_->subcomponent, sub);
+}
+
+std::string FieldRepetition::get(std::size_t comp, std::size_t sub) const {
+  return decode_escapes(raw(comp, sub), *delimiters_);
+}
+
+std::vector<FieldRepetition> Segment::repetitions(std::size_t field) const {
+  std::vector<FieldRepetition> out;
+  std::string_view f = raw(field);
+  if (f.empty()) return out;
+  if (is_header() && field <= 2) return out;  // MSH-1/2 are delimiters, not data
+  std::size_t begin = 0;
+  while (true) {
+    std::size_t end = f.find(delimiters_.repetition, begin);
+    out.emplace_back(f.substr(begin, end == std::string_view::npos ? end : end - begin),
+                     delimiters_);
+    if (end == std::string_view::npos) return out;
+    begin = end + 1;
+  }
+}
+
 std::string_view Segment::raw(std::size_t field, std::size_t rep, std::size_t comp,
                               std::size_t sub) const {
   if (field == 0 || field > fields_.size()) return {};

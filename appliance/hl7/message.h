@@ -47,6 +47,21 @@ std::string decode_escapes(std::string_view raw, const Delimiters& delimiters);
 // character, and writes bytes below 0x20 and 0x7F (CR, LF, MLLP's 0x0B and 0x1C) as \Xhh\.
 std::string encode_escapes(std::string_view value, const Delimiters& delimiters);
 
+// One repetition of a field: a view into its segment, valid while the segment lives. Reading
+// all repetitions of a field through Segment::repetitions() is linear in the field's length, where
+// Segment::get(field, rep, ...) for each rep in turn would be quadratic.
+class FieldRepetition {
+ public:
+  FieldRepetition(std::string_view text, const Delimiters& delimiters)
+      : text_(text), delimiters_(&delimiters) {}
+  std::string_view raw(std::size_t comp = 0, std::size_t sub = 0) const;
+  std::string get(std::size_t comp = 0, std::size_t sub = 0) const;
+
+ private:
+  std::string_view text_;
+  const Delimiters* delimiters_;
+};
+
 // One segment: its id and its fields, kept as sent. Indices are 1-based; 0 for `rep`, `comp` or
 // `sub` means "all of it" (the whole field, repetition or component). Anything beyond what was
 // sent reads as empty.
@@ -61,6 +76,8 @@ class Segment {
   std::size_t repetition_count(std::size_t field) const;
   std::size_t component_count(std::size_t field, std::size_t rep) const;
   std::size_t subcomponent_count(std::size_t field, std::size_t rep, std::size_t comp) const;
+  // Every repetition of `field` (none when it is empty, and none for MSH-1/MSH-2), split once.
+  std::vector<FieldRepetition> repetitions(std::size_t field) const;
 
   std::string_view raw(std::size_t field, std::size_t rep = 0, std::size_t comp = 0,
                        std::size_t sub = 0) const;

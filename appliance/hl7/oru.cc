@@ -65,12 +65,12 @@ std::string hd_name(const Segment& s, std::size_t field, std::size_t rep) {
   return v.empty() ? s.get(field, rep, 2) : v;
 }
 
-PatientIdentifier cx_of(const Segment& pid, std::size_t rep) {
+PatientIdentifier cx_of(const FieldRepetition& cx) {
   PatientIdentifier p;
-  p.id = pid.get(3, rep, 1, 1);
-  p.authority = pid.get(3, rep, 4, 1);
-  if (p.authority.empty()) p.authority = pid.get(3, rep, 4, 2);
-  p.type = pid.get(3, rep, 5, 1);
+  p.id = cx.get(1, 1);
+  p.authority = cx.get(4, 1);
+  if (p.authority.empty()) p.authority = cx.get(4, 2);
+  p.type = cx.get(5, 1);
   return p;
 }
 
@@ -180,7 +180,7 @@ Result<std::vector<Observation>> observations_from_oru(const Message& message, H
     const Segment& s = segments[i];
     std::size_t sequence = i + 1;
     if (s.id() == "PID") {
-      patient = cx_of(s, 1).qualified();
+      patient = cx_of(FieldRepetition(s.raw(3, 1), message.delimiters())).qualified();
       obr_time = 0;
       continue;
     }
@@ -217,27 +217,34 @@ Result<std::vector<Observation>> observations_from_oru(const Message& message, H
     }
 
     std::string type = s.get(2, 1, 1);
-    std::size_t reps = s.repetition_count(5);
-    if (reps == 0) {
+    std::vector<FieldRepetition> values = s.repetitions(5);
+    if (out.size() + std::max<std::size_t>(values.size(), 1) > kMaxObservationsPerMessage) {
+      return fail(error, ErrorCode::kInternal, {"OBX", sequence, 5},
+                  "more than " + std::to_string(kMaxObservationsPerMessage) +
+                      " observations in one message");
+    }
+    if (values.empty()) {
       out.push_back(std::move(base));
       continue;
     }
-    for (std::size_t rep = 1; rep <= reps; ++rep) {
+    for (std::size_t rep = 1; rep <= values.size(); ++rep) {
+      const FieldRepetition& value = values[rep - 1];
       Observation o = base;
       ErrorLocation where{"OBX", sequence, 5, rep};
-      if (s.raw(5, rep).empty()) {
+      if (value.raw().empty()) {
         // An empty repetition: no value.
       } else if (type == "NM") {
-        std::optional<double> v = parse_nm(s.get(5, rep, 1));
-        if (!v)
+        std::optional<double> v = parse_nm(value.get(1));
+        if (!v) {
           return fail(error, ErrorCode::kDataType, where, "OBX-2 is NM but OBX-5 is not a number");
+        }
         o.value = *v;
       } else if (type == "CWE" || type == "CE" || type == "CNE" || type == "CF") {
-        std::string code = s.get(5, rep, 1);
-        o.value = code.empty() ? s.get(5, rep, 2) : code;
+        std::string code = value.get(1);
+        o.value = code.empty() ? value.get(2) : code;
       } else if (type == "ED") {
-        std::string encoding = s.get(5, rep, 4);
-        std::string data = s.get(5, rep, 5);
+        std::string encoding = value.get(4);
+        std::string data = value.get(5);
         if (iequals(encoding, "Base64")) {
           std::optional<Bytes> b = from_base64(data);
           if (!b) return fail(error, ErrorCode::kDataType, where, "ED data is not valid Base64");
@@ -250,7 +257,7 @@ Result<std::vector<Observation>> observations_from_oru(const Message& message, H
           o.value = to_bytes(data);
         }
       } else {
-        o.value = s.get(5, rep);
+        o.value = value.get();
       }
       out.push_back(std::move(o));
     }
@@ -264,8 +271,8 @@ Result<std::vector<PatientIdentifier>> patient_ids(const Message& message, Hl7Er
     const Segment& pid = segments[i];
     if (pid.id() != "PID") continue;
     std::vector<PatientIdentifier> ids;
-    for (std::size_t rep = 1; rep <= pid.repetition_count(3); ++rep) {
-      PatientIdentifier p = cx_of(pid, rep);
+    for (const FieldRepetition& cx : pid.repetitions(3)) {
+      PatientIdentifier p = cx_of(cx);
       if (!p.id.empty()) ids.push_back(std::move(p));
     }
     if (ids.empty()) {

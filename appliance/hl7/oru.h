@@ -3,6 +3,7 @@
 // from ADT. Everything returned except MessageInfo is PHI.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -55,6 +56,10 @@ Result<MessageInfo> message_info(const Message& message, Hl7Error* error = nullp
 // Refuses (kInvalidArgument, no content in the message) other shapes, impossible dates and times
 // before 1970.
 Result<std::uint64_t> parse_dtm(std::string_view dtm);
+
+// A bound on what one message may expand to (each Observation costs far more memory than the
+// "~" that made it): beyond it observations_from_oru refuses the message (207).
+inline constexpr std::size_t kMaxObservationsPerMessage = 10000;
 
 // One Observation per OBX (per repetition of OBX-5 when it repeats), of an ORU^R01 (MSH-9 ORU,
 // R01; other ORU events are refused with 201, other types with 200). Each OBX is read in the

@@ -578,6 +578,39 @@ TEST_CASE("ORU: values that do not match their type are refused with their posit
   }
 }
 
+TEST_CASE("ORU: many repetitions are read in one pass, and a message may not expand without bound",
+          "[hl7]") {
+  // Once each repetition of OBX-5 was found by scanning from the start of the field: 30,000
+  // repetitions (60 KB) took minutes. tests/fuzz/corpus/hl7/crash-timeout-obx5-many-repetitions.
+  const std::string head = "MSH|^~\\&|A|B|C|D|1||ORU^R01|1|P|2.5\rPID|||1\rOBX|1|NM|X||";
+  std::string many = head;
+  for (int i = 0; i < 9999; ++i) many += std::to_string(i % 10) + "~";
+  many += "7";
+  auto obs = observations_from_oru(parse_ok(many));
+  REQUIRE(obs.ok());
+  REQUIRE(obs->size() == 10000);
+  CHECK(number((*obs)[9998]) == 8);
+  CHECK(number((*obs)[9999]) == 7);
+
+  Hl7Error e = oru_error(many + "~1");
+  CHECK(e.code == ErrorCode::kInternal);
+  CHECK(e.where == ErrorLocation{"OBX", 3, 5});
+  CHECK(e.text == "more than 10000 observations in one message");
+}
+
+TEST_CASE("ER7: repetitions() splits a field once into views that read components", "[hl7]") {
+  Message m = parse_ok(read_data("adt_a01.hl7"));
+  const Segment* pid = m.find("PID");
+  REQUIRE(pid != nullptr);
+  auto reps = pid->repetitions(3);
+  REQUIRE(reps.size() == 2);
+  CHECK(reps[0].raw() == "556677^^^HOSP_MRN^MR");
+  CHECK(reps[1].get(4, 2) == "2.16.840.1.113883.4.1");
+  CHECK(reps[1].get(9).empty());
+  CHECK(pid->repetitions(4).empty());
+  CHECK(m.find("MSH")->repetitions(2).empty());
+}
+
 TEST_CASE("DTM: precision, fractions and offsets", "[hl7]") {
   CHECK(*parse_dtm("1970") == 0);
   CHECK(*parse_dtm("197001010000") == 0);
