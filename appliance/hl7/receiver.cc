@@ -102,4 +102,10 @@ Received process(ByteView frame, std::string_view control_id, std::uint64_t now_
                 control_id, now_us);
 }
 
+Received reject_frame(const Status& framing_error, std::string_view control_id,
+                      std::uint64_t now_us) {
+  return failed(Received{}, Disposition::kReject,
+                {ErrorCode::kSegmentSequence, {}, framing_error.message()}, control_id, now_us);
+}
+
 }  // namespace medgate::appliance::hl7

@@ -2,7 +2,7 @@
 // listener only moves bytes, commits and sends.
 //
 //   for (auto& frame : deframer.feed(bytes)) {
-//     if (!frame.ok()) { send(encode_frame(build_reject(id, now, oversize_error))); continue; }
+//     if (!frame.ok()) { send(encode_frame(reject_frame(frame.status(), id, now).ack)); continue; }
 //     Received r = process(*frame, next_control_id(), now);
 //     if (r.disposition == Disposition::kAccept) { ...commit r.observations, wait until durable...
 //     } if (r.send_ack) send(encode_frame(r.ack));
@@ -49,5 +49,11 @@ struct Received {
 //  - AA (CA): otherwise. An ORU^R01 without OBX is accepted with no observations.
 // `control_id` is this ACK's MSH-10 and `now_us` its MSH-7.
 Received process(ByteView frame, std::string_view control_id, std::uint64_t now_us);
+
+// The AR for what the deframer refused (a frame over the size limit): no message to read a
+// header from, so the defaults of build_reject, with `framing_error`'s message (which names sizes,
+// never content) as the text.
+Received reject_frame(const Status& framing_error, std::string_view control_id,
+                      std::uint64_t now_us);
 
 }  // namespace medgate::appliance::hl7

@@ -839,3 +839,18 @@ TEST_CASE("process: what cannot be parsed is AR, what cannot be processed is AE"
     CHECK(ack.get("ERR", 3, 1, 1) == "102");
   }
 }
+
+TEST_CASE("process: a frame the deframer refused gets an AR naming the limit", "[hl7]") {
+  MllpDeframer d(16);
+  auto results = d.feed(frame_of("MSH|^~\\&|A|B|C|D|1||ORU^R01|1|P|2.5"));
+  REQUIRE(results.size() == 1);
+  REQUIRE_FALSE(results[0].ok());
+  Received r = reject_frame(results[0].status(), "MG-10", 0);
+  CHECK(r.disposition == Disposition::kReject);
+  Message ack = parse_ok(r.ack);
+  CHECK(ack.get("MSA", 1) == "AR");
+  CHECK(ack.get("MSH", 10) == "MG-10");
+  CHECK(ack.get("ERR", 8) ==
+        "MLLP frame larger than the limit of 16 bytes; skipped to the next "
+        "start block");
+}
