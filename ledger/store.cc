@@ -171,8 +171,18 @@ struct Job {
   std::mutex mu;
   std::condition_variable cv;
   bool done = false;
+  // An asynchronous append (Ledger::append_async): called instead of waking a waiter, and the
+  // job, which the writer then owns, is deleted after it.
+  std::function<void(Result<std::uint64_t>)> on_done;
 
   void finish(Status s) {
+    if (on_done) {
+      auto callback = std::move(on_done);
+      Result<std::uint64_t> r = s.ok() ? Result<std::uint64_t>(first_index) : Result<std::uint64_t>(s);
+      delete this;
+      callback(std::move(r));
+      return;
+    }
     std::lock_guard lk(mu);
     status = std::move(s);
     done = true;
@@ -249,15 +259,13 @@ class Ledger::Impl {
 
   // ---- writes ----
 
-  Result<std::uint64_t> append(std::span<const Entry> entries, bool internal = false) {
+  // Encodes and hashes entries on the caller's thread into `job`.
+  Status prepare(Job& job, std::span<const Entry> entries, bool internal) {
     if (entries.empty()) return Status::InvalidArgument("nothing to append");
     for (const Entry& e : entries)
-      if (!internal && (e.type == EntryType::kGenesis || e.type == EntryType::kKeyTransition)) {
-        failed_appends_.fetch_add(1);
+      if (!internal && (e.type == EntryType::kGenesis || e.type == EntryType::kKeyTransition))
         return Status::InvalidArgument(
             "genesis and key-transition entries are written only by the ledger itself");
-      }
-    Job job;
     job.entries.reserve(entries.size());
     std::uint64_t now = now_us();
     for (const Entry& e : entries) {
@@ -269,12 +277,39 @@ class Ledger::Impl {
         src = &copy_if_needed;
       }
       Result<Bytes> bytes = encode_entry(*src);
-      if (!bytes.ok()) {
-        failed_appends_.fetch_add(1);
-        return bytes.status();
-      }
+      if (!bytes.ok()) return bytes.status();
       Hash leaf = merkle::leaf_hash(*bytes);
       job.entries.push_back({std::move(bytes).value(), leaf, src->type, src->time_us});
+    }
+    return Status::Ok();
+  }
+
+  Status append_async(std::span<const Entry> entries,
+                      std::function<void(Result<std::uint64_t>)> done) {
+    auto job = std::make_unique<Job>();
+    if (Status s = prepare(*job, entries, false); !s.ok()) {
+      failed_appends_.fetch_add(1);
+      return s;
+    }
+    std::size_t n = job->entries.size();
+    {
+      std::lock_guard lk(queue_mu_);
+      if (!accepting_) return Status::FailedPrecondition("the ledger is closing");
+      if (queued_entries_ + n > options_.max_queued_entries && queued_entries_ > 0)
+        return Status::Unavailable("the ledger's append queue is full");
+      queued_entries_ += n;
+      job->on_done = std::move(done);
+      queue_.push_back(job.release());
+    }
+    writer_cv_.notify_one();
+    return Status::Ok();
+  }
+
+  Result<std::uint64_t> append(std::span<const Entry> entries, bool internal = false) {
+    Job job;
+    if (Status s = prepare(job, entries, internal); !s.ok()) {
+      failed_appends_.fetch_add(1);
+      return s;
     }
     Status s = submit(job);
     if (!s.ok()) {
@@ -1267,6 +1302,10 @@ Result<std::uint64_t> Ledger::append_all(std::span<const Entry> entries) {
 }
 Result<SignedHead> Ledger::sign_head_now() {
   return impl_->sign_head_now();
+}
+Status Ledger::append_async(std::span<const Entry> entries,
+                            std::function<void(Result<std::uint64_t>)> done) {
+  return impl_->append_async(entries, std::move(done));
 }
 Result<KeyRotation> Ledger::rotate_signing_key(const std::string& actor) {
   return impl_->rotate_signing_key(actor);

@@ -36,6 +36,7 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -127,6 +128,12 @@ class Ledger {
   Result<std::uint64_t> append(const Entry& entry);
   // Appends entries atomically (all in the same block) and returns the first index.
   Result<std::uint64_t> append_all(std::span<const Entry> entries);
+  // Appends entries atomically without waiting. `done` runs once, on the writer thread, with the
+  // first index when the entries are durable or with the error; it must be quick (hand the
+  // result to another thread). kUnavailable, without calling `done`, when the queue holds
+  // max_queued_entries already (backpressure); kInvalidArgument for a bad entry.
+  Status append_async(std::span<const Entry> entries,
+                      std::function<void(Result<std::uint64_t>)> done);
 
   // Signs a head covering everything committed when called and returns it once durable.
   Result<SignedHead> sign_head_now();
