@@ -62,11 +62,22 @@ Status check_patient_erasure(const cbor::Value& body) {
   return Status::Ok();
 }
 
+Status check_observation(const cbor::Value& body) {
+  MEDGATE_RETURN_IF_ERROR(require_text(body, "source"));
+  MEDGATE_RETURN_IF_ERROR(require_text(body, "device"));
+  const cbor::Value* id = body.find("message_id");
+  if (!id || !id->as_text())
+    return Status::InvalidArgument("body needs a text \"message_id\" (may be empty)");
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "ciphertext", 0));
+  return Status::Ok();
+}
+
 constexpr EntryTypeInfo kEntryTypes[] = {
     {EntryType::kGenesis, "genesis", "admin", check_genesis},
     {EntryType::kAdminAction, "admin-action", "admin", check_admin_action},
     {EntryType::kKeyEvent, "key-event", "key", check_key_event},
     {EntryType::kKeyTransition, "key-transition", "key", check_key_transition},
+    {EntryType::kObservation, "observation", "data", check_observation},
     {EntryType::kPatientErasure, "patient-erasure", "erasure", check_patient_erasure},
 };
 

@@ -50,7 +50,12 @@ enum class EntryType : std::uint32_t {
   kPatientErasure = 4,
   kKeyTransition = 5,  // the signing key rotated: old and new key, each signing the statement in
                        // block.h; heads covering it and everything after are signed by the new key
-  // Reserved for later issues: device observation, device registry, consent, rules, access
+  // A device's reading, encrypted under the patient's data key by the vault: {"source": "hl7" |
+  // "coap", "device": text, "message_id": text (HL7 MSH-10; may be empty), "ciphertext": bytes};
+  // its subject link names the patient's pseudonym. The ledger commits to the ciphertext, never to
+  // a plain value.
+  kObservation = 6,
+  // Reserved for later issues: device registry, consent, rules, access
   // decision.
 };
 
