@@ -12,6 +12,7 @@
 #include "appliance/admin_server.h"
 #include "appliance/erasure.h"
 #include "appliance/json_cbor.h"
+#include "appliance/registry.h"
 #include "appliance/log.h"
 #include "appliance/vault.h"
 #include "hsm/key_store_factory.h"
@@ -107,6 +108,10 @@ class Daemon::Impl {
     vault_ = std::move(vault).value();
     erasure_ = std::make_unique<PatientErasure>(*vault_, *ledger_);
     log(LogLevel::kInfo, "vault.open", "vault {} open", vault_path.string());
+    Result<std::unique_ptr<DeviceRegistry>> registry =
+        DeviceRegistry::open(config_.data_dir / "registry.db", *keys_, *vault_, *ledger_);
+    if (!registry.ok()) return registry.status().with_context("device registry");
+    registry_ = std::move(registry).value();
     if (Result<std::vector<ErasureRecord>> done = erasure_->finish_pending(); !done.ok())
       log(LogLevel::kError, "vault.erase", "an interrupted erasure is still pending: {}",
           done.status().message());
@@ -360,6 +365,46 @@ class Daemon::Impl {
     });
     // Crypto-shredding: the patient's identifier is PHI, so it appears in no log line and no
     // admin-action entry; the patient-erasure entry carries the pseudonym instead.
+    // ---- the device registry (patient identifiers in arguments are never logged) ----
+    read("device.list", [this](const Caller&, const json&) -> Result<json> {
+      json out = json::array();
+      for (const DeviceInfo& d : registry_->list()) out.push_back(device_json(d));
+      return json{{"devices", out}};
+    });
+    read("device.show", [this](const Caller&, const json& args) -> Result<json> {
+      MEDGATE_ASSIGN_OR_RETURN(std::string id, text_arg(args, "id"));
+      MEDGATE_ASSIGN_OR_RETURN(DeviceInfo d, registry_->show(id));
+      return device_json(d);
+    });
+    change("device.add", [this](const Caller& c, const json& args) -> Result<json> {
+      MEDGATE_ASSIGN_OR_RETURN(std::string id, text_arg(args, "id"));
+      MEDGATE_ASSIGN_OR_RETURN(std::string kind_name, text_arg(args, "kind"));
+      std::optional<DeviceKind> kind = parse_device_kind(kind_name);
+      if (!kind) return Status::InvalidArgument("argument \"kind\" must be coap or hl7");
+      std::optional<std::string> patient;
+      if (auto p = args.find("patient"); p != args.end() && !p->is_null()) {
+        if (!p->is_string() || p->get<std::string>().empty())
+          return Status::InvalidArgument("argument \"patient\" must be a non-empty text");
+        patient = p->get<std::string>();
+      }
+      Result<DeviceChange> r =
+          registry_->add(id, *kind, patient, args.value("hl7_application", std::string()),
+                         args.value("hl7_facility", std::string()), c.actor());
+      return device_change(c, "device.add", r);
+    });
+    change("device.bind", [this](const Caller& c, const json& args) -> Result<json> {
+      MEDGATE_ASSIGN_OR_RETURN(std::string id, text_arg(args, "id"));
+      MEDGATE_ASSIGN_OR_RETURN(std::string patient, text_arg(args, "patient"));
+      return device_change(c, "device.bind", registry_->bind(id, patient, c.actor()));
+    });
+    change("device.revoke", [this](const Caller& c, const json& args) -> Result<json> {
+      MEDGATE_ASSIGN_OR_RETURN(std::string id, text_arg(args, "id"));
+      return device_change(c, "device.revoke", registry_->revoke(id, c.actor()));
+    });
+    change("device.rotate_psk", [this](const Caller& c, const json& args) -> Result<json> {
+      MEDGATE_ASSIGN_OR_RETURN(std::string id, text_arg(args, "id"));
+      return device_change(c, "device.rotate_psk", registry_->rotate_psk(id, c.actor()));
+    });
     change("patient.erase", [this](const Caller& c, const json& args) -> Result<json> {
       auto patient = args.find("patient");
       if (patient == args.end() || !patient->is_string() || patient->get<std::string>().empty())
@@ -384,6 +429,38 @@ class Daemon::Impl {
                   {"erased_at", ledger::format_time(erased->erased_us)}};
     });
     return ops;
+  }
+
+  static json device_json(const DeviceInfo& d) {
+    return {{"id", d.id},
+            {"kind", device_kind_name(d.kind)},
+            {"state", d.revoked ? "revoked" : "active"},
+            {"patient", d.patient ? json(d.patient->hex()) : json(nullptr)},
+            {"hl7_application", d.hl7_application},
+            {"hl7_facility", d.hl7_facility},
+            {"created", ledger::format_time(d.created_us)},
+            {"updated", ledger::format_time(d.updated_us)},
+            {"last_entry", d.last_entry}};
+  }
+
+  static Result<std::string> text_arg(const json& args, const char* name) {
+    auto it = args.find(name);
+    if (it == args.end() || !it->is_string() || it->get<std::string>().empty())
+      return Status::InvalidArgument(fmt::format("argument \"{}\" must be a non-empty text", name));
+    return it->get<std::string>();
+  }
+
+  Result<json> device_change(const Caller& c, const char* op, const Result<DeviceChange>& r) {
+    if (!r.ok()) {
+      log(LogLevel::kWarning, op, "{} by {} refused: {}", op, c.actor(), r.status().message());
+      return r.status();
+    }
+    log(LogLevel::kNotice, op, "{} of device {} by {} recorded as entry {}", op, r->device.id,
+        c.actor(), r->entry);
+    json out = device_json(r->device);
+    out["entry"] = r->entry;
+    if (!r->psk.empty()) out["psk"] = r->psk;
+    return out;
   }
 
   Result<json> status(const Caller& caller) {
@@ -453,6 +530,7 @@ class Daemon::Impl {
   std::unique_ptr<ledger::Ledger> ledger_;
   std::unique_ptr<Vault> vault_;
   std::unique_ptr<PatientErasure> erasure_;
+  std::unique_ptr<DeviceRegistry> registry_;
   std::unique_ptr<AdminServer> admin_;
   std::atomic<bool> stopped_{false};
   std::thread watchdog_;

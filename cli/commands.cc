@@ -1,7 +1,10 @@
 #include "cli/commands.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -468,6 +471,144 @@ int cmd_patient_erase(const GlobalOptions& g, std::string patient, const std::st
         (*r)["pseudonym"].get<std::string>(), (*r)["erased_at"].get<std::string>(),
         (*r)["entry"].get<std::uint64_t>());
   return 0;
+}
+
+namespace {
+
+// "-" reads the identifier from stdin, keeping it out of the process list and shell history.
+std::string read_patient(std::string patient) {
+  if (patient == "-") {
+    std::getline(std::cin, patient);
+    if (!patient.empty() && patient.back() == '\r') patient.pop_back();
+  }
+  return patient;
+}
+
+void print_device(const json& d) {
+  std::cout << fmt::format("device     {} ({}, {})\n", d["id"].get<std::string>(),
+                           d["kind"].get<std::string>(), d["state"].get<std::string>());
+  if (d["kind"] == "hl7")
+    std::cout << fmt::format("hl7 source MSH-3 '{}', MSH-4 '{}'\n",
+                             d["hl7_application"].get<std::string>(),
+                             d["hl7_facility"].get<std::string>().empty()
+                                 ? "(any)"
+                                 : d["hl7_facility"].get<std::string>());
+  std::cout << fmt::format("patient    {}\n", d["patient"].is_string()
+                                                 ? "pseudonym " + d["patient"].get<std::string>()
+                                                 : std::string("(not bound)"));
+  std::cout << fmt::format("changed    {} (ledger entry {})\n", d["updated"].get<std::string>(),
+                           d["last_entry"].get<std::uint64_t>());
+}
+
+// A new PSK is shown once: written to --psk-out (created 0600, never overwritten) or printed.
+int hand_out_psk(const GlobalOptions& g, const json& r, const std::optional<std::string>& psk_out,
+                 const char* what) {
+  if (!r.contains("psk")) return 0;
+  std::string psk = r["psk"].get<std::string>();
+  if (psk_out) {
+    int fd = ::open(psk_out->c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0 || ::write(fd, psk.data(), psk.size()) != static_cast<ssize_t>(psk.size()) ||
+        ::fsync(fd) != 0) {
+      if (fd >= 0) ::close(fd);
+      std::cout << "PSK (write it down now; it is not shown again): " << psk << "\n";
+      return fail(g, Status::IOError("cannot write " + *psk_out + ": " + std::strerror(errno)),
+                  what);
+    }
+    ::close(fd);
+    std::cout << "PSK written to " << *psk_out << " (0600); it is not shown again\n";
+  } else {
+    std::cout << "PSK        " << psk << "\n           (shown once: give it to the device now)\n";
+  }
+  secure_wipe(psk);
+  return 0;
+}
+
+}  // namespace
+
+int cmd_device_add(const GlobalOptions& g, const std::string& id, const std::string& kind,
+                   const std::optional<std::string>& patient, const std::string& hl7_app,
+                   const std::string& hl7_facility, const std::optional<std::string>& psk_out) {
+  const char* what = "medctl device add";
+  json args = {{"id", id}, {"kind", kind}};
+  if (patient) {
+    std::string p = read_patient(*patient);
+    if (p.empty()) return fail(g, Status::InvalidArgument("the patient identifier is empty"), what);
+    args["patient"] = p;
+    secure_wipe(p);
+  }
+  if (!hl7_app.empty()) args["hl7_application"] = hl7_app;
+  if (!hl7_facility.empty()) args["hl7_facility"] = hl7_facility;
+  if (psk_out && std::filesystem::exists(*psk_out))
+    return fail(g, Status::InvalidArgument(*psk_out + " exists; refusing to overwrite it"), what);
+  Result<json> r = call(g, "device.add", args);
+  if (!r.ok()) return fail(g, r.status(), what);
+  if (g.json) {
+    json out = *r;
+    if (psk_out) out.erase("psk");
+    int rc = psk_out ? hand_out_psk(g, *r, psk_out, what) : 0;
+    std::cout << out.dump(2) << "\n";
+    return rc;
+  }
+  std::cout << "registered (ledger entry " << (*r)["entry"].get<std::uint64_t>() << ")\n";
+  print_device(*r);
+  return hand_out_psk(g, *r, psk_out, what);
+}
+
+int cmd_device_list(const GlobalOptions& g) {
+  Result<json> r = call(g, "device.list");
+  if (!r.ok()) return fail(g, r.status(), "medctl device list");
+  if (g.json) {
+    std::cout << r->dump(2) << "\n";
+    return 0;
+  }
+  if ((*r)["devices"].empty()) std::cout << "no devices registered\n";
+  for (const json& d : (*r)["devices"])
+    std::cout << fmt::format("{:<24} {:<5} {:<8} {}\n", d["id"].get<std::string>(),
+                             d["kind"].get<std::string>(), d["state"].get<std::string>(),
+                             d["patient"].is_string()
+                                 ? "patient " + short_hex(d["patient"].get<std::string>())
+                                 : std::string());
+  return 0;
+}
+
+int cmd_device_show(const GlobalOptions& g, const std::string& id) {
+  Result<json> r = call(g, "device.show", {{"id", id}});
+  if (!r.ok()) return fail(g, r.status(), "medctl device show");
+  if (g.json)
+    std::cout << r->dump(2) << "\n";
+  else
+    print_device(*r);
+  return 0;
+}
+
+int cmd_device_change(const GlobalOptions& g, const std::string& op, const std::string& id,
+                      const std::optional<std::string>& patient,
+                      const std::optional<std::string>& psk_out) {
+  std::string what = "medctl device " + op;
+  json args = {{"id", id}};
+  if (patient) {
+    std::string p = read_patient(*patient);
+    if (p.empty())
+      return fail(g, Status::InvalidArgument("the patient identifier is empty"), what.c_str());
+    args["patient"] = p;
+    secure_wipe(p);
+  }
+  if (psk_out && std::filesystem::exists(*psk_out))
+    return fail(g, Status::InvalidArgument(*psk_out + " exists; refusing to overwrite it"),
+                what.c_str());
+  std::string api = op == "rotate-psk" ? "device.rotate_psk" : "device." + op;
+  Result<json> r = call(g, api, args);
+  if (!r.ok()) return fail(g, r.status(), what.c_str());
+  if (g.json) {
+    json out = *r;
+    if (psk_out) out.erase("psk");
+    int rc = psk_out ? hand_out_psk(g, *r, psk_out, what.c_str()) : 0;
+    std::cout << out.dump(2) << "\n";
+    return rc;
+  }
+  std::cout << op << " recorded (ledger entry " << (*r)["entry"].get<std::uint64_t>() << ")\n";
+  print_device(*r);
+  return hand_out_psk(g, *r, psk_out, what.c_str());
 }
 
 }  // namespace medgate::cli

@@ -41,6 +41,15 @@ int cmd_ledger_consistency(const GlobalOptions& g, std::uint64_t from,
 int cmd_ledger_sign_head(const GlobalOptions& g);
 int cmd_keys_show(const GlobalOptions& g);
 int cmd_keys_rotate(const GlobalOptions& g);
+int cmd_device_add(const GlobalOptions& g, const std::string& id, const std::string& kind,
+                   const std::optional<std::string>& patient, const std::string& hl7_app,
+                   const std::string& hl7_facility, const std::optional<std::string>& psk_out);
+int cmd_device_list(const GlobalOptions& g);
+int cmd_device_show(const GlobalOptions& g, const std::string& id);
+// op: bind (patient), revoke, rotate-psk (psk_out)
+int cmd_device_change(const GlobalOptions& g, const std::string& op, const std::string& id,
+                      const std::optional<std::string>& patient,
+                      const std::optional<std::string>& psk_out);
 // Crypto-shreds a patient's data key (recorded on the ledger). `patient` "-" reads the identifier
 // from stdin, which keeps it out of the process list and the shell's history. On a terminal the
 // admin is asked to confirm unless `yes`.

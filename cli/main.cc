@@ -104,6 +104,44 @@ int main(int argc, char** argv) {
   erase->add_flag("--yes", erase_yes, "do not ask for confirmation on a terminal");
   erase->callback([&] { rc = cmd_patient_erase(g, erase_patient, erase_reason, erase_yes); });
 
+  std::string device_id, device_kind, device_hl7_app, device_hl7_facility;
+  std::optional<std::string> device_patient, device_psk_out;
+  auto* device = app.add_subcommand("device", "the device registry (CoAP devices, HL7 sources)");
+  device->require_subcommand(1);
+  auto* device_add = device->add_subcommand("add", "register a device; CoAP devices get a PSK");
+  device_add->add_option("ID", device_id, "device id: the CoAP PSK identity")->required();
+  device_add->add_option("--kind", device_kind, "coap or hl7")->required();
+  device_add->add_option("--patient", device_patient,
+                         "bind to this patient (identifier, or - to read it from stdin)");
+  device_add->add_option("--hl7-app", device_hl7_app, "HL7: sending application, MSH-3 (default ID)");
+  device_add->add_option("--hl7-facility", device_hl7_facility,
+                         "HL7: sending facility, MSH-4 (default: any)");
+  device_add->add_option("--psk-out", device_psk_out, "write the PSK to this new file (0600)");
+  device_add->callback([&] {
+    rc = cmd_device_add(g, device_id, device_kind, device_patient, device_hl7_app,
+                        device_hl7_facility, device_psk_out);
+  });
+  device->add_subcommand("list", "registered devices")->callback([&] {
+    rc = cmd_device_list(g);
+  });
+  auto* device_show = device->add_subcommand("show", "one device");
+  device_show->add_option("ID", device_id)->required();
+  device_show->callback([&] { rc = cmd_device_show(g, device_id); });
+  auto* device_bind = device->add_subcommand("bind", "bind a device to a patient");
+  device_bind->add_option("ID", device_id)->required();
+  device_bind->add_option("--patient", device_patient, "identifier, or - for stdin")->required();
+  device_bind->callback(
+      [&] { rc = cmd_device_change(g, "bind", device_id, device_patient, std::nullopt); });
+  auto* device_revoke = device->add_subcommand("revoke", "refuse the device from now on");
+  device_revoke->add_option("ID", device_id)->required();
+  device_revoke->callback(
+      [&] { rc = cmd_device_change(g, "revoke", device_id, std::nullopt, std::nullopt); });
+  auto* device_rotate = device->add_subcommand("rotate-psk", "a new PSK for a CoAP device");
+  device_rotate->add_option("ID", device_id)->required();
+  device_rotate->add_option("--psk-out", device_psk_out, "write the PSK to this new file (0600)");
+  device_rotate->callback(
+      [&] { rc = cmd_device_change(g, "rotate-psk", device_id, std::nullopt, device_psk_out); });
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -72,12 +72,20 @@ Status check_observation(const cbor::Value& body) {
   return Status::Ok();
 }
 
+Status check_device_event(const cbor::Value& body) {
+  MEDGATE_RETURN_IF_ERROR(require_text(body, "event"));
+  MEDGATE_RETURN_IF_ERROR(require_text(body, "device"));
+  MEDGATE_RETURN_IF_ERROR(require_text(body, "kind"));
+  return Status::Ok();
+}
+
 constexpr EntryTypeInfo kEntryTypes[] = {
     {EntryType::kGenesis, "genesis", "admin", check_genesis},
     {EntryType::kAdminAction, "admin-action", "admin", check_admin_action},
     {EntryType::kKeyEvent, "key-event", "key", check_key_event},
     {EntryType::kKeyTransition, "key-transition", "key", check_key_transition},
     {EntryType::kObservation, "observation", "data", check_observation},
+    {EntryType::kDeviceEvent, "device-event", "device", check_device_event},
     {EntryType::kPatientErasure, "patient-erasure", "erasure", check_patient_erasure},
 };
 

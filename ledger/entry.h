@@ -55,7 +55,11 @@ enum class EntryType : std::uint32_t {
   // its subject link names the patient's pseudonym. The ledger commits to the ciphertext, never to
   // a plain value.
   kObservation = 6,
-  // Reserved for later issues: device registry, consent, rules, access
+  // A change to the device registry: {"event": "add" | "bind" | "revoke" | "rotate-psk",
+  // "device": text, "kind": "coap" | "hl7", "hl7_application": text, "hl7_facility": text}; a
+  // bound patient is the entry's subject (its pseudonym). No key or PSK is ever in it.
+  kDeviceEvent = 7,
+  // Reserved for later issues: consent, rules, access
   // decision.
 };
 

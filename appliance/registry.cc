@@ -1,0 +1,313 @@
+#include "appliance/registry.h"
+
+#include <fmt/format.h>
+
+#include "ledger/entry.h"
+
+namespace medgate::appliance {
+namespace {
+
+constexpr std::string_view kSchema = R"sql(
+  CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, revoked INTEGER NOT NULL,
+    patient BLOB,              -- the bound patient's pseudonym (32 bytes) or NULL
+    psk BLOB,                  -- CoAP: the PSK wrapped by the key store's KEK
+    hl7_application TEXT NOT NULL, hl7_facility TEXT NOT NULL,
+    created_us INTEGER NOT NULL, updated_us INTEGER NOT NULL, last_entry INTEGER NOT NULL);
+)sql";
+
+constexpr std::size_t kPskRandomBytes = 24;  // 32 base64url characters
+
+Bytes psk_context(const std::string& id) {
+  return to_bytes("medgate device-psk v1\0" + id);
+}
+
+bool valid_id(const std::string& id) {
+  if (id.empty() || id.size() > 64) return false;
+  for (char c : id)
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+          c == '_' || c == '-'))
+      return false;
+  return true;
+}
+
+}  // namespace
+
+std::string_view device_kind_name(DeviceKind kind) {
+  return kind == DeviceKind::kCoap ? "coap" : "hl7";
+}
+
+std::optional<DeviceKind> parse_device_kind(std::string_view name) {
+  if (name == "coap") return DeviceKind::kCoap;
+  if (name == "hl7") return DeviceKind::kHl7;
+  return std::nullopt;
+}
+
+DeviceRegistry::DeviceRegistry(ledger::sql::Database db, hsm::KeyStore& keys, Vault& vault,
+                               ledger::Ledger& ledger)
+    : db_(std::move(db)), keys_(keys), vault_(vault), ledger_(ledger) {}
+
+DeviceRegistry::~DeviceRegistry() = default;
+
+Result<std::unique_ptr<DeviceRegistry>> DeviceRegistry::open(const std::filesystem::path& path,
+                                                             hsm::KeyStore& keys, Vault& vault,
+                                                             ledger::Ledger& ledger) {
+  MEDGATE_ASSIGN_OR_RETURN(ledger::sql::Database db,
+                           ledger::sql::Database::open(path, ledger::sql::Database::Mode::kCreate));
+  MEDGATE_RETURN_IF_ERROR(db.exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL"));
+  MEDGATE_RETURN_IF_ERROR(db.exec(kSchema).with_context(path.string() + " is not a device registry"));
+  std::unique_ptr<DeviceRegistry> r(new DeviceRegistry(std::move(db), keys, vault, ledger));
+  MEDGATE_RETURN_IF_ERROR(r->load().with_context(path.string()));
+  return r;
+}
+
+Status DeviceRegistry::load() {
+  MEDGATE_ASSIGN_OR_RETURN(
+      auto st, db_.prepare("SELECT id, kind, revoked, patient, psk, hl7_application, hl7_facility, "
+                           "created_us, updated_us, last_entry FROM devices"));
+  for (;;) {
+    MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+    if (step != ledger::sql::Statement::Step::kRow) break;
+    DeviceInfo d;
+    d.id = st.column_text(0);
+    std::optional<DeviceKind> kind = parse_device_kind(st.column_text(1));
+    if (!kind) return Status::Corruption(fmt::format("device {} has an unknown kind", d.id));
+    d.kind = *kind;
+    d.revoked = st.column_int(2) != 0;
+    if (!st.column_is_null(3)) {
+      ByteView p = st.column_blob(3);
+      if (p.size() != 32) return Status::Corruption(fmt::format("device {}'s patient is malformed", d.id));
+      Pseudonym pseudonym;
+      std::copy(p.begin(), p.end(), pseudonym.bytes.begin());
+      d.patient = pseudonym;
+    }
+    std::optional<std::string> psk;
+    if (!st.column_is_null(4)) {
+      ByteView wrapped = st.column_blob(4);
+      Result<hsm::SecretBytes> key = keys_.unwrap_key(wrapped, psk_context(d.id));
+      if (!key.ok()) return key.status().with_context(fmt::format("device {}'s PSK", d.id));
+      psk = to_string(key->view());
+    }
+    d.hl7_application = st.column_text(5);
+    d.hl7_facility = st.column_text(6);
+    d.created_us = st.column_uint(7);
+    d.updated_us = st.column_uint(8);
+    d.last_entry = st.column_uint(9);
+    MEDGATE_RETURN_IF_ERROR(cache(d, std::move(psk)));
+  }
+  return Status::Ok();
+}
+
+// Under mu_ (or before the registry is shared). The bound patient's identifier comes from the
+// vault; a patient erased since is no patient: the device's readings are refused.
+Status DeviceRegistry::cache(const DeviceInfo& d, std::optional<std::string> psk) {
+  DeviceCredentials c;
+  auto old = credentials_.find(d.id);
+  if (old != credentials_.end()) c = old->second;
+  c.device_id = d.id;
+  c.revoked = d.revoked;
+  c.patient_id.clear();
+  if (d.patient) {
+    Result<std::string> id = vault_.identifier(*d.patient);
+    if (id.ok()) c.patient_id = *id;
+  }
+  if (psk) c.psk = to_bytes(*psk);
+  devices_[d.id] = d;
+  credentials_[d.id] = std::move(c);
+  return Status::Ok();
+}
+
+Result<std::string> DeviceRegistry::new_psk() {
+  MEDGATE_ASSIGN_OR_RETURN(Bytes random, keys_.random(kPskRandomBytes));
+  std::string b64 = to_base64(random);
+  secure_wipe(random);
+  for (char& c : b64) {
+    if (c == '+') c = '-';
+    if (c == '/') c = '_';
+  }
+  return b64;
+}
+
+Result<Bytes> DeviceRegistry::wrap_psk(const std::string& id, const std::string& psk) {
+  return keys_.wrap_key(as_bytes(psk), psk_context(id));
+}
+
+Result<std::uint64_t> DeviceRegistry::record(const std::string& event, const DeviceInfo& d,
+                                             const std::string& actor) {
+  using ledger::cbor::Value;
+  ledger::Entry e;
+  e.type = ledger::EntryType::kDeviceEvent;
+  e.actor = actor;
+  MEDGATE_ASSIGN_OR_RETURN(
+      e.body, Value::map({{Value::text("event"), Value::text(event)},
+                          {Value::text("device"), Value::text(d.id)},
+                          {Value::text("kind"), Value::text(std::string(device_kind_name(d.kind)))},
+                          {Value::text("hl7_application"), Value::text(d.hl7_application)},
+                          {Value::text("hl7_facility"), Value::text(d.hl7_facility)}}));
+  if (d.patient)
+    e.subjects.push_back({Bytes(d.patient->bytes.begin(), d.patient->bytes.end()), std::nullopt});
+  return ledger_.append(e);
+}
+
+Status DeviceRegistry::store(const DeviceInfo& d, const std::optional<Bytes>& wrapped_psk) {
+  MEDGATE_ASSIGN_OR_RETURN(
+      auto st,
+      db_.prepare("INSERT INTO devices (id, kind, revoked, patient, psk, hl7_application, "
+                  "hl7_facility, created_us, updated_us, last_entry) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                  "ON CONFLICT(id) DO UPDATE SET revoked = excluded.revoked, patient = "
+                  "excluded.patient, psk = coalesce(excluded.psk, psk), updated_us = "
+                  "excluded.updated_us, last_entry = excluded.last_entry"));
+  st.bind(1, std::string_view(d.id))
+      .bind(2, device_kind_name(d.kind))
+      .bind(3, d.revoked ? 1 : 0);
+  if (d.patient) st.bind(4, ByteView(d.patient->bytes));
+  if (wrapped_psk) st.bind(5, ByteView(*wrapped_psk));
+  st.bind(6, std::string_view(d.hl7_application))
+      .bind(7, std::string_view(d.hl7_facility))
+      .bind(8, d.created_us)
+      .bind(9, d.updated_us)
+      .bind(10, d.last_entry);
+  return st.run().with_context(fmt::format("storing device {}", d.id));
+}
+
+Result<DeviceChange> DeviceRegistry::add(const std::string& id, DeviceKind kind,
+                                         const std::optional<std::string>& patient_id,
+                                         const std::string& hl7_application,
+                                         const std::string& hl7_facility,
+                                         const std::string& actor) {
+  if (!valid_id(id))
+    return Status::InvalidArgument(
+        "a device id is 1-64 characters of letters, digits, '.', '_' and '-'");
+  std::lock_guard lk(mu_);
+  if (devices_.count(id))
+    return Status::FailedPrecondition(fmt::format("device {} is registered already", id));
+  DeviceInfo d;
+  d.id = id;
+  d.kind = kind;
+  if (kind == DeviceKind::kHl7) {
+    d.hl7_application = hl7_application.empty() ? id : hl7_application;
+    d.hl7_facility = hl7_facility;
+    for (const auto& [other_id, other] : devices_)
+      if (other.kind == DeviceKind::kHl7 && other.hl7_application == d.hl7_application &&
+          other.hl7_facility == d.hl7_facility)
+        return Status::FailedPrecondition(fmt::format(
+            "device {} is registered already for that sending application and facility",
+            other_id));
+  } else if (!hl7_application.empty() || !hl7_facility.empty()) {
+    return Status::InvalidArgument("a CoAP device has no HL7 application or facility");
+  }
+  if (patient_id) {
+    MEDGATE_ASSIGN_OR_RETURN(Pseudonym p, vault_.pseudonym(*patient_id));
+    d.patient = p;
+  }
+  DeviceChange change;
+  std::optional<Bytes> wrapped;
+  if (kind == DeviceKind::kCoap) {
+    MEDGATE_ASSIGN_OR_RETURN(change.psk, new_psk());
+    MEDGATE_ASSIGN_OR_RETURN(Bytes w, wrap_psk(id, change.psk));
+    wrapped = std::move(w);
+  }
+  MEDGATE_ASSIGN_OR_RETURN(change.entry, record("add", d, actor));
+  d.created_us = d.updated_us = ledger::now_us();
+  d.last_entry = change.entry;
+  MEDGATE_RETURN_IF_ERROR(store(d, wrapped));
+  MEDGATE_RETURN_IF_ERROR(cache(d, kind == DeviceKind::kCoap ? std::optional(change.psk)
+                                                             : std::nullopt));
+  change.device = d;
+  return change;
+}
+
+Result<DeviceChange> DeviceRegistry::bind(const std::string& id, const std::string& patient_id,
+                                          const std::string& actor) {
+  std::lock_guard lk(mu_);
+  auto it = devices_.find(id);
+  if (it == devices_.end()) return Status::NotFound(fmt::format("no device {}", id));
+  if (it->second.revoked)
+    return Status::FailedPrecondition(fmt::format("device {} is revoked", id));
+  DeviceInfo d = it->second;
+  MEDGATE_ASSIGN_OR_RETURN(Pseudonym p, vault_.pseudonym(patient_id));
+  d.patient = p;
+  DeviceChange change;
+  MEDGATE_ASSIGN_OR_RETURN(change.entry, record("bind", d, actor));
+  d.updated_us = ledger::now_us();
+  d.last_entry = change.entry;
+  MEDGATE_RETURN_IF_ERROR(store(d, std::nullopt));
+  MEDGATE_RETURN_IF_ERROR(cache(d, std::nullopt));
+  change.device = d;
+  return change;
+}
+
+Result<DeviceChange> DeviceRegistry::revoke(const std::string& id, const std::string& actor) {
+  std::lock_guard lk(mu_);
+  auto it = devices_.find(id);
+  if (it == devices_.end()) return Status::NotFound(fmt::format("no device {}", id));
+  if (it->second.revoked)
+    return Status::FailedPrecondition(fmt::format("device {} is revoked already", id));
+  DeviceInfo d = it->second;
+  d.revoked = true;
+  DeviceChange change;
+  MEDGATE_ASSIGN_OR_RETURN(change.entry, record("revoke", d, actor));
+  d.updated_us = ledger::now_us();
+  d.last_entry = change.entry;
+  MEDGATE_RETURN_IF_ERROR(store(d, std::nullopt));
+  MEDGATE_RETURN_IF_ERROR(cache(d, std::nullopt));
+  change.device = d;
+  return change;
+}
+
+Result<DeviceChange> DeviceRegistry::rotate_psk(const std::string& id, const std::string& actor) {
+  std::lock_guard lk(mu_);
+  auto it = devices_.find(id);
+  if (it == devices_.end()) return Status::NotFound(fmt::format("no device {}", id));
+  if (it->second.kind != DeviceKind::kCoap)
+    return Status::InvalidArgument(fmt::format("device {} is an HL7 source: it has no PSK", id));
+  if (it->second.revoked)
+    return Status::FailedPrecondition(fmt::format("device {} is revoked", id));
+  DeviceInfo d = it->second;
+  DeviceChange change;
+  MEDGATE_ASSIGN_OR_RETURN(change.psk, new_psk());
+  MEDGATE_ASSIGN_OR_RETURN(Bytes wrapped, wrap_psk(id, change.psk));
+  MEDGATE_ASSIGN_OR_RETURN(change.entry, record("rotate-psk", d, actor));
+  d.updated_us = ledger::now_us();
+  d.last_entry = change.entry;
+  MEDGATE_RETURN_IF_ERROR(store(d, wrapped));
+  MEDGATE_RETURN_IF_ERROR(cache(d, change.psk));
+  change.device = d;
+  return change;
+}
+
+std::vector<DeviceInfo> DeviceRegistry::list() const {
+  std::lock_guard lk(mu_);
+  std::vector<DeviceInfo> out;
+  for (const auto& [id, d] : devices_) out.push_back(d);
+  return out;
+}
+
+Result<DeviceInfo> DeviceRegistry::show(const std::string& id) const {
+  std::lock_guard lk(mu_);
+  auto it = devices_.find(id);
+  if (it == devices_.end()) return Status::NotFound(fmt::format("no device {}", id));
+  return it->second;
+}
+
+std::optional<DeviceCredentials> DeviceRegistry::coap_device(std::string_view identity) const {
+  std::lock_guard lk(mu_);
+  auto d = devices_.find(std::string(identity));
+  if (d == devices_.end() || d->second.kind != DeviceKind::kCoap) return std::nullopt;
+  return credentials_.at(d->first);
+}
+
+std::optional<DeviceCredentials> DeviceRegistry::hl7_source(std::string_view application,
+                                                            std::string_view facility) const {
+  std::lock_guard lk(mu_);
+  const DeviceInfo* wildcard = nullptr;
+  for (const auto& [id, d] : devices_) {
+    if (d.kind != DeviceKind::kHl7 || d.hl7_application != application) continue;
+    if (d.hl7_facility == facility) return credentials_.at(id);
+    if (d.hl7_facility.empty()) wildcard = &d;
+  }
+  if (wildcard) return credentials_.at(wildcard->id);
+  return std::nullopt;
+}
+
+}  // namespace medgate::appliance
