@@ -1,0 +1,799 @@
+#include "appliance/hl7/listener.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "appliance/hl7/receiver.h"
+#include "appliance/log.h"
+
+namespace medgate::appliance::hl7 {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::uint64_t wall_now_us() {
+  using namespace std::chrono;
+  return static_cast<std::uint64_t>(
+      duration_cast<microseconds>(system_clock::now().time_since_epoch()).count());
+}
+
+std::string errno_text(int error) {
+  return std::strerror(error);
+}
+
+// Owns a file descriptor.
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd() { reset(); }
+  Fd(Fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  Fd& operator=(Fd&& other) noexcept {
+    if (this != &other) {
+      reset();
+      fd_ = std::exchange(other.fd_, -1);
+    }
+    return *this;
+  }
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  void reset() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+// What the sink said about one connection's message, on its way to the epoll thread.
+struct Completion {
+  std::uint64_t connection = 0;
+  std::string device_id;  // for counting when the connection is gone by then
+  IngestResult result;
+};
+
+// The sink's `done` runs on the sink's threads; the epoll thread owns every connection. This is
+// the hand-over: a locked queue plus an eventfd that wakes epoll_wait. Each `done` holds a
+// shared_ptr to it, so a completion that arrives after stop() finds it alive and is ignored.
+class CompletionQueue {
+ public:
+  explicit CompletionQueue(Fd wake) : wake_(std::move(wake)) {}
+  int fd() const { return wake_.get(); }
+
+  void push(Completion completion) {
+    {
+      std::lock_guard lock(mu_);
+      items_.push_back(std::move(completion));
+    }
+    wake();
+  }
+  // Also how stop() interrupts epoll_wait.
+  void wake() {
+    std::uint64_t one = 1;
+    // EAGAIN means the counter is already far from zero: the loop is woken either way.
+    [[maybe_unused]] ssize_t n = ::write(wake_.get(), &one, sizeof one);
+  }
+  std::vector<Completion> take() {
+    std::uint64_t count = 0;
+    [[maybe_unused]] ssize_t n = ::read(wake_.get(), &count, sizeof count);
+    std::lock_guard lock(mu_);
+    return std::exchange(items_, {});
+  }
+
+ private:
+  Fd wake_;
+  std::mutex mu_;
+  std::vector<Completion> items_;
+};
+
+// Where a connection's current message is.
+enum class Stage {
+  kReading,    // no message in flight: frames are processed and the socket read
+  kSubmitted,  // the sink took the batch; waiting for `done`
+  kBusy,       // the sink said kBusy; submitting again at retry_at
+};
+
+// The accepted ORU a connection is waiting on.
+struct Pending {
+  MessageInfo info;
+  std::string device_id;
+  IngestBatch batch;       // kept until the sink takes it (kBusy leaves it with us)
+  std::string accept_ack;  // the AA/CA, sent once durable
+  bool send_accept_ack = true;
+};
+
+struct Connection {
+  Connection(std::uint64_t connection_id, Fd socket, std::string peer_name, std::size_t max_frame)
+      : id(connection_id), fd(std::move(socket)), peer(std::move(peer_name)), deframer(max_frame) {}
+
+  std::uint64_t id;
+  Fd fd;
+  std::string peer;  // "address:port", for logs
+  MllpDeframer deframer;
+  std::deque<Result<Bytes>> frames;  // deframed, not yet begun (a pipelining sender)
+  Stage stage = Stage::kReading;
+  std::optional<Pending> pending;
+  Clock::time_point retry_at{};
+  Bytes out;  // framed ACK bytes the socket has not taken yet
+  std::size_t out_sent = 0;
+  Clock::time_point last_io = Clock::now();
+  bool peer_eof = false;           // the peer shut down its side; answer what it sent, then close
+  bool dead = false;               // to be closed once the current handler returns
+  std::uint32_t events = EPOLLIN;  // the epoll interest as registered
+};
+
+constexpr std::uint64_t kListenKey = 0;
+constexpr std::uint64_t kWakeKey = 1;
+constexpr std::size_t kReadChunk = 64 * 1024;
+constexpr auto kAcceptPause = std::chrono::milliseconds(100);
+
+std::string peer_name(const sockaddr_storage& ss) {
+  char host[INET6_ADDRSTRLEN] = {};
+  std::uint16_t port = 0;
+  if (ss.ss_family == AF_INET) {
+    const auto* in = reinterpret_cast<const sockaddr_in*>(&ss);
+    ::inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+    port = ntohs(in->sin_port);
+  } else if (ss.ss_family == AF_INET6) {
+    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&ss);
+    ::inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+    port = ntohs(in6->sin6_port);
+    return fmt::format("[{}]:{}", host, port);
+  }
+  return fmt::format("{}:{}", host, port);
+}
+
+}  // namespace
+
+class MllpListener::Loop {
+ public:
+  Loop(MllpListenerConfig config, const DeviceDirectory& directory, IngestSink& sink, Fd listen,
+       Fd epoll, std::shared_ptr<CompletionQueue> completions, std::uint16_t port)
+      : config_(std::move(config)),
+        directory_(directory),
+        sink_(sink),
+        listen_(std::move(listen)),
+        epoll_(std::move(epoll)),
+        completions_(std::move(completions)),
+        port_(port),
+        id_prefix_(static_cast<std::uint32_t>(wall_now_us() / 1'000'000)),
+        read_buffer_(kReadChunk) {}
+
+  std::uint16_t port() const { return port_; }
+
+  void start_thread() {
+    thread_ = std::thread([this] { run(); });
+  }
+
+  void stop() {
+    if (!thread_.joinable()) return;
+    stop_requested_ = true;
+    completions_->wake();
+    thread_.join();
+  }
+
+  MllpListenerCounters counters() const {
+    std::lock_guard lock(counters_mu_);
+    return counters_;
+  }
+
+ private:
+  void run();
+  void accept_all();
+  void on_event(Connection& conn, std::uint32_t events);
+  void read_some(Connection& conn);
+  void advance(Connection& conn);
+  void handle_frame(Connection& conn, Result<Bytes> frame);
+  void submit(Connection& conn);
+  void handle_completions();
+  void send_ack(Connection& conn, std::string_view ack);
+  void flush(Connection& conn);
+  void update_interest(Connection& conn);
+  void sweep(Clock::time_point now);
+  void begin_drain();
+  void reap(std::uint64_t id);
+  void note_deadline(Clock::time_point at) { next_deadline_ = std::min(next_deadline_, at); }
+  int epoll_timeout_ms(Clock::time_point now) const;
+  std::string next_control_id() { return fmt::format("MG{:08X}{:08X}", id_prefix_, ++acks_made_); }
+
+  template <typename F>
+  void with_counters(F&& f) {
+    std::lock_guard lock(counters_mu_);
+    f(counters_);
+  }
+  template <typename F>
+  void with_source(const std::string& device_id, F&& f) {
+    std::lock_guard lock(counters_mu_);
+    f(counters_.sources[device_id]);
+  }
+
+  const MllpListenerConfig config_;
+  const DeviceDirectory& directory_;
+  IngestSink& sink_;
+  Fd listen_;
+  Fd epoll_;
+  std::shared_ptr<CompletionQueue> completions_;
+  const std::uint16_t port_;
+  const std::uint32_t id_prefix_;
+  std::thread thread_;
+  std::atomic<bool> stop_requested_ = false;
+
+  // Everything below belongs to the epoll thread.
+  std::unordered_map<std::uint64_t, std::unique_ptr<Connection>> connections_;
+  std::uint64_t next_connection_ = kWakeKey + 1;
+  std::uint64_t acks_made_ = 0;
+  Bytes read_buffer_;
+  Clock::time_point next_deadline_ = Clock::time_point::max();
+  std::optional<Clock::time_point> accept_paused_until_;
+  bool draining_ = false;
+  Clock::time_point drain_deadline_{};
+
+  mutable std::mutex counters_mu_;
+  MllpListenerCounters counters_;
+};
+
+void MllpListener::Loop::run() {
+  log(LogLevel::kNotice, "mllp.listen", "listening for HL7/MLLP on port {}", port_);
+  std::vector<epoll_event> events(64);
+  while (true) {
+    if (stop_requested_ && !draining_) begin_drain();
+    if (draining_) {
+      if (connections_.empty()) break;
+      if (Clock::now() >= drain_deadline_) {
+        log(LogLevel::kWarning, "mllp.stop",
+            "{} connection(s) still had a message in flight or an unsent ACK after {} ms; "
+            "closing them unacknowledged (the senders will send again)",
+            connections_.size(), config_.stop_grace.count());
+        break;
+      }
+    }
+    int n = ::epoll_wait(epoll_.get(), events.data(), static_cast<int>(events.size()),
+                         epoll_timeout_ms(Clock::now()));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      log(LogLevel::kError, "mllp.epoll", "epoll_wait failed: {}", errno_text(errno));
+      break;
+    }
+    for (int i = 0; i < n; ++i) {
+      std::uint64_t key = events[static_cast<std::size_t>(i)].data.u64;
+      if (key == kListenKey) {
+        accept_all();
+      } else if (key == kWakeKey) {
+        handle_completions();
+      } else if (auto it = connections_.find(key); it != connections_.end()) {
+        on_event(*it->second, events[static_cast<std::size_t>(i)].events);
+        reap(key);
+      }
+    }
+    Clock::time_point now = Clock::now();
+    if (now >= next_deadline_) sweep(now);
+  }
+  std::size_t unanswered = 0;
+  for (auto& [id, conn] : connections_) {
+    if (conn->stage != Stage::kReading) ++unanswered;
+  }
+  connections_.clear();
+  with_counters([&](MllpListenerCounters& c) {
+    c.connections_open = 0;
+    c.acks_unsent += unanswered;
+  });
+  listen_.reset();
+  log(LogLevel::kNotice, "mllp.stopped", "HL7/MLLP listener on port {} stopped", port_);
+}
+
+int MllpListener::Loop::epoll_timeout_ms(Clock::time_point now) const {
+  Clock::time_point until = next_deadline_;
+  if (draining_) until = std::min(until, drain_deadline_);
+  if (until == Clock::time_point::max()) return -1;
+  if (until <= now) return 0;
+  auto ms = std::chrono::ceil<std::chrono::milliseconds>(until - now).count();
+  return static_cast<int>(std::min<std::int64_t>(ms, std::numeric_limits<int>::max()));
+}
+
+void MllpListener::Loop::accept_all() {
+  while (true) {
+    sockaddr_storage ss{};
+    socklen_t len = sizeof ss;
+    int fd = ::accept4(listen_.get(), reinterpret_cast<sockaddr*>(&ss), &len,
+                       SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+      // Out of descriptors or memory: leave the peers in the backlog for a moment rather than
+      // spin on a listening socket that stays readable.
+      log(LogLevel::kWarning, "mllp.accept", "accept failed: {}; pausing accepts for {} ms",
+          errno_text(errno), kAcceptPause.count());
+      epoll_event ev{};
+      ev.events = 0;
+      ev.data.u64 = kListenKey;
+      ::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, listen_.get(), &ev);
+      accept_paused_until_ = Clock::now() + kAcceptPause;
+      note_deadline(*accept_paused_until_);
+      return;
+    }
+    Fd socket(fd);
+    std::string peer = peer_name(ss);
+    if (connections_.size() >= config_.max_connections) {
+      with_counters([](MllpListenerCounters& c) { ++c.connections_refused; });
+      log(LogLevel::kWarning, "mllp.refused", "refused {}: already {} connections (the limit)",
+          peer, connections_.size());
+      continue;
+    }
+    int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // ACKs are small and awaited
+    std::uint64_t id = next_connection_++;
+    auto conn = std::make_unique<Connection>(id, std::move(socket), std::move(peer),
+                                             config_.max_frame_bytes);
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = id;
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
+      log(LogLevel::kError, "mllp.accept", "cannot watch the connection from {}: {}", conn->peer,
+          errno_text(errno));
+      continue;
+    }
+    note_deadline(conn->last_io + config_.read_timeout);
+    log(LogLevel::kInfo, "mllp.connect", "connection from {}", conn->peer);
+    connections_.emplace(id, std::move(conn));
+    with_counters([&](MllpListenerCounters& c) {
+      ++c.connections_accepted;
+      c.connections_open = connections_.size();
+    });
+  }
+}
+
+void MllpListener::Loop::on_event(Connection& conn, std::uint32_t events) {
+  if ((events & EPOLLOUT) != 0) flush(conn);
+  if ((events & EPOLLIN) != 0 && !conn.dead) read_some(conn);
+  if ((events & (EPOLLERR | EPOLLHUP)) != 0 && (events & EPOLLIN) == 0) {
+    // Reset, or gone both ways: nothing more can be read or answered.
+    if (conn.deframer.pending()) {
+      with_counters([](MllpListenerCounters& c) { ++c.incomplete_frames; });
+    }
+    log(LogLevel::kInfo, "mllp.reset", "connection from {} reset", conn.peer);
+    conn.dead = true;
+  }
+  advance(conn);
+}
+
+void MllpListener::Loop::read_some(Connection& conn) {
+  ssize_t n = ::read(conn.fd.get(), read_buffer_.data(), read_buffer_.size());
+  if (n < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+    if (conn.deframer.pending()) {
+      with_counters([](MllpListenerCounters& c) { ++c.incomplete_frames; });
+    }
+    log(LogLevel::kInfo, "mllp.reset", "connection from {}: {}", conn.peer, errno_text(errno));
+    conn.dead = true;
+    return;
+  }
+  conn.last_io = Clock::now();
+  if (n == 0) {
+    conn.peer_eof = true;
+    if (Status lost = conn.deframer.finish(); !lost.ok()) {
+      with_counters([](MllpListenerCounters& c) { ++c.incomplete_frames; });
+      log(LogLevel::kNotice, "mllp.incomplete", "{} closed mid-frame: {}", conn.peer,
+          lost.message());
+    }
+    return;
+  }
+  const MllpDeframer& d = conn.deframer;
+  std::uint64_t junk = d.junk_bytes(), oversize = d.oversize_frames(),
+                abandoned = d.abandoned_frames();
+  for (Result<Bytes>& frame :
+       conn.deframer.feed(ByteView(read_buffer_.data(), static_cast<std::size_t>(n)))) {
+    conn.frames.push_back(std::move(frame));
+  }
+  if (d.junk_bytes() != junk || d.oversize_frames() != oversize ||
+      d.abandoned_frames() != abandoned) {
+    with_counters([&](MllpListenerCounters& c) {
+      c.junk_bytes += d.junk_bytes() - junk;
+      c.oversize_frames += d.oversize_frames() - oversize;
+      c.abandoned_frames += d.abandoned_frames() - abandoned;
+    });
+  }
+}
+
+// Begins the connection's queued frames one at a time, as long as none is in flight, then
+// decides what the connection waits for.
+void MllpListener::Loop::advance(Connection& conn) {
+  if (draining_) conn.frames.clear();  // not begun: never acknowledged, the sender sends again
+  while (!conn.dead && conn.stage == Stage::kReading && !conn.frames.empty()) {
+    Result<Bytes> frame = std::move(conn.frames.front());
+    conn.frames.pop_front();
+    handle_frame(conn, std::move(frame));
+  }
+  if (conn.dead) return;
+  bool idle = conn.stage == Stage::kReading && conn.frames.empty();
+  if (idle && conn.out.empty() && (conn.peer_eof || draining_)) {
+    conn.dead = true;  // everything it sent has been answered
+    return;
+  }
+  if (idle && !draining_) note_deadline(conn.last_io + config_.read_timeout);
+  update_interest(conn);
+}
+
+void MllpListener::Loop::handle_frame(Connection& conn, Result<Bytes> frame) {
+  std::string control_id = next_control_id();
+  std::uint64_t now = wall_now_us();
+  if (!frame.ok()) {  // over max_frame_bytes (counted when deframed)
+    log(LogLevel::kNotice, "mllp.oversize", "{}: {}", conn.peer, frame.status().message());
+    Received r = reject_frame(frame.status(), control_id, now);
+    send_ack(conn, r.ack);
+    return;
+  }
+  Received r = process(*frame, control_id, now);
+  if (!r.info) {
+    with_counters([](MllpListenerCounters& c) { ++c.unparseable_frames; });
+    log(LogLevel::kNotice, "mllp.reject", "{}: AR, no usable MSH: {}", conn.peer,
+        r.error ? r.error->text : std::string("?"));
+    if (r.send_ack) send_ack(conn, r.ack);
+    return;
+  }
+  const MessageInfo& info = *r.info;
+  std::optional<DeviceCredentials> source =
+      directory_.hl7_source(info.sending_application, info.sending_facility);
+  std::uint64_t seen = wall_now_us();
+  if (source) {
+    with_source(source->device_id, [&](MllpSourceCounters& s) {
+      ++s.received;
+      s.last_seen_us = seen;
+    });
+  }
+  if (r.disposition == Disposition::kReject) {
+    if (source) {
+      with_source(source->device_id, [](MllpSourceCounters& s) { ++s.rejected_unparseable; });
+    } else {
+      with_counters([](MllpListenerCounters& c) { ++c.unparseable_frames; });
+    }
+    log(LogLevel::kNotice, "mllp.reject", "{} from {}/{} (control id {}): AR: {}", conn.peer,
+        info.sending_application, info.sending_facility, info.control_id,
+        r.error ? r.error->text : std::string("?"));
+    if (r.send_ack) send_ack(conn, r.ack);
+    return;
+  }
+  if (!source || source->revoked) {
+    if (source) {
+      with_source(source->device_id, [](MllpSourceCounters& s) { ++s.rejected_revoked; });
+    } else {
+      with_counters([](MllpListenerCounters& c) { ++c.unknown_source; });
+    }
+    Hl7Error error{ErrorCode::kUnknownKey,
+                   {"MSH", 1, 3},
+                   source ? "the sending application/facility (MSH-3/MSH-4) is revoked"
+                          : "the sending application/facility (MSH-3/MSH-4) is not registered"};
+    log(LogLevel::kWarning, "mllp.unknown_source", "{} from {}/{} (control id {}): AE: {}",
+        conn.peer, info.sending_application, info.sending_facility, info.control_id, error.text);
+    if (wants_ack(info, Disposition::kError)) {
+      send_ack(conn,
+               build_ack(info, ack_code_for(info, Disposition::kError), control_id, now, &error));
+    }
+    return;
+  }
+  if (r.disposition == Disposition::kError) {
+    with_source(source->device_id, [](MllpSourceCounters& s) { ++s.rejected_unprocessable; });
+    log(LogLevel::kNotice, "mllp.error", "{} from {} (control id {}): AE: {}", conn.peer,
+        source->device_id, info.control_id, r.error ? r.error->text : std::string("?"));
+    if (r.send_ack) send_ack(conn, r.ack);
+    return;
+  }
+  if (info.message_type != "ORU" || r.observations.empty()) {
+    // ADT: the patient index it updates is not wired yet, so there is nothing to make durable
+    // here; the daemon's wiring adds that hook. An ORU without OBX has nothing to record either.
+    if (info.message_type != "ORU") {
+      with_source(source->device_id, [](MllpSourceCounters& s) { ++s.adt; });
+    } else {
+      with_source(source->device_id, [](MllpSourceCounters& s) { ++s.committed; });
+    }
+    if (r.send_ack) send_ack(conn, r.ack);
+    return;
+  }
+  conn.pending = Pending{
+      info, source->device_id,
+      IngestBatch{SourceKind::kHl7, source->device_id, info.control_id, std::move(r.observations)},
+      std::move(r.ack), r.send_ack};
+  submit(conn);
+}
+
+void MllpListener::Loop::submit(Connection& conn) {
+  Pending& p = *conn.pending;
+  // A copy: on kBusy the sink does not take the batch, and it must be there for the retry.
+  IngestSink::Admit admit = sink_.submit(
+      p.batch, [queue = completions_, id = conn.id, device = p.device_id](IngestResult result) {
+        queue->push(Completion{id, device, std::move(result)});
+      });
+  switch (admit) {
+    case IngestSink::Admit::kAccepted:
+      conn.stage = Stage::kSubmitted;
+      p.batch.observations = {};  // the sink has its own copy now
+      return;
+    case IngestSink::Admit::kBusy:
+      if (conn.stage != Stage::kBusy) {
+        log(LogLevel::kInfo, "mllp.busy",
+            "the ledger pipeline is full; {} waits (control id {}), not reading it", conn.peer,
+            p.info.control_id);
+      }
+      with_source(p.device_id, [](MllpSourceCounters& s) { ++s.busy_retries; });
+      conn.stage = Stage::kBusy;
+      conn.retry_at = Clock::now() + config_.busy_retry;
+      note_deadline(conn.retry_at);
+      return;
+  }
+}
+
+void MllpListener::Loop::handle_completions() {
+  for (Completion& done : completions_->take()) {
+    const bool durable = done.result.status.ok();
+    with_source(done.device_id, [&](MllpSourceCounters& s) {
+      if (durable) {
+        ++s.committed;
+        if (done.result.duplicate) ++s.duplicates;
+      } else {
+        ++s.failed;
+      }
+    });
+    if (!durable) {
+      log(LogLevel::kWarning, "mllp.failed", "a message from {} was not made durable: {}",
+          done.device_id, done.result.status.to_string());
+    }
+    auto it = connections_.find(done.connection);
+    if (it == connections_.end()) {
+      with_counters([](MllpListenerCounters& c) { ++c.acks_unsent; });
+      log(LogLevel::kNotice, "mllp.unanswered",
+          "a message from {} completed after its connection closed; no ACK sent", done.device_id);
+      continue;
+    }
+    Connection& conn = *it->second;
+    if (conn.stage != Stage::kSubmitted || !conn.pending) {
+      // The sink called `done` twice or for a batch it never took: a bug in the sink.
+      log(LogLevel::kError, "mllp.completion", "unexpected completion for {}; ignored", conn.peer);
+      continue;
+    }
+    Pending p = std::move(*conn.pending);
+    conn.pending.reset();
+    conn.stage = Stage::kReading;
+    conn.last_io = Clock::now();
+    if (durable) {
+      if (p.send_accept_ack) send_ack(conn, p.accept_ack);
+    } else if (wants_ack(p.info, Disposition::kError)) {
+      Hl7Error error{
+          ErrorCode::kInternal, {}, "the message could not be recorded durably; send it again"};
+      send_ack(conn, build_ack(p.info, ack_code_for(p.info, Disposition::kError), next_control_id(),
+                               wall_now_us(), &error));
+    }
+    advance(conn);
+    reap(done.connection);
+  }
+}
+
+void MllpListener::Loop::send_ack(Connection& conn, std::string_view ack) {
+  Result<Bytes> framed = encode_frame(as_bytes(ack));
+  if (!framed.ok()) {
+    // build_ack escapes every control byte, so this is a bug; say so rather than send garbage.
+    log(LogLevel::kError, "mllp.ack", "cannot frame an ACK for {}: {}", conn.peer,
+        framed.status().to_string());
+    conn.dead = true;
+    return;
+  }
+  conn.out.insert(conn.out.end(), framed->begin(), framed->end());
+  with_counters([](MllpListenerCounters& c) { ++c.acks_sent; });
+  flush(conn);
+}
+
+void MllpListener::Loop::flush(Connection& conn) {
+  while (conn.out_sent < conn.out.size()) {
+    ssize_t n = ::send(conn.fd.get(), conn.out.data() + conn.out_sent,
+                       conn.out.size() - conn.out_sent, MSG_NOSIGNAL);
+    if (n > 0) {
+      conn.out_sent += static_cast<std::size_t>(n);
+      conn.last_io = Clock::now();
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;  // EPOLLOUT resumes
+    log(LogLevel::kInfo, "mllp.reset", "cannot send to {}: {}", conn.peer, errno_text(errno));
+    conn.dead = true;
+    return;
+  }
+  conn.out.clear();
+  conn.out_sent = 0;
+}
+
+void MllpListener::Loop::update_interest(Connection& conn) {
+  std::uint32_t want = 0;
+  if (!conn.out.empty()) want |= EPOLLOUT;
+  // Read only between messages, with the previous ACK written: one message in flight per
+  // connection, and a sender that does not read its ACKs is not read either.
+  if (conn.stage == Stage::kReading && conn.frames.empty() && conn.out.empty() && !conn.peer_eof &&
+      !draining_) {
+    want |= EPOLLIN;
+  }
+  if (want == conn.events) return;
+  epoll_event ev{};
+  ev.events = want;
+  ev.data.u64 = conn.id;
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, conn.fd.get(), &ev) != 0) {
+    log(LogLevel::kError, "mllp.epoll", "cannot watch {}: {}", conn.peer, errno_text(errno));
+    conn.dead = true;
+    return;
+  }
+  conn.events = want;
+}
+
+void MllpListener::Loop::sweep(Clock::time_point now) {
+  next_deadline_ = Clock::time_point::max();
+  if (accept_paused_until_) {
+    if (now >= *accept_paused_until_ && listen_.valid()) {
+      epoll_event ev{};
+      ev.events = EPOLLIN;
+      ev.data.u64 = kListenKey;
+      ::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, listen_.get(), &ev);
+      accept_paused_until_.reset();
+    } else {
+      note_deadline(*accept_paused_until_);
+    }
+  }
+  std::vector<std::uint64_t> ids;
+  ids.reserve(connections_.size());
+  for (auto& [id, conn] : connections_) ids.push_back(id);
+  for (std::uint64_t id : ids) {
+    Connection& conn = *connections_.at(id);
+    if (conn.stage == Stage::kBusy) {
+      if (now >= conn.retry_at) {
+        submit(conn);
+        advance(conn);
+      } else {
+        note_deadline(conn.retry_at);
+      }
+    } else if (conn.stage == Stage::kReading && conn.frames.empty() && !draining_) {
+      Clock::time_point deadline = conn.last_io + config_.read_timeout;
+      if (now >= deadline) {
+        with_counters([](MllpListenerCounters& c) { ++c.read_timeouts; });
+        log(LogLevel::kInfo, "mllp.timeout", "{} silent for {} ms; closing", conn.peer,
+            config_.read_timeout.count());
+        conn.dead = true;
+      } else {
+        note_deadline(deadline);
+      }
+    }
+    reap(id);
+  }
+}
+
+void MllpListener::Loop::begin_drain() {
+  draining_ = true;
+  drain_deadline_ = Clock::now() + config_.stop_grace;
+  if (listen_.valid()) {
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, listen_.get(), nullptr);
+    listen_.reset();
+  }
+  std::vector<std::uint64_t> ids;
+  for (auto& [id, conn] : connections_) ids.push_back(id);
+  for (std::uint64_t id : ids) {
+    advance(*connections_.at(id));
+    reap(id);
+  }
+  log(LogLevel::kNotice, "mllp.stop", "stopping: {} connection(s) finishing their message",
+      connections_.size());
+}
+
+void MllpListener::Loop::reap(std::uint64_t id) {
+  auto it = connections_.find(id);
+  if (it == connections_.end() || !it->second->dead) return;
+  Connection& conn = *it->second;
+  ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, conn.fd.get(), nullptr);
+  log(LogLevel::kDebug, "mllp.close", "closing the connection from {}", conn.peer);
+  // A message in flight stays with the sink; its completion finds no connection and is counted.
+  connections_.erase(it);
+  with_counters([&](MllpListenerCounters& c) { c.connections_open = connections_.size(); });
+}
+
+MllpListener::MllpListener() = default;
+MllpListener::~MllpListener() {
+  stop();
+}
+
+Status MllpListener::start(MllpListenerConfig config, const DeviceDirectory& directory,
+                           IngestSink& sink) {
+  if (loop_) return Status::FailedPrecondition("the MLLP listener was already started");
+  if (config.max_connections == 0 || config.max_frame_bytes == 0 ||
+      config.read_timeout.count() <= 0 || config.busy_retry.count() <= 0 ||
+      config.stop_grace.count() < 0) {
+    return Status::InvalidArgument(
+        "MLLP listener: max_connections, max_frame_bytes, read_timeout and busy_retry must be "
+        "positive");
+  }
+  sockaddr_storage ss{};
+  socklen_t len = 0;
+  auto* in = reinterpret_cast<sockaddr_in*>(&ss);
+  auto* in6 = reinterpret_cast<sockaddr_in6*>(&ss);
+  if (::inet_pton(AF_INET, config.address.c_str(), &in->sin_addr) == 1) {
+    in->sin_family = AF_INET;
+    in->sin_port = htons(config.port);
+    len = sizeof(sockaddr_in);
+  } else if (::inet_pton(AF_INET6, config.address.c_str(), &in6->sin6_addr) == 1) {
+    in6->sin6_family = AF_INET6;
+    in6->sin6_port = htons(config.port);
+    len = sizeof(sockaddr_in6);
+  } else {
+    return Status::InvalidArgument(
+        fmt::format("MLLP listener: '{}' is not an IPv4 or IPv6 address", config.address));
+  }
+  std::string where = fmt::format("{} port {}", config.address, config.port);
+
+  Fd listen(::socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!listen.valid()) {
+    return Status::Unavailable(fmt::format("MLLP listener: socket: {}", errno_text(errno)));
+  }
+  int one = 1;
+  ::setsockopt(listen.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (::bind(listen.get(), reinterpret_cast<sockaddr*>(&ss), len) != 0) {
+    return Status::Unavailable(
+        fmt::format("MLLP listener: cannot bind {}: {}", where, errno_text(errno)));
+  }
+  if (::listen(listen.get(), SOMAXCONN) != 0) {
+    return Status::Unavailable(
+        fmt::format("MLLP listener: cannot listen on {}: {}", where, errno_text(errno)));
+  }
+  sockaddr_storage bound{};
+  socklen_t bound_len = sizeof bound;
+  ::getsockname(listen.get(), reinterpret_cast<sockaddr*>(&bound), &bound_len);
+  std::uint16_t port =
+      ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                                        : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+
+  Fd epoll(::epoll_create1(EPOLL_CLOEXEC));
+  Fd wake(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!epoll.valid() || !wake.valid()) {
+    return Status::Unavailable(fmt::format("MLLP listener: epoll/eventfd: {}", errno_text(errno)));
+  }
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = kListenKey;
+  int listen_fd = listen.get();
+  if (::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, listen_fd, &ev) != 0) {
+    return Status::Unavailable(fmt::format("MLLP listener: epoll_ctl: {}", errno_text(errno)));
+  }
+  ev.data.u64 = kWakeKey;
+  if (::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, wake.get(), &ev) != 0) {
+    return Status::Unavailable(fmt::format("MLLP listener: epoll_ctl: {}", errno_text(errno)));
+  }
+  auto completions = std::make_shared<CompletionQueue>(std::move(wake));
+  loop_ = std::make_unique<Loop>(std::move(config), directory, sink, std::move(listen),
+                                 std::move(epoll), std::move(completions), port);
+  loop_->start_thread();
+  return Status::Ok();
+}
+
+std::uint16_t MllpListener::port() const {
+  return loop_ ? loop_->port() : 0;
+}
+
+void MllpListener::stop() {
+  if (loop_) loop_->stop();
+}
+
+MllpListenerCounters MllpListener::counters() const {
+  return loop_ ? loop_->counters() : MllpListenerCounters{};
+}
+
+}  // namespace medgate::appliance::hl7

@@ -1,0 +1,643 @@
+// The MLLP listener over real loopback sockets: ACK only after `done`, AE for unknown and revoked
+// sources, AR that leaves the connection usable, framing split the ways networks split it, peers
+// that vanish mid-frame or go silent, kBusy backpressure, a sink that fails, 64 concurrent
+// senders, stop() with a message in flight, and the medgate-mllp-send binary against it.
+#include <catch2/catch.hpp>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "appliance/hl7/listener.h"
+#include "appliance/hl7/message.h"
+#include "appliance/hl7/mllp.h"
+#include "appliance/hl7/sender.h"
+
+using namespace medgate;
+using namespace medgate::appliance;
+using namespace medgate::appliance::hl7;
+using namespace std::chrono_literals;
+
+extern char** environ;
+
+namespace {
+
+const std::filesystem::path kData = std::filesystem::path(MEDGATE_TEST_DATA) / "hl7";
+
+std::string read_data(const std::string& name) {
+  std::ifstream in(kData / name, std::ios::binary);
+  REQUIRE(in.good());
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// lab_loinc.hl7 (LABSYS/CENTRAL_LAB, original mode) with MSH-10 replaced.
+std::string lab_message(const std::string& control_id) {
+  std::string text = read_data("lab_loinc.hl7");
+  const std::string original = "LAB-20240316-0042";
+  auto at = text.find(original);
+  REQUIRE(at != std::string::npos);
+  return text.replace(at, original.size(), control_id);
+}
+
+Bytes framed(const std::string& message) {
+  Result<Bytes> f = encode_frame(as_bytes(message));
+  REQUIRE(f.ok());
+  return std::move(f).value();
+}
+
+// The registry as a map: (MSH-3, MSH-4) -> credentials.
+class MapDirectory : public DeviceDirectory {
+ public:
+  void add(std::string app, std::string facility, std::string device_id, bool revoked = false) {
+    sources_[{std::move(app), std::move(facility)}] = DeviceCredentials{device_id, revoked, {}, {}};
+  }
+  std::optional<DeviceCredentials> coap_device(std::string_view) const override {
+    return std::nullopt;
+  }
+  std::optional<DeviceCredentials> hl7_source(std::string_view application,
+                                              std::string_view facility) const override {
+    auto it = sources_.find({std::string(application), std::string(facility)});
+    if (it == sources_.end()) return std::nullopt;
+    return it->second;
+  }
+
+ private:
+  std::map<std::pair<std::string, std::string>, DeviceCredentials> sources_;
+};
+
+// A stand-in for the ledger pipeline that the daemon wiring will provide: it records each batch
+// and completes it on its own thread after `delay` (or, while held, not until release()). On
+// demand it answers kBusy the next N times, or fails the next batch.
+class RecordingSink : public IngestSink {
+ public:
+  explicit RecordingSink(std::chrono::milliseconds delay = 5ms) : delay_(delay) {
+    worker_ = std::thread([this] { run(); });
+  }
+  ~RecordingSink() override {
+    {
+      std::lock_guard lock(mu_);
+      quit_ = true;
+      held_ = false;
+    }
+    cv_.notify_all();
+    worker_.join();
+  }
+
+  Admit submit(IngestBatch batch, std::function<void(IngestResult)> done) override {
+    std::lock_guard lock(mu_);
+    if (busy_answers_ > 0) {
+      --busy_answers_;
+      ++busy_given_;
+      return Admit::kBusy;
+    }
+    batches_.push_back(batch);
+    IngestResult result;
+    if (fail_next_) {
+      fail_next_ = false;
+      result.status = Status::IOError("fsync failed (injected)");
+    }
+    queue_.push_back({std::chrono::steady_clock::now() + delay_, std::move(done), result});
+    cv_.notify_all();
+    return Admit::kAccepted;
+  }
+
+  void hold() {
+    std::lock_guard lock(mu_);
+    held_ = true;
+  }
+  void release() {
+    {
+      std::lock_guard lock(mu_);
+      held_ = false;
+    }
+    cv_.notify_all();
+  }
+  void answer_busy(int times) {
+    std::lock_guard lock(mu_);
+    busy_answers_ = times;
+  }
+  void fail_next() {
+    std::lock_guard lock(mu_);
+    fail_next_ = true;
+  }
+  std::vector<IngestBatch> batches() const {
+    std::lock_guard lock(mu_);
+    return batches_;
+  }
+  int busy_given() const {
+    std::lock_guard lock(mu_);
+    return busy_given_;
+  }
+  std::size_t completed() const {
+    std::lock_guard lock(mu_);
+    return completed_;
+  }
+
+ private:
+  struct Item {
+    std::chrono::steady_clock::time_point due;
+    std::function<void(IngestResult)> done;
+    IngestResult result;
+  };
+  void run() {
+    std::unique_lock lock(mu_);
+    while (true) {
+      cv_.wait(lock, [&] { return quit_ || (!held_ && !queue_.empty()); });
+      if (queue_.empty()) {
+        if (quit_) return;
+        continue;
+      }
+      auto due = queue_.front().due;
+      if (std::chrono::steady_clock::now() < due) {
+        cv_.wait_until(lock, due);
+        continue;
+      }
+      Item item = std::move(queue_.front());
+      queue_.pop_front();
+      lock.unlock();
+      item.done(item.result);
+      lock.lock();
+      ++completed_;
+    }
+  }
+
+  const std::chrono::milliseconds delay_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Item> queue_;
+  std::vector<IngestBatch> batches_;
+  bool held_ = false;
+  bool quit_ = false;
+  bool fail_next_ = false;
+  int busy_answers_ = 0;
+  int busy_given_ = 0;
+  std::size_t completed_ = 0;
+  std::thread worker_;
+};
+
+// A raw client: writes exactly what it is given, reads ACK frames.
+class RawClient {
+ public:
+  explicit RawClient(std::uint16_t port) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(fd_ >= 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  }
+  ~RawClient() { close(); }
+  RawClient(const RawClient&) = delete;
+  RawClient& operator=(const RawClient&) = delete;
+
+  void write(ByteView bytes) {
+    std::size_t off = 0;
+    while (off < bytes.size()) {
+      ssize_t n = ::send(fd_, bytes.data() + off, bytes.size() - off, MSG_NOSIGNAL);
+      REQUIRE(n > 0);
+      off += static_cast<std::size_t>(n);
+    }
+  }
+  void write(std::string_view text) { write(as_bytes(text)); }
+  void close() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+  // The next ACK, or nullopt when none arrives within `timeout` (or the listener closed).
+  std::optional<std::string> ack(std::chrono::milliseconds timeout = 5000ms) {
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (ready_.empty()) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return std::nullopt;
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
+      std::byte buffer[4096];
+      ssize_t n = ::read(fd_, buffer, sizeof buffer);
+      if (n <= 0) {
+        closed_ = true;
+        return std::nullopt;
+      }
+      for (auto& f : deframer_.feed(ByteView(buffer, static_cast<std::size_t>(n)))) {
+        REQUIRE(f.ok());
+        ready_.push_back(to_string(*f));
+      }
+    }
+    std::string out = std::move(ready_.front());
+    ready_.pop_front();
+    return out;
+  }
+  // True when the listener closed the connection within `timeout`.
+  bool closed_by_listener(std::chrono::milliseconds timeout) {
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (!closed_ && std::chrono::steady_clock::now() < deadline) {
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, 50) <= 0) continue;
+      std::byte buffer[4096];
+      if (::read(fd_, buffer, sizeof buffer) <= 0) closed_ = true;
+    }
+    return closed_;
+  }
+
+ private:
+  int fd_ = -1;
+  bool closed_ = false;
+  MllpDeframer deframer_;
+  std::deque<std::string> ready_;
+};
+
+AckSummary summary_of(const std::optional<std::string>& ack) {
+  REQUIRE(ack.has_value());
+  Result<AckSummary> s = summarize_ack(*ack);
+  INFO(*ack);
+  REQUIRE(s.ok());
+  return *s;
+}
+
+// ERR-3.1, the table-0357 code.
+std::string err_code(const std::string& ack) {
+  Result<Message> m = parse_message(ack);
+  REQUIRE(m.ok());
+  return m->get("ERR", 3, 1, 1);
+}
+
+template <typename Predicate>
+bool eventually(Predicate p, std::chrono::milliseconds timeout = 5000ms) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (p()) return true;
+    std::this_thread::sleep_for(5ms);
+  }
+  return p();
+}
+
+struct Fixture {
+  explicit Fixture(MllpListenerConfig config = {}, std::chrono::milliseconds sink_delay = 5ms)
+      : sink(sink_delay) {
+    directory.add("LABSYS", "CENTRAL_LAB", "lab-1");
+    directory.add("PHILIPS_IX", "WARD7", "monitor-7");
+    directory.add("ADT_SYS", "HOSP", "adt-1");
+    directory.add("NURSE_APP", "WARD3", "nurse-3", /*revoked=*/true);
+    config.address = "127.0.0.1";
+    config.port = 0;
+    Status s = listener.start(config, directory, sink);
+    INFO(s.to_string());
+    REQUIRE(s.ok());
+    REQUIRE(listener.port() != 0);
+  }
+  MapDirectory directory;
+  RecordingSink sink;
+  MllpListener listener;  // declared last: stopped before the sink and directory go
+};
+
+}  // namespace
+
+TEST_CASE("an accepted ORU is acknowledged AA only after the sink reports it durable", "[mllp]") {
+  Fixture f;
+  f.sink.hold();
+  RawClient client(f.listener.port());
+  client.write(framed(lab_message("LAB-1")));
+  REQUIRE(eventually([&] { return f.sink.batches().size() == 1; }));
+  // Submitted, not yet durable: no ACK may reach the sender.
+  CHECK_FALSE(client.ack(300ms).has_value());
+  CHECK(f.sink.completed() == 0);
+  f.sink.release();
+  AckSummary ack = summary_of(client.ack());
+  CHECK(ack.code == "AA");
+  CHECK(ack.control_id == "LAB-1");
+  CHECK(eventually([&] { return f.sink.completed() == 1; }));
+
+  std::vector<IngestBatch> batches = f.sink.batches();
+  REQUIRE(batches.size() == 1);
+  CHECK(batches[0].kind == SourceKind::kHl7);
+  CHECK(batches[0].device_id == "lab-1");
+  CHECK(batches[0].message_id == "LAB-1");
+  CHECK_FALSE(batches[0].observations.empty());
+
+  MllpListenerCounters c = f.listener.counters();
+  CHECK(c.sources["lab-1"].received == 1);
+  CHECK(c.sources["lab-1"].committed == 1);
+  CHECK(c.sources["lab-1"].last_seen_us > 0);
+}
+
+TEST_CASE("enhanced mode gets CA once durable (IHE PCD-01)", "[mllp]") {
+  Fixture f;
+  RawClient client(f.listener.port());
+  client.write(framed(read_data("pcd01_philips.hl7")));
+  AckSummary ack = summary_of(client.ack());
+  CHECK(ack.code == "CA");
+  CHECK(ack.control_id == "MSG00017");
+  REQUIRE(f.sink.batches().size() == 1);
+  CHECK(f.sink.batches()[0].device_id == "monitor-7");
+}
+
+TEST_CASE("an unknown or revoked source gets AE with ERR 204 and nothing is submitted", "[mllp]") {
+  Fixture f;
+  RawClient client(f.listener.port());
+  std::string unknown = lab_message("U-1");
+  unknown.replace(unknown.find("CENTRAL_LAB"), 11, "OTHER_LAB");
+  client.write(framed(unknown));
+  std::optional<std::string> ack = client.ack();
+  AckSummary s = summary_of(ack);
+  CHECK(s.code == "AE");
+  CHECK(s.control_id == "U-1");
+  CHECK(err_code(*ack) == "204");
+  CHECK_THAT(s.text, Catch::Contains("not registered"));
+
+  client.write(framed(read_data("escapes_latin1.hl7")));  // NURSE_APP/WARD3: revoked
+  ack = client.ack();
+  s = summary_of(ack);
+  CHECK(s.code == "AE");
+  CHECK(err_code(*ack) == "204");
+  CHECK_THAT(s.text, Catch::Contains("revoked"));
+
+  CHECK(f.sink.batches().empty());
+  MllpListenerCounters c = f.listener.counters();
+  CHECK(c.unknown_source == 1);
+  CHECK(c.sources["nurse-3"].rejected_revoked == 1);
+}
+
+TEST_CASE("garbage is answered AR and the connection takes the next message", "[mllp]") {
+  Fixture f;
+  RawClient client(f.listener.port());
+  client.write(framed("this is not HL7\r"));
+  AckSummary s = summary_of(client.ack());
+  CHECK(s.code == "AR");
+  client.write(framed(lab_message("AFTER-AR")));
+  s = summary_of(client.ack());
+  CHECK(s.code == "AA");
+  CHECK(s.control_id == "AFTER-AR");
+  CHECK(f.sink.batches().size() == 1);
+  CHECK(f.listener.counters().unparseable_frames == 1);
+}
+
+TEST_CASE("an oversize frame is answered AR and the connection resynchronises", "[mllp]") {
+  MllpListenerConfig config;
+  config.max_frame_bytes = 256;
+  Fixture f(config);
+  RawClient client(f.listener.port());
+  client.write(framed(std::string(1000, 'X')));
+  CHECK(summary_of(client.ack()).code == "AR");
+  CHECK(f.listener.counters().oversize_frames == 1);
+}
+
+TEST_CASE("ADT is acknowledged AA without a batch (the patient index is wired later)", "[mllp]") {
+  Fixture f;
+  RawClient client(f.listener.port());
+  client.write(framed(read_data("adt_a01.hl7")));
+  CHECK(summary_of(client.ack()).code == "AA");
+  CHECK(f.sink.batches().empty());
+  CHECK(f.listener.counters().sources["adt-1"].adt == 1);
+}
+
+TEST_CASE("framing as networks split it: one-byte writes, a split trailer, junk", "[mllp]") {
+  Fixture f;
+  MllpSendOptions options;
+  options.port = f.listener.port();
+  options.pause = 0ms;
+  SECTION("one byte at a time") {
+    options.chunk = 1;
+  }
+  SECTION("0x1C and 0x0D in separate writes") {
+    options.split_trailer = true;
+    options.pause = 20ms;
+  }
+  SECTION("junk between frames") {
+    options.junk = true;
+  }
+  SECTION("all at once") {}
+  MllpSender sender(options);
+  REQUIRE(sender.connect().ok());
+  for (int i = 0; i < 3; ++i) {
+    std::string id = "SPLIT-" + std::to_string(i);
+    REQUIRE(sender.send(lab_message(id)).ok());
+    Result<std::string> ack = sender.receive();
+    REQUIRE(ack.ok());
+    AckSummary s = *summarize_ack(*ack);
+    CHECK(s.code == "AA");
+    CHECK(s.control_id == id);
+  }
+  CHECK(f.sink.batches().size() == 3);
+  if (options.junk) CHECK(f.listener.counters().junk_bytes > 0);
+}
+
+TEST_CASE("several frames in one write are answered in order, one at a time", "[mllp]") {
+  Fixture f;
+  RawClient client(f.listener.port());
+  Bytes all;
+  for (int i = 0; i < 5; ++i) {
+    Bytes one = framed(lab_message("MULTI-" + std::to_string(i)));
+    all.insert(all.end(), one.begin(), one.end());
+    all.push_back(std::byte{'\n'});  // a stray LF between frames, as some senders write
+  }
+  client.write(all);
+  for (int i = 0; i < 5; ++i) {
+    AckSummary s = summary_of(client.ack());
+    CHECK(s.code == "AA");
+    CHECK(s.control_id == "MULTI-" + std::to_string(i));
+  }
+  std::vector<IngestBatch> batches = f.sink.batches();
+  REQUIRE(batches.size() == 5);
+  for (int i = 0; i < 5; ++i) CHECK(batches[i].message_id == "MULTI-" + std::to_string(i));
+}
+
+TEST_CASE("a peer that closes mid-frame is counted and nothing is submitted", "[mllp]") {
+  Fixture f;
+  {
+    RawClient client(f.listener.port());
+    Bytes whole = framed(lab_message("TORN"));
+    client.write(ByteView(whole).first(whole.size() / 2));
+    std::this_thread::sleep_for(50ms);
+  }
+  REQUIRE(eventually([&] { return f.listener.counters().incomplete_frames == 1; }));
+  CHECK(eventually([&] { return f.listener.counters().connections_open == 0; }));
+  CHECK(f.sink.batches().empty());
+}
+
+TEST_CASE("a silent peer is freed by the read timeout", "[mllp]") {
+  MllpListenerConfig config;
+  config.read_timeout = 200ms;
+  Fixture f(config);
+  RawClient silent(f.listener.port());
+  RawClient half(f.listener.port());
+  half.write(std::string_view("\x0bMSH|^~\\&|LAB"));  // begins a frame, then says nothing
+  CHECK(silent.closed_by_listener(3000ms));
+  CHECK(half.closed_by_listener(3000ms));
+  CHECK(eventually([&] { return f.listener.counters().connections_open == 0; }));
+  CHECK(f.listener.counters().read_timeouts == 2);
+  CHECK(f.sink.batches().empty());
+}
+
+TEST_CASE("kBusy stops the connection and the submit is retried until taken", "[mllp]") {
+  MllpListenerConfig config;
+  config.busy_retry = 10ms;
+  Fixture f(config);
+  f.sink.answer_busy(5);
+  RawClient client(f.listener.port());
+  client.write(framed(lab_message("BUSY-1")));
+  AckSummary s = summary_of(client.ack());
+  CHECK(s.code == "AA");
+  CHECK(s.control_id == "BUSY-1");
+  CHECK(f.sink.busy_given() == 5);
+  CHECK(f.sink.batches().size() == 1);  // exactly one batch taken
+  CHECK(f.listener.counters().sources["lab-1"].busy_retries == 5);
+}
+
+TEST_CASE("a sink failure is answered AE and the connection goes on", "[mllp]") {
+  Fixture f;
+  f.sink.fail_next();
+  RawClient client(f.listener.port());
+  client.write(framed(lab_message("FAIL-1")));
+  std::optional<std::string> ack = client.ack();
+  AckSummary s = summary_of(ack);
+  CHECK(s.code == "AE");
+  CHECK(s.control_id == "FAIL-1");
+  CHECK(err_code(*ack) == "207");
+  client.write(framed(lab_message("FAIL-1")));  // the sender retransmits
+  CHECK(summary_of(client.ack()).code == "AA");
+  MllpListenerCounters c = f.listener.counters();
+  CHECK(c.sources["lab-1"].failed == 1);
+  CHECK(c.sources["lab-1"].committed == 1);
+}
+
+TEST_CASE("64 concurrent connections, 20 messages each, all AA in order", "[mllp]") {
+  Fixture f({}, 1ms);
+  constexpr int kConnections = 64;
+  constexpr int kMessages = 20;
+  std::string base = lab_message("XXXXXXXX");
+  std::vector<std::string> failures(kConnections);
+  std::vector<std::thread> threads;
+  for (int c = 0; c < kConnections; ++c) {
+    threads.emplace_back([&, c] {
+      MllpSendOptions options;
+      options.port = f.listener.port();
+      options.ack_timeout = 20s;
+      MllpSender sender(options);
+      if (!sender.connect().ok()) {
+        failures[c] = "connect";
+        return;
+      }
+      for (int m = 0; m < kMessages; ++m) {
+        std::string id = fmt::format("C{:02}M{:02}", c, m);
+        std::string text = base;
+        text.replace(text.find("XXXXXXXX"), 8, id);
+        if (!sender.send(text).ok()) {
+          failures[c] = "send " + id;
+          return;
+        }
+        Result<std::string> ack = sender.receive();
+        Result<AckSummary> s = ack.ok() ? summarize_ack(*ack) : Result<AckSummary>(ack.status());
+        if (!s.ok() || s->code != "AA" || s->control_id != id) {
+          failures[c] = "ack for " + id + ": " +
+                        (s.ok() ? s->code + " " + s->control_id : s.status().to_string());
+          return;
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int c = 0; c < kConnections; ++c) {
+    INFO("connection " << c);
+    CHECK(failures[c].empty());
+  }
+  CHECK(f.sink.batches().size() == kConnections * kMessages);
+  CHECK(f.listener.counters().sources["lab-1"].committed == kConnections * kMessages);
+}
+
+TEST_CASE("stop() finishes the message in flight and sends its ACK", "[mllp]") {
+  Fixture f;
+  f.sink.hold();
+  RawClient client(f.listener.port());
+  client.write(framed(lab_message("LAST")));
+  REQUIRE(eventually([&] { return f.sink.batches().size() == 1; }));
+  std::thread stopper([&] { f.listener.stop(); });
+  std::this_thread::sleep_for(100ms);
+  f.sink.release();
+  AckSummary s = summary_of(client.ack());
+  CHECK(s.code == "AA");
+  CHECK(s.control_id == "LAST");
+  stopper.join();
+  CHECK(client.closed_by_listener(2000ms));
+  // Nothing listens any more.
+  MllpSendOptions late_options;
+  late_options.port = f.listener.port();
+  MllpSender late(late_options);
+  CHECK(late.connect().code() == StatusCode::kUnavailable);
+}
+
+TEST_CASE("too many connections are refused and counted", "[mllp]") {
+  MllpListenerConfig config;
+  config.max_connections = 1;
+  Fixture f(config);
+  RawClient first(f.listener.port());
+  REQUIRE(eventually([&] { return f.listener.counters().connections_open == 1; }));
+  RawClient second(f.listener.port());
+  CHECK(second.closed_by_listener(2000ms));
+  CHECK(f.listener.counters().connections_refused == 1);
+  first.write(framed(lab_message("STILL")));
+  CHECK(summary_of(first.ack()).code == "AA");
+}
+
+TEST_CASE("split_messages takes CR, LF and CRLF and splits on blank lines", "[mllp]") {
+  std::vector<std::string> m = split_messages("MSH|a\nPID|b\r\n\r\nMSH|c\rOBX|d\n\n\n");
+  REQUIRE(m.size() == 2);
+  CHECK(m[0] == "MSH|a\rPID|b\r");
+  CHECK(m[1] == "MSH|c\rOBX|d\r");
+  CHECK(split_messages("\n\n").empty());
+}
+
+namespace {
+
+// Runs medgate-mllp-send with `args`; its exit code.
+int run_sender(const std::vector<std::string>& args) {
+  std::vector<std::string> all = {MEDGATE_MLLP_SEND};
+  all.insert(all.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& a : all) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = 0;
+  REQUIRE(::posix_spawn(&pid, argv[0], nullptr, nullptr, argv.data(), environ) == 0);
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  REQUIRE(WIFEXITED(status));
+  return WEXITSTATUS(status);
+}
+
+}  // namespace
+
+TEST_CASE("medgate-mllp-send against the listener: exit codes 0, 1 and 3", "[mllp]") {
+  Fixture f;
+  std::string port = std::to_string(f.listener.port());
+  std::string lab = (kData / "lab_loinc.hl7").string();
+  std::string pcd = (kData / "pcd01_philips.hl7").string();
+  std::string revoked = (kData / "escapes_latin1.hl7").string();
+  CHECK(run_sender({"--port", port, lab, pcd}) == 0);
+  CHECK(run_sender({"--port", port, "--chunk", "7", "--pause-ms", "0", "--split-trailer", "--junk",
+                    lab}) == 0);
+  CHECK(run_sender({"--port", port, "--pipeline", lab, pcd, lab}) == 0);
+  CHECK(run_sender({"--port", port, lab, revoked}) == 1);
+  f.listener.stop();
+  CHECK(run_sender({"--port", port, lab}) == 3);
+  CHECK(f.sink.batches().size() == 7);  // the revoked source's message is not one
+}
