@@ -263,7 +263,8 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
   } catch (const toml::parse_error& e) {
     return r.error_at(e.source(), std::string(e.description()));
   }
-  MEDGATE_RETURN_IF_ERROR(r.check_keys(root, "top level", {"ledger", "key_store", "admin", "log"}));
+  MEDGATE_RETURN_IF_ERROR(
+      r.check_keys(root, "top level", {"ledger", "key_store", "admin", "hl7", "coap", "log"}));
   for (const auto& [key, node] : root)
     if (!node.is_table())
       return r.error_at(node.source(),
@@ -405,6 +406,82 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
     c.admin.idle_timeout = std::chrono::seconds(*idle);
   }
 
+  // Ingest listeners: each runs when its section is present and not `enabled = false`.
+  auto port_of = [&](const toml::table& t, const char* name, const char* key,
+                     std::int64_t value) -> Result<std::uint16_t> {
+    if (value < 0 || value > 65535)
+      return r.error_at(t.get(key)->source(),
+                        fmt::format("[{}] {} must be a port number (0-65535)", name, key));
+    return static_cast<std::uint16_t>(value);
+  };
+  if (root.contains("hl7")) {
+    const toml::table& t = section("hl7");
+    MEDGATE_RETURN_IF_ERROR(r.check_keys(
+        t, "hl7",
+        {"enabled", "address", "port", "max_connections", "max_frame_bytes", "read_timeout_s"}));
+    MEDGATE_ASSIGN_OR_RETURN(auto enabled, r.get<bool>(t, "hl7", "enabled"));
+    if (!enabled || *enabled) {
+      hl7::MllpListenerConfig l;
+      MEDGATE_ASSIGN_OR_RETURN(auto address, r.get<std::string>(t, "hl7", "address"));
+      if (address) l.address = *address;
+      MEDGATE_ASSIGN_OR_RETURN(auto port, r.get<std::int64_t>(t, "hl7", "port"));
+      if (port) {
+        MEDGATE_ASSIGN_OR_RETURN(l.port, port_of(t, "hl7", "port", *port));
+      }
+      MEDGATE_ASSIGN_OR_RETURN(auto max_conn, r.get<std::int64_t>(t, "hl7", "max_connections"));
+      if (max_conn) {
+        if (*max_conn < 1 || *max_conn > 65536)
+          return r.error_at(t.get("max_connections")->source(),
+                            "[hl7] max_connections must be between 1 and 65536");
+        l.max_connections = static_cast<std::size_t>(*max_conn);
+      }
+      MEDGATE_ASSIGN_OR_RETURN(auto max_frame, r.get<std::int64_t>(t, "hl7", "max_frame_bytes"));
+      if (max_frame) {
+        if (*max_frame < 1024 || *max_frame > (64 << 20))
+          return r.error_at(t.get("max_frame_bytes")->source(),
+                            "[hl7] max_frame_bytes must be between 1024 and 67108864");
+        l.max_frame_bytes = static_cast<std::size_t>(*max_frame);
+      }
+      MEDGATE_ASSIGN_OR_RETURN(auto timeout, r.get<std::int64_t>(t, "hl7", "read_timeout_s"));
+      if (timeout) {
+        if (*timeout < 1 || *timeout > 86400)
+          return r.error_at(t.get("read_timeout_s")->source(),
+                            "[hl7] read_timeout_s must be between 1 and 86400");
+        l.read_timeout = std::chrono::seconds(*timeout);
+      }
+      c.hl7 = l;
+    }
+  }
+  if (root.contains("coap")) {
+    const toml::table& t = section("coap");
+    MEDGATE_RETURN_IF_ERROR(
+        r.check_keys(t, "coap", {"enabled", "address", "port", "plain_port", "max_payload"}));
+    MEDGATE_ASSIGN_OR_RETURN(auto enabled, r.get<bool>(t, "coap", "enabled"));
+    if (!enabled || *enabled) {
+      coap::CoapServerConfig s;
+      MEDGATE_ASSIGN_OR_RETURN(auto address, r.get<std::string>(t, "coap", "address"));
+      if (address) s.address = *address;
+      MEDGATE_ASSIGN_OR_RETURN(auto port, r.get<std::int64_t>(t, "coap", "port"));
+      if (port) {
+        MEDGATE_ASSIGN_OR_RETURN(s.port, port_of(t, "coap", "port", *port));
+      }
+      MEDGATE_ASSIGN_OR_RETURN(auto plain, r.get<std::int64_t>(t, "coap", "plain_port"));
+      if (plain && *plain != 0) {
+        MEDGATE_ASSIGN_OR_RETURN(std::uint16_t p, port_of(t, "coap", "plain_port", *plain));
+        s.plain_port = p;
+      }
+      MEDGATE_ASSIGN_OR_RETURN(auto max_payload, r.get<std::int64_t>(t, "coap", "max_payload"));
+      if (max_payload) {
+        if (*max_payload < 64 || *max_payload > static_cast<std::int64_t>(coap::kMaxPackBytes))
+          return r.error_at(t.get("max_payload")->source(),
+                            fmt::format("[coap] max_payload must be between 64 and {}",
+                                        coap::kMaxPackBytes));
+        s.max_payload = static_cast<std::size_t>(*max_payload);
+      }
+      c.coap = s;
+    }
+  }
+
   const toml::table& log = section("log");
   MEDGATE_RETURN_IF_ERROR(r.check_keys(log, "log", {"level"}));
   MEDGATE_ASSIGN_OR_RETURN(auto level, r.get<std::string>(log, "log", "level"));
@@ -526,6 +603,15 @@ counter_interval_s = {}
 socket = {}
 admin_group = {}
 auditor_group = {}
+
+# Device ingest. Each listener runs when its section is here (remove the '#'s) and enabled.
+# [hl7]                    # HL7 v2 over MLLP (TCP); sources: medctl device add ID --kind hl7
+# address = "0.0.0.0"
+# port = 2575
+# read_timeout_s = 60
+# [coap]                   # CoAP + SenML over DTLS-PSK; devices: medctl device add ID --kind coap
+# address = "::"
+# port = 5684
 
 [log]
 level = "info"

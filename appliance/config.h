@@ -8,6 +8,8 @@
 #include <string_view>
 #include <vector>
 
+#include "appliance/coap/server.h"
+#include "appliance/hl7/listener.h"
 #include "hsm/key_store_factory.h"
 #include "hsm/status.h"
 
@@ -33,6 +35,9 @@ struct Config {
   std::chrono::seconds counter_interval{300};  // rollback-counter epochs (ledger/store.h)
   hsm::KeyStoreConfig key_store;
   AdminConfig admin;
+  // Ingest listeners; absent (or `enabled = false`): not started.
+  std::optional<hl7::MllpListenerConfig> hl7;
+  std::optional<coap::CoapServerConfig> coap;
   LogLevel log_level = LogLevel::kInfo;
 };
 

@@ -12,6 +12,9 @@
 #include "appliance/admin_server.h"
 #include "appliance/erasure.h"
 #include "appliance/json_cbor.h"
+#include "appliance/coap/server.h"
+#include "appliance/hl7/listener.h"
+#include "appliance/pipeline.h"
 #include "appliance/registry.h"
 #include "appliance/log.h"
 #include "appliance/vault.h"
@@ -112,6 +115,26 @@ class Daemon::Impl {
         DeviceRegistry::open(config_.data_dir / "registry.db", *keys_, *vault_, *ledger_);
     if (!registry.ok()) return registry.status().with_context("device registry");
     registry_ = std::move(registry).value();
+
+    // Ingest: the pipeline makes readings durable; the listeners answer devices only after that.
+    pipeline_ = std::make_unique<IngestPipeline>(*ledger_, *vault_);
+    if (config_.hl7) {
+      mllp_ = std::make_unique<hl7::MllpListener>();
+      MEDGATE_RETURN_IF_ERROR(
+          mllp_->start(*config_.hl7, *registry_, *pipeline_).with_context("HL7/MLLP listener"));
+      log(LogLevel::kInfo, "hl7.listen", "HL7 v2 over MLLP on {} port {}", config_.hl7->address,
+          mllp_->port());
+    }
+    if (config_.coap) {
+      coap_ = std::make_unique<coap::CoapServer>();
+      MEDGATE_RETURN_IF_ERROR(
+          coap_->start(*config_.coap, *registry_, *pipeline_).with_context("CoAP listener"));
+      log(LogLevel::kInfo, "coap.listen", "CoAP/SenML over DTLS-PSK on {} port {}{}",
+          config_.coap->address, config_.coap->port,
+          config_.coap->plain_port
+              ? fmt::format(", UNAUTHENTICATED plain CoAP on port {}", *config_.coap->plain_port)
+              : "");
+    }
     if (Result<std::vector<ErasureRecord>> done = erasure_->finish_pending(); !done.ok())
       log(LogLevel::kError, "vault.erase", "an interrupted erasure is still pending: {}",
           done.status().message());
@@ -145,6 +168,10 @@ class Daemon::Impl {
     watchdog_cv_.notify_all();
     if (watchdog_.joinable()) watchdog_.join();
     if (monitor_.joinable()) monitor_.join();
+    // Listeners first: they answer what is in flight once it is durable, then the pipeline drains.
+    if (mllp_) mllp_->stop();
+    if (coap_) coap_->stop();
+    if (pipeline_) pipeline_->stop();
     if (admin_) admin_->stop();
     if (ledger_) {
       ledger_->close();
@@ -374,7 +401,9 @@ class Daemon::Impl {
     read("device.show", [this](const Caller&, const json& args) -> Result<json> {
       MEDGATE_ASSIGN_OR_RETURN(std::string id, text_arg(args, "id"));
       MEDGATE_ASSIGN_OR_RETURN(DeviceInfo d, registry_->show(id));
-      return device_json(d);
+      json out = device_json(d);
+      out["traffic"] = device_counters(d);
+      return out;
     });
     change("device.add", [this](const Caller& c, const json& args) -> Result<json> {
       MEDGATE_ASSIGN_OR_RETURN(std::string id, text_arg(args, "id"));
@@ -429,6 +458,77 @@ class Daemon::Impl {
                   {"erased_at", ledger::format_time(erased->erased_us)}};
     });
     return ops;
+  }
+
+  json ingest_json() const {
+    PipelineCounters p = pipeline_ ? pipeline_->counters() : PipelineCounters{};
+    json out = {{"pipeline",
+                 {{"batches", p.batches},
+                  {"committed", p.committed},
+                  {"observations", p.observations},
+                  {"failed", p.failed},
+                  {"duplicates", p.duplicates},
+                  {"busy", p.busy},
+                  {"queued", p.queued}}},
+                {"hl7", nullptr},
+                {"coap", nullptr}};
+    if (mllp_) {
+      hl7::MllpListenerCounters m = mllp_->counters();
+      out["hl7"] = {{"port", mllp_->port()},
+                    {"connections_open", m.connections_open},
+                    {"connections_accepted", m.connections_accepted},
+                    {"connections_refused", m.connections_refused},
+                    {"read_timeouts", m.read_timeouts},
+                    {"unparseable_frames", m.unparseable_frames},
+                    {"oversize_frames", m.oversize_frames},
+                    {"incomplete_frames", m.incomplete_frames},
+                    {"unknown_source", m.unknown_source},
+                    {"acks_sent", m.acks_sent}};
+    }
+    if (coap_) {
+      coap::CoapCounters k = coap_->counters();
+      out["coap"] = {{"port", config_.coap->port},
+                     {"devices", k.devices.size()},
+                     {"unknown_identity", k.unknown_identity},
+                     {"handshake_errors", k.handshake_errors}};
+    }
+    return out;
+  }
+
+  // A device's traffic as its listener counted it; null when the listener is off.
+  json device_counters(const DeviceInfo& d) const {
+    if (d.kind == DeviceKind::kHl7 && mllp_) {
+      hl7::MllpListenerCounters m = mllp_->counters();
+      auto it = m.sources.find(d.id);
+      if (it == m.sources.end()) return json{{"received", 0}};
+      const hl7::MllpSourceCounters& c = it->second;
+      return {{"received", c.received},
+              {"committed", c.committed},
+              {"duplicates", c.duplicates},
+              {"adt", c.adt},
+              {"rejected",
+               {{"unparseable", c.rejected_unparseable},
+                {"unprocessable", c.rejected_unprocessable},
+                {"revoked", c.rejected_revoked},
+                {"failed", c.failed}}},
+              {"busy_retries", c.busy_retries},
+              {"last_seen", c.last_seen_us ? json(ledger::format_time(c.last_seen_us)) : json()}};
+    }
+    if (d.kind == DeviceKind::kCoap && coap_) {
+      coap::CoapCounters k = coap_->counters();
+      auto it = k.devices.find(d.id);
+      if (it == k.devices.end()) return json{{"received", 0}};
+      const coap::DeviceCounters& c = it->second;
+      json rejected = json::object();
+      for (std::size_t i = 0; i < coap::kRejectReasonCount; ++i)
+        rejected[std::string(coap::reject_reason_name(static_cast<coap::RejectReason>(i)))] =
+            c.rejected[i];
+      return {{"received", c.received},
+              {"committed", c.committed},
+              {"rejected", rejected},
+              {"last_seen", c.last_seen_us ? json(ledger::format_time(c.last_seen_us)) : json()}};
+    }
+    return nullptr;
   }
 
   static json device_json(const DeviceInfo& d) {
@@ -512,7 +612,7 @@ class Daemon::Impl {
           {"requests", a.requests},
           {"errors", a.errors},
           {"refused", a.refused}}},
-        {"ingest", json::object()},
+        {"ingest", ingest_json()},
     };
     if (s.latest_head) {
       out["signed_head"] = {{"sequence", s.latest_head->sequence},
@@ -531,6 +631,9 @@ class Daemon::Impl {
   std::unique_ptr<Vault> vault_;
   std::unique_ptr<PatientErasure> erasure_;
   std::unique_ptr<DeviceRegistry> registry_;
+  std::unique_ptr<IngestPipeline> pipeline_;
+  std::unique_ptr<hl7::MllpListener> mllp_;
+  std::unique_ptr<coap::CoapServer> coap_;
   std::unique_ptr<AdminServer> admin_;
   std::atomic<bool> stopped_{false};
   std::thread watchdog_;

@@ -180,7 +180,35 @@ int cmd_status(const GlobalOptions& g) {
                            a["socket"].get<std::string>(), a["connections"].get<std::uint64_t>(),
                            a["requests"].get<std::uint64_t>(), a["errors"].get<std::uint64_t>(),
                            a["refused"].get<std::uint64_t>());
-  std::cout << fmt::format("ingest     no device ingest configured yet\n");
+  const json& in = s["ingest"];
+  if (in.is_object() && in.contains("pipeline")) {
+    const json& p = in["pipeline"];
+    std::cout << fmt::format(
+        "ingest     {} batches committed ({} readings), {} failed, {} duplicates, {} busy, {} "
+        "queued\n",
+        p["committed"].get<std::uint64_t>(), p["observations"].get<std::uint64_t>(),
+        p["failed"].get<std::uint64_t>(), p["duplicates"].get<std::uint64_t>(),
+        p["busy"].get<std::uint64_t>(), p["queued"].get<std::uint64_t>());
+    if (in["hl7"].is_object())
+      std::cout << fmt::format(
+          "  hl7      MLLP port {}: {} connections open, {} ACKs sent, {} unknown sources, {} "
+          "unparseable frames\n",
+          in["hl7"]["port"].get<int>(), in["hl7"]["connections_open"].get<std::uint64_t>(),
+          in["hl7"]["acks_sent"].get<std::uint64_t>(),
+          in["hl7"]["unknown_source"].get<std::uint64_t>(),
+          in["hl7"]["unparseable_frames"].get<std::uint64_t>());
+    else
+      std::cout << "  hl7      off (no [hl7] section in the config)\n";
+    if (in["coap"].is_object())
+      std::cout << fmt::format(
+          "  coap     DTLS-PSK port {}: {} devices seen, {} unknown identities, {} handshake "
+          "errors\n",
+          in["coap"]["port"].get<int>(), in["coap"]["devices"].get<std::uint64_t>(),
+          in["coap"]["unknown_identity"].get<std::uint64_t>(),
+          in["coap"]["handshake_errors"].get<std::uint64_t>());
+    else
+      std::cout << "  coap     off (no [coap] section in the config)\n";
+  }
   std::cout << fmt::format("you        {} ({})\n", s["caller"]["actor"].get<std::string>(),
                            s["caller"]["role"].get<std::string>());
   return writer.empty() ? 0 : 1;
@@ -498,6 +526,23 @@ void print_device(const json& d) {
                                                  : std::string("(not bound)"));
   std::cout << fmt::format("changed    {} (ledger entry {})\n", d["updated"].get<std::string>(),
                            d["last_entry"].get<std::uint64_t>());
+  if (d.contains("traffic") && d["traffic"].is_object()) {
+    const json& t = d["traffic"];
+    std::string rejected;
+    if (t.contains("rejected"))
+      for (const auto& [reason, n] : t["rejected"].items())
+        if (n.get<std::uint64_t>() > 0)
+          rejected += fmt::format("{}{} {}", rejected.empty() ? "" : ", ", n.get<std::uint64_t>(),
+                                  reason);
+    std::cout << fmt::format("traffic    {} received, {} committed{}{}\n",
+                             t.value("received", 0ULL), t.value("committed", 0ULL),
+                             rejected.empty() ? "" : ", rejected: " + rejected,
+                             t.contains("last_seen") && t["last_seen"].is_string()
+                                 ? ", last seen " + t["last_seen"].get<std::string>()
+                                 : "");
+  } else if (d.contains("traffic")) {
+    std::cout << "traffic    (its listener is off)\n";
+  }
 }
 
 // A new PSK is shown once: written to --psk-out (created 0600, never overwritten) or printed.

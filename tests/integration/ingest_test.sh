@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Device ingest end to end, with real parts only: medgated with its HL7/MLLP and CoAP/DTLS-PSK
+# listeners on loopback, a real SoftHSM token, medgate-mllp-send and libcoap's
+# coap-client-openssl as the devices. Readings are acknowledged (AA, 2.04) once durable and are on
+# the ledger only as ciphertext under a pseudonym; unknown sources, wrong keys and revoked devices
+# are refused; a retransmission is recorded once; kill -9 while a sender is sending loses nothing
+# that was acknowledged; an erased patient's readings are refused.
+source "$(dirname "$0")/lib.sh" "$1"
+MLLP_SEND=$BIN_SRC/medgate-mllp-send
+
+DATA=$WORK/data
+mkdir -p "$WORK/run" "$WORK/msg"
+chmod 755 "$WORK/run"
+SOCK=$WORK/run/admin.sock
+"$MEDCTL" init --data-dir "$DATA" --ledger-id ward-7 --socket "$SOCK" >/dev/null
+CONF=$DATA/medgated.toml
+LOG=$WORK/medgated.log
+export MEDGATE_SOCKET=$SOCK
+MARK=MARKER$RANDOM$RANDOM
+
+# A free UDP port for CoAP (HL7 takes port 0: any free port, read back from status).
+for _ in $(seq 1 50); do
+  COAP_PORT=$(( (RANDOM % 20000) + 30000 ))
+  ss -Huln "sport = :$COAP_PORT" | grep -q . || break
+done
+cat >>"$CONF" <<EOF
+
+[hl7]
+address = "127.0.0.1"
+port = 0
+read_timeout_s = 5
+
+[coap]
+address = "127.0.0.1"
+port = $COAP_PORT
+EOF
+
+start_daemon "$CONF" "$LOG"
+HL7_PORT=$("$MEDCTL" --json status | sed -n '/"hl7": {/,/}/s/.*"port": \([0-9]*\).*/\1/p' | head -1)
+[ -n "$HL7_PORT" ] && [ "$HL7_PORT" != 0 ] && pass "the HL7 listener is up (port $HL7_PORT)" || failed "no HL7 port in status"
+
+# oru FILE CONTROL_ID PATIENT [APP]: an ORU^R01 with one SpO2 reading and one text note.
+oru() {
+  printf 'MSH|^~\\&|%s|ICU|MEDGATE|HOSP|20261125120000||ORU^R01^ORU_R01|%s|P|2.6\rPID|1||%s^^^HOSP^MR\rOBR|1||||||20261125115900\rOBX|1|NM|150456^MDC_PULS_OXIM_SAT_O2^MDC||97|262688^MDC_DIM_PERCENT^MDC|||||F|||20261125115900\rOBX|2|ST|8251-1^Note^LN||%s-note||||||F\r' \
+    "${4:-CENTRAL}" "$2" "$3" "$MARK" >"$1"
+}
+count_observations() { "$MEDCTL" --json status | sed -n '/"pipeline"/,/}/s/.*"observations": \([0-9]*\).*/\1/p'; }
+
+say "== HL7"
+"$MEDCTL" device add central --kind hl7 --hl7-app CENTRAL --hl7-facility ICU >/dev/null
+oru "$WORK/msg/1.hl7" MSG0001 "$MARK-P1"
+expect_rc 0 "an ORU from a registered source is acknowledged AA" -- "$MLLP_SEND" --host 127.0.0.1 --port "$HL7_PORT" "$WORK/msg/1.hl7"
+expect_in "AA MSG0001" "AA echoes MSH-10"
+[ "$(count_observations)" = 2 ] && pass "two readings committed" || failed "committed: $(count_observations)"
+expect_rc 0 "the same message again (a retransmission)" -- "$MLLP_SEND" --host 127.0.0.1 --port "$HL7_PORT" "$WORK/msg/1.hl7"
+[ "$(count_observations)" = 2 ] && pass "is acknowledged but not recorded twice" || failed "committed: $(count_observations)"
+oru "$WORK/msg/2.hl7" MSG0002 "$MARK-P1" STRANGER
+expect_rc 1 "an unknown source is refused" -- "$MLLP_SEND" --host 127.0.0.1 --port "$HL7_PORT" "$WORK/msg/2.hl7"
+expect_in "AE MSG0002" "with AE"
+printf 'garbage' >"$WORK/msg/3.hl7"
+expect_rc 1 "garbage is refused" -- "$MLLP_SEND" --host 127.0.0.1 --port "$HL7_PORT" "$WORK/msg/3.hl7"
+expect_in "AR" "with AR"
+oru "$WORK/msg/4.hl7" MSG0004 "$MARK-P2"
+expect_rc 0 "sent one byte at a time with the trailer split" -- "$MLLP_SEND" --host 127.0.0.1 --port "$HL7_PORT" --chunk 1 --split-trailer "$WORK/msg/4.hl7"
+expect_rc 0 "device show counts it" -- "$MEDCTL" device show central
+expect_in "traffic +[0-9]+ received, 3 committed" "three committed (a retransmission counts as acknowledged)"
+
+say "== CoAP"
+"$MEDCTL" device add pump-1 --kind coap --patient - --psk-out "$WORK/pump-1.psk" <<<"$MARK-P3" >/dev/null
+"$MEDCTL" device add pump-2 --kind coap --psk-out "$WORK/pump-2.psk" >/dev/null
+printf '[{"bn":"urn:dev:pump-1:","bt":1764072000,"n":"rate","u":"ml/h","v":12.5},{"n":"note","vs":"%s-coap"}]' "$MARK" >"$WORK/msg/senml.json"
+coap() {  # coap IDENTITY KEY -> prints the last response code
+  coap-client-openssl -v 6 -B 5 -m post -t 110 -f "$WORK/msg/senml.json" -u "$1" -k "$2" \
+    "coaps://127.0.0.1:$COAP_PORT/obs" 2>&1 | grep -o 'c:[0-9]\.[0-9][0-9]' | grep -v 'c:0.00' | tail -1
+}
+[ "$(coap pump-1 "$(cat "$WORK/pump-1.psk")")" = "c:2.04" ] && pass "a bound device with its PSK gets 2.04" || failed "pump-1 got '$(coap pump-1 "$(cat "$WORK/pump-1.psk")")'"
+[ "$(count_observations)" = 6 ] && pass "its two readings are committed" || failed "committed: $(count_observations)"
+[ -z "$(coap pump-1 wrong-key-wrong-key-wrong-key-1)" ] && pass "a wrong PSK gets no answer" || failed "a wrong PSK got an answer"
+[ "$(coap pump-2 "$(cat "$WORK/pump-2.psk")")" = "c:4.03" ] && pass "an unbound device gets 4.03" || failed "unbound: wrong code"
+"$MEDCTL" device revoke pump-1 >/dev/null
+[ "$(coap pump-1 "$(cat "$WORK/pump-1.psk")")" = "c:4.03" ] && pass "a revoked device gets 4.03" || failed "revoked: wrong code"
+[ "$(count_observations)" = 6 ] && pass "nothing else was committed" || failed "committed: $(count_observations)"
+expect_rc 0 "status" -- "$MEDCTL" status
+expect_in "ingest +[0-9]+ batches committed \(6 readings\)" "status shows the pipeline"
+expect_in "coap +DTLS-PSK port $COAP_PORT" "and the CoAP listener"
+
+say "== erasure"
+# PID-3 with an assigning authority names the patient AUTHORITY:ID.
+expect_rc 0 "erase an HL7 patient" -- "$MEDCTL" patient erase - --yes <<<"HOSP:$MARK-P1"
+oru "$WORK/msg/5.hl7" MSG0005 "$MARK-P1"
+expect_rc 1 "a reading for the erased patient is refused" -- "$MLLP_SEND" --host 127.0.0.1 --port "$HL7_PORT" "$WORK/msg/5.hl7"
+expect_in "AE MSG0005" "with AE"
+
+say "== kill -9 while sending"
+for i in $(seq 1000 1599); do oru "$WORK/msg/k$i.hl7" "K$i" "$MARK-P4"; done
+"$MLLP_SEND" --host 127.0.0.1 --port "$HL7_PORT" "$WORK"/msg/k*.hl7 >"$WORK/acks" 2>&1 &
+SENDER=$!
+sleep 0.2
+kill -9 "$DAEMON_PID"
+wait "$DAEMON_PID" 2>/dev/null || true
+DAEMON_PID=
+wait "$SENDER" 2>/dev/null || true
+ACKED=$(grep -c ': AA K' "$WORK/acks" || true)
+say "     (the sender got $ACKED AAs before medgated died)"
+start_daemon "$CONF" "$LOG"
+# Every AA'd message is on the ledger: count the observation entries that name it.
+missing=0
+for id in $(grep -o ': AA K[0-9]*' "$WORK/acks" | sed 's/: AA //'); do
+  grep -qa "$id" "$DATA/ledger.db" "$DATA/ledger.db-wal" 2>/dev/null || missing=$((missing + 1))
+done
+[ "$missing" = 0 ] && pass "every acknowledged message is on the ledger after restart ($ACKED)" || failed "$missing acknowledged messages are missing"
+expect_rc 0 "the ledger verifies after the crash" -- "$MEDCTL" ledger verify
+stop_daemon
+
+say "== privacy"
+for f in "$DATA"/ledger.db* "$DATA"/vault.db* "$DATA"/registry.db* "$LOG"; do
+  [ -f "$f" ] || continue
+  if grep -qa "$MARK" "$f"; then failed "a patient identifier or value is in $(basename "$f")"; else pass "nothing identifying in $(basename "$f")"; fi
+done
+
+finish
