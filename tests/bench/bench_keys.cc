@@ -11,9 +11,13 @@
 //   2. wrap_key / unwrap_key of a 32-byte key and keyed_hash, calls/s.
 //   3. The vault: encrypt/decrypt MB/s at 64 B, 1 KiB and 64 KiB for one patient whose key is
 //      cached, beside bare AES-256-GCM; and pseudonym() of never-seen identifiers (RNG + wrap +
-//      a durable SQLite insert) per second.
+//      a durable SQLite insert) per second, beside the disk's 4 KiB write + fdatasync.
 //   4. Ledger appends at 1 and 8 threads of an observation-sized admin-action entry carrying a
 //      200-byte payload in clear ("off") or vault-encrypted first ("on"), side by side.
+//
+// Rows that are compared take turns in ~0.25 s slices (interleaved()): on a shared machine, and on
+// a disk whose fsync time changes by 10x for seconds at a time, back-to-back rows would compare
+// the machine's moods rather than the code.
 //
 // One SoftHSM configuration per process at a time (tests/support/softhsm.h): every key store of
 // one TestKeyStore is closed before the next backend is brought up.
