@@ -434,6 +434,37 @@ class Daemon::Impl {
       MEDGATE_ASSIGN_OR_RETURN(std::string id, text_arg(args, "id"));
       return device_change(c, "device.rotate_psk", registry_->rotate_psk(id, c.actor()));
     });
+    // Identifiers are shown to admins only, and every look is recorded (pseudonym only).
+    change("patient.show", [this](const Caller& c, const json& args) -> Result<json> {
+      Pseudonym p;
+      if (auto ps = args.find("pseudonym"); ps != args.end() && ps->is_string()) {
+        std::optional<Pseudonym> parsed = Pseudonym::from_hex(ps->get<std::string>());
+        if (!parsed)
+          return Status::InvalidArgument("argument \"pseudonym\" must be 64 hex digits");
+        p = *parsed;
+      } else if (auto id = args.find("patient"); id != args.end() && id->is_string() &&
+                                                 !id->get<std::string>().empty()) {
+        MEDGATE_ASSIGN_OR_RETURN(p, vault_->find(id->get<std::string>()));
+      } else {
+        return Status::InvalidArgument(
+            "give argument \"pseudonym\" (64 hex digits) or \"patient\" (an identifier)");
+      }
+      MEDGATE_ASSIGN_OR_RETURN(PatientInfo info, vault_->info(p));
+      MEDGATE_ASSIGN_OR_RETURN(std::uint64_t index,
+                               record(c, "patient.show", json{{"pseudonym", p.hex()}}));
+      json out = {{"pseudonym", p.hex()},
+                  {"state", patient_state_name(info.state)},
+                  {"created", ledger::format_time(info.created_us)},
+                  {"identifier", nullptr},
+                  {"recorded_as", index}};
+      if (info.erased_us) out["erased_at"] = ledger::format_time(*info.erased_us);
+      if (info.erasure_entry) out["erasure_entry"] = *info.erasure_entry;
+      if (info.state == PatientState::kActive) {
+        MEDGATE_ASSIGN_OR_RETURN(std::string id, vault_->identifier(p));
+        out["identifier"] = id;
+      }
+      return out;
+    });
     change("patient.erase", [this](const Caller& c, const json& args) -> Result<json> {
       auto patient = args.find("patient");
       if (patient == args.end() || !patient->is_string() || patient->get<std::string>().empty())

@@ -656,4 +656,37 @@ int cmd_device_change(const GlobalOptions& g, const std::string& op, const std::
   return hand_out_psk(g, *r, psk_out, what.c_str());
 }
 
+int cmd_patient_show(const GlobalOptions& g, const std::string& who) {
+  const char* what = "medctl patient show";
+  json args;
+  bool is_pseudonym = who.size() == 64 && who.find_first_not_of("0123456789abcdefABCDEF") ==
+                                              std::string::npos;
+  if (is_pseudonym) {
+    args["pseudonym"] = who;
+  } else {
+    std::string p = read_patient(who);
+    if (p.empty()) return fail(g, Status::InvalidArgument("the patient identifier is empty"), what);
+    args["patient"] = p;
+    secure_wipe(p);
+  }
+  Result<json> r = call(g, "patient.show", args);
+  if (!r.ok()) return fail(g, r.status(), what);
+  if (g.json) {
+    std::cout << r->dump(2) << "\n";
+    return 0;
+  }
+  const json& x = *r;
+  std::cout << fmt::format("patient    {}\nstate      {}\ncreated    {}\n",
+                           x["pseudonym"].get<std::string>(), x["state"].get<std::string>(),
+                           x["created"].get<std::string>());
+  if (x["identifier"].is_string())
+    std::cout << "identifier " << x["identifier"].get<std::string>() << "\n";
+  if (x.contains("erased_at"))
+    std::cout << fmt::format("erased     {} (ledger entry {})\n", x["erased_at"].get<std::string>(),
+                             x.value("erasure_entry", 0ULL));
+  std::cout << fmt::format("this look is recorded as ledger entry {}\n",
+                           x["recorded_as"].get<std::uint64_t>());
+  return 0;
+}
+
 }  // namespace medgate::cli

@@ -45,6 +45,8 @@ int cmd_device_add(const GlobalOptions& g, const std::string& id, const std::str
                    const std::optional<std::string>& patient, const std::string& hl7_app,
                    const std::string& hl7_facility, const std::optional<std::string>& psk_out);
 int cmd_device_list(const GlobalOptions& g);
+// WHO: a pseudonym (64 hex digits), an identifier, or - to read the identifier from stdin.
+int cmd_patient_show(const GlobalOptions& g, const std::string& who);
 int cmd_device_show(const GlobalOptions& g, const std::string& id);
 // op: bind (patient), revoke, rotate-psk (psk_out)
 int cmd_device_change(const GlobalOptions& g, const std::string& op, const std::string& id,

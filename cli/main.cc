@@ -93,7 +93,7 @@ int main(int argc, char** argv) {
 
   std::string erase_patient, erase_reason;
   bool erase_yes = false;
-  auto* patient = app.add_subcommand("patient", "patients: erasure by crypto-shredding");
+  auto* patient = app.add_subcommand("patient", "patients: identifiers (admins), erasure by crypto-shredding");
   patient->require_subcommand(1);
   auto* erase = patient->add_subcommand(
       "erase", "destroy the patient's data key, so nothing stored for them can be decrypted again");
@@ -103,6 +103,13 @@ int main(int argc, char** argv) {
                     "why, as recorded on the ledger in clear (never put patient data in it)");
   erase->add_flag("--yes", erase_yes, "do not ask for confirmation on a terminal");
   erase->callback([&] { rc = cmd_patient_erase(g, erase_patient, erase_reason, erase_yes); });
+  std::string show_patient;
+  auto* patient_show = patient->add_subcommand(
+      "show", "a patient's state and, for admins, identifier (the look is recorded)");
+  patient_show->add_option("P", show_patient,
+                           "a pseudonym (64 hex digits), an identifier, or - to read it from stdin")
+      ->required();
+  patient_show->callback([&] { rc = cmd_patient_show(g, show_patient); });
 
   std::string device_id, device_kind, device_hl7_app, device_hl7_facility;
   std::optional<std::string> device_patient, device_psk_out;

@@ -14,6 +14,7 @@ chmod 755 "$WORK/run"
 SOCK=$WORK/run/admin.sock
 "$MEDCTL" init --data-dir "$DATA" --ledger-id ward-7 --socket "$SOCK" >/dev/null
 CONF=$DATA/medgated.toml
+sed -i "s/^admin_group = .*/admin_group = 'daemon'/; s/^auditor_group = .*/auditor_group = 'nogroup'/" "$CONF"
 LOG=$WORK/medgated.log
 export MEDGATE_SOCKET=$SOCK
 MARK=MARKER$RANDOM$RANDOM
@@ -84,12 +85,24 @@ expect_rc 0 "status" -- "$MEDCTL" status
 expect_in "ingest +[0-9]+ batches committed \(6 readings\)" "status shows the pipeline"
 expect_in "coap +DTLS-PSK port $COAP_PORT" "and the CoAP listener"
 
+say "== patients"
+expect_rc 0 "an admin looks a patient up by identifier" -- "$MEDCTL" patient show - <<<"HOSP:$MARK-P1"
+expect_in "identifier HOSP:$MARK-P1" "and sees the identifier"
+expect_in "recorded as ledger entry [0-9]+" "the look is recorded"
+PSEUDO=$(sed -n 's/^patient *\([0-9a-f]\{64\}\)$/\1/p' <<<"$OUT")
+expect_rc 0 "by pseudonym" -- "$MEDCTL" patient show "$PSEUDO"
+expect_in "identifier HOSP:$MARK-P1" "the same patient"
+expect_rc 1 "an auditor may not see identifiers" -- as_user nobody "$MEDCTL" patient show "$PSEUDO"
+
 say "== erasure"
 # PID-3 with an assigning authority names the patient AUTHORITY:ID.
 expect_rc 0 "erase an HL7 patient" -- "$MEDCTL" patient erase - --yes <<<"HOSP:$MARK-P1"
 oru "$WORK/msg/5.hl7" MSG0005 "$MARK-P1"
 expect_rc 1 "a reading for the erased patient is refused" -- "$MLLP_SEND" --host 127.0.0.1 --port "$HL7_PORT" "$WORK/msg/5.hl7"
 expect_in "AE MSG0005" "with AE"
+expect_rc 0 "an erased patient shows no identifier" -- "$MEDCTL" patient show "$PSEUDO"
+expect_in "state +erased" "only that it was erased"
+expect_not_in "identifier" "no identifier"
 
 say "== kill -9 while sending"
 for i in $(seq 1000 1599); do oru "$WORK/msg/k$i.hl7" "K$i" "$MARK-P4"; done
