@@ -32,6 +32,10 @@ struct IngestBatch {
   // already committed is acknowledged again without being recorded twice.
   std::string message_id;
   std::vector<Observation> observations;
+  // An admission/update message (HL7 ADT): the identifiers to index (each gets its pseudonym and
+  // its vault record) and the event ("ADT^A01"); recorded as one patient-event entry.
+  std::vector<std::string> patient_ids;
+  std::string event;
 };
 
 // What happened to a batch, for the listener's answer and its per-device counters.

@@ -173,11 +173,33 @@ void IngestPipeline::worker_loop() {
 void IngestPipeline::process(Pending p) {
   const std::size_t n = p.batch.observations.size();
   auto fail = [&](Status s) { complete(p.batch, n, IngestResult{std::move(s), 0, false}, p.done); };
-  if (n == 0) return fail(Status::InvalidArgument("the message holds no observations"));
+  if (n == 0 && p.batch.patient_ids.empty())
+    return fail(Status::InvalidArgument("the message holds no observations"));
   std::vector<ledger::Entry> entries;
-  entries.reserve(n);
+  entries.reserve(n + 1);
   const char* source = p.batch.kind == SourceKind::kHl7 ? "hl7" : "coap";
   std::uint64_t now = ledger::now_us();
+  if (!p.batch.patient_ids.empty()) {
+    ledger::Entry e;
+    e.type = ledger::EntryType::kPatientEvent;
+    e.time_us = now;
+    e.actor = "device:" + p.batch.device_id;
+    for (const std::string& id : p.batch.patient_ids) {
+      Result<Pseudonym> patient = vault_.pseudonym(id);
+      if (!patient.ok()) return fail(patient.status());
+      e.subjects.push_back({Bytes(patient->bytes.begin(), patient->bytes.end()), std::nullopt});
+    }
+    Result<ledger::cbor::Value> body = ledger::cbor::Value::map({
+        {ledger::cbor::Value::text("source"), ledger::cbor::Value::text(source)},
+        {ledger::cbor::Value::text("device"), ledger::cbor::Value::text(p.batch.device_id)},
+        {ledger::cbor::Value::text("message_id"), ledger::cbor::Value::text(p.batch.message_id)},
+        {ledger::cbor::Value::text("event"),
+         ledger::cbor::Value::text(p.batch.event.empty() ? "ADT" : p.batch.event)},
+    });
+    if (!body.ok()) return fail(body.status());
+    e.body = std::move(body).value();
+    entries.push_back(std::move(e));
+  }
   for (const Observation& o : p.batch.observations) {
     if (o.patient_id.empty())
       return fail(Status::InvalidArgument("an observation names no patient"));

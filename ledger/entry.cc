@@ -79,6 +79,16 @@ Status check_device_event(const cbor::Value& body) {
   return Status::Ok();
 }
 
+Status check_patient_event(const cbor::Value& body) {
+  MEDGATE_RETURN_IF_ERROR(require_text(body, "source"));
+  MEDGATE_RETURN_IF_ERROR(require_text(body, "device"));
+  MEDGATE_RETURN_IF_ERROR(require_text(body, "event"));
+  const cbor::Value* id = body.find("message_id");
+  if (!id || !id->as_text())
+    return Status::InvalidArgument("body needs a text \"message_id\" (may be empty)");
+  return Status::Ok();
+}
+
 constexpr EntryTypeInfo kEntryTypes[] = {
     {EntryType::kGenesis, "genesis", "admin", check_genesis},
     {EntryType::kAdminAction, "admin-action", "admin", check_admin_action},
@@ -86,6 +96,7 @@ constexpr EntryTypeInfo kEntryTypes[] = {
     {EntryType::kKeyTransition, "key-transition", "key", check_key_transition},
     {EntryType::kObservation, "observation", "data", check_observation},
     {EntryType::kDeviceEvent, "device-event", "device", check_device_event},
+    {EntryType::kPatientEvent, "patient-event", "data", check_patient_event},
     {EntryType::kPatientErasure, "patient-erasure", "erasure", check_patient_erasure},
 };
 

@@ -59,6 +59,10 @@ enum class EntryType : std::uint32_t {
   // "device": text, "kind": "coap" | "hl7", "hl7_application": text, "hl7_facility": text}; a
   // bound patient is the entry's subject (its pseudonym). No key or PSK is ever in it.
   kDeviceEvent = 7,
+  // A patient-administration message (HL7 ADT) indexed the patient: {"source": text, "device":
+  // text, "message_id": text, "event": text ("ADT^A01")}; its subjects are the pseudonyms of the
+  // identifiers the message gave (PID-3), never the identifiers.
+  kPatientEvent = 8,
   // Reserved for later issues: consent, rules, access
   // decision.
 };

@@ -457,7 +457,7 @@ void CoapServer::Impl::on_post(coap_session_t* session, const coap_pdu_t* reques
   coap_async_set_app_data(async, reinterpret_cast<void*>(static_cast<std::uintptr_t>(id)));
   pending.emplace(id, Pending{async, device_id, std::nullopt});
 
-  IngestBatch batch{SourceKind::kCoap, device_id, "", std::move(*observations)};
+  IngestBatch batch{SourceKind::kCoap, device_id, "", std::move(*observations), {}, {}};
   const auto admit = sink->submit(std::move(batch), [c = completions, id](IngestResult result) {
     c->push(id, std::move(result));
   });

@@ -496,21 +496,21 @@ void MllpListener::Loop::handle_frame(Connection& conn, Result<Bytes> frame) {
     if (r.send_ack) send_ack(conn, r.ack);
     return;
   }
-  if (info.message_type != "ORU" || r.observations.empty()) {
-    // ADT: the patient index it updates is not wired yet, so there is nothing to make durable
-    // here; the daemon's wiring adds that hook. An ORU without OBX has nothing to record either.
-    if (info.message_type != "ORU") {
-      with_source(source->device_id, [](MllpSourceCounters& s) { ++s.adt; });
-    } else {
-      with_source(source->device_id, [](MllpSourceCounters& s) { ++s.committed; });
-    }
+  IngestBatch batch{SourceKind::kHl7, source->device_id, info.control_id,
+                    std::move(r.observations), {}, {}};
+  if (info.message_type != "ORU") {
+    // ADT: the patients it names are indexed (pseudonym and vault record) and the event recorded;
+    // acknowledged, like an ORU, once that is durable.
+    with_source(source->device_id, [](MllpSourceCounters& s) { ++s.adt; });
+    for (const PatientIdentifier& p : r.patients) batch.patient_ids.push_back(p.qualified());
+    batch.event = info.message_type + "^" + info.trigger_event;
+  } else if (batch.observations.empty()) {
+    // An ORU without OBX has nothing to record.
+    with_source(source->device_id, [](MllpSourceCounters& s) { ++s.committed; });
     if (r.send_ack) send_ack(conn, r.ack);
     return;
   }
-  conn.pending = Pending{
-      info, source->device_id,
-      IngestBatch{SourceKind::kHl7, source->device_id, info.control_id, std::move(r.observations)},
-      std::move(r.ack), r.send_ack};
+  conn.pending = Pending{info, source->device_id, std::move(batch), std::move(r.ack), r.send_ack};
   submit(conn);
 }
 

@@ -63,8 +63,13 @@ expect_rc 1 "garbage is refused" -- "$MLLP_SEND" --host 127.0.0.1 --port "$HL7_P
 expect_in "AR" "with AR"
 oru "$WORK/msg/4.hl7" MSG0004 "$MARK-P2"
 expect_rc 0 "sent one byte at a time with the trailer split" -- "$MLLP_SEND" --host 127.0.0.1 --port "$HL7_PORT" --chunk 1 --split-trailer "$WORK/msg/4.hl7"
+printf 'MSH|^~\\&|CENTRAL|ICU|MEDGATE|HOSP|20261125120500||ADT^A01^ADT_A01|ADT0001|P|2.6\rEVN|A01|20261125120500\rPID|1||%s-P5^^^HOSP^MR||%s-NAME^JANE\r' "$MARK" "$MARK" >"$WORK/msg/adt.hl7"
+expect_rc 0 "an ADT^A01 is acknowledged AA once the patient is indexed" -- "$MLLP_SEND" --host 127.0.0.1 --port "$HL7_PORT" "$WORK/msg/adt.hl7"
+expect_in "AA ADT0001" "AA"
+expect_rc 0 "the admitted patient is in the index" -- "$MEDCTL" patient show - <<<"HOSP:$MARK-P5"
+expect_in "state +active" "as an active patient"
 expect_rc 0 "device show counts it" -- "$MEDCTL" device show central
-expect_in "traffic +[0-9]+ received, 3 committed" "three committed (a retransmission counts as acknowledged)"
+expect_in "traffic +[0-9]+ received, 4 committed" "four committed (the ADT, and a retransmission counts as acknowledged)"
 
 say "== CoAP"
 "$MEDCTL" device add pump-1 --kind coap --patient - --psk-out "$WORK/pump-1.psk" <<<"$MARK-P3" >/dev/null

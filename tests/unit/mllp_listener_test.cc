@@ -402,12 +402,18 @@ TEST_CASE("an oversize frame is answered AR and the connection resynchronises", 
   CHECK(f.listener.counters().oversize_frames == 1);
 }
 
-TEST_CASE("ADT is acknowledged AA without a batch (the patient index is wired later)", "[mllp]") {
+TEST_CASE("ADT submits its patient identifiers for the index and is acknowledged AA", "[mllp]") {
   Fixture f;
   RawClient client(f.listener.port());
   client.write(framed(read_data("adt_a01.hl7")));
   CHECK(summary_of(client.ack()).code == "AA");
-  CHECK(f.sink.batches().empty());
+  auto batches = f.sink.batches();
+  REQUIRE(batches.size() == 1);
+  CHECK(batches[0].observations.empty());
+  CHECK(batches[0].event == "ADT^A01");
+  // PID-3 has two repetitions: the MRN and the SSN, each as AUTHORITY:ID.
+  CHECK(batches[0].patient_ids.size() == 2);
+  CHECK(batches[0].patient_ids[0] == "HOSP_MRN:556677");
   CHECK(f.listener.counters().sources["adt-1"].adt == 1);
 }
 
