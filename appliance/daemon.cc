@@ -118,6 +118,8 @@ class Daemon::Impl {
 
     // Ingest: the pipeline makes readings durable; the listeners answer devices only after that.
     pipeline_ = std::make_unique<IngestPipeline>(*ledger_, *vault_);
+    MEDGATE_RETURN_IF_ERROR(
+        pipeline_->load_recent(PipelineOptions{}.max_recent).with_context("ingest pipeline"));
     if (config_.hl7) {
       mllp_ = std::make_unique<hl7::MllpListener>();
       MEDGATE_RETURN_IF_ERROR(

@@ -136,6 +136,34 @@ IngestSink::Admit IngestPipeline::submit(IngestBatch batch,
   return Admit::kAccepted;
 }
 
+Status IngestPipeline::load_recent(std::uint64_t max_entries) {
+  const std::uint64_t size = ledger_.stats().tree_size;
+  const std::uint64_t from = size > max_entries ? size - max_entries : 0;
+  std::lock_guard lk(mu_);
+  for (std::uint64_t i = from; i < size; ++i) {
+    Result<ledger::StoredEntry> e = ledger_.entry(i);
+    if (!e.ok()) return e.status().with_context("reading the ledger's newest entries");
+    if (e->entry.type != ledger::EntryType::kObservation &&
+        e->entry.type != ledger::EntryType::kPatientEvent)
+      continue;
+    const std::string* device = e->entry.body.find("device")->as_text();
+    const std::string* id = e->entry.body.find("message_id")->as_text();
+    if (!device || !id || id->empty()) continue;
+    RecentKey key{*device, *id};
+    if (recent_.count(key)) continue;  // a batch's later entries: keep its first
+    Recent r;
+    r.committed = true;
+    r.first_entry = i;
+    recent_.emplace(key, std::move(r));
+    recent_order_.push_back(key);
+    if (recent_order_.size() > options_.max_recent) {
+      recent_.erase(recent_order_.front());
+      recent_order_.pop_front();
+    }
+  }
+  return Status::Ok();
+}
+
 void IngestPipeline::stop() {
   std::unique_lock lk(mu_);
   if (!stopping_) {

@@ -13,8 +13,10 @@
 //
 // Retransmissions: a batch whose (device, message_id) is in the recent window (committed or in
 // flight) is not recorded again; `done` reports the original's first entry with duplicate=true.
-// The window is in memory (max_recent ids): a retransmission that arrives after a restart is
-// recorded a second time, with the same message id in both entries, so an audit can tell.
+// The window holds the last max_recent message ids; load_recent() refills it from the ledger's
+// newest entries at start, so a sender that retransmits after a crash (it never got its ACK) is
+// not recorded twice either. A retransmission older than the window is recorded again, with the
+// same message id in both entries, so an audit can tell.
 //
 // Thread safety: submit() and counters() from any thread. stop() (and the destructor) stop
 // accepting and wait until every accepted batch has had its `done` called.
@@ -66,6 +68,10 @@ class IngestPipeline final : public IngestSink {
   ~IngestPipeline() override;
   IngestPipeline(const IngestPipeline&) = delete;
   IngestPipeline& operator=(const IngestPipeline&) = delete;
+
+  // Refills the retransmission window from the ledger's newest `max_entries` entries (observation
+  // and patient-event entries carry their source's message id). Call before the listeners start.
+  Status load_recent(std::uint64_t max_entries);
 
   Admit submit(IngestBatch batch, std::function<void(IngestResult)> done) override;
   void stop();

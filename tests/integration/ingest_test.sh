@@ -37,7 +37,8 @@ port = $COAP_PORT
 EOF
 
 start_daemon "$CONF" "$LOG"
-HL7_PORT=$("$MEDCTL" --json status | sed -n '/"hl7": {/,/}/s/.*"port": \([0-9]*\).*/\1/p' | head -1)
+hl7_port() { "$MEDCTL" --json status | sed -n '/"hl7": {/,/}/s/.*"port": \([0-9]*\).*/\1/p' | head -1; }
+HL7_PORT=$(hl7_port)
 [ -n "$HL7_PORT" ] && [ "$HL7_PORT" != 0 ] && pass "the HL7 listener is up (port $HL7_PORT)" || failed "no HL7 port in status"
 
 # oru FILE CONTROL_ID PATIENT [APP]: an ORU^R01 with one SpO2 reading and one text note.
@@ -128,6 +129,14 @@ for id in $(grep -o ': AA K[0-9]*' "$WORK/acks" | sed 's/: AA //'); do
 done
 [ "$missing" = 0 ] && pass "every acknowledged message is on the ledger after restart ($ACKED)" || failed "$missing acknowledged messages are missing"
 expect_rc 0 "the ledger verifies after the crash" -- "$MEDCTL" ledger verify
+# The sender never heard about the rest: it sends every message again. Nothing is recorded twice,
+# including what was committed but not yet acknowledged when medgated died.
+"$MLLP_SEND" --host 127.0.0.1 --port "$(hl7_port)" "$WORK"/msg/k*.hl7 >"$WORK/acks2" 2>&1 || true
+[ "$(grep -c ': AA K' "$WORK/acks2")" = 600 ] && pass "all 600 are acknowledged on the second try" || failed "$(grep -c ': AA K' "$WORK/acks2") of 600 acknowledged"
+stop_daemon
+recorded=$(sqlite3 "$DATA/ledger.db" "SELECT count(*) FROM entries WHERE type = 6 AND instr(bytes, CAST('message_id' AS BLOB) || X'65' || CAST('K1' AS BLOB)) > 0")
+[ "$recorded" = 1200 ] && pass "each message is on the ledger exactly once (1200 readings)" || failed "$recorded readings recorded for 600 messages of 2 readings"
+start_daemon "$CONF" "$LOG"
 stop_daemon
 
 say "== privacy"

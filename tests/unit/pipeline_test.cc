@@ -269,3 +269,32 @@ TEST_CASE("after erasure a patient's readings cannot be read or added; the ledge
   REQUIRE(report.ok());
   CHECK(report->ok());
 }
+
+TEST_CASE("the retransmission window is refilled from the ledger after a restart", "[pipeline]") {
+  Fixture f;
+  Results results;
+  IngestBatch b;
+  b.device_id = "lab-1";
+  b.message_id = "MSG-BEFORE-CRASH";
+  b.observations = {reading("P-1", 98), reading("P-2", 99)};
+  {
+    IngestPipeline pipeline(*f.ledger, *f.vault);
+    REQUIRE(pipeline.submit(b, results.callback()) == IngestSink::Admit::kAccepted);
+    REQUIRE(results.wait_for(1)[0].status.ok());
+  }
+  std::uint64_t first = results.results[0].first_entry;
+  std::uint64_t size = f.ledger->stats().tree_size;
+  IngestPipeline restarted(*f.ledger, *f.vault);
+  REQUIRE(restarted.load_recent(1000).ok());
+  REQUIRE(restarted.submit(b, results.callback()) == IngestSink::Admit::kAccepted);
+  auto again = results.wait_for(2)[1];
+  CHECK(again.status.ok());
+  CHECK(again.duplicate);
+  CHECK(again.first_entry == first);
+  CHECK(f.ledger->stats().tree_size == size);
+  // Without the refill the same message would have been recorded again.
+  IngestPipeline forgetful(*f.ledger, *f.vault);
+  b.message_id = "MSG-OTHER";
+  REQUIRE(forgetful.submit(b, results.callback()) == IngestSink::Admit::kAccepted);
+  CHECK_FALSE(results.wait_for(3)[2].duplicate);
+}
