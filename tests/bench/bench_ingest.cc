@@ -24,12 +24,15 @@
 //      ?d=ID), so that the cost of DTLS shows.
 //
 // Compared rows (HL7 and its ledger floor; CoAP DTLS and plain) take turns in ~1 s slices, so
-// load on a shared machine falls on both alike. Every row prints where the CPU went while it ran:
-// the machine as a whole (/proc/stat), each of medgated's threads (/proc/PID/task/*/stat), and this
-// process (getrusage) — a client that used most of a core would be measuring itself.
+// load on a shared machine falls on both alike. Every row also prints the ledger's entries per
+// group commit (medgated's status before and after each slice) and where the CPU went while it
+// ran: the machine as a whole (/proc/stat), each of medgated's threads on a CPU and waiting for one
+// (/proc/PID/task/*/schedstat), with its wake-ups and CPU per acknowledged message, this process
+// (getrusage; a client that used most of a core would be measuring itself), and everything else
+// (other tenants of a shared machine).
 //
-// libcoap is otherwise kept inside appliance/coap/server.cc; this file is its second user, as a
-// client, for the reason above (spawning coap-client per request measures process start-up).
+// libcoap is otherwise kept inside appliance/coap/server.cc; this file uses it as a client because
+// spawning coap-client-openssl per request would measure process start-up, not medgated.
 //
 // Run a Release (RelWithDebInfo) build; `bench_ingest --help` lists the flags.
 #include <arpa/inet.h>
@@ -357,12 +360,29 @@ Result<Percentiles> probe_fsync(const fs::path& dir, int n) {
 
 // ---- where the CPU goes ----
 
-// Jiffies from /proc, and this process's own CPU seconds, at one moment.
+// A thread's scheduler counters (/proc/.../schedstat): time on a CPU and time runnable but
+// waiting for one, in ns. The second is what a loaded machine does to latency.
+struct ThreadTimes {
+  std::string name;
+  std::uint64_t cpu_ns = 0, wait_ns = 0;
+  std::uint64_t runs = 0;  // times it was put on a CPU: wake-ups, roughly
+};
+
+std::optional<ThreadTimes> thread_times(const fs::path& task) {
+  ThreadTimes t;
+  std::ifstream comm(task / "comm"), sched(task / "schedstat");
+  if (!std::getline(comm, t.name) || !(sched >> t.cpu_ns >> t.wait_ns >> t.runs))
+    return std::nullopt;
+  return t;
+}
+
+// The machine's jiffies (/proc/stat), medgated's threads, and this process, at one moment.
 struct CpuSnapshot {
   Clock::time_point at;
   std::uint64_t machine_total = 0, machine_idle = 0, machine_steal = 0;
-  std::map<int, std::pair<std::string, std::uint64_t>> daemon_threads;  // tid -> (comm, jiffies)
-  double self_seconds = 0;
+  std::map<int, ThreadTimes> daemon_threads;  // by tid
+  double self_seconds = 0;                    // this process, all threads (getrusage)
+  std::uint64_t caller_wait_ns = 0;           // the calling thread (the client loop): waiting
 };
 
 CpuSnapshot cpu_snapshot(pid_t daemon) {
@@ -380,21 +400,10 @@ CpuSnapshot cpu_snapshot(pid_t daemon) {
   }
   std::error_code ec;
   for (const auto& task : fs::directory_iterator(fmt::format("/proc/{}/task", daemon), ec)) {
-    std::ifstream in(task.path() / "stat");
-    std::string line;
-    if (!std::getline(in, line)) continue;
-    std::size_t open = line.find('('), close = line.rfind(')');
-    if (open == std::string::npos || close == std::string::npos || close < open) continue;
-    std::istringstream rest(line.substr(close + 1));
-    std::string field;
-    std::uint64_t utime = 0, stime = 0;
-    for (int i = 3; i <= 15 && rest >> field; ++i) {  // fields 14 and 15: utime, stime
-      if (i == 14) utime = std::strtoull(field.c_str(), nullptr, 10);
-      if (i == 15) stime = std::strtoull(field.c_str(), nullptr, 10);
-    }
-    int tid = std::atoi(task.path().filename().c_str());
-    s.daemon_threads[tid] = {line.substr(open + 1, close - open - 1), utime + stime};
+    if (auto t = thread_times(task.path()))
+      s.daemon_threads[std::atoi(task.path().filename().c_str())] = std::move(*t);
   }
+  if (auto me = thread_times("/proc/thread-self")) s.caller_wait_ns = me->wait_ns;
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   s.self_seconds = static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
@@ -402,15 +411,19 @@ CpuSnapshot cpu_snapshot(pid_t daemon) {
   return s;
 }
 
-// CPU used between two snapshots, summed over a row's slices.
+// CPU used between snapshots, summed over a row's slices; all in seconds.
 struct CpuUse {
+  struct Thread {
+    std::string name;
+    double cpu = 0, wait = 0;
+    std::uint64_t runs = 0;
+  };
   double wall = 0;
-  double machine_busy = 0, machine_steal = 0;                    // CPU-seconds
-  std::map<int, std::pair<std::string, double>> daemon_threads;  // tid -> (comm, CPU-seconds)
-  double self = 0;
+  double machine_busy = 0, machine_steal = 0;  // CPU-seconds, all CPUs
+  std::map<int, Thread> daemon_threads;        // by tid
+  double self = 0, caller_wait = 0;
 
   void add(const CpuSnapshot& a, const CpuSnapshot& b) {
-    static const double tick = static_cast<double>(::sysconf(_SC_CLK_TCK));
     double w = std::chrono::duration<double>(b.at - a.at).count();
     wall += w;
     std::uint64_t total = b.machine_total - a.machine_total;
@@ -425,12 +438,16 @@ struct CpuUse {
     }
     for (const auto& [tid, after] : b.daemon_threads) {
       auto before = a.daemon_threads.find(tid);
-      std::uint64_t start = before == a.daemon_threads.end() ? 0 : before->second.second;
-      auto& slot = daemon_threads[tid];
-      slot.first = after.first;
-      slot.second += static_cast<double>(after.second - start) / tick;
+      ThreadTimes zero;
+      const ThreadTimes& from = before == a.daemon_threads.end() ? zero : before->second;
+      Thread& t = daemon_threads[tid];
+      t.name = after.name;
+      t.cpu += static_cast<double>(after.cpu_ns - from.cpu_ns) / 1e9;
+      t.wait += static_cast<double>(after.wait_ns - from.wait_ns) / 1e9;
+      t.runs += after.runs - from.runs;
     }
     self += b.self_seconds - a.self_seconds;
+    caller_wait += static_cast<double>(b.caller_wait_ns - a.caller_wait_ns) / 1e9;
   }
 
   void merge(const CpuUse& other) {
@@ -438,45 +455,57 @@ struct CpuUse {
     machine_busy += other.machine_busy;
     machine_steal += other.machine_steal;
     self += other.self;
+    caller_wait += other.caller_wait;
     for (const auto& [tid, v] : other.daemon_threads) {
-      auto& slot = daemon_threads[tid];
-      slot.first = v.first;
-      slot.second += v.second;
+      Thread& t = daemon_threads[tid];
+      t.name = v.name;
+      t.cpu += v.cpu;
+      t.wait += v.wait;
+      t.runs += v.runs;
     }
   }
 
-  double daemon_total() const {
-    double t = 0;
-    for (const auto& [tid, v] : daemon_threads) t += v.second;
-    return t;
+  double daemon_cpu() const {
+    double c = 0;
+    for (const auto& [tid, t] : daemon_threads) c += t.cpu;
+    return c;
   }
 
-  // "machine 1.93 of 2 cores busy; medgated 1.20 (ledger-writer 0.40, ...); this process 0.51"
-  std::string describe(bool with_daemon) const {
-    // /proc counts in clock ticks (10 ms): a shorter window says nothing.
+  // Per second of wall time: the machine's busy CPUs; medgated's, per thread "on CPU/waiting for
+  // one"; this process's; and everything else's.
+  // `messages`: what medgated acknowledged meanwhile, for its thread wake-ups per message.
+  std::string describe(bool client_loop, std::uint64_t messages) const {
+    // /proc/stat counts in clock ticks (10 ms): a shorter window says little.
     if (wall < 0.5) return "(window too short to sample)";
     std::string out =
-        fmt::format("machine {:.2f} of {} cores busy", machine_busy / wall, cpus_available());
+        fmt::format("machine {:.2f} of {} busy", machine_busy / wall, cpus_available());
     if (machine_steal / wall >= 0.05) out += fmt::format(" (+{:.2f} stolen)", machine_steal / wall);
-    if (with_daemon) {
-      std::vector<std::pair<double, std::string>> busy;
-      for (const auto& [tid, v] : daemon_threads) {
-        if (v.second / wall < 0.02) continue;
-        // Unnamed threads (the MLLP and CoAP loops, the admin server) go by their thread id.
-        std::string name = v.first == "medgated" ? fmt::format("medgated/{}", tid) : v.first;
-        busy.emplace_back(v.second / wall, name);
-      }
-      std::sort(busy.rbegin(), busy.rend());
-      std::vector<std::string> parts;
-      for (const auto& [cores, name] : busy) parts.push_back(fmt::format("{} {:.2f}", name, cores));
-      out += fmt::format("; medgated {:.2f} ({})", daemon_total() / wall,
-                         parts.empty() ? "idle" : fmt::format("{}", fmt::join(parts, ", ")));
+    std::vector<std::pair<double, std::string>> busy;
+    double waited = 0;
+    std::uint64_t runs = 0;
+    for (const auto& [tid, t] : daemon_threads) {
+      waited += t.wait;
+      runs += t.runs;
+      if ((t.cpu + t.wait) / wall < 0.02) continue;
+      // Unnamed threads (the MLLP loop, the CoAP loop, the admin server) go by their id.
+      std::string name = t.name == "medgated" ? fmt::format("medgated/{}", tid) : t.name;
+      busy.emplace_back(t.cpu / wall,
+                        fmt::format("{} {:.2f}/{:.2f}", name, t.cpu / wall, t.wait / wall));
     }
+    std::sort(busy.rbegin(), busy.rend());
+    std::vector<std::string> parts;
+    for (auto& b : busy) parts.push_back(std::move(b.second));
+    out += fmt::format("; medgated {:.2f}/{:.2f} [{}]", daemon_cpu() / wall, waited / wall,
+                       parts.empty() ? "idle" : fmt::format("{}", fmt::join(parts, ", ")));
+    if (messages > 0 && runs > 0)
+      out += fmt::format(", {:.1f} thread wake-ups and {:.0f} us of CPU per message",
+                         static_cast<double>(runs) / static_cast<double>(messages),
+                         daemon_cpu() / static_cast<double>(messages) * 1e6);
     out += fmt::format("; bench_ingest {:.2f}", self / wall);
+    if (client_loop) out += fmt::format("/{:.2f}", caller_wait / wall);
     // What neither used: other tenants of a shared machine, kernel threads (interrupts, the disk).
-    if (with_daemon)
-      out += fmt::format("; everything else {:.2f}",
-                         std::max(0.0, (machine_busy - daemon_total() - self) / wall));
+    out += fmt::format("; everything else {:.2f}",
+                       std::max(0.0, (machine_busy - daemon_cpu() - self) / wall));
     return out;
   }
 };
@@ -496,6 +525,8 @@ struct LoadRun {
   std::vector<std::int64_t> latency_ns;  // one per acknowledged
   double seconds = 0;                    // the window
   CpuUse cpu;
+  // The ledger's group commits over the slice, drain included (medgated's from its status).
+  std::uint64_t entries_committed = 0, commits = 0;
 
   double per_second() const {
     return seconds > 0 ? static_cast<double>(acknowledged) / seconds : 0;
@@ -513,6 +544,8 @@ struct LoadRun {
     latency_ns.insert(latency_ns.end(), slice.latency_ns.begin(), slice.latency_ns.end());
     seconds += slice.seconds;
     cpu.merge(slice.cpu);
+    entries_committed += slice.entries_committed;
+    commits += slice.commits;
   }
 };
 
@@ -656,11 +689,12 @@ class Appliance {
   std::uint16_t coaps_port() const { return coaps_port_; }
   std::uint16_t plain_port() const { return plain_port_; }
   const std::vector<CoapDevice>& coap_devices() const { return coap_devices_; }
-  const fs::path& data_dir() const { return data_; }
 
   // `medctl ARGS...` against this daemon; fails unless it exits 0.
   Result<std::string> medctl(std::vector<std::string> args, std::string_view input = {}) const;
   Result<json> status() const;
+  // The ledger's entries and group commits since medgated started.
+  Result<std::pair<std::uint64_t, std::uint64_t>> ledger_counts() const;
   // SIGTERM and wait. OK if medgated exited 0.
   Status stop();
 
@@ -669,7 +703,7 @@ class Appliance {
   Status launch();
 
   fs::path medgated_, medctl_, data_, socket_, config_, log_;
-  pid_t pid_ = -1;
+  mutable pid_t pid_ = -1;  // -1 once reaped (medctl() may find it gone)
   std::uint16_t hl7_port_ = 0, coaps_port_ = 0, plain_port_ = 0;
   std::vector<CoapDevice> coap_devices_;
 };
@@ -677,6 +711,17 @@ class Appliance {
 Result<std::string> Appliance::medctl(std::vector<std::string> args, std::string_view input) const {
   args.insert(args.begin(), {medctl_.string(), "--socket", socket_.string()});
   MEDGATE_ASSIGN_OR_RETURN(CommandResult r, run_command(args, input));
+  if (r.exit_code != 0 && pid_ >= 0) {
+    // Say so when medgated is gone rather than quoting medctl's "cannot reach".
+    int st = 0;
+    if (::waitpid(pid_, &st, WNOHANG) == pid_) {
+      pid_ = -1;
+      return Status::Unavailable(fmt::format(
+          "medgated {} {}; its log ends:\n{}",
+          WIFEXITED(st) ? "exited with status" : "was killed by signal",
+          WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st), tail_of(read_file(log_), 10)));
+    }
+  }
   if (r.exit_code != 0) {
     std::string shown;
     for (std::size_t i = 3; i < args.size(); ++i) shown += " " + args[i];
@@ -691,6 +736,25 @@ Result<json> Appliance::status() const {
   json j = json::parse(out, nullptr, false);
   if (j.is_discarded()) return Status::Corruption("medctl --json status printed no JSON");
   return j;
+}
+
+Result<std::pair<std::uint64_t, std::uint64_t>> Appliance::ledger_counts() const {
+  MEDGATE_ASSIGN_OR_RETURN(json s, status());
+  const json& l = s["ledger"];
+  return std::make_pair(l.value("appended_since_start", std::uint64_t{0}),
+                        l.value("commits_since_start", std::uint64_t{0}));
+}
+
+// Runs `job` and adds medgated's ledger commits over it (asked before and after, outside the
+// window).
+Result<LoadRun> with_commits(const Appliance& appliance,
+                             const std::function<Result<LoadRun>()>& job) {
+  MEDGATE_ASSIGN_OR_RETURN(auto before, appliance.ledger_counts());
+  MEDGATE_ASSIGN_OR_RETURN(LoadRun run, job());
+  MEDGATE_ASSIGN_OR_RETURN(auto after, appliance.ledger_counts());
+  run.entries_committed = after.first - before.first;
+  run.commits = after.second - before.second;
+  return run;
 }
 
 Status Appliance::launch() {
@@ -798,6 +862,7 @@ Result<std::unique_ptr<Appliance>> Appliance::start(const Options& options, cons
     conf.close();
     if (!conf) return Status::IOError("cannot write " + a->config_.string());
     started = a->launch();
+    if (!started.ok()) (void)a->stop();  // one that came up but never answered
   }
   MEDGATE_RETURN_IF_ERROR(started);
 
@@ -1194,6 +1259,7 @@ Result<LoadRun> LedgerFloor::run(int threads, const Limit& limit, pid_t daemon) 
       }
     });
   }
+  ledger::LedgerStats before = ledger_->stats();
   start.arrive_and_wait();
   CpuSnapshot cpu_start = cpu_snapshot(daemon);
   LoadRun run;
@@ -1212,6 +1278,9 @@ Result<LoadRun> LedgerFloor::run(int threads, const Limit& limit, pid_t daemon) 
     return first_error.with_context(fmt::format("ledger append_all with {} threads", threads));
   for (auto& v : latencies) run.latency_ns.insert(run.latency_ns.end(), v.begin(), v.end());
   run.acknowledged = run.latency_ns.size();
+  ledger::LedgerStats after = ledger_->stats();
+  run.entries_committed = after.appended - before.appended;
+  run.commits = after.batches - before.batches;
   return run;
 }
 
@@ -1519,6 +1588,12 @@ Result<std::vector<LoadRun>> interleaved(const std::vector<Job>& jobs, const Opt
   return runs;
 }
 
+std::string per_commit(const LoadRun& r) {
+  if (r.commits == 0) return "-";
+  return fmt::format("{:.1f}",
+                     static_cast<double>(r.entries_committed) / static_cast<double>(r.commits));
+}
+
 std::string ms(double v) {
   return fmt::format("{:.2f}", v);
 }
@@ -1529,6 +1604,12 @@ void print_errors(const std::string& what, const LoadRun& r) {
   for (const auto& [kind, n] : r.error_kinds) fmt::print("    {:>8}  {}\n", grouped(n), kind);
 }
 
+void print_cpu_legend() {
+  fmt::print(
+      "CPU while each row ran, in cores: on a CPU/runnable but waiting for one (schedstat), for\n"
+      "medgated's threads and the client's loop thread:\n");
+}
+
 std::string met(bool ok) {
   return ok ? "met" : "NOT MET";
 }
@@ -1537,6 +1618,15 @@ struct Totals {
   std::uint64_t readings_acknowledged = 0;  // AAs and 2.04s x readings each, including warm-ups
   std::uint64_t errors = 0;
 };
+
+// With --smoke every client sends a fixed count: how many of those were not acknowledged in time.
+std::uint64_t missing(const Options& options, int clients, const LoadRun& r) {
+  if (options.per_client == 0) return 0;
+  std::uint64_t expected = options.per_client * static_cast<std::uint64_t>(clients);
+  if (r.acknowledged >= expected) return 0;
+  fmt::print("  {} of {} messages were not acknowledged\n", expected - r.acknowledged, expected);
+  return expected - r.acknowledged;
+}
 
 // A warm-up: every client sends one message (the first for each patient creates its vault key,
 // one durable insert, and a DTLS session starts with a handshake), not measured.
@@ -1563,7 +1653,7 @@ Status run_hl7_phase(const Options& options, Appliance& appliance, LedgerFloor& 
                          : fmt::format("Rows alternate in ~{:.0f} s slices for {:.1f} s each.",
                                        kSliceSeconds, options.seconds));
   Table table({"row", "conns", "acknowledged", "msgs/s", "readings/s", "mean ms", "p50 ms",
-               "p99 ms", "max ms", "errors"});
+               "p99 ms", "max ms", "entries/commit", "errors"});
   std::vector<std::string> cpu_lines;
   std::optional<LoadRun> at_target;
   char tag = 'A';
@@ -1574,26 +1664,32 @@ Status run_hl7_phase(const Options& options, Appliance& appliance, LedgerFloor& 
     MEDGATE_RETURN_IF_ERROR(warm_up(*load, appliance.pid(), totals));
     MEDGATE_ASSIGN_OR_RETURN(
         std::vector<LoadRun> runs,
-        interleaved({[&](const Limit& l) { return load->run(l, appliance.pid()); },
+        interleaved({[&](const Limit& l) {
+                       return with_commits(appliance,
+                                           [&] { return load->run(l, appliance.pid()); });
+                     },
                      [&](const Limit& l) { return floor.run(connections, l, appliance.pid()); }},
                     options));
     const LoadRun &hl7 = runs[0], &base = runs[1];
     totals.readings_acknowledged += load->total_accepted() * kReadingsPerMessage;
     totals.errors += hl7.errors;
-    auto add = [&](const std::string& name, const LoadRun& r) {
+    totals.errors += missing(options, connections, hl7);
+    auto add = [&](const std::string& name, const LoadRun& r, bool client_loop) {
       Percentiles p = percentiles(r.latency_ns);
       table.row({name, std::to_string(connections), grouped(r.acknowledged), rate(r.per_second()),
                  rate(r.per_second() * kReadingsPerMessage), ms(p.mean_ms), ms(p.p50_ms),
-                 ms(p.p99_ms), ms(p.max_ms), grouped(r.errors)});
-      cpu_lines.push_back(fmt::format("  {} x{}: {}", name, connections, r.cpu.describe(true)));
+                 ms(p.p99_ms), ms(p.max_ms), per_commit(r), grouped(r.errors)});
+      cpu_lines.push_back(
+          fmt::format("  {} x{}: {}", name, connections,
+                      r.cpu.describe(client_loop, client_loop ? r.acknowledged : 0)));
     };
-    add("medgated HL7/MLLP, AA", hl7);
-    add("floor: Ledger::append_all x2", base);
+    add("medgated HL7/MLLP, AA", hl7, true);
+    add("floor: Ledger::append_all x2", base, false);
     print_errors(fmt::format("HL7 at {} connections", connections), hl7);
     if (connections == kTargetHl7Connections) at_target = hl7;
   }
   table.print();
-  fmt::print("CPU while each row ran (cores; medgated per thread):\n");
+  print_cpu_legend();
   for (const auto& l : cpu_lines) fmt::print("{}\n", l);
   fmt::print("\n");
   if (at_target) {
@@ -1629,7 +1725,7 @@ Status run_coap_phase(const Options& options, Appliance& appliance, Totals& tota
                          : fmt::format("Rows alternate in ~{:.0f} s slices for {:.1f} s each.",
                                        kSliceSeconds, options.seconds));
   Table table({"row", "sessions", "2.04s", "POSTs/s", "readings/s", "mean ms", "p50 ms", "p99 ms",
-               "max ms", "errors"});
+               "max ms", "entries/commit", "errors"});
   std::vector<std::string> cpu_lines;
   std::optional<std::pair<int, LoadRun>> best_dtls;
   for (int sessions : options.sessions) {
@@ -1643,28 +1739,36 @@ Status run_coap_phase(const Options& options, Appliance& appliance, Totals& tota
     MEDGATE_RETURN_IF_ERROR(warm_up(*plain, appliance.pid(), totals));
     MEDGATE_ASSIGN_OR_RETURN(
         std::vector<LoadRun> runs,
-        interleaved({[&](const Limit& l) { return dtls->run(l, appliance.pid()); },
-                     [&](const Limit& l) { return plain->run(l, appliance.pid()); }},
-                    options));
+        interleaved(
+            {[&](const Limit& l) {
+               return with_commits(appliance, [&] { return dtls->run(l, appliance.pid()); });
+             },
+             [&](const Limit& l) {
+               return with_commits(appliance, [&] { return plain->run(l, appliance.pid()); });
+             }},
+            options));
     totals.readings_acknowledged +=
         (dtls->total_changed() + plain->total_changed()) * kReadingsPerMessage;
     totals.errors += runs[0].errors + runs[1].errors;
-    auto add = [&](const std::string& name, const LoadRun& r) {
+    totals.errors += missing(options, sessions, runs[0]) + missing(options, sessions, runs[1]);
+    auto add = [&](const std::string& name, const LoadRun& r, bool client_loop) {
       Percentiles p = percentiles(r.latency_ns);
       table.row({name, std::to_string(sessions), grouped(r.acknowledged), rate(r.per_second()),
                  rate(r.per_second() * kReadingsPerMessage), ms(p.mean_ms), ms(p.p50_ms),
-                 ms(p.p99_ms), ms(p.max_ms), grouped(r.errors)});
-      cpu_lines.push_back(fmt::format("  {} x{}: {}", name, sessions, r.cpu.describe(true)));
+                 ms(p.p99_ms), ms(p.max_ms), per_commit(r), grouped(r.errors)});
+      cpu_lines.push_back(
+          fmt::format("  {} x{}: {}", name, sessions,
+                      r.cpu.describe(client_loop, client_loop ? r.acknowledged : 0)));
     };
-    add("medgated CoAP over DTLS-PSK, 2.04", runs[0]);
-    add("same, plain CoAP (no DTLS)", runs[1]);
+    add("medgated CoAP over DTLS-PSK, 2.04", runs[0], true);
+    add("same, plain CoAP (no DTLS)", runs[1], true);
     print_errors(fmt::format("CoAP DTLS at {} sessions", sessions), runs[0]);
     print_errors(fmt::format("plain CoAP at {} sessions", sessions), runs[1]);
     if (!best_dtls || runs[0].per_second() > best_dtls->second.per_second())
       best_dtls = std::make_pair(sessions, runs[0]);
   }
   table.print();
-  fmt::print("CPU while each row ran (cores; medgated per thread):\n");
+  print_cpu_legend();
   for (const auto& l : cpu_lines) fmt::print("{}\n", l);
   fmt::print("\n");
   if (best_dtls) {
@@ -1798,6 +1902,7 @@ int main(int argc, char** argv) {
   for (int sig : {SIGINT, SIGTERM, SIGHUP}) sigaction(sig, &sa, nullptr);
   signal(SIGPIPE, SIG_IGN);
   Status s = bench::run(argc, argv, *options);
+  std::fflush(stdout);
   if (!s.ok()) {
     fmt::print(stderr, "bench_ingest: {}\n", s.to_string());
     return 1;
