@@ -11,6 +11,7 @@
 
 #include <arpa/inet.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -188,7 +189,10 @@ Status CoapServer::start(const CoapServerConfig& config, const DeviceDirectory& 
   impl->sink = &sink;
   if (Status s = impl->setup(); !s.ok()) return s;
   Impl* raw = impl.get();
-  impl->loop = std::thread([raw] { raw->run(); });
+  impl->loop = std::thread([raw] {
+    pthread_setname_np(pthread_self(), "coap-loop");
+    raw->run();
+  });
   impl_ = std::move(impl);
   log(LogLevel::kInfo, "coap.start", "CoAP listener on {} port {} (DTLS-PSK){}", config.address,
       config.port,

@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -181,7 +182,10 @@ class MllpListener::Loop {
   std::uint16_t port() const { return port_; }
 
   void start_thread() {
-    thread_ = std::thread([this] { run(); });
+    thread_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "mllp-loop");
+      run();
+    });
   }
 
   void stop() {
