@@ -83,6 +83,7 @@
 #include "hsm/key_store_factory.h"
 #include "ledger/entry.h"
 #include "ledger/store.h"
+#include "tests/bench/bench_util.h"
 #include "tests/support/temp_dir.h"
 
 namespace medgate::bench {
@@ -232,130 +233,6 @@ Result<Options> parse_args(int argc, char** argv) {
           "--smoke sends a fixed few messages; --seconds does not apply");
   }
   return o;
-}
-
-// ---- formatting ----
-
-std::string grouped(std::uint64_t v) {
-  std::string digits = std::to_string(v), out;
-  for (std::size_t i = 0; i < digits.size(); ++i) {
-    if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
-    out += digits[i];
-  }
-  return out;
-}
-
-std::string rate(double per_second) {
-  return grouped(static_cast<std::uint64_t>(per_second + 0.5));
-}
-
-// A plain-text table: the first column left-aligned, the others right-aligned, widths from content.
-class Table {
- public:
-  explicit Table(std::vector<std::string> headers) { rows_.push_back(std::move(headers)); }
-  void row(std::vector<std::string> cells) { rows_.push_back(std::move(cells)); }
-  void print() const {
-    std::vector<std::size_t> width;
-    for (const auto& r : rows_) {
-      if (width.size() < r.size()) width.resize(r.size(), 0);
-      for (std::size_t c = 0; c < r.size(); ++c) width[c] = std::max(width[c], r[c].size());
-    }
-    for (const auto& r : rows_) {
-      std::string line;
-      for (std::size_t c = 0; c < r.size(); ++c) {
-        if (c == 0)
-          line += fmt::format("{:<{}}", r[c], width[c]);
-        else
-          line += fmt::format("  {:>{}}", r[c], width[c]);
-      }
-      while (!line.empty() && line.back() == ' ') line.pop_back();
-      fmt::print("  {}\n", line);
-    }
-    fmt::print("\n");
-    std::fflush(stdout);
-  }
-
- private:
-  std::vector<std::vector<std::string>> rows_;
-};
-
-// ---- the machine ----
-
-std::string first_line_with(const fs::path& file, std::string_view key) {
-  std::ifstream in(file);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(key, 0) != 0) continue;
-    std::size_t colon = line.find(':');
-    std::string v = colon == std::string::npos ? line : line.substr(colon + 1);
-    v.erase(0, v.find_first_not_of(" \t"));
-    return v;
-  }
-  return "?";
-}
-
-int cpus_available() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof set, &set) != 0)
-    return static_cast<int>(std::thread::hardware_concurrency());
-  return CPU_COUNT(&set);
-}
-
-std::string utc_now() {
-  std::time_t t = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%SZ", &tm);
-  return buf;
-}
-
-std::string load_average() {
-  double load[3] = {0, 0, 0};
-  if (std::FILE* f = std::fopen("/proc/loadavg", "r")) {
-    (void)std::fscanf(f, "%lf %lf %lf", &load[0], &load[1], &load[2]);
-    std::fclose(f);
-  }
-  return fmt::format("{:.2f} {:.2f} {:.2f}", load[0], load[1], load[2]);
-}
-
-struct Percentiles {
-  double p50_ms = 0, p99_ms = 0, max_ms = 0, mean_ms = 0;
-};
-
-Percentiles percentiles(std::vector<std::int64_t> ns) {
-  if (ns.empty()) return {};
-  auto at = [&](double q) {
-    auto k = static_cast<std::size_t>(q * static_cast<double>(ns.size() - 1));
-    std::nth_element(ns.begin(), ns.begin() + static_cast<std::ptrdiff_t>(k), ns.end());
-    return static_cast<double>(ns[k]) / 1e6;
-  };
-  double sum = 0;
-  for (std::int64_t v : ns) sum += static_cast<double>(v);
-  return {at(0.50), at(0.99), at(1.0), sum / static_cast<double>(ns.size()) / 1e6};
-}
-
-// 4 KiB append + fdatasync, timed `n` times: what one durable commit costs this disk at the least.
-Result<Percentiles> probe_fsync(const fs::path& dir, int n) {
-  fs::path file = dir / "fsync-probe";
-  int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return Status::IOError(fmt::format("cannot create {}", file.string()));
-  std::vector<char> page(4096, 'x');
-  std::vector<std::int64_t> ns;
-  for (int i = 0; i < n; ++i) {
-    auto t0 = Clock::now();
-    bool ok = ::write(fd, page.data(), page.size()) == static_cast<ssize_t>(page.size()) &&
-              ::fdatasync(fd) == 0;
-    if (!ok) {
-      ::close(fd);
-      return Status::IOError(fmt::format("write or fdatasync on {} failed", file.string()));
-    }
-    ns.push_back(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count());
-  }
-  ::close(fd);
-  fs::remove(file);
-  return percentiles(std::move(ns));
 }
 
 // ---- where the CPU goes ----
@@ -1688,7 +1565,7 @@ Status run_hl7_phase(const Options& options, Appliance& appliance, LedgerFloor& 
     print_errors(fmt::format("HL7 at {} connections", connections), hl7);
     if (connections == kTargetHl7Connections) at_target = hl7;
   }
-  table.print();
+  table.print(/*blank_line_after=*/true);
   print_cpu_legend();
   for (const auto& l : cpu_lines) fmt::print("{}\n", l);
   fmt::print("\n");
@@ -1767,7 +1644,7 @@ Status run_coap_phase(const Options& options, Appliance& appliance, Totals& tota
     if (!best_dtls || runs[0].per_second() > best_dtls->second.per_second())
       best_dtls = std::make_pair(sessions, runs[0]);
   }
-  table.print();
+  table.print(/*blank_line_after=*/true);
   print_cpu_legend();
   for (const auto& l : cpu_lines) fmt::print("{}\n", l);
   fmt::print("\n");

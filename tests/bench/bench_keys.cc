@@ -59,6 +59,7 @@
 #include "hsm/key_store_factory.h"
 #include "ledger/entry.h"
 #include "ledger/store.h"
+#include "tests/bench/bench_util.h"
 #include "tests/support/key_stores.h"
 #include "tests/support/temp_dir.h"
 
@@ -164,19 +165,6 @@ Result<Options> parse_args(int argc, char** argv) {
 
 // ---- formatting ----
 
-std::string grouped(std::uint64_t v) {
-  std::string digits = std::to_string(v), out;
-  for (std::size_t i = 0; i < digits.size(); ++i) {
-    if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
-    out += digits[i];
-  }
-  return out;
-}
-
-std::string rate(double per_second) {
-  return grouped(static_cast<std::uint64_t>(per_second + 0.5));
-}
-
 std::string size_name(std::size_t bytes) {
   if (bytes >= 1024 && bytes % 1024 == 0) return fmt::format("{} KiB", bytes / 1024);
   return fmt::format("{} B", bytes);
@@ -188,76 +176,7 @@ std::string times_baseline(double rate_per_s, double baseline_per_s) {
   return fmt::format("{:.2f}x", baseline_per_s / rate_per_s);
 }
 
-// A plain-text table: the first column left-aligned, the others right-aligned, widths from content.
-class Table {
- public:
-  explicit Table(std::vector<std::string> headers) { rows_.push_back(std::move(headers)); }
-  void row(std::vector<std::string> cells) { rows_.push_back(std::move(cells)); }
-  void print() const {
-    std::vector<std::size_t> width;
-    for (const auto& r : rows_) {
-      if (width.size() < r.size()) width.resize(r.size(), 0);
-      for (std::size_t c = 0; c < r.size(); ++c) width[c] = std::max(width[c], r[c].size());
-    }
-    for (const auto& r : rows_) {
-      std::string line;
-      for (std::size_t c = 0; c < r.size(); ++c) {
-        if (c == 0)
-          line += fmt::format("{:<{}}", r[c], width[c]);
-        else
-          line += fmt::format("  {:>{}}", r[c], width[c]);
-      }
-      while (!line.empty() && line.back() == ' ') line.pop_back();
-      fmt::print("  {}\n", line);
-    }
-    fmt::print("\n");
-    std::fflush(stdout);
-  }
-
- private:
-  std::vector<std::vector<std::string>> rows_;
-};
-
 // ---- the machine ----
-
-std::string first_line_with(const fs::path& file, std::string_view key) {
-  std::ifstream in(file);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(key, 0) != 0) continue;
-    std::size_t colon = line.find(':');
-    std::string v = colon == std::string::npos ? line : line.substr(colon + 1);
-    v.erase(0, v.find_first_not_of(" \t"));
-    return v;
-  }
-  return "?";
-}
-
-int cpus_available() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof set, &set) != 0)
-    return static_cast<int>(std::thread::hardware_concurrency());
-  return CPU_COUNT(&set);
-}
-
-std::string utc_now() {
-  std::time_t t = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%SZ", &tm);
-  return buf;
-}
-
-std::string load_average() {
-  double load[3] = {0, 0, 0};
-  if (std::FILE* f = std::fopen("/proc/loadavg", "r")) {
-    (void)std::fscanf(f, "%lf %lf %lf", &load[0], &load[1], &load[2]);
-    std::fclose(f);
-  }
-  return fmt::format("{:.2f} {:.2f} {:.2f}", load[0], load[1], load[2]);
-}
 
 void print_header(int argc, char** argv, const fs::path& scratch, const Options& options) {
   std::string command;
@@ -285,20 +204,6 @@ void print_header(int argc, char** argv, const fs::path& scratch, const Options&
 }
 
 // ---- the driver ----
-
-struct Percentiles {
-  double p50_ms = 0, p99_ms = 0;
-};
-
-Percentiles percentiles(std::vector<std::int64_t> ns) {
-  if (ns.empty()) return {};
-  auto at = [&](double q) {
-    auto k = static_cast<std::size_t>(q * static_cast<double>(ns.size() - 1));
-    std::nth_element(ns.begin(), ns.begin() + static_cast<std::ptrdiff_t>(k), ns.end());
-    return static_cast<double>(ns[k]) / 1e6;
-  };
-  return {at(0.50), at(0.99)};
-}
 
 enum class Timing { kEachCall, kTotalOnly };
 
@@ -371,30 +276,6 @@ Result<Run> run_for(std::string_view what, int threads, double seconds, Timing t
   for (std::uint64_t c : counts) run.calls += c;
   for (auto& v : latencies) run.latency_ns.insert(run.latency_ns.end(), v.begin(), v.end());
   return run;
-}
-
-// What one durable commit costs the disk at the least: a 4 KiB append and fdatasync (what SQLite
-// does to its WAL per commit with synchronous=FULL), timed `n` times. The ledger and new-patient
-// rows are bound by it.
-Result<Percentiles> probe_fsync(const fs::path& dir, int n) {
-  fs::path file = dir / "fsync-probe";
-  int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return Status::IOError(fmt::format("cannot create {}", file.string()));
-  std::vector<char> page(4096, 'x');
-  std::vector<std::int64_t> ns;
-  for (int i = 0; i < n; ++i) {
-    auto t0 = Clock::now();
-    bool ok = ::write(fd, page.data(), page.size()) == static_cast<ssize_t>(page.size()) &&
-              ::fdatasync(fd) == 0;
-    if (!ok) {
-      ::close(fd);
-      return Status::IOError(fmt::format("write or fdatasync on {} failed", file.string()));
-    }
-    ns.push_back(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count());
-  }
-  ::close(fd);
-  fs::remove(file);
-  return percentiles(std::move(ns));
 }
 
 // One measured row: given a number of seconds, runs and returns what it measured.
@@ -625,7 +506,7 @@ Status run_sign_phase(Backend& b, const Options& options) {
         &two[2]);
     add(baseline_label, 2, two[2], nullptr);
   }
-  table.print();
+  table.print(/*blank_line_after=*/true);
 
   // wrap/unwrap of a data key as the vault does it: 32 bytes, context = label || pseudonym.
   MEDGATE_ASSIGN_OR_RETURN(Bytes data_key, random_bytes(kDataKeyBytes));
@@ -660,7 +541,7 @@ Status run_sign_phase(Backend& b, const Options& options) {
               [&](int, std::uint64_t) { return b.store->keyed_hash(as_bytes(message)).status(); }));
   ops.row({fmt::format("{}: keyed_hash", b.label()), grouped(mac.calls), rate(mac.per_second()),
            p50(mac), p99(mac)});
-  ops.print();
+  ops.print(/*blank_line_after=*/true);
   return Status::Ok();
 }
 
@@ -727,7 +608,7 @@ Status run_vault_phase(Backend& b, const Options& options) {
     add("vault encrypt", enc, base_enc);
     add("vault decrypt", dec, base_dec);
   }
-  table.print();
+  table.print(/*blank_line_after=*/true);
 
   // A never-seen identifier: keyed_hash, then random(32) + wrap_key + seal the identifier + one
   // INSERT committed with synchronous=FULL.
@@ -767,7 +648,7 @@ Status run_vault_phase(Backend& b, const Options& options) {
                 rate(fresh.per_second()), p50(fresh), p99(fresh)});
   patients.row({"floor: 4 KiB write + fdatasync, same disk", grouped(floor.calls),
                 rate(floor.per_second()), p50(floor), p99(floor)});
-  patients.print();
+  patients.print(/*blank_line_after=*/true);
   vault.reset();
   fs::remove_all(dir);
   return Status::Ok();
@@ -926,9 +807,9 @@ Status run_ledger_phase(Backend& b, const Options& options) {
     ratios.row({std::to_string(threads), rate(off), rate(on),
                 off > 0 ? fmt::format("{:.2f}", on / off) : "-"});
   }
-  table.print();
+  table.print(/*blank_line_after=*/true);
   fmt::print("  Append rate with encryption on, over off (1.00 = no cost):\n\n");
-  ratios.print();
+  ratios.print(/*blank_line_after=*/true);
   vault.reset();
   fs::remove_all(dir);
   return Status::Ok();
