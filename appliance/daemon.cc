@@ -106,7 +106,7 @@ class Daemon::Impl {
     // anything else can touch the vault; one that cannot be finished now stays pending (its
     // patient's data is refused meanwhile) and is retried at the next start or erase request.
     const std::filesystem::path vault_path = config_.data_dir / "vault.db";
-    Result<std::unique_ptr<Vault>> vault = Vault::open(vault_path, *keys_);
+    Result<std::unique_ptr<Vault>> vault = Vault::open(vault_path, *keys_, /*must_exist=*/true);
     if (!vault.ok()) return vault.status().with_context("vault");
     vault_ = std::move(vault).value();
     erasure_ = std::make_unique<PatientErasure>(*vault_, *ledger_);

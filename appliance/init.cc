@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "appliance/config.h"
+#include "appliance/vault.h"
 #include "hsm/key_store_factory.h"
 #include "ledger/store.h"
 
@@ -102,6 +103,8 @@ Result<InitResult> initialize(const InitOptions& o) {
                              ledger::Ledger::create(options, config.ledger_id, *keys, o.actor));
     ledger->close();
   }
+  // The vault (per-patient data keys), empty; medgated refuses to start without it.
+  MEDGATE_RETURN_IF_ERROR(Vault::open(dir / "vault.db", *keys).status());
 
   InitResult result;
   result.ledger_id = config.ledger_id;

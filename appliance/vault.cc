@@ -592,7 +592,14 @@ class Vault::Impl {
   LruCache<Pseudonym, std::shared_ptr<const hsm::SecretBytes>> keys_cache_{kCachedKeys};
 };
 
-Result<std::unique_ptr<Vault>> Vault::open(const std::filesystem::path& path, hsm::KeyStore& keys) {
+Result<std::unique_ptr<Vault>> Vault::open(const std::filesystem::path& path, hsm::KeyStore& keys,
+                                           bool must_exist) {
+  if (must_exist && !std::filesystem::exists(path))
+    return Status::FailedPrecondition(fmt::format(
+        "the vault {} is missing: restore it from a backup (with an empty vault every reading "
+        "stored so far could no longer be decrypted); a new data directory is made with "
+        "medctl init",
+        path.string()));
   MEDGATE_ASSIGN_OR_RETURN(VaultLock lock, VaultLock::acquire(path));
   // A new vault is created 0600 (SQLite gives its -wal and -shm files the same mode): wrapped keys
   // are useless without the key store, but the file is nobody else's business either.

@@ -102,8 +102,11 @@ class Vault {
   // migrations and truncates the WAL. kCorruption "... is not a medgate vault" for a file that is
   // some other SQLite database or not one at all; kFailedPrecondition when another process holds
   // it or its schema is newer than this build. `keys` must outlive the Vault.
+  // With must_exist (medgated: `medctl init` made the vault), a missing file is
+  // kFailedPrecondition instead of a new empty vault: an empty vault would quietly leave every
+  // stored reading unreadable and give known patients new keys.
   static Result<std::unique_ptr<Vault>> open(const std::filesystem::path& path,
-                                             hsm::KeyStore& keys);
+                                             hsm::KeyStore& keys, bool must_exist = false);
   ~Vault();
   Vault(const Vault&) = delete;
   Vault& operator=(const Vault&) = delete;

@@ -68,4 +68,14 @@ pass "the daemon reopens its vault"
 expect_rc 0 "offline verify still passes" -- "$MEDCTL" ledger verify --db "$DATA/ledger.db" --trust "$DATA/signing-key.pem"
 stop_daemon
 
+say "== a missing vault"
+mv "$DATA/vault.db" "$WORK/vault.db.saved"
+expect_rc 1 "medgated refuses to start without its vault (an empty one would orphan every reading)" -- "$MEDGATED" --config "$CONF"
+expect_in "the vault .*vault.db is missing: restore it from a backup" "and says what to do"
+[ ! -e "$DATA/vault.db" ] && pass "it did not create an empty one" || failed "an empty vault.db was created"
+mv "$WORK/vault.db.saved" "$DATA/vault.db"
+start_daemon "$CONF"
+pass "with the vault back it starts"
+stop_daemon
+
 finish
