@@ -192,3 +192,51 @@ TEST_CASE("tpm2 settings are checked", "[config]") {
   CHECK(parse_pcr_list("0, 7").ok());
   CHECK(*parse_pcr_list("7,0") == std::vector<unsigned>{0, 7});
 }
+
+TEST_CASE("ingest listeners: on with their section, off without it or with enabled = false",
+          "[config]") {
+  auto without = parse_config(kGood, "/etc/medgate/medgated.toml");
+  REQUIRE(without.ok());
+  CHECK_FALSE(without->hl7);
+  CHECK_FALSE(without->coap);
+
+  std::string text = std::string(kGood) + R"(
+[hl7]
+address = "127.0.0.1"
+port = 2576
+read_timeout_s = 30
+max_connections = 10
+
+[coap]
+port = 5685
+plain_port = 5683
+max_payload = 4096
+)";
+  auto c = parse_config(text, "/etc/medgate/medgated.toml");
+  INFO(c.status().to_string());
+  REQUIRE(c.ok());
+  REQUIRE(c->hl7);
+  CHECK(c->hl7->address == "127.0.0.1");
+  CHECK(c->hl7->port == 2576);
+  CHECK(c->hl7->read_timeout == std::chrono::seconds(30));
+  CHECK(c->hl7->max_connections == 10);
+  REQUIRE(c->coap);
+  CHECK(c->coap->address == "::");
+  CHECK(c->coap->port == 5685);
+  CHECK(c->coap->plain_port == std::optional<std::uint16_t>(5683));
+  CHECK(c->coap->max_payload == 4096);
+
+  auto off = parse_config(std::string(kGood) + "\n[hl7]\nenabled = false\nport = 1\n",
+                          "/etc/medgate/medgated.toml");
+  REQUIRE(off.ok());
+  CHECK_FALSE(off->hl7);
+
+  for (const char* bad : {"\n[hl7]\nport = 70000\n", "\n[hl7]\nread_timeout_s = 0\n",
+                          "\n[hl7]\nlisten = \"x\"\n", "\n[coap]\nmax_payload = 1\n",
+                          "\n[coap]\nport = \"5684\"\n", "\n[coap]\nenabled = \"yes\"\n"}) {
+    auto r = parse_config(std::string(kGood) + bad, "/etc/medgate/medgated.toml");
+    INFO(bad);
+    CHECK(r.status().code() == StatusCode::kInvalidArgument);
+    CHECK_THAT(r.status().message(), Catch::Contains("medgated.toml:"));
+  }
+}
