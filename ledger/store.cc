@@ -1005,6 +1005,11 @@ class Ledger::Impl {
           std::uint64_t counter_ticket = counter_requested_;
           lk.unlock();
           Status s = counter_epoch();
+          // A failed epoch (the key store unreachable) is tried again after a pause, not at once.
+          if (!s.ok())
+            next_epoch_ = std::chrono::steady_clock::now() +
+                          std::min<std::chrono::steady_clock::duration>(
+                              options_.counter_interval, std::chrono::seconds(10));
           lk.lock();
           last_counter_status_ = s;
           counter_completed_ = counter_ticket;
