@@ -100,10 +100,12 @@ IngestSink::Admit IngestPipeline::submit(IngestBatch batch,
         it->second.waiters.push_back(std::move(done));
         return Admit::kAccepted;
       }
-      IngestResult r{Status::Ok(), it->second.first_entry, true};
+      // Answered by a worker: `done` must not run on the caller's thread (the listener may hold
+      // its own lock), and stop() waits for it like for any accepted batch.
+      ++in_flight_batches_;
+      queue_.push_back({{}, std::move(done), IngestResult{Status::Ok(), it->second.first_entry, true}});
       lk.unlock();
-      // `done` must not run on the caller's thread: the listener may hold its own lock.
-      std::thread([done = std::move(done), r] { done(r); }).detach();
+      work_cv_.notify_one();
       return Admit::kAccepted;
     }
   }
@@ -130,7 +132,7 @@ IngestSink::Admit IngestPipeline::submit(IngestBatch batch,
       recent_order_.pop_front();
     }
   }
-  queue_.push_back({std::move(batch), std::move(done)});
+  queue_.push_back({std::move(batch), std::move(done), std::nullopt});
   lk.unlock();
   work_cv_.notify_one();
   return Admit::kAccepted;
@@ -191,6 +193,12 @@ void IngestPipeline::worker_loop() {
     Pending p = std::move(queue_.front());
     queue_.pop_front();
     lk.unlock();
+    if (p.answer) {
+      p.done(*p.answer);
+      lk.lock();
+      if (--in_flight_batches_ == 0) idle_cv_.notify_all();
+      continue;
+    }
     process(std::move(p));
   }
 }

@@ -28,6 +28,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -81,6 +82,7 @@ class IngestPipeline final : public IngestSink {
   struct Pending {
     IngestBatch batch;
     std::function<void(IngestResult)> done;
+    std::optional<IngestResult> answer;  // a retransmission of a committed batch: just answer
   };
   using RecentKey = std::pair<std::string, std::string>;  // (device, message id)
   struct Recent {

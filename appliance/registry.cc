@@ -170,6 +170,27 @@ Status DeviceRegistry::store(const DeviceInfo& d, const std::optional<Bytes>& wr
   return st.run().with_context(fmt::format("storing device {}", d.id));
 }
 
+// Under mu_. Every change: a new PSK wrapped first (so a key-store failure records nothing), then
+// the ledger entry, then the registry file, then the in-memory view the listeners read.
+Result<DeviceChange> DeviceRegistry::apply(const char* event, DeviceInfo d,
+                                          const std::string& actor, bool make_psk) {
+  DeviceChange change;
+  std::optional<Bytes> wrapped;
+  if (make_psk) {
+    MEDGATE_ASSIGN_OR_RETURN(change.psk, new_psk());
+    MEDGATE_ASSIGN_OR_RETURN(Bytes w, wrap_psk(d.id, change.psk));
+    wrapped = std::move(w);
+  }
+  MEDGATE_ASSIGN_OR_RETURN(change.entry, record(event, d, actor));
+  d.updated_us = ledger::now_us();
+  d.last_entry = change.entry;
+  MEDGATE_RETURN_IF_ERROR(store(d, wrapped));
+  MEDGATE_RETURN_IF_ERROR(
+      cache(d, make_psk ? std::optional<std::string>(change.psk) : std::nullopt));
+  change.device = std::move(d);
+  return change;
+}
+
 Result<DeviceChange> DeviceRegistry::add(const std::string& id, DeviceKind kind,
                                          const std::optional<std::string>& patient_id,
                                          const std::string& hl7_application,
@@ -200,21 +221,8 @@ Result<DeviceChange> DeviceRegistry::add(const std::string& id, DeviceKind kind,
     MEDGATE_ASSIGN_OR_RETURN(Pseudonym p, vault_.pseudonym(*patient_id));
     d.patient = p;
   }
-  DeviceChange change;
-  std::optional<Bytes> wrapped;
-  if (kind == DeviceKind::kCoap) {
-    MEDGATE_ASSIGN_OR_RETURN(change.psk, new_psk());
-    MEDGATE_ASSIGN_OR_RETURN(Bytes w, wrap_psk(id, change.psk));
-    wrapped = std::move(w);
-  }
-  MEDGATE_ASSIGN_OR_RETURN(change.entry, record("add", d, actor));
-  d.created_us = d.updated_us = ledger::now_us();
-  d.last_entry = change.entry;
-  MEDGATE_RETURN_IF_ERROR(store(d, wrapped));
-  MEDGATE_RETURN_IF_ERROR(cache(d, kind == DeviceKind::kCoap ? std::optional(change.psk)
-                                                             : std::nullopt));
-  change.device = d;
-  return change;
+  d.created_us = ledger::now_us();
+  return apply("add", std::move(d), actor, /*new_psk=*/kind == DeviceKind::kCoap);
 }
 
 Result<DeviceChange> DeviceRegistry::bind(const std::string& id, const std::string& patient_id,
@@ -227,14 +235,7 @@ Result<DeviceChange> DeviceRegistry::bind(const std::string& id, const std::stri
   DeviceInfo d = it->second;
   MEDGATE_ASSIGN_OR_RETURN(Pseudonym p, vault_.pseudonym(patient_id));
   d.patient = p;
-  DeviceChange change;
-  MEDGATE_ASSIGN_OR_RETURN(change.entry, record("bind", d, actor));
-  d.updated_us = ledger::now_us();
-  d.last_entry = change.entry;
-  MEDGATE_RETURN_IF_ERROR(store(d, std::nullopt));
-  MEDGATE_RETURN_IF_ERROR(cache(d, std::nullopt));
-  change.device = d;
-  return change;
+  return apply("bind", std::move(d), actor, /*new_psk=*/false);
 }
 
 Result<DeviceChange> DeviceRegistry::revoke(const std::string& id, const std::string& actor) {
@@ -245,14 +246,7 @@ Result<DeviceChange> DeviceRegistry::revoke(const std::string& id, const std::st
     return Status::FailedPrecondition(fmt::format("device {} is revoked already", id));
   DeviceInfo d = it->second;
   d.revoked = true;
-  DeviceChange change;
-  MEDGATE_ASSIGN_OR_RETURN(change.entry, record("revoke", d, actor));
-  d.updated_us = ledger::now_us();
-  d.last_entry = change.entry;
-  MEDGATE_RETURN_IF_ERROR(store(d, std::nullopt));
-  MEDGATE_RETURN_IF_ERROR(cache(d, std::nullopt));
-  change.device = d;
-  return change;
+  return apply("revoke", std::move(d), actor, /*new_psk=*/false);
 }
 
 Result<DeviceChange> DeviceRegistry::rotate_psk(const std::string& id, const std::string& actor) {
@@ -263,17 +257,7 @@ Result<DeviceChange> DeviceRegistry::rotate_psk(const std::string& id, const std
     return Status::InvalidArgument(fmt::format("device {} is an HL7 source: it has no PSK", id));
   if (it->second.revoked)
     return Status::FailedPrecondition(fmt::format("device {} is revoked", id));
-  DeviceInfo d = it->second;
-  DeviceChange change;
-  MEDGATE_ASSIGN_OR_RETURN(change.psk, new_psk());
-  MEDGATE_ASSIGN_OR_RETURN(Bytes wrapped, wrap_psk(id, change.psk));
-  MEDGATE_ASSIGN_OR_RETURN(change.entry, record("rotate-psk", d, actor));
-  d.updated_us = ledger::now_us();
-  d.last_entry = change.entry;
-  MEDGATE_RETURN_IF_ERROR(store(d, wrapped));
-  MEDGATE_RETURN_IF_ERROR(cache(d, change.psk));
-  change.device = d;
-  return change;
+  return apply("rotate-psk", it->second, actor, /*new_psk=*/true);
 }
 
 std::vector<DeviceInfo> DeviceRegistry::list() const {

@@ -88,6 +88,8 @@ class DeviceRegistry final : public DeviceDirectory {
   Status load();
   Result<std::uint64_t> record(const std::string& event, const DeviceInfo& d,
                                const std::string& actor);
+  Result<DeviceChange> apply(const char* event, DeviceInfo d, const std::string& actor,
+                             bool make_psk);
   Status store(const DeviceInfo& d, const std::optional<Bytes>& wrapped_psk);
   Result<std::string> new_psk();
   Result<Bytes> wrap_psk(const std::string& id, const std::string& psk);

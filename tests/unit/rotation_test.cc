@@ -60,6 +60,19 @@ void store_head(const fs::path& path, hsm::KeyStore& keys, const KeyId& key, Hea
   REQUIRE(st->run().ok());
 }
 
+// The body of the newest head stored in the file.
+HeadBody latest_stored_head(const fs::path& path) {
+  auto db = sql::Database::open(path, sql::Database::Mode::kReadOnly);
+  REQUIRE(db.ok());
+  auto st = db->prepare("SELECT head FROM heads ORDER BY seq DESC LIMIT 1");
+  REQUIRE(st.ok());
+  REQUIRE(*st->step() == sql::Statement::Step::kRow);
+  ByteView b = st->column_blob(0);
+  auto head = decode_head(Bytes(b.begin(), b.end()));
+  REQUIRE(head.ok());
+  return *head;
+}
+
 // A P-256 key from no key store of this test: trusted by nobody's ledger.
 PublicKey stranger_key() {
   EVP_PKEY* pkey = EVP_EC_gen("P-256");
@@ -141,16 +154,7 @@ TEST_CASE("a rotation records a transition signed by both keys and heads switch 
     CHECK_THAT(r.problem->reason, Catch::Contains("none of the ledger's signing keys"));
   }
   SECTION("a head signed by the retired key after the transition is refused") {
-    auto last = sql::Database::open(path, sql::Database::Mode::kReadOnly);
-    REQUIRE(last.ok());
-    auto st = last->prepare("SELECT head FROM heads ORDER BY seq DESC LIMIT 1");
-    REQUIRE(st.ok());
-    REQUIRE(*st->step() == sql::Statement::Step::kRow);
-    ByteView b = st->column_blob(0);
-    auto head = decode_head(Bytes(b.begin(), b.end()));
-    REQUIRE(head.ok());
-    st->reset();
-    store_head(path, *keys, old_key.id(), *head);
+    store_head(path, *keys, old_key.id(), latest_stored_head(path));
     VerifyReport r = verify(path, {old_key});
     REQUIRE_FALSE(r.ok());
     CHECK(r.problem->where == VerifyProblem::Where::kHead);
@@ -296,18 +300,10 @@ TEST_CASE("a head whose rollback counter goes down is named by the verifier", "[
   auto keys = token.open();
   auto path = dir / "ledger.db";
   REQUIRE(Ledger::create(options_for(path), "ward-7", *keys, "user:root").ok());
-  auto db = sql::Database::open(path, sql::Database::Mode::kReadOnly);
-  REQUIRE(db.ok());
-  auto st = db->prepare("SELECT head FROM heads ORDER BY seq DESC LIMIT 1");
-  REQUIRE(st.ok());
-  REQUIRE(*st->step() == sql::Statement::Step::kRow);
-  ByteView b = st->column_blob(0);
-  auto head = decode_head(Bytes(b.begin(), b.end()));
-  REQUIRE(head.ok());
-  st->reset();
-  REQUIRE(head->rollback_counter > 1);
-  HeadBody lower = *head;
-  lower.rollback_counter = head->rollback_counter - 1;
+  HeadBody head = latest_stored_head(path);
+  REQUIRE(head.rollback_counter > 1);
+  HeadBody lower = head;
+  lower.rollback_counter = head.rollback_counter - 1;
   store_head(path, *keys, keys->signing_key().id(), lower);
   VerifyReport r = verify(path, {keys->signing_key()});
   REQUIRE_FALSE(r.ok());
