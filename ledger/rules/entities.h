@@ -1,0 +1,62 @@
+// CONSENSUS-CRITICAL (rule semantics): the entity store the evaluator reads: each entity's
+// attributes and parents. `a in b` holds when a == b or b is an ancestor of a (transitively).
+//
+// Stores can be layered: a request-local store (the PatientData resource being read) over the
+// directory imported with `medctl directory import`, without copying the directory.
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "hsm/status.h"
+#include "ledger/rules/value.h"
+
+namespace medgate::rules {
+
+struct Entity {
+  EntityUid uid;
+  ValueRecord attrs;
+  std::vector<EntityUid> parents;
+};
+
+class Entities {
+ public:
+  Entities() = default;
+  // Looks up in this store first, then in `base` (which must outlive this store).
+  explicit Entities(const Entities* base) : base_(base) {}
+
+  // Adds or replaces an entity.
+  void add(Entity entity);
+  std::size_t size() const { return entities_.size(); }
+
+  const Entity* find(const EntityUid& uid) const;
+  // Cedar's `in` between two entities: a == b, or b is reachable from a through parents.
+  // Unknown entities have no parents. Cycles are tolerated (each entity visited once).
+  bool is_in(const EntityUid& a, const EntityUid& b) const;
+
+  // Every entity of this store (not the base), in no particular order.
+  std::vector<const Entity*> all() const;
+
+ private:
+  const Entities* base_ = nullptr;
+  std::unordered_map<EntityUid, Entity, EntityUidHash> entities_;
+};
+
+// Cedar's JSON entity format: an array of {"uid": {"type": T, "id": I}, "attrs": {...},
+// "parents": [{"type":..,"id":..}, ...]}. Attribute values: JSON bool, integer (64-bit), string,
+// array (a set), object (a record), and entity references written {"__entity": {"type", "id"}} or
+// (as Cedar also accepts) {"type": T, "id": I}. Floats, nulls, extension values ("__extn") and
+// duplicate uids are errors naming the entity and attribute.
+Result<Entities> entities_from_json(const nlohmann::json& doc);
+Result<Entities> entities_from_json_text(std::string_view text);
+
+// Values from Cedar's JSON value form (as above); used for the request context.
+Result<Value> value_from_json(const nlohmann::json& v);
+nlohmann::json value_to_json(const Value& v);
+nlohmann::json entities_to_json(const Entities& entities);
+
+}  // namespace medgate::rules
