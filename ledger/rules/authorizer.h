@@ -8,9 +8,9 @@
 //   - Else any satisfied permit -> Allow, determined by the satisfied permits.
 //   - Else Deny (default deny), determined by nothing.
 //
-// Policies are indexed by their scope (`principal ==`, `resource ==`/`in` an entity), so a
-// decision looks only at policies that can apply to the request's principal, resource and their
-// ancestors, and the cost does not grow with unrelated grants.
+// Policies are indexed by their scope (`resource` or else `principal` `==`, `in` or `is T in` an
+// entity), so a decision looks only at policies that can apply to the request's principal,
+// resource and their ancestors, and the cost does not grow with unrelated grants.
 #pragma once
 
 #include <memory>
