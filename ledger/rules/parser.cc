@@ -21,7 +21,8 @@
 // bounded twice, both at kMaxNesting: by the nesting of brackets (parse_expr's depth) and by the
 // depth of the tree built, since every later pass over the tree (printer, validator, evaluator,
 // the destructor) recurses on it, and a left-associative chain `1 + 1 + ...` is deep without
-// being nested.
+// being nested. The tree's size with shared subtrees expanded is bounded too (see
+// kMaxExpandedNodes).
 #include "ledger/rules/parser.h"
 
 #include <algorithm>
@@ -485,11 +486,29 @@ std::optional<EscapeError> unescape(std::string_view body, bool pattern,
 // ---------------------------------------------------------------------------------------------
 // Parser
 
-// An expression being built, with the depth of its tree.
+// `x is T in y` becomes (x is T) && (x in y) with x shared, so a tree can be far larger than
+// its text: nesting `(... is T in y) is T in y` doubles it each time. Every pass over the tree
+// (printing, evaluating) visits x twice, so the size that counts is this expanded one.
+constexpr std::uint64_t kMaxExpandedNodes = std::uint64_t{1} << 20;
+
+// An expression being built, with the depth of its tree and its size counted with every shared
+// subtree as often as it is used.
 struct Parsed {
   ExprPtr expr;
   int depth = 0;
+  std::uint64_t size = 0;
   explicit operator bool() const { return expr != nullptr; }
+};
+
+// The children's greatest depth and total size, to measure the node above them.
+struct Children {
+  int depth = 0;
+  std::uint64_t size = 0;
+  Children& add(const Parsed& p) {
+    depth = std::max(depth, p.depth);
+    size += p.size;
+    return *this;
+  }
 };
 
 std::shared_ptr<Expr> new_expr(Expr::Kind kind, SourceLocation location) {
@@ -883,33 +902,42 @@ class Parser {
   }
 
   // --- expressions ----------------------------------------------------------------------------
-  Parsed finish(std::shared_ptr<Expr> e, int depth) {
+  // Wraps up a new node. Its children are each at most kMaxExpandedNodes, and fewer than the
+  // text's bytes, so the sum cannot overflow.
+  Parsed finish(std::shared_ptr<Expr> e, const Children& children) {
+    const int depth = 1 + children.depth;
+    const std::uint64_t size = 1 + children.size;
     if (depth > kMaxNesting) {
       fail(e->location, "expression nested too deeply (the limit is " +
                             std::to_string(kMaxNesting) + " levels)");
       return {};
     }
-    return Parsed{std::move(e), depth};
+    if (size > kMaxExpandedNodes) {
+      fail(e->location, "expression too large: more than " + std::to_string(kMaxExpandedNodes) +
+                            " nodes once each `is ... in` is expanded");
+      return {};
+    }
+    return Parsed{std::move(e), depth, size};
   }
 
   Parsed make_binary(BinaryOp op, SourceLocation location, const Parsed& lhs, const Parsed& rhs) {
     auto e = new_expr(Expr::Kind::kBinary, location);
     e->binary_op = op;
     e->children = {lhs.expr, rhs.expr};
-    return finish(std::move(e), 1 + std::max(lhs.depth, rhs.depth));
+    return finish(std::move(e), Children().add(lhs).add(rhs));
   }
 
   Parsed make_unary(UnaryOp op, SourceLocation location, const Parsed& operand) {
     auto e = new_expr(Expr::Kind::kUnary, location);
     e->unary_op = op;
     e->children = {operand.expr};
-    return finish(std::move(e), 1 + operand.depth);
+    return finish(std::move(e), Children().add(operand));
   }
 
   Parsed make_literal(Value v, SourceLocation location) {
     auto e = new_expr(Expr::Kind::kLiteral, location);
     e->literal = std::move(v);
-    return finish(std::move(e), 1);
+    return finish(std::move(e), Children());
   }
 
   Parsed parse_expr() {
@@ -936,8 +964,7 @@ class Parser {
     if (!else_branch) return {};
     auto e = new_expr(Expr::Kind::kIf, location);
     e->children = {condition.expr, then_branch.expr, else_branch.expr};
-    return finish(std::move(e),
-                  1 + std::max({condition.depth, then_branch.depth, else_branch.depth}));
+    return finish(std::move(e), Children().add(condition).add(then_branch).add(else_branch));
   }
 
   Parsed parse_or() {
@@ -998,7 +1025,7 @@ class Parser {
       auto e = new_expr(Expr::Kind::kLike, location);
       e->children = {lhs.expr};
       e->pattern = std::move(*pattern);
-      result = finish(std::move(e), 1 + lhs.depth);
+      result = finish(std::move(e), Children().add(lhs));
     } else if (at_word("is")) {
       next();
       auto e = new_expr(Expr::Kind::kIs, location);
@@ -1008,7 +1035,7 @@ class Parser {
         return {};
       }
       e->children = {lhs.expr};
-      result = finish(std::move(e), 1 + lhs.depth);
+      result = finish(std::move(e), Children().add(lhs));
       if (result && at_word("in")) {
         // x is T in y  ==  (x is T) && (x in y)
         SourceLocation in_location = peek().location;
@@ -1055,7 +1082,7 @@ class Parser {
       return {};
     }
     e->children = {target.expr};
-    return finish(std::move(e), 1 + target.depth);
+    return finish(std::move(e), Children().add(target));
   }
 
   Parsed parse_add() {
@@ -1168,7 +1195,7 @@ class Parser {
         auto e = new_expr(Expr::Kind::kGetAttr, location);
         e->attr = std::move(*attr);
         e->children = {target.expr};
-        target = finish(std::move(e), 1 + target.depth);
+        target = finish(std::move(e), Children().add(target));
       } else {
         break;
       }
@@ -1195,7 +1222,7 @@ class Parser {
       auto e = new_expr(Expr::Kind::kGetAttr, name.location);
       e->attr = std::string(name.text);
       e->children = {target.expr};
-      return finish(std::move(e), 1 + target.depth);
+      return finish(std::move(e), Children().add(target));
     }
     BinaryOp op;
     if (name.text == "contains") {
@@ -1267,12 +1294,12 @@ class Parser {
         std::vector<Parsed> elements;
         if (!parse_list(Tok::kRBracket, "`,` or `]`", elements)) return {};
         auto e = new_expr(Expr::Kind::kSet, location);
-        int depth = 0;
+        Children children;
         for (const Parsed& p : elements) {
           e->children.push_back(p.expr);
-          depth = std::max(depth, p.depth);
+          children.add(p);
         }
-        return finish(std::move(e), 1 + depth);
+        return finish(std::move(e), children);
       }
       case Tok::kLBrace:
         next();
@@ -1302,7 +1329,7 @@ class Parser {
         next();
         auto e = new_expr(Expr::Kind::kVariable, location);
         e->variable = variable;
-        return finish(std::move(e), 1);
+        return finish(std::move(e), Children());
       }
     }
     if (t.text == "if") {
@@ -1338,7 +1365,7 @@ class Parser {
   Parsed parse_record(SourceLocation location) {
     auto e = new_expr(Expr::Kind::kRecord, location);
     std::set<std::string> seen;
-    int depth = 0;
+    Children children;
     while (!at(Tok::kRBrace)) {
       const Token& key = peek();
       std::string name;
@@ -1369,7 +1396,7 @@ class Parser {
       if (!value) return {};
       e->keys.push_back(std::move(name));
       e->children.push_back(value.expr);
-      depth = std::max(depth, value.depth);
+      children.add(value);
       if (at(Tok::kComma)) {
         next();
       } else if (!at(Tok::kRBrace)) {
@@ -1378,7 +1405,7 @@ class Parser {
       }
     }
     next();
-    return finish(std::move(e), 1 + depth);
+    return finish(std::move(e), children);
   }
 
   std::vector<Token> tokens_;

@@ -757,6 +757,21 @@ TEST_CASE("nesting deeper than kMaxNesting is an error, never a crash", "[rules]
   for (int i = 0; i < 50000; ++i) attrs += ".a";
   CHECK(parse_expression(attrs).errors.size() == 1);
 
+  // `x is T in y` uses x twice, so nested ones double the tree that printing and evaluation
+  // walk: its expanded size is bounded as well.
+  auto nested_is_in = [](int n) {
+    std::string s = "principal";
+    for (int i = 0; i < n; ++i) s = "(" + s + " is T in G::\"g\")";
+    return s;
+  };
+  ExprPtr ten = parse_ok(nested_is_in(10));
+  CHECK(to_text(*ten).size() > 20000);  // 2^10 copies of `principal`
+  ExprParseResult huge = parse_expression(nested_is_in(40));
+  CHECK(huge.expr == nullptr);
+  REQUIRE(huge.errors.size() == 1);
+  CHECK(huge.errors[0].message ==
+        "expression too large: more than 1048576 nodes once each `is ... in` is expanded");
+
   // Inside a policy, the error is reported and the next policy still parses.
   ParseResult policies =
       parse_policies("permit(principal, action, resource) when { " +
