@@ -231,7 +231,8 @@ TEST_CASE("scope clauses: ==, in, is, is-in and the action's list", "[rules][par
   CHECK(p.resource.entity == EntityUid{"context", "x"});
 }
 
-TEST_CASE("policy ids: @id, else policyN by position; duplicates are errors", "[rules][parser]") {
+TEST_CASE("policy ids: @id, else policyN by position, and duplicates are errors",
+          "[rules][parser]") {
   ParseResult r = parse_policies(R"(
 permit(principal, action, resource);
 @id("b") permit(principal, action, resource);
@@ -651,7 +652,7 @@ TEST_CASE("lexical errors: unterminated strings, stray characters, invalid UTF-8
         "1:27: invalid UTF-8 in a string");
 }
 
-TEST_CASE("columns count characters, not bytes; lines count from 1", "[rules][parser]") {
+TEST_CASE("columns count characters, not bytes, and lines count from 1", "[rules][parser]") {
   // `é` (2 bytes), `✓` (3 bytes) and `😀` (4 bytes) are one column each.
   CHECK(policy_error("permit(principal == User::\"\xc3\xa9\xe2\x9c\x93\xf0\x9f\x98\x80\" action, "
                      "resource);") == "1:33: expected `,` after the principal, found `action`");
@@ -667,8 +668,9 @@ TEST_CASE("columns count characters, not bytes; lines count from 1", "[rules][pa
         "context)");
 }
 
-TEST_CASE("after an error the parser resumes at the next `;` and reports every broken policy",
-          "[rules][parser]") {
+TEST_CASE(
+    "after an error the parser resumes past the next semicolon and reports every broken policy",
+    "[rules][parser]") {
   const char* text = R"(permit(principal, action, resource);
 @id("broken-1")
 permit(principal == , action, resource);
