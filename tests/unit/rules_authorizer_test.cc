@@ -191,7 +191,7 @@ TEST_CASE("authorizer: default deny, permit, and forbid overriding", "[rules][au
   CHECK(r.determining.empty());
 }
 
-TEST_CASE("authorizer: conditions in order; when and unless", "[rules][authorizer]") {
+TEST_CASE("authorizer: conditions in order, when and unless", "[rules][authorizer]") {
   const Entities store = hospital();
   auto decide = [&](std::vector<Condition> conditions) {
     Authorizer az;
