@@ -42,9 +42,13 @@ struct Response {
 // True when the scope clause matches (no conditions evaluated).
 bool scope_matches(const Policy& policy, const Request& request, const Entities& entities);
 
+// is_authorized() may run on many threads at once; add() and remove() need the authorizer to
+// themselves. A moved-from Authorizer is empty and usable.
 class Authorizer {
  public:
   Authorizer();
+  // Ids should be unique (parse_policies makes them so); a repeated one drops no policy, and
+  // remove() of that id removes them all.
   explicit Authorizer(PolicySet policies);
   ~Authorizer();
   Authorizer(Authorizer&&) noexcept;

@@ -23,6 +23,7 @@ struct Entity {
   std::vector<EntityUid> parents;
 };
 
+// Const methods may run on many threads at once, while nobody adds to this store or its base.
 class Entities {
  public:
   Entities() = default;
