@@ -290,6 +290,15 @@ TEST_CASE("authorizer: add, remove, find, size", "[rules][authorizer]") {
   REQUIRE(az.add(permit("one", any(), any(), scope_in(uid("Ward", "w1")))).ok());
   CHECK(az.is_authorized(treat(), store).determining == Ids{"one"});
 
+  // A set with a repeated id (parse_policies refuses those) loses no policy, forbids included.
+  Authorizer repeated(PolicySet{{permit("x"), forbid("x", scope_eq(kLee))}});
+  CHECK(repeated.size() == 2);
+  Response both = repeated.is_authorized(treat(), store);
+  CHECK(both.decision == Decision::kDeny);
+  CHECK(both.determining == Ids{"x"});
+  REQUIRE(repeated.remove("x").ok());
+  CHECK(repeated.size() == 0);
+
   // Moving leaves a usable, empty authorizer behind.
   Authorizer moved = std::move(az);
   CHECK(moved.size() == 2);
