@@ -10,6 +10,8 @@
 #include <thread>
 
 #include "appliance/admin_server.h"
+#include "appliance/consent.h"
+#include "appliance/consent_ops.h"
 #include "appliance/erasure.h"
 #include "appliance/json_cbor.h"
 #include "appliance/coap/server.h"
@@ -115,6 +117,17 @@ class Daemon::Impl {
         DeviceRegistry::open(config_.data_dir / "registry.db", *keys_, *vault_, *ledger_);
     if (!registry.ok()) return registry.status().with_context("device registry");
     registry_ = std::move(registry).value();
+    Result<std::unique_ptr<ConsentBook>> book = ConsentBook::open(*ledger_, *vault_);
+    if (!book.ok()) return book.status().with_context("consent rules");
+    consent_ = std::move(book).value();
+    {
+      std::vector<RulesVersionInfo> versions = consent_->rules_versions();
+      log(LogLevel::kInfo, "rules.open", "consent rules: {}; {} consent grants on record",
+          versions.empty() ? std::string("none deployed (every access is denied)")
+                           : fmt::format("version {} ({} policies)", versions.back().version,
+                                         versions.back().policies),
+          consent_->grants(std::nullopt).size());
+    }
 
     // Ingest: the pipeline makes readings durable; the listeners answer devices only after that.
     pipeline_ = std::make_unique<IngestPipeline>(*ledger_, *vault_);
@@ -490,6 +503,8 @@ class Daemon::Impl {
                   {"entry", erased->entry},
                   {"erased_at", ledger::format_time(erased->erased_us)}};
     });
+    for (Operation& op : consent_operations(*consent_, *vault_, *ledger_))
+      ops.push_back(std::move(op));
     return ops;
   }
 
@@ -664,6 +679,7 @@ class Daemon::Impl {
   std::unique_ptr<Vault> vault_;
   std::unique_ptr<PatientErasure> erasure_;
   std::unique_ptr<DeviceRegistry> registry_;
+  std::unique_ptr<ConsentBook> consent_;
   std::unique_ptr<IngestPipeline> pipeline_;
   std::unique_ptr<hl7::MllpListener> mllp_;
   std::unique_ptr<coap::CoapServer> coap_;
