@@ -21,23 +21,30 @@
 #include "ledger/verifier.h"
 
 namespace medgate::cli {
-namespace {
 
 using nlohmann::json;
 
-// Reports a failure the way every command does: a message on stderr, and with --json the error
-// document on stdout too. Returns the exit code.
-int fail(const GlobalOptions& g, const Status& s, std::string_view what = "medctl") {
+int fail(const GlobalOptions& g, const Status& s, std::string_view what) {
   if (g.json) std::cout << admin::error_response(s).dump(2) << "\n";
   std::cerr << what << ": " << s.message() << "\n";
   return admin::exit_code(s.code());
 }
 
-Result<json> call(const GlobalOptions& g, std::string_view op, const json& args = json::object()) {
+Result<json> call(const GlobalOptions& g, std::string_view op, const json& args) {
   MEDGATE_ASSIGN_OR_RETURN(AdminClient client,
                            AdminClient::connect(resolve_socket(g.socket, g.config)));
   return client.call(op, args);
 }
+
+std::string read_patient(std::string patient) {
+  if (patient == "-") {
+    std::getline(std::cin, patient);
+    if (!patient.empty() && patient.back() == '\r') patient.pop_back();
+  }
+  return patient;
+}
+
+namespace {
 
 std::string short_hex(const std::string& hex) {
   return hex.size() > 16 ? hex.substr(0, 16) + "…" : hex;
@@ -502,15 +509,6 @@ int cmd_patient_erase(const GlobalOptions& g, std::string patient, const std::st
 }
 
 namespace {
-
-// "-" reads the identifier from stdin, keeping it out of the process list and shell history.
-std::string read_patient(std::string patient) {
-  if (patient == "-") {
-    std::getline(std::cin, patient);
-    if (!patient.empty() && patient.back() == '\r') patient.pop_back();
-  }
-  return patient;
-}
 
 void print_device(const json& d) {
   std::cout << fmt::format("device     {} ({}, {})\n", d["id"].get<std::string>(),

@@ -149,6 +149,8 @@ int main(int argc, char** argv) {
   device_rotate->callback(
       [&] { rc = cmd_device_change(g, "rotate-psk", device_id, std::nullopt, device_psk_out); });
 
+  add_consent_commands(app, g, rc);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
