@@ -3,6 +3,7 @@
 #include <openssl/rand.h>
 
 #include <algorithm>
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <shared_mutex>
@@ -566,9 +567,17 @@ class ConsentBook::Impl {
           vault_.encrypt(r.patient, as_bytes(*r.reason), as_bytes("medgate access reason v1"));
       if (sealed.ok()) body.push_back({text_key("reason"), Value::bytes(ByteView(*sealed))});
     }
-    return ledger_.append(make_entry(ledger::EntryType::kAccessDecision, actor,
-                                     body_map(std::move(body)), &r.patient));
+    Result<std::uint64_t> index = ledger_.append(
+        make_entry(ledger::EntryType::kAccessDecision, actor, body_map(std::move(body)), &r.patient));
+    if (index.ok()) {
+      (d.response.decision == rules::Decision::kAllow ? allowed_ : denied_)++;
+      if (d.break_glass) break_glass_++;
+      if (!d.response.errors.empty()) policy_errors_++;
+    }
+    return index;
   }
+
+  std::atomic<std::uint64_t> allowed_{0}, denied_{0}, break_glass_{0}, policy_errors_{0};
 
   ledger::Ledger& ledger_;
   Vault& vault_;
@@ -663,6 +672,10 @@ Result<std::uint64_t> ConsentBook::record_decision(const AccessRequest& request,
 }
 const std::string& ConsentBook::ledger_id() const {
   return impl_->ledger_id_;
+}
+ConsentBook::Counters ConsentBook::counters() const {
+  return {impl_->allowed_.load(), impl_->denied_.load(), impl_->break_glass_.load(),
+          impl_->policy_errors_.load()};
 }
 
 }  // namespace medgate::appliance

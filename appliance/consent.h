@@ -163,6 +163,15 @@ class ConsentBook {
 
   const std::string& ledger_id() const;
 
+  // For medctl status: decisions recorded since start.
+  struct Counters {
+    std::uint64_t allowed = 0;
+    std::uint64_t denied = 0;
+    std::uint64_t break_glass = 0;
+    std::uint64_t policy_errors = 0;  // decisions in which some policy erred
+  };
+  Counters counters() const;
+
   class Impl;
 
  private:

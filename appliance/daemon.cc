@@ -508,6 +508,26 @@ class Daemon::Impl {
     return ops;
   }
 
+  json consent_json() const {
+    std::vector<RulesVersionInfo> versions = consent_->rules_versions();
+    std::optional<DirectoryInfo> dir = consent_->directory();
+    std::size_t active = 0;
+    const std::uint64_t now = ledger::now_us();
+    std::vector<ConsentGrant> grants = consent_->grants(std::nullopt);
+    for (const ConsentGrant& g : grants) active += grant_state(g, now) == "active";
+    ConsentBook::Counters c = consent_->counters();
+    return {{"rules_version", versions.empty() ? json(nullptr) : json(versions.back().version)},
+            {"policies", versions.empty() ? 0 : versions.back().policies},
+            {"directory_version", dir ? json(dir->version) : json(nullptr)},
+            {"grants", grants.size()},
+            {"grants_active", active},
+            {"decisions",
+             {{"allowed", c.allowed},
+              {"denied", c.denied},
+              {"break_glass", c.break_glass},
+              {"with_policy_errors", c.policy_errors}}}};
+  }
+
   json ingest_json() const {
     PipelineCounters p = pipeline_ ? pipeline_->counters() : PipelineCounters{};
     json out = {{"pipeline",
@@ -661,6 +681,7 @@ class Daemon::Impl {
           {"errors", a.errors},
           {"refused", a.refused}}},
         {"ingest", ingest_json()},
+        {"consent", consent_json()},
     };
     if (s.latest_head) {
       out["signed_head"] = {{"sequence", s.latest_head->sequence},

@@ -216,6 +216,22 @@ int cmd_status(const GlobalOptions& g) {
     else
       std::cout << "  coap     off (no [coap] section in the config)\n";
   }
+  if (const json& c = s["consent"]; c.is_object()) {
+    const json& n = c["decisions"];
+    std::cout << fmt::format(
+        "consent    rules {}, directory {}; {} grants ({} active); since start {} allowed, {} "
+        "denied, {} break-glass, {} with policy errors\n",
+        c["rules_version"].is_null() ? std::string("none deployed (all access denied)")
+                                     : fmt::format("version {} ({} policies)",
+                                                   c["rules_version"].get<std::uint64_t>(),
+                                                   c["policies"].get<std::uint64_t>()),
+        c["directory_version"].is_null()
+            ? std::string("none")
+            : fmt::format("version {}", c["directory_version"].get<std::uint64_t>()),
+        c["grants"].get<std::uint64_t>(), c["grants_active"].get<std::uint64_t>(),
+        n["allowed"].get<std::uint64_t>(), n["denied"].get<std::uint64_t>(),
+        n["break_glass"].get<std::uint64_t>(), n["with_policy_errors"].get<std::uint64_t>());
+  }
   std::cout << fmt::format("you        {} ({})\n", s["caller"]["actor"].get<std::string>(),
                            s["caller"]["role"].get<std::string>());
   return writer.empty() ? 0 : 1;

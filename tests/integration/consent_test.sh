@@ -139,6 +139,10 @@ expect_in '"break_glass": true' "is flagged on the ledger"
 expect_rc 1 "ETREAT by someone the rules do not allow" -- bash -c 'read_as "Practitioner::\"dr-lee\"" ETREAT --reason "$REASON"'
 grep -q "BREAK-GLASS" "$LOG" && pass "break-glass is logged" || failed "no BREAK-GLASS line in the log"
 
+expect_rc 0 "status shows the consent state and the decisions" -- "$MEDCTL" status
+expect_in "consent    rules version 1 \\(5 policies\\), directory version 1; 3 grants \\(1 active\\)" "rules, directory and grants"
+expect_in "2 break-glass" "and the two break-glass decisions (one allowed, one denied)"
+
 say "== patient-signed consent"
 openssl ecparam -name prime256v1 -genkey -noout -out "$WORK/keys/patient.key" 2>/dev/null
 openssl ec -in "$WORK/keys/patient.key" -pubout -out "$WORK/keys/patient.pub" 2>/dev/null
