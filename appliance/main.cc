@@ -67,7 +67,9 @@ int run_init(const InitOptions& options, bool json) {
                                 {"public_key", r->public_key.string()},
                                 {"socket", r->socket.string()},
                                 {"key_id", to_hex(r->key_id)},
-                                {"key_store", r->key_store}}
+                                {"key_store", r->key_store},
+                                {"config_written", r->config_written},
+                                {"pin_file", r->pin_file ? r->pin_file->string() : ""}}
                      .dump(2)
               << "\n";
   } else {
@@ -76,8 +78,13 @@ int run_init(const InitOptions& options, bool json) {
               << "  key store   " << r->key_store << "\n"
               << "  signing key " << to_hex(r->key_id) << "\n"
               << "  public key  " << r->public_key.string() << "  (give this to auditors)\n"
-              << "  config      " << r->config.string() << "\n"
-              << "Start the daemon with: medgated --config " << r->config.string() << "\n";
+              << "  config      " << r->config.string()
+              << (r->config_written ? "" : "  (used as it is)") << "\n";
+    if (r->pin_file) std::cout << "  token PIN   " << r->pin_file->string() << "  (0600)\n";
+    if (r->config == "/etc/medgate/medgated.toml")
+      std::cout << "Start the service with: systemctl enable --now medgated\n";
+    else
+      std::cout << "Start the daemon with: medgated --config " << r->config.string() << "\n";
   }
   return 0;
 }
@@ -95,7 +102,9 @@ int main(int argc, char** argv) {
   std::string pin_file, pin_env;
   CLI::App* init_cmd =
       app.add_subcommand("init", "create the key store, ledger and config (used by `medctl init`)");
-  init_cmd->add_option("--data-dir", init.data_dir, "data directory")->required();
+  init_cmd->add_option("--data-dir", init.data_dir, "data directory (init writes the config)");
+  init_cmd->add_option("--from-config", init.existing_config,
+                       "make what this existing config describes (instead of --data-dir)");
   init_cmd->add_option("--key-store", init.key_store, "softhsm | pkcs11:URI | tpm2[:TCTI]");
   init_cmd->add_option("--ledger-id", init.ledger_id, "the ledger's name (default: the host name)");
   init_cmd->add_option("--config-out", init.config_out,
@@ -114,6 +123,16 @@ int main(int argc, char** argv) {
     return app.exit(e) == 0 ? 0 : 2;
   }
   if (*init_cmd) {
+    if (init.data_dir.empty() == !init.existing_config) {
+      std::cerr << "medctl init: give either --data-dir DIR (init writes a config there) or an "
+                   "existing config to complete\n";
+      return 2;
+    }
+    if (init.existing_config && init_cmd->count("--key-store") > 0) {
+      std::cerr << "medctl init: the key store comes from the config's [key_store] section; "
+                   "leave out --key-store\n";
+      return 2;
+    }
     if (!pin_file.empty()) init.pin = {hsm::PinSource::Kind::kFile, pin_file};
     if (!pin_env.empty()) init.pin = {hsm::PinSource::Kind::kEnv, pin_env};
     Result<std::vector<unsigned>> pcrs = parse_pcr_list(seal_pcrs);
