@@ -1,5 +1,6 @@
 // medgated: the medgate daemon. `medgated --config FILE` runs in the foreground (systemd
-// Type=notify); `medgated init ...` is what `medctl init` runs.
+// Type=notify); `medgated init ...` is what `medctl init` runs; `medgated ip-allow` prints the
+// unit's IP allow-list drop-in from the config.
 #include <pwd.h>
 #include <signal.h>
 #include <systemd/sd-daemon.h>
@@ -117,6 +118,13 @@ int main(int argc, char** argv) {
                        "tpm2: seal the data-key secret to these PCRs (SHA-256), e.g. 7 or 0,7");
   init_cmd->add_flag("--json", init_json, "print the result as JSON");
 
+  std::string allow_config = "/etc/medgate/medgated.toml";
+  CLI::App* ip_allow_cmd = app.add_subcommand(
+      "ip-allow",
+      "print the unit's IP allow-list drop-in (IPAddressDeny=any, IPAddressAllow=) from the "
+      "config's [network] allow");
+  ip_allow_cmd->add_option("--config", allow_config, "configuration file (TOML)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -143,6 +151,17 @@ int main(int argc, char** argv) {
     init.seal_pcrs = std::move(pcrs).value();
     init.actor = invoking_actor();
     return run_init(init, init_json);
+  }
+  if (*ip_allow_cmd) {
+    Result<Config> config = load_config(allow_config);
+    Result<std::string> dropin =
+        config.ok() ? render_ip_allow_dropin(*config) : Result<std::string>(config.status());
+    if (!dropin.ok()) {
+      std::cerr << "medgated ip-allow: " << dropin.status().message() << "\n";
+      return 2;
+    }
+    std::cout << *dropin;
+    return 0;
   }
   if (config_path.empty()) {
     std::cerr << "medgated: --config FILE is required (see medgated --help)\n";
