@@ -3,7 +3,8 @@
 # `apt-get install ./medgate_*.deb` in a clean Debian 12 root (debootstrap --variant=minbase, in a
 # chroot), run `medctl init` against SoftHSM there, start medgated by hand as the medgate user
 # (there is no systemd in the root: the PIN is handed over the way LoadCredential= does), check
-# `medctl status`, stop it, then `apt-get remove` and `apt-get purge` and check what is left.
+# `medctl status`, stop it, then `apt-get remove` and `apt-get purge` and check what is left; last,
+# install it again and open the ledger the purge kept, as its README.purged says.
 #
 #   package_test.sh BUILD_DIR          (a configured and built tree; cpack runs in it)
 #
@@ -13,7 +14,7 @@
 #
 # Run time: the base root is made once and kept as a tarball in $MEDGATE_PKG_CACHE (default
 # /var/tmp/medgate-pkg-test), with apt's downloaded packages beside it; later runs unpack it and
-# install from there (~1 min). Everything in the root runs in its own mount and PID namespace, so
+# install from there (10-45 s). Everything in the root runs in its own mount and PID namespace, so
 # the mounts and any process left in it vanish with the test, even when a step fails.
 set -euo pipefail
 
@@ -53,6 +54,35 @@ if [[ ${1-} == --inside ]]; then
     local got
     got=$(in_root stat -c '%a %U %G' "$1") || fail "$1 is missing"
     [[ $got == "$2" ]] || fail "$1 is $got, want $2"
+  }
+
+  # start_daemon: medgated in the background as the unit runs it; waits for its socket.
+  start_daemon() {
+    # What systemd does for the unit: RuntimeDirectory=medgate, LoadCredential=hsm-pin:..., User=,
+    # SupplementaryGroups=, no capabilities.
+    in_root install -d -o medgate -g medgate -m 0755 /run/medgate
+    in_root install -d -o medgate -g medgate -m 0700 /run/credentials/medgated.service
+    in_root install -o medgate -g medgate -m 0400 /etc/medgate/hsm-pin /run/credentials/medgated.service/hsm-pin
+    # chroot, env and setpriv each exec the next, so $! ends up being medgated itself.
+    chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
+      CREDENTIALS_DIRECTORY=/run/credentials/medgated.service \
+      setpriv --reuid=medgate --regid=medgate --groups=medgate-admin,tss --inh-caps=-all \
+      --bounding-set=-all medgated --config /etc/medgate/medgated.toml >"$work/medgated.log" 2>&1 &
+    daemon=$!
+    up=0
+    for _ in $(seq 1 150); do
+      if in_root medctl status >/dev/null 2>&1; then up=1; break; fi
+      kill -0 "$daemon" 2>/dev/null || break
+      sleep 0.1
+    done
+    [[ $up -eq 1 ]] || { tail -20 "$work/medgated.log"; fail "medgated did not answer on /run/medgate/admin.sock"; }
+  }
+  stop_daemon() {
+    kill -TERM "$daemon"
+    local rc=0
+    wait "$daemon" || rc=$?
+    [[ $rc -eq 0 ]] || { tail -20 "$work/medgated.log"; fail "medgated exited $rc on SIGTERM"; }
+    ok "medgated stops cleanly on SIGTERM"
   }
 
   step "apt-get install ./$(basename "$work"/root/tmp/medgate_*.deb)"
@@ -112,24 +142,7 @@ if [[ ${1-} == --inside ]]; then
   ok "token, PIN (/etc/medgate/hsm-pin, 0600 root), ledger and vault, owned by medgate"
 
   step "medgated by hand, as the unit would run it"
-  # What systemd does for the unit: RuntimeDirectory=medgate, LoadCredential=hsm-pin:..., User=,
-  # SupplementaryGroups=, no capabilities.
-  in_root install -d -o medgate -g medgate -m 0755 /run/medgate
-  in_root install -d -o medgate -g medgate -m 0700 /run/credentials/medgated.service
-  in_root install -o medgate -g medgate -m 0400 /etc/medgate/hsm-pin /run/credentials/medgated.service/hsm-pin
-  # chroot, env and setpriv each exec the next, so $! ends up being medgated itself.
-  chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
-    CREDENTIALS_DIRECTORY=/run/credentials/medgated.service \
-    setpriv --reuid=medgate --regid=medgate --groups=medgate-admin,tss --inh-caps=-all \
-    --bounding-set=-all medgated --config /etc/medgate/medgated.toml >"$work/medgated.log" 2>&1 &
-  daemon=$!
-  up=0
-  for _ in $(seq 1 150); do
-    if in_root medctl status >/dev/null 2>&1; then up=1; break; fi
-    kill -0 "$daemon" 2>/dev/null || break
-    sleep 0.1
-  done
-  [[ $up -eq 1 ]] || { tail -20 "$work/medgated.log"; fail "medgated did not answer on /run/medgate/admin.sock"; }
+  start_daemon
   run "medctl status" medctl status
   grep -qE "^ledger +'ward-pkg': 1 entries" "$work/log" || fail "status: $(cat "$work/log")"
   grep -qE "^you +user:root \(admin\)" "$work/log" || fail "status does not show root as admin"
@@ -140,11 +153,7 @@ if [[ ${1-} == --inside ]]; then
   in_root setpriv --reuid=nobody --regid=nogroup --clear-groups medctl status >"$work/log" 2>&1 || rc=$?
   [[ $rc -eq 1 || $rc -eq 3 ]] || fail "medctl status as nobody exited $rc, want a refusal"
   ok "nobody in particular is refused (exit $rc)"
-  kill -TERM "$daemon"
-  rc=0
-  wait "$daemon" || rc=$?
-  [[ $rc -eq 0 ]] || { tail -20 "$work/medgated.log"; fail "medgated exited $rc on SIGTERM"; }
-  ok "medgated stops cleanly on SIGTERM"
+  stop_daemon
   run "medctl ledger verify --db (offline, no daemon)" \
     medctl ledger verify --db /var/lib/medgate/ledger.db --trust /var/lib/medgate/signing-key.pem
 
@@ -173,6 +182,17 @@ if [[ ${1-} == --inside ]]; then
   state=$(in_root dpkg-query -W -f='${db:Status-Abbrev}' medgate 2>/dev/null || true)
   [[ -z $state || $state == "un "* ]] || fail "dpkg still knows medgate: '$state'"
   ok "medgate is purged"
+
+  step "install again after the purge and come back to the kept ledger (README.purged)"
+  run "apt-get install medgate again" apt-get install -y -q /tmp/"$(basename "$root"/tmp/medgate_*.deb)"
+  in_root install -m 0640 /var/lib/medgate/package-removed/medgated.toml /etc/medgate/medgated.toml
+  in_root install -m 0600 /var/lib/medgate/package-removed/hsm-pin /etc/medgate/hsm-pin
+  run "systemd-tmpfiles --create medgate.conf" systemd-tmpfiles --create medgate.conf
+  start_daemon
+  run "medctl status" medctl status
+  grep -qE "^ledger +'ward-pkg': [2-9] entries" "$work/log" || fail "status after coming back: $(cat "$work/log")"
+  ok "the kept ledger opens again with the kept config and PIN"
+  stop_daemon
   exit 0
 fi
 
