@@ -275,7 +275,8 @@ Result<std::vector<std::string>> parse_ip_allow(std::string_view text) {
       std::string bits = item.substr(slash + 1);
       if (bits.empty() || bits.size() > 3 ||
           !std::all_of(bits.begin(), bits.end(), [](char ch) { return ch >= '0' && ch <= '9'; }))
-        return Status::InvalidArgument(fmt::format("'{}': the prefix length is not a number", item));
+        return Status::InvalidArgument(
+            fmt::format("'{}': the prefix length is not a number", item));
       prefix = static_cast<unsigned>(std::stoul(bits));
     }
     unsigned char buf[16];
@@ -290,8 +291,8 @@ Result<std::vector<std::string>> parse_ip_allow(std::string_view text) {
           "localhost, link-local or multicast",
           item));
     if (prefix && *prefix > max_bits)
-      return Status::InvalidArgument(
-          fmt::format("'{}': an IPv{} prefix is at most /{}", item, max_bits == 32 ? 4 : 6, max_bits));
+      return Status::InvalidArgument(fmt::format("'{}': an IPv{} prefix is at most /{}", item,
+                                                 max_bits == 32 ? 4 : 6, max_bits));
     out.push_back(item);
   }
   if (out.empty()) return Status::InvalidArgument("the list is empty; leave the key out instead");
@@ -317,9 +318,8 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
   } catch (const toml::parse_error& e) {
     return r.error_at(e.source(), std::string(e.description()));
   }
-  MEDGATE_RETURN_IF_ERROR(
-      r.check_keys(root, "top level",
-                   {"ledger", "key_store", "admin", "hl7", "coap", "network", "log"}));
+  MEDGATE_RETURN_IF_ERROR(r.check_keys(
+      root, "top level", {"ledger", "key_store", "admin", "hl7", "coap", "network", "log"}));
   for (const auto& [key, node] : root)
     if (!node.is_table())
       return r.error_at(node.source(),

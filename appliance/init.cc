@@ -88,7 +88,8 @@ hsm::PinSource pin_for_init(const Config& config) {
 
 // Creates the ledger, the vault and the public key for `config` with `keys`; the parts both
 // ways into init share.
-Result<InitResult> make_ledger(const Config& config, hsm::KeyStore& keys, const std::string& actor) {
+Result<InitResult> make_ledger(const Config& config, hsm::KeyStore& keys,
+                               const std::string& actor) {
   ledger::LedgerOptions options;
   options.path = config.ledger_path;
   options.head_interval = std::chrono::milliseconds(0);
@@ -194,8 +195,7 @@ Result<InitResult> initialize_from_config(const InitOptions& o) {
   result.pin_file = new_pin;
   const std::string db = config.ledger_path.string();
   MEDGATE_RETURN_IF_ERROR(give_to_data_dir_owner(
-      dir, before,
-      {config.ledger_path, db + "-wal", db + "-shm", db + ".lock"}));
+      dir, before, {config.ledger_path, db + "-wal", db + "-shm", db + ".lock"}));
   return result;
 }
 

@@ -27,7 +27,7 @@ struct InitOptions {
   // Either a data dir (init writes the config) or an existing config, never both.
   std::filesystem::path data_dir;
   std::optional<std::filesystem::path> existing_config;
-  std::string key_store = "softhsm";                // "softhsm", "pkcs11:URI" or "tpm2[:TCTI]"
+  std::string key_store = "softhsm";  // "softhsm", "pkcs11:URI" or "tpm2[:TCTI]"
   std::string ledger_id;  // default: the host name; with existing_config, must match its id
   std::optional<std::filesystem::path> config_out;  // default: data_dir/medgated.toml
   std::optional<std::filesystem::path> socket;      // default: data_dir/admin.sock
@@ -36,7 +36,7 @@ struct InitOptions {
   // to) the file NAME next to the config, which is where the packaged unit's LoadCredential=
   // takes it from.
   hsm::PinSource pin;
-  std::string actor;   // who ran it, as recorded in the genesis entry
+  std::string actor;  // who ran it, as recorded in the genesis entry
   // tpm2 only: the PCRs (SHA-256 bank) to seal the data-key secret to, e.g. {7}; empty: none.
   std::vector<unsigned> seal_pcrs;
 };
@@ -49,7 +49,7 @@ struct InitResult {
   std::filesystem::path socket;
   KeyId key_id{};
   std::string key_store;
-  bool config_written = false;  // false: an existing config was used as it is
+  bool config_written = false;                    // false: an existing config was used as it is
   std::optional<std::filesystem::path> pin_file;  // a new SoftHSM token's PIN, when init made one
 };
 
