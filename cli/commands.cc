@@ -91,6 +91,9 @@ bool stderr_is_tty() {
   return ::isatty(STDERR_FILENO) == 1;
 }
 
+// The config the Debian package installs (a conffile), for `medctl init` without --data-dir.
+constexpr const char* kPackagedConfig = "/etc/medgate/medgated.toml";
+
 }  // namespace
 
 int cmd_init(const GlobalOptions& g, const InitArgs& a) {
@@ -103,14 +106,19 @@ int cmd_init(const GlobalOptions& g, const InitArgs& a) {
     medgated = env;
   else if (!ec && std::filesystem::exists(self.parent_path() / "medgated"))
     medgated = (self.parent_path() / "medgated").string();
-  std::vector<std::string> args = {medgated,   "init",        "--data-dir",
-                                   a.data_dir, "--key-store", a.key_store};
+  std::vector<std::string> args = {medgated, "init"};
+  if (a.data_dir) {
+    args.insert(args.end(), {"--data-dir", *a.data_dir});
+    if (g.config) args.insert(args.end(), {"--config-out", *g.config});
+  } else {
+    args.insert(args.end(), {"--from-config", g.config.value_or(kPackagedConfig)});
+  }
+  if (a.key_store) args.insert(args.end(), {"--key-store", *a.key_store});
   if (a.ledger_id) args.insert(args.end(), {"--ledger-id", *a.ledger_id});
   if (a.socket) args.insert(args.end(), {"--socket", *a.socket});
   if (a.pin_file) args.insert(args.end(), {"--pin-file", *a.pin_file});
   if (a.pin_env) args.insert(args.end(), {"--pin-env", *a.pin_env});
   if (a.seal_pcrs) args.insert(args.end(), {"--seal-pcrs", *a.seal_pcrs});
-  if (g.config) args.insert(args.end(), {"--config-out", *g.config});
   if (g.json) args.push_back("--json");
   std::vector<char*> argv;
   for (auto& s : args) argv.push_back(s.data());

@@ -38,8 +38,10 @@ std::string read_patient(std::string patient);
 void add_consent_commands(CLI::App& app, const GlobalOptions& g, int& rc);
 
 struct InitArgs {
-  std::string data_dir;
-  std::string key_store = "softhsm";
+  // Without a data dir, init completes an existing config: --config FILE, else the package's
+  // /etc/medgate/medgated.toml.
+  std::optional<std::string> data_dir;
+  std::optional<std::string> key_store;  // default (with a data dir): softhsm
   std::optional<std::string> ledger_id;
   std::optional<std::string> socket;
   std::optional<std::string> pin_file;
