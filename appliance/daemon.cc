@@ -10,15 +10,16 @@
 #include <thread>
 
 #include "appliance/admin_server.h"
+#include "appliance/audit_ops.h"
+#include "appliance/coap/server.h"
 #include "appliance/consent.h"
 #include "appliance/consent_ops.h"
 #include "appliance/erasure.h"
-#include "appliance/json_cbor.h"
-#include "appliance/coap/server.h"
 #include "appliance/hl7/listener.h"
+#include "appliance/json_cbor.h"
+#include "appliance/log.h"
 #include "appliance/pipeline.h"
 #include "appliance/registry.h"
-#include "appliance/log.h"
 #include "appliance/vault.h"
 #include "hsm/key_store_factory.h"
 #include "ledger/store.h"
@@ -454,11 +455,10 @@ class Daemon::Impl {
       Pseudonym p;
       if (auto ps = args.find("pseudonym"); ps != args.end() && ps->is_string()) {
         std::optional<Pseudonym> parsed = Pseudonym::from_hex(ps->get<std::string>());
-        if (!parsed)
-          return Status::InvalidArgument("argument \"pseudonym\" must be 64 hex digits");
+        if (!parsed) return Status::InvalidArgument("argument \"pseudonym\" must be 64 hex digits");
         p = *parsed;
-      } else if (auto id = args.find("patient"); id != args.end() && id->is_string() &&
-                                                 !id->get<std::string>().empty()) {
+      } else if (auto id = args.find("patient");
+                 id != args.end() && id->is_string() && !id->get<std::string>().empty()) {
         MEDGATE_ASSIGN_OR_RETURN(p, vault_->find(id->get<std::string>()));
       } else {
         return Status::InvalidArgument(
@@ -505,6 +505,7 @@ class Daemon::Impl {
     });
     for (Operation& op : consent_operations(*consent_, *vault_, *ledger_))
       ops.push_back(std::move(op));
+    for (Operation& op : audit_operations(*ledger_, *keys_, *vault_)) ops.push_back(std::move(op));
     return ops;
   }
 

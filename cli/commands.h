@@ -36,6 +36,8 @@ std::string read_patient(std::string patient);
 
 // medctl rules|directory|consent|data and patient enroll (cli/consent_commands.cc).
 void add_consent_commands(CLI::App& app, const GlobalOptions& g, int& rc);
+// medctl audit export|verify (cli/audit_commands.cc).
+void add_audit_commands(CLI::App& app, const GlobalOptions& g, int& rc);
 
 struct InitArgs {
   // Without a data dir, init completes an existing config: --config FILE, else the package's

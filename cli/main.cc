@@ -97,7 +97,8 @@ int main(int argc, char** argv) {
 
   std::string erase_patient, erase_reason;
   bool erase_yes = false;
-  auto* patient = app.add_subcommand("patient", "patients: identifiers (admins), erasure by crypto-shredding");
+  auto* patient =
+      app.add_subcommand("patient", "patients: identifiers (admins), erasure by crypto-shredding");
   patient->require_subcommand(1);
   auto* erase = patient->add_subcommand(
       "erase", "destroy the patient's data key, so nothing stored for them can be decrypted again");
@@ -110,8 +111,9 @@ int main(int argc, char** argv) {
   std::string show_patient;
   auto* patient_show = patient->add_subcommand(
       "show", "a patient's state and, for admins, identifier (the look is recorded)");
-  patient_show->add_option("P", show_patient,
-                           "a pseudonym (64 hex digits), an identifier, or - to read it from stdin")
+  patient_show
+      ->add_option("P", show_patient,
+                   "a pseudonym (64 hex digits), an identifier, or - to read it from stdin")
       ->required();
   patient_show->callback([&] { rc = cmd_patient_show(g, show_patient); });
 
@@ -124,7 +126,8 @@ int main(int argc, char** argv) {
   device_add->add_option("--kind", device_kind, "coap or hl7")->required();
   device_add->add_option("--patient", device_patient,
                          "bind to this patient (identifier, or - to read it from stdin)");
-  device_add->add_option("--hl7-app", device_hl7_app, "HL7: sending application, MSH-3 (default ID)");
+  device_add->add_option("--hl7-app", device_hl7_app,
+                         "HL7: sending application, MSH-3 (default ID)");
   device_add->add_option("--hl7-facility", device_hl7_facility,
                          "HL7: sending facility, MSH-4 (default: any)");
   device_add->add_option("--psk-out", device_psk_out, "write the PSK to this new file (0600)");
@@ -132,9 +135,7 @@ int main(int argc, char** argv) {
     rc = cmd_device_add(g, device_id, device_kind, device_patient, device_hl7_app,
                         device_hl7_facility, device_psk_out);
   });
-  device->add_subcommand("list", "registered devices")->callback([&] {
-    rc = cmd_device_list(g);
-  });
+  device->add_subcommand("list", "registered devices")->callback([&] { rc = cmd_device_list(g); });
   auto* device_show = device->add_subcommand("show", "one device");
   device_show->add_option("ID", device_id)->required();
   device_show->callback([&] { rc = cmd_device_show(g, device_id); });
@@ -154,6 +155,7 @@ int main(int argc, char** argv) {
       [&] { rc = cmd_device_change(g, "rotate-psk", device_id, std::nullopt, device_psk_out); });
 
   add_consent_commands(app, g, rc);
+  add_audit_commands(app, g, rc);
 
   try {
     app.parse(argc, argv);

@@ -10,11 +10,22 @@ namespace medgate::ledger {
 namespace {
 
 // Reads a fixed-shape canonical map with unsigned keys 0..n-1, all present.
-Result<cbor::Value> decode_fixed_map(ByteView bytes, ObjectKind kind, std::uint64_t version,
-                                     std::uint64_t key_count, std::string_view what) {
+// `key_count_of(version)` gives the number of keys a version has, 0 for a version this build does
+// not read.
+Result<cbor::Value> decode_fixed_map(ByteView bytes, ObjectKind kind,
+                                     std::uint64_t (*key_count_of)(std::uint64_t version),
+                                     std::string_view what) {
   MEDGATE_ASSIGN_OR_RETURN(cbor::Value v, cbor::decode(bytes));
   const cbor::Map* map = v.as_map();
   if (!map) return Status::Corruption(fmt::format("{} is not a CBOR map", what));
+  // The version decides the shape, so read it first (key 1, if the map has one).
+  std::optional<std::uint64_t> got;
+  if (map->size() >= 2 && (*map)[1].first.as_uint() == 1u) got = (*map)[1].second.as_uint();
+  std::uint64_t key_count = got ? key_count_of(*got) : 0;
+  if (got && key_count == 0 && (*map)[0].second.as_uint() == static_cast<std::uint64_t>(kind))
+    return Status::Corruption(
+        fmt::format("{} version {} is not supported by this build", what, *got));
+  if (key_count == 0) key_count = key_count_of(0);
   if (map->size() != key_count)
     return Status::Corruption(
         fmt::format("{} has {} fields, expected {}", what, map->size(), key_count));
@@ -23,11 +34,7 @@ Result<cbor::Value> decode_fixed_map(ByteView bytes, ObjectKind kind, std::uint6
       return Status::Corruption(fmt::format("{} lacks field {}", what, i));
   if ((*map)[0].second.as_uint() != static_cast<std::uint64_t>(kind))
     return Status::Corruption(fmt::format("object is not a {} (key 0)", what));
-  auto got = (*map)[1].second.as_uint();
-  if (got != version)
-    return Status::Corruption(
-        got ? fmt::format("{} version {} is not supported by this build", what, *got)
-            : fmt::format("{} has no version", what));
+  if (!got) return Status::Corruption(fmt::format("{} has no version", what));
   return v;
 }
 
@@ -75,8 +82,15 @@ Bytes encode_block_header(const BlockHeader& h) {
 
 Result<BlockHeader> decode_block_header(ByteView bytes) {
   constexpr std::string_view what = "block header";
-  MEDGATE_ASSIGN_OR_RETURN(cbor::Value v, decode_fixed_map(bytes, ObjectKind::kBlockHeader,
-                                                           kBlockFormatVersion, 11, what));
+  MEDGATE_ASSIGN_OR_RETURN(cbor::Value v,
+                           decode_fixed_map(
+                               bytes, ObjectKind::kBlockHeader,
+                               [](std::uint64_t version) -> std::uint64_t {
+                                 // Version 0 asks for the shape to report a wrong field count
+                                 // against.
+                                 return version == kBlockFormatVersion || version == 0 ? 11 : 0;
+                               },
+                               what));
   BlockHeader h;
   MEDGATE_ASSIGN_OR_RETURN(h.ledger_id, field_text(v, 2, what));
   MEDGATE_ASSIGN_OR_RETURN(h.height, field_uint(v, 3, what));
@@ -96,7 +110,7 @@ Result<BlockHeader> decode_block_header(ByteView bytes) {
 
 Bytes encode_head(const HeadBody& h) {
   cbor::Writer w;
-  w.map_header(10);
+  w.map_header(h.version >= 2 ? 12 : 10);
   w.uint(0), w.uint(static_cast<std::uint64_t>(ObjectKind::kSignedHead));
   w.uint(1), w.uint(h.version);
   w.uint(2), w.text(h.ledger_id);
@@ -107,14 +121,25 @@ Bytes encode_head(const HeadBody& h) {
   w.uint(7), w.uint(h.time_us);
   w.uint(8), w.bytes(h.key_id);
   w.uint(9), w.uint(h.rollback_counter);
+  if (h.version >= 2) {
+    w.uint(10), w.bytes(h.subject_root);
+    w.uint(11), w.uint(h.subject_count);
+  }
   return w.take();
 }
 
 Result<HeadBody> decode_head(ByteView bytes) {
   constexpr std::string_view what = "signed head";
-  MEDGATE_ASSIGN_OR_RETURN(
-      cbor::Value v, decode_fixed_map(bytes, ObjectKind::kSignedHead, kHeadFormatVersion, 10, what));
+  MEDGATE_ASSIGN_OR_RETURN(cbor::Value v, decode_fixed_map(
+                                              bytes, ObjectKind::kSignedHead,
+                                              [](std::uint64_t version) -> std::uint64_t {
+                                                if (version == 1) return 10;
+                                                if (version == 2 || version == 0) return 12;
+                                                return 0;
+                                              },
+                                              what));
   HeadBody h;
+  h.version = *v.find(std::uint64_t{1})->as_uint();
   MEDGATE_ASSIGN_OR_RETURN(h.ledger_id, field_text(v, 2, what));
   MEDGATE_ASSIGN_OR_RETURN(h.height, field_uint(v, 3, what));
   MEDGATE_ASSIGN_OR_RETURN(h.block_hash, field_hash(v, 4, what));
@@ -123,6 +148,10 @@ Result<HeadBody> decode_head(ByteView bytes) {
   MEDGATE_ASSIGN_OR_RETURN(h.time_us, field_uint(v, 7, what));
   MEDGATE_ASSIGN_OR_RETURN(h.key_id, field_hash(v, 8, what));
   MEDGATE_ASSIGN_OR_RETURN(h.rollback_counter, field_uint(v, 9, what));
+  if (h.version >= 2) {
+    MEDGATE_ASSIGN_OR_RETURN(h.subject_root, field_hash(v, 10, what));
+    MEDGATE_ASSIGN_OR_RETURN(h.subject_count, field_uint(v, 11, what));
+  }
   return h;
 }
 

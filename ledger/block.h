@@ -1,4 +1,5 @@
-// LEDGER-CRITICAL: block headers and signed heads, and their canonical encodings (version 1).
+// LEDGER-CRITICAL: block headers (version 1) and signed heads (versions 1 and 2), and their
+// canonical encodings.
 //
 // A block is the batch of entries one group commit writes. Its header chains to the previous
 // block and commits to the Merkle root over every entry so far:
@@ -14,7 +15,15 @@
 // block at that moment:
 //
 //   { 0: 3 (signed head), 1: version, 2: ledger id, 3: block height, 4: block hash, 5: tree size,
-//     6: Merkle root, 7: time (us), 8: key id, 9: rollback counter }
+//     6: Merkle root, 7: time (us), 8: key id, 9: rollback counter,
+//     version 2 only: 10: subject-map root, 11: subject-map size }
+//
+// Version 2 (written since the audit-export issue; version 1 heads stay readable and verifiable)
+// adds a commitment to every subject's latest entry: the root and leaf count of the subject map
+// (ledger/subject_map.h), an RFC 9162 Merkle tree over the (subject, latest entry index) pairs of
+// all entries below the head's tree size, sorted by subject. The signer computes it on the head
+// cadence, never per entry. A verifier recomputes it from the entries; an audit bundle proves one
+// patient's latest entry with it (docs/audit-bundle.md, "Completeness").
 //
 // The rollback counter is the value of the key store's monotonic counter (a TPM NV counter) that
 // this head belongs to; see "Rollback protection" in ledger/store.h. It never decreases from one
@@ -34,7 +43,8 @@
 namespace medgate::ledger {
 
 inline constexpr std::uint64_t kBlockFormatVersion = 1;
-inline constexpr std::uint64_t kHeadFormatVersion = 1;
+inline constexpr std::uint64_t kHeadFormatVersion = 2;        // what new heads are written in
+inline constexpr std::uint64_t kOldestHeadFormatVersion = 1;  // still read and verified
 
 struct BlockHeader {
   std::uint64_t version = kBlockFormatVersion;
@@ -68,10 +78,15 @@ struct HeadBody {
   std::uint64_t time_us = 0;
   KeyId key_id{};
   std::uint64_t rollback_counter = 0;
+  // Version 2 only (zero in a version-1 head): the subject map's root and leaf count.
+  Hash subject_root{};
+  std::uint64_t subject_count = 0;
   friend bool operator==(const HeadBody&, const HeadBody&) = default;
 };
 
+// Encodes in head.version (1 or 2; a version-1 head has no subject map).
 Bytes encode_head(const HeadBody& head);
+// Strict, for versions 1 and 2.
 Result<HeadBody> decode_head(ByteView bytes);
 inline Hash head_digest(ByteView head_bytes) {
   return sha256(head_bytes);

@@ -165,9 +165,9 @@ constexpr EntryTypeInfo kEntryTypes[] = {
     {EntryType::kAdminAction, "admin-action", "admin", check_admin_action},
     {EntryType::kKeyEvent, "key-event", "key", check_key_event},
     {EntryType::kKeyTransition, "key-transition", "key", check_key_transition},
-    {EntryType::kObservation, "observation", "data", check_observation},
+    {EntryType::kObservation, "observation", "ingest", check_observation},
     {EntryType::kDeviceEvent, "device-event", "device", check_device_event},
-    {EntryType::kPatientEvent, "patient-event", "data", check_patient_event},
+    {EntryType::kPatientEvent, "patient-event", "ingest", check_patient_event},
     {EntryType::kPatientErasure, "patient-erasure", "erasure", check_patient_erasure},
     {EntryType::kRulesVersion, "rules-version", "rules", check_rules_version},
     {EntryType::kDirectoryImport, "directory-import", "rules", check_directory_import},
@@ -212,20 +212,23 @@ const EntryTypeInfo* find_entry_type(std::string_view name) {
   return nullptr;
 }
 
-Result<Bytes> encode_entry(const Entry& entry) {
+Result<Bytes> encode_entry_without_subjects(const Entry& entry) {
   const EntryTypeInfo* info = find_entry_type(static_cast<std::uint64_t>(entry.type));
   if (!info)
     return Status::InvalidArgument(
         fmt::format("unknown entry type {}", static_cast<std::uint32_t>(entry.type)));
+  if (entry.version < kOldestEntryFormatVersion || entry.version > kEntryFormatVersion)
+    return Status::InvalidArgument(
+        fmt::format("entry format version {} is not one this build writes", entry.version));
   if (entry.actor.empty()) return Status::InvalidArgument("entry has no actor");
   MEDGATE_RETURN_IF_ERROR(check_body(*info, entry.body));
 
   cbor::Writer w;
-  w.map_header(entry.subjects.empty() ? 6 : 7);
+  w.map_header(6);
   w.uint(kKind);
   w.uint(static_cast<std::uint64_t>(ObjectKind::kEntry));
   w.uint(kVersion);
-  w.uint(kEntryFormatVersion);
+  w.uint(entry.version);
   w.uint(kType);
   w.uint(static_cast<std::uint64_t>(entry.type));
   w.uint(kTime);
@@ -234,20 +237,55 @@ Result<Bytes> encode_entry(const Entry& entry) {
   w.text(entry.actor);
   w.uint(kBody);
   cbor::encode_to(entry.body, w);
-  if (!entry.subjects.empty()) {
-    w.uint(kSubjects);
-    w.array_header(entry.subjects.size());
-    for (const SubjectLink& s : entry.subjects) {
-      if (s.subject.empty()) return Status::InvalidArgument("subject link with an empty subject");
-      w.array_header(2);
-      w.bytes(s.subject);
-      if (s.previous)
-        w.uint(*s.previous);
-      else
-        w.null();
-    }
-  }
   return w.take();
+}
+
+Status append_subject_links(Bytes& bytes, std::span<const SubjectLink> links) {
+  // A 6-key map's header is the single byte 0xa6 (major 5, count 6); with key 6 it is 0xa7.
+  if (bytes.empty() || bytes[0] != std::byte(0xa6))
+    return Status::InvalidArgument("not the bytes of an entry without subject links");
+  if (links.empty()) return Status::InvalidArgument("no subject links to append");
+  cbor::Writer w;
+  w.uint(kSubjects);
+  w.array_header(links.size());
+  for (const SubjectLink& s : links) {
+    if (s.subject.empty()) return Status::InvalidArgument("subject link with an empty subject");
+    w.array_header(2);
+    w.bytes(s.subject);
+    if (s.previous)
+      w.uint(*s.previous);
+    else
+      w.null();
+  }
+  bytes[0] = std::byte(0xa7);
+  const Bytes& tail = w.data();
+  bytes.insert(bytes.end(), tail.begin(), tail.end());
+  return Status::Ok();
+}
+
+Result<Bytes> encode_entry(const Entry& entry) {
+  MEDGATE_ASSIGN_OR_RETURN(Bytes bytes, encode_entry_without_subjects(entry));
+  if (!entry.subjects.empty()) MEDGATE_RETURN_IF_ERROR(append_subject_links(bytes, entry.subjects));
+  return bytes;
+}
+
+Status for_each_subject_link(
+    ByteView subjects,
+    const std::function<void(ByteView subject, std::optional<std::uint64_t> previous)>& f) {
+  cbor::Cursor s(subjects);
+  MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head list, s.head());
+  if (list.major != 4) return Status::Corruption("entry subjects are not an array");
+  for (std::uint64_t k = 0; k < list.arg; ++k) {
+    MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head pair, s.head());
+    if (pair.major != 4 || pair.arg != 2) return Status::Corruption("subject link is not a pair");
+    MEDGATE_ASSIGN_OR_RETURN(ByteView subject, s.read_bytes());
+    MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head previous, s.head());
+    if (previous.major == 0)
+      f(subject, previous.arg);
+    else
+      f(subject, std::nullopt);
+  }
+  return Status::Ok();
 }
 
 Result<EntryHeader> read_entry_header(ByteView bytes) {
@@ -258,8 +296,8 @@ Result<EntryHeader> read_entry_header(ByteView bytes) {
   static constexpr const char* kMissing[] = {"an object kind", "a format version", "a type",
                                              "a time",         "an actor",         "a body"};
   EntryHeader h;
-  // Canonical maps have unique keys in ascending order, so format 1's keys must be 0..5 and
-  // optionally 6, in that order: the first key out of place names what is missing or extra.
+  // Canonical maps have unique keys in ascending order, so the keys of formats 1 and 2 must be 0..5
+  // and optionally 6, in that order: the first key out of place names what is missing or extra.
   for (std::uint64_t i = 0; i < map.arg; ++i) {
     Result<std::uint64_t> key = c.read_uint();
     if (!key.ok() || *key > kSubjects)
@@ -274,13 +312,14 @@ Result<EntryHeader> read_entry_header(ByteView bytes) {
       }
       case kVersion: {
         Result<std::uint64_t> version = c.read_uint();
-        if (!version.ok() || *version != kEntryFormatVersion)
+        if (!version.ok() || *version < kOldestEntryFormatVersion || *version > kEntryFormatVersion)
           return Status::Corruption(
               version.ok()
-                  ? fmt::format(
-                        "entry format version {} is not supported by this build (it reads {})",
-                        *version, kEntryFormatVersion)
+                  ? fmt::format("entry format version {} is not supported by this build (it "
+                                "reads {} to {})",
+                                *version, kOldestEntryFormatVersion, kEntryFormatVersion)
                   : "entry format version is not an integer");
+        h.version = *version;
         break;
       }
       case kType: {
@@ -348,6 +387,7 @@ Result<EntryHeader> read_entry_header(ByteView bytes) {
 Result<Entry> decode_entry(ByteView bytes) {
   MEDGATE_ASSIGN_OR_RETURN(EntryHeader h, read_entry_header(bytes));
   Entry e;
+  e.version = h.version;
   e.type = h.type;
   e.time_us = h.time_us;
   e.actor = std::string(h.actor);

@@ -1,4 +1,5 @@
-// LEDGER-CRITICAL: ledger entries, their types and their canonical encoding (format version 1).
+// LEDGER-CRITICAL: ledger entries, their types and their canonical encoding (format versions 1
+// and 2; new entries are written in version 2).
 //
 // An entry is one fact the appliance records: who (actor) did or saw what (type + body) when
 // (time). Its canonical bytes are a deterministic CBOR map (ledger/cbor.h):
@@ -14,12 +15,24 @@
 // and previous is the index of that subject's previous entry, or null for its first. Absent when
 // an entry is about no subject.
 //
+// Format versions differ only in what `previous` means:
+//   1: `previous` carries no meaning (it was always written as null) and is not checked.
+//   2: `previous` is the index of the newest earlier entry (of any version) that names the same
+//      subject, or null when there is none. Only the ledger's writer knows indexes, so callers
+//      encode an entry without key 6 and the writer appends it (append_subject_links) with the
+//      links filled in, from its in-memory map of every subject's latest index. The verifier
+//      checks every link of a version-2 entry. Together with the subject map that each version-2
+//      signed head commits to (ledger/subject_map.h), this makes a patient's history provably
+//      complete: see docs/audit-bundle.md, "Completeness".
+//
 // Adding an entry type: add it to EntryType with a new number (numbers are never reused), and a row
 // to the table in entry.cc with its name, its audit kind and its body check.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -30,7 +43,8 @@
 
 namespace medgate::ledger {
 
-inline constexpr std::uint64_t kEntryFormatVersion = 1;
+inline constexpr std::uint64_t kEntryFormatVersion = 2;        // what new entries are written in
+inline constexpr std::uint64_t kOldestEntryFormatVersion = 1;  // still read and verified
 
 // Object kinds: key 0 of every canonical map, so that no two kinds of signed or hashed object can
 // ever share bytes.
@@ -39,6 +53,8 @@ enum class ObjectKind : std::uint64_t {
   kBlockHeader = 2,
   kSignedHead = 3,
   kKeyTransition = 4,
+  kSubjectMapLeaf = 5,  // ledger/subject_map.h
+  kAuditBundle = 6,     // ledger/audit_bundle.h
 };
 
 enum class EntryType : std::uint32_t {
@@ -95,8 +111,10 @@ enum class EntryType : std::uint32_t {
 
 struct EntryTypeInfo {
   EntryType type;
-  std::string_view name;        // "genesis", shown by medctl and used in --kind filters
-  std::string_view audit_kind;  // the audit-export category: "admin", "key", ...
+  std::string_view name;  // "genesis", shown by medctl and used in --kind filters
+  // The audit-export category (medctl audit export --kind): "ingest", "access", "consent",
+  // "rules", "device", "admin", "key" or "erasure". A label only: it is not encoded.
+  std::string_view audit_kind;
   Status (*check_body)(const cbor::Value& body);
 };
 
@@ -111,6 +129,7 @@ struct SubjectLink {
 };
 
 struct Entry {
+  std::uint64_t version = kEntryFormatVersion;  // 1 or 2; see the top of this file
   EntryType type = EntryType::kAdminAction;
   std::uint64_t time_us = 0;
   std::string actor;  // "system:medgated", "user:alice", "uid:1234"
@@ -119,9 +138,17 @@ struct Entry {
   friend bool operator==(const Entry&, const Entry&) = default;
 };
 
-// Checks the entry (known type, non-empty actor, body shape) and encodes it. kInvalidArgument
-// names what is wrong.
+// Checks the entry (known type, non-empty actor, body shape, version 1 or 2) and encodes it, with
+// its subject links as given. kInvalidArgument names what is wrong.
 Result<Bytes> encode_entry(const Entry& entry);
+
+// The same without key 6, whatever entry.subjects holds: what a caller's thread encodes before
+// the writer, which knows the indexes, appends the links.
+Result<Bytes> encode_entry_without_subjects(const Entry& entry);
+// Turns the bytes of encode_entry_without_subjects into those of the entry with `links` (non-empty,
+// no empty subject) as key 6: the map grows from 6 to 7 keys (one header byte, 0xa6 -> 0xa7) and
+// key 6, the largest, is appended, so the result is canonical and equal to encode_entry's.
+Status append_subject_links(Bytes& bytes, std::span<const SubjectLink> links);
 
 // Strict decode: canonical CBOR, the right object kind and version, known keys only, a known type
 // whose body passes its check. kCorruption names the problem.
@@ -133,6 +160,7 @@ Result<Entry> decode_entry(ByteView bytes);
 // runs on every entry; decode_entry adds the body.
 struct EntryHeader {
   const EntryTypeInfo* info = nullptr;
+  std::uint64_t version = kEntryFormatVersion;
   EntryType type = EntryType::kAdminAction;
   std::uint64_t time_us = 0;
   std::string_view actor;
@@ -140,6 +168,12 @@ struct EntryHeader {
   ByteView subjects;  // empty when the entry has no subject links
 };
 Result<EntryHeader> read_entry_header(ByteView bytes);
+
+// Reads the subject links of a header's `subjects` view (already checked by read_entry_header).
+// Calls f(subject, previous) for each, in order.
+Status for_each_subject_link(
+    ByteView subjects,
+    const std::function<void(ByteView subject, std::optional<std::uint64_t> previous)>& f);
 
 // Microseconds since the Unix epoch, now.
 std::uint64_t now_us();

@@ -19,12 +19,14 @@
 #include <map>
 #include <mutex>
 #include <thread>
+#include <unordered_map>
 
 #include <fmt/format.h>
 
 #include "ledger/merkle.h"
 #include "ledger/schema.h"
 #include "ledger/sqlite.h"
+#include "ledger/subject_map.h"
 #include "ledger/tiles.h"
 
 namespace medgate::ledger {
@@ -153,11 +155,20 @@ struct KeyEpoch {
 };
 
 struct PendingEntry {
-  Bytes bytes;
-  Hash leaf;
+  Bytes bytes;  // without subject links when link_subjects (the writer appends them)
+  Hash leaf;    // of the final bytes; filled in by the writer when link_subjects
   EntryType type;
   std::uint64_t time_us;
   std::vector<Bytes> subjects;
+  bool link_subjects = false;  // a version-2 entry with subjects: the writer fills the links
+};
+
+// Hashes pseudonyms (HMAC outputs) and any other subject bytes for the writer's map.
+struct SubjectHash {
+  std::size_t operator()(const Bytes& b) const {
+    return std::hash<std::string_view>()(
+        std::string_view(reinterpret_cast<const char*>(b.data()), b.size()));
+  }
 };
 
 struct Job {
@@ -179,7 +190,8 @@ struct Job {
   void finish(Status s) {
     if (on_done) {
       auto callback = std::move(on_done);
-      Result<std::uint64_t> r = s.ok() ? Result<std::uint64_t>(first_index) : Result<std::uint64_t>(s);
+      Result<std::uint64_t> r =
+          s.ok() ? Result<std::uint64_t>(first_index) : Result<std::uint64_t>(s);
       delete this;
       callback(std::move(r));
       return;
@@ -243,6 +255,7 @@ class Ledger::Impl {
     MEDGATE_ASSIGN_OR_RETURN(
         insert_subject_, db_.prepare("INSERT OR IGNORE INTO subjects (subject, idx) VALUES (?,?)"));
     MEDGATE_RETURN_IF_ERROR(index_old_subjects().with_context("indexing the entries' subjects"));
+    MEDGATE_RETURN_IF_ERROR(load_subjects().with_context("loading the subjects' latest entries"));
     MEDGATE_ASSIGN_OR_RETURN(tx_statements_, sql::TransactionStatements::prepare(db_));
     sqlite3_wal_hook(db_.handle(), &Impl::wal_hook, this);
     // Named, so that top -H and perf show which of the ledger's threads is busy.
@@ -281,14 +294,19 @@ class Ledger::Impl {
         copy_if_needed.time_us = now;
         src = &copy_if_needed;
       }
-      Result<Bytes> bytes = encode_entry(*src);
+      // A version-2 entry's subject links name each subject's previous entry, which only the
+      // writer knows: it is encoded without them here, and the writer appends them (entry.h).
+      const bool link = src->version == kEntryFormatVersion && !src->subjects.empty();
+      for (const SubjectLink& l : src->subjects)
+        if (l.subject.empty()) return Status::InvalidArgument("subject link with an empty subject");
+      Result<Bytes> bytes = link ? encode_entry_without_subjects(*src) : encode_entry(*src);
       if (!bytes.ok()) return bytes.status();
-      Hash leaf = merkle::leaf_hash(*bytes);
+      Hash leaf = link ? Hash{} : merkle::leaf_hash(*bytes);
       std::vector<Bytes> subjects;
       subjects.reserve(src->subjects.size());
       for (const SubjectLink& l : src->subjects) subjects.push_back(l.subject);
       job.entries.push_back(
-          {std::move(bytes).value(), leaf, src->type, src->time_us, std::move(subjects)});
+          {std::move(bytes).value(), leaf, src->type, src->time_us, std::move(subjects), link});
     }
     return Status::Ok();
   }
@@ -365,9 +383,11 @@ class Ledger::Impl {
     }
     Hash digest = sha256(encode_key_transition_statement(ledger_id_, old_id, new_key.id()));
     Result<Bytes> old_sig = signer_.sign_digest_with(old_id, digest);
-    if (!old_sig.ok()) return old_sig.status().with_context("signing the transition with the old key");
+    if (!old_sig.ok())
+      return old_sig.status().with_context("signing the transition with the old key");
     Result<Bytes> new_sig = signer_.sign_digest_with(new_key.id(), digest);
-    if (!new_sig.ok()) return new_sig.status().with_context("signing the transition with the new key");
+    if (!new_sig.ok())
+      return new_sig.status().with_context("signing the transition with the new key");
     if (!old_key.verify_digest(digest, *old_sig).ok() ||
         !new_key.verify_digest(digest, *new_sig).ok())
       return Status::Internal("the key store returned a transition signature that does not verify");
@@ -658,6 +678,53 @@ class Ledger::Impl {
     });
   }
 
+  Result<SubjectMapProof> subject_map_proof(ByteView subject, const SignedHead& head) const {
+    if (head.head.version < 2)
+      return Status::FailedPrecondition("the head predates subject maps (head format version 1)");
+    std::lock_guard lk(head_map_mu_);
+    if (head_map_size_ != head.head.tree_size)
+      return Status::Unavailable(
+          fmt::format("the subject map is at tree size {}, not at the head's {}; sign a new head",
+                      head_map_size_, head.head.tree_size));
+    if (head_map_.root() != head.head.subject_root || head_map_.size() != head.head.subject_count)
+      return Status::Internal("the in-memory subject map does not match the signed head");
+    return head_map_.prove(subject);
+  }
+
+  // The first signed head covering entry `index` (tree size > index). Heads are stored in
+  // sequence order with non-decreasing tree sizes, numbered 1.. without gaps (the verifier checks
+  // both), so a binary search on the sequence finds it.
+  Result<SignedHead> first_head_covering(std::uint64_t index) const {
+    std::optional<SignedHead> latest = latest_head();
+    if (!latest || latest->head.tree_size <= index)
+      return Status::NotFound(fmt::format("no signed head covers entry {} yet", index));
+    std::uint64_t hi = latest->sequence;
+    return with_reader([&](sql::Database& db) -> Result<SignedHead> {
+      MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("SELECT tree_size FROM heads WHERE seq = ?"));
+      std::uint64_t lo = 1;  // the answer is in [lo, hi]
+      while (lo < hi) {
+        std::uint64_t mid = lo + (hi - lo) / 2;
+        st.bind(1, mid);
+        MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+        if (step != sql::Statement::Step::kRow)
+          return Status::Corruption(fmt::format("signed head #{} is missing", mid));
+        std::uint64_t size = st.column_uint(0);
+        st.reset();
+        if (size > index)
+          hi = mid;
+        else
+          lo = mid + 1;
+      }
+      MEDGATE_ASSIGN_OR_RETURN(auto one,
+                               db.prepare("SELECT seq, head, signature FROM heads WHERE seq = ?"));
+      one.bind(1, lo);
+      MEDGATE_ASSIGN_OR_RETURN(auto step, one.step());
+      if (step != sql::Statement::Step::kRow)
+        return Status::Corruption(fmt::format("signed head #{} is missing", lo));
+      return read_signed_head(one);
+    });
+  }
+
   const std::string& ledger_id() const { return ledger_id_; }
   // The active signing key: the latest epoch's.
   KeyId key_id() const {
@@ -688,6 +755,26 @@ class Ledger::Impl {
     }
     MEDGATE_RETURN_IF_ERROR(db_.exec("DELETE FROM meta WHERE key = 'subjects_to_index'"));
     return tx.commit();
+  }
+
+  // Every subject's latest entry, from the subjects index: the writer's map for new links and the
+  // signer's subject map, both as of the committed tree size.
+  Status load_subjects() {
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto st,
+        db_.prepare("SELECT subject, max(idx) FROM subjects WHERE idx < ? GROUP BY subject"));
+    st.bind(1, committed_size_.load());
+    std::lock_guard lk(head_map_mu_);
+    for (;;) {
+      MEDGATE_ASSIGN_OR_RETURN(auto row, st.step());
+      if (row != sql::Statement::Step::kRow) break;
+      ByteView subject = st.column_blob(0);
+      std::uint64_t latest = st.column_uint(1);
+      latest_subjects_[Bytes(subject.begin(), subject.end())] = latest;
+      head_map_.update(subject, latest);
+    }
+    head_map_size_ = committed_size_.load();
+    return Status::Ok();
   }
 
   Status load_state() {
@@ -761,9 +848,9 @@ class Ledger::Impl {
     // The ledger decides which key signs; the key store must hold it.
     KeyId active = key_id();
     if (Status s = signer_.use_signing_key(active); !s.ok())
-      return Status::FailedPrecondition(fmt::format(
-          "the key store ({}) does not hold this ledger's signing key {}: {}",
-          signer_.description(), to_hex(active), s.message()));
+      return Status::FailedPrecondition(
+          fmt::format("the key store ({}) does not hold this ledger's signing key {}: {}",
+                      signer_.description(), to_hex(active), s.message()));
 
     MEDGATE_ASSIGN_OR_RETURN(
         auto heads,
@@ -906,9 +993,34 @@ class Ledger::Impl {
     began = true;
     std::uint64_t index = first;
     std::vector<KeyEpoch> new_epochs;
+    // This batch's subject updates, in index order, and the newest index per subject among them:
+    // latest_subjects_ learns them only once the batch is durable.
+    std::vector<std::pair<Bytes, std::uint64_t>> subject_updates;
+    std::unordered_map<Bytes, std::uint64_t, SubjectHash> batch_latest;
     for (Job* job : batch) {
       job->first_index = index;
-      for (const PendingEntry& e : job->entries) {
+      for (PendingEntry& e : job->entries) {
+        if (e.link_subjects) {
+          std::vector<SubjectLink> links;
+          links.reserve(e.subjects.size());
+          for (const Bytes& subject : e.subjects) {
+            std::optional<std::uint64_t> previous;
+            if (auto it = batch_latest.find(subject); it != batch_latest.end())
+              previous = it->second;
+            else if (auto old = latest_subjects_.find(subject); old != latest_subjects_.end())
+              previous = old->second;
+            links.push_back({subject, previous});
+          }
+          // A retried batch (after a full disk) must not append the links twice.
+          if (e.bytes.empty() || e.bytes[0] != std::byte(0xa6))
+            return Status::Internal("an entry's bytes already carry subject links");
+          MEDGATE_RETURN_IF_ERROR(append_subject_links(e.bytes, links));
+          e.leaf = merkle::leaf_hash(e.bytes);
+        }
+        for (const Bytes& subject : e.subjects) {
+          batch_latest[subject] = index;
+          subject_updates.emplace_back(subject, index);
+        }
         insert_entry_.bind(1, index)
             .bind(2, static_cast<std::int64_t>(e.type))
             .bind(3, e.time_us)
@@ -970,11 +1082,19 @@ class Ledger::Impl {
     }
     MEDGATE_RETURN_IF_ERROR(tx.commit().with_context("committing"));
     // Durable: publish.
+    for (auto& [subject, latest] : batch_latest) latest_subjects_[subject] = latest;
     if (new_block) {
       std::lock_guard lk(state_mu_);
       last_block_ = std::move(*new_block);
       committed_size_ = index;
       epochs_.insert(epochs_.end(), new_epochs.begin(), new_epochs.end());
+      // The signer folds these into its subject map when it signs a head over this block.
+      if (pending_subject_updates_.empty())
+        pending_subject_updates_ = std::move(subject_updates);
+      else
+        pending_subject_updates_.insert(pending_subject_updates_.end(),
+                                        std::make_move_iterator(subject_updates.begin()),
+                                        std::make_move_iterator(subject_updates.end()));
     }
     appended_.fetch_add(index - first);
     batches_.fetch_add(1);
@@ -1092,8 +1212,8 @@ class Ledger::Impl {
           // A failed epoch (the key store unreachable) is tried again after a pause, not at once.
           if (!s.ok())
             next_epoch_ = std::chrono::steady_clock::now() +
-                          std::min<std::chrono::steady_clock::duration>(
-                              options_.counter_interval, std::chrono::seconds(10));
+                          std::min<std::chrono::steady_clock::duration>(options_.counter_interval,
+                                                                        std::chrono::seconds(10));
           lk.lock();
           last_counter_status_ = s;
           counter_completed_ = counter_ticket;
@@ -1167,6 +1287,7 @@ class Ledger::Impl {
 
   Result<SignedHead> sign_and_store() {
     HeadBody body;
+    std::vector<std::pair<Bytes, std::uint64_t>> updates;
     {
       std::lock_guard lk(state_mu_);
       body.ledger_id = ledger_id_;
@@ -1175,6 +1296,17 @@ class Ledger::Impl {
       body.tree_size = last_block_.header.tree_size;
       body.root = last_block_.header.root;
       body.time_us = std::max(now_us(), last_block_.header.time_us);
+      // Exactly the updates of the blocks up to this one (the writer queues them with the block).
+      updates.swap(pending_subject_updates_);
+    }
+    {
+      // The subject map at this head's tree size: what the head commits to (subject_map.h). Its
+      // cost is here, on the head cadence, never on the append path.
+      std::lock_guard lk(head_map_mu_);
+      for (const auto& [subject, index] : updates) head_map_.update(subject, index);
+      head_map_size_ = body.tree_size;
+      body.subject_root = head_map_.root();
+      body.subject_count = head_map_.size();
     }
     body.key_id = key_for_size(body.tree_size);
     body.rollback_counter = declared_counter_.load();
@@ -1218,9 +1350,8 @@ class Ledger::Impl {
       it = keys_.find(id);
     }
     if (it == keys_.end())
-      return Status::FailedPrecondition(
-          fmt::format("the key store ({}) does not hold signing key {}", signer_.description(),
-                      to_hex(id)));
+      return Status::FailedPrecondition(fmt::format(
+          "the key store ({}) does not hold signing key {}", signer_.description(), to_hex(id)));
     return it->second;
   }
 
@@ -1239,7 +1370,17 @@ class Ledger::Impl {
   sql::TransactionStatements tx_statements_;
   TileBuilder tiles_;  // writer thread only
 
+  // Every subject's latest entry index, for the links of new entries (entry.h). Writer thread
+  // only (and open()); it learns a batch's subjects once the batch is durable.
+  std::unordered_map<Bytes, std::uint64_t, SubjectHash> latest_subjects_;
+  // The signer's subject map, as of tree size head_map_size_ (the latest head it computed).
+  mutable std::mutex head_map_mu_;
+  SubjectMap head_map_;
+  std::uint64_t head_map_size_ = 0;
+
   mutable std::mutex state_mu_;
+  // Subject updates of committed blocks the signer has not folded into head_map_ yet.
+  std::vector<std::pair<Bytes, std::uint64_t>> pending_subject_updates_;
   StoredBlock last_block_;
   Status writer_error_;
   std::atomic<std::uint64_t> committed_size_{0};
@@ -1264,7 +1405,7 @@ class Ledger::Impl {
   // Rollback counter: what new heads carry; the signer thread's epoch bookkeeping.
   std::atomic<std::uint64_t> declared_counter_{0};
   std::atomic<std::uint64_t> counter_epochs_{0};
-  std::uint64_t epoch_tree_size_ = 0;                    // signer thread only
+  std::uint64_t epoch_tree_size_ = 0;                   // signer thread only
   std::chrono::steady_clock::time_point next_epoch_{};  // signer thread only
 
   std::mutex checkpoint_mu_;
@@ -1335,8 +1476,18 @@ Result<std::unique_ptr<Ledger>> Ledger::create(const LedgerOptions& options,
 
     Result<std::uint64_t> counter = signer.read_counter();
     if (!counter.ok()) return counter.status().with_context("reading the rollback counter");
-    HeadBody head{kHeadFormatVersion, ledger_id, 0,        block_hash(header_bytes), 1,
-                  header.root,        now,       key.id(), *counter};
+    // The genesis entry names no subject: the subject map is empty.
+    HeadBody head{kHeadFormatVersion,
+                  ledger_id,
+                  0,
+                  block_hash(header_bytes),
+                  1,
+                  header.root,
+                  now,
+                  key.id(),
+                  *counter,
+                  merkle::empty_root(),
+                  0};
     Bytes head_bytes = encode_head(head);
     MEDGATE_ASSIGN_OR_RETURN(Bytes signature, signer.sign_digest(head_digest(head_bytes)));
     MEDGATE_RETURN_IF_ERROR(key.verify_digest(head_digest(head_bytes), signature)
@@ -1390,9 +1541,6 @@ Result<std::uint64_t> Ledger::append(const Entry& entry) {
 Result<std::uint64_t> Ledger::append_all(std::span<const Entry> entries) {
   return impl_->append(entries);
 }
-Result<SignedHead> Ledger::sign_head_now() {
-  return impl_->sign_head_now();
-}
 Status Ledger::append_async(std::span<const Entry> entries,
                             std::function<void(Result<std::uint64_t>)> done) {
   return impl_->append_async(entries, std::move(done));
@@ -1444,6 +1592,15 @@ Result<std::vector<StoredEntry>> Ledger::entries_of_type(std::span<const EntryTy
 Result<std::vector<std::uint64_t>> Ledger::subject_entries(ByteView subject, std::uint64_t from,
                                                            std::size_t limit) const {
   return impl_->subject_entries(subject, from, limit);
+}
+Result<SubjectMapProof> Ledger::subject_map_proof(ByteView subject, const SignedHead& head) const {
+  return impl_->subject_map_proof(subject, head);
+}
+Result<SignedHead> Ledger::first_head_covering(std::uint64_t index) const {
+  return impl_->first_head_covering(index);
+}
+Result<SignedHead> Ledger::sign_head_now(bool force) {
+  return impl_->sign_head_now(force);
 }
 
 }  // namespace medgate::ledger

@@ -14,6 +14,13 @@
 // leaves the file's state unknown) stops the writer for good: every later append fails with the
 // same error until the ledger is reopened, so nothing is ever retried as if nothing happened.
 //
+// Subject links and the subject map. A version-2 entry's subject links name each subject's
+// previous entry (entry.h); the writer fills them in from an in-memory map of every subject's
+// latest index (rebuilt from the subjects index at open), appending them to the bytes the caller
+// encoded, so callers never need to know indexes. The signer keeps the subject map that each
+// version-2 head commits to (subject_map.h), folding in the committed updates when it signs:
+// O(changed subjects) map updates plus one pass over the leaves per head, never per entry.
+//
 // Signing keys. The genesis entry names the first key; Ledger::rotate_signing_key() records a
 // key-transition entry at index t signed by the old and the new key, and every head covering
 // tree size > t is signed by the new key. Ledger::open() makes the key store use the ledger's
@@ -48,6 +55,7 @@
 #include "hsm/status.h"
 #include "ledger/block.h"
 #include "ledger/entry.h"
+#include "ledger/subject_map.h"
 
 namespace medgate::ledger {
 
@@ -135,8 +143,9 @@ class Ledger {
   Status append_async(std::span<const Entry> entries,
                       std::function<void(Result<std::uint64_t>)> done);
 
-  // Signs a head covering everything committed when called and returns it once durable.
-  Result<SignedHead> sign_head_now();
+  // Signs a head covering everything committed when called and returns it once durable (the
+  // latest head, when it covers everything already, unless `force`).
+  Result<SignedHead> sign_head_now(bool force = false);
 
   // Creates a new signing key in the key store, records the transition (signed by the active and
   // the new key), switches to the new key and signs a head with it.
@@ -166,6 +175,13 @@ class Ledger {
   // most `limit`.
   Result<std::vector<std::uint64_t>> subject_entries(ByteView subject, std::uint64_t from,
                                                      std::size_t limit) const;
+  // The subject map's proof for `subject` at `head` (ledger/subject_map.h), which must be the
+  // head the signer computed the map for last (normally the latest head): kUnavailable when a
+  // newer head moved the map on (sign a new head and ask again), kFailedPrecondition for a
+  // version-1 head.
+  Result<SubjectMapProof> subject_map_proof(ByteView subject, const SignedHead& head) const;
+  // The first signed head whose tree covers entry `index`; kNotFound when none does yet.
+  Result<SignedHead> first_head_covering(std::uint64_t index) const;
 
   class Impl;
 

@@ -21,6 +21,7 @@
 #include "ledger/merkle.h"
 #include "ledger/schema.h"
 #include "ledger/sqlite.h"
+#include "ledger/subject_map.h"
 #include "ledger/tiles.h"
 
 namespace medgate::ledger {
@@ -51,6 +52,8 @@ struct EntryRow {
   Status header_status;
   std::int64_t header_type = 0;
   std::int64_t header_time_us = 0;
+  std::uint64_t header_version = 0;
+  ByteView subjects;  // the entry's subject links (in `bytes`), empty when none
 };
 
 // Reads entries in index order on its own thread and connection, a chunk ahead of the verifier,
@@ -142,6 +145,8 @@ class EntryStream {
         if (header.ok()) {
           row.header_type = static_cast<std::int64_t>(header->type);
           row.header_time_us = static_cast<std::int64_t>(header->time_us);
+          row.header_version = header->version;
+          row.subjects = header->subjects;
         } else {
           row.header_status = header.status();
         }
@@ -518,6 +523,10 @@ class Verifier {
           VerifyProblem p;
           if (!take_consent(i, e->bytes, p)) return fail(p);
         }
+        if (!e->subjects.empty()) {
+          VerifyProblem p;
+          if (!take_subjects(i, e->header_version, e->subjects, p)) return fail(p);
+        }
         tree.append(leaf, [&](int level, std::uint64_t index, const Hash& node) {
           if (tile_problem || level % kTileHeight != 0) return;
           if (Status s = tiles.check(level, index, node); !s.ok())
@@ -546,10 +555,10 @@ class Verifier {
                             fmt::format("names signing key {}, which the ledger does not know",
                                         to_hex(header.key_id))));
       if (header.key_id != active_key_)
-        return fail(problem(
-            VerifyProblem::Where::kBlock, h,
-            fmt::format("names signing key {}, but the ledger's key at that point is {}",
-                        short_hex(header.key_id), short_hex(active_key_))));
+        return fail(
+            problem(VerifyProblem::Where::kBlock, h,
+                    fmt::format("names signing key {}, but the ledger's key at that point is {}",
+                                short_hex(header.key_id), short_hex(active_key_))));
 
       previous = block_hash(row->header);
       ++report_.blocks;
@@ -583,9 +592,9 @@ class Verifier {
     bool chain_trusted = std::any_of(chain_.begin(), chain_.end(),
                                      [&](const KeyId& k) { return trusted_.count(k) > 0; });
     if (!chain_trusted)
-      return fail(problem(VerifyProblem::Where::kFile, 0,
-                          fmt::format("none of the ledger's signing keys ({}) is trusted",
-                                      describe_chain())));
+      return fail(problem(
+          VerifyProblem::Where::kFile, 0,
+          fmt::format("none of the ledger's signing keys ({}) is trusted", describe_chain())));
     report_.root = tree.root();
     if (!report_.latest_signed_size)
       return fail(problem(VerifyProblem::Where::kFile, 0, "the ledger has no signed head"));
@@ -644,7 +653,8 @@ class Verifier {
     if (e->type == EntryType::kPatientKey) {
       const Bytes& der = *e->body.find("public_key")->as_bytes();
       Result<Bytes> checked = patient_key_der(der);
-      if (!checked.ok()) return bad("enrols an unusable patient key: " + checked.status().message());
+      if (!checked.ok())
+        return bad("enrols an unusable patient key: " + checked.status().message());
       const Bytes& id = *e->body.find("key_id")->as_bytes();
       Hash digest = sha256(der);
       if (!std::equal(id.begin(), id.end(), digest.begin(), digest.end()))
@@ -658,8 +668,8 @@ class Verifier {
     auto key = patient_keys_.find(subject);
     if (key == patient_keys_.end())
       return bad("carries a patient-signed document, but the patient enrolled no key before it");
-    if (Status s = verify_patient_signature(key->second, document,
-                                            *e->body.find("signature")->as_bytes());
+    if (Status s =
+            verify_patient_signature(key->second, document, *e->body.find("signature")->as_bytes());
         !s.ok())
       return bad(s.message());
     Result<ConsentDocument> d = parse_consent_document(to_string(document));
@@ -687,6 +697,41 @@ class Verifier {
     return true;
   }
 
+  // Subject links: in a version-2 entry each names the subject's previous entry, which must be
+  // the newest earlier entry (of any version) naming that subject. Every entry's subjects then
+  // move the subject map on (subject_map.h), which version-2 heads commit to.
+  bool take_subjects(std::uint64_t index, std::uint64_t version, ByteView subjects,
+                     VerifyProblem& p) {
+    std::vector<std::pair<ByteView, std::optional<std::uint64_t>>> links;
+    Status s = for_each_subject_link(subjects,
+                                     [&](ByteView subject, std::optional<std::uint64_t> previous) {
+                                       links.emplace_back(subject, previous);
+                                     });
+    if (!s.ok()) {
+      p = problem(VerifyProblem::Where::kEntry, index,
+                  "its subject links do not decode: " + s.message());
+      return false;
+    }
+    if (version >= 2) {
+      for (const auto& [subject, previous] : links) {
+        std::optional<std::uint64_t> expected = subjects_.latest(subject);
+        if (previous == expected) continue;
+        auto name = [](std::optional<std::uint64_t> i) {
+          return i ? fmt::format("entry {}", *i) : std::string("none");
+        };
+        p = problem(VerifyProblem::Where::kEntry, index,
+                    fmt::format("its link for subject {} names {} as the subject's previous entry, "
+                                "but the ledger's is {} (an entry about the subject was removed, "
+                                "moved or added)",
+                                to_hex(subject.first(std::min<std::size_t>(subject.size(), 8))),
+                                name(previous), name(expected)));
+        return false;
+      }
+    }
+    for (const auto& [subject, previous] : links) subjects_.update(subject, index);
+    return true;
+  }
+
   // A key transition must name the active key as the old one and carry valid signatures of the
   // statement (block.h) by both keys. The new key signs every head from here on.
   bool take_transition(std::uint64_t index, ByteView bytes, VerifyProblem& p) {
@@ -706,7 +751,8 @@ class Verifier {
     if (old_id != active_key_)
       return bad(fmt::format("is a key transition from key {}, but the active key is {}",
                              short_hex(old_id), short_hex(active_key_)));
-    Result<PublicKey> new_key = PublicKey::from_spki_der(*e->body.find("new_public_key")->as_bytes());
+    Result<PublicKey> new_key =
+        PublicKey::from_spki_der(*e->body.find("new_public_key")->as_bytes());
     if (!new_key.ok() || new_key->id() != new_id)
       return bad("is a key transition whose new public key is malformed or does not match its id");
     if (known_.count(new_id))
@@ -767,6 +813,18 @@ class Verifier {
     Status sig = key->second.verify_digest(head_digest(row.head), row.signature);
     if (!sig.ok()) return bad("signature does not verify: " + sig.message());
     if (head->time_us < last_head_time_) return bad("is dated before the head stored before it");
+    if (head->version < last_head_version_)
+      return bad(fmt::format("is in head format {}, older than the head before it ({})",
+                             head->version, last_head_version_));
+    if (head->version >= 2) {
+      if (head->subject_count != subjects_.size() || head->subject_root != subjects_.root())
+        return bad(fmt::format(
+            "commits to a subject map of {} subjects with root {}, but the entries it covers give "
+            "{} subjects with root {}",
+            head->subject_count, short_hex(head->subject_root), subjects_.size(),
+            short_hex(subjects_.root())));
+    }
+    last_head_version_ = head->version;
     if (head->rollback_counter < last_head_counter_)
       return bad(fmt::format("carries rollback counter {}, lower than the head before it ({})",
                              head->rollback_counter, last_head_counter_));
@@ -787,14 +845,16 @@ class Verifier {
   const VerifyOptions& options_;
   std::map<KeyId, PublicKey> trusted_;
   std::map<KeyId, PublicKey> known_;
-  std::vector<KeyId> chain_;                     // genesis key, then each transition's new key
-  std::map<KeyId, std::uint64_t> retired_;       // key -> the transition entry that retired it
+  std::vector<KeyId> chain_;                // genesis key, then each transition's new key
+  std::map<KeyId, std::uint64_t> retired_;  // key -> the transition entry that retired it
   KeyId active_key_{};
   std::map<Bytes, Bytes> patient_keys_;  // pseudonym -> enrolled key (DER)
   std::uint64_t last_head_counter_ = 0;
   VerifyReport report_;
   std::uint64_t total_ = 0;
   std::uint64_t last_head_time_ = 0;
+  std::uint64_t last_head_version_ = 0;
+  SubjectMap subjects_;  // every subject's latest entry so far
 };
 
 }  // namespace

@@ -1,0 +1,836 @@
+// LEDGER-CRITICAL: see audit_bundle.h. The verifier here decides what an auditor is told.
+#include "ledger/audit_bundle.h"
+
+#include <algorithm>
+#include <map>
+#include <set>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "ledger/block.h"
+#include "ledger/merkle.h"
+#include "ledger/store.h"
+
+namespace medgate::ledger {
+namespace {
+
+using cbor::Value;
+
+constexpr std::size_t kPage = 4096;
+constexpr std::size_t kMaxProblems = 50;
+
+Value text_key(std::string_view k) {
+  return Value::text(std::string(k));
+}
+
+Value hashes(const std::vector<Hash>& hs) {
+  cbor::Array a;
+  a.reserve(hs.size());
+  for (const Hash& h : hs) a.push_back(Value::bytes(ByteView(h)));
+  return Value::array(std::move(a));
+}
+
+std::string short_hex(ByteView b) {
+  return to_hex(b.first(std::min<std::size_t>(b.size(), 8)));
+}
+
+// ---- decoding helpers: every field is checked, a missing or mistyped one is kCorruption ----
+
+Status bad(std::string_view what) {
+  return Status::Corruption(fmt::format("not a valid audit bundle: {}", what));
+}
+
+Result<const Value*> field(const Value& map, std::string_view key, std::string_view where) {
+  const Value* v = map.find(key);
+  if (!v) return bad(fmt::format("{} has no \"{}\"", where, key));
+  return v;
+}
+
+Result<std::uint64_t> uint_field(const Value& map, std::string_view key, std::string_view where) {
+  MEDGATE_ASSIGN_OR_RETURN(const Value* v, field(map, key, where));
+  if (!v->as_uint()) return bad(fmt::format("{} \"{}\" is not an unsigned integer", where, key));
+  return *v->as_uint();
+}
+
+Result<Bytes> bytes_field(const Value& map, std::string_view key, std::string_view where) {
+  MEDGATE_ASSIGN_OR_RETURN(const Value* v, field(map, key, where));
+  if (!v->as_bytes()) return bad(fmt::format("{} \"{}\" is not bytes", where, key));
+  return *v->as_bytes();
+}
+
+Result<std::vector<Hash>> hashes_field(const Value& map, std::string_view key,
+                                       std::string_view where) {
+  MEDGATE_ASSIGN_OR_RETURN(const Value* v, field(map, key, where));
+  const cbor::Array* a = v->as_array();
+  if (!a) return bad(fmt::format("{} \"{}\" is not an array", where, key));
+  std::vector<Hash> out;
+  out.reserve(a->size());
+  for (const Value& item : *a) {
+    const Bytes* b = item.as_bytes();
+    if (!b || b->size() != 32) return bad(fmt::format("{} \"{}\" holds a non-hash", where, key));
+    Hash h;
+    std::copy(b->begin(), b->end(), h.begin());
+    out.push_back(h);
+  }
+  return out;
+}
+
+Value head_value(const BundleHead& h, bool earlier) {
+  cbor::Map m{{text_key("head"), Value::bytes(h.bytes)},
+              {text_key("signature"), Value::bytes(h.signature)}};
+  if (earlier) m.emplace_back(text_key("consistency"), hashes(h.consistency));
+  return Value::map(std::move(m)).value();
+}
+
+Result<BundleHead> decode_head_value(const Value& v, bool earlier, std::string_view where) {
+  if (!v.as_map()) return bad(fmt::format("{} is not a map", where));
+  BundleHead h;
+  MEDGATE_ASSIGN_OR_RETURN(h.bytes, bytes_field(v, "head", where));
+  MEDGATE_ASSIGN_OR_RETURN(h.signature, bytes_field(v, "signature", where));
+  if (earlier) {
+    MEDGATE_ASSIGN_OR_RETURN(h.consistency, hashes_field(v, "consistency", where));
+  }
+  return h;
+}
+
+Value leaf_proof_value(const SubjectMapLeafProof& p) {
+  return Value::map({{text_key("subject"), Value::bytes(p.subject)},
+                     {text_key("latest"), Value::uint(p.latest)},
+                     {text_key("position"), Value::uint(p.position)},
+                     {text_key("path"), hashes(p.path)}})
+      .value();
+}
+
+Result<std::optional<SubjectMapLeafProof>> decode_leaf_proof(const Value& map,
+                                                             std::string_view key) {
+  const Value* v = map.find(key);
+  if (!v) return std::optional<SubjectMapLeafProof>();
+  if (!v->as_map()) return bad(fmt::format("subject proof \"{}\" is not a map", key));
+  SubjectMapLeafProof p;
+  MEDGATE_ASSIGN_OR_RETURN(p.subject, bytes_field(*v, "subject", "subject proof leaf"));
+  MEDGATE_ASSIGN_OR_RETURN(p.latest, uint_field(*v, "latest", "subject proof leaf"));
+  MEDGATE_ASSIGN_OR_RETURN(p.position, uint_field(*v, "position", "subject proof leaf"));
+  MEDGATE_ASSIGN_OR_RETURN(p.path, hashes_field(*v, "path", "subject proof leaf"));
+  return std::optional<SubjectMapLeafProof>(std::move(p));
+}
+
+Value meta_value(const Entry& e) {
+  const EntryTypeInfo* info = find_entry_type(static_cast<std::uint64_t>(e.type));
+  return Value::map({{text_key("type"), Value::text(std::string(info->name))},
+                     {text_key("kind"), Value::text(std::string(info->audit_kind))},
+                     {text_key("time"), Value::text(format_time(e.time_us))},
+                     {text_key("actor"), Value::text(e.actor)}})
+      .value();
+}
+
+bool names_subject(const Entry& e, ByteView subject) {
+  return std::any_of(e.subjects.begin(), e.subjects.end(), [&](const SubjectLink& l) {
+    return std::equal(l.subject.begin(), l.subject.end(), subject.begin(), subject.end());
+  });
+}
+
+std::optional<std::uint64_t> link_for(const Entry& e, ByteView subject) {
+  for (const SubjectLink& l : e.subjects)
+    if (std::equal(l.subject.begin(), l.subject.end(), subject.begin(), subject.end()))
+      return l.previous;
+  return std::nullopt;
+}
+
+}  // namespace
+
+bool audit_query_matches(const AuditQuery& q, const Entry& e) {
+  if (q.from_us && e.time_us < *q.from_us) return false;
+  if (q.to_us && e.time_us > *q.to_us) return false;
+  if (q.patient && !names_subject(e, *q.patient)) return false;
+  if (q.kind) {
+    const EntryTypeInfo* info = find_entry_type(static_cast<std::uint64_t>(e.type));
+    if (!info || info->audit_kind != *q.kind) return false;
+  }
+  if (q.principal) {
+    auto body_is = [&](std::string_view key) {
+      const Value* v = e.body.find(key);
+      return v && v->as_text() && *v->as_text() == *q.principal;
+    };
+    if (e.actor != *q.principal && !body_is("principal") && !body_is("to")) return false;
+  }
+  return true;
+}
+
+Result<Bytes> encode_audit_bundle(const AuditBundle& b) {
+  cbor::Map query;
+  const AuditQuery& q = b.query;
+  if (q.from_us) query.emplace_back(text_key("from"), Value::uint(*q.from_us));
+  if (q.to_us) query.emplace_back(text_key("to"), Value::uint(*q.to_us));
+  if (q.patient) query.emplace_back(text_key("patient"), Value::bytes(*q.patient));
+  if (q.principal) query.emplace_back(text_key("principal"), Value::text(*q.principal));
+  if (q.kind) query.emplace_back(text_key("kind"), Value::text(*q.kind));
+  query.emplace_back(text_key("include_values"), Value::boolean(q.include_values));
+
+  cbor::Array earlier;
+  for (const BundleHead& h : b.earlier_heads) earlier.push_back(head_value(h, true));
+  cbor::Array entries;
+  entries.reserve(b.entries.size());
+  for (const BundleEntry& e : b.entries) {
+    MEDGATE_ASSIGN_OR_RETURN(Entry decoded, decode_entry(e.bytes));
+    cbor::Map m{{text_key("index"), Value::uint(e.index)},
+                {text_key("bytes"), Value::bytes(e.bytes)},
+                {text_key("proof"), hashes(e.proof)},
+                {text_key("selected"), Value::boolean(e.selected)},
+                {text_key("meta"), meta_value(decoded)}};
+    if (e.values) m.emplace_back(text_key("values"), *e.values);
+    MEDGATE_ASSIGN_OR_RETURN(Value v, Value::map(std::move(m)));
+    entries.push_back(std::move(v));
+  }
+  cbor::Map top;
+  top.emplace_back(Value::uint(0),
+                   Value::uint(static_cast<std::uint64_t>(ObjectKind::kAuditBundle)));
+  top.emplace_back(Value::uint(1), Value::uint(kAuditBundleVersion));
+  top.emplace_back(Value::uint(2), Value::text(b.ledger_id));
+  top.emplace_back(Value::uint(3), Value::uint(b.created_us));
+  top.emplace_back(Value::uint(4), Value::text(b.exported_by));
+  MEDGATE_ASSIGN_OR_RETURN(Value query_value, Value::map(std::move(query)));
+  top.emplace_back(Value::uint(5), std::move(query_value));
+  top.emplace_back(Value::uint(6), head_value(b.head, false));
+  top.emplace_back(Value::uint(7), Value::array(std::move(earlier)));
+  top.emplace_back(Value::uint(8), Value::array(std::move(entries)));
+  if (b.subject_proof) {
+    cbor::Map p{{text_key("count"), Value::uint(b.subject_proof->count)}};
+    if (b.subject_proof->match)
+      p.emplace_back(text_key("match"), leaf_proof_value(*b.subject_proof->match));
+    if (b.subject_proof->below)
+      p.emplace_back(text_key("below"), leaf_proof_value(*b.subject_proof->below));
+    if (b.subject_proof->above)
+      p.emplace_back(text_key("above"), leaf_proof_value(*b.subject_proof->above));
+    MEDGATE_ASSIGN_OR_RETURN(Value pv, Value::map(std::move(p)));
+    top.emplace_back(Value::uint(9), std::move(pv));
+  }
+  MEDGATE_ASSIGN_OR_RETURN(Value all, Value::map(std::move(top)));
+  return cbor::encode(all);
+}
+
+Result<AuditBundle> decode_audit_bundle(ByteView bytes) {
+  Result<Value> decoded = cbor::decode(bytes);
+  if (!decoded.ok()) return bad("not canonical CBOR: " + decoded.status().message());
+  const Value& v = *decoded;
+  if (!v.as_map()) return bad("not a CBOR map");
+  const Value* kind = v.find(std::uint64_t{0});
+  if (!kind || kind->as_uint() != static_cast<std::uint64_t>(ObjectKind::kAuditBundle))
+    return bad("the object is not an audit bundle (key 0)");
+  const Value* version = v.find(std::uint64_t{1});
+  if (!version || version->as_uint() != kAuditBundleVersion)
+    return bad("audit bundle format version is not one this build reads (1)");
+  for (const auto& [k, item] : *v.as_map())
+    if (!k.as_uint() || *k.as_uint() > 9)
+      return bad("the bundle has a key format 1 does not define");
+  auto key = [&](std::uint64_t k) { return v.find(k); };
+  AuditBundle b;
+  if (!key(2) || !key(2)->as_text()) return bad("no ledger id (key 2)");
+  b.ledger_id = *key(2)->as_text();
+  if (!key(3) || !key(3)->as_uint()) return bad("no creation time (key 3)");
+  b.created_us = *key(3)->as_uint();
+  if (!key(4) || !key(4)->as_text()) return bad("no exporter (key 4)");
+  b.exported_by = *key(4)->as_text();
+  const Value* q = key(5);
+  if (!q || !q->as_map()) return bad("no query (key 5)");
+  for (const auto& [k, item] : *q->as_map()) {
+    const std::string* name = k.as_text();
+    if (!name) return bad("the query has a non-text key");
+    if (*name == "from" && item.as_uint())
+      b.query.from_us = item.as_uint();
+    else if (*name == "to" && item.as_uint())
+      b.query.to_us = item.as_uint();
+    else if (*name == "patient" && item.as_bytes())
+      b.query.patient = *item.as_bytes();
+    else if (*name == "principal" && item.as_text())
+      b.query.principal = *item.as_text();
+    else if (*name == "kind" && item.as_text())
+      b.query.kind = *item.as_text();
+    else if (*name == "include_values" && item.as_bool())
+      b.query.include_values = *item.as_bool();
+    else
+      return bad(fmt::format("the query's \"{}\" is unknown or mistyped", *name));
+  }
+  if (!key(6)) return bad("no head (key 6)");
+  MEDGATE_ASSIGN_OR_RETURN(b.head, decode_head_value(*key(6), false, "the bundle head"));
+  if (!key(7) || !key(7)->as_array()) return bad("no earlier heads (key 7)");
+  for (const Value& h : *key(7)->as_array()) {
+    MEDGATE_ASSIGN_OR_RETURN(BundleHead head, decode_head_value(h, true, "an earlier head"));
+    b.earlier_heads.push_back(std::move(head));
+  }
+  if (!key(8) || !key(8)->as_array()) return bad("no entries (key 8)");
+  b.entries.reserve(key(8)->as_array()->size());
+  for (const Value& item : *key(8)->as_array()) {
+    if (!item.as_map()) return bad("an entry record is not a map");
+    BundleEntry e;
+    MEDGATE_ASSIGN_OR_RETURN(e.index, uint_field(item, "index", "an entry record"));
+    MEDGATE_ASSIGN_OR_RETURN(e.bytes, bytes_field(item, "bytes", "an entry record"));
+    MEDGATE_ASSIGN_OR_RETURN(e.proof, hashes_field(item, "proof", "an entry record"));
+    MEDGATE_ASSIGN_OR_RETURN(const Value* selected, field(item, "selected", "an entry record"));
+    if (!selected->as_bool()) return bad("an entry record's \"selected\" is not a bool");
+    e.selected = *selected->as_bool();
+    if (const Value* values = item.find("values")) e.values = *values;
+    MEDGATE_ASSIGN_OR_RETURN(const Value* meta, field(item, "meta", "an entry record"));
+    e.meta = *meta;
+    b.entries.push_back(std::move(e));
+  }
+  if (const Value* p = key(9)) {
+    if (!p->as_map()) return bad("the subject proof (key 9) is not a map");
+    SubjectMapProof proof;
+    MEDGATE_ASSIGN_OR_RETURN(proof.count, uint_field(*p, "count", "the subject proof"));
+    MEDGATE_ASSIGN_OR_RETURN(proof.match, decode_leaf_proof(*p, "match"));
+    MEDGATE_ASSIGN_OR_RETURN(proof.below, decode_leaf_proof(*p, "below"));
+    MEDGATE_ASSIGN_OR_RETURN(proof.above, decode_leaf_proof(*p, "above"));
+    b.subject_proof = std::move(proof);
+  }
+  return b;
+}
+
+// ---- export ----
+
+namespace {
+
+// The first entry index whose time can be >= from_us: the first index of the first block dated
+// at or after it (a block's time is never earlier than its entries', which are dated when they
+// are appended, and block times never decrease).
+Result<std::uint64_t> first_index_at(const Ledger& ledger, std::uint64_t from_us) {
+  LedgerStats s = ledger.stats();
+  std::uint64_t lo = 0, hi = s.height + 1;  // first block with time >= from_us in [lo, hi]
+  while (lo < hi) {
+    std::uint64_t mid = lo + (hi - lo) / 2;
+    MEDGATE_ASSIGN_OR_RETURN(StoredBlock b, ledger.block(mid));
+    if (b.header.time_us >= from_us)
+      hi = mid;
+    else
+      lo = mid + 1;
+  }
+  if (lo > s.height) return s.tree_size;
+  MEDGATE_ASSIGN_OR_RETURN(StoredBlock b, ledger.block(lo));
+  return b.header.first_index;
+}
+
+std::vector<EntryType> types_of_kind(std::optional<std::string_view> kind) {
+  std::vector<EntryType> out;
+  for (std::uint64_t t = 1; t < 64; ++t)
+    if (const EntryTypeInfo* info = find_entry_type(t);
+        info && (!kind || info->audit_kind == *kind))
+      out.push_back(info->type);
+  return out;
+}
+
+}  // namespace
+
+Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
+                                       const std::string& exported_by,
+                                       const AuditExportOptions& options) {
+  if (query.kind && std::find(std::begin(kAuditKinds), std::end(kAuditKinds), *query.kind) ==
+                        std::end(kAuditKinds))
+    return Status::InvalidArgument(fmt::format(
+        "unknown kind \"{}\" (ingest, access, consent, rules, device, admin, key, erasure)",
+        *query.kind));
+  if (query.from_us && query.to_us && *query.from_us > *query.to_us)
+    return Status::InvalidArgument("--from is after --to");
+
+  // The bundle's head, and for a patient the subject map at exactly that head (a head signed in
+  // between moves the map on: sign again).
+  MEDGATE_ASSIGN_OR_RETURN(SignedHead head, ledger.sign_head_now());
+  std::optional<SubjectMapProof> subject_proof;
+  if (query.patient) {
+    for (int attempt = 0;; ++attempt) {
+      Result<SubjectMapProof> p = ledger.subject_map_proof(*query.patient, head);
+      if (p.ok()) {
+        subject_proof = std::move(p).value();
+        break;
+      }
+      if (p.status().code() != StatusCode::kUnavailable || attempt >= 5)
+        return p.status().with_context("proving the patient's latest entry");
+      MEDGATE_ASSIGN_OR_RETURN(head, ledger.sign_head_now(/*force=*/true));
+    }
+  }
+  const std::uint64_t size = head.head.tree_size;
+
+  AuditBundle b;
+  b.ledger_id = ledger.ledger_id();
+  b.created_us = now_us();
+  b.exported_by = exported_by;
+  b.query = query;
+  b.head = {head.bytes, head.signature, {}};
+  b.subject_proof = subject_proof;
+
+  std::map<std::uint64_t, BundleEntry> picked;
+  auto add = [&](StoredEntry e, bool chain_or_key) -> Status {
+    bool selected = audit_query_matches(query, e.entry);
+    if (!selected && !chain_or_key) return Status::Ok();
+    auto [it, fresh] = picked.try_emplace(e.index);
+    if (!fresh) return Status::Ok();
+    BundleEntry& out = it->second;
+    out.index = e.index;
+    out.selected = selected;
+    if (selected && query.include_values && options.values) {
+      MEDGATE_ASSIGN_OR_RETURN(out.values, options.values(e.entry));
+    }
+    out.bytes = std::move(e.bytes);
+    return Status::Ok();
+  };
+
+  // The key history: genesis and every key transition below the head.
+  MEDGATE_ASSIGN_OR_RETURN(StoredEntry genesis, ledger.entry(0));
+  MEDGATE_RETURN_IF_ERROR(add(std::move(genesis), true));
+  const EntryType transition[] = {EntryType::kKeyTransition};
+  for (std::uint64_t from = 0;;) {
+    MEDGATE_ASSIGN_OR_RETURN(auto page, ledger.entries_of_type(transition, from, kPage));
+    if (page.empty()) break;
+    from = page.back().index + 1;
+    for (StoredEntry& e : page)
+      if (e.index < size) MEDGATE_RETURN_IF_ERROR(add(std::move(e), true));
+  }
+
+  std::uint64_t first = 0;
+  if (query.from_us) {
+    MEDGATE_ASSIGN_OR_RETURN(first, first_index_at(ledger, *query.from_us));
+  }
+
+  if (query.patient) {
+    // The chain: from the map-proved latest entry back through the links, past the range start
+    // (the first entry dated before --from ends it, and is included to show where it ends).
+    std::vector<std::uint64_t> indexes;
+    for (std::uint64_t from = 0;;) {
+      MEDGATE_ASSIGN_OR_RETURN(auto page, ledger.subject_entries(*query.patient, from, kPage));
+      if (page.empty()) break;
+      from = page.back() + 1;
+      for (std::uint64_t i : page)
+        if (i < size) indexes.push_back(i);
+    }
+    std::optional<std::uint64_t> next =
+        subject_proof->match ? std::optional<std::uint64_t>(subject_proof->match->latest)
+                             : std::nullopt;
+    std::uint64_t visited = 0;
+    while (next) {
+      MEDGATE_ASSIGN_OR_RETURN(StoredEntry e, ledger.entry(*next));
+      std::optional<std::uint64_t> previous = link_for(e.entry, *query.patient);
+      bool before_range = query.from_us && e.entry.time_us < *query.from_us;
+      bool old_format = e.entry.version < 2;
+      MEDGATE_RETURN_IF_ERROR(add(std::move(e), true));
+      if (options.progress && ++visited % 1024 == 0) options.progress(visited, indexes.size());
+      if (before_range) break;
+      if (old_format) {
+        // Format-1 entries carry no links: take the rest of the range from the subject index.
+        for (auto it = indexes.rbegin(); it != indexes.rend(); ++it) {
+          if (*it >= *next) continue;
+          MEDGATE_ASSIGN_OR_RETURN(StoredEntry older, ledger.entry(*it));
+          bool stop = query.from_us && older.entry.time_us < *query.from_us;
+          MEDGATE_RETURN_IF_ERROR(add(std::move(older), false));
+          if (stop) break;
+        }
+        break;
+      }
+      next = previous;
+    }
+  } else {
+    std::vector<EntryType> types = types_of_kind(query.kind);
+    std::uint64_t looked = 0;
+    for (std::uint64_t from = first;;) {
+      MEDGATE_ASSIGN_OR_RETURN(auto page, ledger.entries_of_type(types, from, kPage));
+      if (page.empty()) break;
+      from = page.back().index + 1;
+      bool past = false;
+      for (StoredEntry& e : page) {
+        if (e.index >= size) {
+          past = true;
+          break;
+        }
+        MEDGATE_RETURN_IF_ERROR(add(std::move(e), false));
+      }
+      looked += page.size();
+      if (options.progress) options.progress(looked, size - std::min(size, first));
+      if (past) break;
+    }
+  }
+
+  // Inclusion proofs, all to the bundle head.
+  b.entries.reserve(picked.size());
+  std::optional<std::uint64_t> first_selected, last_selected;
+  for (auto& [index, e] : picked) {
+    MEDGATE_ASSIGN_OR_RETURN(e.proof, ledger.inclusion_proof(index, size));
+    if (e.selected) {
+      if (!first_selected) first_selected = index;
+      last_selected = index;
+    }
+    b.entries.push_back(std::move(e));
+  }
+  // The first heads that covered the range's first and last selected entries, each with a
+  // consistency proof to the bundle head: they show when those entries were first signed for, and
+  // let an auditor who kept one of those heads tie the bundle to it.
+  std::set<std::uint64_t> seen{head.sequence};
+  for (std::optional<std::uint64_t> i : {first_selected, last_selected}) {
+    if (!i) continue;
+    Result<SignedHead> earlier = ledger.first_head_covering(*i);
+    if (!earlier.ok() || !seen.insert(earlier->sequence).second) continue;
+    if (earlier->head.tree_size >= size) continue;
+    MEDGATE_ASSIGN_OR_RETURN(std::vector<Hash> proof,
+                             ledger.consistency_proof(earlier->head.tree_size, size));
+    b.earlier_heads.push_back({earlier->bytes, earlier->signature, std::move(proof)});
+  }
+  return b;
+}
+
+// ---- verification ----
+
+namespace {
+
+class BundleVerifier {
+ public:
+  BundleVerifier(const AuditBundle& b, const std::vector<PublicKey>& trusted) : b_(b) {
+    for (const PublicKey& k : trusted) trusted_.emplace(k.id(), k);
+  }
+
+  AuditReport run(ByteView bundle_bytes, ByteView signature) {
+    r_.ledger_id = b_.ledger_id;
+    r_.created_us = b_.created_us;
+    r_.exported_by = b_.exported_by;
+    r_.query = b_.query;
+    r_.entries = b_.entries.size();
+    r_.earlier_heads = b_.earlier_heads.size();
+    r_.patient_query = b_.query.patient.has_value();
+
+    Result<HeadBody> head = decode_head(b_.head.bytes);
+    if (!head.ok()) {
+      problem("the bundle head does not decode: " + head.status().message());
+      return r_;
+    }
+    head_ = *head;
+    r_.tree_size = head_.tree_size;
+    r_.head_time_us = head_.time_us;
+    r_.root = head_.root;
+    r_.signing_key = to_hex(head_.key_id);
+    if (head_.ledger_id != b_.ledger_id)
+      problem(fmt::format("the bundle head names ledger '{}', the bundle '{}'", head_.ledger_id,
+                          b_.ledger_id));
+
+    check_entries_order_and_proofs();
+    take_key_history();
+    check_bundle_signature(bundle_bytes, signature);
+    check_head_signature(head_, b_.head.bytes, b_.head.signature, "the bundle head");
+    check_earlier_heads();
+    check_selection();
+    if (r_.patient_query) check_patient_chain();
+    if (b_.query.include_values) r_.values_included = true;
+    return r_;
+  }
+
+ private:
+  void problem(std::string p) {
+    if (r_.problems.size() < kMaxProblems) r_.problems.push_back(std::move(p));
+  }
+
+  // Entries in strictly ascending index order, each below the head's size, each proved in it.
+  void check_entries_order_and_proofs() {
+    std::optional<std::uint64_t> previous;
+    for (std::size_t k = 0; k < b_.entries.size(); ++k) {
+      const BundleEntry& e = b_.entries[k];
+      if (previous && e.index <= *previous)
+        problem(
+            fmt::format("entries are out of order: entry {} at position {} follows entry {} "
+                        "(reordered or duplicated)",
+                        e.index, k, *previous));
+      previous = e.index;
+      Result<Entry> decoded = decode_entry(e.bytes);
+      if (!decoded.ok()) {
+        problem(fmt::format("entry {}: does not decode: {}", e.index, decoded.status().message()));
+        continue;
+      }
+      Status s = merkle::verify_inclusion(e.index, head_.tree_size, merkle::leaf_hash(e.bytes),
+                                          e.proof, head_.root);
+      if (!s.ok())
+        problem(
+            fmt::format("entry {}: its inclusion proof does not lead to the signed head's root "
+                        "(the entry or its proof was changed): {}",
+                        e.index, s.message()));
+      entries_.emplace(e.index, std::move(decoded).value());
+    }
+  }
+
+  // Genesis, then every key transition in index order: each signed by the key before it and the
+  // key it introduces (the ledger verifier's rules). The chain is trusted when any key of it is.
+  void take_key_history() {
+    auto g = entries_.find(0);
+    if (g == entries_.end() || g->second.type != EntryType::kGenesis) {
+      problem("the bundle lacks the ledger's genesis entry (entry 0), which names its first key");
+      return;
+    }
+    const Entry& genesis = g->second;
+    const std::string* id = genesis.body.find("ledger_id")->as_text();
+    if (*id != b_.ledger_id)
+      problem(fmt::format("the genesis entry names ledger '{}', not '{}'", *id, b_.ledger_id));
+    Result<PublicKey> key = PublicKey::from_spki_der(*genesis.body.find("public_key")->as_bytes());
+    if (!key.ok()) {
+      problem("the genesis entry's public key is malformed");
+      return;
+    }
+    keys_.emplace(key->id(), *key);
+    epochs_.push_back({1, key->id()});
+    for (const auto& [index, e] : entries_) {
+      if (e.type != EntryType::kKeyTransition) continue;
+      auto hash_of = [&](std::string_view name) {
+        Hash h{};
+        const Bytes* b = e.body.find(name)->as_bytes();
+        std::copy(b->begin(), b->end(), h.begin());
+        return h;
+      };
+      KeyId old_id = hash_of("old_key_id"), new_id = hash_of("new_key_id");
+      KeyId active = epochs_.back().second;
+      if (old_id != active) {
+        problem(
+            fmt::format("entry {}: a key transition from key {}, but the active key is {} (a "
+                        "transition is missing)",
+                        index, short_hex(old_id), short_hex(active)));
+        continue;
+      }
+      Result<PublicKey> new_key =
+          PublicKey::from_spki_der(*e.body.find("new_public_key")->as_bytes());
+      if (!new_key.ok() || new_key->id() != new_id) {
+        problem(fmt::format("entry {}: a key transition whose new key is malformed", index));
+        continue;
+      }
+      Hash digest = sha256(encode_key_transition_statement(b_.ledger_id, old_id, new_id));
+      if (!keys_.at(old_id).verify_digest(digest, *e.body.find("old_signature")->as_bytes()).ok() ||
+          !new_key->verify_digest(digest, *e.body.find("new_signature")->as_bytes()).ok()) {
+        problem(fmt::format("entry {}: a key transition whose signatures do not verify", index));
+        continue;
+      }
+      keys_.emplace(new_id, *new_key);
+      epochs_.push_back({index + 1, new_id});
+    }
+    bool trusted = false;
+    for (const auto& [from, k] : epochs_) {
+      r_.key_chain.push_back(to_hex(k));
+      trusted = trusted || trusted_.count(k);
+    }
+    if (!trusted) {
+      std::string chain;
+      for (const auto& [from, k] : epochs_) chain += (chain.empty() ? "" : " -> ") + short_hex(k);
+      problem(fmt::format("none of the ledger's signing keys ({}) is a trusted key", chain));
+    }
+  }
+
+  // The key that signs heads covering `size` entries, by the key history.
+  std::optional<KeyId> key_for(std::uint64_t size) const {
+    std::optional<KeyId> key;
+    for (const auto& [from, k] : epochs_)
+      if (from <= size) key = k;
+    return key;
+  }
+
+  void check_head_signature(const HeadBody& h, ByteView bytes, ByteView signature,
+                            std::string_view what) {
+    std::optional<KeyId> expected = key_for(h.tree_size);
+    if (!expected) return;  // no key history: reported already
+    if (h.key_id != *expected) {
+      problem(
+          fmt::format("{} is signed by key {}, but the key history says heads of tree size {} "
+                      "are signed by {}",
+                      what, short_hex(h.key_id), h.tree_size, short_hex(*expected)));
+      return;
+    }
+    if (Status s = keys_.at(h.key_id).verify_digest(head_digest(bytes), signature); !s.ok())
+      problem(fmt::format("{}'s signature does not verify: {}", what, s.message()));
+  }
+
+  void check_bundle_signature(ByteView bytes, ByteView signature) {
+    auto key = keys_.find(head_.key_id);
+    if (key == keys_.end()) {
+      problem(fmt::format("the bundle is signed by key {}, which is not in the key history",
+                          short_hex(head_.key_id)));
+      return;
+    }
+    if (signature.empty()) {
+      problem("the bundle has no signature");
+      return;
+    }
+    if (Status s = key->second.verify_digest(sha256(bytes), signature); !s.ok())
+      problem(
+          fmt::format("the bundle signature does not verify with key {} (the bundle was "
+                      "changed after it was signed, or the signature is forged): {}",
+                      short_hex(head_.key_id), s.message()));
+  }
+
+  void check_earlier_heads() {
+    for (std::size_t k = 0; k < b_.earlier_heads.size(); ++k) {
+      const BundleHead& eh = b_.earlier_heads[k];
+      std::string what = fmt::format("earlier head {}", k + 1);
+      Result<HeadBody> h = decode_head(eh.bytes);
+      if (!h.ok()) {
+        problem(what + " does not decode: " + h.status().message());
+        continue;
+      }
+      if (h->ledger_id != b_.ledger_id) problem(what + " names another ledger");
+      check_head_signature(*h, eh.bytes, eh.signature, what);
+      if (h->tree_size > head_.tree_size) {
+        problem(what + " is larger than the bundle head");
+        continue;
+      }
+      if (Status s = merkle::verify_consistency(h->tree_size, head_.tree_size, h->root, head_.root,
+                                                eh.consistency);
+          !s.ok())
+        problem(
+            fmt::format("{} (tree size {}): its consistency proof to the bundle head does not "
+                        "verify: {}",
+                        what, h->tree_size, s.message()));
+    }
+  }
+
+  // Every entry's "selected" flag must be what the query says of it; metadata must match bytes.
+  void check_selection() {
+    for (const BundleEntry& e : b_.entries) {
+      auto it = entries_.find(e.index);
+      if (it == entries_.end()) continue;
+      bool matches = audit_query_matches(b_.query, it->second);
+      if (matches != e.selected)
+        problem(fmt::format("entry {}: marked {}selected, but the query {} it", e.index,
+                            e.selected ? "" : "not ", matches ? "selects" : "does not select"));
+      if (e.selected) ++r_.selected;
+      if (e.meta != meta_value(it->second))
+        problem(fmt::format("entry {}: its metadata does not match its bytes", e.index));
+      if (e.values && !b_.query.include_values)
+        problem(fmt::format("entry {}: carries values the query did not ask for", e.index));
+    }
+  }
+
+  // Completeness for one patient (docs/audit-bundle.md): the head's subject map names the
+  // patient's latest entry; links lead back from it through every entry about the patient.
+  void check_patient_chain() {
+    const Bytes& patient = *b_.query.patient;
+    if (head_.version < 2) {
+      problem(
+          "the bundle head is in format 1, which commits to no subject map: completeness "
+          "cannot be shown");
+      return;
+    }
+    if (!b_.subject_proof) {
+      problem("the bundle is for one patient but carries no subject-map proof");
+      return;
+    }
+    Result<std::optional<std::uint64_t>> latest = verify_subject_map_proof(
+        patient, head_.subject_root, head_.subject_count, *b_.subject_proof);
+    if (!latest.ok()) {
+      problem(latest.status().message());
+      return;
+    }
+    r_.patient_latest = *latest;
+    std::optional<std::uint64_t> next = *latest;
+    std::optional<std::uint64_t> came_from;
+    std::set<std::uint64_t> chain;
+    while (next) {
+      auto it = entries_.find(*next);
+      if (it == entries_.end()) {
+        problem(fmt::format(
+            "the patient's chain is broken: entry {} ({}) is not in the bundle (an entry about the "
+            "patient was removed)",
+            *next,
+            came_from
+                ? fmt::format("named as the previous entry by entry {}", *came_from)
+                : std::string("the latest entry about the patient, by the signed subject map")));
+        return;
+      }
+      const Entry& e = it->second;
+      if (!names_subject(e, patient)) {
+        problem(fmt::format("the patient's chain leads to entry {}, which is not about the patient",
+                            *next));
+        return;
+      }
+      chain.insert(*next);
+      ++r_.chain_entries;
+      if (b_.query.from_us && e.time_us < *b_.query.from_us) break;  // past the range start
+      if (e.version < 2) {
+        r_.notes.push_back(fmt::format(
+            "entries about the patient up to entry {} are in entry format 1, which kept no links: "
+            "completeness is proved from entry {} on",
+            *next, *next));
+        break;
+      }
+      came_from = *next;
+      next = link_for(e, patient);
+    }
+    // Every selected entry about the patient must be on the proved chain (an entry not on it
+    // would mean the links are wrong).
+    for (const auto& [index, e] : entries_)
+      if (names_subject(e, patient) && audit_query_matches(b_.query, e) && !chain.count(index) &&
+          r_.notes.empty())
+        problem(fmt::format("entry {} is about the patient but not on the proved chain", index));
+  }
+
+  const AuditBundle& b_;
+  std::map<KeyId, PublicKey> trusted_;
+  std::map<KeyId, PublicKey> keys_;
+  std::vector<std::pair<std::uint64_t, KeyId>> epochs_;  // (from tree size, key)
+  std::map<std::uint64_t, Entry> entries_;
+  HeadBody head_;
+  AuditReport r_;
+};
+
+}  // namespace
+
+Result<AuditReport> verify_audit_bundle(ByteView bundle_bytes, ByteView signature,
+                                        const std::vector<PublicKey>& trusted_keys) {
+  MEDGATE_ASSIGN_OR_RETURN(AuditBundle b, decode_audit_bundle(bundle_bytes));
+  return BundleVerifier(b, trusted_keys).run(bundle_bytes, signature);
+}
+
+nlohmann::json to_json(const AuditReport& r) {
+  nlohmann::json query = nlohmann::json::object();
+  if (r.query.from_us) query["from"] = format_time(*r.query.from_us);
+  if (r.query.to_us) query["to"] = format_time(*r.query.to_us);
+  if (r.query.patient) query["patient"] = to_hex(*r.query.patient);
+  if (r.query.principal) query["principal"] = *r.query.principal;
+  if (r.query.kind) query["kind"] = *r.query.kind;
+  query["include_values"] = r.query.include_values;
+  nlohmann::json out = {{"ok", r.ok()},
+                        {"problems", r.problems},
+                        {"notes", r.notes},
+                        {"ledger_id", r.ledger_id},
+                        {"created", format_time(r.created_us)},
+                        {"exported_by", r.exported_by},
+                        {"query", query},
+                        {"tree_size", r.tree_size},
+                        {"head_time", format_time(r.head_time_us)},
+                        {"root", to_hex(r.root)},
+                        {"key_chain", r.key_chain},
+                        {"signing_key", r.signing_key},
+                        {"entries", r.entries},
+                        {"selected", r.selected},
+                        {"earlier_heads", r.earlier_heads},
+                        {"values_included", r.values_included}};
+  if (r.patient_query) {
+    out["patient_latest"] = r.patient_latest ? nlohmann::json(*r.patient_latest) : nlohmann::json();
+    out["chain_entries"] = r.chain_entries;
+  }
+  return out;
+}
+
+nlohmann::json bundle_entries_json(const AuditBundle& b) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const BundleEntry& e : b.entries) {
+    if (!e.selected) continue;
+    Result<Entry> d = decode_entry(e.bytes);
+    if (!d.ok()) continue;
+    const EntryTypeInfo* info = find_entry_type(static_cast<std::uint64_t>(d->type));
+    nlohmann::json subjects = nlohmann::json::array();
+    for (const SubjectLink& l : d->subjects)
+      subjects.push_back(
+          {{"subject", to_hex(l.subject)},
+           {"previous", l.previous ? nlohmann::json(*l.previous) : nlohmann::json()}});
+    nlohmann::json j = {{"index", e.index},
+                        {"type", info->name},
+                        {"kind", info->audit_kind},
+                        {"time", format_time(d->time_us)},
+                        {"actor", d->actor},
+                        {"subjects", subjects},
+                        {"body", cbor::to_json(d->body)},
+                        {"leaf_hash", to_hex(merkle::leaf_hash(e.bytes))}};
+    if (e.values) j["values"] = cbor::to_json(*e.values);
+    out.push_back(std::move(j));
+  }
+  return out;
+}
+
+}  // namespace medgate::ledger
