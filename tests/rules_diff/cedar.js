@@ -3,6 +3,12 @@
 // MEDGATE_CEDAR_MODULES names the directory that holds its node_modules.
 'use strict';
 
+// V8's Maglev tier (node 20's V8 11) crashes now and then in its deoptimizer on the generator's
+// workload: a fatal "unreachable code", not a JavaScript error. Node 18's V8 10 has no such tier.
+function avoidMaglev() {
+  if (Number(process.versions.v8.split('.')[0]) >= 11) require('v8').setFlagsFromString('--no-maglev');
+}
+
 function loadCedar() {
   const dir = process.env.MEDGATE_CEDAR_MODULES;
   const paths = dir ? [dir] : [__dirname];
@@ -18,17 +24,9 @@ function loadCedar() {
   return require(file);
 }
 
-// One authorization by the reference. `policies` maps policy id -> the text of that one policy.
-// Returns {decision, reason: [sorted ids], error_policies: [sorted ids]} or {failure: message}.
-function authorize(cedar, policies, entities, request) {
-  const answer = cedar.isAuthorized({
-    principal: request.principal,
-    action: request.action,
-    resource: request.resource,
-    context: request.context,
-    policies: {staticPolicies: policies},
-    entities,
-  });
+// The reference's answer as {decision, reason: [sorted ids], error_policies: [sorted ids]}, or
+// {failure: message} when it refused the input.
+function answerOf(answer) {
   if (answer.type !== 'success') {
     return {failure: answer.errors.map((e) => e.message).join('; ')};
   }
@@ -40,4 +38,31 @@ function authorize(cedar, policies, entities, request) {
   };
 }
 
-module.exports = {loadCedar, authorize};
+// One authorization by the reference. `policies` maps policy id -> the text of that one policy.
+function authorize(cedar, policies, entities, request) {
+  return answerOf(cedar.isAuthorized({
+    principal: request.principal,
+    action: request.action,
+    resource: request.resource,
+    context: request.context,
+    policies: {staticPolicies: policies},
+    entities,
+  }));
+}
+
+// Many authorizations against one policy set, parsed once (preparsePolicySet): returns
+// {failure} or a function (entities, request) -> answer as above.
+function preparedAuthorizer(cedar, policies) {
+  const parsed = cedar.preparsePolicySet('gen', {staticPolicies: policies});
+  if (parsed.type !== 'success') return {failure: parsed.errors.map((e) => e.message).join('; ')};
+  return (entities, request) => answerOf(cedar.statefulIsAuthorized({
+    principal: request.principal,
+    action: request.action,
+    resource: request.resource,
+    context: request.context,
+    preparsedPolicySetId: 'gen',
+    entities,
+  }));
+}
+
+module.exports = {avoidMaglev, loadCedar, authorize, preparedAuthorizer};

@@ -4,7 +4,7 @@
 // {"decision", "reason": [ids], "error_policies": [ids]} or {"failure": message}.
 'use strict';
 
-require('v8').setFlagsFromString('--no-maglev');  // see gen.js
+require('./cedar').avoidMaglev();  // see cedar.js
 
 const readline = require('readline');
 const {loadCedar, authorize} = require('./cedar');
