@@ -161,6 +161,7 @@ class Oracle {
   Oracle& operator=(const Oracle&) = delete;
 
   std::size_t calls() const { return calls_; }
+  bool alive() const { return write_fd_ >= 0; }
 
   // nullopt when the oracle is gone (not started, or died).
   std::optional<Answer> ask(const json& question) {
@@ -307,13 +308,18 @@ class Shrinker {
         }
         progress |= simplify_conditions(r, p);
       }
-      progress |= shrink_json_members(r, [](Reduced& x) -> json& { return x.request["context"]; });
-      for (std::size_t e = 0; e < r.entities.size(); ++e) {
+      if (r.request.contains("context") && r.request["context"].is_object())
         progress |=
-            shrink_json_members(r, [e](Reduced& x) -> json& { return x.entities[e]["attrs"]; });
-        progress |= drop_each(
-            r, [e](Reduced& x) { return x.entities[e]["parents"].size(); },
-            [e](Reduced& x, std::size_t i) { x.entities[e]["parents"].erase(i); });
+            shrink_json_members(r, [](Reduced& x) -> json& { return x.request["context"]; });
+      for (std::size_t e = 0; e < r.entities.size(); ++e) {
+        if (!r.entities[e].is_object()) continue;
+        if (r.entities[e].contains("attrs") && r.entities[e]["attrs"].is_object())
+          progress |=
+              shrink_json_members(r, [e](Reduced& x) -> json& { return x.entities[e]["attrs"]; });
+        if (r.entities[e].contains("parents") && r.entities[e]["parents"].is_array())
+          progress |= drop_each(
+              r, [e](Reduced& x) { return x.entities[e]["parents"].size(); },
+              [e](Reduced& x, std::size_t i) { x.entities[e]["parents"].erase(i); });
       }
     }
   }
