@@ -1,5 +1,5 @@
-// The reference side of bench_rules: times Cedar's reference implementation (cedar-wasm) on the
-// benchmark's policy set and requests, as bench_rules wrote them.
+// The reference side of bench_rules_cedar: times Cedar's reference implementation (cedar-wasm) on the
+// benchmark's policy set and requests, as bench_rules_cedar wrote them.
 //
 //   node bench.js DIR [--seconds S] [--max N]
 //
