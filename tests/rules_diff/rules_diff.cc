@@ -269,6 +269,7 @@ ExprPtr literal_bool(bool b) {
 class Shrinker {
  public:
   Shrinker(Oracle& oracle, std::size_t budget) : oracle_(oracle), budget_(budget) {}
+  void extend_budget(std::size_t n) { budget_ = std::max(budget_, oracle_.calls() + n); }
 
   // True when both sides still answer, and differently.
   bool diverges(const Reduced& r, Answer* ours = nullptr, Answer* theirs = nullptr) {
@@ -308,14 +309,19 @@ class Shrinker {
         }
         progress |= simplify_conditions(r, p);
       }
-      if (r.request.contains("context") && r.request["context"].is_object())
+      if (r.request.contains("context") && r.request["context"].is_object()) {
         progress |=
             shrink_json_members(r, [](Reduced& x) -> json& { return x.request["context"]; });
+        progress |= shrink_json_tree(r, [](Reduced& x) -> json& { return x.request["context"]; });
+      }
       for (std::size_t e = 0; e < r.entities.size(); ++e) {
         if (!r.entities[e].is_object()) continue;
-        if (r.entities[e].contains("attrs") && r.entities[e]["attrs"].is_object())
+        if (r.entities[e].contains("attrs") && r.entities[e]["attrs"].is_object()) {
           progress |=
               shrink_json_members(r, [e](Reduced& x) -> json& { return x.entities[e]["attrs"]; });
+          progress |=
+              shrink_json_tree(r, [e](Reduced& x) -> json& { return x.entities[e]["attrs"]; });
+        }
         if (r.entities[e].contains("parents") && r.entities[e]["parents"].is_array())
           progress |= drop_each(
               r, [e](Reduced& x) { return x.entities[e]["parents"].size(); },
@@ -345,6 +351,43 @@ class Shrinker {
     for (const auto& k : keys) {
       Reduced t = r;
       object(t).erase(k);
+      if (diverges(t)) r = std::move(t), progress = true;
+    }
+    return progress;
+  }
+
+  // Drops members of nested records and elements of sets anywhere below the top level of
+  // `root(r)`, the innermost and last first (so that earlier array indices stay valid).
+  bool shrink_json_tree(Reduced& r, const std::function<json&(Reduced&)>& root) {
+    std::vector<json::json_pointer> paths;
+    std::function<void(const json&, const json::json_pointer&)> collect =
+        [&](const json& v, const json::json_pointer& at) {
+          if (v.is_object()) {
+            for (const auto& [k, child] : v.items()) {
+              if (!at.empty()) paths.push_back(at / k);
+              collect(child, at / k);
+            }
+          } else if (v.is_array()) {
+            for (std::size_t i = 0; i < v.size(); ++i) {
+              if (!at.empty()) paths.push_back(at / i);
+              collect(v[i], at / i);
+            }
+          }
+        };
+    collect(root(r), json::json_pointer());
+    bool progress = false;
+    for (auto it = paths.rbegin(); it != paths.rend(); ++it) {
+      Reduced t = r;
+      json& base = root(t);
+      if (!base.contains(*it)) continue;
+      json& parent = base[it->parent_pointer()];
+      if (parent.is_object()) {
+        parent.erase(it->back());
+      } else if (parent.is_array()) {
+        std::size_t index = std::stoul(it->back());
+        if (index >= parent.size()) continue;
+        parent.erase(index);
+      }
       if (diverges(t)) r = std::move(t), progress = true;
     }
     return progress;
@@ -409,7 +452,7 @@ std::string outcome_of(const Answer& a) {
   return a.reason.empty() ? "default deny" : "deny by forbid";
 }
 
-void report(const Options& opt, Oracle* oracle, const std::string& case_id, std::size_t request_no,
+void report(Oracle* oracle, const std::string& case_id, std::size_t request_no,
             const std::string& policies, const json& entities, const json& request,
             const Answer& ours, const Answer& theirs) {
   fmt::print("\nDIVERGENCE in case {} request {}\n  medgate: {}\n  cedar:   {}\n", case_id,
@@ -424,18 +467,20 @@ void report(const Options& opt, Oracle* oracle, const std::string& case_id, std:
     Shrinker shrinker(*oracle, oracle->calls() + 4000);
     if (shrinker.diverges(r, &m, &c)) {
       shrinker.shrink(r);
+      shrinker.extend_budget(1);  // the last step kept the divergence: ask once more for answers
       if (shrinker.diverges(r, &m, &c)) {
         text = r.policy_text();
         ents = r.entities;
         req = r.request;
       }
+    } else if (!oracle->alive()) {
+      fmt::print("  (the oracle did not answer: the case is shown unshrunk)\n");
     } else {
       fmt::print(
           "  (printing the parsed policies back to text loses the divergence: the case is "
           "shown as generated)\n");
     }
   } else if (oracle == nullptr) {
-    (void)opt;
     fmt::print("  (no oracle: the case is shown unshrunk)\n");
   }
   fmt::print("--- minimal case: policies\n{}--- entities\n{}\n--- request\n{}\n", text,
@@ -493,7 +538,7 @@ int run(const Options& opt) {
                             {"action", rq.at("action")},
                             {"resource", rq.at("resource")},
                             {"context", rq.at("context")}};
-            report(opt, oracle.get(), id, n, policies, c.at("entities"), request, ours, theirs);
+            report(oracle.get(), id, n, policies, c.at("entities"), request, ours, theirs);
           } else {
             fmt::print("divergence in case {} request {}: medgate {} / cedar {}\n", id, n,
                        ours.to_text(), theirs.to_text());
