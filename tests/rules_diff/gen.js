@@ -10,7 +10,7 @@
 // in roughly equal shares (default denies are kept only now and then).
 'use strict';
 
-require('./cedar').avoidMaglev();  // before any hot code
+require('./cedar').avoidJitCrash();  // before any hot code
 
 const fs = require('fs');
 const {loadCedar, preparedAuthorizer} = require('./cedar');

@@ -4,7 +4,7 @@
 // {"decision", "reason": [ids], "error_policies": [ids]} or {"failure": message}.
 'use strict';
 
-require('./cedar').avoidMaglev();  // see cedar.js
+require('./cedar').avoidJitCrash();  // see cedar.js
 
 const readline = require('readline');
 const {loadCedar, authorize} = require('./cedar');
