@@ -8,9 +8,9 @@
 //   - Else any satisfied permit -> Allow, determined by the satisfied permits.
 //   - Else Deny (default deny), determined by nothing.
 //
-// Policies are indexed by their scope (`principal ==`, `resource ==`/`in` an entity), so a
-// decision looks only at policies that can apply to the request's principal, resource and their
-// ancestors, and the cost does not grow with unrelated grants.
+// Policies are indexed by their scope (`resource` or else `principal` `==`, `in` or `is T in` an
+// entity), so a decision looks only at policies that can apply to the request's principal,
+// resource and their ancestors, and the cost does not grow with unrelated grants.
 #pragma once
 
 #include <memory>
@@ -42,9 +42,13 @@ struct Response {
 // True when the scope clause matches (no conditions evaluated).
 bool scope_matches(const Policy& policy, const Request& request, const Entities& entities);
 
+// is_authorized() may run on many threads at once; add() and remove() need the authorizer to
+// themselves. A moved-from Authorizer is empty and usable.
 class Authorizer {
  public:
   Authorizer();
+  // Ids should be unique (parse_policies makes them so); a repeated one drops no policy, and
+  // remove() of that id removes them all.
   explicit Authorizer(PolicySet policies);
   ~Authorizer();
   Authorizer(Authorizer&&) noexcept;

@@ -23,6 +23,7 @@ struct Entity {
   std::vector<EntityUid> parents;
 };
 
+// Const methods may run on many threads at once, while nobody adds to this store or its base.
 class Entities {
  public:
   Entities() = default;
@@ -47,10 +48,13 @@ class Entities {
 };
 
 // Cedar's JSON entity format: an array of {"uid": {"type": T, "id": I}, "attrs": {...},
-// "parents": [{"type":..,"id":..}, ...]}. Attribute values: JSON bool, integer (64-bit), string,
-// array (a set), object (a record), and entity references written {"__entity": {"type", "id"}} or
-// (as Cedar also accepts) {"type": T, "id": I}. Floats, nulls, extension values ("__extn") and
-// duplicate uids are errors naming the entity and attribute.
+// "parents": [{"type":..,"id":..}, ...]}; "uid" and each parent may also be written
+// {"__entity": {"type": T, "id": I}}. Attribute values: JSON bool, integer (64-bit), string,
+// array (a set), object (a record), and entity references written {"__entity": {"type", "id"}}.
+// As in Cedar without a schema, an attribute value {"type": T, "id": I} is a record, not an
+// entity. Floats, nulls, extension values ("__extn"), entity tags, a type that is not a Cedar name,
+// a repeated key, duplicate uids and a cycle of parents (Cedar refuses those at load too) are
+// errors naming the entity and attribute.
 Result<Entities> entities_from_json(const nlohmann::json& doc);
 Result<Entities> entities_from_json_text(std::string_view text);
 
