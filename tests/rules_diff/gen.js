@@ -437,6 +437,11 @@ class PolicyGen {
       [0.4, () => r.pick([`(principal.ref == ${uidText(this.g.anyOf('User'))})`,
                           `((principal has ref) && (principal.ref has id))`,
                           `(principal.ref.id == ${quote(this.g.anyOf('User').id)})`])],
+      [0.4, () => {  // && and || whose right side is not a bool, used as a value
+        const op = r.pick(['&&', '||']);
+        const bad = r.pick(['1', '"yes"', 'principal', '[true]', '{}']);
+        return `((${r.pick(['true', 'false', '(context.purpose == "TREAT")'])} ${op} ${bad}) ${r.pick(['==', '!='])} ${r.pick(['true', 'false', bad])})`;
+      }],
       [1.5, () => {  // arithmetic at the edge of 64 bits: overflows depend on the data
         const a = this.attrExpr('long').expr;
         return r.pick([
@@ -448,19 +453,35 @@ class PolicyGen {
           `(((-9223372036854775807 - 1) + ${a}) < 0)`,
           `((3037000500 * 3037000500) > ${a})`,
           `((${a} * -1) == (-${a}))`,
+          `((-(-9223372036854775807 - 1)) ${r.pick(REL)} ${a})`,
+          `((-${this.longLiteral()}) ${r.pick(REL)} ${a})`,
         ]);
+      }],
+      [1, () => {  // the matcher alone: a word against a pattern made from it (or another)
+        const word = r.pick(WORDS);
+        return `(${quote(r.chance(0.7) ? word : r.pick(WORDS))} like ${this.pattern(word)})`;
       }],
       [0.7, () => `(${this.setExpr(0)} ${r.pick(['==', '!='])} ${this.setExpr(0)})`],
     ];
     if (depth <= 0) return r.weighted(leaves)();
     return r.weighted([
       [6, () => r.weighted(leaves)()],
-      [2.5, () => `(${this.boolExpr(depth - 1)} && ${this.boolExpr(depth - 1)})`],
-      [2.5, () => `(${this.boolExpr(depth - 1)} || ${this.boolExpr(depth - 1)})`],
+      [2.5, () => `(${this.boolExpr(depth - 1)} && ${this.operand(depth - 1)})`],
+      [2.5, () => `(${this.boolExpr(depth - 1)} || ${this.operand(depth - 1)})`],
+      // Booleans as values: a non-bool that leaked out of && || (`true && 1`) shows here.
+      [1, () => `(${this.boolExpr(depth - 1)} ${r.pick(['==', '!='])} ${r.pick(['true', 'false', this.boolExpr(depth - 1)])})`],
+      [0.5, () => `[${this.boolExpr(depth - 1)}, ${this.boolExpr(0)}].contains(${r.pick(['true', 'false'])})`],
       [1, () => `(!${this.boolExpr(depth - 1)})`],
       [0.8, () => this.ifExpr('bool', depth)],
       [0.4, () => `(${this.expr(r.pick(['long', 'string', 'entity', 'bool']), depth - 1)} == ${this.expr(r.pick(['long', 'string', 'entity', 'bool']), depth - 1)})`],
     ])();
+  }
+
+  // The right operand of && and ||: now and then not a bool at all (a type error only when it
+  // is reached).
+  operand(depth) {
+    if (this.r.chance(0.1)) return this.r.pick(['1', '"yes"', 'principal', '[true]', `(${this.longExpr(0)})`]);
+    return this.boolExpr(depth);
   }
 
   // The right side of `in`: an entity (often an ancestor in the graph) or a set of entities.
@@ -483,14 +504,16 @@ class PolicyGen {
   }
 
   // A `like` pattern: runs of text from the vocabulary, wildcards and escaped stars.
-  pattern() {
+  pattern(word) {
     const r = this.r;
-    const word = r.pick(WORDS);
+    word = word === undefined ? r.pick(WORDS) : word;
     const parts = [];
     const pieces = r.weighted([[3, () => [word]], [2, () => [word.slice(0, 2), '*']],
                                [2, () => ['*', word.slice(-2)]], [1, () => ['*']],
                                [1, () => ['*', word.slice(1, 3), '*']], [0.5, () => ['a', '\\*', '*']],
-                               [1, () => [word.slice(0, 1), '*', word.slice(-1)]]])();
+                               [1, () => [word.slice(0, 1), '*', word.slice(-1)]],
+                               // prefix and suffix that would overlap on the word itself
+                               [1, () => [word, '*', word.slice(-1)]], [0.5, () => [word.slice(0, 2), '*', word.slice(1)]]])();
     for (const p of pieces) {
       if (p === '*' || p === '\\*') parts.push(p);
       else parts.push(quote(p).slice(1, -1).replace(/\*/g, '\\*'));
