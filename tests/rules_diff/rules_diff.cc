@@ -19,6 +19,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -434,6 +435,23 @@ class Shrinker {
 
 // ---- the run ----
 
+// Which request is being answered, for a crash report: the engine must never crash, and when it
+// does the case is what its author needs.
+char g_current[512] = "before the first case";
+
+void say_where_and_die(int sig) {
+  const char prefix[] = "\nrules_diff: the engine crashed (or threw) in ";
+  (void)!::write(2, prefix, sizeof prefix - 1);
+  (void)!::write(2, g_current, std::strlen(g_current));
+  (void)!::write(2, "\n", 1);
+  ::signal(sig, SIG_DFL);
+  ::raise(sig);
+}
+
+void set_current(const std::string& case_id, std::size_t request_no) {
+  std::snprintf(g_current, sizeof g_current, "case %s request %zu", case_id.c_str(), request_no);
+}
+
 struct Options {
   std::vector<std::string> files;
   std::string oracle;  // oracle.js; empty: no shrinking
@@ -514,6 +532,7 @@ int run(const Options& opt) {
       std::size_t n = 0;
       for (const auto& rq : c.at("requests")) {
         ++tally.requests;
+        set_current(id, n);
         Answer theirs = answer_from_json(rq.at("expected"));
         ++tally.outcomes[outcome_of(theirs)];
         Answer ours;
@@ -578,6 +597,9 @@ int run(const Options& opt) {
 
 int main(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);
+  for (int sig : {SIGSEGV, SIGABRT, SIGBUS, SIGFPE})
+    ::signal(sig, medgate::rules::say_where_and_die);
+  std::set_terminate([] { medgate::rules::say_where_and_die(SIGABRT); });
   medgate::rules::Options opt;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
