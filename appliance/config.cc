@@ -6,6 +6,8 @@
 #include <set>
 #include <sstream>
 
+#include <arpa/inet.h>
+
 #include <fmt/format.h>
 #include <toml++/toml.h>
 
@@ -244,6 +246,59 @@ class SubsetChecker {
   int line_ = 1;
 };
 
+// [network] allow: addresses and prefixes separated by spaces or commas, as systemd's
+// IPAddressAllow= takes them. Each is checked here so that a typo stops medgated ip-allow with the
+// line, rather than making systemd refuse the drop-in (or, worse, read it differently).
+Result<std::vector<std::string>> parse_ip_allow(std::string_view text) {
+  std::vector<std::string> out;
+  std::size_t i = 0;
+  while (i < text.size()) {
+    if (text[i] == ' ' || text[i] == ',' || text[i] == '\t') {
+      ++i;
+      continue;
+    }
+    std::size_t end = text.find_first_of(" ,\t", i);
+    if (end == std::string_view::npos) end = text.size();
+    std::string item(text.substr(i, end - i));
+    i = end;
+    if (item == "localhost" || item == "link-local" || item == "multicast") {
+      out.push_back(item);
+      continue;
+    }
+    if (item == "any")
+      return Status::InvalidArgument(
+          "'any' would allow every address; leave [network] allow out instead");
+    std::string address = item;
+    std::optional<unsigned> prefix;
+    if (std::size_t slash = item.find('/'); slash != std::string::npos) {
+      address = item.substr(0, slash);
+      std::string bits = item.substr(slash + 1);
+      if (bits.empty() || bits.size() > 3 ||
+          !std::all_of(bits.begin(), bits.end(), [](char ch) { return ch >= '0' && ch <= '9'; }))
+        return Status::InvalidArgument(
+            fmt::format("'{}': the prefix length is not a number", item));
+      prefix = static_cast<unsigned>(std::stoul(bits));
+    }
+    unsigned char buf[16];
+    unsigned max_bits = 0;
+    if (::inet_pton(AF_INET, address.c_str(), buf) == 1)
+      max_bits = 32;
+    else if (::inet_pton(AF_INET6, address.c_str(), buf) == 1)
+      max_bits = 128;
+    else
+      return Status::InvalidArgument(fmt::format(
+          "'{}' is not an IPv4 or IPv6 address or prefix (e.g. 10.20.0.0/16, fd00:7::/64), nor "
+          "localhost, link-local or multicast",
+          item));
+    if (prefix && *prefix > max_bits)
+      return Status::InvalidArgument(fmt::format("'{}': an IPv{} prefix is at most /{}", item,
+                                                 max_bits == 32 ? 4 : 6, max_bits));
+    out.push_back(item);
+  }
+  if (out.empty()) return Status::InvalidArgument("the list is empty; leave the key out instead");
+  return out;
+}
+
 }  // namespace
 
 Result<Config> load_config(const std::filesystem::path& file) {
@@ -263,8 +318,8 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
   } catch (const toml::parse_error& e) {
     return r.error_at(e.source(), std::string(e.description()));
   }
-  MEDGATE_RETURN_IF_ERROR(
-      r.check_keys(root, "top level", {"ledger", "key_store", "admin", "hl7", "coap", "log"}));
+  MEDGATE_RETURN_IF_ERROR(r.check_keys(
+      root, "top level", {"ledger", "key_store", "admin", "hl7", "coap", "network", "log"}));
   for (const auto& [key, node] : root)
     if (!node.is_table())
       return r.error_at(node.source(),
@@ -482,6 +537,17 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
     }
   }
 
+  const toml::table& network = section("network");
+  MEDGATE_RETURN_IF_ERROR(r.check_keys(network, "network", {"allow"}));
+  MEDGATE_ASSIGN_OR_RETURN(auto allow, r.get<std::string>(network, "network", "allow"));
+  if (allow) {
+    Result<std::vector<std::string>> list = parse_ip_allow(*allow);
+    if (!list.ok())
+      return r.error_at(network.get("allow")->source(),
+                        "[network] allow: " + list.status().message());
+    c.ip_allow = std::move(list).value();
+  }
+
   const toml::table& log = section("log");
   MEDGATE_RETURN_IF_ERROR(r.check_keys(log, "log", {"level"}));
   MEDGATE_ASSIGN_OR_RETURN(auto level, r.get<std::string>(log, "log", "level"));
@@ -613,12 +679,41 @@ auditor_group = {}
 # address = "::"
 # port = 5684
 
+# The networks devices and peers are on, for the service's IP allow-list: `medgated ip-allow`
+# turns this into a systemd drop-in (IPAddressDeny=any, IPAddressAllow=...). Not read at run time.
+# [network]
+# allow = "10.20.0.0/16 fd00:7::/64"
+
 [log]
 level = "info"
 )",
                      q(c.ledger_id), q(c.data_dir.string()), q(c.ledger_path.string()),
                      c.head_interval.count(), c.counter_interval.count(), key_store_text,
                      q(c.admin.socket.string()), q(c.admin.admin_group), q(c.admin.auditor_group));
+}
+
+Result<std::string> render_ip_allow_dropin(const Config& c) {
+  if (c.ip_allow.empty())
+    return Status::InvalidArgument(
+        fmt::format("{} has no [network] allow: there is no network to restrict medgated to "
+                    "(add e.g. allow = \"10.20.0.0/16\")",
+                    c.source.string()));
+  std::string allow;
+  for (const auto& a : c.ip_allow) allow += " " + a;
+  return fmt::format(
+      R"(# Written by `medgated ip-allow --config {}` from its [network] allow.
+# Install as /etc/systemd/system/medgated.service.d/ip-allow.conf, then
+# `systemctl daemon-reload && systemctl restart medgated`. Write it again after changing the list.
+#
+# medgated may exchange IP packets (both ways: devices, clinical systems, etcd peers) only with
+# these networks; everything else is dropped by the kernel before it reaches a socket. Loopback
+# stays open (local tools and tests). The admin socket is a Unix socket and is not affected.
+[Service]
+IPAddressDeny=any
+IPAddressAllow=localhost
+IPAddressAllow={}
+)",
+      c.source.string(), allow.substr(1));
 }
 
 }  // namespace medgate::appliance

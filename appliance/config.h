@@ -39,6 +39,11 @@ struct Config {
   std::optional<hl7::MllpListenerConfig> hl7;
   std::optional<coap::CoapServerConfig> coap;
   LogLevel log_level = LogLevel::kInfo;
+  // [network] allow: the networks devices and peers live on ("10.20.0.0/16", "fd00:7::/64",
+  // "192.168.7.12", or systemd's "localhost", "link-local", "multicast"), in the order written.
+  // medgated does not filter by it itself: `medgated ip-allow` turns it into the unit's
+  // IPAddressDeny=any + IPAddressAllow= drop-in, and the kernel filters (cgroup BPF).
+  std::vector<std::string> ip_allow;
 };
 
 // kInvalidArgument "FILE:LINE: ..." for syntax errors, unknown keys, wrong types, missing
@@ -52,5 +57,10 @@ Result<std::vector<unsigned>> parse_pcr_list(std::string_view text);
 
 // The commented TOML that `medctl init` writes.
 std::string render_config(const Config& config);
+
+// The systemd drop-in for medgated.service that `medgated ip-allow` prints: IPAddressDeny=any,
+// IPAddressAllow=localhost and the config's [network] allow. kInvalidArgument when the config has
+// no [network] allow (there is nothing to restrict to).
+Result<std::string> render_ip_allow_dropin(const Config& config);
 
 }  // namespace medgate::appliance

@@ -10,6 +10,8 @@
 #include <thread>
 
 #include "appliance/admin_server.h"
+#include "appliance/consent.h"
+#include "appliance/consent_ops.h"
 #include "appliance/erasure.h"
 #include "appliance/json_cbor.h"
 #include "appliance/coap/server.h"
@@ -115,6 +117,17 @@ class Daemon::Impl {
         DeviceRegistry::open(config_.data_dir / "registry.db", *keys_, *vault_, *ledger_);
     if (!registry.ok()) return registry.status().with_context("device registry");
     registry_ = std::move(registry).value();
+    Result<std::unique_ptr<ConsentBook>> book = ConsentBook::open(*ledger_, *vault_);
+    if (!book.ok()) return book.status().with_context("consent rules");
+    consent_ = std::move(book).value();
+    {
+      std::vector<RulesVersionInfo> versions = consent_->rules_versions();
+      log(LogLevel::kInfo, "rules.open", "consent rules: {}; {} consent grants on record",
+          versions.empty() ? std::string("none deployed (every access is denied)")
+                           : fmt::format("version {} ({} policies)", versions.back().version,
+                                         versions.back().policies),
+          consent_->grants(std::nullopt).size());
+    }
 
     // Ingest: the pipeline makes readings durable; the listeners answer devices only after that.
     pipeline_ = std::make_unique<IngestPipeline>(*ledger_, *vault_);
@@ -490,7 +503,29 @@ class Daemon::Impl {
                   {"entry", erased->entry},
                   {"erased_at", ledger::format_time(erased->erased_us)}};
     });
+    for (Operation& op : consent_operations(*consent_, *vault_, *ledger_))
+      ops.push_back(std::move(op));
     return ops;
+  }
+
+  json consent_json() const {
+    std::vector<RulesVersionInfo> versions = consent_->rules_versions();
+    std::optional<DirectoryInfo> dir = consent_->directory();
+    std::size_t active = 0;
+    const std::uint64_t now = ledger::now_us();
+    std::vector<ConsentGrant> grants = consent_->grants(std::nullopt);
+    for (const ConsentGrant& g : grants) active += grant_state(g, now) == "active";
+    ConsentBook::Counters c = consent_->counters();
+    return {{"rules_version", versions.empty() ? json(nullptr) : json(versions.back().version)},
+            {"policies", versions.empty() ? 0 : versions.back().policies},
+            {"directory_version", dir ? json(dir->version) : json(nullptr)},
+            {"grants", grants.size()},
+            {"grants_active", active},
+            {"decisions",
+             {{"allowed", c.allowed},
+              {"denied", c.denied},
+              {"break_glass", c.break_glass},
+              {"with_policy_errors", c.policy_errors}}}};
   }
 
   json ingest_json() const {
@@ -646,6 +681,7 @@ class Daemon::Impl {
           {"errors", a.errors},
           {"refused", a.refused}}},
         {"ingest", ingest_json()},
+        {"consent", consent_json()},
     };
     if (s.latest_head) {
       out["signed_head"] = {{"sequence", s.latest_head->sequence},
@@ -664,6 +700,7 @@ class Daemon::Impl {
   std::unique_ptr<Vault> vault_;
   std::unique_ptr<PatientErasure> erasure_;
   std::unique_ptr<DeviceRegistry> registry_;
+  std::unique_ptr<ConsentBook> consent_;
   std::unique_ptr<IngestPipeline> pipeline_;
   std::unique_ptr<hl7::MllpListener> mllp_;
   std::unique_ptr<coap::CoapServer> coap_;

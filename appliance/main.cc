@@ -1,5 +1,6 @@
 // medgated: the medgate daemon. `medgated --config FILE` runs in the foreground (systemd
-// Type=notify); `medgated init ...` is what `medctl init` runs.
+// Type=notify); `medgated init ...` is what `medctl init` runs; `medgated ip-allow` prints the
+// unit's IP allow-list drop-in from the config.
 #include <pwd.h>
 #include <signal.h>
 #include <systemd/sd-daemon.h>
@@ -67,7 +68,9 @@ int run_init(const InitOptions& options, bool json) {
                                 {"public_key", r->public_key.string()},
                                 {"socket", r->socket.string()},
                                 {"key_id", to_hex(r->key_id)},
-                                {"key_store", r->key_store}}
+                                {"key_store", r->key_store},
+                                {"config_written", r->config_written},
+                                {"pin_file", r->pin_file ? r->pin_file->string() : ""}}
                      .dump(2)
               << "\n";
   } else {
@@ -76,8 +79,13 @@ int run_init(const InitOptions& options, bool json) {
               << "  key store   " << r->key_store << "\n"
               << "  signing key " << to_hex(r->key_id) << "\n"
               << "  public key  " << r->public_key.string() << "  (give this to auditors)\n"
-              << "  config      " << r->config.string() << "\n"
-              << "Start the daemon with: medgated --config " << r->config.string() << "\n";
+              << "  config      " << r->config.string()
+              << (r->config_written ? "" : "  (used as it is)") << "\n";
+    if (r->pin_file) std::cout << "  token PIN   " << r->pin_file->string() << "  (0600)\n";
+    if (r->config == "/etc/medgate/medgated.toml")
+      std::cout << "Start the service with: systemctl enable --now medgated\n";
+    else
+      std::cout << "Start the daemon with: medgated --config " << r->config.string() << "\n";
   }
   return 0;
 }
@@ -95,7 +103,9 @@ int main(int argc, char** argv) {
   std::string pin_file, pin_env;
   CLI::App* init_cmd =
       app.add_subcommand("init", "create the key store, ledger and config (used by `medctl init`)");
-  init_cmd->add_option("--data-dir", init.data_dir, "data directory")->required();
+  init_cmd->add_option("--data-dir", init.data_dir, "data directory (init writes the config)");
+  init_cmd->add_option("--from-config", init.existing_config,
+                       "make what this existing config describes (instead of --data-dir)");
   init_cmd->add_option("--key-store", init.key_store, "softhsm | pkcs11:URI | tpm2[:TCTI]");
   init_cmd->add_option("--ledger-id", init.ledger_id, "the ledger's name (default: the host name)");
   init_cmd->add_option("--config-out", init.config_out,
@@ -108,12 +118,29 @@ int main(int argc, char** argv) {
                        "tpm2: seal the data-key secret to these PCRs (SHA-256), e.g. 7 or 0,7");
   init_cmd->add_flag("--json", init_json, "print the result as JSON");
 
+  std::string allow_config = "/etc/medgate/medgated.toml";
+  CLI::App* ip_allow_cmd = app.add_subcommand(
+      "ip-allow",
+      "print the unit's IP allow-list drop-in (IPAddressDeny=any, IPAddressAllow=) from the "
+      "config's [network] allow");
+  ip_allow_cmd->add_option("--config", allow_config, "configuration file (TOML)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;
   }
   if (*init_cmd) {
+    if (init.data_dir.empty() == !init.existing_config) {
+      std::cerr << "medctl init: give either --data-dir DIR (init writes a config there) or an "
+                   "existing config to complete\n";
+      return 2;
+    }
+    if (init.existing_config && init_cmd->count("--key-store") > 0) {
+      std::cerr << "medctl init: the key store comes from the config's [key_store] section; "
+                   "leave out --key-store\n";
+      return 2;
+    }
     if (!pin_file.empty()) init.pin = {hsm::PinSource::Kind::kFile, pin_file};
     if (!pin_env.empty()) init.pin = {hsm::PinSource::Kind::kEnv, pin_env};
     Result<std::vector<unsigned>> pcrs = parse_pcr_list(seal_pcrs);
@@ -124,6 +151,17 @@ int main(int argc, char** argv) {
     init.seal_pcrs = std::move(pcrs).value();
     init.actor = invoking_actor();
     return run_init(init, init_json);
+  }
+  if (*ip_allow_cmd) {
+    Result<Config> config = load_config(allow_config);
+    Result<std::string> dropin =
+        config.ok() ? render_ip_allow_dropin(*config) : Result<std::string>(config.status());
+    if (!dropin.ok()) {
+      std::cerr << "medgated ip-allow: " << dropin.status().message() << "\n";
+      return 2;
+    }
+    std::cout << *dropin;
+    return 0;
   }
   if (config_path.empty()) {
     std::cerr << "medgated: --config FILE is required (see medgated --help)\n";

@@ -21,23 +21,30 @@
 #include "ledger/verifier.h"
 
 namespace medgate::cli {
-namespace {
 
 using nlohmann::json;
 
-// Reports a failure the way every command does: a message on stderr, and with --json the error
-// document on stdout too. Returns the exit code.
-int fail(const GlobalOptions& g, const Status& s, std::string_view what = "medctl") {
+int fail(const GlobalOptions& g, const Status& s, std::string_view what) {
   if (g.json) std::cout << admin::error_response(s).dump(2) << "\n";
   std::cerr << what << ": " << s.message() << "\n";
   return admin::exit_code(s.code());
 }
 
-Result<json> call(const GlobalOptions& g, std::string_view op, const json& args = json::object()) {
+Result<json> call(const GlobalOptions& g, std::string_view op, const json& args) {
   MEDGATE_ASSIGN_OR_RETURN(AdminClient client,
                            AdminClient::connect(resolve_socket(g.socket, g.config)));
   return client.call(op, args);
 }
+
+std::string read_patient(std::string patient) {
+  if (patient == "-") {
+    std::getline(std::cin, patient);
+    if (!patient.empty() && patient.back() == '\r') patient.pop_back();
+  }
+  return patient;
+}
+
+namespace {
 
 std::string short_hex(const std::string& hex) {
   return hex.size() > 16 ? hex.substr(0, 16) + "…" : hex;
@@ -84,6 +91,9 @@ bool stderr_is_tty() {
   return ::isatty(STDERR_FILENO) == 1;
 }
 
+// The config the Debian package installs (a conffile), for `medctl init` without --data-dir.
+constexpr const char* kPackagedConfig = "/etc/medgate/medgated.toml";
+
 }  // namespace
 
 int cmd_init(const GlobalOptions& g, const InitArgs& a) {
@@ -96,14 +106,19 @@ int cmd_init(const GlobalOptions& g, const InitArgs& a) {
     medgated = env;
   else if (!ec && std::filesystem::exists(self.parent_path() / "medgated"))
     medgated = (self.parent_path() / "medgated").string();
-  std::vector<std::string> args = {medgated,   "init",        "--data-dir",
-                                   a.data_dir, "--key-store", a.key_store};
+  std::vector<std::string> args = {medgated, "init"};
+  if (a.data_dir) {
+    args.insert(args.end(), {"--data-dir", *a.data_dir});
+    if (g.config) args.insert(args.end(), {"--config-out", *g.config});
+  } else {
+    args.insert(args.end(), {"--from-config", g.config.value_or(kPackagedConfig)});
+  }
+  if (a.key_store) args.insert(args.end(), {"--key-store", *a.key_store});
   if (a.ledger_id) args.insert(args.end(), {"--ledger-id", *a.ledger_id});
   if (a.socket) args.insert(args.end(), {"--socket", *a.socket});
   if (a.pin_file) args.insert(args.end(), {"--pin-file", *a.pin_file});
   if (a.pin_env) args.insert(args.end(), {"--pin-env", *a.pin_env});
   if (a.seal_pcrs) args.insert(args.end(), {"--seal-pcrs", *a.seal_pcrs});
-  if (g.config) args.insert(args.end(), {"--config-out", *g.config});
   if (g.json) args.push_back("--json");
   std::vector<char*> argv;
   for (auto& s : args) argv.push_back(s.data());
@@ -208,6 +223,22 @@ int cmd_status(const GlobalOptions& g) {
           in["coap"]["handshake_errors"].get<std::uint64_t>());
     else
       std::cout << "  coap     off (no [coap] section in the config)\n";
+  }
+  if (const json& c = s["consent"]; c.is_object()) {
+    const json& n = c["decisions"];
+    std::cout << fmt::format(
+        "consent    rules {}, directory {}; {} grants ({} active); since start {} allowed, {} "
+        "denied, {} break-glass, {} with policy errors\n",
+        c["rules_version"].is_null() ? std::string("none deployed (all access denied)")
+                                     : fmt::format("version {} ({} policies)",
+                                                   c["rules_version"].get<std::uint64_t>(),
+                                                   c["policies"].get<std::uint64_t>()),
+        c["directory_version"].is_null()
+            ? std::string("none")
+            : fmt::format("version {}", c["directory_version"].get<std::uint64_t>()),
+        c["grants"].get<std::uint64_t>(), c["grants_active"].get<std::uint64_t>(),
+        n["allowed"].get<std::uint64_t>(), n["denied"].get<std::uint64_t>(),
+        n["break_glass"].get<std::uint64_t>(), n["with_policy_errors"].get<std::uint64_t>());
   }
   std::cout << fmt::format("you        {} ({})\n", s["caller"]["actor"].get<std::string>(),
                            s["caller"]["role"].get<std::string>());
@@ -502,15 +533,6 @@ int cmd_patient_erase(const GlobalOptions& g, std::string patient, const std::st
 }
 
 namespace {
-
-// "-" reads the identifier from stdin, keeping it out of the process list and shell history.
-std::string read_patient(std::string patient) {
-  if (patient == "-") {
-    std::getline(std::cin, patient);
-    if (!patient.empty() && patient.back() == '\r') patient.pop_back();
-  }
-  return patient;
-}
 
 void print_device(const json& d) {
   std::cout << fmt::format("device     {} ({}, {})\n", d["id"].get<std::string>(),

@@ -8,6 +8,14 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include "hsm/status.h"
+
+namespace CLI {
+class App;
+}
+
 namespace medgate::cli {
 
 struct GlobalOptions {
@@ -16,9 +24,24 @@ struct GlobalOptions {
   bool json = false;
 };
 
+// Reports a failure the way every command does: a message on stderr, and with --json the error
+// document on stdout too. Returns the exit code.
+int fail(const GlobalOptions& g, const Status& s, std::string_view what = "medctl");
+// One request to the daemon.
+Result<nlohmann::json> call(const GlobalOptions& g, std::string_view op,
+                            const nlohmann::json& args = nlohmann::json::object());
+// A patient argument: "-" reads the identifier from stdin, keeping it out of the process list and
+// the shell's history.
+std::string read_patient(std::string patient);
+
+// medctl rules|directory|consent|data and patient enroll (cli/consent_commands.cc).
+void add_consent_commands(CLI::App& app, const GlobalOptions& g, int& rc);
+
 struct InitArgs {
-  std::string data_dir;
-  std::string key_store = "softhsm";
+  // Without a data dir, init completes an existing config: --config FILE, else the package's
+  // /etc/medgate/medgated.toml.
+  std::optional<std::string> data_dir;
+  std::optional<std::string> key_store;  // default (with a data dir): softhsm
   std::optional<std::string> ledger_id;
   std::optional<std::string> socket;
   std::optional<std::string> pin_file;

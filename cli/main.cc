@@ -20,16 +20,20 @@ int main(int argc, char** argv) {
       "--socket", g.socket,
       "admin socket (default: $MEDGATE_SOCKET, the config's socket, /run/medgate/admin.sock)");
   app.add_option("--config", g.config,
-                 "medgated.toml, to find the socket (or, for init, where to write it)");
+                 "medgated.toml, to find the socket (for init: the config to write with "
+                 "--data-dir, or the existing one to complete)");
   app.add_flag("--json", g.json, "print one JSON document on stdout");
 
   int rc = 0;
   InitArgs init;
   auto* init_cmd =
       app.add_subcommand("init", "create the key store, signing key, ledger and config");
-  init_cmd->add_option("--data-dir", init.data_dir, "data directory")->required();
+  init_cmd->add_option("--data-dir", init.data_dir,
+                       "data directory; init writes the config (DIR/medgated.toml or --config). "
+                       "Without it, init makes what an existing config describes: --config "
+                       "FILE, else /etc/medgate/medgated.toml (the package's)");
   init_cmd->add_option("--key-store", init.key_store,
-                       "softhsm (a token under DIR) | pkcs11:URI | tpm2[:TCTI]");
+                       "softhsm (a token under DIR; the default) | pkcs11:URI | tpm2[:TCTI]");
   init_cmd->add_option("--ledger-id", init.ledger_id, "the ledger's name (default: the host name)");
   init_cmd->add_option("--socket", init.socket,
                        "admin socket path for the config (default: DIR/admin.sock)");
@@ -148,6 +152,8 @@ int main(int argc, char** argv) {
   device_rotate->add_option("--psk-out", device_psk_out, "write the PSK to this new file (0600)");
   device_rotate->callback(
       [&] { rc = cmd_device_change(g, "rotate-psk", device_id, std::nullopt, device_psk_out); });
+
+  add_consent_commands(app, g, rc);
 
   try {
     app.parse(argc, argv);

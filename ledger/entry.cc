@@ -89,6 +89,77 @@ Status check_patient_event(const cbor::Value& body) {
   return Status::Ok();
 }
 
+Status require_uint(const cbor::Value& body, std::string_view key) {
+  const cbor::Value* v = body.find(key);
+  if (!v || !v->as_uint())
+    return Status::InvalidArgument(fmt::format("body needs an unsigned integer \"{}\"", key));
+  return Status::Ok();
+}
+
+Status optional_signature(const cbor::Value& body) {
+  const cbor::Value* doc = body.find("document");
+  const cbor::Value* sig = body.find("signature");
+  if (!doc && !sig) return Status::Ok();
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "document", 0));
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "signature", 0));
+  return Status::Ok();
+}
+
+Status check_rules_version(const cbor::Value& body) {
+  MEDGATE_RETURN_IF_ERROR(require_uint(body, "version"));
+  const cbor::Value* text = body.find("text");
+  if (!text || !text->as_text()) return Status::InvalidArgument("body needs a text \"text\"");
+  return require_bytes(body, "sha256", 32);
+}
+
+Status check_directory_import(const cbor::Value& body) {
+  MEDGATE_RETURN_IF_ERROR(require_uint(body, "version"));
+  MEDGATE_RETURN_IF_ERROR(require_text(body, "entities"));
+  return require_bytes(body, "sha256", 32);
+}
+
+Status check_consent_grant(const cbor::Value& body) {
+  for (std::string_view key : {"grant", "to", "data", "purpose", "policy"})
+    MEDGATE_RETURN_IF_ERROR(require_text(body, key));
+  if (body.find("until")) MEDGATE_RETURN_IF_ERROR(require_uint(body, "until"));
+  return optional_signature(body);
+}
+
+Status check_consent_revoke(const cbor::Value& body) {
+  MEDGATE_RETURN_IF_ERROR(require_text(body, "grant"));
+  return optional_signature(body);
+}
+
+Status require_text_array(const cbor::Value& body, std::string_view key) {
+  const cbor::Value* v = body.find(key);
+  const cbor::Array* a = v ? v->as_array() : nullptr;
+  if (!a) return Status::InvalidArgument(fmt::format("body needs an array \"{}\"", key));
+  for (const cbor::Value& item : *a)
+    if (!item.as_text())
+      return Status::InvalidArgument(fmt::format("body \"{}\" must hold texts", key));
+  return Status::Ok();
+}
+
+Status check_access_decision(const cbor::Value& body) {
+  for (std::string_view key : {"principal", "action", "purpose", "data", "decision"})
+    MEDGATE_RETURN_IF_ERROR(require_text(body, key));
+  const std::string* d = body.find("decision")->as_text();
+  if (*d != "allow" && *d != "deny")
+    return Status::InvalidArgument("body \"decision\" must be \"allow\" or \"deny\"");
+  MEDGATE_RETURN_IF_ERROR(require_text_array(body, "policies"));
+  MEDGATE_RETURN_IF_ERROR(require_text_array(body, "errors"));
+  const cbor::Value* bg = body.find("break_glass");
+  if (!bg || !bg->as_bool()) return Status::InvalidArgument("body needs a bool \"break_glass\"");
+  if (body.find("reason")) MEDGATE_RETURN_IF_ERROR(require_bytes(body, "reason", 0));
+  MEDGATE_RETURN_IF_ERROR(require_uint(body, "state"));
+  return require_uint(body, "returned");
+}
+
+Status check_patient_key(const cbor::Value& body) {
+  MEDGATE_RETURN_IF_ERROR(require_bytes(body, "public_key", 0));
+  return require_bytes(body, "key_id", 32);
+}
+
 constexpr EntryTypeInfo kEntryTypes[] = {
     {EntryType::kGenesis, "genesis", "admin", check_genesis},
     {EntryType::kAdminAction, "admin-action", "admin", check_admin_action},
@@ -98,6 +169,12 @@ constexpr EntryTypeInfo kEntryTypes[] = {
     {EntryType::kDeviceEvent, "device-event", "device", check_device_event},
     {EntryType::kPatientEvent, "patient-event", "data", check_patient_event},
     {EntryType::kPatientErasure, "patient-erasure", "erasure", check_patient_erasure},
+    {EntryType::kRulesVersion, "rules-version", "rules", check_rules_version},
+    {EntryType::kDirectoryImport, "directory-import", "rules", check_directory_import},
+    {EntryType::kConsentGrant, "consent-grant", "consent", check_consent_grant},
+    {EntryType::kConsentRevoke, "consent-revoke", "consent", check_consent_revoke},
+    {EntryType::kAccessDecision, "access-decision", "access", check_access_decision},
+    {EntryType::kPatientKey, "patient-key", "consent", check_patient_key},
 };
 
 enum Key : std::uint64_t {

@@ -63,8 +63,34 @@ enum class EntryType : std::uint32_t {
   // text, "message_id": text, "event": text ("ADT^A01")}; its subjects are the pseudonyms of the
   // identifiers the message gave (PID-3), never the identifiers.
   kPatientEvent = 8,
-  // Reserved for later issues: consent, rules, access
-  // decision.
+  // A version of the hospital's consent rules deployed: {"version": uint (1, 2, ...), "text":
+  // text (the Cedar policies exactly as deployed), "sha256": bytes(32) of the text}. Rules name
+  // roles, categories and purposes, never patients.
+  kRulesVersion = 9,
+  // The directory of principals (practitioners, roles, organizations, wards) replaced:
+  // {"version": uint, "entities": text (Cedar's JSON entity format, as imported), "sha256":
+  // bytes(32) of the text}. No patient is in it.
+  kDirectoryImport = 10,
+  // A patient's consent: {"grant": text (its id), "to": text (a Cedar entity), "data": text (a
+  // category), "purpose": text (a FHIR purpose of use), "until": uint (µs) or absent, "policy":
+  // text (the Cedar policy it became), and, when the patient signed it, "document": bytes (what
+  // they signed) and "signature": bytes}; its subject is the patient's pseudonym.
+  kConsentGrant = 11,
+  // A consent withdrawn: {"grant": text, and "document"/"signature" when the patient signed the
+  // withdrawal}; its subject is the patient's pseudonym.
+  kConsentRevoke = 12,
+  // An access decision, permit or deny: {"principal": text, "action": text, "purpose": text,
+  // "data": text (category), "decision": "allow" | "deny", "policies": [text] (the determining
+  // policy ids), "errors": [text] (ids of policies that errored), "break_glass": bool,
+  // "reason": bytes (the requester's reason, encrypted under the patient's data key; absent when
+  // none was given), "state": uint (the ledger index of the newest rules/directory/consent entry
+  // the decision saw), "returned": uint (observations returned)}; its subject is the patient's
+  // pseudonym.
+  kAccessDecision = 13,
+  // A patient enrolled a public key for signing consent documents: {"public_key": bytes
+  // (SubjectPublicKeyInfo DER), "key_id": bytes(32), SHA-256 of it}; its subject is the patient's
+  // pseudonym. A later enrolment replaces the key.
+  kPatientKey = 14,
 };
 
 struct EntryTypeInfo {

@@ -33,6 +33,16 @@ constexpr const char* kMigrations[] = {
       CREATE TABLE key_epochs (from_size INTEGER PRIMARY KEY, key_id BLOB NOT NULL,
                                entry_index INTEGER NOT NULL);
     )sql",
+    // 2 -> 3: indexes for readers that look for entries by kind or by subject (consent state
+    // rebuilt at start, a patient's data, audit export). Both are written by the writer in the
+    // transaction that writes the entries; the verifier trusts neither. Existing entries' subjects
+    // are indexed once after this migration (the flag below; store.cc, index_old_subjects()).
+    R"sql(
+      CREATE INDEX entries_by_type ON entries (type, idx);
+      CREATE TABLE subjects (subject BLOB NOT NULL, idx INTEGER NOT NULL,
+                             PRIMARY KEY (subject, idx)) WITHOUT ROWID;
+      INSERT INTO meta (key, value) VALUES ('subjects_to_index', x'01');
+    )sql",
 };
 constexpr int kKnownVersion = static_cast<int>(std::size(kMigrations));
 static_assert(kKnownVersion == kSchemaVersion);

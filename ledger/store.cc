@@ -157,6 +157,7 @@ struct PendingEntry {
   Hash leaf;
   EntryType type;
   std::uint64_t time_us;
+  std::vector<Bytes> subjects;
 };
 
 struct Job {
@@ -238,6 +239,10 @@ class Ledger::Impl {
     MEDGATE_ASSIGN_OR_RETURN(
         insert_epoch_,
         db_.prepare("INSERT INTO key_epochs (from_size, key_id, entry_index) VALUES (?,?,?)"));
+    // OR IGNORE: an entry may name the same subject twice.
+    MEDGATE_ASSIGN_OR_RETURN(
+        insert_subject_, db_.prepare("INSERT OR IGNORE INTO subjects (subject, idx) VALUES (?,?)"));
+    MEDGATE_RETURN_IF_ERROR(index_old_subjects().with_context("indexing the entries' subjects"));
     MEDGATE_ASSIGN_OR_RETURN(tx_statements_, sql::TransactionStatements::prepare(db_));
     sqlite3_wal_hook(db_.handle(), &Impl::wal_hook, this);
     // Named, so that top -H and perf show which of the ledger's threads is busy.
@@ -279,7 +284,11 @@ class Ledger::Impl {
       Result<Bytes> bytes = encode_entry(*src);
       if (!bytes.ok()) return bytes.status();
       Hash leaf = merkle::leaf_hash(*bytes);
-      job.entries.push_back({std::move(bytes).value(), leaf, src->type, src->time_us});
+      std::vector<Bytes> subjects;
+      subjects.reserve(src->subjects.size());
+      for (const SubjectLink& l : src->subjects) subjects.push_back(l.subject);
+      job.entries.push_back(
+          {std::move(bytes).value(), leaf, src->type, src->time_us, std::move(subjects)});
     }
     return Status::Ok();
   }
@@ -502,6 +511,54 @@ class Ledger::Impl {
     });
   }
 
+  Result<std::vector<StoredEntry>> entries_of_type(std::span<const EntryType> types,
+                                                   std::uint64_t from, std::size_t limit) const {
+    const std::uint64_t size = committed_size_.load();
+    std::string in;
+    for (EntryType t : types)
+      in += fmt::format("{}{}", in.empty() ? "" : ",", static_cast<std::uint32_t>(t));
+    if (in.empty() || limit == 0) return std::vector<StoredEntry>{};
+    return with_reader([&](sql::Database& db) -> Result<std::vector<StoredEntry>> {
+      MEDGATE_ASSIGN_OR_RETURN(
+          auto st, db.prepare(fmt::format("SELECT idx, bytes FROM entries WHERE type IN ({}) AND "
+                                          "idx >= ? AND idx < ? ORDER BY idx LIMIT ?",
+                                          in)));
+      st.bind(1, from).bind(2, size).bind(3, static_cast<std::uint64_t>(limit));
+      std::vector<StoredEntry> out;
+      for (;;) {
+        MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+        if (step != sql::Statement::Step::kRow) break;
+        StoredEntry e;
+        e.index = static_cast<std::uint64_t>(st.column_int(0));
+        ByteView b = st.column_blob(1);
+        e.bytes.assign(b.begin(), b.end());
+        e.leaf = merkle::leaf_hash(e.bytes);
+        Result<Entry> decoded = decode_entry(e.bytes);
+        if (!decoded.ok()) return decoded.status().with_context(fmt::format("entry {}", e.index));
+        e.entry = std::move(decoded).value();
+        out.push_back(std::move(e));
+      }
+      return out;
+    });
+  }
+
+  Result<std::vector<std::uint64_t>> subject_entries(ByteView subject, std::uint64_t from,
+                                                     std::size_t limit) const {
+    const std::uint64_t size = committed_size_.load();
+    return with_reader([&](sql::Database& db) -> Result<std::vector<std::uint64_t>> {
+      MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("SELECT idx FROM subjects WHERE subject = ? AND "
+                                                   "idx >= ? AND idx < ? ORDER BY idx LIMIT ?"));
+      st.bind(1, subject).bind(2, from).bind(3, size).bind(4, static_cast<std::uint64_t>(limit));
+      std::vector<std::uint64_t> out;
+      for (;;) {
+        MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+        if (step != sql::Statement::Step::kRow) break;
+        out.push_back(static_cast<std::uint64_t>(st.column_int(0)));
+      }
+      return out;
+    });
+  }
+
   Result<StoredBlock> block(std::uint64_t height) const {
     std::uint64_t latest;
     {
@@ -610,6 +667,28 @@ class Ledger::Impl {
 
  private:
   // ---- opening ----
+
+  // Once, after the schema migration that added the subjects table: index the subjects of the
+  // entries written before it, in one transaction that also clears the flag.
+  Status index_old_subjects() {
+    MEDGATE_ASSIGN_OR_RETURN(auto flag,
+                             db_.prepare("SELECT 1 FROM meta WHERE key = 'subjects_to_index'"));
+    MEDGATE_ASSIGN_OR_RETURN(auto step, flag.step());
+    if (step != sql::Statement::Step::kRow) return Status::Ok();
+    MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_));
+    MEDGATE_ASSIGN_OR_RETURN(auto st, db_.prepare("SELECT idx, bytes FROM entries ORDER BY idx"));
+    for (;;) {
+      MEDGATE_ASSIGN_OR_RETURN(auto row, st.step());
+      if (row != sql::Statement::Step::kRow) break;
+      const auto index = static_cast<std::uint64_t>(st.column_int(0));
+      Result<Entry> e = decode_entry(st.column_blob(1));
+      if (!e.ok()) return e.status().with_context(fmt::format("entry {}", index));
+      for (const SubjectLink& l : e->subjects)
+        MEDGATE_RETURN_IF_ERROR(insert_subject_.bind(1, ByteView(l.subject)).bind(2, index).run());
+    }
+    MEDGATE_RETURN_IF_ERROR(db_.exec("DELETE FROM meta WHERE key = 'subjects_to_index'"));
+    return tx.commit();
+  }
 
   Status load_state() {
     MEDGATE_ASSIGN_OR_RETURN(auto meta,
@@ -836,6 +915,11 @@ class Ledger::Impl {
             .bind(4, ByteView(e.bytes));
         if (Status st = insert_entry_.run(); !st.ok())
           return st.with_context(fmt::format("writing entry {}", index));
+        for (const Bytes& subject : e.subjects) {
+          insert_subject_.bind(1, ByteView(subject)).bind(2, index);
+          if (Status st = insert_subject_.run(); !st.ok())
+            return st.with_context(fmt::format("indexing entry {}'s subjects", index));
+        }
         if (e.type == EntryType::kKeyTransition) {
           MEDGATE_ASSIGN_OR_RETURN(KeyEpoch epoch, write_key_epoch(e, index));
           new_epochs.push_back(epoch);
@@ -1150,7 +1234,8 @@ class Ledger::Impl {
   std::mutex rotate_mu_;
 
   sql::Database db_;  // the writer's connection (writer thread only, after open)
-  sql::Statement insert_entry_, insert_tile_, insert_block_, insert_head_, insert_epoch_;
+  sql::Statement insert_entry_, insert_tile_, insert_block_, insert_head_, insert_epoch_,
+      insert_subject_;
   sql::TransactionStatements tx_statements_;
   TileBuilder tiles_;  // writer thread only
 
@@ -1350,6 +1435,15 @@ Result<std::vector<Hash>> Ledger::inclusion_proof(std::uint64_t index, std::uint
 }
 Result<std::vector<Hash>> Ledger::consistency_proof(std::uint64_t from, std::uint64_t to) const {
   return impl_->consistency_proof(from, to);
+}
+Result<std::vector<StoredEntry>> Ledger::entries_of_type(std::span<const EntryType> types,
+                                                         std::uint64_t from,
+                                                         std::size_t limit) const {
+  return impl_->entries_of_type(types, from, limit);
+}
+Result<std::vector<std::uint64_t>> Ledger::subject_entries(ByteView subject, std::uint64_t from,
+                                                           std::size_t limit) const {
+  return impl_->subject_entries(subject, from, limit);
 }
 
 }  // namespace medgate::ledger

@@ -51,7 +51,7 @@
 
 namespace medgate::ledger {
 
-inline constexpr int kSchemaVersion = 2;
+inline constexpr int kSchemaVersion = 3;
 
 struct LedgerOptions {
   std::filesystem::path path;
@@ -159,6 +159,13 @@ class Ledger {
   Result<Hash> root_at(std::uint64_t size) const;
   Result<std::vector<Hash>> inclusion_proof(std::uint64_t index, std::uint64_t size) const;
   Result<std::vector<Hash>> consistency_proof(std::uint64_t from, std::uint64_t to) const;
+  // Committed entries of the given types with index >= from, in index order, at most `limit`.
+  Result<std::vector<StoredEntry>> entries_of_type(std::span<const EntryType> types,
+                                                   std::uint64_t from, std::size_t limit) const;
+  // Indexes of the committed entries whose subject links name `subject`, ascending, >= from, at
+  // most `limit`.
+  Result<std::vector<std::uint64_t>> subject_entries(ByteView subject, std::uint64_t from,
+                                                     std::size_t limit) const;
 
   class Impl;
 

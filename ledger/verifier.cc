@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "ledger/block.h"
+#include "ledger/consent_document.h"
 #include "ledger/entry.h"
 #include "ledger/merkle.h"
 #include "ledger/schema.h"
@@ -511,6 +512,11 @@ class Verifier {
         } else if (e->header_type == static_cast<std::int64_t>(EntryType::kKeyTransition)) {
           VerifyProblem p;
           if (!take_transition(i, e->bytes, p)) return fail(p);
+        } else if (e->header_type == static_cast<std::int64_t>(EntryType::kPatientKey) ||
+                   e->header_type == static_cast<std::int64_t>(EntryType::kConsentGrant) ||
+                   e->header_type == static_cast<std::int64_t>(EntryType::kConsentRevoke)) {
+          VerifyProblem p;
+          if (!take_consent(i, e->bytes, p)) return fail(p);
         }
         tree.append(leaf, [&](int level, std::uint64_t index, const Hash& node) {
           if (tile_problem || level % kTileHeight != 0) return;
@@ -621,6 +627,66 @@ class Verifier {
     return true;
   }
 
+  // Patients' keys, and the consent documents they signed: an enrolment's key must be a key a
+  // patient may use and match its key id; a signed grant or withdrawal must carry a document for
+  // this ledger that names the entry's subject, says what the entry says, and verifies under the
+  // key that patient had enrolled before it.
+  bool take_consent(std::uint64_t index, ByteView bytes, VerifyProblem& p) {
+    auto bad = [&](std::string reason) {
+      p = problem(VerifyProblem::Where::kEntry, index, std::move(reason));
+      return false;
+    };
+    Result<Entry> e = decode_entry(bytes);
+    if (!e.ok()) return bad("does not decode: " + e.status().message());
+    if (e->subjects.size() != 1 || e->subjects[0].subject.size() != 32)
+      return bad("must name exactly one patient as its subject");
+    const Bytes& subject = e->subjects[0].subject;
+    if (e->type == EntryType::kPatientKey) {
+      const Bytes& der = *e->body.find("public_key")->as_bytes();
+      Result<Bytes> checked = patient_key_der(der);
+      if (!checked.ok()) return bad("enrols an unusable patient key: " + checked.status().message());
+      const Bytes& id = *e->body.find("key_id")->as_bytes();
+      Hash digest = sha256(der);
+      if (!std::equal(id.begin(), id.end(), digest.begin(), digest.end()))
+        return bad("its key_id is not the SHA-256 of its public key");
+      patient_keys_[subject] = der;
+      return true;
+    }
+    const cbor::Value* doc = e->body.find("document");
+    if (!doc) return true;  // made by an admin, not signed by the patient
+    const Bytes& document = *doc->as_bytes();
+    auto key = patient_keys_.find(subject);
+    if (key == patient_keys_.end())
+      return bad("carries a patient-signed document, but the patient enrolled no key before it");
+    if (Status s = verify_patient_signature(key->second, document,
+                                            *e->body.find("signature")->as_bytes());
+        !s.ok())
+      return bad(s.message());
+    Result<ConsentDocument> d = parse_consent_document(to_string(document));
+    if (!d.ok()) return bad(d.status().message());
+    if (d->ledger_id != report_.ledger_id)
+      return bad(fmt::format("its signed document is for ledger '{}'", d->ledger_id));
+    if (!std::equal(subject.begin(), subject.end(), d->patient.begin(), d->patient.end()))
+      return bad("its signed document names another patient");
+    auto text = [&](const char* name) { return *e->body.find(name)->as_text(); };
+    bool grant = e->type == EntryType::kConsentGrant;
+    if (grant != (d->kind == ConsentDocument::Kind::kGrant))
+      return bad("its signed document is of the other kind (grant / withdrawal)");
+    if (grant) {
+      const cbor::Value* until = e->body.find("until");
+      std::optional<std::uint64_t> entry_until =
+          until ? until->as_uint() : std::optional<std::uint64_t>();
+      if (text("to") != d->to || text("data") != d->data || text("purpose") != d->purpose ||
+          entry_until != d->until_us)
+        return bad("says something other than the document the patient signed");
+      if (text("grant") != signed_grant_id(document))
+        return bad("its grant id is not derived from the signed document");
+    } else if (text("grant") != d->grant) {
+      return bad("withdraws another grant than the document the patient signed");
+    }
+    return true;
+  }
+
   // A key transition must name the active key as the old one and carry valid signatures of the
   // statement (block.h) by both keys. The new key signs every head from here on.
   bool take_transition(std::uint64_t index, ByteView bytes, VerifyProblem& p) {
@@ -724,6 +790,7 @@ class Verifier {
   std::vector<KeyId> chain_;                     // genesis key, then each transition's new key
   std::map<KeyId, std::uint64_t> retired_;       // key -> the transition entry that retired it
   KeyId active_key_{};
+  std::map<Bytes, Bytes> patient_keys_;  // pseudonym -> enrolled key (DER)
   std::uint64_t last_head_counter_ = 0;
   VerifyReport report_;
   std::uint64_t total_ = 0;

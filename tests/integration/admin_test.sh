@@ -147,4 +147,47 @@ start_daemon "$CONF"
 pass "starts again once the ledger is restored"
 stop_daemon
 
+say "== init from an existing config (the Debian package's way)"
+# The packaged /etc/medgate/medgated.toml, moved into the test's directory; the data dir belongs to
+# the daemon's user (tmpfiles.d makes /var/lib/medgate medgate:medgate; 'daemon' plays medgate).
+PKG=$WORK/pkg
+unset MEDGATE_SOCKET
+mkdir -p "$PKG/etc" "$PKG/data" "$PKG/run" "$PKG/cred"
+chown daemon:daemon "$PKG/data" "$PKG/run"
+chmod 750 "$PKG/data"
+chmod 755 "$PKG" "$PKG/etc"
+sed -e "s|/var/lib/medgate|$PKG/data|g" -e "s|/run/medgate|$PKG/run|g" \
+  "$(dirname "$0")/../../systemd/medgated.toml" >"$PKG/etc/medgated.toml"
+chmod 644 "$PKG/etc/medgated.toml"
+sum=$(sha256sum <"$PKG/etc/medgated.toml")
+expect_rc 3 "the packaged config parses; before init the token is missing (exit 3, not 2)" -- \
+  "$MEDGATED" --config "$PKG/etc/medgated.toml"
+expect_rc 2 "init with the config refuses another ledger id" -- \
+  "$MEDCTL" --config "$PKG/etc/medgated.toml" init --ledger-id ward-9
+expect_in "names the ledger 'medgate' \\(\\[ledger\\] id\\)" "and names the line to change"
+expect_rc 2 "init with the config refuses --key-store" -- \
+  "$MEDCTL" --config "$PKG/etc/medgated.toml" init --key-store tpm2
+expect_rc 2 "init with --data-dir refuses to overwrite an existing config" -- \
+  "$MEDCTL" --config "$PKG/etc/medgated.toml" init --data-dir "$PKG/data"
+expect_in "without --data-dir" "and says how to use it instead"
+expect_rc 0 "medctl init makes what the config describes" -- "$MEDCTL" --config "$PKG/etc/medgated.toml" init
+expect_in "used as it is" "init says it used the config as it is"
+[ "$(sha256sum <"$PKG/etc/medgated.toml")" = "$sum" ] && pass "the config is unchanged" || failed "init changed the config"
+[ "$(stat -c '%a %U' "$PKG/etc/hsm-pin")" = "600 root" ] && pass "the PIN is next to the config, 0600 root (LoadCredential's source)" \
+  || failed "PIN file: $(stat -c '%a %U' "$PKG/etc/hsm-pin" 2>&1)"
+if find "$PKG/data" ! -user daemon | grep -q .; then failed "init left files in the data dir that daemon does not own: $(find "$PKG/data" ! -user daemon)"
+else pass "everything init made in the data dir belongs to the data dir's owner"; fi
+expect_rc 2 "init again refuses: the ledger exists" -- "$MEDCTL" --config "$PKG/etc/medgated.toml" init
+# As systemd would run it: the daemon's user, the PIN as a credential only it can read.
+cp "$PKG/etc/hsm-pin" "$PKG/cred/hsm-pin"
+chown daemon "$PKG/cred/hsm-pin"
+chmod 400 "$PKG/cred/hsm-pin"
+CREDENTIALS_DIRECTORY=$PKG/cred setpriv --reuid=daemon --regid=daemon --clear-groups --inh-caps=-all -- \
+  "$MEDGATED" --config "$PKG/etc/medgated.toml" >>"$WORK/pkg-medgated.log" 2>&1 &
+DAEMON_PID=$!
+for _ in $(seq 1 100); do "$MEDCTL" --config "$PKG/etc/medgated.toml" status >/dev/null 2>&1 && break; sleep 0.1; done
+expect_rc 0 "medgated runs as the data dir's owner with the PIN credential" -- "$MEDCTL" --config "$PKG/etc/medgated.toml" status
+expect_in "ledger +'medgate': 1 entries" "status shows the packaged ledger"
+stop_daemon
+
 finish

@@ -12,6 +12,9 @@
 #    and owners we promise, and agree with the unit's *DirectoryMode= settings.
 # 4. `systemd-analyze security --offline=yes`: prints
 #    "systemd security exposure: X.Y (target <= 1.5)" and fails above THRESHOLD.
+# 5. The IP allow-list: `medgated ip-allow` writes a drop-in from a config's [network] allow;
+#    the unit with it passes `systemd-analyze verify`, the analyzer sees IPAddressDeny=any as
+#    set, and the exposure drops below the unit's own.
 #
 # Exit 0 pass, 1 fail, 2 bad usage, 77 skip (no systemd tools or no /proc here).
 set -euo pipefail
@@ -178,4 +181,31 @@ grep '✗' <<<"$out" | sed 's/^/  /' || true
 if awk -v s="$score" -v t="$THRESHOLD" 'BEGIN { exit !(s > t) }' || [[ $rc -ne 0 ]]; then
   fail "exposure $score is above the recorded threshold $THRESHOLD (systemd-analyze exit $rc)"
 fi
+awk -v s="$score" -v t="$TARGET" 'BEGIN { exit !(s <= t) }' || fail "exposure $score is above the target $TARGET"
+
+# ---- 5. the IP allow-list drop-in ----------------------------------------------------
+conf=$work/medgated.toml
+sed -e 's|^# \[network\]|[network]|' -e 's|^# allow = .*|allow = "10.20.0.0/16 192.168.7.12 fd00:7::/64"|' \
+  "$units/medgated.toml" >"$conf"
+grep -q '^allow = ' "$conf" || fail "systemd/medgated.toml has no commented [network] allow to turn on"
+rc=0
+"$bin" ip-allow --config "$units/medgated.toml" >/dev/null 2>&1 || rc=$?
+[[ $rc -eq 2 ]] || fail "medgated ip-allow on a config without [network] allow exited $rc, want 2"
+mkdir -p "$work/units/medgated.service.d"
+dropin=$work/units/medgated.service.d/ip-allow.conf
+"$bin" ip-allow --config "$conf" >"$dropin" || fail "medgated ip-allow failed"
+grep -qx 'IPAddressDeny=any' "$dropin" || fail "the drop-in has no IPAddressDeny=any: $(cat "$dropin")"
+grep -qx 'IPAddressAllow=10.20.0.0/16 192.168.7.12 fd00:7::/64' "$dropin" \
+  || fail "the drop-in does not allow the config's networks: $(cat "$dropin")"
+rc=0
+out=$(systemd-analyze verify --recursive-errors=no "$unit" 2>&1) || rc=$?
+ours=$(grep -F -e 'medgated.service' -e "$work/" <<<"$out" || true)
+[[ -z $ours && $rc -eq 0 ]] || fail "systemd-analyze verify with the ip-allow drop-in (exit $rc): $out"
+rc=0
+out=$(systemd-analyze security --offline=yes "$unit" 2>&1) || rc=$?
+grep -E 'IPAddressDeny=.*defines IP address allow list' <<<"$out" >/dev/null || fail "the analyzer does not see the allow-list: $(grep IPAddress <<<"$out")"
+with=$(sed -n 's/^.*Overall exposure level for medgated\.service: \([0-9][0-9]*\.[0-9]\).*$/\1/p' <<<"$out")
+[[ -n $with ]] || fail "no exposure score with the drop-in: $out"
+awk -v a="$with" -v b="$score" 'BEGIN { exit !(a < b) }' || fail "exposure with the allow-list ($with) is not below $score"
+echo "ok: medgated ip-allow drop-in verifies; exposure with it: $with"
 echo "PASS"

@@ -1,6 +1,9 @@
 // medgated.toml: what a valid file gives, and that every mistake names the file and line.
 #include <catch2/catch.hpp>
 
+#include <cctype>
+#include <fstream>
+
 #include "appliance/config.h"
 
 using namespace medgate;
@@ -239,4 +242,82 @@ max_payload = 4096
     CHECK(r.status().code() == StatusCode::kInvalidArgument);
     CHECK_THAT(r.status().message(), Catch::Contains("medgated.toml:"));
   }
+}
+
+TEST_CASE("[network] allow: addresses and prefixes for the unit's IP allow-list", "[config]") {
+  auto c = parse_config(std::string(kGood) + R"(
+[network]
+allow = "10.20.0.0/16, 192.168.7.12  fd00:7::/64 localhost,link-local"
+)",
+                        "/etc/medgate/medgated.toml");
+  INFO(c.status().to_string());
+  REQUIRE(c.ok());
+  CHECK(c->ip_allow == std::vector<std::string>{"10.20.0.0/16", "192.168.7.12", "fd00:7::/64",
+                                                "localhost", "link-local"});
+  auto dropin = render_ip_allow_dropin(*c);
+  REQUIRE(dropin.ok());
+  CHECK_THAT(*dropin, Catch::Contains("[Service]\nIPAddressDeny=any\nIPAddressAllow=localhost\n"
+                                      "IPAddressAllow=10.20.0.0/16 192.168.7.12 fd00:7::/64 "
+                                      "localhost link-local\n"));
+
+  auto none = parse_config(kGood, "/etc/medgate/medgated.toml");
+  REQUIRE(none.ok());
+  CHECK(none->ip_allow.empty());
+  CHECK(render_ip_allow_dropin(*none).status().code() == StatusCode::kInvalidArgument);
+
+  for (const char* bad : {"10.20.0.0/33", "fd00::/129", "10.20.0.0/", "10.20.0/16", "any",
+                          "ward-7.example", "10.0.0.0/1x", "", " , "}) {
+    auto r = parse_config(std::string(kGood) + "\n[network]\nallow = \"" + bad + "\"\n",
+                          "/etc/medgate/medgated.toml");
+    INFO(bad);
+    CHECK(r.status().code() == StatusCode::kInvalidArgument);
+    CHECK_THAT(r.status().message(), Catch::Contains("medgated.toml:19: [network] allow"));
+  }
+  auto unknown = parse_config(std::string(kGood) + "\n[network]\ndeny = \"10.0.0.0/8\"\n",
+                              "/etc/medgate/medgated.toml");
+  CHECK_THAT(unknown.status().message(), Catch::Contains("unknown key 'deny' in [network]"));
+}
+
+// The file the Debian package installs as /etc/medgate/medgated.toml must be one medgated
+// accepts as it is, and every setting it shows in a comment (apart from the TPM alternative to
+// [key_store]) must be valid too once uncommented.
+TEST_CASE("the packaged medgated.toml parses, and so do its commented settings", "[config]") {
+  auto c = load_config(MEDGATE_PACKAGED_CONFIG);
+  INFO(c.status().to_string());
+  REQUIRE(c.ok());
+  CHECK(c->ledger_id == "medgate");
+  CHECK(c->data_dir == "/var/lib/medgate");
+  CHECK(c->ledger_path == "/var/lib/medgate/ledger.db");
+  CHECK(c->key_store.pin.kind == hsm::PinSource::Kind::kCredential);
+  CHECK(c->key_store.pin.name == "hsm-pin");  // the unit's LoadCredential=hsm-pin:...
+  CHECK(c->key_store.softhsm_conf == "/var/lib/medgate/softhsm/softhsm2.conf");
+  CHECK(c->admin.socket == "/run/medgate/admin.sock");  // in the unit's RuntimeDirectory=
+  CHECK_FALSE(c->hl7);
+  CHECK_FALSE(c->coap);
+
+  std::ifstream in(MEDGATE_PACKAGED_CONFIG);
+  std::string line, text, section;
+  int uncommented = 0;
+  while (std::getline(in, line)) {
+    bool header = line.rfind("# [", 0) == 0;
+    bool setting = line.size() > 2 && line.rfind("# ", 0) == 0 &&
+                   std::islower(static_cast<unsigned char>(line[2])) &&
+                   line.find(" = ") != std::string::npos && line.find(' ') == 1 &&
+                   line.find(' ', 2) == line.find(" = ");
+    if (line.rfind("[", 0) == 0 || header) section = line.substr(line.find('['));
+    if ((header || setting) && section.rfind("[key_store]", 0) != 0) {
+      line = line.substr(2);
+      ++uncommented;
+    }
+    text += line + "\n";
+  }
+  INFO(text);
+  CHECK(uncommented >= 15);
+  auto all = parse_config(text, "/etc/medgate/medgated.toml");
+  INFO(all.status().to_string());
+  REQUIRE(all.ok());
+  CHECK(all->hl7);
+  CHECK(all->coap);
+  CHECK(all->ip_allow.size() == 2);
+  CHECK(all->head_interval == std::chrono::milliseconds(1000));
 }
