@@ -293,12 +293,34 @@ json uid_to_json(const EntityUid& uid) {
 // ---- the store ------------------------------------------------------------------------------
 
 void Entities::add(Entity entity) {
+  if (entities_.empty()) {
+    for (Entity& e : few_) {
+      if (e.uid == entity.uid) {
+        e = std::move(entity);
+        return;
+      }
+    }
+    if (few_.size() < kFew) {
+      if (few_.empty()) few_.reserve(kFew);
+      few_.push_back(std::move(entity));
+      return;
+    }
+    for (Entity& e : few_) {
+      EntityUid key = e.uid;
+      entities_.emplace(std::move(key), std::move(e));
+    }
+    few_.clear();
+  }
   EntityUid key = entity.uid;
   entities_.insert_or_assign(std::move(key), std::move(entity));
 }
 
 const Entity* Entities::find(const EntityUid& uid) const {
   for (const Entities* layer = this; layer != nullptr; layer = layer->base_) {
+    for (const Entity& e : layer->few_) {
+      if (e.uid == uid) return &e;
+    }
+    if (layer->entities_.empty()) continue;
     if (auto it = layer->entities_.find(uid); it != layer->entities_.end()) return &it->second;
   }
   return nullptr;
@@ -317,7 +339,8 @@ bool Entities::is_in(const EntityUid& a, const EntityUid& b) const {
 
 std::vector<const Entity*> Entities::all() const {
   std::vector<const Entity*> out;
-  out.reserve(entities_.size());
+  out.reserve(size());
+  for (const Entity& entity : few_) out.push_back(&entity);
   for (const auto& [uid, entity] : entities_) out.push_back(&entity);
   return out;
 }

@@ -32,7 +32,7 @@ class Entities {
 
   // Adds or replaces an entity.
   void add(Entity entity);
-  std::size_t size() const { return entities_.size(); }
+  std::size_t size() const { return few_.size() + entities_.size(); }
 
   const Entity* find(const EntityUid& uid) const;
   // Cedar's `in` between two entities: a == b, or b is reachable from a through parents.
@@ -43,7 +43,11 @@ class Entities {
   std::vector<const Entity*> all() const;
 
  private:
+  // A store of a few entities (the request-local layer: the resource being read) keeps them in a
+  // small vector, searched without hashing; past kFew they all move to the hash map.
+  static constexpr std::size_t kFew = 4;
   const Entities* base_ = nullptr;
+  std::vector<Entity> few_;
   std::unordered_map<EntityUid, Entity, EntityUidHash> entities_;
 };
 
