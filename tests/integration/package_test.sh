@@ -224,7 +224,7 @@ cleanup() {
   # The namespaces are gone by now, and their mounts with them. Only if the unshare itself
   # failed half-way could a mount be left: take it down before deleting anything.
   local m
-  for m in "$work/root/var/cache/apt/archives" "$work/root/dev" "$work/root/proc"; do
+  for m in "$work/root/var/cache/apt/archives" "$work/root/dev" "$work/root/proc" "$work"; do
     mountpoint -q "$m" 2>/dev/null && umount -l "$m"
   done
   rm -rf --one-file-system -- "$work"
@@ -282,7 +282,16 @@ cp "$deb" "$root/tmp/"
 ok "unpacked the cached bookworm minbase root"
 
 rc=0
-unshare --mount --pid --fork --kill-child --propagation private -- \
+# unshare makes every mount private by remounting / (rprivate), which fails when / is not a mount
+# point: inside a chroot, as in fresh-check's pristine root. There the work directory becomes a
+# private mount of its own first, and the namespace keeps the propagation it inherits; what is
+# mounted under the work directory then stays inside the namespace all the same.
+propagation=private
+if ! mountpoint -q /; then
+  mount --bind "$work" "$work" && mount --make-rprivate "$work" || fail "cannot make $work a private mount"
+  propagation=unchanged
+fi
+unshare --mount --pid --fork --kill-child --propagation "$propagation" -- \
   bash "${BASH_SOURCE[0]}" --inside "$work" "$cache" "$((SECONDS - T0))" || rc=$?
 [[ $rc -eq 0 ]] || fail "the package did not install, run or go away cleanly (step above)"
 say "PASS ($((SECONDS - T0)) s)"
