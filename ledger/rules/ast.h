@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -38,11 +39,21 @@ enum class Variable { kPrincipal, kAction, kResource, kContext };
 enum class UnaryOp { kNot, kNeg };
 
 enum class BinaryOp {
-  kEq, kNe, kLt, kLe, kGt, kGe,  // == != < <= > >=
-  kAdd, kSub, kMul,              // + - * on Long, overflow is an error
-  kIn,                           // entity in entity | entity in set of entities
-  kAnd, kOr,                     // short-circuit
-  kContains, kContainsAll, kContainsAny,  // set methods: left.contains(right)
+  kEq,
+  kNe,
+  kLt,
+  kLe,
+  kGt,
+  kGe,  // == != < <= > >=
+  kAdd,
+  kSub,
+  kMul,  // + - * on Long, overflow is an error
+  kIn,   // entity in entity | entity in set of entities
+  kAnd,
+  kOr,  // short-circuit
+  kContains,
+  kContainsAll,
+  kContainsAny,  // set methods: left.contains(right)
 };
 
 // A `like` pattern: literal runs and wildcards, in order. `*` matches any run of characters
@@ -76,8 +87,8 @@ struct Expr {
   Variable variable = Variable::kPrincipal;
   UnaryOp unary_op = UnaryOp::kNot;
   BinaryOp binary_op = BinaryOp::kEq;
-  std::string attr;         // kGetAttr, kHasAttr
-  std::string entity_type;  // kIs
+  std::string attr;                  // kGetAttr, kHasAttr
+  std::string entity_type;           // kIs
   std::vector<PatternPart> pattern;  // kLike
   std::vector<std::string> keys;     // kRecord, parallel to children
   std::vector<ExprPtr> children;
@@ -86,17 +97,17 @@ struct Expr {
 // One of the three scope clauses.
 struct ScopeConstraint {
   enum class Op {
-    kAny,   // principal
-    kEq,    // principal == E
-    kIn,    // principal in E
-    kIs,    // principal is T
-    kIsIn,  // principal is T in E
-    kInSet, // action in [E, ...]   (action only)
+    kAny,    // principal
+    kEq,     // principal == E
+    kIn,     // principal in E
+    kIs,     // principal is T
+    kIsIn,   // principal is T in E
+    kInSet,  // action in [E, ...]   (action only)
   };
   Op op = Op::kAny;
-  EntityUid entity;                // kEq, kIn, kIsIn
-  std::string entity_type;         // kIs, kIsIn
-  std::vector<EntityUid> entities; // kInSet
+  EntityUid entity;                 // kEq, kIn, kIsIn
+  std::string entity_type;          // kIs, kIsIn
+  std::vector<EntityUid> entities;  // kInSet
   SourceLocation location;
 };
 
@@ -106,6 +117,9 @@ struct Condition {
   bool is_when = true;  // when { } or unless { }
   ExprPtr expr;
 };
+
+// The operator as Cedar writes it: "==", "+", "in", "&&", "contains" (a method, without its dot).
+std::string_view operator_text(BinaryOp op);
 
 struct Policy {
   // The policy's id: its @id annotation when it has one, else "policyN" for the N-th policy

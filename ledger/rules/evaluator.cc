@@ -25,42 +25,6 @@ std::string type_error(std::string_view expected, const Value& got) {
          std::string(kind_name(got.kind()));
 }
 
-const char* op_text(BinaryOp op) {
-  switch (op) {
-    case BinaryOp::kEq:
-      return "==";
-    case BinaryOp::kNe:
-      return "!=";
-    case BinaryOp::kLt:
-      return "<";
-    case BinaryOp::kLe:
-      return "<=";
-    case BinaryOp::kGt:
-      return ">";
-    case BinaryOp::kGe:
-      return ">=";
-    case BinaryOp::kAdd:
-      return "+";
-    case BinaryOp::kSub:
-      return "-";
-    case BinaryOp::kMul:
-      return "*";
-    case BinaryOp::kIn:
-      return "in";
-    case BinaryOp::kAnd:
-      return "&&";
-    case BinaryOp::kOr:
-      return "||";
-    case BinaryOp::kContains:
-      return "contains";
-    case BinaryOp::kContainsAll:
-      return "containsAll";
-    case BinaryOp::kContainsAny:
-      return "containsAny";
-  }
-  return "?";
-}
-
 // Both sets are sorted by Value's order: a merge decides inclusion and overlap.
 bool includes_all(const ValueSet& big, const ValueSet& small) {
   return std::includes(big.begin(), big.end(), small.begin(), small.end());
@@ -157,7 +121,8 @@ const Value* Evaluation::fail_depth(const Expr& e) {
   return fail(e, "expression nested deeper than " + std::to_string(kMaxDepth) + " levels");
 }
 const Value* Evaluation::fail_overflow(const Expr& e, const Value& a, BinaryOp op, const Value& b) {
-  return fail(e, "integer overflow: " + a.to_text() + " " + op_text(op) + " " + b.to_text());
+  return fail(e, "integer overflow: " + a.to_text() + " " + std::string(operator_text(op)) + " " +
+                     b.to_text());
 }
 const Value* Evaluation::fail_negate_overflow(const Expr& e, const Value& a) {
   return fail(e, "integer overflow: -(" + a.to_text() + ")");

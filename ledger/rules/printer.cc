@@ -10,6 +10,42 @@
 
 namespace medgate::rules {
 
+std::string_view operator_text(BinaryOp op) {
+  switch (op) {
+    case BinaryOp::kEq:
+      return "==";
+    case BinaryOp::kNe:
+      return "!=";
+    case BinaryOp::kLt:
+      return "<";
+    case BinaryOp::kLe:
+      return "<=";
+    case BinaryOp::kGt:
+      return ">";
+    case BinaryOp::kGe:
+      return ">=";
+    case BinaryOp::kAdd:
+      return "+";
+    case BinaryOp::kSub:
+      return "-";
+    case BinaryOp::kMul:
+      return "*";
+    case BinaryOp::kIn:
+      return "in";
+    case BinaryOp::kAnd:
+      return "&&";
+    case BinaryOp::kOr:
+      return "||";
+    case BinaryOp::kContains:
+      return "contains";
+    case BinaryOp::kContainsAll:
+      return "containsAll";
+    case BinaryOp::kContainsAny:
+      return "containsAny";
+  }
+  return "?";
+}
+
 namespace {
 
 // Cedar's precedence levels, loosest first.
@@ -73,42 +109,6 @@ int level(const Expr& e) {
       return kRelationLevel;
   }
   return kMemberLevel;
-}
-
-std::string_view operator_text(BinaryOp op) {
-  switch (op) {
-    case BinaryOp::kEq:
-      return "==";
-    case BinaryOp::kNe:
-      return "!=";
-    case BinaryOp::kLt:
-      return "<";
-    case BinaryOp::kLe:
-      return "<=";
-    case BinaryOp::kGt:
-      return ">";
-    case BinaryOp::kGe:
-      return ">=";
-    case BinaryOp::kAdd:
-      return "+";
-    case BinaryOp::kSub:
-      return "-";
-    case BinaryOp::kMul:
-      return "*";
-    case BinaryOp::kIn:
-      return "in";
-    case BinaryOp::kAnd:
-      return "&&";
-    case BinaryOp::kOr:
-      return "||";
-    case BinaryOp::kContains:
-      return "contains";
-    case BinaryOp::kContainsAll:
-      return "containsAll";
-    case BinaryOp::kContainsAny:
-      return "containsAny";
-  }
-  return "?";
 }
 
 std::string_view variable_text(Variable v) {

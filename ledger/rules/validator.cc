@@ -16,40 +16,11 @@ namespace {
 
 using Type = std::optional<ValueKind>;  // nullopt: not known without evaluating
 
-std::string_view binary_op_name(BinaryOp op) {
-  switch (op) {
-    case BinaryOp::kEq:
-      return "==";
-    case BinaryOp::kNe:
-      return "!=";
-    case BinaryOp::kLt:
-      return "<";
-    case BinaryOp::kLe:
-      return "<=";
-    case BinaryOp::kGt:
-      return ">";
-    case BinaryOp::kGe:
-      return ">=";
-    case BinaryOp::kAdd:
-      return "+";
-    case BinaryOp::kSub:
-      return "-";
-    case BinaryOp::kMul:
-      return "*";
-    case BinaryOp::kIn:
-      return "in";
-    case BinaryOp::kAnd:
-      return "&&";
-    case BinaryOp::kOr:
-      return "||";
-    case BinaryOp::kContains:
-      return ".contains";
-    case BinaryOp::kContainsAll:
-      return ".containsAll";
-    case BinaryOp::kContainsAny:
-      return ".containsAny";
-  }
-  return "?";
+// Methods are written with their dot in messages: `.contains`.
+std::string method_prefix(BinaryOp op) {
+  return op == BinaryOp::kContains || op == BinaryOp::kContainsAll || op == BinaryOp::kContainsAny
+             ? "."
+             : "";
 }
 
 std::string quoted(std::string_view s) {
@@ -300,7 +271,8 @@ class Checker {
     Type b = check_child(e, 1, depth);
     const Expr* lhs = child(e, 0);
     const Expr* rhs = child(e, 1);
-    const std::string what = "`" + std::string(binary_op_name(e.binary_op)) + "`";
+    const std::string what =
+        "`" + method_prefix(e.binary_op) + std::string(operator_text(e.binary_op)) + "`";
     switch (e.binary_op) {
       case BinaryOp::kEq:
       case BinaryOp::kNe:
