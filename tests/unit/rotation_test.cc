@@ -223,6 +223,9 @@ TEST_CASE("every head carries the rollback counter and epochs advance the key st
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
     CHECK(*keys->read_counter() > opened);
+    // The writer counts the epoch just after the device's increment: wait for it, do not race it.
+    for (int i = 0; i < 200 && (*ledger)->stats().counter_epochs < 2; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
     CHECK((*ledger)->stats().counter_epochs >= 2);
   }
 }
