@@ -163,6 +163,9 @@ class Daemon::Impl {
     Result<std::unique_ptr<AdminServer>> server = AdminServer::start(config_.admin, operations());
     if (!server.ok()) return server.status().with_context("admin socket");
     admin_ = std::move(server).value();
+    // The server answers from the moment it starts, before admin_ is assigned here: a status
+    // request in between (medctl polls status while it waits for the daemon) must not read admin_.
+    admin_view_.store(admin_.get(), std::memory_order_release);
     log(LogLevel::kInfo, "admin.listen", "admin API on {}", config_.admin.socket.string());
 
     monitor_ = std::thread([this] { monitor_loop(); });
@@ -635,7 +638,8 @@ class Daemon::Impl {
   Result<json> status(const Caller& caller) {
     ledger::LedgerStats s = ledger_->stats();
     const hsm::KeyStoreHealth device = keys_->health();
-    AdminCounters a = admin_->counters();
+    const AdminServer* server = admin_view_.load(std::memory_order_acquire);
+    AdminCounters a = server ? server->counters() : AdminCounters{};
     json out = {
         {"daemon",
          {{"version", MEDGATE_VERSION},
@@ -706,6 +710,7 @@ class Daemon::Impl {
   std::unique_ptr<hl7::MllpListener> mllp_;
   std::unique_ptr<coap::CoapServer> coap_;
   std::unique_ptr<AdminServer> admin_;
+  std::atomic<const AdminServer*> admin_view_{nullptr};  // admin_, once assigned
   std::atomic<bool> stopped_{false};
   std::thread watchdog_;
   std::thread monitor_;
