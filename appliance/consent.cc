@@ -13,6 +13,7 @@
 #include "appliance/log.h"
 #include "ledger/consent_document.h"
 #include "ledger/entry.h"
+#include "ledger/rules/deployment.h"
 #include "ledger/rules/parser.h"
 #include "ledger/store.h"
 
@@ -28,36 +29,11 @@ constexpr std::string_view kPurposes[] = {
     "HDIRECT",  "HLEGAL",   "TRAIN",  "DISASTER", "THREAT",
 };
 constexpr std::string_view kBreakGlass = "ETREAT";
-constexpr std::string_view kSignedAnnotation = "requires_signed_consent";
 
 std::string random_grant_id() {
   unsigned char b[8];
   if (RAND_bytes(b, sizeof b) != 1) return {};
   return "g-" + to_hex(ByteView(reinterpret_cast<const std::byte*>(b), sizeof b));
-}
-
-bool is_grant_id(std::string_view id) {
-  return id.size() > 2 && (id.starts_with("g-") || id.starts_with("s-"));
-}
-
-std::set<std::string> signed_categories_of(const rules::PolicySet& set) {
-  std::set<std::string> out;
-  for (const rules::Policy& p : set.policies)
-    for (const auto& [key, value] : p.annotations) {
-      if (key != kSignedAnnotation) continue;
-      std::size_t start = 0;
-      while (start <= value.size()) {
-        std::size_t comma = value.find(',', start);
-        std::string item =
-            value.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-        item.erase(0, item.find_first_not_of(' '));
-        item.erase(item.find_last_not_of(' ') + 1);
-        if (!item.empty()) out.insert(item);
-        if (comma == std::string::npos) break;
-        start = comma + 1;
-      }
-    }
-  return out;
 }
 
 // The Cedar policy a grant becomes (see consent.h). Everything interpolated was checked: the
@@ -104,44 +80,10 @@ bool known_purpose(std::string_view code) {
   return std::find(std::begin(kPurposes), std::end(kPurposes), code) != std::end(kPurposes);
 }
 
-bool valid_category(std::string_view c) {
-  if (c.empty() || c.size() > 64) return false;
-  return std::all_of(c.begin(), c.end(), [](char ch) {
-    return (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '-' || ch == '_';
-  });
-}
-
 std::string_view grant_state(const ConsentGrant& g, std::uint64_t now) {
   if (g.revoked_entry) return "revoked";
   if (g.until_us && now / 1000000 >= *g.until_us / 1000000) return "expired";
   return "active";
-}
-
-RulesCheck check_rules(std::string_view text) {
-  RulesCheck out;
-  rules::ParseResult parsed = rules::parse_policies(text);
-  out.errors = parsed.errors;
-  if (!parsed.ok()) return out;
-  rules::ValidationResult v = rules::validate(parsed.policies);
-  out.errors = v.errors;
-  out.warnings = v.warnings;
-  for (const rules::Policy& p : parsed.policies.policies)
-    if (is_grant_id(p.id))
-      out.errors.push_back({p.location,
-                            fmt::format("policy id \"{}\" is reserved: ids starting with g- or s- "
-                                        "name consent grants",
-                                        p.id),
-                            p.id});
-  out.policies = parsed.policies.policies.size();
-  out.signed_categories = signed_categories_of(parsed.policies);
-  for (const std::string& c : out.signed_categories)
-    if (!valid_category(c))
-      out.errors.push_back({{},
-                            fmt::format("@{} names \"{}\", which is not a category name "
-                                        "(lower-case letters, digits, - and _)",
-                                        kSignedAnnotation, c),
-                            ""});
-  return out;
 }
 
 class ConsentBook::Impl {
@@ -185,7 +127,7 @@ class ConsentBook::Impl {
         v.time_us = e.time_us;
         v.actor = e.actor;
         v.policies = parsed.policies.policies.size();
-        v.signed_categories = signed_categories_of(parsed.policies);
+        v.signed_categories = rules::signed_categories_of(parsed.policies);
         for (const std::string& id : rule_ids_) (void)authorizer_.remove(id);
         rule_ids_.clear();
         for (rules::Policy& p : parsed.policies.policies) {
@@ -281,7 +223,7 @@ class ConsentBook::Impl {
   }
 
   Result<RulesVersionInfo> deploy_rules(std::string text, const std::string& actor) {
-    RulesCheck check = check_rules(text);
+    rules::RulesCheck check = rules::check_rules(text);
     if (!check.errors.empty()) {
       std::string msg = "the rules do not check:";
       for (const auto& d : check.errors) msg += "\n  " + d.to_text();
@@ -342,7 +284,7 @@ class ConsentBook::Impl {
           "--to must be a Cedar entity such as Practitioner::\"dr-lee\": " +
           uid.status().message());
     to_uid = *uid;
-    if (!valid_category(data))
+    if (!rules::valid_category(data))
       return Status::InvalidArgument(
           "the data category must be a short name of lower-case letters, digits, - and _");
     if (purpose == kBreakGlass)
@@ -508,7 +450,7 @@ class ConsentBook::Impl {
 
   Result<AccessDecision> decide(const AccessRequest& r) {
     MEDGATE_ASSIGN_OR_RETURN(rules::EntityUid principal, rules::parse_entity_uid(r.principal));
-    if (!valid_category(r.category))
+    if (!rules::valid_category(r.category))
       return Status::InvalidArgument(
           "the data category must be a short name of lower-case letters, digits, - and _");
     if (!known_purpose(r.purpose))
@@ -567,8 +509,8 @@ class ConsentBook::Impl {
           vault_.encrypt(r.patient, as_bytes(*r.reason), as_bytes("medgate access reason v1"));
       if (sealed.ok()) body.push_back({text_key("reason"), Value::bytes(ByteView(*sealed))});
     }
-    Result<std::uint64_t> index = ledger_.append(
-        make_entry(ledger::EntryType::kAccessDecision, actor, body_map(std::move(body)), &r.patient));
+    Result<std::uint64_t> index = ledger_.append(make_entry(
+        ledger::EntryType::kAccessDecision, actor, body_map(std::move(body)), &r.patient));
     if (index.ok()) {
       (d.response.decision == rules::Decision::kAllow ? allowed_ : denied_)++;
       if (d.break_glass) break_glass_++;

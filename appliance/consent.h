@@ -38,6 +38,7 @@
 #include "hsm/bytes.h"
 #include "hsm/status.h"
 #include "ledger/rules/authorizer.h"
+#include "ledger/rules/deployment.h"
 #include "ledger/rules/validator.h"
 
 namespace medgate::ledger {
@@ -114,17 +115,6 @@ struct AccessDecision {
 // Purposes of use a grant or a request may name (HL7 v3 PurposeOfUse codes, as FHIR Consent uses
 // them). ETREAT is break-glass: only deployed rules can permit it, never a grant.
 bool known_purpose(std::string_view code);
-// Categories are short names: lower-case letters, digits, '-' and '_', 1..64 characters.
-bool valid_category(std::string_view category);
-
-// The result of checking rules text (medctl rules check / deploy).
-struct RulesCheck {
-  std::vector<rules::Diagnostic> errors;
-  std::vector<rules::Diagnostic> warnings;
-  std::size_t policies = 0;
-  std::set<std::string> signed_categories;
-};
-RulesCheck check_rules(std::string_view text);
 
 class ConsentBook {
  public:

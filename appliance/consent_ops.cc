@@ -167,7 +167,7 @@ std::vector<Operation> consent_operations(ConsentBook& book, Vault& vault, ledge
   // ---- rules ----
   change("rules.deploy", [&book](const Caller& c, const json& args) -> Result<json> {
     MEDGATE_ASSIGN_OR_RETURN(std::string text, text_arg(args, "text"));
-    RulesCheck check = check_rules(text);
+    rules::RulesCheck check = rules::check_rules(text);
     MEDGATE_ASSIGN_OR_RETURN(RulesVersionInfo v, book.deploy_rules(std::move(text), c.actor()));
     log(LogLevel::kNotice, "rules.deploy",
         "rules version {} ({} policies, sha256 {}) deployed by {} as entry {}", v.version,

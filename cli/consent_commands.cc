@@ -12,6 +12,7 @@
 #include "cli/commands.h"
 #include "hsm/bytes.h"
 #include "ledger/rules/authorizer.h"
+#include "ledger/rules/deployment.h"
 #include "ledger/rules/parser.h"
 #include "ledger/rules/validator.h"
 
@@ -49,25 +50,13 @@ json diagnostics_json(const std::vector<rules::Diagnostic>& ds) {
 int cmd_rules_check(const GlobalOptions& g, const std::string& file) {
   Result<std::string> text = read_text_file(file, "rules file");
   if (!text.ok()) return fail(g, text.status());
-  rules::ParseResult parsed = rules::parse_policies(*text);
-  std::vector<rules::Diagnostic> errors = parsed.errors, warnings;
-  if (parsed.ok()) {
-    rules::ValidationResult v = rules::validate(parsed.policies);
-    errors = v.errors;
-    warnings = v.warnings;
-    for (const rules::Policy& p : parsed.policies.policies)
-      if (p.id.size() > 2 && (p.id.starts_with("g-") || p.id.starts_with("s-")))
-        errors.push_back({p.location,
-                          fmt::format("policy id \"{}\" is reserved: ids starting with g- or s- "
-                                      "name consent grants",
-                                      p.id),
-                          p.id});
-  }
+  // The same checks as the daemon's deploy.
+  rules::RulesCheck check = rules::check_rules(*text);
+  const std::vector<rules::Diagnostic>& errors = check.errors;
+  const std::vector<rules::Diagnostic>& warnings = check.warnings;
   if (g.json) {
-    json ids = json::array();
-    for (const rules::Policy& p : parsed.policies.policies) ids.push_back(p.id);
     std::cout << json{{"ok", errors.empty()},
-                      {"policies", ids},
+                      {"policies", check.policy_ids},
                       {"errors", diagnostics_json(errors)},
                       {"warnings", diagnostics_json(warnings)}}
                      .dump(2)
@@ -81,7 +70,7 @@ int cmd_rules_check(const GlobalOptions& g, const std::string& file) {
   }
   if (!g.json)
     std::cout << fmt::format(
-        "{}: {} policies, no errors{}\n", file, parsed.policies.policies.size(),
+        "{}: {} policies, no errors{}\n", file, check.policies,
         warnings.empty() ? "" : fmt::format(", {} warning(s)", warnings.size()));
   return 0;
 }
