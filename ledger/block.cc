@@ -21,7 +21,8 @@ Result<cbor::Value> decode_fixed_map(ByteView bytes, ObjectKind kind,
   // The version decides the shape, so read it first (key 1, if the map has one).
   std::optional<std::uint64_t> got;
   if (map->size() >= 2 && (*map)[1].first.as_uint() == 1u) got = (*map)[1].second.as_uint();
-  std::uint64_t key_count = got ? key_count_of(*got) : 0;
+  // Version 0 is never a real version: key_count_of(0) only gives the shape to report against.
+  std::uint64_t key_count = got && *got != 0 ? key_count_of(*got) : 0;
   if (got && key_count == 0 && (*map)[0].second.as_uint() == static_cast<std::uint64_t>(kind))
     return Status::Corruption(
         fmt::format("{} version {} is not supported by this build", what, *got));
