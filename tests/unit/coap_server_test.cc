@@ -4,13 +4,16 @@
 // "4.00 diagnostic" on stderr).
 #include <catch2/catch.hpp>
 
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <condition_variable>
 #include <deque>
 #include <filesystem>
@@ -149,6 +152,7 @@ class TestSink : public IngestSink {
 struct ClientRun {
   std::string output;  // stdout and stderr
   Clock::time_point finished;
+  std::string error;  // non-empty when the client could not be run (see spawn_client)
   // The last response code the client received ("2.04", "4.00", ...), empty if none.
   std::string code() const {
     static const std::regex re("c:([0-9]\\.[0-9]{2})");
@@ -162,36 +166,60 @@ struct ClientRun {
 
 // `wait_s`: the client's -B, how long it waits for an answer. A failed handshake is only seen as
 // silence (DTLS drops records it cannot authenticate), so those tests wait briefly.
-ClientRun run_client(const std::vector<std::string>& args, int wait_s = 10) {
+//
+// Runs from the tests' own threads too, so it uses no Catch2 macro (Catch2 v2's assertions and
+// INFO are not thread-safe): a failure to start or a crash is told in `error`, and callers assert
+// on the main thread. The pipe is close-on-exec so that a client started by another thread at the
+// same moment does not inherit this one's write end (and hold its reader open).
+ClientRun spawn_client(const std::vector<std::string>& args, int wait_s = 10) {
   std::vector<std::string> full = {"coap-client-openssl", "-v", "6", "-B", std::to_string(wait_s)};
   full.insert(full.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (auto& a : full) argv.push_back(a.data());
   argv.push_back(nullptr);
+  ClientRun run;
   int out[2];
-  REQUIRE(::pipe(out) == 0);
+  if (::pipe2(out, O_CLOEXEC) != 0) {
+    run.error = std::string("pipe: ") + std::strerror(errno);
+    return run;
+  }
   pid_t pid = ::fork();
-  REQUIRE(pid >= 0);
-  if (pid == 0) {
-    ::dup2(out[1], 1);
-    ::dup2(out[1], 2);
+  if (pid < 0) {
+    run.error = std::string("fork: ") + std::strerror(errno);
     ::close(out[0]);
     ::close(out[1]);
+    return run;
+  }
+  if (pid == 0) {
+    ::dup2(out[1], 1);  // dup2's copies are not close-on-exec
+    ::dup2(out[1], 2);
     ::execvp(argv[0], argv.data());
     ::_exit(127);
   }
   ::close(out[1]);
-  ClientRun run;
   char buf[4096];
   ssize_t n;
-  while ((n = ::read(out[0], buf, sizeof buf)) > 0) run.output.append(buf, static_cast<size_t>(n));
+  while ((n = ::read(out[0], buf, sizeof buf)) > 0 || (n < 0 && errno == EINTR)) {
+    if (n > 0) run.output.append(buf, static_cast<size_t>(n));
+  }
   ::close(out[0]);
   int wstatus = 0;
-  ::waitpid(pid, &wstatus, 0);
+  while (::waitpid(pid, &wstatus, 0) < 0 && errno == EINTR) {
+  }
   run.finished = Clock::now();
+  if (!WIFEXITED(wstatus)) {
+    run.error = "coap-client-openssl did not exit normally";
+  } else if (WEXITSTATUS(wstatus) == 127) {
+    run.error = "coap-client-openssl could not be started";
+  }
+  return run;
+}
+
+// spawn_client for the main thread, asserting that the client ran.
+ClientRun run_client(const std::vector<std::string>& args, int wait_s = 10) {
+  ClientRun run = spawn_client(args, wait_s);
   INFO(run.output);
-  REQUIRE(WIFEXITED(wstatus));
-  REQUIRE(WEXITSTATUS(wstatus) != 127);
+  REQUIRE(run.error.empty());
   return run;
 }
 
@@ -215,9 +243,14 @@ struct Harness {
 
   ClientRun post(const std::string& identity, const std::string& key,
                  const std::filesystem::path& file, int format = 110, int wait_s = 10) {
-    return run_client({"-m", "post", "-t", std::to_string(format), "-f", file.string(), "-u",
-                       identity, "-k", key, "coaps://127.0.0.1:" + std::to_string(port) + "/obs"},
-                      wait_s);
+    // No assertion here: tests call this from their own threads. A client that did not run has
+    // no response code, so every caller's check on code() fails, and its error is in the output.
+    ClientRun run = spawn_client({"-m", "post", "-t", std::to_string(format), "-f", file.string(),
+                                  "-u", identity, "-k", key,
+                                  "coaps://127.0.0.1:" + std::to_string(port) + "/obs"},
+                                 wait_s);
+    if (!run.error.empty()) run.output += "\n[test] " + run.error;
+    return run;
   }
   std::filesystem::path write(const std::string& name, const std::string& content) {
     auto p = dir / name;
@@ -419,14 +452,17 @@ TEST_CASE("coap: a full sink is 5.03 with Max-Age; a failed commit is 5.00", "[c
 
 TEST_CASE("coap: 20 clients in parallel all get 2.04 and the sink has 20 batches", "[coap]") {
   Harness h(kMaxPackBytes, 200ms);
-  std::vector<std::string> codes(20);
+  std::vector<ClientRun> runs(20);
   std::vector<std::thread> clients;
-  for (std::size_t i = 0; i < codes.size(); ++i) {
+  for (std::size_t i = 0; i < runs.size(); ++i) {
     clients.emplace_back(
-        [&, i] { codes[i] = h.post("pulse-ox-1", "right-key-1", kData / "ex1.gen.json").code(); });
+        [&, i] { runs[i] = h.post("pulse-ox-1", "right-key-1", kData / "ex1.gen.json"); });
   }
   for (auto& t : clients) t.join();
-  for (const auto& c : codes) CHECK(c == "2.04");
+  for (std::size_t i = 0; i < runs.size(); ++i) {
+    INFO("client " << i << ": " << runs[i].output);
+    CHECK(runs[i].code() == "2.04");
+  }
   CHECK(h.sink.batches().size() == 20);
   CHECK(h.server.counters().devices["pulse-ox-1"].committed == 20);
 }
