@@ -11,6 +11,7 @@
 #   restart_etcd_member I           starts member I again with its data dir and ports, waits
 #   stop_etcd_cluster               SIGTERM to every member, SIGKILL after 5 s
 #   etcdctl_cluster ARGS...         etcdctl against the running members
+#   etcd_wait_writable              waits until the running members take a write (10 s)
 #
 #   bash lib_etcd.sh --self-test    starts a 3-member cluster, kills and restarts one, stops it
 
@@ -149,6 +150,23 @@ etcdctl_cluster() {
   ETCDCTL_API=3 etcdctl --endpoints="$list" --command-timeout=5s "$@"
 }
 
+# etcd_wait_writable [TENTHS]: waits until the running members accept a write (default 10 s).
+# After the leader is killed, a write sent to a member that still follows it hangs until etcd's
+# own request timeout (~6 s); short tries get past the election instead.
+etcd_wait_writable() {
+  local tries=${1:-100} i list=
+  for i in "${!ETCD_PIDS[@]}"; do
+    [ -n "${ETCD_PIDS[$i]}" ] && list="${list:+$list,}$(etcd_endpoint "$i")"
+  done
+  for _ in $(seq 1 "$tries"); do
+    if ETCDCTL_API=3 etcdctl --endpoints="$list" --command-timeout=300ms \
+      put medgate-test/writable x >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  echo "etcd_wait_writable: the cluster takes no write after $((tries / 10)) s" >&2
+  return 1
+}
+
 # Stop the cluster on exit too, after whatever the EXIT trap already did (lib.sh's cleanup).
 etcd_previous_exit_trap=$(trap -p EXIT | sed -e "s/^trap -- '//" -e "s/' EXIT\$//")
 # shellcheck disable=SC2064
@@ -162,6 +180,7 @@ if [ "${BASH_SOURCE[0]}" = "$0" ] && [ "${1:-}" = --self-test ]; then
   echo "ok   3 members healthy: $ETCD_ENDPOINTS"
   etcdctl_cluster put medgate/k v1 >/dev/null
   kill_etcd_member 0
+  etcd_wait_writable
   etcdctl_cluster put medgate/k v2 >/dev/null
   echo "ok   a write with member 0 killed -9"
   restart_etcd_member 0
