@@ -201,8 +201,8 @@ Result<CreateResult> EtcdClient::create_if_absent(std::string_view key, ByteView
   const std::string k = b64(key);
   json body = {
       {"compare",
-       json::array({{{"target", "CREATE"}, {"result", "EQUAL"}, {"key", k},
-                     {"create_revision", "0"}}})},
+       json::array(
+           {{{"target", "CREATE"}, {"result", "EQUAL"}, {"key", k}, {"create_revision", "0"}}})},
       {"success", json::array({{{"request_put", {{"key", k}, {"value", to_base64(value)}}}}})},
       {"failure", json::array({{{"request_range", {{"key", k}}}}})},
   };
@@ -230,8 +230,8 @@ Result<CreateResult> EtcdClient::create_if_absent(std::string_view key, ByteView
 
 Result<EtcdStatus> EtcdClient::status() {
   EtcdStatus out;
-  MEDGATE_RETURN_IF_ERROR(transport_->call(
-      "/v3/maintenance/status", json::object(), "etcd status", [&](const json& r) {
+  MEDGATE_RETURN_IF_ERROR(
+      transport_->call("/v3/maintenance/status", json::object(), "etcd status", [&](const json& r) {
         MEDGATE_ASSIGN_OR_RETURN(out.revision, header_revision(r));
         const json& h = r.at("header");
         auto member = uint64_field(h, "member_id");
@@ -264,10 +264,10 @@ Result<EtcdStatus> EtcdClient::status() {
         health.healthy = ex.http_status == 200 && h->get<std::string>() == "true";
         if (!health.healthy) {
           auto reason = j.find("reason");
-          health.error = "unhealthy (HTTP " + std::to_string(ex.http_status) + ")" +
-                         (reason != j.end() && reason->is_string()
-                              ? ": " + reason->get<std::string>()
-                              : std::string());
+          health.error =
+              "unhealthy (HTTP " + std::to_string(ex.http_status) + ")" +
+              (reason != j.end() && reason->is_string() ? ": " + reason->get<std::string>()
+                                                        : std::string());
         }
       } else {
         health.error = "HTTP " + std::to_string(ex.http_status) + ", not etcd's health answer";

@@ -9,13 +9,13 @@
 //
 // Failover. Every request tries the endpoints in turn, starting from the one that last answered,
 // and keeps going round until EtcdOptions::request_timeout has passed. It moves on after a
-// connection failure, no answer within attempt_timeout, an HTTP 5xx, an answer that is not etcd's JSON, or an etcd error
-// that says "try again" (Unavailable: no leader, leader changed, request timed out). An etcd error
-// that is an answer (request too large, revision compacted, bad argument) is returned at once.
-// When no endpoint answers, the result is kUnavailable and its message names every endpoint tried
-// and why each failed. A write whose endpoint failed after the request was sent may or may not
-// have been applied; a retry on the next endpoint may then find its own write (see
-// create_if_absent).
+// connection failure, no answer within attempt_timeout, an HTTP 5xx, an answer that is not etcd's
+// JSON, or an etcd error that says "try again" (Unavailable: no leader, leader changed, request
+// timed out). An etcd error that is an answer (request too large, revision compacted, bad argument)
+// is returned at once. When no endpoint answers, the result is kUnavailable and its message names
+// every endpoint tried and why each failed. A write whose endpoint failed after the request was
+// sent may or may not have been applied; a retry on the next endpoint may then find its own write
+// (see create_if_absent).
 //
 // Size. etcd refuses requests over --max-request-bytes (1.5 MiB by default). The client refuses a
 // write that would exceed EtcdOptions::max_request_bytes before sending it (kInvalidArgument), so
@@ -101,13 +101,13 @@ struct EndpointHealth {
 };
 
 struct EtcdStatus {
-  std::string endpoint;      // the endpoint that answered
+  std::string endpoint;         // the endpoint that answered
   std::uint64_t member_id = 0;  // of the member that answered
   std::uint64_t leader = 0;     // member id of the leader; 0 when there is none
   std::uint64_t raft_term = 0;
   std::int64_t revision = 0;
-  std::int64_t db_size = 0;  // bytes
-  std::string version;       // the answering member's etcd version
+  std::int64_t db_size = 0;                   // bytes
+  std::string version;                        // the answering member's etcd version
   std::vector<EndpointHealth> member_health;  // one per configured endpoint, in order
 };
 
@@ -145,8 +145,8 @@ class EtcdClient {
   // The pairs with key in [key, range_end) ("" reads the single key `key`), at most `limit` of
   // them (0: no limit), as of `revision` (0: the latest). A compacted `revision` is
   // kFailedPrecondition.
-  Result<Range> range(std::string_view key, std::string_view range_end = {},
-                      std::int64_t limit = 0, std::int64_t revision = 0);
+  Result<Range> range(std::string_view key, std::string_view range_end = {}, std::int64_t limit = 0,
+                      std::int64_t revision = 0);
 
   // One transaction: if `key` does not exist (create_revision == 0), put `value`; otherwise read
   // it. This is how a member claims a block height: of any number of racing callers exactly one
@@ -207,7 +207,7 @@ class EtcdWatch {
   std::atomic<bool> stopping_{false};
   std::atomic<bool> ended_{false};
   mutable std::mutex mu_;
-  std::string endpoint_;  // guarded by mu_
+  std::string endpoint_;   // guarded by mu_
   void* multi_ = nullptr;  // CURLM*, guarded by mu_ for wakeups from stop()
   std::thread thread_;
 };

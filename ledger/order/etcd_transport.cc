@@ -1,8 +1,8 @@
 #include "ledger/order/etcd_transport.h"
 
 #include <charconv>
-#include <cstring>
 #include <cstdio>
+#include <cstring>
 #include <thread>
 
 namespace medgate::order {
@@ -208,8 +208,8 @@ void EtcdClient::Transport::configure(CURL* curl) const {
 }
 
 EtcdClient::Transport::Exchange EtcdClient::Transport::exchange(const std::string& url,
-                                                               const std::string* post_body,
-                                                               std::chrono::milliseconds timeout) {
+                                                                const std::string* post_body,
+                                                                std::chrono::milliseconds timeout) {
   Exchange ex;
   CURL* curl = take_handle();
   if (curl == nullptr) {
@@ -220,7 +220,8 @@ EtcdClient::Transport::Exchange EtcdClient::Transport::exchange(const std::strin
   char errbuf[CURL_ERROR_SIZE] = {0};
   curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, errbuf);
   curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
-  curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, static_cast<long>(std::max<std::int64_t>(1, timeout.count())));
+  curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS,
+                   static_cast<long>(std::max<std::int64_t>(1, timeout.count())));
   curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, append_body);
   curl_easy_setopt(curl, CURLOPT_WRITEDATA, &ex.body);
   curl_slist* headers = nullptr;
@@ -242,8 +243,8 @@ EtcdClient::Transport::Exchange EtcdClient::Transport::exchange(const std::strin
   } else if (rc == CURLE_WRITE_ERROR && ex.body.size() + CURL_MAX_WRITE_SIZE > kMaxResponseBytes) {
     ex.failure = "answer larger than " + std::to_string(kMaxResponseBytes >> 20) + " MiB";
   } else if (long os_errno = 0; rc == CURLE_COULDNT_CONNECT &&
-                                 curl_easy_getinfo(curl, CURLINFO_OS_ERRNO, &os_errno) == CURLE_OK &&
-                                 os_errno != 0) {
+                                curl_easy_getinfo(curl, CURLINFO_OS_ERRNO, &os_errno) == CURLE_OK &&
+                                os_errno != 0) {
     ex.failure = std::string("cannot connect: ") + std::strerror(static_cast<int>(os_errno));
   } else {
     ex.failure = errbuf[0] != '\0' ? std::string(errbuf) : std::string(curl_easy_strerror(rc));

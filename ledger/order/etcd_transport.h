@@ -41,8 +41,8 @@ struct Attempt {
   };
   Kind kind = Kind::kFailed;
   nlohmann::json json;
-  Status error;         // kEtcdError: the mapped status
-  std::string reason;   // kFailed: why, for the message that lists endpoints
+  Status error;        // kEtcdError: the mapped status
+  std::string reason;  // kFailed: why, for the message that lists endpoints
   bool transient = false;
 };
 

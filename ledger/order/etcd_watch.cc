@@ -31,17 +31,17 @@ struct Stream {
   std::atomic<std::int64_t>* last_revision = nullptr;
   const WatchHandlers* handlers = nullptr;
   std::string endpoint;
-  std::string pending;  // bytes after the last newline
-  bool created = false;  // etcd confirmed the watch
+  std::string pending;           // bytes after the last newline
+  bool created = false;          // etcd confirmed the watch
   std::optional<StreamEnd> end;  // set when a line ends the stream
 
   // Handles one JSON line; false to end the transfer.
   bool line(std::string_view text) {
     json j = json::parse(text, nullptr, false);
     if (j.is_discarded() || !j.is_object()) {
-      end = StreamEnd{StreamEnd::Kind::kLost, 0,
-                      Status::Unavailable("etcd watch on " + endpoint +
-                                          ": a line of the stream is not JSON")};
+      end = StreamEnd{
+          StreamEnd::Kind::kLost, 0,
+          Status::Unavailable("etcd watch on " + endpoint + ": a line of the stream is not JSON")};
       return false;
     }
     if (auto err = etcd_error_of(j)) {
@@ -90,15 +90,14 @@ struct Stream {
                                                 : key_value_of(*kv);
       if (!pair.ok()) {
         end = StreamEnd{StreamEnd::Kind::kLost, 0,
-                        Status::Unavailable("etcd watch on " + endpoint +
-                                            ": a malformed event (" + pair.status().message() +
-                                            ")")};
+                        Status::Unavailable("etcd watch on " + endpoint + ": a malformed event (" +
+                                            pair.status().message() + ")")};
         return false;
       }
       if (pair->mod_revision <= 0) {
-        end = StreamEnd{StreamEnd::Kind::kLost, 0,
-                        Status::Unavailable("etcd watch on " + endpoint +
-                                            ": an event without a revision")};
+        end = StreamEnd{
+            StreamEnd::Kind::kLost, 0,
+            Status::Unavailable("etcd watch on " + endpoint + ": an event without a revision")};
         return false;
       }
       if (handlers->on_put) handlers->on_put(*pair);
@@ -145,8 +144,9 @@ Result<std::unique_ptr<EtcdWatch>> EtcdClient::watch(std::string_view prefix,
     return Status::InvalidArgument("etcd watch needs an on_put and an on_compacted handler");
   auto w = std::unique_ptr<EtcdWatch>(
       new EtcdWatch(*transport_, std::string(prefix), start_revision, std::move(handlers)));
-  w->endpoint_ = transport_->options.endpoints[transport_->preferred.load() %
-                                               transport_->options.endpoints.size()];
+  w->endpoint_ =
+      transport_->options
+          .endpoints[transport_->preferred.load() % transport_->options.endpoints.size()];
   CURLM* multi = curl_multi_init();
   if (multi == nullptr) return Status::Internal("curl_multi_init failed");
   w->multi_ = multi;
@@ -259,11 +259,10 @@ void EtcdWatch::run() {
       if (finished || running == 0 || stream.end) break;
       // etcd answers a watch at once with "created"; a server that says nothing is not one.
       if (!stream.created && Clock::now() > connect_deadline) {
-        stream.end = StreamEnd{StreamEnd::Kind::kLost, 0,
-                               Status::Unavailable("etcd watch on " + endpoint +
-                                                   ": no answer within " +
-                                                   std::to_string(options.request_timeout.count()) +
-                                                   " ms")};
+        stream.end =
+            StreamEnd{StreamEnd::Kind::kLost, 0,
+                      Status::Unavailable("etcd watch on " + endpoint + ": no answer within " +
+                                          std::to_string(options.request_timeout.count()) + " ms")};
         break;
       }
       curl_multi_poll(multi, nullptr, 0, 1000, nullptr);
@@ -289,9 +288,9 @@ void EtcdWatch::run() {
     if (stream.end) {
       why = stream.end->why;
     } else if (result != CURLE_OK) {
-      why = Status::Unavailable("etcd watch on " + endpoint + ": " +
-                                (errbuf[0] != '\0' ? std::string(errbuf)
-                                                   : std::string(curl_easy_strerror(result))));
+      why = Status::Unavailable(
+          "etcd watch on " + endpoint + ": " +
+          (errbuf[0] != '\0' ? std::string(errbuf) : std::string(curl_easy_strerror(result))));
     } else if (http_status != 200) {
       why = Status::Unavailable("etcd watch on " + endpoint + ": HTTP " +
                                 std::to_string(http_status) + ", not etcd's watch stream");

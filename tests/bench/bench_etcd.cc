@@ -38,9 +38,9 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 struct Options {
-  int ops_64k = 400;   // per phase and thread count
+  int ops_64k = 400;  // per phase and thread count
   int ops_1m = 60;
-  int heights = 200;   // contended phase, 64 KiB blocks
+  int heights = 200;  // contended phase, 64 KiB blocks
   int watch_events = 300;
   bool smoke = false;
 };
@@ -55,7 +55,8 @@ std::int64_t ns_since(Clock::time_point t0) {
 
 Bytes filler(std::size_t size, int seed) {
   Bytes v(size);
-  for (std::size_t i = 0; i < size; ++i) v[i] = std::byte(static_cast<unsigned>((i * 31 + static_cast<std::size_t>(seed)) & 0xff));
+  for (std::size_t i = 0; i < size; ++i)
+    v[i] = std::byte(static_cast<unsigned>((i * 31 + static_cast<std::size_t>(seed)) & 0xff));
   return v;
 }
 
@@ -131,11 +132,12 @@ int run(const Options& o) {
 
   fmt::print("etcd: 3 members on loopback (etcd {}, started healthy in {:.2f} s), data in {}\n",
              st->version, start_s, dir.path().string());
-  fmt::print("machine: {} CPUs available, load {} at {}; disk 4 KiB write+fdatasync p50 {} ms, "
-             "p99 {} ms\n\n",
-             bench::cpus_available(), bench::load_average(), bench::utc_now(),
-             fsync.ok() ? fmt::format("{:.2f}", fsync->p50_ms) : "?",
-             fsync.ok() ? fmt::format("{:.2f}", fsync->p99_ms) : "?");
+  fmt::print(
+      "machine: {} CPUs available, load {} at {}; disk 4 KiB write+fdatasync p50 {} ms, "
+      "p99 {} ms\n\n",
+      bench::cpus_available(), bench::load_average(), bench::utc_now(),
+      fsync.ok() ? fmt::format("{:.2f}", fsync->p50_ms) : "?",
+      fsync.ok() ? fmt::format("{:.2f}", fsync->p99_ms) : "?");
 
   bool ok = true;
   int phase = 0;
@@ -198,7 +200,8 @@ int run(const Options& o) {
           if (!r.ok() || (!r->created && (!r->existing || r->existing->value.size() != size))) {
             wrong = true;
             std::lock_guard lock(mu);
-            if (error.empty()) error = r.ok() ? "a loser without the winner's block" : r.status().to_string();
+            if (error.empty())
+              error = r.ok() ? "a loser without the winner's block" : r.status().to_string();
             continue;
           }
           (r->created ? wins : losses)++;
@@ -226,7 +229,8 @@ int run(const Options& o) {
     compact(client, cluster);
   }
   table.print();
-  fmt::print("  (the race row's ops/s is heights ordered per second; its latencies are per claim)\n\n");
+  fmt::print(
+      "  (the race row's ops/s is heights ordered per second; its latencies are per claim)\n\n");
 
   // Watch latency: the put's start time travels in the value; on_put subtracts it from now.
   bench::Table wt({"watch, value", "events", "put p50 ms", "put p99 ms", "put->event p50 ms",
@@ -305,9 +309,10 @@ int main(int argc, char* argv[]) {
     } else if (a == "--watch-events") {
       o.watch_events = next();
     } else {
-      std::fputs("bench_etcd [--smoke] [--ops-64k N] [--ops-1m N] [--heights N] "
-                 "[--watch-events N]\n",
-                 stderr);
+      std::fputs(
+          "bench_etcd [--smoke] [--ops-64k N] [--ops-1m N] [--heights N] "
+          "[--watch-events N]\n",
+          stderr);
       return a == "--help" ? 0 : 2;
     }
   }

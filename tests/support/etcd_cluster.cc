@@ -59,7 +59,8 @@ bool healthy(int port) {
         static_cast<ssize_t>(request.size())) {
       char buf[1024];
       ssize_t n;
-      while ((n = ::recv(fd, buf, sizeof buf, 0)) > 0) answer.append(buf, static_cast<std::size_t>(n));
+      while ((n = ::recv(fd, buf, sizeof buf, 0)) > 0)
+        answer.append(buf, static_cast<std::size_t>(n));
     }
   }
   ::close(fd);
@@ -183,12 +184,33 @@ void EtcdCluster::spawn_member(Member& m) {
                                std::filesystem::perm_options::replace);
   const std::string client = "http://127.0.0.1:" + std::to_string(m.client_port);
   const std::string peer = "http://127.0.0.1:" + std::to_string(m.peer_port);
-  m.pid = spawn({"etcd", "--name", m.name, "--data-dir", m.data_dir.string(),
-                 "--listen-client-urls", client, "--advertise-client-urls", client,
-                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                 "--initial-cluster", initial_cluster_, "--initial-cluster-state", "new",
-                 "--initial-cluster-token", token_, "--heartbeat-interval", "50",
-                 "--election-timeout", "500", "--logger", "zap", "--log-level", "warn"},
+  m.pid = spawn({"etcd",
+                 "--name",
+                 m.name,
+                 "--data-dir",
+                 m.data_dir.string(),
+                 "--listen-client-urls",
+                 client,
+                 "--advertise-client-urls",
+                 client,
+                 "--listen-peer-urls",
+                 peer,
+                 "--initial-advertise-peer-urls",
+                 peer,
+                 "--initial-cluster",
+                 initial_cluster_,
+                 "--initial-cluster-state",
+                 "new",
+                 "--initial-cluster-token",
+                 token_,
+                 "--heartbeat-interval",
+                 "50",
+                 "--election-timeout",
+                 "500",
+                 "--logger",
+                 "zap",
+                 "--log-level",
+                 "warn"},
                 m.log);
 }
 

@@ -32,8 +32,9 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-std::unique_ptr<EtcdClient> client_for(std::vector<std::string> endpoints,
-                                       std::chrono::milliseconds timeout = std::chrono::seconds(5)) {
+std::unique_ptr<EtcdClient> client_for(
+    std::vector<std::string> endpoints,
+    std::chrono::milliseconds timeout = std::chrono::seconds(5)) {
   EtcdOptions o;
   o.endpoints = std::move(endpoints);
   o.request_timeout = timeout;
@@ -188,9 +189,9 @@ TEST_CASE("options are checked without a cluster and a bad one is named", "[etcd
   good.endpoints = {"http://127.0.0.1:1", "https://[::1]:2379/"};
   CHECK(open_with(good).ok());
 
-  for (std::string bad : {"127.0.0.1:2379", "ftp://127.0.0.1:2379", "http://127.0.0.1",
-                          "http://127.0.0.1:2379/v3", "http://", "http://u@127.0.0.1:1",
-                          "http://127.0.0.1:1?x=1", "not a url at all", ""}) {
+  for (std::string bad :
+       {"127.0.0.1:2379", "ftp://127.0.0.1:2379", "http://127.0.0.1", "http://127.0.0.1:2379/v3",
+        "http://", "http://u@127.0.0.1:1", "http://127.0.0.1:1?x=1", "not a url at all", ""}) {
     EtcdOptions o;
     o.endpoints = {"http://127.0.0.1:1", bad};
     auto r = open_with(o);
@@ -276,7 +277,7 @@ TEST_CASE("a server that is not etcd gets a clear error, never a crash", "[etcd]
   struct Case {
     const char* what;
     std::string reply;
-    const char* expect;  // in the message
+    const char* expect;       // in the message
     bool put_answer = false;  // the reply would do as an answer to a put (a header, a revision)
   };
   const std::vector<Case> cases = {
@@ -288,8 +289,7 @@ TEST_CASE("a server that is not etcd gets a clear error, never a crash", "[etcd]
       {"a kvs of the wrong type", http_reply(200, R"({"header":{"revision":"3"},"kvs":7})"),
        "not etcd's", true},
       {"a kv whose key is not base64",
-       http_reply(200, R"({"header":{"revision":"3"},"kvs":[{"key":"!!"}]})"), "not etcd's",
-       true},
+       http_reply(200, R"({"header":{"revision":"3"},"kvs":[{"key":"!!"}]})"), "not etcd's", true},
       {"a header of the wrong type", http_reply(200, R"({"header":[1,2]})"), "not etcd's"},
       {"an error object without a code", http_reply(500, R"({"error":{}})"), "not etcd's"},
       {"not HTTP at all", std::string("\x00\x01garbage\r\n\r\n", 15), ""},
@@ -457,7 +457,7 @@ TEST_CASE("a prefix range pages with limit and more", "[etcd][cluster]") {
   auto client = client_for(cluster.endpoints());
   for (int i = 0; i < 5; ++i)
     REQUIRE(client->put("p/" + std::to_string(i), as_bytes("v" + std::to_string(i))).ok());
-  REQUIRE(client->put("p", as_bytes("outside")).ok());   // the prefix without its slash
+  REQUIRE(client->put("p", as_bytes("outside")).ok());  // the prefix without its slash
   REQUIRE(client->put("q/0", as_bytes("outside")).ok());
   REQUIRE(client->put("o/9", as_bytes("outside")).ok());
 
@@ -524,10 +524,9 @@ TEST_CASE("a watch delivers puts under its prefix in revision order", "[etcd][cl
     REQUIRE(replay.wait_for_puts(41));
     (*w2)->stop();
     CHECK(replay.puts.front().key == "blocks/before");
-    CHECK(std::is_sorted(replay.puts.begin(), replay.puts.end(),
-                         [](const KeyValue& a, const KeyValue& b) {
-                           return a.mod_revision < b.mod_revision;
-                         }));
+    CHECK(std::is_sorted(
+        replay.puts.begin(), replay.puts.end(),
+        [](const KeyValue& a, const KeyValue& b) { return a.mod_revision < b.mod_revision; }));
   }
 }
 
