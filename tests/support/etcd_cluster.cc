@@ -111,7 +111,9 @@ void terminate(pid_t pid) {
 
 }  // namespace
 
-EtcdCluster::EtcdCluster(const std::filesystem::path& dir, int members) : dir_(dir) {
+EtcdCluster::EtcdCluster(const std::filesystem::path& dir, int members,
+                         std::optional<EtcdTlsFiles> tls)
+    : dir_(dir), tls_(std::move(tls)) {
   if (members != 1 && members != 3)
     throw std::invalid_argument("EtcdCluster: 1 or 3 members, not " + std::to_string(members));
   for (int attempt = 0; attempt < 3; ++attempt)
@@ -169,7 +171,7 @@ bool EtcdCluster::start_all(int members) {
         members_[i].pid = -1;
         return false;
       }
-      up[i] = healthy(members_[i].client_port);
+      up[i] = member_healthy(members_[i]);
       all = all && up[i];
     }
     if (all) return true;
@@ -182,36 +184,42 @@ void EtcdCluster::spawn_member(Member& m) {
   std::filesystem::create_directories(m.data_dir);
   std::filesystem::permissions(m.data_dir, std::filesystem::perms::owner_all,
                                std::filesystem::perm_options::replace);
-  const std::string client = "http://127.0.0.1:" + std::to_string(m.client_port);
+  const std::string client =
+      (tls_ ? "https" : "http") + std::string("://127.0.0.1:") + std::to_string(m.client_port);
   const std::string peer = "http://127.0.0.1:" + std::to_string(m.peer_port);
-  m.pid = spawn({"etcd",
-                 "--name",
-                 m.name,
-                 "--data-dir",
-                 m.data_dir.string(),
-                 "--listen-client-urls",
-                 client,
-                 "--advertise-client-urls",
-                 client,
-                 "--listen-peer-urls",
-                 peer,
-                 "--initial-advertise-peer-urls",
-                 peer,
-                 "--initial-cluster",
-                 initial_cluster_,
-                 "--initial-cluster-state",
-                 "new",
-                 "--initial-cluster-token",
-                 token_,
-                 "--heartbeat-interval",
-                 "50",
-                 "--election-timeout",
-                 "500",
-                 "--logger",
-                 "zap",
-                 "--log-level",
-                 "warn"},
-                m.log);
+  std::vector<std::string> argv = {"etcd",
+                                   "--name",
+                                   m.name,
+                                   "--data-dir",
+                                   m.data_dir.string(),
+                                   "--listen-client-urls",
+                                   client,
+                                   "--advertise-client-urls",
+                                   client,
+                                   "--listen-peer-urls",
+                                   peer,
+                                   "--initial-advertise-peer-urls",
+                                   peer,
+                                   "--initial-cluster",
+                                   initial_cluster_,
+                                   "--initial-cluster-state",
+                                   "new",
+                                   "--initial-cluster-token",
+                                   token_,
+                                   "--heartbeat-interval",
+                                   "50",
+                                   "--election-timeout",
+                                   "500",
+                                   "--logger",
+                                   "zap",
+                                   "--log-level",
+                                   "warn"};
+  if (tls_) {
+    argv.insert(argv.end(), {"--cert-file", tls_->server_cert.string(), "--key-file",
+                             tls_->server_key.string(), "--trusted-ca-file", tls_->ca.string()});
+    if (tls_->client_cert_auth) argv.push_back("--client-cert-auth");
+  }
+  m.pid = spawn(argv, m.log);
 }
 
 void EtcdCluster::stop_all() {
@@ -222,7 +230,24 @@ void EtcdCluster::stop_all() {
 }
 
 std::string EtcdCluster::endpoint(int i) const {
-  return "http://127.0.0.1:" + std::to_string(members_.at(static_cast<std::size_t>(i)).client_port);
+  return (tls_ ? "https" : "http") + std::string("://127.0.0.1:") +
+         std::to_string(members_.at(static_cast<std::size_t>(i)).client_port);
+}
+
+bool EtcdCluster::member_healthy(const Member& m) const {
+  if (!tls_) return healthy(m.client_port);
+  // Over TLS the plain-socket check cannot speak; etcdctl can (and checks the certificates).
+  std::vector<std::string> argv = {"etcdctl",
+                                   "--endpoints=https://127.0.0.1:" + std::to_string(m.client_port),
+                                   "--command-timeout=1s", "--cacert=" + tls_->ca.string()};
+  if (!tls_->client_cert.empty())
+    argv.insert(argv.end(),
+                {"--cert=" + tls_->client_cert.string(), "--key=" + tls_->client_key.string()});
+  argv.insert(argv.end(), {"endpoint", "health"});
+  pid_t pid = spawn(argv, dir_ / "etcdctl-health.out");
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
 std::vector<std::string> EtcdCluster::endpoints() const {
@@ -252,7 +277,7 @@ void EtcdCluster::wait_healthy(int i, std::chrono::milliseconds timeout) const {
   const Member& m = members_.at(static_cast<std::size_t>(i));
   const auto deadline = Clock::now() + timeout;
   while (Clock::now() < deadline) {
-    if (m.pid > 0 && healthy(m.client_port)) return;
+    if (m.pid > 0 && member_healthy(m)) return;
     if (m.pid > 0 && ::kill(m.pid, 0) != 0)
       throw std::runtime_error("etcd member " + m.name + " exited:\n" + log_tail(m));
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -269,6 +294,12 @@ std::string EtcdCluster::etcdctl(const std::vector<std::string>& args) const {
     list += endpoint(i);
   }
   std::vector<std::string> argv = {"etcdctl", "--endpoints=" + list, "--command-timeout=5s"};
+  if (tls_) {
+    argv.push_back("--cacert=" + tls_->ca.string());
+    if (!tls_->client_cert.empty())
+      argv.insert(argv.end(),
+                  {"--cert=" + tls_->client_cert.string(), "--key=" + tls_->client_key.string()});
+  }
   argv.insert(argv.end(), args.begin(), args.end());
   const std::filesystem::path out = dir_ / "etcdctl.out";
   std::filesystem::remove(out);

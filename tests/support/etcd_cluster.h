@@ -9,23 +9,37 @@
 
 #include <chrono>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
 namespace medgate::testing {
+
+// TLS on the members' client URLs (https; peers stay on loopback http): the members' certificate
+// and key, the CA that signed it and, with client_cert_auth, the client certificates members
+// accept. client_cert/client_key are what the fixture's own checks (etcdctl) present.
+struct EtcdTlsFiles {
+  std::filesystem::path ca;
+  std::filesystem::path server_cert;
+  std::filesystem::path server_key;
+  std::filesystem::path client_cert;
+  std::filesystem::path client_key;
+  bool client_cert_auth = false;
+};
 
 class EtcdCluster {
  public:
   // Starts `members` members (1 or 3) with their data under `dir`/etcd-N and waits until every
   // one says it is healthy (10 s at most). Throws std::runtime_error naming the member and the
   // tail of its log when that fails. `dir` must outlive this object.
-  EtcdCluster(const std::filesystem::path& dir, int members);
+  EtcdCluster(const std::filesystem::path& dir, int members,
+              std::optional<EtcdTlsFiles> tls = std::nullopt);
   ~EtcdCluster();  // SIGTERM to every running member, SIGKILL after 5 s
   EtcdCluster(const EtcdCluster&) = delete;
   EtcdCluster& operator=(const EtcdCluster&) = delete;
 
   int size() const { return static_cast<int>(members_.size()); }
-  // "http://127.0.0.1:P", the client URL of member i.
+  // "http://127.0.0.1:P" (https with TLS), the client URL of member i.
   std::string endpoint(int i) const;
   std::vector<std::string> endpoints() const;
   pid_t pid(int i) const { return members_.at(static_cast<std::size_t>(i)).pid; }
@@ -56,7 +70,10 @@ class EtcdCluster {
   void stop_all();
   std::string log_tail(const Member& m) const;
 
+  bool member_healthy(const Member& m) const;
+
   std::filesystem::path dir_;
+  std::optional<EtcdTlsFiles> tls_;
   std::string initial_cluster_;
   std::string token_;
   std::vector<Member> members_;

@@ -635,3 +635,74 @@ TEST_CASE("3 members: status, and a watch and writes survive kill -9 of their me
   REQUIRE(healed.ok());
   for (const auto& h : healed->member_health) CHECK(h.healthy);
 }
+
+TEST_CASE("TLS: a member that asks for client certificates, and the ways to get it wrong",
+          "[etcd][cluster]") {
+  TempDir dir("medgate-etcd-tls");
+  // A throwaway CA, a member certificate for 127.0.0.1 and a client certificate (openssl CLI).
+  const std::string script = R"(set -e
+cd ")" + dir.path().string() +
+                             R"("
+key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+key ca.key; key server.key; key client.key; key rogue.key
+openssl req -x509 -new -key ca.key -subj /CN=medgate-test-ca -days 1 -out ca.pem
+openssl req -x509 -new -key rogue.key -subj /CN=rogue-ca -days 1 -out rogue.pem
+openssl req -new -key server.key -subj /CN=etcd -out server.csr
+openssl req -new -key client.key -subj /CN=medgate-member -out client.csr
+printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n' > server.ext
+printf 'extendedKeyUsage=clientAuth\n' > client.ext
+openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile server.ext -out server.pem 2>/dev/null
+openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile client.ext -out client.pem 2>/dev/null
+)";
+  REQUIRE(std::system(("bash -c '" +
+                       [&] {
+                         std::string quoted;
+                         for (char c : script)
+                           quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+                         return quoted;
+                       }() +
+                       "'")
+                          .c_str()) == 0);
+  testing::EtcdTlsFiles files{dir / "ca.pem",     dir / "server.pem", dir / "server.key",
+                              dir / "client.pem", dir / "client.key", true};
+  EtcdCluster cluster(dir.path(), 1, files);
+  REQUIRE(cluster.endpoint(0).rfind("https://", 0) == 0);
+
+  EtcdOptions o;
+  o.endpoints = cluster.endpoints();
+  o.request_timeout = std::chrono::milliseconds(1500);
+  o.ca_file = files.ca.string();
+  o.cert_file = files.client_cert.string();
+  o.key_file = files.client_key.string();
+  auto client = EtcdClient::open(o).value();
+  auto rev = client->put("tls/k", as_bytes("over TLS"));
+  REQUIRE(rev.ok());
+  auto c = client->create_if_absent("tls/k", as_bytes("other"));
+  REQUIRE(c.ok());
+  CHECK(!c->created);
+  CHECK(to_string(c->existing->value) == "over TLS");
+  auto st = client->status();
+  REQUIRE(st.ok());
+  CHECK(st->member_health.at(0).healthy);
+  Deliveries d;
+  auto w = client->watch("tls/", *rev, d.handlers());
+  REQUIRE(w.ok());
+  REQUIRE(d.wait_for_puts(1));
+  (*w)->stop();
+  CHECK(to_string(d.puts[0].value) == "over TLS");
+
+  // Without a client certificate the member hangs up; with another CA the member is not trusted.
+  EtcdOptions no_cert = o;
+  no_cert.cert_file.clear();
+  no_cert.key_file.clear();
+  auto r = EtcdClient::open(no_cert).value()->range("tls/k");
+  CHECK(r.status().code() == StatusCode::kUnavailable);
+  CHECK(r.status().message().find(cluster.endpoint(0)) != std::string::npos);
+
+  EtcdOptions wrong_ca = o;
+  wrong_ca.ca_file = (dir / "rogue.pem").string();
+  r = EtcdClient::open(wrong_ca).value()->range("tls/k");
+  INFO(r.status().to_string());
+  CHECK(r.status().code() == StatusCode::kUnavailable);
+  CHECK(r.status().message().find("certificate") != std::string::npos);
+}
