@@ -117,8 +117,8 @@ Result<ValidatedBlock> validate_block_record(const BlockRecord& r, const ChainTi
                                     tip.height, short_id(h.key_id)));
   }
   if (!proposer->signing_key.verify_digest(block_hash(r.header_bytes), r.signature).ok())
-    return bad(fmt::format("has a signature that does not verify with the key of \"{}\"",
-                           r.proposer));
+    return bad(
+        fmt::format("has a signature that does not verify with the key of \"{}\"", r.proposer));
 
   ValidatedBlock out{tip, membership, {}, {}};
   // Subjects named earlier in this block, and their newest index in it.
@@ -129,7 +129,8 @@ Result<ValidatedBlock> validate_block_record(const BlockRecord& r, const ChainTi
       return bad(fmt::format("entry {} {}", index, reason));
     };
     auto decoded = decode_entry(r.entries[i]);
-    if (!decoded.ok()) return entry_bad(fmt::format("does not decode: {}", decoded.status().message()));
+    if (!decoded.ok())
+      return entry_bad(fmt::format("does not decode: {}", decoded.status().message()));
     const Entry& e = *decoded;
     if (e.type == EntryType::kGenesis) return entry_bad("is a second genesis");
 

@@ -63,9 +63,9 @@ struct ChainTip {
 using LatestOfSubject = std::function<std::optional<std::uint64_t>(ByteView subject)>;
 
 struct ValidatedBlock {
-  ChainTip tip;                             // the state after the block
-  Membership membership;                    // the membership after the block
-  std::vector<MembershipChange> changes;    // membership changes that took effect in it
+  ChainTip tip;                           // the state after the block
+  Membership membership;                  // the membership after the block
+  std::vector<MembershipChange> changes;  // membership changes that took effect in it
   std::vector<std::pair<Bytes, std::uint64_t>> subject_updates;  // (subject, its newest index)
 };
 

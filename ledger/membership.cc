@@ -104,9 +104,8 @@ bool valid_member_endpoint(std::string_view endpoint) {
   const auto colon = endpoint.rfind(':');
   if (colon == std::string_view::npos || colon == 0 || colon + 1 == endpoint.size()) return false;
   const std::string_view port = endpoint.substr(colon + 1);
-  if (port.size() > 5 || !std::all_of(port.begin(), port.end(), [](char c) {
-        return c >= '0' && c <= '9';
-      }))
+  if (port.size() > 5 ||
+      !std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; }))
     return false;
   const unsigned long p = std::stoul(std::string(port));
   return p >= 1 && p <= 65535;
@@ -138,7 +137,8 @@ Result<MembershipStatement> decode_membership_statement(ByteView bytes) {
   for (std::size_t i = 0; i < map->size(); ++i)
     if ((*map)[i].first.as_uint() != i)
       return Status::Corruption(fmt::format("{} lacks field {}", kWhat, i));
-  if (map->size() < 6) return Status::Corruption(fmt::format("{} lacks field {}", kWhat, map->size()));
+  if (map->size() < 6)
+    return Status::Corruption(fmt::format("{} lacks field {}", kWhat, map->size()));
   if (v.find(std::uint64_t{0})->as_uint() !=
       static_cast<std::uint64_t>(ObjectKind::kMembershipStatement))
     return Status::Corruption(fmt::format("object is not a {} (key 0)", kWhat));
@@ -163,10 +163,10 @@ Result<MembershipStatement> decode_membership_statement(ByteView bytes) {
   s.member_id = *member;
 
   const std::size_t expected = s.action == MembershipAction::kRemove ? 6 : map->size();
-  if (map->size() != expected || (s.action == MembershipAction::kAdd && map->size() != 8 &&
-                                  map->size() != 9))
-    return Status::Corruption(fmt::format("{} has {} fields, which its action does not have",
-                                          kWhat, map->size()));
+  if (map->size() != expected ||
+      (s.action == MembershipAction::kAdd && map->size() != 8 && map->size() != 9))
+    return Status::Corruption(
+        fmt::format("{} has {} fields, which its action does not have", kWhat, map->size()));
   if (s.action == MembershipAction::kAdd) {
     const Bytes* key = v.find(std::uint64_t{6})->as_bytes();
     const std::string* endpoint = v.find(std::uint64_t{7})->as_text();
@@ -179,7 +179,8 @@ Result<MembershipStatement> decode_membership_statement(ByteView bytes) {
     s.endpoint = *endpoint;
     if (map->size() == 9) {
       const Bytes* agreement = v.find(std::uint64_t{8})->as_bytes();
-      auto k = agreement ? PublicKey::from_spki_der(*agreement) : Result<PublicKey>(Status::Corruption(""));
+      auto k = agreement ? PublicKey::from_spki_der(*agreement)
+                         : Result<PublicKey>(Status::Corruption(""));
       if (!k.ok())
         return Status::Corruption(fmt::format("{} field 8 is not a P-256 public key", kWhat));
       s.agreement_key = std::move(*k);
@@ -195,7 +196,8 @@ Status check_member_proposal_body(const cbor::Value& body) {
   if (!statement->as_bytes()) return Status::InvalidArgument("body \"statement\" must be bytes");
   auto decoded = decode_membership_statement(*statement->as_bytes());
   if (!decoded.ok())
-    return Status::InvalidArgument(fmt::format("body \"statement\": {}", decoded.status().message()));
+    return Status::InvalidArgument(
+        fmt::format("body \"statement\": {}", decoded.status().message()));
   return check_member_text(body);
 }
 
@@ -212,8 +214,8 @@ Result<Entry> member_proposal_entry(ByteView statement, std::string_view propose
   fields.emplace_back(cbor::Value::text("statement"), cbor::Value::bytes(statement));
   fields.emplace_back(cbor::Value::text("member"), cbor::Value::text(std::string(proposer)));
   fields.emplace_back(cbor::Value::text("signature"), cbor::Value::bytes(signature));
-  MEDGATE_ASSIGN_OR_RETURN(Entry e, membership_entry(EntryType::kMemberProposal, std::move(fields),
-                                                     std::move(actor)));
+  MEDGATE_ASSIGN_OR_RETURN(
+      Entry e, membership_entry(EntryType::kMemberProposal, std::move(fields), std::move(actor)));
   MEDGATE_RETURN_IF_ERROR(check_member_proposal_body(e.body));
   return e;
 }
@@ -221,11 +223,12 @@ Result<Entry> member_proposal_entry(ByteView statement, std::string_view propose
 Result<Entry> member_approval_entry(ByteView statement, std::string_view approver,
                                     ByteView signature, std::string actor) {
   cbor::Map fields;
-  fields.emplace_back(cbor::Value::text("proposal"), cbor::Value::bytes(ByteView(sha256(statement))));
+  fields.emplace_back(cbor::Value::text("proposal"),
+                      cbor::Value::bytes(ByteView(sha256(statement))));
   fields.emplace_back(cbor::Value::text("member"), cbor::Value::text(std::string(approver)));
   fields.emplace_back(cbor::Value::text("signature"), cbor::Value::bytes(signature));
-  MEDGATE_ASSIGN_OR_RETURN(Entry e, membership_entry(EntryType::kMemberApproval, std::move(fields),
-                                                     std::move(actor)));
+  MEDGATE_ASSIGN_OR_RETURN(
+      Entry e, membership_entry(EntryType::kMemberApproval, std::move(fields), std::move(actor)));
   MEDGATE_RETURN_IF_ERROR(check_member_approval_body(e.body));
   return e;
 }
@@ -288,21 +291,21 @@ Result<MembershipChange> Membership::apply(const Entry& entry, std::uint64_t ind
           "member-proposal by \"{}\" is for epoch {}, but the membership is at epoch {}",
           vote.member, s.epoch, epoch_));
     if (proposals_.count(digest))
-      return Status::VerificationFailed(fmt::format(
-          "member-proposal by \"{}\" repeats an open proposal (entry {})", vote.member,
-          proposals_.at(digest).index));
+      return Status::VerificationFailed(
+          fmt::format("member-proposal by \"{}\" repeats an open proposal (entry {})", vote.member,
+                      proposals_.at(digest).index));
     if (s.action == MembershipAction::kAdd) {
       if (members_.count(s.member_id))
-        return Status::VerificationFailed(fmt::format(
-            "member-proposal adds \"{}\", which is a member already", s.member_id));
+        return Status::VerificationFailed(
+            fmt::format("member-proposal adds \"{}\", which is a member already", s.member_id));
       if (find_by_key(s.signing_key->id()))
-        return Status::VerificationFailed(fmt::format(
-            "member-proposal adds \"{}\" with the signing key of member \"{}\"", s.member_id,
-            find_by_key(s.signing_key->id())->id));
+        return Status::VerificationFailed(
+            fmt::format("member-proposal adds \"{}\" with the signing key of member \"{}\"",
+                        s.member_id, find_by_key(s.signing_key->id())->id));
     } else {
       if (!members_.count(s.member_id))
-        return Status::VerificationFailed(fmt::format(
-            "member-proposal removes \"{}\", which is not a member", s.member_id));
+        return Status::VerificationFailed(
+            fmt::format("member-proposal removes \"{}\", which is not a member", s.member_id));
       if (members_.size() == 1)
         return Status::VerificationFailed(
             fmt::format("member-proposal removes \"{}\", the last member", s.member_id));

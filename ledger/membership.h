@@ -90,8 +90,8 @@ struct OpenProposal {
   Hash statement_hash{};
   Bytes statement;
   MembershipStatement decoded;
-  std::uint64_t index = 0;              // the proposal entry
-  std::vector<std::string> approvers;   // the proposer first
+  std::uint64_t index = 0;             // the proposal entry
+  std::vector<std::string> approvers;  // the proposer first
 };
 
 // What applying an entry did.

@@ -194,8 +194,7 @@ TEST_CASE("membership: founding needs the ledger's active key, adding itself", "
   CHECK(for_someone_else.status().code() == StatusCode::kVerificationFailed);
   auto forged = m.apply(propose(add_statement(0, "a", "a"), "a", "b"), 1, active);  // b signed
   CHECK_THAT(forged.status().message(), Catch::Contains("does not verify"));
-  auto wrong_ledger =
-      m.apply(propose(add_statement(0, "a", "a", "other"), "a", "a"), 1, active);
+  auto wrong_ledger = m.apply(propose(add_statement(0, "a", "a", "other"), "a", "a"), 1, active);
   CHECK_THAT(wrong_ledger.status().message(), Catch::Contains("another ledger"));
   CHECK(m.epoch() == 0);
   CHECK(m.members().empty());
@@ -223,7 +222,8 @@ TEST_CASE("membership: a change takes effect at a strict majority of its epoch's
 
   // Not a member, a repeat, a forged signature: each refused, nothing changes.
   auto outsider = m.apply(approve(add_c, "c", "c"), 11, KeyId{});
-  CHECK_THAT(outsider.status().message(), Catch::Contains("\"c\", which is not a member at epoch 2"));
+  CHECK_THAT(outsider.status().message(),
+             Catch::Contains("\"c\", which is not a member at epoch 2"));
   auto again = m.apply(approve(add_c, "a", "a"), 11, KeyId{});
   CHECK_THAT(again.status().message(), Catch::Contains("repeats its approval of entry 10"));
   auto forged = m.apply(approve(add_c, "b", "a"), 11, KeyId{});
@@ -257,7 +257,8 @@ TEST_CASE("membership: once a change takes effect, the epoch's other proposals a
   auto late = m.apply(approve(add_d, "a", "a"), 13, KeyId{});
   CHECK_THAT(late.status().message(), Catch::Contains("names no open proposal at epoch 3"));
   auto stale = m.apply(propose(add_d, "a", "a"), 13, KeyId{});
-  CHECK_THAT(stale.status().message(), Catch::Contains("is for epoch 2, but the membership is at epoch 3"));
+  CHECK_THAT(stale.status().message(),
+             Catch::Contains("is for epoch 2, but the membership is at epoch 3"));
   CHECK_FALSE(m.find("d"));
 }
 
@@ -371,11 +372,12 @@ struct Chain {
   }
 
   Result<ValidatedBlock> validate(const BlockRecord& r) {
-    return validate_block_record(r, tip, membership, [&](ByteView s) -> std::optional<std::uint64_t> {
-      auto it = latest.find(Bytes(s.begin(), s.end()));
-      if (it == latest.end()) return std::nullopt;
-      return it->second;
-    });
+    return validate_block_record(r, tip, membership,
+                                 [&](ByteView s) -> std::optional<std::uint64_t> {
+                                   auto it = latest.find(Bytes(s.begin(), s.end()));
+                                   if (it == latest.end()) return std::nullopt;
+                                   return it->second;
+                                 });
   }
 
   ChainTip tip;
@@ -498,15 +500,18 @@ TEST_CASE("block records: each broken rule voids the block and is named", "[memb
     g.actor = "system:medgated";
     cbor::Map body;
     body.emplace_back(cbor::Value::text("ledger_id"), cbor::Value::text(kLedger));
-    body.emplace_back(cbor::Value::text("key_id"), cbor::Value::bytes(ByteView(keys().key("a").id())));
-    body.emplace_back(cbor::Value::text("public_key"), cbor::Value::bytes(keys().key("a").spki_der()));
+    body.emplace_back(cbor::Value::text("key_id"),
+                      cbor::Value::bytes(ByteView(keys().key("a").id())));
+    body.emplace_back(cbor::Value::text("public_key"),
+                      cbor::Value::bytes(keys().key("a").spki_der()));
     g.body = *cbor::Value::map(std::move(body));
     refused(chain.record({*encode_entry(g)}, "a", "a"), "entry 3 is a second genesis");
   }
   {
     Bytes bad_membership =
         *encode_entry(approve(add_statement(2, "c", "c"), "a", "a"));  // approves nothing open
-    refused(chain.record({bad_membership}, "a", "a"), "entry 3 member-approval by \"a\" names no open proposal");
+    refused(chain.record({bad_membership}, "a", "a"),
+            "entry 3 member-approval by \"a\" names no open proposal");
   }
   {
     Chain unfounded;
@@ -520,9 +525,8 @@ TEST_CASE("block records: membership changes inside a block apply to the next bl
           "[membership]") {
   Chain chain;
   Bytes add_c = add_statement(2, "c", "c");
-  BlockRecord r = chain.record({*encode_entry(propose(add_c, "a", "a")),
-                                *encode_entry(approve(add_c, "b", "b"))},
-                               "a", "a");
+  BlockRecord r = chain.record(
+      {*encode_entry(propose(add_c, "a", "a")), *encode_entry(approve(add_c, "b", "b"))}, "a", "a");
   auto v = chain.validate(r);
   INFO(v.status().to_string());
   REQUIRE(v.ok());
