@@ -1,5 +1,7 @@
 #include "appliance/config.h"
 
+#include "appliance/ip_network.h"
+
 #include <algorithm>
 #include <cctype>
 #include <fstream>
@@ -268,31 +270,9 @@ Result<std::vector<std::string>> parse_ip_allow(std::string_view text) {
     if (item == "any")
       return Status::InvalidArgument(
           "'any' would allow every address; leave [network] allow out instead");
-    std::string address = item;
-    std::optional<unsigned> prefix;
-    if (std::size_t slash = item.find('/'); slash != std::string::npos) {
-      address = item.substr(0, slash);
-      std::string bits = item.substr(slash + 1);
-      if (bits.empty() || bits.size() > 3 ||
-          !std::all_of(bits.begin(), bits.end(), [](char ch) { return ch >= '0' && ch <= '9'; }))
-        return Status::InvalidArgument(
-            fmt::format("'{}': the prefix length is not a number", item));
-      prefix = static_cast<unsigned>(std::stoul(bits));
-    }
-    unsigned char buf[16];
-    unsigned max_bits = 0;
-    if (::inet_pton(AF_INET, address.c_str(), buf) == 1)
-      max_bits = 32;
-    else if (::inet_pton(AF_INET6, address.c_str(), buf) == 1)
-      max_bits = 128;
-    else
-      return Status::InvalidArgument(fmt::format(
-          "'{}' is not an IPv4 or IPv6 address or prefix (e.g. 10.20.0.0/16, fd00:7::/64), nor "
-          "localhost, link-local or multicast",
-          item));
-    if (prefix && *prefix > max_bits)
-      return Status::InvalidArgument(fmt::format("'{}': an IPv{} prefix is at most /{}", item,
-                                                 max_bits == 32 ? 4 : 6, max_bits));
+    if (Result<IpNetwork> network = parse_ip_network(item); !network.ok())
+      return Status::InvalidArgument(network.status().message() +
+                                     " (or one of localhost, link-local, multicast)");
     out.push_back(item);
   }
   if (out.empty()) return Status::InvalidArgument("the list is empty; leave the key out instead");

@@ -435,10 +435,17 @@ class Daemon::Impl {
           return Status::InvalidArgument("argument \"patient\" must be a non-empty text");
         patient = p->get<std::string>();
       }
+      MEDGATE_ASSIGN_OR_RETURN(std::vector<IpNetwork> allow, networks_arg(args));
       Result<DeviceChange> r =
           registry_->add(id, *kind, patient, args.value("hl7_application", std::string()),
-                         args.value("hl7_facility", std::string()), c.actor());
+                         args.value("hl7_facility", std::string()), c.actor(), std::move(allow));
       return device_change(c, "device.add", r);
+    });
+    change("device.allow", [this](const Caller& c, const json& args) -> Result<json> {
+      MEDGATE_ASSIGN_OR_RETURN(std::string id, text_arg(args, "id"));
+      MEDGATE_ASSIGN_OR_RETURN(std::vector<IpNetwork> allow, networks_arg(args));
+      return device_change(c, "device.allow",
+                           registry_->set_allow(id, std::move(allow), c.actor()));
     });
     change("device.bind", [this](const Caller& c, const json& args) -> Result<json> {
       MEDGATE_ASSIGN_OR_RETURN(std::string id, text_arg(args, "id"));
@@ -582,6 +589,7 @@ class Daemon::Impl {
                {{"unparseable", c.rejected_unparseable},
                 {"unprocessable", c.rejected_unprocessable},
                 {"revoked", c.rejected_revoked},
+                {"address", c.rejected_address},
                 {"failed", c.failed}}},
               {"busy_retries", c.busy_retries},
               {"last_seen", c.last_seen_us ? json(ledger::format_time(c.last_seen_us)) : json()}};
@@ -610,9 +618,32 @@ class Daemon::Impl {
             {"patient", d.patient ? json(d.patient->hex()) : json(nullptr)},
             {"hl7_application", d.hl7_application},
             {"hl7_facility", d.hl7_facility},
+            {"allow", allow_json(d.allow)},
             {"created", ledger::format_time(d.created_us)},
             {"updated", ledger::format_time(d.updated_us)},
             {"last_entry", d.last_entry}};
+  }
+
+  static json allow_json(const std::vector<IpNetwork>& allow) {
+    json out = json::array();
+    for (const IpNetwork& n : allow) out.push_back(n.to_string());
+    return out;
+  }
+
+  // "allow": an array of networks ("10.20.0.0/16", "10.1.2.3"); absent or empty: any address.
+  static Result<std::vector<IpNetwork>> networks_arg(const json& args) {
+    std::vector<IpNetwork> out;
+    auto it = args.find("allow");
+    if (it == args.end() || it->is_null()) return out;
+    if (!it->is_array())
+      return Status::InvalidArgument("argument \"allow\" must be an array of networks");
+    for (const json& item : *it) {
+      if (!item.is_string())
+        return Status::InvalidArgument("argument \"allow\" must be an array of networks");
+      MEDGATE_ASSIGN_OR_RETURN(IpNetwork n, parse_ip_network(item.get<std::string>()));
+      if (std::find(out.begin(), out.end(), n) == out.end()) out.push_back(n);
+    }
+    return out;
   }
 
   static Result<std::string> text_arg(const json& args, const char* name) {

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "appliance/ip_network.h"
 #include "appliance/observation.h"
 #include "hsm/bytes.h"
 #include "hsm/status.h"
@@ -63,6 +64,7 @@ struct DeviceCredentials {
   bool revoked = false;
   std::string patient_id;  // the patient a CoAP device is bound to (PHI: never logged)
   Bytes psk;               // CoAP DTLS pre-shared key (unwrapped; kept in memory only)
+  std::vector<IpNetwork> allow;  // HL7: the networks it may send from; empty: any
 };
 
 class DeviceDirectory {

@@ -13,8 +13,24 @@ constexpr std::string_view kSchema = R"sql(
     patient BLOB,              -- the bound patient's pseudonym (32 bytes) or NULL
     psk BLOB,                  -- CoAP: the PSK wrapped by the key store's KEK
     hl7_application TEXT NOT NULL, hl7_facility TEXT NOT NULL,
-    created_us INTEGER NOT NULL, updated_us INTEGER NOT NULL, last_entry INTEGER NOT NULL);
+    created_us INTEGER NOT NULL, updated_us INTEGER NOT NULL, last_entry INTEGER NOT NULL,
+    allow TEXT NOT NULL DEFAULT '');  -- HL7: allowed networks, space-separated; '' is any
 )sql";
+
+// Registries written before HL7 sources had address allow-lists lack the column.
+Status add_allow_column(ledger::sql::Database& db) {
+  MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("SELECT count(*) FROM pragma_table_info('devices') "
+                                               "WHERE name = 'allow'"));
+  MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+  if (step == ledger::sql::Statement::Step::kRow && st.column_int(0) > 0) return Status::Ok();
+  return db.exec("ALTER TABLE devices ADD COLUMN allow TEXT NOT NULL DEFAULT ''");
+}
+
+std::string allow_text(const std::vector<IpNetwork>& allow) {
+  std::string out;
+  for (const IpNetwork& n : allow) out += (out.empty() ? "" : " ") + n.to_string();
+  return out;
+}
 
 constexpr std::size_t kPskRandomBytes = 24;  // 32 base64url characters
 
@@ -55,7 +71,9 @@ Result<std::unique_ptr<DeviceRegistry>> DeviceRegistry::open(const std::filesyst
   MEDGATE_ASSIGN_OR_RETURN(ledger::sql::Database db,
                            ledger::sql::Database::open(path, ledger::sql::Database::Mode::kCreate));
   MEDGATE_RETURN_IF_ERROR(db.exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL"));
-  MEDGATE_RETURN_IF_ERROR(db.exec(kSchema).with_context(path.string() + " is not a device registry"));
+  MEDGATE_RETURN_IF_ERROR(
+      db.exec(kSchema).with_context(path.string() + " is not a device registry"));
+  MEDGATE_RETURN_IF_ERROR(add_allow_column(db).with_context(path.string()));
   std::unique_ptr<DeviceRegistry> r(new DeviceRegistry(std::move(db), keys, vault, ledger));
   MEDGATE_RETURN_IF_ERROR(r->load().with_context(path.string()));
   return r;
@@ -64,7 +82,7 @@ Result<std::unique_ptr<DeviceRegistry>> DeviceRegistry::open(const std::filesyst
 Status DeviceRegistry::load() {
   MEDGATE_ASSIGN_OR_RETURN(
       auto st, db_.prepare("SELECT id, kind, revoked, patient, psk, hl7_application, hl7_facility, "
-                           "created_us, updated_us, last_entry FROM devices"));
+                           "created_us, updated_us, last_entry, allow FROM devices"));
   for (;;) {
     MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
     if (step != ledger::sql::Statement::Step::kRow) break;
@@ -76,7 +94,8 @@ Status DeviceRegistry::load() {
     d.revoked = st.column_int(2) != 0;
     if (!st.column_is_null(3)) {
       ByteView p = st.column_blob(3);
-      if (p.size() != 32) return Status::Corruption(fmt::format("device {}'s patient is malformed", d.id));
+      if (p.size() != 32)
+        return Status::Corruption(fmt::format("device {}'s patient is malformed", d.id));
       Pseudonym pseudonym;
       std::copy(p.begin(), p.end(), pseudonym.bytes.begin());
       d.patient = pseudonym;
@@ -93,6 +112,13 @@ Status DeviceRegistry::load() {
     d.created_us = st.column_uint(7);
     d.updated_us = st.column_uint(8);
     d.last_entry = st.column_uint(9);
+    if (const std::string allow = st.column_text(10); !allow.empty()) {
+      Result<std::vector<IpNetwork>> networks = parse_ip_networks(allow);
+      if (!networks.ok())
+        return Status::Corruption(
+            fmt::format("device {}'s allowed networks: {}", d.id, networks.status().message()));
+      d.allow = std::move(*networks);
+    }
     MEDGATE_RETURN_IF_ERROR(cache(d, std::move(psk)));
   }
   return Status::Ok();
@@ -112,6 +138,7 @@ Status DeviceRegistry::cache(const DeviceInfo& d, std::optional<std::string> psk
     if (id.ok()) c.patient_id = *id;
   }
   if (psk) c.psk = to_bytes(*psk);
+  c.allow = d.allow;
   devices_[d.id] = d;
   credentials_[d.id] = std::move(c);
   return Status::Ok();
@@ -138,12 +165,17 @@ Result<std::uint64_t> DeviceRegistry::record(const std::string& event, const Dev
   ledger::Entry e;
   e.type = ledger::EntryType::kDeviceEvent;
   e.actor = actor;
-  MEDGATE_ASSIGN_OR_RETURN(
-      e.body, Value::map({{Value::text("event"), Value::text(event)},
-                          {Value::text("device"), Value::text(d.id)},
-                          {Value::text("kind"), Value::text(std::string(device_kind_name(d.kind)))},
-                          {Value::text("hl7_application"), Value::text(d.hl7_application)},
-                          {Value::text("hl7_facility"), Value::text(d.hl7_facility)}}));
+  ledger::cbor::Map body{{Value::text("event"), Value::text(event)},
+                         {Value::text("device"), Value::text(d.id)},
+                         {Value::text("kind"), Value::text(std::string(device_kind_name(d.kind)))},
+                         {Value::text("hl7_application"), Value::text(d.hl7_application)},
+                         {Value::text("hl7_facility"), Value::text(d.hl7_facility)}};
+  if (!d.allow.empty()) {
+    ledger::cbor::Array networks;
+    for (const IpNetwork& n : d.allow) networks.push_back(Value::text(n.to_string()));
+    body.emplace_back(Value::text("allow"), Value::array(std::move(networks)));
+  }
+  MEDGATE_ASSIGN_OR_RETURN(e.body, Value::map(std::move(body)));
   if (d.patient)
     e.subjects.push_back({Bytes(d.patient->bytes.begin(), d.patient->bytes.end()), std::nullopt});
   return ledger_.append(e);
@@ -153,13 +185,12 @@ Status DeviceRegistry::store(const DeviceInfo& d, const std::optional<Bytes>& wr
   MEDGATE_ASSIGN_OR_RETURN(
       auto st,
       db_.prepare("INSERT INTO devices (id, kind, revoked, patient, psk, hl7_application, "
-                  "hl7_facility, created_us, updated_us, last_entry) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                  "hl7_facility, created_us, updated_us, last_entry, allow) VALUES "
+                  "(?,?,?,?,?,?,?,?,?,?,?) "
                   "ON CONFLICT(id) DO UPDATE SET revoked = excluded.revoked, patient = "
                   "excluded.patient, psk = coalesce(excluded.psk, psk), updated_us = "
-                  "excluded.updated_us, last_entry = excluded.last_entry"));
-  st.bind(1, std::string_view(d.id))
-      .bind(2, device_kind_name(d.kind))
-      .bind(3, d.revoked ? 1 : 0);
+                  "excluded.updated_us, last_entry = excluded.last_entry, allow = excluded.allow"));
+  st.bind(1, std::string_view(d.id)).bind(2, device_kind_name(d.kind)).bind(3, d.revoked ? 1 : 0);
   if (d.patient) st.bind(4, ByteView(d.patient->bytes));
   if (wrapped_psk) st.bind(5, ByteView(*wrapped_psk));
   st.bind(6, std::string_view(d.hl7_application))
@@ -167,13 +198,15 @@ Status DeviceRegistry::store(const DeviceInfo& d, const std::optional<Bytes>& wr
       .bind(8, d.created_us)
       .bind(9, d.updated_us)
       .bind(10, d.last_entry);
+  const std::string allow = allow_text(d.allow);  // bound without a copy: must outlive run()
+  st.bind(11, std::string_view(allow));
   return st.run().with_context(fmt::format("storing device {}", d.id));
 }
 
 // Under mu_. Every change: a new PSK wrapped first (so a key-store failure records nothing), then
 // the ledger entry, then the registry file, then the in-memory view the listeners read.
 Result<DeviceChange> DeviceRegistry::apply(const char* event, DeviceInfo d,
-                                          const std::string& actor, bool make_psk) {
+                                           const std::string& actor, bool make_psk) {
   DeviceChange change;
   std::optional<Bytes> wrapped;
   if (make_psk) {
@@ -194,8 +227,8 @@ Result<DeviceChange> DeviceRegistry::apply(const char* event, DeviceInfo d,
 Result<DeviceChange> DeviceRegistry::add(const std::string& id, DeviceKind kind,
                                          const std::optional<std::string>& patient_id,
                                          const std::string& hl7_application,
-                                         const std::string& hl7_facility,
-                                         const std::string& actor) {
+                                         const std::string& hl7_facility, const std::string& actor,
+                                         std::vector<IpNetwork> allow) {
   if (!valid_id(id))
     return Status::InvalidArgument(
         "a device id is 1-64 characters of letters, digits, '.', '_' and '-'");
@@ -212,10 +245,13 @@ Result<DeviceChange> DeviceRegistry::add(const std::string& id, DeviceKind kind,
       if (other.kind == DeviceKind::kHl7 && other.hl7_application == d.hl7_application &&
           other.hl7_facility == d.hl7_facility)
         return Status::FailedPrecondition(fmt::format(
-            "device {} is registered already for that sending application and facility",
-            other_id));
+            "device {} is registered already for that sending application and facility", other_id));
+    d.allow = std::move(allow);
   } else if (!hl7_application.empty() || !hl7_facility.empty()) {
     return Status::InvalidArgument("a CoAP device has no HL7 application or facility");
+  } else if (!allow.empty()) {
+    return Status::InvalidArgument(
+        "a CoAP device has no address allow-list: its DTLS key authenticates it");
   }
   if (patient_id) {
     MEDGATE_ASSIGN_OR_RETURN(Pseudonym p, vault_.pseudonym(*patient_id));
@@ -258,6 +294,21 @@ Result<DeviceChange> DeviceRegistry::rotate_psk(const std::string& id, const std
   if (it->second.revoked)
     return Status::FailedPrecondition(fmt::format("device {} is revoked", id));
   return apply("rotate-psk", it->second, actor, /*new_psk=*/true);
+}
+
+Result<DeviceChange> DeviceRegistry::set_allow(const std::string& id, std::vector<IpNetwork> allow,
+                                               const std::string& actor) {
+  std::lock_guard lk(mu_);
+  auto it = devices_.find(id);
+  if (it == devices_.end()) return Status::NotFound(fmt::format("no device {}", id));
+  if (it->second.kind != DeviceKind::kHl7)
+    return Status::InvalidArgument(fmt::format(
+        "device {} is a CoAP device: its DTLS key authenticates it, not its address", id));
+  if (it->second.revoked)
+    return Status::FailedPrecondition(fmt::format("device {} is revoked", id));
+  DeviceInfo d = it->second;
+  d.allow = std::move(allow);
+  return apply("allow", std::move(d), actor, /*new_psk=*/false);
 }
 
 std::vector<DeviceInfo> DeviceRegistry::list() const {

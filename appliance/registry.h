@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "appliance/ingest.h"
+#include "appliance/ip_network.h"
 #include "appliance/vault.h"
 #include "hsm/key_store.h"
 #include "ledger/sqlite.h"
@@ -46,6 +47,9 @@ struct DeviceInfo {
   bool revoked = false;
   std::optional<Pseudonym> patient;  // bound patient
   std::string hl7_application, hl7_facility;
+  // HL7 sources: the networks it may send from (empty: any address). Checked on each message
+  // against the connection's peer address.
+  std::vector<IpNetwork> allow;
   std::uint64_t created_us = 0, updated_us = 0;
   std::uint64_t last_entry = 0;  // the ledger entry of the latest change
 };
@@ -69,11 +73,15 @@ class DeviceRegistry final : public DeviceDirectory {
   Result<DeviceChange> add(const std::string& id, DeviceKind kind,
                            const std::optional<std::string>& patient_id,
                            const std::string& hl7_application, const std::string& hl7_facility,
-                           const std::string& actor);
+                           const std::string& actor, std::vector<IpNetwork> allow = {});
   Result<DeviceChange> bind(const std::string& id, const std::string& patient_id,
                             const std::string& actor);
   Result<DeviceChange> revoke(const std::string& id, const std::string& actor);
   Result<DeviceChange> rotate_psk(const std::string& id, const std::string& actor);
+  // Replaces an HL7 source's address allow-list (empty: any address). kInvalidArgument for a CoAP
+  // device (DTLS-PSK authenticates those).
+  Result<DeviceChange> set_allow(const std::string& id, std::vector<IpNetwork> allow,
+                                 const std::string& actor);
 
   std::vector<DeviceInfo> list() const;
   Result<DeviceInfo> show(const std::string& id) const;
@@ -84,7 +92,8 @@ class DeviceRegistry final : public DeviceDirectory {
                                               std::string_view facility) const override;
 
  private:
-  DeviceRegistry(ledger::sql::Database db, hsm::KeyStore& keys, Vault& vault, ledger::Ledger& ledger);
+  DeviceRegistry(ledger::sql::Database db, hsm::KeyStore& keys, Vault& vault,
+                 ledger::Ledger& ledger);
   Status load();
   Result<std::uint64_t> record(const std::string& event, const DeviceInfo& d,
                                const std::string& actor);

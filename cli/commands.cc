@@ -176,15 +176,15 @@ int cmd_status(const GlobalOptions& g) {
                                    : " (last: " + dev.value("last_error", std::string()) + ")");
   }
   const json& rc = s["rollback_counter"];
-  std::cout << fmt::format("rollback   {} counter {} (signed heads carry {}), {} epochs since "
-                           "start, every {} s{}\n",
-                           rc["kind"].get<std::string>(), rc["key_store"].get<std::uint64_t>(),
-                           rc["signed"].get<std::uint64_t>(),
-                           rc["epochs_since_start"].get<std::uint64_t>(),
-                           rc["interval_seconds"].get<std::int64_t>(),
-                           rc["last_error"].get<std::string>().empty()
-                               ? ""
-                               : " (last: " + rc["last_error"].get<std::string>() + ")");
+  std::cout << fmt::format(
+      "rollback   {} counter {} (signed heads carry {}), {} epochs since "
+      "start, every {} s{}\n",
+      rc["kind"].get<std::string>(), rc["key_store"].get<std::uint64_t>(),
+      rc["signed"].get<std::uint64_t>(), rc["epochs_since_start"].get<std::uint64_t>(),
+      rc["interval_seconds"].get<std::int64_t>(),
+      rc["last_error"].get<std::string>().empty()
+          ? ""
+          : " (last: " + rc["last_error"].get<std::string>() + ")");
   std::string writer = l["writer_error"].get<std::string>();
   std::cout << fmt::format(
       "writer     {}; {} appended and {} commits since start, {} failed appends\n",
@@ -229,10 +229,10 @@ int cmd_status(const GlobalOptions& g) {
     std::cout << fmt::format(
         "consent    rules {}, directory {}; {} grants ({} active); since start {} allowed, {} "
         "denied, {} break-glass, {} with policy errors\n",
-        c["rules_version"].is_null() ? std::string("none deployed (all access denied)")
-                                     : fmt::format("version {} ({} policies)",
-                                                   c["rules_version"].get<std::uint64_t>(),
-                                                   c["policies"].get<std::uint64_t>()),
+        c["rules_version"].is_null()
+            ? std::string("none deployed (all access denied)")
+            : fmt::format("version {} ({} policies)", c["rules_version"].get<std::uint64_t>(),
+                          c["policies"].get<std::uint64_t>()),
         c["directory_version"].is_null()
             ? std::string("none")
             : fmt::format("version {}", c["directory_version"].get<std::uint64_t>()),
@@ -321,14 +321,14 @@ int cmd_ledger_verify(const GlobalOptions& g, const std::optional<std::string>& 
         report["blocks"].get<std::uint64_t>(), report["heads"].get<std::uint64_t>(),
         report["root"].get<std::string>());
     std::string keys;
-    for (const auto& k : report["key_ids"]) keys += (keys.empty() ? "" : " -> ") + k.get<std::string>();
-    std::cout << fmt::format("signing keys {}\nrollback counter {} in the latest head{}\n", keys,
-                             report.value("rollback_counter", 0ULL),
-                             report.contains("key_store_counter") &&
-                                     report["key_store_counter"].is_number()
-                                 ? fmt::format(" (key store: {})",
-                                               report["key_store_counter"].get<std::uint64_t>())
-                                 : std::string());
+    for (const auto& k : report["key_ids"])
+      keys += (keys.empty() ? "" : " -> ") + k.get<std::string>();
+    std::cout << fmt::format(
+        "signing keys {}\nrollback counter {} in the latest head{}\n", keys,
+        report.value("rollback_counter", 0ULL),
+        report.contains("key_store_counter") && report["key_store_counter"].is_number()
+            ? fmt::format(" (key store: {})", report["key_store_counter"].get<std::uint64_t>())
+            : std::string());
     if (report.value("unsigned_entries", 0ULL) > 0)
       std::cout << fmt::format(
           "note: the last {} entries are committed but not yet covered by a signed head (not "
@@ -473,9 +473,8 @@ int cmd_keys_rotate(const GlobalOptions& g) {
     return 0;
   }
   std::cout << fmt::format(
-      "signing key rotated at entry {}\n  old {}\n  new {}\n",
-      (*r)["entry"].get<std::uint64_t>(), (*r)["old_key_id"].get<std::string>(),
-      (*r)["new_key_id"].get<std::string>());
+      "signing key rotated at entry {}\n  old {}\n  new {}\n", (*r)["entry"].get<std::uint64_t>(),
+      (*r)["old_key_id"].get<std::string>(), (*r)["new_key_id"].get<std::string>());
   if ((*r)["first_head"].is_object())
     std::cout << fmt::format("head #{} is the first signed by the new key\n",
                              (*r)["first_head"]["sequence"].get<std::uint64_t>());
@@ -534,18 +533,38 @@ int cmd_patient_erase(const GlobalOptions& g, std::string patient, const std::st
 
 namespace {
 
+// Networks as given on the command line: separate arguments, or one separated by commas/spaces.
+json split_networks(const std::vector<std::string>& items) {
+  json out = json::array();
+  for (const std::string& item : items) {
+    std::size_t i = 0;
+    while (i < item.size()) {
+      const std::size_t end = std::min(item.find_first_of(", \t", i), item.size());
+      if (end > i) out.push_back(item.substr(i, end - i));
+      i = end + 1;
+    }
+  }
+  return out;
+}
+
 void print_device(const json& d) {
   std::cout << fmt::format("device     {} ({}, {})\n", d["id"].get<std::string>(),
                            d["kind"].get<std::string>(), d["state"].get<std::string>());
   if (d["kind"] == "hl7")
-    std::cout << fmt::format("hl7 source MSH-3 '{}', MSH-4 '{}'\n",
-                             d["hl7_application"].get<std::string>(),
-                             d["hl7_facility"].get<std::string>().empty()
-                                 ? "(any)"
-                                 : d["hl7_facility"].get<std::string>());
+    std::cout << fmt::format(
+        "hl7 source MSH-3 '{}', MSH-4 '{}'\n", d["hl7_application"].get<std::string>(),
+        d["hl7_facility"].get<std::string>().empty() ? "(any)"
+                                                     : d["hl7_facility"].get<std::string>());
+  if (d["kind"] == "hl7" && d.contains("allow")) {
+    std::string networks;
+    for (const json& n : d["allow"])
+      networks += (networks.empty() ? "" : " ") + n.get<std::string>();
+    std::cout << fmt::format("allowed    {}\n",
+                             networks.empty() ? "from any address" : "from " + networks);
+  }
   std::cout << fmt::format("patient    {}\n", d["patient"].is_string()
-                                                 ? "pseudonym " + d["patient"].get<std::string>()
-                                                 : std::string("(not bound)"));
+                                                  ? "pseudonym " + d["patient"].get<std::string>()
+                                                  : std::string("(not bound)"));
   std::cout << fmt::format("changed    {} (ledger entry {})\n", d["updated"].get<std::string>(),
                            d["last_entry"].get<std::uint64_t>());
   if (d.contains("traffic") && d["traffic"].is_object()) {
@@ -554,8 +573,8 @@ void print_device(const json& d) {
     if (t.contains("rejected"))
       for (const auto& [reason, n] : t["rejected"].items())
         if (n.get<std::uint64_t>() > 0)
-          rejected += fmt::format("{}{} {}", rejected.empty() ? "" : ", ", n.get<std::uint64_t>(),
-                                  reason);
+          rejected +=
+              fmt::format("{}{} {}", rejected.empty() ? "" : ", ", n.get<std::uint64_t>(), reason);
     std::cout << fmt::format("traffic    {} received, {} committed{}{}\n",
                              t.value("received", 0ULL), t.value("committed", 0ULL),
                              rejected.empty() ? "" : ", rejected: " + rejected,
@@ -594,7 +613,8 @@ int hand_out_psk(const GlobalOptions& g, const json& r, const std::optional<std:
 
 int cmd_device_add(const GlobalOptions& g, const std::string& id, const std::string& kind,
                    const std::optional<std::string>& patient, const std::string& hl7_app,
-                   const std::string& hl7_facility, const std::optional<std::string>& psk_out) {
+                   const std::string& hl7_facility, const std::optional<std::string>& psk_out,
+                   const std::vector<std::string>& allow) {
   const char* what = "medctl device add";
   json args = {{"id", id}, {"kind", kind}};
   if (patient) {
@@ -605,6 +625,7 @@ int cmd_device_add(const GlobalOptions& g, const std::string& id, const std::str
   }
   if (!hl7_app.empty()) args["hl7_application"] = hl7_app;
   if (!hl7_facility.empty()) args["hl7_facility"] = hl7_facility;
+  if (!allow.empty()) args["allow"] = split_networks(allow);
   if (psk_out && std::filesystem::exists(*psk_out))
     return fail(g, Status::InvalidArgument(*psk_out + " exists; refusing to overwrite it"), what);
   Result<json> r = call(g, "device.add", args);
@@ -648,6 +669,26 @@ int cmd_device_show(const GlobalOptions& g, const std::string& id) {
   return 0;
 }
 
+int cmd_device_allow(const GlobalOptions& g, const std::string& id,
+                     const std::vector<std::string>& networks, bool any) {
+  const char* what = "medctl device allow";
+  if (any == !networks.empty())
+    return fail(g,
+                Status::InvalidArgument(
+                    "give the networks the source may send from (e.g. 10.20.0.0/16 10.1.2.3), or "
+                    "--any to allow every address"),
+                what);
+  Result<json> r = call(g, "device.allow", {{"id", id}, {"allow", split_networks(networks)}});
+  if (!r.ok()) return fail(g, r.status(), what);
+  if (g.json) {
+    std::cout << r->dump(2) << "\n";
+    return 0;
+  }
+  std::cout << "allow-list recorded (ledger entry " << (*r)["entry"].get<std::uint64_t>() << ")\n";
+  print_device(*r);
+  return 0;
+}
+
 int cmd_device_change(const GlobalOptions& g, const std::string& op, const std::string& id,
                       const std::optional<std::string>& patient,
                       const std::optional<std::string>& psk_out) {
@@ -681,8 +722,8 @@ int cmd_device_change(const GlobalOptions& g, const std::string& op, const std::
 int cmd_patient_show(const GlobalOptions& g, const std::string& who) {
   const char* what = "medctl patient show";
   json args;
-  bool is_pseudonym = who.size() == 64 && who.find_first_not_of("0123456789abcdefABCDEF") ==
-                                              std::string::npos;
+  bool is_pseudonym =
+      who.size() == 64 && who.find_first_not_of("0123456789abcdefABCDEF") == std::string::npos;
   if (is_pseudonym) {
     args["pseudonym"] = who;
   } else {

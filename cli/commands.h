@@ -68,12 +68,16 @@ int cmd_keys_show(const GlobalOptions& g);
 int cmd_keys_rotate(const GlobalOptions& g);
 int cmd_device_add(const GlobalOptions& g, const std::string& id, const std::string& kind,
                    const std::optional<std::string>& patient, const std::string& hl7_app,
-                   const std::string& hl7_facility, const std::optional<std::string>& psk_out);
+                   const std::string& hl7_facility, const std::optional<std::string>& psk_out,
+                   const std::vector<std::string>& allow);
 int cmd_device_list(const GlobalOptions& g);
 // WHO: a pseudonym (64 hex digits), an identifier, or - to read the identifier from stdin.
 int cmd_patient_show(const GlobalOptions& g, const std::string& who);
 int cmd_device_show(const GlobalOptions& g, const std::string& id);
 // op: bind (patient), revoke, rotate-psk (psk_out)
+// An HL7 source's address allow-list: the networks it may send from; empty: any address.
+int cmd_device_allow(const GlobalOptions& g, const std::string& id,
+                     const std::vector<std::string>& networks, bool any);
 int cmd_device_change(const GlobalOptions& g, const std::string& op, const std::string& id,
                       const std::optional<std::string>& patient,
                       const std::optional<std::string>& psk_out);

@@ -119,6 +119,8 @@ int main(int argc, char** argv) {
 
   std::string device_id, device_kind, device_hl7_app, device_hl7_facility;
   std::optional<std::string> device_patient, device_psk_out;
+  std::vector<std::string> device_allow;
+  bool device_allow_any = false;
   auto* device = app.add_subcommand("device", "the device registry (CoAP devices, HL7 sources)");
   device->require_subcommand(1);
   auto* device_add = device->add_subcommand("add", "register a device; CoAP devices get a PSK");
@@ -131,9 +133,12 @@ int main(int argc, char** argv) {
   device_add->add_option("--hl7-facility", device_hl7_facility,
                          "HL7: sending facility, MSH-4 (default: any)");
   device_add->add_option("--psk-out", device_psk_out, "write the PSK to this new file (0600)");
+  device_add->add_option("--allow", device_allow,
+                         "HL7: the networks it may send from (10.20.0.0/16, 10.1.2.3, fd00::/64; "
+                         "default: any address)");
   device_add->callback([&] {
     rc = cmd_device_add(g, device_id, device_kind, device_patient, device_hl7_app,
-                        device_hl7_facility, device_psk_out);
+                        device_hl7_facility, device_psk_out, device_allow);
   });
   device->add_subcommand("list", "registered devices")->callback([&] { rc = cmd_device_list(g); });
   auto* device_show = device->add_subcommand("show", "one device");
@@ -153,6 +158,14 @@ int main(int argc, char** argv) {
   device_rotate->add_option("--psk-out", device_psk_out, "write the PSK to this new file (0600)");
   device_rotate->callback(
       [&] { rc = cmd_device_change(g, "rotate-psk", device_id, std::nullopt, device_psk_out); });
+
+  auto* device_allow_cmd =
+      device->add_subcommand("allow", "the networks an HL7 source may send from");
+  device_allow_cmd->add_option("ID", device_id)->required();
+  device_allow_cmd->add_option("NETWORK", device_allow, "addresses or prefixes (10.20.0.0/16)");
+  device_allow_cmd->add_flag("--any", device_allow_any, "allow every address again");
+  device_allow_cmd->callback(
+      [&] { rc = cmd_device_allow(g, device_id, device_allow, device_allow_any); });
 
   add_consent_commands(app, g, rc);
   add_audit_commands(app, g, rc);

@@ -74,10 +74,14 @@ Status check_observation(const cbor::Value& body) {
   return Status::Ok();
 }
 
+Status require_text_array(const cbor::Value& body, std::string_view key);
+
 Status check_device_event(const cbor::Value& body) {
   MEDGATE_RETURN_IF_ERROR(require_text(body, "event"));
   MEDGATE_RETURN_IF_ERROR(require_text(body, "device"));
   MEDGATE_RETURN_IF_ERROR(require_text(body, "kind"));
+  // An HL7 source's address allow-list (absent: any address).
+  if (body.find("allow")) MEDGATE_RETURN_IF_ERROR(require_text_array(body, "allow"));
   return Status::Ok();
 }
 

@@ -123,12 +123,18 @@ struct Pending {
 };
 
 struct Connection {
-  Connection(std::uint64_t connection_id, Fd socket, std::string peer_name, std::size_t max_frame)
-      : id(connection_id), fd(std::move(socket)), peer(std::move(peer_name)), deframer(max_frame) {}
+  Connection(std::uint64_t connection_id, Fd socket, const sockaddr_storage& peer_address,
+             std::string peer_name, std::size_t max_frame)
+      : id(connection_id),
+        fd(std::move(socket)),
+        address(peer_address),
+        peer(std::move(peer_name)),
+        deframer(max_frame) {}
 
   std::uint64_t id;
   Fd fd;
-  std::string peer;  // "address:port", for logs
+  sockaddr_storage address;  // the peer's, for sources' address allow-lists
+  std::string peer;          // "address:port", for logs
   MllpDeframer deframer;
   std::deque<Result<Bytes>> frames;  // deframed, not yet begun (a pipelining sender)
   Stage stage = Stage::kReading;
@@ -345,7 +351,7 @@ void MllpListener::Loop::accept_all() {
     int one = 1;
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // ACKs are small and awaited
     std::uint64_t id = next_connection_++;
-    auto conn = std::make_unique<Connection>(id, std::move(socket), std::move(peer),
+    auto conn = std::make_unique<Connection>(id, std::move(socket), ss, std::move(peer),
                                              config_.max_frame_bytes);
     epoll_event ev{};
     ev.events = EPOLLIN;
@@ -493,6 +499,22 @@ void MllpListener::Loop::handle_frame(Connection& conn, Result<Bytes> frame) {
     }
     return;
   }
+  if (!allowed_from(source->allow, conn.address)) {
+    // The same answer as an unknown source: the sender learns nothing about the allow-list.
+    with_source(source->device_id, [](MllpSourceCounters& s) { ++s.rejected_address; });
+    Hl7Error error{ErrorCode::kUnknownKey,
+                   {"MSH", 1, 3},
+                   "the sending application/facility (MSH-3/MSH-4) is not registered for this "
+                   "address"};
+    log(LogLevel::kWarning, "mllp.address_refused",
+        "{} from {} (control id {}): AE: the address is not in the source's allow-list", conn.peer,
+        source->device_id, info.control_id);
+    if (wants_ack(info, Disposition::kError)) {
+      send_ack(conn,
+               build_ack(info, ack_code_for(info, Disposition::kError), control_id, now, &error));
+    }
+    return;
+  }
   if (r.disposition == Disposition::kError) {
     with_source(source->device_id, [](MllpSourceCounters& s) { ++s.rejected_unprocessable; });
     log(LogLevel::kNotice, "mllp.error", "{} from {} (control id {}): AE: {}", conn.peer,
@@ -500,8 +522,8 @@ void MllpListener::Loop::handle_frame(Connection& conn, Result<Bytes> frame) {
     if (r.send_ack) send_ack(conn, r.ack);
     return;
   }
-  IngestBatch batch{SourceKind::kHl7, source->device_id, info.control_id,
-                    std::move(r.observations), {}, {}};
+  IngestBatch batch{
+      SourceKind::kHl7, source->device_id, info.control_id, std::move(r.observations), {}, {}};
   if (info.message_type != "ORU") {
     // ADT: the patients it names are indexed (pseudonym and vault record) and the event recorded;
     // acknowledged, like an ORU, once that is durable.

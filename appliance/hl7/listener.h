@@ -63,6 +63,7 @@ struct MllpSourceCounters {
   std::uint64_t rejected_unparseable = 0;    // AR/CR
   std::uint64_t rejected_unprocessable = 0;  // AE/CE from the message itself (type, PID-3, OBX)
   std::uint64_t rejected_revoked = 0;        // AE/CE 204: the source is revoked
+  std::uint64_t rejected_address = 0;        // AE/CE 204: sent from outside its allow-list
   std::uint64_t failed = 0;                  // AE/CE 207: the sink could not make it durable
   std::uint64_t busy_retries = 0;            // submits answered kBusy
   std::uint64_t last_seen_us = 0;            // µs since the epoch of the last frame

@@ -91,6 +91,33 @@ expect_rc 0 "status" -- "$MEDCTL" status
 expect_in "ingest +[0-9]+ batches committed \(6 readings\)" "status shows the pipeline"
 expect_in "coap +DTLS-PSK port $COAP_PORT" "and the CoAP listener"
 
+say "== HL7 source address allow-lists"
+expect_rc 0 "an HL7 source allowed from one network only" -- "$MEDCTL" device add lis --kind hl7 --hl7-app LIS --allow 10.99.0.0/16
+expect_in "allowed +from 10.99.0.0/16" "shows its allow-list"
+oru "$WORK/msg/6.hl7" MSG0006 "$MARK-P6" LIS
+expect_rc 1 "a message from outside the allow-list is refused" -- "$MLLP_SEND" --host 127.0.0.1 --port "$HL7_PORT" "$WORK/msg/6.hl7"
+expect_in "AE MSG0006" "with AE"
+expect_in "not registered for this address" "saying no more than for an unknown source"
+grep -q "mllp.address_refused" "$LOG" && pass "the refusal is logged with its message id" || failed "no mllp.address_refused in the log"
+expect_rc 2 "a network with host bits set" -- "$MEDCTL" device allow lis 10.99.1.0/16
+expect_in "did you mean 10.99.0.0/16" "suggests the network"
+expect_rc 2 "a name is no network" -- "$MEDCTL" device allow lis lab.example
+expect_rc 2 "networks and --any together" -- "$MEDCTL" device allow lis 10.0.0.0/8 --any
+expect_rc 2 "a CoAP device has no allow-list" -- "$MEDCTL" device allow pump-2 127.0.0.1
+expect_in "DTLS key authenticates it" "says why"
+expect_rc 0 "allow loopback too" -- "$MEDCTL" device allow lis 10.99.0.0/16 127.0.0.1
+expect_in "allowed +from 10.99.0.0/16 127.0.0.1" "shows both"
+ALLOW_ENTRY=$(sed -n 's/.*(ledger entry \([0-9]*\)).*/\1/p' <<<"$OUT" | head -1)
+expect_rc 0 "the change is a ledger entry" -- "$MEDCTL" --json ledger show --entry "$ALLOW_ENTRY"
+expect_in '"event": "allow"' "a device event 'allow'"
+expect_in '"127.0.0.1"' "naming the networks"
+expect_rc 0 "now the same message is taken" -- "$MLLP_SEND" --host 127.0.0.1 --port "$HL7_PORT" "$WORK/msg/6.hl7"
+expect_in "AA MSG0006" "with AA"
+expect_rc 0 "device show counts the refusal" -- "$MEDCTL" --json device show lis
+expect_in '"address": 1' "as rejected for its address"
+expect_rc 0 "--any lifts the list" -- "$MEDCTL" device allow lis --any
+expect_in "allowed +from any address" "any address"
+
 say "== patients"
 expect_rc 0 "an admin looks a patient up by identifier" -- "$MEDCTL" patient show - <<<"HOSP:$MARK-P1"
 expect_in "identifier HOSP:$MARK-P1" "and sees the identifier"

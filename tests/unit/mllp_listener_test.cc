@@ -68,19 +68,29 @@ Bytes framed(const std::string& message) {
 class MapDirectory : public DeviceDirectory {
  public:
   void add(std::string app, std::string facility, std::string device_id, bool revoked = false) {
-    sources_[{std::move(app), std::move(facility)}] = DeviceCredentials{device_id, revoked, {}, {}};
+    std::lock_guard lock(mu_);
+    sources_[{std::move(app), std::move(facility)}] =
+        DeviceCredentials{device_id, revoked, {}, {}, {}};
+  }
+  void allow(const std::string& app, const std::string& facility, const std::string& networks) {
+    Result<std::vector<IpNetwork>> parsed = parse_ip_networks(networks);
+    REQUIRE(parsed.ok());
+    std::lock_guard lock(mu_);
+    sources_.at({app, facility}).allow = *parsed;
   }
   std::optional<DeviceCredentials> coap_device(std::string_view) const override {
     return std::nullopt;
   }
   std::optional<DeviceCredentials> hl7_source(std::string_view application,
                                               std::string_view facility) const override {
+    std::lock_guard lock(mu_);
     auto it = sources_.find({std::string(application), std::string(facility)});
     if (it == sources_.end()) return std::nullopt;
     return it->second;
   }
 
  private:
+  mutable std::mutex mu_;
   std::map<std::pair<std::string, std::string>, DeviceCredentials> sources_;
 };
 
@@ -376,6 +386,31 @@ TEST_CASE("an unknown or revoked source gets AE with ERR 204 and nothing is subm
   MllpListenerCounters c = f.listener.counters();
   CHECK(c.unknown_source == 1);
   CHECK(c.sources["nurse-3"].rejected_revoked == 1);
+}
+
+TEST_CASE("a source sending from outside its allow-list gets AE 204; inside it, AA", "[mllp]") {
+  Fixture f;
+  f.directory.allow("LABSYS", "CENTRAL_LAB", "10.20.0.0/16 fd00:7::/64");
+  RawClient client(f.listener.port());
+  client.write(framed(lab_message("OUT-1")));
+  std::optional<std::string> ack = client.ack();
+  AckSummary s = summary_of(ack);
+  CHECK(s.code == "AE");
+  CHECK(s.control_id == "OUT-1");
+  CHECK(err_code(*ack) == "204");
+  // The same words as an unknown source: the sender learns nothing about the list.
+  CHECK_THAT(s.text, Catch::Contains("not registered for this address"));
+  CHECK(f.sink.batches().empty());
+  CHECK(f.listener.counters().sources["lab-1"].rejected_address == 1);
+
+  // The connection goes on; once loopback is allowed, the next message is taken.
+  f.directory.allow("LABSYS", "CENTRAL_LAB", "10.20.0.0/16, 127.0.0.0/8");
+  client.write(framed(lab_message("IN-1")));
+  s = summary_of(client.ack());
+  CHECK(s.code == "AA");
+  CHECK(s.control_id == "IN-1");
+  CHECK(f.sink.batches().size() == 1);
+  CHECK(f.listener.counters().sources["lab-1"].committed == 1);
 }
 
 TEST_CASE("garbage is answered AR and the connection takes the next message", "[mllp]") {

@@ -3,8 +3,13 @@
 // that the registry reads back the same after a reopen.
 #include <catch2/catch.hpp>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
+#include "appliance/ip_network.h"
 #include "appliance/registry.h"
 #include "appliance/vault.h"
+#include "ledger/sqlite.h"
 #include "ledger/store.h"
 #include "tests/support/softhsm.h"
 #include "tests/support/temp_dir.h"
@@ -65,4 +70,125 @@ TEST_CASE("the registry answers the listeners from memory and survives a reopen"
   REQUIRE((*r)->revoke("pump-1", "user:b").ok());
   CHECK((*r)->coap_device("pump-1")->revoked);
   CHECK((*r)->bind("pump-1", "MRN-2", "user:b").status().code() == StatusCode::kFailedPrecondition);
+}
+
+TEST_CASE("ip networks: parsing, host bits, membership of v4, v6 and v4-mapped peers",
+          "[registry]") {
+  auto net = [](const char* text) {
+    Result<IpNetwork> n = parse_ip_network(text);
+    INFO(text << ": " << n.status().to_string());
+    REQUIRE(n.ok());
+    return *n;
+  };
+  auto peer4 = [](const char* address) {
+    sockaddr_storage ss{};
+    auto& in = reinterpret_cast<sockaddr_in&>(ss);
+    in.sin_family = AF_INET;
+    REQUIRE(::inet_pton(AF_INET, address, &in.sin_addr) == 1);
+    return ss;
+  };
+  auto peer6 = [](const char* address) {
+    sockaddr_storage ss{};
+    auto& in6 = reinterpret_cast<sockaddr_in6&>(ss);
+    in6.sin6_family = AF_INET6;
+    REQUIRE(::inet_pton(AF_INET6, address, &in6.sin6_addr) == 1);
+    return ss;
+  };
+  CHECK(net("10.20.0.0/16").to_string() == "10.20.0.0/16");
+  CHECK(net("10.1.2.3").to_string() == "10.1.2.3");
+  CHECK(net("10.1.2.3/32").to_string() == "10.1.2.3");
+  CHECK(net("fd00:7::/64").to_string() == "fd00:7::/64");
+  CHECK(net("0.0.0.0/0").contains(peer4("192.0.2.1")));
+  CHECK(net("10.20.0.0/16").contains(peer4("10.20.255.1")));
+  CHECK_FALSE(net("10.20.0.0/16").contains(peer4("10.21.0.1")));
+  CHECK(net("10.20.128.0/17").contains(peer4("10.20.200.1")));
+  CHECK_FALSE(net("10.20.128.0/17").contains(peer4("10.20.127.1")));
+  CHECK(net("10.20.0.0/16").contains(peer6("::ffff:10.20.3.4")));  // a dual-stack listener
+  CHECK_FALSE(net("10.20.0.0/16").contains(peer6("fd00:7::1")));
+  CHECK(net("fd00:7::/64").contains(peer6("fd00:7::1")));
+  CHECK_FALSE(net("fd00:7::/64").contains(peer6("fd00:8::1")));
+  CHECK_FALSE(net("fd00:7::/64").contains(peer4("10.20.3.4")));
+
+  auto refused = [](const char* text, const char* why) {
+    Result<IpNetwork> n = parse_ip_network(text);
+    INFO(text);
+    REQUIRE_FALSE(n.ok());
+    CHECK(n.status().code() == StatusCode::kInvalidArgument);
+    CHECK_THAT(n.status().message(), Catch::Contains(why));
+  };
+  refused("10.20.1.0/16", "has host bits set; did you mean 10.20.0.0/16?");
+  refused("10.20.0.0/33", "at most /32");
+  refused("fd00::/129", "at most /128");
+  refused("10.20.0.0/", "not a number");
+  refused("10.20.0.0/x", "not a number");
+  refused("ward7.example", "is not an IPv4 or IPv6 address");
+  refused("", "is not an IPv4 or IPv6 address");
+
+  Result<std::vector<IpNetwork>> list = parse_ip_networks("10.20.0.0/16, 10.1.2.3 10.20.0.0/16");
+  REQUIRE(list.ok());
+  CHECK(list->size() == 2);  // the repeat is dropped
+  CHECK(allowed_from(*list, peer4("10.1.2.3")));
+  CHECK_FALSE(allowed_from(*list, peer4("10.1.2.4")));
+  CHECK(allowed_from({}, peer4("192.0.2.1")));  // no list: any address
+  CHECK_FALSE(parse_ip_networks(" , ").ok());
+}
+
+TEST_CASE(
+    "HL7 sources keep their address allow-list across a reopen; an older registry file "
+    "gains the column",
+    "[registry]") {
+  TempDir dir;
+  {
+    // A registry as written before allow-lists existed.
+    auto db =
+        ledger::sql::Database::open(dir / "registry.db", ledger::sql::Database::Mode::kCreate);
+    REQUIRE(db.ok());
+    REQUIRE(db->exec("CREATE TABLE devices (id TEXT PRIMARY KEY, kind TEXT NOT NULL, revoked "
+                     "INTEGER NOT NULL, patient BLOB, psk BLOB, hl7_application TEXT NOT NULL, "
+                     "hl7_facility TEXT NOT NULL, created_us INTEGER NOT NULL, updated_us INTEGER "
+                     "NOT NULL, last_entry INTEGER NOT NULL);"
+                     "INSERT INTO devices VALUES ('old-lis', 'hl7', 0, NULL, NULL, 'LIS', '', 1, "
+                     "1, 3);")
+                .ok());
+  }
+  SoftHsmToken token(dir.path());
+  auto keys = token.open_with_key();
+  ledger::LedgerOptions o;
+  o.path = dir / "ledger.db";
+  o.head_interval = std::chrono::milliseconds(0);
+  auto ledger = ledger::Ledger::create(o, "ward-7", *keys, "user:root");
+  REQUIRE(ledger.ok());
+  auto vault = Vault::open(dir / "vault.db", *keys);
+  REQUIRE(vault.ok());
+  const auto networks = *parse_ip_networks("10.20.0.0/16 10.1.2.3");
+  {
+    auto r = DeviceRegistry::open(dir / "registry.db", *keys, **vault, **ledger);
+    INFO(r.status().to_string());
+    REQUIRE(r.ok());
+    CHECK((*r)->hl7_source("LIS", "X")->allow.empty());  // the old row: any address
+    auto added = (*r)->add("lab", DeviceKind::kHl7, std::nullopt, "LAB", "", "user:a", networks);
+    REQUIRE(added.ok());
+    auto entry = (*ledger)->entry(added->entry);
+    REQUIRE(entry.ok());
+    const ledger::cbor::Value* allow = entry->entry.body.find("allow");
+    REQUIRE(allow);
+    REQUIRE(allow->as_array());
+    CHECK(allow->as_array()->size() == 2);
+    CHECK((*r)->add("pump", DeviceKind::kCoap, std::nullopt, "", "", "user:a", networks)
+              .status()
+              .code() == StatusCode::kInvalidArgument);
+    REQUIRE((*r)->add("pump", DeviceKind::kCoap, std::nullopt, "", "", "user:a").ok());
+    CHECK((*r)->set_allow("pump", networks, "user:a").status().code() ==
+          StatusCode::kInvalidArgument);
+    CHECK((*r)->set_allow("nobody", networks, "user:a").status().code() == StatusCode::kNotFound);
+    REQUIRE((*r)->set_allow("old-lis", {networks[1]}, "user:a").ok());
+  }
+  auto r = DeviceRegistry::open(dir / "registry.db", *keys, **vault, **ledger);
+  INFO(r.status().to_string());
+  REQUIRE(r.ok());
+  CHECK((*r)->hl7_source("LAB", "ANY")->allow == networks);
+  CHECK((*r)->show("lab")->allow == networks);
+  CHECK((*r)->hl7_source("LIS", "X")->allow == std::vector<IpNetwork>{networks[1]});
+  REQUIRE((*r)->set_allow("lab", {}, "user:a").ok());
+  CHECK((*r)->hl7_source("LAB", "ANY")->allow.empty());
 }
