@@ -299,7 +299,7 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
     return r.error_at(e.source(), std::string(e.description()));
   }
   MEDGATE_RETURN_IF_ERROR(r.check_keys(
-      root, "top level", {"ledger", "key_store", "admin", "hl7", "coap", "network", "log"}));
+      root, "top level", {"ledger", "key_store", "admin", "hl7", "coap", "network", "metrics", "log"}));
   for (const auto& [key, node] : root)
     if (!node.is_table())
       return r.error_at(node.source(),
@@ -528,6 +528,17 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
     c.ip_allow = std::move(list).value();
   }
 
+  const toml::table& metrics = section("metrics");
+  MEDGATE_RETURN_IF_ERROR(r.check_keys(metrics, "metrics", {"listen"}));
+  MEDGATE_ASSIGN_OR_RETURN(auto listen, r.get<std::string>(metrics, "metrics", "listen"));
+  if (listen) {
+    Result<MetricsConfig> m = parse_metrics_listen(*listen);
+    if (!m.ok())
+      return r.error_at(metrics.get("listen")->source(),
+                        "[metrics] listen: " + m.status().message());
+    c.metrics = *m;
+  }
+
   const toml::table& log = section("log");
   MEDGATE_RETURN_IF_ERROR(r.check_keys(log, "log", {"level"}));
   MEDGATE_ASSIGN_OR_RETURN(auto level, r.get<std::string>(log, "log", "level"));
@@ -663,6 +674,10 @@ auditor_group = {}
 # turns this into a systemd drop-in (IPAddressDeny=any, IPAddressAllow=...). Not read at run time.
 # [network]
 # allow = "10.20.0.0/16 fd00:7::/64"
+
+# Prometheus metrics (loopback only; off unless set): GET /metrics
+# [metrics]
+# listen = "127.0.0.1:9464"
 
 [log]
 level = "info"

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "appliance/coap/server.h"
+#include "appliance/metrics.h"
 #include "appliance/hl7/listener.h"
 #include "hsm/key_store_factory.h"
 #include "hsm/status.h"
@@ -44,6 +45,8 @@ struct Config {
   // medgated does not filter by it itself: `medgated ip-allow` turns it into the unit's
   // IPAddressDeny=any + IPAddressAllow= drop-in, and the kernel filters (cgroup BPF).
   std::vector<std::string> ip_allow;
+  // [metrics] listen: the Prometheus endpoint on loopback; absent: off.
+  std::optional<MetricsConfig> metrics;
 };
 
 // kInvalidArgument "FILE:LINE: ..." for syntax errors, unknown keys, wrong types, missing

@@ -160,6 +160,13 @@ class Daemon::Impl {
             "finished the interrupted erasure of patient {} (ledger entry {})",
             r.pseudonym.prefix(), r.entry);
 
+    if (config_.metrics) {
+      metrics_ = std::make_unique<MetricsServer>();
+      MEDGATE_RETURN_IF_ERROR(
+          metrics_->start(*config_.metrics, [this] { return metrics_text(); })
+              .with_context("[metrics]"));
+    }
+
     Result<std::unique_ptr<AdminServer>> server = AdminServer::start(config_.admin, operations());
     if (!server.ok()) return server.status().with_context("admin socket");
     admin_ = std::move(server).value();
@@ -188,6 +195,7 @@ class Daemon::Impl {
     if (watchdog_.joinable()) watchdog_.join();
     if (monitor_.joinable()) monitor_.join();
     // Listeners first: they answer what is in flight once it is durable, then the pipeline drains.
+    if (metrics_) metrics_->stop();
     if (mllp_) mllp_->stop();
     if (coap_) coap_->stop();
     if (pipeline_) pipeline_->stop();
@@ -666,6 +674,24 @@ class Daemon::Impl {
     return out;
   }
 
+  // The metrics endpoint's text: the same numbers as status, for the daemon itself.
+  std::string metrics_text() {
+    Caller self;
+    self.uid = ::getuid();
+    self.user = "medgated";
+    self.role = Role::kAuditor;
+    Result<json> s = status(self);
+    json devices = json::array();
+    if (registry_) {
+      for (const DeviceInfo& d : registry_->list()) {
+        json j = device_json(d);
+        j["traffic"] = device_counters(d);
+        devices.push_back(std::move(j));
+      }
+    }
+    return render_metrics(s.ok() ? *s : json::object(), devices);
+  }
+
   Result<json> status(const Caller& caller) {
     ledger::LedgerStats s = ledger_->stats();
     const hsm::KeyStoreHealth device = keys_->health();
@@ -718,7 +744,13 @@ class Daemon::Impl {
           {"refused", a.refused}}},
         {"ingest", ingest_json()},
         {"consent", consent_json()},
+        {"metrics", nullptr},
     };
+    if (metrics_)
+      out["metrics"] = {{"address", config_.metrics->address},
+                        {"port", metrics_->port()},
+                        {"scrapes", metrics_->scrapes()},
+                        {"bad_requests", metrics_->bad_requests()}};
     if (s.latest_head) {
       out["signed_head"] = {{"sequence", s.latest_head->sequence},
                             {"tree_size", s.latest_head->head.tree_size},
@@ -740,6 +772,7 @@ class Daemon::Impl {
   std::unique_ptr<IngestPipeline> pipeline_;
   std::unique_ptr<hl7::MllpListener> mllp_;
   std::unique_ptr<coap::CoapServer> coap_;
+  std::unique_ptr<MetricsServer> metrics_;
   std::unique_ptr<AdminServer> admin_;
   std::atomic<const AdminServer*> admin_view_{nullptr};  // admin_, once assigned
   std::atomic<bool> stopped_{false};

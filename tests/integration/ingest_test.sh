@@ -34,6 +34,9 @@ read_timeout_s = 5
 [coap]
 address = "127.0.0.1"
 port = $COAP_PORT
+
+[metrics]
+listen = "127.0.0.1:0"
 EOF
 
 start_daemon "$CONF" "$LOG"
@@ -117,6 +120,22 @@ expect_rc 0 "device show counts the refusal" -- "$MEDCTL" --json device show lis
 expect_in '"address": 1' "as rejected for its address"
 expect_rc 0 "--any lifts the list" -- "$MEDCTL" device allow lis --any
 expect_in "allowed +from any address" "any address"
+
+say "== metrics"
+METRICS_PORT=$("$MEDCTL" --json status | sed -n '/"metrics": {/,/}/s/.*"port": \([0-9]*\).*/\1/p' | head -1)
+[ -n "$METRICS_PORT" ] && [ "$METRICS_PORT" != 0 ] && pass "the metrics endpoint is up (port $METRICS_PORT)" || failed "no metrics port in status"
+expect_rc 0 "a scrape" -- curl -sS -f "http://127.0.0.1:$METRICS_PORT/metrics"
+expect_in "# TYPE medgate_ledger_entries gauge" "names its families"
+expect_in "medgate_ingest_observations_total [1-9][0-9]*" "counts committed readings"
+expect_in 'medgate_device_rejected_total\{device="lis",reason="address"\} 1' "per device and reason"
+expect_in 'medgate_device_committed_total\{device="central",kind="hl7"\} [1-9]' "and per device committed"
+expect_in "medgate_key_store_reachable 1" "the key store's health"
+expect_not_in "$MARK" "nothing about a patient"
+expect_rc 22 "another path is 404" -- curl -sS -f "http://127.0.0.1:$METRICS_PORT/"
+expect_rc 0 "a request that never ends is cut off and answered 400" -- bash -c "exec 3<>/dev/tcp/127.0.0.1/$METRICS_PORT; printf 'GET /metrics HTTP/1.1\r\n' >&3; cat <&3"
+expect_in "400 Bad Request" "400"
+expect_rc 0 "status counts the scrapes" -- "$MEDCTL" --json status
+expect_in '"scrapes": [1-9]' "scrapes"
 
 say "== patients"
 expect_rc 0 "an admin looks a patient up by identifier" -- "$MEDCTL" patient show - <<<"HOSP:$MARK-P1"

@@ -4,7 +4,10 @@
 #include <cctype>
 #include <fstream>
 
+#include <nlohmann/json.hpp>
+
 #include "appliance/config.h"
+#include "appliance/metrics.h"
 
 using namespace medgate;
 using namespace medgate::appliance;
@@ -320,4 +323,44 @@ TEST_CASE("the packaged medgated.toml parses, and so do its commented settings",
   CHECK(all->coap);
   CHECK(all->ip_allow.size() == 2);
   CHECK(all->head_interval == std::chrono::milliseconds(1000));
+}
+
+TEST_CASE("[metrics] listen: loopback only, and the exposition text", "[config]") {
+  auto m = parse_metrics_listen("127.0.0.1:9464");
+  REQUIRE(m.ok());
+  CHECK(m->address == "127.0.0.1");
+  CHECK(m->port == 9464);
+  CHECK(parse_metrics_listen("[::1]:0")->address == "::1");
+  CHECK(parse_metrics_listen("localhost:9464")->address == "127.0.0.1");
+  CHECK(parse_metrics_listen("127.3.4.5:1").ok());
+  for (const char* bad : {"0.0.0.0:9464", "10.20.0.1:9464", "[::]:9464", "ward7:9464"}) {
+    INFO(bad);
+    CHECK_THAT(parse_metrics_listen(bad).status().message(), Catch::Contains("loopback only"));
+  }
+  CHECK_THAT(parse_metrics_listen("127.0.0.1").status().message(), Catch::Contains("address:port"));
+  CHECK_THAT(parse_metrics_listen("127.0.0.1:99999").status().message(),
+             Catch::Contains("up to 65535"));
+
+  auto c = parse_config(std::string(kGood) + "\n[metrics]\nlisten = \"0.0.0.0:9464\"\n",
+                        "/etc/medgate/medgated.toml");
+  REQUIRE_FALSE(c.ok());
+  CHECK_THAT(c.status().message(), Catch::Contains("[metrics] listen"));
+  CHECK_THAT(c.status().message(), Catch::Contains("medgated.toml:"));
+
+  nlohmann::json status = {
+      {"ledger", {{"entries", 42}, {"writer_error", ""}}},
+      {"key_store", {{"device", {{"reachable", true}}}}},
+      {"consent", {{"decisions", {{"allowed", 3}, {"denied", 1}}}}},
+  };
+  nlohmann::json devices = nlohmann::json::array(
+      {{{"id", "lab-\"1"}, {"kind", "hl7"},
+        {"traffic", {{"received", 5}, {"committed", 4}, {"rejected", {{"address", 1}}}}}}});
+  const std::string text = render_metrics(status, devices);
+  CHECK_THAT(text, Catch::Contains("# TYPE medgate_ledger_entries gauge\nmedgate_ledger_entries 42\n"));
+  CHECK_THAT(text, Catch::Contains("medgate_ledger_writer_stopped 0\n"));
+  CHECK_THAT(text, Catch::Contains("medgate_key_store_reachable 1\n"));
+  CHECK_THAT(text, Catch::Contains("medgate_decisions_total{decision=\"deny\"} 1\n"));
+  CHECK_THAT(text, Catch::Contains("medgate_device_rejected_total{device=\"lab-\\\"1\",reason=\"address\"} 1\n"));
+  // A family whose number is missing is left out, not written empty.
+  CHECK_THAT(text, !Catch::Contains("medgate_heads_signed_total"));
 }
