@@ -67,9 +67,8 @@ class BackupShelf {
 
     std::string tmpl = (config_.data_dir / (std::string(kShelfPrefix) + "XXXXXX")).string();
     if (!::mkdtemp(tmpl.data()))
-      return Status::IOError(
-          fmt::format("cannot make a directory for the backup in {}: {}",
-                      config_.data_dir.string(), std::strerror(errno)));
+      return Status::IOError(fmt::format("cannot make a directory for the backup in {}: {}",
+                                         config_.data_dir.string(), std::strerror(errno)));
     Backup b{tmpl, caller.uid, 0, std::chrono::steady_clock::now()};
     Status s = pack(b);
     if (!s.ok()) {
@@ -101,7 +100,8 @@ class BackupShelf {
       return Status::InvalidArgument("argument \"offset\" must be a non-negative integer");
     std::uint64_t offset = off->get<std::uint64_t>();
     if (offset > b.size)
-      return Status::InvalidArgument(fmt::format("offset {} is past the backup's {} bytes", offset, b.size));
+      return Status::InvalidArgument(
+          fmt::format("offset {} is past the backup's {} bytes", offset, b.size));
     std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(kReadChunk, b.size - offset));
     Bytes buf(n);
     int fd = ::open((b.dir / "backup").c_str(), O_RDONLY | O_CLOEXEC);

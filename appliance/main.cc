@@ -8,8 +8,8 @@
 
 #include <iostream>
 
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "appliance/admin_protocol.h"
@@ -123,8 +123,9 @@ int run_restore(const RestoreOptions& options, bool json) {
     std::cout << fmt::format("  {} patients erased after the backup were erased again\n",
                              r->erasures_reapplied);
   if (r->replaced_entries > 0)
-    std::cout << fmt::format("  replaced a ledger of {} entries ({} discarded), kept as *.before-restore\n",
-                             r->replaced_entries, r->discarded_entries);
+    std::cout << fmt::format(
+        "  replaced a ledger of {} entries ({} discarded), kept as *.before-restore\n",
+        r->replaced_entries, r->discarded_entries);
   return 0;
 }
 

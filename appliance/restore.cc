@@ -70,7 +70,8 @@ struct Staging {
 };
 
 Result<std::uint64_t> entry_count(const std::filesystem::path& db) {
-  MEDGATE_ASSIGN_OR_RETURN(auto conn, ledger::sql::Database::open(db, ledger::sql::Database::Mode::kReadOnly));
+  MEDGATE_ASSIGN_OR_RETURN(auto conn,
+                           ledger::sql::Database::open(db, ledger::sql::Database::Mode::kReadOnly));
   MEDGATE_ASSIGN_OR_RETURN(auto st, conn.prepare("SELECT count(*) FROM entries"));
   MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
   if (step != ledger::sql::Statement::Step::kRow)
@@ -82,13 +83,16 @@ Result<std::uint64_t> entry_count(const std::filesystem::path& db) {
 Result<std::vector<Pseudonym>> erased_patients(const std::filesystem::path& vault) {
   std::vector<Pseudonym> out;
   if (!std::filesystem::exists(vault)) return out;
-  MEDGATE_ASSIGN_OR_RETURN(auto conn, ledger::sql::Database::open(vault, ledger::sql::Database::Mode::kReadOnly));
-  MEDGATE_ASSIGN_OR_RETURN(auto st, conn.prepare("SELECT pseudonym FROM patients WHERE state <> 0"));
+  MEDGATE_ASSIGN_OR_RETURN(
+      auto conn, ledger::sql::Database::open(vault, ledger::sql::Database::Mode::kReadOnly));
+  MEDGATE_ASSIGN_OR_RETURN(auto st,
+                           conn.prepare("SELECT pseudonym FROM patients WHERE state <> 0"));
   for (;;) {
     MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
     if (step != ledger::sql::Statement::Step::kRow) break;
     ByteView b = st.column_blob(0);
-    if (b.size() != 32) return Status::Corruption(fmt::format("{}: a malformed pseudonym", vault.string()));
+    if (b.size() != 32)
+      return Status::Corruption(fmt::format("{}: a malformed pseudonym", vault.string()));
     Pseudonym p;
     std::copy(b.begin(), b.end(), p.bytes.begin());
     out.push_back(p);
@@ -126,6 +130,21 @@ Result<RestoreResult> restore_backup(const RestoreOptions& o) {
   MEDGATE_ASSIGN_OR_RETURN(Config config, load_config(o.config));
   MEDGATE_ASSIGN_OR_RETURN(DaemonStopped stopped, DaemonStopped::check(config.ledger_path));
 
+  // The files are moved into place by rename: the ledger's directory and the data dir must be on
+  // one file system, or a restore could stop with the ledger moved and the vault not.
+  struct stat ledger_dir {
+  }, data_dir_st{};
+  if (::stat(config.ledger_path.parent_path().c_str(), &ledger_dir) != 0 ||
+      ::stat(config.data_dir.c_str(), &data_dir_st) != 0)
+    return Status::FailedPrecondition(fmt::format("{} or {} does not exist",
+                                                  config.ledger_path.parent_path().string(),
+                                                  config.data_dir.string()));
+  if (ledger_dir.st_dev != data_dir_st.st_dev)
+    return Status::FailedPrecondition(fmt::format(
+        "the ledger ({}) and the data dir ({}) are on different file systems; restore cannot "
+        "replace them together",
+        config.ledger_path.string(), config.data_dir.string()));
+
   // 1. The file's integrity, unpacked into a private directory beside the ledger (so that the
   //    final renames stay on one file system).
   std::string tmpl = (config.ledger_path.parent_path() / ".restore-XXXXXX").string();
@@ -149,16 +168,15 @@ Result<RestoreResult> restore_backup(const RestoreOptions& o) {
   ledger::VerifyOptions verify;
   verify.trusted_keys = keys->signing_keys();
   Result<ledger::VerifyReport> report = ledger::verify_ledger_file(staged, verify);
-  if (!report.ok())
-    return report.status().with_context("the backup's ledger cannot be read");
+  if (!report.ok()) return report.status().with_context("the backup's ledger cannot be read");
   if (!report->ok())
-    return Status::VerificationFailed(fmt::format(
-        "the backup's ledger does not verify against this key store's keys ({}): {}",
-        keys->description(), report->problem->describe()));
+    return Status::VerificationFailed(
+        fmt::format("the backup's ledger does not verify against this key store's keys ({}): {}",
+                    keys->description(), report->problem->describe()));
   if (report->ledger_id != config.ledger_id)
-    return Status::FailedPrecondition(fmt::format(
-        "the backup's ledger is '{}', not this appliance's '{}'", report->ledger_id,
-        config.ledger_id));
+    return Status::FailedPrecondition(
+        fmt::format("the backup's ledger is '{}', not this appliance's '{}'", report->ledger_id,
+                    config.ledger_id));
 
   // 3. What the restore would discard.
   RestoreResult result;
@@ -203,15 +221,15 @@ Result<RestoreResult> restore_backup(const RestoreOptions& o) {
         if (!info.ok() || info->state != PatientState::kActive) continue;
         MEDGATE_RETURN_IF_ERROR(
             vault
-                ->begin_erase(p, ErasureRequest{o.actor,
-                                                "erased after the backup; erased again on restore",
-                                                restored->stats().tree_size})
+                ->begin_erase(
+                    p, ErasureRequest{o.actor, "erased after the backup; erased again on restore",
+                                      restored->stats().tree_size})
                 .status());
         ++result.erasures_reapplied;
       }
       PatientErasure erasure(*vault, *restored);
-      MEDGATE_RETURN_IF_ERROR(
-          erasure.finish_pending().status().with_context("re-applying erasures to the restored vault"));
+      MEDGATE_RETURN_IF_ERROR(erasure.finish_pending().status().with_context(
+          "re-applying erasures to the restored vault"));
     }
     restored->close();
     s = restored->stats();
@@ -225,8 +243,8 @@ Result<RestoreResult> restore_backup(const RestoreOptions& o) {
   // 5. Into place; what was there is kept beside.
   const std::filesystem::path data_dir = config.ledger_path.parent_path();
   struct stat owner {};
-  const bool chown_needed = ::geteuid() == 0 && ::stat(data_dir.c_str(), &owner) == 0 &&
-                            owner.st_uid != 0;
+  const bool chown_needed =
+      ::geteuid() == 0 && ::stat(data_dir.c_str(), &owner) == 0 && owner.st_uid != 0;
   for (const char* name : kParts) {
     std::filesystem::path from = staging.dir / name;
     if (!std::filesystem::exists(from)) continue;

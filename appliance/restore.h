@@ -46,7 +46,7 @@ struct RestoreResult {
   std::uint64_t discarded_entries = 0;
   std::uint64_t restore_entry = 0;
   std::uint64_t erasures_reapplied = 0;  // patients erased after the backup, erased again
-  std::uint64_t entries = 0;  // after the restore
+  std::uint64_t entries = 0;             // after the restore
 };
 
 Result<RestoreResult> restore_backup(const RestoreOptions& options);

@@ -16,8 +16,8 @@
 #include <filesystem>
 #include <iostream>
 
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <CLI/CLI.hpp>
 
 #include "cli/commands.h"
 #include "hsm/bytes.h"
@@ -41,8 +41,8 @@ struct RestoreArgs {
   bool discard_newer = false;
 };
 
-void print_written(const GlobalOptions& g, const std::string& file,
-                   const ledger::BackupManifest& m, const json& extra) {
+void print_written(const GlobalOptions& g, const std::string& file, const ledger::BackupManifest& m,
+                   const json& extra) {
   if (g.json) {
     json out = extra;
     out["file"] = file;
@@ -80,10 +80,10 @@ int backup_online(const GlobalOptions& g, const BackupArgs& a) {
   int fd = ::open(a.file.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (fd < 0) {
     finish();
-    return fail(g,
-                Status::InvalidArgument(fmt::format("cannot create {}: {}", a.file,
-                                                    std::strerror(errno))),
-                what);
+    return fail(
+        g,
+        Status::InvalidArgument(fmt::format("cannot create {}: {}", a.file, std::strerror(errno))),
+        what);
   }
   Status s;
   for (std::uint64_t offset = 0; s.ok() && offset < size;) {
@@ -110,8 +110,7 @@ int backup_online(const GlobalOptions& g, const BackupArgs& a) {
     }
     offset += data->size();
   }
-  if (s.ok() && ::fsync(fd) != 0)
-    s = Status::IOError(fmt::format("cannot fsync {}", a.file));
+  if (s.ok() && ::fsync(fd) != 0) s = Status::IOError(fmt::format("cannot fsync {}", a.file));
   ::close(fd);
   finish();
   if (!s.ok()) {
@@ -161,8 +160,9 @@ int backup_offline(const GlobalOptions& g, const BackupArgs& a) {
       }
     if (std::filesystem::exists(dir / "medgated.toml"))
       parts.push_back({"medgated.toml", dir / "medgated.toml"});
-    MEDGATE_ASSIGN_OR_RETURN(auto conn, ledger::sql::Database::open(
-                                            tmp / "ledger.db", ledger::sql::Database::Mode::kReadOnly));
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto conn,
+        ledger::sql::Database::open(tmp / "ledger.db", ledger::sql::Database::Mode::kReadOnly));
     MEDGATE_ASSIGN_OR_RETURN(auto st,
                              conn.prepare("SELECT value FROM meta WHERE key = 'ledger_id'"));
     MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());

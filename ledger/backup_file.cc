@@ -57,7 +57,8 @@ Status write_all(int fd, const void* data, std::size_t n, const std::filesystem:
     ssize_t w = ::write(fd, p, n);
     if (w < 0) {
       if (errno == EINTR) continue;
-      return Status::IOError(fmt::format("cannot write {}: {}", path.string(), std::strerror(errno)));
+      return Status::IOError(
+          fmt::format("cannot write {}: {}", path.string(), std::strerror(errno)));
     }
     p += w;
     n -= static_cast<std::size_t>(w);
@@ -66,14 +67,16 @@ Status write_all(int fd, const void* data, std::size_t n, const std::filesystem:
 }
 
 // Reads exactly n bytes unless the file ends first; returns how many were read.
-Result<std::size_t> read_some(int fd, void* data, std::size_t n, const std::filesystem::path& path) {
+Result<std::size_t> read_some(int fd, void* data, std::size_t n,
+                              const std::filesystem::path& path) {
   std::size_t got = 0;
   char* p = static_cast<char*>(data);
   while (got < n) {
     ssize_t r = ::read(fd, p + got, n - got);
     if (r < 0) {
       if (errno == EINTR) continue;
-      return Status::IOError(fmt::format("cannot read {}: {}", path.string(), std::strerror(errno)));
+      return Status::IOError(
+          fmt::format("cannot read {}: {}", path.string(), std::strerror(errno)));
     }
     if (r == 0) break;
     got += static_cast<std::size_t>(r);
@@ -97,18 +100,21 @@ const BackupManifest::Part* BackupManifest::find(std::string_view name) const {
 Status snapshot_sqlite_file(const std::filesystem::path& db, const std::filesystem::path& out) {
   if (std::filesystem::exists(out))
     return Status::FailedPrecondition(fmt::format("{} exists already", out.string()));
-  MEDGATE_ASSIGN_OR_RETURN(sql::Database src, sql::Database::open(db, sql::Database::Mode::kReadOnly));
+  MEDGATE_ASSIGN_OR_RETURN(sql::Database src,
+                           sql::Database::open(db, sql::Database::Mode::kReadOnly));
   MEDGATE_ASSIGN_OR_RETURN(sql::Statement st, src.prepare("VACUUM INTO ?"));
   std::string target = out.string();
-  MEDGATE_RETURN_IF_ERROR(st.bind(1, std::string_view(target)).run().with_context(
-      fmt::format("snapshot of {}", db.string())));
+  MEDGATE_RETURN_IF_ERROR(st.bind(1, std::string_view(target))
+                              .run()
+                              .with_context(fmt::format("snapshot of {}", db.string())));
   ::chmod(out.c_str(), 0600);
   return Status::Ok();
 }
 
 Status write_backup_file(const std::filesystem::path& out, const std::string& ledger_id,
                          std::span<const BackupPart> parts) {
-  if (std::none_of(parts.begin(), parts.end(), [](const BackupPart& p) { return p.name == "ledger.db"; }))
+  if (std::none_of(parts.begin(), parts.end(),
+                   [](const BackupPart& p) { return p.name == "ledger.db"; }))
     return Status::InvalidArgument("a backup needs the ledger (ledger.db)");
   nlohmann::json manifest = {{"ledger_id", ledger_id},
                              {"created", format_time(now_us())},
@@ -173,7 +179,8 @@ Result<BackupManifest> read_backup_file(const std::filesystem::path& file,
   if (::fstat(fd.fd, &st) != 0 || !S_ISREG(st.st_mode))
     return Status::InvalidArgument(fmt::format("{} is not a regular file", file.string()));
   auto bad = [&](const std::string& why) {
-    return Status::Corruption(fmt::format("{} is not a usable medgate backup: {}", file.string(), why));
+    return Status::Corruption(
+        fmt::format("{} is not a usable medgate backup: {}", file.string(), why));
   };
 
   std::string magic(kBackupMagic.size(), '\0');
@@ -211,9 +218,10 @@ Result<BackupManifest> read_backup_file(const std::filesystem::path& file,
   for (const auto& p : m.parts) total += p.size;
   m.file_size = static_cast<std::uint64_t>(st.st_size);
   if (total != m.file_size)
-    return bad(fmt::format("the manifest accounts for {} bytes but the file has {} (truncated or "
-                           "damaged)",
-                           total, m.file_size));
+    return bad(
+        fmt::format("the manifest accounts for {} bytes but the file has {} (truncated or "
+                    "damaged)",
+                    total, m.file_size));
 
   std::vector<char> buf(kChunk);
   for (const auto& p : m.parts) {

@@ -76,9 +76,8 @@ Status migrate_schema(sql::Database& db) {
   MEDGATE_ASSIGN_OR_RETURN(int from, migrate_schema_in_transaction(db));
   Status s = tx.commit();
   if (!s.ok() && from < kKnownVersion)
-    return s.with_context(
-        fmt::format("upgrading the ledger schema {} -> {}; the file is unchanged", from,
-                    kKnownVersion));
+    return s.with_context(fmt::format("upgrading the ledger schema {} -> {}; the file is unchanged",
+                                      from, kKnownVersion));
   return s;
 }
 

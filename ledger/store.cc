@@ -284,9 +284,9 @@ class Ledger::Impl {
     if (!from.ok()) return from.status();
     auto upgrade_failed = [&](const Status& s) {
       if (*from >= kSchemaVersion) return s;
-      return s.with_context(fmt::format(
-          "upgrading the ledger from schema {} to {} failed; the file is unchanged", *from,
-          kSchemaVersion));
+      return s.with_context(
+          fmt::format("upgrading the ledger from schema {} to {} failed; the file is unchanged",
+                      *from, kSchemaVersion));
     };
     if (Status s = load_state(); !s.ok()) return upgrade_failed(s);
     // OR IGNORE: an entry may name the same subject twice.
@@ -1457,7 +1457,7 @@ class Ledger::Impl {
   // Rollback counter: what new heads carry; the signer thread's epoch bookkeeping.
   std::atomic<std::uint64_t> declared_counter_{0};
   std::atomic<std::uint64_t> counter_epochs_{0};
-  std::optional<std::uint64_t> restore_entry_;  // set in open(), read-only afterwards
+  std::optional<std::uint64_t> restore_entry_;          // set in open(), read-only afterwards
   std::uint64_t epoch_tree_size_ = 0;                   // signer thread only
   std::chrono::steady_clock::time_point next_epoch_{};  // signer thread only
 

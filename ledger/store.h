@@ -74,10 +74,10 @@ inline constexpr int kSchemaVersion = 3;
 
 // Who restores, from what, and what it replaces (Ledger::open; see "Rollback protection").
 struct RestoreRecord {
-  std::string actor;                       // "user:alice"
-  std::string source;                      // the backup's name, as the admin gave it
-  std::uint64_t replaced_tree_size = 0;    // the ledger the backup replaces (0: none)
-  std::uint64_t discarded_entries = 0;     // its entries beyond the backup's
+  std::string actor;                     // "user:alice"
+  std::string source;                    // the backup's name, as the admin gave it
+  std::uint64_t replaced_tree_size = 0;  // the ledger the backup replaces (0: none)
+  std::uint64_t discarded_entries = 0;   // its entries beyond the backup's
 };
 
 struct LedgerOptions {
