@@ -1,6 +1,8 @@
 // LEDGER-CRITICAL: see entry.h. The encoding written here is the one that is hashed.
 #include "ledger/entry.h"
 
+#include "ledger/membership.h"
+
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -175,6 +177,8 @@ constexpr EntryTypeInfo kEntryTypes[] = {
     {EntryType::kConsentRevoke, "consent-revoke", "consent", check_consent_revoke},
     {EntryType::kAccessDecision, "access-decision", "access", check_access_decision},
     {EntryType::kPatientKey, "patient-key", "consent", check_patient_key},
+    {EntryType::kMemberProposal, "member-proposal", "admin", check_member_proposal_body},
+    {EntryType::kMemberApproval, "member-approval", "admin", check_member_approval_body},
 };
 
 enum Key : std::uint64_t {

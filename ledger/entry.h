@@ -55,6 +55,8 @@ enum class ObjectKind : std::uint64_t {
   kKeyTransition = 4,
   kSubjectMapLeaf = 5,  // ledger/subject_map.h
   kAuditBundle = 6,     // ledger/audit_bundle.h
+  kMembershipStatement = 7,  // ledger/membership.h
+  kBlockRecord = 8,          // ledger/block_record.h (replication)
 };
 
 enum class EntryType : std::uint32_t {
@@ -107,6 +109,11 @@ enum class EntryType : std::uint32_t {
   // (SubjectPublicKeyInfo DER), "key_id": bytes(32), SHA-256 of it}; its subject is the patient's
   // pseudonym. A later enrolment replaces the key.
   kPatientKey = 14,
+  // Replicated ledgers' membership (ledger/membership.h): a proposal to add or remove a member,
+  // {"statement": bytes, "member": text, "signature": bytes}, and a member's approval of one,
+  // {"proposal": bytes(32), "member": text, "signature": bytes}.
+  kMemberProposal = 15,
+  kMemberApproval = 16,
 };
 
 struct EntryTypeInfo {
