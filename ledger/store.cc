@@ -922,7 +922,8 @@ class Ledger::Impl {
       return device.status().with_context("reading the key store's rollback counter");
     const SignedHead& h = *latest_head_;
     std::uint64_t ledger = h.head.rollback_counter;
-    // A restore (LedgerOptions::restore) goes on with the key store's counter, recorded.
+    // LEDGER-CRITICAL (rollback protection): only a restore (LedgerOptions::restore) goes on
+    // past an older counter, and open() records it (record_restore) before the epoch's head.
     if (ledger < *device && options_.restore) ledger = *device;
     if (ledger < *device)
       return Status::FailedPrecondition(fmt::format(
