@@ -11,6 +11,7 @@
 
 #include "appliance/admin_server.h"
 #include "appliance/audit_ops.h"
+#include "appliance/backup_ops.h"
 #include "appliance/coap/server.h"
 #include "appliance/consent.h"
 #include "appliance/consent_ops.h"
@@ -524,6 +525,7 @@ class Daemon::Impl {
     for (Operation& op : consent_operations(*consent_, *vault_, *ledger_))
       ops.push_back(std::move(op));
     for (Operation& op : audit_operations(*ledger_, *keys_, *vault_)) ops.push_back(std::move(op));
+    for (Operation& op : backup_operations(config_, *ledger_)) ops.push_back(std::move(op));
     return ops;
   }
 

@@ -8,6 +8,7 @@
 
 #include <iostream>
 
+#include <fmt/format.h>
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -16,6 +17,7 @@
 #include "appliance/daemon.h"
 #include "appliance/init.h"
 #include "appliance/log.h"
+#include "appliance/restore.h"
 
 using namespace medgate;
 using namespace medgate::appliance;
@@ -90,6 +92,43 @@ int run_init(const InitOptions& options, bool json) {
   return 0;
 }
 
+int run_restore(const RestoreOptions& options, bool json) {
+  Result<RestoreResult> r = restore_backup(options);
+  if (!r.ok()) {
+    if (json) std::cout << admin::error_response(r.status()).dump() << "\n";
+    std::cerr << "medctl restore: " << r.status().message() << "\n";
+    return admin::exit_code(r.status().code());
+  }
+  nlohmann::json out = {{"ledger_id", r->ledger_id},
+                        {"backup_created", r->backup_created},
+                        {"backup_entries", r->backup_entries},
+                        {"backup_rollback_counter", r->backup_rollback_counter},
+                        {"key_store_counter", r->key_store_counter},
+                        {"replaced_entries", r->replaced_entries},
+                        {"discarded_entries", r->discarded_entries},
+                        {"restore_entry", r->restore_entry},
+                        {"erasures_reapplied", r->erasures_reapplied},
+                        {"entries", r->entries}};
+  if (json) {
+    std::cout << out.dump(2) << "\n";
+    return 0;
+  }
+  std::cout << fmt::format(
+      "Restored ledger '{}' from a backup of {} ({} entries, rollback counter {})\n"
+      "  recorded as entry {}; the ledger now holds {} entries, its latest head carries the key "
+      "store's counter again\n",
+      r->ledger_id, r->backup_created, r->backup_entries, r->backup_rollback_counter,
+      r->restore_entry, r->entries);
+  if (r->erasures_reapplied > 0)
+    std::cout << fmt::format("  {} patients erased after the backup were erased again\n",
+                             r->erasures_reapplied);
+  if (r->replaced_entries > 0)
+    std::cout << fmt::format(
+        "  replaced a ledger of {} entries ({} discarded), kept as *.before-restore\n",
+        r->replaced_entries, r->discarded_entries);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -125,6 +164,17 @@ int main(int argc, char** argv) {
       "config's [network] allow");
   ip_allow_cmd->add_option("--config", allow_config, "configuration file (TOML)");
 
+  RestoreOptions restore;
+  bool restore_json = false;
+  std::string restore_config = "/etc/medgate/medgated.toml";
+  CLI::App* restore_cmd = app.add_subcommand(
+      "restore", "restore a backup into the stopped appliance (used by `medctl restore`)");
+  restore_cmd->add_option("FILE", restore.backup, "the backup file (medctl backup)")->required();
+  restore_cmd->add_option("--config", restore_config, "configuration file (TOML)");
+  restore_cmd->add_flag("--discard-newer", restore.discard_newer,
+                        "drop the current ledger's entries beyond the backup's (recorded)");
+  restore_cmd->add_flag("--json", restore_json, "print the result as JSON");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -151,6 +201,11 @@ int main(int argc, char** argv) {
     init.seal_pcrs = std::move(pcrs).value();
     init.actor = invoking_actor();
     return run_init(init, init_json);
+  }
+  if (*restore_cmd) {
+    restore.config = restore_config;
+    restore.actor = invoking_actor();
+    return run_restore(restore, restore_json);
   }
   if (*ip_allow_cmd) {
     Result<Config> config = load_config(allow_config);

@@ -38,6 +38,8 @@ std::string read_patient(std::string patient);
 void add_consent_commands(CLI::App& app, const GlobalOptions& g, int& rc);
 // medctl audit export|verify (cli/audit_commands.cc).
 void add_audit_commands(CLI::App& app, const GlobalOptions& g, int& rc);
+// medctl backup | restore (cli/backup_commands.cc).
+void add_backup_commands(CLI::App& app, const GlobalOptions& g, int& rc);
 
 struct InitArgs {
   // Without a data dir, init completes an existing config: --config FILE, else the package's

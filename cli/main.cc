@@ -169,6 +169,7 @@ int main(int argc, char** argv) {
 
   add_consent_commands(app, g, rc);
   add_audit_commands(app, g, rc);
+  add_backup_commands(app, g, rc);
 
   try {
     app.parse(argc, argv);

@@ -57,22 +57,28 @@ Result<int> user_version(sql::Database& db) {
 
 }  // namespace
 
-Status migrate_schema(sql::Database& db) {
+Result<int> migrate_schema_in_transaction(sql::Database& db) {
   MEDGATE_ASSIGN_OR_RETURN(int version, user_version(db));
   if (version > kKnownVersion)
     return Status::FailedPrecondition(fmt::format(
         "ledger schema version {} is newer than this build understands ({}); use a newer medgate",
         version, kKnownVersion));
   for (int v = version; v < kKnownVersion; ++v) {
-    MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db));
     Status s = db.exec(kMigrations[v]);
     if (s.ok()) s = db.exec(fmt::format("PRAGMA user_version = {}", v + 1));
-    if (s.ok()) s = tx.commit();
-    if (!s.ok())
-      return s.with_context(
-          fmt::format("schema migration {} -> {} failed; the file is unchanged", v, v + 1));
+    if (!s.ok()) return s.with_context(fmt::format("schema migration {} -> {}", v, v + 1));
   }
-  return Status::Ok();
+  return version;
+}
+
+Status migrate_schema(sql::Database& db) {
+  MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db));
+  MEDGATE_ASSIGN_OR_RETURN(int from, migrate_schema_in_transaction(db));
+  Status s = tx.commit();
+  if (!s.ok() && from < kKnownVersion)
+    return s.with_context(fmt::format("upgrading the ledger schema {} -> {}; the file is unchanged",
+                                      from, kKnownVersion));
+  return s;
 }
 
 Status check_schema_readable(sql::Database& db) {

@@ -231,8 +231,7 @@ class Ledger::Impl {
     MEDGATE_ASSIGN_OR_RETURN(db_,
                              sql::Database::open(options_.path, sql::Database::Mode::kReadWrite));
     MEDGATE_RETURN_IF_ERROR(apply_pragmas(db_, options_));
-    MEDGATE_RETURN_IF_ERROR(migrate_schema(db_));
-    MEDGATE_RETURN_IF_ERROR(load_state());
+    MEDGATE_RETURN_IF_ERROR(upgrade_and_load());
     next_epoch_ = std::chrono::steady_clock::now() + options_.counter_interval;
     epoch_tree_size_ = committed_size_.load();
     MEDGATE_ASSIGN_OR_RETURN(
@@ -251,10 +250,6 @@ class Ledger::Impl {
     MEDGATE_ASSIGN_OR_RETURN(
         insert_epoch_,
         db_.prepare("INSERT INTO key_epochs (from_size, key_id, entry_index) VALUES (?,?,?)"));
-    // OR IGNORE: an entry may name the same subject twice.
-    MEDGATE_ASSIGN_OR_RETURN(
-        insert_subject_, db_.prepare("INSERT OR IGNORE INTO subjects (subject, idx) VALUES (?,?)"));
-    MEDGATE_RETURN_IF_ERROR(index_old_subjects().with_context("indexing the entries' subjects"));
     MEDGATE_RETURN_IF_ERROR(load_subjects().with_context("loading the subjects' latest entries"));
     MEDGATE_ASSIGN_OR_RETURN(tx_statements_, sql::TransactionStatements::prepare(db_));
     sqlite3_wal_hook(db_.handle(), &Impl::wal_hook, this);
@@ -271,8 +266,63 @@ class Ledger::Impl {
       pthread_setname_np(pthread_self(), "ledger-ckpt");
       checkpointer_loop();
     });
+    // A restore is on the ledger before the head that carries the key store's counter again.
+    if (options_.restore)
+      MEDGATE_RETURN_IF_ERROR(record_restore().with_context("recording the restore"));
     // Opening is a counter epoch: a copy of the file taken before now is detectably old.
     return advance_counter().with_context("starting a rollback-counter epoch");
+  }
+
+  // LEDGER-CRITICAL (upgrades). The schema migrations, the one-time conversions they ask for
+  // (index_old_subjects) and every check load_state() makes run in one transaction, committed only
+  // when all of them passed: an upgrade that fails anywhere (a migration, an old entry that does
+  // not decode, a rollback, a key the key store lacks) leaves the file byte for byte as it was,
+  // for the older medgated it came from or a newer one that fixes the cause.
+  Status upgrade_and_load() {
+    MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_));
+    Result<int> from = migrate_schema_in_transaction(db_);
+    if (!from.ok()) return from.status();
+    auto upgrade_failed = [&](const Status& s) {
+      if (*from >= kSchemaVersion) return s;
+      return s.with_context(
+          fmt::format("upgrading the ledger from schema {} to {} failed; the file is unchanged",
+                      *from, kSchemaVersion));
+    };
+    if (Status s = load_state(); !s.ok()) return upgrade_failed(s);
+    // OR IGNORE: an entry may name the same subject twice.
+    MEDGATE_ASSIGN_OR_RETURN(
+        insert_subject_, db_.prepare("INSERT OR IGNORE INTO subjects (subject, idx) VALUES (?,?)"));
+    if (Status s = index_old_subjects().with_context("indexing the entries' subjects"); !s.ok())
+      return upgrade_failed(s);
+    if (Status s = tx.commit(); !s.ok()) return upgrade_failed(s);
+    return Status::Ok();
+  }
+
+  // The restore entry (store.h, LedgerOptions::restore): what open() found, not what the caller
+  // says, so a restore cannot describe itself as less than it was.
+  Status record_restore() {
+    const RestoreRecord& r = *options_.restore;
+    const SignedHead& h = *latest_head_;
+    using cbor::Value;
+    MEDGATE_ASSIGN_OR_RETURN(
+        Value args,
+        Value::map({
+            {Value::text("source"), Value::text(r.source)},
+            {Value::text("backup_head_sequence"), Value::uint(h.sequence)},
+            {Value::text("backup_tree_size"), Value::uint(h.head.tree_size)},
+            {Value::text("backup_root"), Value::bytes(h.head.root)},
+            {Value::text("backup_rollback_counter"), Value::uint(h.head.rollback_counter)},
+            {Value::text("key_store_counter"), Value::uint(device_counter_)},
+            {Value::text("replaced_tree_size"), Value::uint(r.replaced_tree_size)},
+            {Value::text("discarded_entries"), Value::uint(r.discarded_entries)},
+        }));
+    Entry e;
+    e.type = EntryType::kAdminAction;
+    e.actor = r.actor;
+    MEDGATE_ASSIGN_OR_RETURN(e.body, Value::map({{Value::text("op"), Value::text("ledger.restore")},
+                                                 {Value::text("args"), std::move(args)}}));
+    MEDGATE_ASSIGN_OR_RETURN(restore_entry_, append(std::span(&e, 1)));
+    return Status::Ok();
   }
 
   // ---- writes ----
@@ -474,6 +524,7 @@ class Ledger::Impl {
     s.active_key = key_id();
     s.rollback_counter = declared_counter_.load();
     s.counter_epochs = counter_epochs_.load();
+    s.restore_entry = restore_entry_;
     s.appended = appended_.load();
     s.batches = batches_.load();
     s.failed_appends = failed_appends_.load();
@@ -742,7 +793,7 @@ class Ledger::Impl {
                              db_.prepare("SELECT 1 FROM meta WHERE key = 'subjects_to_index'"));
     MEDGATE_ASSIGN_OR_RETURN(auto step, flag.step());
     if (step != sql::Statement::Step::kRow) return Status::Ok();
-    MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_));
+    // Inside upgrade_and_load()'s transaction.
     MEDGATE_ASSIGN_OR_RETURN(auto st, db_.prepare("SELECT idx, bytes FROM entries ORDER BY idx"));
     for (;;) {
       MEDGATE_ASSIGN_OR_RETURN(auto row, st.step());
@@ -753,8 +804,7 @@ class Ledger::Impl {
       for (const SubjectLink& l : e->subjects)
         MEDGATE_RETURN_IF_ERROR(insert_subject_.bind(1, ByteView(l.subject)).bind(2, index).run());
     }
-    MEDGATE_RETURN_IF_ERROR(db_.exec("DELETE FROM meta WHERE key = 'subjects_to_index'"));
-    return tx.commit();
+    return db_.exec("DELETE FROM meta WHERE key = 'subjects_to_index'");
   }
 
   // Every subject's latest entry, from the subjects index: the writer's map for new links and the
@@ -872,6 +922,9 @@ class Ledger::Impl {
       return device.status().with_context("reading the key store's rollback counter");
     const SignedHead& h = *latest_head_;
     std::uint64_t ledger = h.head.rollback_counter;
+    // LEDGER-CRITICAL (rollback protection): only a restore (LedgerOptions::restore) goes on
+    // past an older counter, and open() records it (record_restore) before the epoch's head.
+    if (ledger < *device && options_.restore) ledger = *device;
     if (ledger < *device)
       return Status::FailedPrecondition(fmt::format(
           "rollback detected: the latest signed head (#{}, {}, tree size {}) carries rollback "
@@ -1405,6 +1458,7 @@ class Ledger::Impl {
   // Rollback counter: what new heads carry; the signer thread's epoch bookkeeping.
   std::atomic<std::uint64_t> declared_counter_{0};
   std::atomic<std::uint64_t> counter_epochs_{0};
+  std::optional<std::uint64_t> restore_entry_;          // set in open(), read-only afterwards
   std::uint64_t epoch_tree_size_ = 0;                   // signer thread only
   std::chrono::steady_clock::time_point next_epoch_{};  // signer thread only
 

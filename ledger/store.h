@@ -36,6 +36,17 @@
 // not know the device has moved on. A copy taken within the last epoch is not detected: the
 // window is counter_interval.
 //
+// Restoring a backup (medctl restore) does not bypass this; it makes the rollback visible instead:
+// with LedgerOptions::restore set, open() accepts the older counter and, before anything else is
+// appended, records an admin-action entry "ledger.restore" naming the latest head it found
+// (sequence, tree size, root, rollback counter) and the key store's counter, and then signs the
+// opening epoch's head carrying the key store's counter + 1. Every verifier sees the counter jump
+// and the entry that explains it. A file copied back without this still fails to open.
+//
+// Upgrades. open() migrates an older schema in one transaction together with every check it
+// makes (schema.h): an upgrade that fails leaves the file byte for byte as it was. Entries and
+// heads of every earlier format stay as they were written, and verify (entry.h, block.h).
+//
 // Thread safety: all public methods may be called from any thread. One writable Ledger per file:
 // open() takes an exclusive lock (`<path>.lock`) and names the process that holds it otherwise.
 #pragma once
@@ -61,6 +72,14 @@ namespace medgate::ledger {
 
 inline constexpr int kSchemaVersion = 3;
 
+// Who restores, from what, and what it replaces (Ledger::open; see "Rollback protection").
+struct RestoreRecord {
+  std::string actor;                     // "user:alice"
+  std::string source;                    // the backup's name, as the admin gave it
+  std::uint64_t replaced_tree_size = 0;  // the ledger the backup replaces (0: none)
+  std::uint64_t discarded_entries = 0;   // its entries beyond the backup's
+};
+
 struct LedgerOptions {
   std::filesystem::path path;
   std::size_t max_batch_entries = 16384;          // entries per group commit (one block)
@@ -70,6 +89,9 @@ struct LedgerOptions {
   // Rollback-counter epochs while running (0: only at open and close). Each epoch is one NV write
   // on a TPM, whose NV memory wears: 300 s is at most 288 writes a day.
   std::chrono::seconds counter_interval{300};
+  // Set only by a restore (appliance/restore.h): open() records it and accepts an older rollback
+  // counter (see "Rollback protection" above).
+  std::optional<RestoreRecord> restore;
 };
 
 struct StoredEntry {
@@ -104,6 +126,7 @@ struct LedgerStats {
   std::uint64_t device_counter = 0;    // the key store's counter at the last epoch
   std::uint64_t counter_epochs = 0;    // epochs since open
   std::string counter_error;           // the last epoch's failure, if it failed
+  std::optional<std::uint64_t> restore_entry;  // the entry open() recorded for a restore
 };
 
 struct KeyRotation {

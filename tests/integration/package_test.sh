@@ -153,9 +153,18 @@ if [[ ${1-} == --inside ]]; then
   in_root setpriv --reuid=nobody --regid=nogroup --clear-groups medctl status >"$work/log" 2>&1 || rc=$?
   [[ $rc -eq 1 || $rc -eq 3 ]] || fail "medctl status as nobody exited $rc, want a refusal"
   ok "nobody in particular is refused (exit $rc)"
+  # The hardened daemon may write only its data dir: the backup's snapshots go there.
+  run "medctl backup (the daemon snapshots into its data dir)" medctl backup /root/backup.mgb
   stop_daemon
   run "medctl ledger verify --db (offline, no daemon)" \
     medctl ledger verify --db /var/lib/medgate/ledger.db --trust /var/lib/medgate/signing-key.pem
+
+  step "apt-get install over itself (the upgrade path of the maintainer scripts)"
+  run "apt-get install --reinstall" apt-get install -y -q --reinstall /tmp/"$(basename "$root"/tmp/medgate_*.deb)"
+  start_daemon
+  run "medctl status after the reinstall" medctl status
+  grep -qE "^ledger +'ward-pkg': [0-9]+ entries" "$work/log" || fail "status: $(cat "$work/log")"
+  stop_daemon
 
   step "apt-get remove"
   run "apt-get remove medgate" apt-get remove -y -q medgate
