@@ -480,7 +480,9 @@ namespace {
 
 class BundleVerifier {
  public:
-  BundleVerifier(const AuditBundle& b, const std::vector<PublicKey>& trusted) : b_(b) {
+  BundleVerifier(const AuditBundle& b, const std::vector<PublicKey>& trusted,
+                 const std::function<void(std::uint64_t, std::uint64_t)>& progress)
+      : b_(b), progress_(progress) {
     for (const PublicKey& k : trusted) trusted_.emplace(k.id(), k);
   }
 
@@ -547,7 +549,9 @@ class BundleVerifier {
                         "(the entry or its proof was changed): {}",
                         e.index, s.message()));
       entries_.emplace(e.index, std::move(decoded).value());
+      if (progress_ && (k + 1) % 4096 == 0) progress_(k + 1, b_.entries.size());
     }
+    if (progress_) progress_(b_.entries.size(), b_.entries.size());
   }
 
   // Genesis, then every key transition in index order: each signed by the key before it and the
@@ -760,6 +764,7 @@ class BundleVerifier {
   }
 
   const AuditBundle& b_;
+  const std::function<void(std::uint64_t, std::uint64_t)>& progress_;
   std::map<KeyId, PublicKey> trusted_;
   std::map<KeyId, PublicKey> keys_;
   std::vector<std::pair<std::uint64_t, KeyId>> epochs_;  // (from tree size, key)
@@ -770,10 +775,18 @@ class BundleVerifier {
 
 }  // namespace
 
-Result<AuditReport> verify_audit_bundle(ByteView bundle_bytes, ByteView signature,
-                                        const std::vector<PublicKey>& trusted_keys) {
+Result<AuditReport> verify_audit_bundle(
+    ByteView bundle_bytes, ByteView signature, const std::vector<PublicKey>& trusted_keys,
+    const std::function<void(std::uint64_t, std::uint64_t)>& progress) {
   MEDGATE_ASSIGN_OR_RETURN(AuditBundle b, decode_audit_bundle(bundle_bytes));
-  return BundleVerifier(b, trusted_keys).run(bundle_bytes, signature);
+  return BundleVerifier(b, trusted_keys, progress).run(bundle_bytes, signature);
+}
+
+AuditReport verify_decoded_audit_bundle(
+    const AuditBundle& bundle, ByteView bundle_bytes, ByteView signature,
+    const std::vector<PublicKey>& trusted_keys,
+    const std::function<void(std::uint64_t, std::uint64_t)>& progress) {
+  return BundleVerifier(bundle, trusted_keys, progress).run(bundle_bytes, signature);
 }
 
 nlohmann::json to_json(const AuditReport& r) {
