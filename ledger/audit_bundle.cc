@@ -169,31 +169,60 @@ Result<Bytes> encode_audit_bundle(const AuditBundle& b) {
 
   cbor::Array earlier;
   for (const BundleHead& h : b.earlier_heads) earlier.push_back(head_value(h, true));
-  cbor::Array entries;
-  entries.reserve(b.entries.size());
-  for (const BundleEntry& e : b.entries) {
-    MEDGATE_ASSIGN_OR_RETURN(Entry decoded, decode_entry(e.bytes));
-    cbor::Map m{{text_key("index"), Value::uint(e.index)},
-                {text_key("bytes"), Value::bytes(e.bytes)},
-                {text_key("proof"), hashes(e.proof)},
-                {text_key("selected"), Value::boolean(e.selected)},
-                {text_key("meta"), meta_value(decoded)}};
-    if (e.values) m.emplace_back(text_key("values"), *e.values);
-    MEDGATE_ASSIGN_OR_RETURN(Value v, Value::map(std::move(m)));
-    entries.push_back(std::move(v));
-  }
-  cbor::Map top;
-  top.emplace_back(Value::uint(0),
-                   Value::uint(static_cast<std::uint64_t>(ObjectKind::kAuditBundle)));
-  top.emplace_back(Value::uint(1), Value::uint(kAuditBundleVersion));
-  top.emplace_back(Value::uint(2), Value::text(b.ledger_id));
-  top.emplace_back(Value::uint(3), Value::uint(b.created_us));
-  top.emplace_back(Value::uint(4), Value::text(b.exported_by));
+
+  // The entries (nearly all of a large bundle) are written straight into the output instead of
+  // being built as Values first: the same canonical bytes, without ~30 allocations per entry. A
+  // canonical map's keys are in bytewise order of their encodings, so shorter text keys first:
+  // record {"meta", "bytes", "index", "proof", "values", "selected"}, meta {"kind", "time",
+  // "type", "actor"}. The strict decoder (and the round-trip tests) hold this to the rule.
+  cbor::Writer w;
+  w.map_header(b.subject_proof ? 10 : 9);
+  w.uint(0);
+  w.uint(static_cast<std::uint64_t>(ObjectKind::kAuditBundle));
+  w.uint(1);
+  w.uint(kAuditBundleVersion);
+  w.uint(2);
+  w.text(b.ledger_id);
+  w.uint(3);
+  w.uint(b.created_us);
+  w.uint(4);
+  w.text(b.exported_by);
+  w.uint(5);
   MEDGATE_ASSIGN_OR_RETURN(Value query_value, Value::map(std::move(query)));
-  top.emplace_back(Value::uint(5), std::move(query_value));
-  top.emplace_back(Value::uint(6), head_value(b.head, false));
-  top.emplace_back(Value::uint(7), Value::array(std::move(earlier)));
-  top.emplace_back(Value::uint(8), Value::array(std::move(entries)));
+  cbor::encode_to(query_value, w);
+  w.uint(6);
+  cbor::encode_to(head_value(b.head, false), w);
+  w.uint(7);
+  cbor::encode_to(Value::array(std::move(earlier)), w);
+  w.uint(8);
+  w.array_header(b.entries.size());
+  for (const BundleEntry& e : b.entries) {
+    MEDGATE_ASSIGN_OR_RETURN(EntryHeader h, read_entry_header(e.bytes));
+    w.map_header(e.values ? 6 : 5);
+    w.text("meta");
+    w.map_header(4);
+    w.text("kind");
+    w.text(h.info->audit_kind);
+    w.text("time");
+    w.text(format_time(h.time_us));
+    w.text("type");
+    w.text(h.info->name);
+    w.text("actor");
+    w.text(h.actor);
+    w.text("bytes");
+    w.bytes(e.bytes);
+    w.text("index");
+    w.uint(e.index);
+    w.text("proof");
+    w.array_header(e.proof.size());
+    for (const Hash& p : e.proof) w.bytes(p);
+    if (e.values) {
+      w.text("values");
+      cbor::encode_to(*e.values, w);
+    }
+    w.text("selected");
+    w.boolean(e.selected);
+  }
   if (b.subject_proof) {
     cbor::Map p{{text_key("count"), Value::uint(b.subject_proof->count)}};
     if (b.subject_proof->match)
@@ -203,17 +232,105 @@ Result<Bytes> encode_audit_bundle(const AuditBundle& b) {
     if (b.subject_proof->above)
       p.emplace_back(text_key("above"), leaf_proof_value(*b.subject_proof->above));
     MEDGATE_ASSIGN_OR_RETURN(Value pv, Value::map(std::move(p)));
-    top.emplace_back(Value::uint(9), std::move(pv));
+    w.uint(9);
+    cbor::encode_to(pv, w);
   }
-  MEDGATE_ASSIGN_OR_RETURN(Value all, Value::map(std::move(top)));
-  return cbor::encode(all);
+  return w.take();
 }
 
+namespace {
+
+// One entry record, read with a cursor from bytes that cbor::validate accepted (canonical, so keys
+// are unique and in order): the bulk of a large bundle, decoded without building Values for the
+// entry bytes and the proof hashes.
+Result<BundleEntry> read_entry_record(ByteView item) {
+  constexpr std::string_view where = "an entry record";
+  cbor::Cursor c(item);
+  MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head map, c.head());
+  if (map.major != 5) return bad("an entry record is not a map");
+  BundleEntry e;
+  bool index = false, bytes = false, proof = false, selected = false, meta = false;
+  for (std::uint64_t k = 0; k < map.arg; ++k) {
+    Result<std::string_view> key = c.read_text();
+    if (!key.ok()) return bad("an entry record has a non-text key");
+    if (*key == "index") {
+      Result<std::uint64_t> v = c.read_uint();
+      if (!v.ok()) return bad(fmt::format("{} \"index\" is not an unsigned integer", where));
+      e.index = *v;
+      index = true;
+    } else if (*key == "bytes") {
+      Result<ByteView> v = c.read_bytes();
+      if (!v.ok()) return bad(fmt::format("{} \"bytes\" is not bytes", where));
+      e.bytes.assign(v->begin(), v->end());
+      bytes = true;
+    } else if (*key == "proof") {
+      MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head a, c.head());
+      if (a.major != 4) return bad(fmt::format("{} \"proof\" is not an array", where));
+      if (a.arg > item.size()) return bad(fmt::format("{} \"proof\" is too long", where));
+      e.proof.reserve(a.arg);
+      for (std::uint64_t i = 0; i < a.arg; ++i) {
+        Result<ByteView> h = c.read_bytes();
+        if (!h.ok() || h->size() != 32)
+          return bad(fmt::format("{} \"proof\" holds a non-hash", where));
+        Hash hash;
+        std::copy(h->begin(), h->end(), hash.begin());
+        e.proof.push_back(hash);
+      }
+      proof = true;
+    } else if (*key == "selected") {
+      MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head b, c.head());
+      if (b.major != 7 || (b.arg != 20 && b.arg != 21))
+        return bad("an entry record's \"selected\" is not a bool");
+      e.selected = b.arg == 21;
+      selected = true;
+    } else if (*key == "meta" || *key == "values") {
+      MEDGATE_ASSIGN_OR_RETURN(ByteView raw, c.read_item());
+      MEDGATE_ASSIGN_OR_RETURN(Value v, cbor::decode(raw));
+      if (*key == "meta") {
+        e.meta = std::move(v);
+        meta = true;
+      } else {
+        e.values = std::move(v);
+      }
+    } else {
+      // Format 1 ignores nothing: an unknown key is another format or a forgery.
+      return bad(fmt::format("{} has an unknown key \"{}\"", where, *key));
+    }
+  }
+  if (!c.at_end()) return bad("an entry record has bytes after it");
+  for (auto [present, name] : {std::pair{index, "index"}, std::pair{bytes, "bytes"},
+                               std::pair{proof, "proof"}, std::pair{selected, "selected"},
+                               std::pair{meta, "meta"}})
+    if (!present) return bad(fmt::format("{} has no \"{}\"", where, name));
+  return e;
+}
+
+}  // namespace
+
 Result<AuditBundle> decode_audit_bundle(ByteView bytes) {
-  Result<Value> decoded = cbor::decode(bytes);
+  if (Status s = cbor::validate(bytes); !s.ok()) return bad("not canonical CBOR: " + s.message());
+  // Everything but the entries (key 8) is small: decoded as Values. The entries are read with a
+  // cursor, record by record.
+  cbor::Cursor top(bytes);
+  MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head top_head, top.head());
+  if (top_head.major != 5) return bad("not a CBOR map");
+  cbor::Map small;
+  std::optional<ByteView> entries_item;
+  for (std::uint64_t k = 0; k < top_head.arg; ++k) {
+    MEDGATE_ASSIGN_OR_RETURN(ByteView key_raw, top.read_item());
+    MEDGATE_ASSIGN_OR_RETURN(ByteView item, top.read_item());
+    MEDGATE_ASSIGN_OR_RETURN(Value key, cbor::decode(key_raw));
+    if (key.as_uint() == std::uint64_t{8}) {
+      entries_item = item;
+      small.emplace_back(std::move(key), Value::array({}));
+      continue;
+    }
+    MEDGATE_ASSIGN_OR_RETURN(Value value, cbor::decode(item));
+    small.emplace_back(std::move(key), std::move(value));
+  }
+  Result<Value> decoded = Value::map(std::move(small));
   if (!decoded.ok()) return bad("not canonical CBOR: " + decoded.status().message());
   const Value& v = *decoded;
-  if (!v.as_map()) return bad("not a CBOR map");
   const Value* kind = v.find(std::uint64_t{0});
   if (!kind || kind->as_uint() != static_cast<std::uint64_t>(ObjectKind::kAuditBundle))
     return bad("the object is not an audit bundle (key 0)");
@@ -258,20 +375,15 @@ Result<AuditBundle> decode_audit_bundle(ByteView bytes) {
     MEDGATE_ASSIGN_OR_RETURN(BundleHead head, decode_head_value(h, true, "an earlier head"));
     b.earlier_heads.push_back(std::move(head));
   }
-  if (!key(8) || !key(8)->as_array()) return bad("no entries (key 8)");
-  b.entries.reserve(key(8)->as_array()->size());
-  for (const Value& item : *key(8)->as_array()) {
-    if (!item.as_map()) return bad("an entry record is not a map");
-    BundleEntry e;
-    MEDGATE_ASSIGN_OR_RETURN(e.index, uint_field(item, "index", "an entry record"));
-    MEDGATE_ASSIGN_OR_RETURN(e.bytes, bytes_field(item, "bytes", "an entry record"));
-    MEDGATE_ASSIGN_OR_RETURN(e.proof, hashes_field(item, "proof", "an entry record"));
-    MEDGATE_ASSIGN_OR_RETURN(const Value* selected, field(item, "selected", "an entry record"));
-    if (!selected->as_bool()) return bad("an entry record's \"selected\" is not a bool");
-    e.selected = *selected->as_bool();
-    if (const Value* values = item.find("values")) e.values = *values;
-    MEDGATE_ASSIGN_OR_RETURN(const Value* meta, field(item, "meta", "an entry record"));
-    e.meta = *meta;
+  if (!entries_item) return bad("no entries (key 8)");
+  cbor::Cursor entries(*entries_item);
+  MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head array, entries.head());
+  if (array.major != 4) return bad("no entries (key 8)");
+  if (array.arg > entries_item->size()) return bad("the entries array is longer than the bundle");
+  b.entries.reserve(array.arg);
+  for (std::uint64_t k = 0; k < array.arg; ++k) {
+    MEDGATE_ASSIGN_OR_RETURN(ByteView item, entries.read_item());
+    MEDGATE_ASSIGN_OR_RETURN(BundleEntry e, read_entry_record(item));
     b.entries.push_back(std::move(e));
   }
   if (const Value* p = key(9)) {
@@ -478,6 +590,108 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
 
 namespace {
 
+// Checks RFC 9162 inclusion proofs of many entries, in ascending index order, to one head. Proofs
+// to the same head share their upper part: once an entry's path meets the path of the entry
+// checked before it (at the same node, in the same state of the RFC's walk), the rest of the walk
+// is the same computation on the same hashes, so equal remaining proof hashes give the same root
+// and are compared instead of hashed again. A bundle of every tenth entry hashes ~4 nodes per entry
+// instead of ~20. Any disagreement falls back to merkle::verify_inclusion, which decides and words
+// the problem; only a path that verified is remembered.
+class InclusionChecker {
+ public:
+  InclusionChecker(std::uint64_t size, const Hash& root) : size_(size), root_(root) {}
+
+  Status check(std::uint64_t index, const Hash& leaf, std::span<const Hash> proof) {
+    if (index >= size_) return merkle::verify_inclusion(index, size_, leaf, proof, root_);
+    steps_.clear();
+    std::uint64_t fn = index, sn = size_ - 1, level = 0;
+    Hash r = leaf;
+    std::size_t m = 0;  // the first of the last path's steps not below `level`
+    for (std::size_t k = 0; k < proof.size(); ++k) {
+      if (sn == 0) return full(index, leaf, proof);
+      if ((fn & 1) != 0 || fn == sn) {
+        r = merkle::node_hash(proof[k], r);
+        while ((fn & 1) == 0 && fn != 0) {
+          fn >>= 1;
+          sn >>= 1;
+          ++level;
+        }
+      } else {
+        r = merkle::node_hash(r, proof[k]);
+      }
+      fn >>= 1;
+      sn >>= 1;
+      ++level;
+      steps_.push_back({level, fn, r, k + 1});
+      while (m < last_steps_.size() && last_steps_[m].level < level) ++m;
+      if (m < last_steps_.size() && last_steps_[m].level == level && last_steps_[m].node == fn) {
+        const Step& met = last_steps_[m];
+        std::span<const Hash> rest = proof.subspan(k + 1);
+        std::span<const Hash> last_rest = std::span<const Hash>(last_proof_).subspan(met.rest);
+        if (met.value != r || !std::equal(rest.begin(), rest.end(), last_rest.begin(),
+                                          last_rest.end()))
+          return full(index, leaf, proof);
+        for (std::size_t t = m + 1; t < last_steps_.size(); ++t) {
+          Step above = last_steps_[t];
+          above.rest = above.rest - met.rest + k + 1;
+          steps_.push_back(above);
+        }
+        remember(proof);
+        return Status::Ok();
+      }
+    }
+    if (sn != 0 || r != root_) return full(index, leaf, proof);
+    remember(proof);
+    return Status::Ok();
+  }
+
+ private:
+  struct Step {
+    std::uint64_t level = 0;  // right shifts of the walk so far
+    std::uint64_t node = 0;   // fn after them: the node's index at that level
+    Hash value{};             // the node's hash
+    std::size_t rest = 0;     // proof hashes consumed to get here
+  };
+
+  Status full(std::uint64_t index, const Hash& leaf, std::span<const Hash> proof) {
+    Status s = merkle::verify_inclusion(index, size_, leaf, proof, root_);
+    if (s.ok()) {
+      // Recompute the steps the shortcut needs next time (rare: only after a disagreement).
+      steps_.clear();
+      std::uint64_t fn = index, sn = size_ - 1, level = 0;
+      Hash r = leaf;
+      for (std::size_t k = 0; k < proof.size(); ++k) {
+        if ((fn & 1) != 0 || fn == sn) {
+          r = merkle::node_hash(proof[k], r);
+          while ((fn & 1) == 0 && fn != 0) {
+            fn >>= 1;
+            sn >>= 1;
+            ++level;
+          }
+        } else {
+          r = merkle::node_hash(r, proof[k]);
+        }
+        fn >>= 1;
+        sn >>= 1;
+        ++level;
+        steps_.push_back({level, fn, r, k + 1});
+      }
+      remember(proof);
+    }
+    return s;
+  }
+
+  void remember(std::span<const Hash> proof) {
+    last_steps_.swap(steps_);
+    last_proof_.assign(proof.begin(), proof.end());
+  }
+
+  std::uint64_t size_;
+  Hash root_;
+  std::vector<Step> steps_, last_steps_;
+  std::vector<Hash> last_proof_;
+};
+
 class BundleVerifier {
  public:
   BundleVerifier(const AuditBundle& b, const std::vector<PublicKey>& trusted,
@@ -501,6 +715,7 @@ class BundleVerifier {
       return r_;
     }
     head_ = *head;
+    inclusion_.emplace(head_.tree_size, head_.root);
     r_.tree_size = head_.tree_size;
     r_.head_time_us = head_.time_us;
     r_.root = head_.root;
@@ -541,8 +756,7 @@ class BundleVerifier {
         problem(fmt::format("entry {}: does not decode: {}", e.index, decoded.status().message()));
         continue;
       }
-      Status s = merkle::verify_inclusion(e.index, head_.tree_size, merkle::leaf_hash(e.bytes),
-                                          e.proof, head_.root);
+      Status s = inclusion_->check(e.index, merkle::leaf_hash(e.bytes), e.proof);
       if (!s.ok())
         problem(
             fmt::format("entry {}: its inclusion proof does not lead to the signed head's root "
@@ -770,6 +984,7 @@ class BundleVerifier {
   std::vector<std::pair<std::uint64_t, KeyId>> epochs_;  // (from tree size, key)
   std::map<std::uint64_t, Entry> entries_;
   HeadBody head_;
+  std::optional<InclusionChecker> inclusion_;
   AuditReport r_;
 };
 
