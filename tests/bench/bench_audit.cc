@@ -308,6 +308,31 @@ Result<Timing> read_and_hash(const fs::path& path, ByteView subject, std::uint64
   return Timing{seconds_since(t0), cpu_seconds() - cpu0};
 }
 
+// What the per-call Ledger API costs for the same entries: one Ledger::entry() and one
+// Ledger::inclusion_proof() per entry, each taking a reader, preparing its statements and opening
+// a read transaction (what the export did before it used entries_at() and inclusion_proofs()).
+Result<std::pair<Timing, Timing>> ledger_calls(Ledger& ledger, ByteView subject,
+                                               std::uint64_t size) {
+  std::vector<std::uint64_t> indexes;
+  for (std::uint64_t from = 0;;) {
+    MEDGATE_ASSIGN_OR_RETURN(auto page, ledger.subject_entries(subject, from, 4096));
+    if (page.empty()) break;
+    from = page.back() + 1;
+    for (std::uint64_t i : page)
+      if (i < size) indexes.push_back(i);
+  }
+  Timing entries, proofs;
+  double cpu0 = cpu_seconds();
+  auto t0 = Clock::now();
+  for (std::uint64_t i : indexes) MEDGATE_RETURN_IF_ERROR(ledger.entry(i).status());
+  entries = {seconds_since(t0), cpu_seconds() - cpu0};
+  cpu0 = cpu_seconds();
+  t0 = Clock::now();
+  for (std::uint64_t i : indexes) MEDGATE_RETURN_IF_ERROR(ledger.inclusion_proof(i, size).status());
+  proofs = {seconds_since(t0), cpu_seconds() - cpu0};
+  return std::pair{entries, proofs};
+}
+
 // What any verifier of the bundle must compute: SHA-256 over its bytes (the signature's digest),
 // a leaf hash per entry and every inclusion proof's hashes. No decoding, no signature check.
 Result<Timing> hash_floor(const ledger::AuditBundle& b, ByteView bytes) {
@@ -413,6 +438,15 @@ Status run(int argc, char** argv, const Options& o) {
   table.row({"baseline: SELECT the patient's entries via the subject index + SHA-256 each",
              grouped(expected), "", "", "", "", "", secs(read.wall), secs(read.cpu), "", "", "",
              ""});
+  {
+    MEDGATE_ASSIGN_OR_RETURN(ledger::AuditBundle b, ledger::decode_audit_bundle(last[0].bundle));
+    MEDGATE_ASSIGN_OR_RETURN(ledger::HeadBody head, ledger::decode_head(b.head.bytes));
+    MEDGATE_ASSIGN_OR_RETURN(auto calls, ledger_calls(*ledger, the_patient(), head.tree_size));
+    table.row({"  for comparison: Ledger::entry() once per entry (the per-call API)", grouped(expected),
+               "", "", "", "", "", secs(calls.first.wall), secs(calls.first.cpu), "", "", "", ""});
+    table.row({"  for comparison: Ledger::inclusion_proof() once per entry", grouped(expected), "", "", "", "",
+               "", secs(calls.second.wall), secs(calls.second.cpu), "", "", "", ""});
+  }
   for (std::size_t k = 0; k < phases.size(); ++k) {
     MEDGATE_ASSIGN_OR_RETURN(ledger::AuditBundle b, ledger::decode_audit_bundle(last[k].bundle));
     MEDGATE_ASSIGN_OR_RETURN(Timing floor, hash_floor(b, last[k].bundle));

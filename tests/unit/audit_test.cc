@@ -825,8 +825,118 @@ TEST_CASE("a malformed entry record is not a bundle, and says what is wrong", "[
   expect(with_record(set("proof", cbor::Value::array({cbor::Value::bytes(Bytes(31))}))),
          "\"proof\" holds a non-hash");
   expect(with_record(set("selected", cbor::Value::uint(1))), "\"selected\" is not a bool");
+  // A record whose metadata copy disagrees with its bytes decodes, and verification names it (the
+  // encoder derives the copy from the bytes, so this is a forger's edit, signed here by the key).
+  Result<AuditBundle> lying = with_record(set(
+      "meta", *cbor::Value::map({{cbor::Value::text("kind"), cbor::Value::text("access")},
+                                 {cbor::Value::text("time"), cbor::Value::text("x")},
+                                 {cbor::Value::text("type"), cbor::Value::text("access-decision")},
+                                 {cbor::Value::text("actor"), cbor::Value::text("user:nobody")}})));
+  REQUIRE(lying.ok());
+  {
+    cbor::Map top = *tree->as_map();
+    for (auto& [k, v] : top) {
+      if (k.as_uint() != std::uint64_t{8}) continue;
+      cbor::Array entries = *v.as_array();
+      cbor::Map record = *entries.at(1).as_map();
+      for (auto& [rk, rv] : record)
+        if (rk.as_text() && *rk.as_text() == "meta") rv = lying->entries.at(1).meta;
+      entries[1] = *cbor::Value::map(std::move(record));
+      v = cbor::Value::array(std::move(entries));
+    }
+    Bytes bytes = cbor::encode(*cbor::Value::map(std::move(top)));
+    Result<HeadBody> head = decode_head(lying->head.bytes);
+    REQUIRE(head.ok());
+    Result<Bytes> sig = f.keys->sign_digest_with(head->key_id, sha256(bytes));
+    REQUIRE(sig.ok());
+    AuditReport r = verify({bytes, *sig}, f.key);
+    CHECK(has_problem(r, fmt::format("entry {}: its metadata does not match its bytes",
+                                     lying->entries.at(1).index)));
+  }
   // Not canonical at all (a map key repeated by hand): refused before anything is read.
   Bytes twice = *good;
   twice.push_back(std::byte{0});
   expect(decode_audit_bundle(twice), "not canonical CBOR");
+}
+
+TEST_CASE("batch proofs and reads give what one call per entry gives", "[audit]") {
+  Fixture f;
+  for (int i = 0; i < 300; ++i) REQUIRE(f.ledger->append(note("more", i)).ok());
+  REQUIRE(f.ledger->sign_head_now().ok());
+  std::uint64_t tree = f.ledger->stats().tree_size;
+  for (std::uint64_t size : {tree, tree - 1, std::uint64_t{17}, std::uint64_t{8}}) {
+    std::vector<std::uint64_t> indexes;
+    for (std::uint64_t i = 0; i < size; i += 3) indexes.push_back(i);
+    indexes.push_back(size - 1);
+    indexes.push_back(0);  // any order, repeats allowed
+    Result<std::vector<std::vector<Hash>>> batch = f.ledger->inclusion_proofs(indexes, size);
+    REQUIRE(batch.ok());
+    REQUIRE(batch->size() == indexes.size());
+    for (std::size_t k = 0; k < indexes.size(); ++k) {
+      Result<std::vector<Hash>> one = f.ledger->inclusion_proof(indexes[k], size);
+      REQUIRE(one.ok());
+      INFO("size " << size << ", entry " << indexes[k]);
+      CHECK((*batch)[k] == *one);
+    }
+  }
+  CHECK_FALSE(f.ledger->inclusion_proofs(std::vector<std::uint64_t>{0}, tree + 1).ok());
+  std::vector<std::uint64_t> some{7, 2, 150, 0};
+  Result<std::vector<StoredEntry>> read = f.ledger->entries_at(some);
+  REQUIRE(read.ok());
+  REQUIRE(read->size() == some.size());
+  for (std::size_t k = 0; k < some.size(); ++k) {
+    Result<StoredEntry> one = f.ledger->entry(some[k]);
+    REQUIRE(one.ok());
+    CHECK((*read)[k].index == some[k]);
+    CHECK((*read)[k].bytes == one->bytes);
+    CHECK((*read)[k].leaf == one->leaf);
+  }
+  Result<std::vector<StoredEntry>> beyond = f.ledger->entries_at(std::vector<std::uint64_t>{1, tree});
+  REQUIRE_FALSE(beyond.ok());
+  CHECK(beyond.status().code() == StatusCode::kNotFound);
+}
+
+TEST_CASE("a large bundle is checked on two threads and reports as one would", "[audit]") {
+  Fixture f;
+  std::vector<Entry> notes;
+  for (int i = 0; i < 9000; ++i) notes.push_back(note("bulk", i));
+  REQUIRE(f.ledger->append_all(notes).ok());
+  AuditQuery q;
+  q.kind = "admin";
+  AuditBundle good = f.build(q);
+  REQUIRE(good.entries.size() > 8192);  // past the threshold for two threads
+  std::uint64_t progress_done = 0, progress_total = 0;
+  Signed s = sign(*f.keys, good);
+  Result<AuditReport> clean = verify_audit_bundle(
+      s.bytes, s.signature, {f.key}, [&](std::uint64_t done, std::uint64_t total) {
+        CHECK(done <= total);
+        progress_done = done;
+        progress_total = total;
+      });
+  REQUIRE(clean.ok());
+  INFO(problems(*clean));
+  CHECK(clean->ok());
+  CHECK(progress_done == good.entries.size());
+  CHECK(progress_total == good.entries.size());
+
+  // Damage in both halves: each named, in bundle order.
+  AuditBundle bad = good;
+  const std::uint64_t early = bad.entries[100].index, late = bad.entries[7000].index;
+  bad.entries[100].proof.back()[0] ^= std::byte{1};
+  bad.entries[7000].proof.front()[0] ^= std::byte{1};
+  std::swap(bad.entries[8000], bad.entries[8001]);
+  AuditReport r = verify(sign(*f.keys, bad), f.key);
+  std::vector<std::string> expected = {
+      fmt::format("entry {}: its inclusion proof", early),
+      fmt::format("entry {}: its inclusion proof", late),
+      "entries are out of order"};
+  INFO(problems(r));
+  for (const std::string& text : expected) CHECK(has_problem(r, text));
+  auto position = [&](std::string_view text) {
+    return std::find_if(r.problems.begin(), r.problems.end(),
+                        [&](const std::string& p) { return p.find(text) != std::string::npos; }) -
+           r.problems.begin();
+  };
+  CHECK(position(expected[0]) < position(expected[1]));
+  CHECK(position(expected[1]) < position(expected[2]));
 }
