@@ -93,9 +93,9 @@ class WaitIndicator {
       std::unique_lock lk(mu_);
       // Nothing for the first second: a quick export needs no indicator.
       while (!cv_.wait_for(lk, std::chrono::seconds(1), [this] { return stop_; })) {
-        auto s = std::chrono::duration_cast<std::chrono::seconds>(
-                     std::chrono::steady_clock::now() - t0)
-                     .count();
+        auto s =
+            std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - t0)
+                .count();
         std::cerr << fmt::format("\r{} ({} s)", label_, s) << std::flush;
         drawn_ = true;
       }
@@ -154,8 +154,8 @@ Result<std::vector<PublicKey>> read_trusted_keys(const std::vector<std::string>&
 Status check_format(const std::string& format, bool bundle_allowed) {
   if (format == "fhir" || format == "csv" || (bundle_allowed && format == "bundle"))
     return Status::Ok();
-  return Status::InvalidArgument(fmt::format("--format {}: want {}fhir or csv", format,
-                                             bundle_allowed ? "bundle, " : ""));
+  return Status::InvalidArgument(
+      fmt::format("--format {}: want {}fhir or csv", format, bundle_allowed ? "bundle, " : ""));
 }
 
 // Beside the bundle: audit.cbor -> audit.fhir.json / audit.csv (other names get the suffix added).
@@ -386,10 +386,9 @@ int cmd_audit_verify(const GlobalOptions& g, const std::string& file,
     for (const std::string& n : r.notes) std::cout << "note: " << n << "\n";
     if (show_entries) {
       for (const json& e : ledger::bundle_entries_json(*decoded))
-          std::cout << fmt::format("  {:>8}  {}  {:<8} {:<17} {}\n",
-                                   e["index"].get<std::uint64_t>(), e["time"].get<std::string>(),
-                                   e["kind"].get<std::string>(), e["type"].get<std::string>(),
-                                   e["actor"].get<std::string>());
+        std::cout << fmt::format("  {:>8}  {}  {:<8} {:<17} {}\n", e["index"].get<std::uint64_t>(),
+                                 e["time"].get<std::string>(), e["kind"].get<std::string>(),
+                                 e["type"].get<std::string>(), e["actor"].get<std::string>());
     }
   }
   return 0;
@@ -433,8 +432,7 @@ void add_audit_commands(CLI::App& app, const GlobalOptions& g, int& rc) {
       "render", "verify a bundle offline, then write it as FHIR AuditEvents or CSV");
   r->add_option("FILE", ra.file, "the bundle")->required();
   r->add_option("--trust", ra.trust, "a trusted public key (PEM); repeatable")->required();
-  r->add_option("--format", ra.format, "fhir (a FHIR R4 Bundle of AuditEvents) or csv")
-      ->required();
+  r->add_option("--format", ra.format, "fhir (a FHIR R4 Bundle of AuditEvents) or csv")->required();
   r->add_option("--out", ra.out,
                 "where to write it (default: beside FILE, FILE.fhir.json or FILE.csv; - for "
                 "standard output)");

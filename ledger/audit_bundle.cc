@@ -305,9 +305,9 @@ Result<BundleEntry> read_entry_record(ByteView item) {
     }
   }
   if (!c.at_end()) return bad("an entry record has bytes after it");
-  for (auto [present, name] : {std::pair{index, "index"}, std::pair{bytes, "bytes"},
-                               std::pair{proof, "proof"}, std::pair{selected, "selected"},
-                               std::pair{meta, "meta"}})
+  for (auto [present, name] :
+       {std::pair{index, "index"}, std::pair{bytes, "bytes"}, std::pair{proof, "proof"},
+        std::pair{selected, "selected"}, std::pair{meta, "meta"}})
     if (!present) return bad(fmt::format("{} has no \"{}\"", where, name));
   return e;
 }
@@ -656,8 +656,8 @@ class InclusionChecker {
         const Step& met = last_steps_[m];
         std::span<const Hash> rest = proof.subspan(k + 1);
         std::span<const Hash> last_rest = std::span<const Hash>(last_proof_).subspan(met.rest);
-        if (met.value != r || !std::equal(rest.begin(), rest.end(), last_rest.begin(),
-                                          last_rest.end()))
+        if (met.value != r ||
+            !std::equal(rest.begin(), rest.end(), last_rest.begin(), last_rest.end()))
           return full(index, leaf, proof);
         for (std::size_t t = m + 1; t < last_steps_.size(); ++t) {
           Step above = last_steps_[t];

@@ -119,9 +119,7 @@ struct EventCode {
 // How each entry type maps onto AuditEvent.type/subtype/action (docs/audit-bundle.md,
 // "Renderings"). A switch over every type, so a new entry type does not build until it is mapped.
 EventCode event_code(const Entry& e) {
-  auto dicom = [](const char* code, const char* display) {
-    return coding(kDicom, code, display);
-  };
+  auto dicom = [](const char* code, const char* display) { return coding(kDicom, code, display); };
   auto rest = [](const char* interaction) {
     EventCode c{coding(kRestType, "rest", "Restful Operation"), json::array(), ""};
     c.subtypes.push_back(coding(kRestInteraction, interaction));
@@ -154,7 +152,9 @@ EventCode event_code(const Entry& e) {
     case EntryType::kDeviceEvent: {
       std::string event = text_or_empty(e.body, "event");
       EventCode c{dicom("110113", "Security Alert"), json::array(),
-                  event == "add" ? "C" : event == "revoke" ? "D" : "U"};
+                  event == "add"      ? "C"
+                  : event == "revoke" ? "D"
+                                      : "U"};
       c.subtypes.push_back(dicom("110130", "Hardware Configuration"));
       return c;
     }
@@ -187,8 +187,8 @@ EventCode event_code(const Entry& e) {
       // BALP's consent-based authorization decision: Security Alert / AuthZ-Consent, Execute.
       EventCode c{dicom("110113", "Security Alert"), json::array(), "E",
                   "IHE.BasicAudit.AuthZconsent"};
-      c.subtypes.push_back(coding(kBalpAuthZ, "AuthZ-Consent",
-                                  "Authorization Decision using Roles and Consent"));
+      c.subtypes.push_back(
+          coding(kBalpAuthZ, "AuthZ-Consent", "Authorization Decision using Roles and Consent"));
       if (is_break_glass(e)) c.subtypes.push_back(dicom("110127", "Emergency Override Started"));
       return c;
     }
@@ -199,10 +199,11 @@ EventCode event_code(const Entry& e) {
 // The agent for an entry's actor ("user:alice", "uid:1234", "system:medgated").
 json actor_agent(const std::string& actor, bool requestor) {
   bool system = actor.rfind("system:", 0) == 0;
-  json agent = {{"type", codeable(system ? coding(kDicom, "110150", "Application")
-                                        : coding(kSecurityRole, "humanuser", "human user"))},
-                {"who", {{"identifier", identifier("urn:medgate:actor", actor)}, {"display", actor}}},
-                {"requestor", requestor}};
+  json agent = {
+      {"type", codeable(system ? coding(kDicom, "110150", "Application")
+                               : coding(kSecurityRole, "humanuser", "human user"))},
+      {"who", {{"identifier", identifier("urn:medgate:actor", actor)}, {"display", actor}}},
+      {"requestor", requestor}};
   return agent;
 }
 
@@ -284,15 +285,17 @@ json audit_event(const Rendered& r, const std::string& ledger_id) {
   json entities = json::array();
   // The patients, by pseudonym: what the bundle holds (never an identifier).
   for (const SubjectLink& l : e.subjects)
-    entities.push_back({{"what", {{"identifier", identifier("urn:medgate:pseudonym", to_hex(l.subject))}}},
-                        {"type", coding(kEntityType, "1", "Person")},
-                        {"role", coding(kObjectRole, "1", "Patient")}});
+    entities.push_back(
+        {{"what", {{"identifier", identifier("urn:medgate:pseudonym", to_hex(l.subject))}}},
+         {"type", coding(kEntityType, "1", "Person")},
+         {"role", coding(kObjectRole, "1", "Patient")}});
   // What the event acted on, where the entry names it.
   if (e.type == EntryType::kAccessDecision) {
-    json data = {{"what", {{"identifier", identifier("urn:medgate:data-category",
-                                                     text_or_empty(e.body, "data"))}}},
-                 {"type", coding(kEntityType, "2", "System Object")},
-                 {"name", text_or_empty(e.body, "data")}};
+    json data = {
+        {"what",
+         {{"identifier", identifier("urn:medgate:data-category", text_or_empty(e.body, "data"))}}},
+        {"type", coding(kEntityType, "2", "System Object")},
+        {"name", text_or_empty(e.body, "data")}};
     json details = json::array({detail("decision", text_or_empty(e.body, "decision")),
                                 detail("policies", joined(texts_of(e.body, "policies"), ","))});
     if (const Value* returned = e.body.find("returned"); returned && returned->as_uint())
@@ -301,38 +304,41 @@ json audit_event(const Rendered& r, const std::string& ledger_id) {
     entities.push_back(std::move(data));
   } else if (e.type == EntryType::kConsentGrant || e.type == EntryType::kConsentRevoke) {
     json consent = {
-        {"what", {{"identifier", identifier("urn:medgate:consent-grant",
-                                            text_or_empty(e.body, "grant"))}}},
+        {"what",
+         {{"identifier", identifier("urn:medgate:consent-grant", text_or_empty(e.body, "grant"))}}},
         {"type", coding(kResourceTypes, "Consent", "Consent")},
         {"role", coding(kObjectRole, "4", "Domain Resource")}};
     if (e.type == EntryType::kConsentGrant)
-      consent["detail"] = json::array({detail("to", text_or_empty(e.body, "to")),
-                                       detail("data", text_or_empty(e.body, "data")),
-                                       detail("purpose", purpose)});
+      consent["detail"] =
+          json::array({detail("to", text_or_empty(e.body, "to")),
+                       detail("data", text_or_empty(e.body, "data")), detail("purpose", purpose)});
     entities.push_back(std::move(consent));
   } else if (e.type == EntryType::kDeviceEvent || e.type == EntryType::kObservation ||
              e.type == EntryType::kPatientEvent) {
     json device = {
-        {"what", {{"identifier", identifier("urn:medgate:device", text_or_empty(e.body, "device"))}}},
+        {"what",
+         {{"identifier", identifier("urn:medgate:device", text_or_empty(e.body, "device"))}}},
         {"type", coding(kResourceTypes, "Device", "Device")}};
     if (e.type == EntryType::kDeviceEvent)
       device["detail"] = json::array({detail("event", text_or_empty(e.body, "event"))});
     entities.push_back(std::move(device));
   } else if (e.type == EntryType::kAdminAction) {
-    entities.push_back({{"type", coding(kEntityType, "2", "System Object")},
-                        {"name", text_or_empty(e.body, "op")},
-                        {"detail", json::array({detail("operation", text_or_empty(e.body, "op"))})}});
+    entities.push_back(
+        {{"type", coding(kEntityType, "2", "System Object")},
+         {"name", text_or_empty(e.body, "op")},
+         {"detail", json::array({detail("operation", text_or_empty(e.body, "op"))})}});
   }
   // The ledger entry itself: its index and leaf hash tie this event to the signed bundle.
   json ledger_entry = {
-      {"what", {{"identifier", identifier("urn:medgate:ledger-entry",
-                                          std::to_string(r.record.index))}}},
+      {"what",
+       {{"identifier", identifier("urn:medgate:ledger-entry", std::to_string(r.record.index))}}},
       {"type", coding(kEntityType, "2", "System Object")},
       {"name", std::string(info ? info->name : "unknown")},
       {"detail", json::array({detail("ledger-index", std::to_string(r.record.index)),
                               detail("leaf-hash", to_hex(r.leaf)),
                               detail("audit-kind", std::string(info ? info->audit_kind : ""))})}};
-  if (r.record.values) ledger_entry["detail"].push_back(detail("values", cbor::to_json(*r.record.values).dump()));
+  if (r.record.values)
+    ledger_entry["detail"].push_back(detail("values", cbor::to_json(*r.record.values).dump()));
   entities.push_back(std::move(ledger_entry));
   ev["entity"] = std::move(entities);
   return ev;
@@ -421,10 +427,10 @@ Result<nlohmann::json> render_fhir(const AuditBundle& bundle, const AuditReport&
   for (const Rendered& r : selected) {
     // The fullUrl is a name derived from the leaf hash: stable across renderings of the bundle.
     std::string h = to_hex(r.leaf);
-    entries.push_back({{"fullUrl", fmt::format("urn:uuid:{}-{}-{}-{}-{}", h.substr(0, 8),
-                                               h.substr(8, 4), h.substr(12, 4), h.substr(16, 4),
-                                               h.substr(20, 12))},
-                       {"resource", audit_event(r, report.ledger_id)}});
+    entries.push_back(
+        {{"fullUrl", fmt::format("urn:uuid:{}-{}-{}-{}-{}", h.substr(0, 8), h.substr(8, 4),
+                                 h.substr(12, 4), h.substr(16, 4), h.substr(20, 12))},
+         {"resource", audit_event(r, report.ledger_id)}});
     if (progress && ++done % kProgressEvery == 0) progress(done, selected.size());
   }
   if (progress) progress(selected.size(), selected.size());

@@ -52,10 +52,9 @@ Result<std::string> render_csv(const AuditBundle& bundle, const AuditReport& rep
                                const BundleSource& source, const RenderProgress& progress = {});
 
 inline constexpr std::string_view kCsvColumns[] = {
-    "bundle_file", "bundle_sha256", "head_tree_size", "head_root", "index",
-    "time",        "kind",          "type",           "actor",     "subjects",
-    "principal",   "purpose",       "break_glass",    "decision",  "outcome",
-    "policies",    "leaf_hash",     "values"};
+    "bundle_file", "bundle_sha256", "head_tree_size", "head_root", "index",     "time",
+    "kind",        "type",          "actor",          "subjects",  "principal", "purpose",
+    "break_glass", "decision",      "outcome",        "policies",  "leaf_hash", "values"};
 
 // One CSV field, RFC 4180: as is, or in double quotes (with quotes doubled) when it holds a
 // comma, a quote, CR or LF.

@@ -55,9 +55,9 @@ namespace {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
-using ledger::cbor::Value;
 using ledger::Entry;
 using ledger::Ledger;
+using ledger::cbor::Value;
 
 constexpr std::uint64_t kFillBatch = 5000;
 constexpr int kFillThreads = 2;
@@ -173,27 +173,27 @@ Result<Entry> make_entry(std::uint64_t n, std::uint64_t every) {
     e.type = ledger::EntryType::kAccessDecision;
     e.actor = "user:clinician";
     MEDGATE_ASSIGN_OR_RETURN(
-        e.body,
-        Value::map({{Value::text("principal"),
-                     Value::text(fmt::format("Practitioner::\"dr-{}\"", n % 200))},
-                    {Value::text("action"), Value::text("Action::\"read\"")},
-                    {Value::text("purpose"), Value::text("TREAT")},
-                    {Value::text("data"), Value::text("vitals")},
-                    {Value::text("decision"), Value::text(n % 3 == 0 ? "deny" : "allow")},
-                    {Value::text("policies"), Value::array({Value::text("consent-grant")})},
-                    {Value::text("errors"), Value::array({})},
-                    {Value::text("break_glass"), Value::boolean(false)},
-                    {Value::text("state"), Value::uint(n)},
-                    {Value::text("returned"), Value::uint(3)}}));
+        e.body, Value::map({{Value::text("principal"),
+                             Value::text(fmt::format("Practitioner::\"dr-{}\"", n % 200))},
+                            {Value::text("action"), Value::text("Action::\"read\"")},
+                            {Value::text("purpose"), Value::text("TREAT")},
+                            {Value::text("data"), Value::text("vitals")},
+                            {Value::text("decision"), Value::text(n % 3 == 0 ? "deny" : "allow")},
+                            {Value::text("policies"), Value::array({Value::text("consent-grant")})},
+                            {Value::text("errors"), Value::array({})},
+                            {Value::text("break_glass"), Value::boolean(false)},
+                            {Value::text("state"), Value::uint(n)},
+                            {Value::text("returned"), Value::uint(3)}}));
     e.subjects = {{the_patient(), std::nullopt}};
   } else {
     e.type = ledger::EntryType::kObservation;
     e.actor = "system:medgated";
     MEDGATE_ASSIGN_OR_RETURN(
-        e.body, Value::map({{Value::text("source"), Value::text("hl7")},
-                            {Value::text("device"), Value::text(fmt::format("dev-{}", n % 64))},
-                            {Value::text("message_id"), Value::text(fmt::format("m{}", n))},
-                            {Value::text("ciphertext"), Value::bytes(Bytes(60, std::byte{0x42}))}}));
+        e.body,
+        Value::map({{Value::text("source"), Value::text("hl7")},
+                    {Value::text("device"), Value::text(fmt::format("dev-{}", n % 64))},
+                    {Value::text("message_id"), Value::text(fmt::format("m{}", n))},
+                    {Value::text("ciphertext"), Value::bytes(Bytes(60, std::byte{0x42}))}}));
     e.subjects = {{pseudonym(n % kOtherPatients), std::nullopt}};
   }
   return e;
@@ -305,7 +305,8 @@ Result<Timing> read_and_hash(const fs::path& path, ByteView subject, std::uint64
     ++rows;
   }
   if (rows != expected)
-    return Status::Internal(fmt::format("the baseline read {} entries, expected {}", rows, expected));
+    return Status::Internal(
+        fmt::format("the baseline read {} entries, expected {}", rows, expected));
   return Timing{seconds_since(t0), cpu_seconds() - cpu0};
 }
 
@@ -349,7 +350,8 @@ Result<std::pair<Timing, Timing>> ledger_batches(Ledger& ledger, ByteView subjec
   double cpu0 = cpu_seconds();
   auto t0 = Clock::now();
   for (std::size_t k = 0; k < indexes.size(); k += 4096) {
-    std::span<const std::uint64_t> page(indexes.data() + k, std::min<std::size_t>(4096, indexes.size() - k));
+    std::span<const std::uint64_t> page(indexes.data() + k,
+                                        std::min<std::size_t>(4096, indexes.size() - k));
     MEDGATE_RETURN_IF_ERROR(ledger.entries_at(page).status());
   }
   entries = {seconds_since(t0), cpu_seconds() - cpu0};
@@ -430,7 +432,8 @@ Status run(int argc, char** argv, const Options& o) {
   // Entry n of the fill is at index n + 1 (genesis is 0): the patient's are n % every == 0.
   const std::uint64_t expected = (o.entries + o.every - 1) / o.every;
   fmt::print(
-      "Ledger: {} entries + genesis ({} MiB with its WAL) appended in {:.1f} s with append_all x {}\n"
+      "Ledger: {} entries + genesis ({} MiB with its WAL) appended in {:.1f} s with append_all x "
+      "{}\n"
       "from {} threads; {} of them are access decisions about one patient, the rest device\n"
       "readings about {} other patients. Heads signed every second while filling.\n\n",
       grouped(o.entries),
@@ -444,8 +447,8 @@ Status run(int argc, char** argv, const Options& o) {
   phases[1].name = "export --kind access";
   phases[1].query.kind = "access";
 
-  Table table({"run", "selected", "in bundle", "MiB", "build s", "encode s", "sign s",
-               "export s", "(cpu s)", "target", "verify s", "(cpu s)", "target"});
+  Table table({"run", "selected", "in bundle", "MiB", "build s", "encode s", "sign s", "export s",
+               "(cpu s)", "target", "verify s", "(cpu s)", "target"});
   std::vector<ExportRun> last;
   for (const Phase& phase : phases) {
     for (int r = 0; r < o.runs; ++r) {
@@ -469,23 +472,24 @@ Status run(int argc, char** argv, const Options& o) {
     MEDGATE_ASSIGN_OR_RETURN(ledger::AuditBundle b, ledger::decode_audit_bundle(last[0].bundle));
     MEDGATE_ASSIGN_OR_RETURN(ledger::HeadBody head, ledger::decode_head(b.head.bytes));
     MEDGATE_ASSIGN_OR_RETURN(auto calls, ledger_calls(*ledger, the_patient(), head.tree_size));
-    table.row({"  for comparison: Ledger::entry() once per entry (the per-call API)", grouped(expected),
-               "", "", "", "", "", secs(calls.first.wall), secs(calls.first.cpu), "", "", "", ""});
-    table.row({"  for comparison: Ledger::inclusion_proof() once per entry", grouped(expected), "", "", "", "",
-               "", secs(calls.second.wall), secs(calls.second.cpu), "", "", "", ""});
+    table.row({"  for comparison: Ledger::entry() once per entry (the per-call API)",
+               grouped(expected), "", "", "", "", "", secs(calls.first.wall), secs(calls.first.cpu),
+               "", "", "", ""});
+    table.row({"  for comparison: Ledger::inclusion_proof() once per entry", grouped(expected), "",
+               "", "", "", "", secs(calls.second.wall), secs(calls.second.cpu), "", "", "", ""});
     MEDGATE_ASSIGN_OR_RETURN(auto batch, ledger_batches(*ledger, the_patient(), head.tree_size));
     table.row({"  inside the export: Ledger::entries_at() in pages of 4,096", grouped(expected), "",
                "", "", "", "", secs(batch.first.wall), secs(batch.first.cpu), "", "", "", ""});
-    table.row({"  inside the export: Ledger::inclusion_proofs(), one call", grouped(expected), "", "",
-               "", "", "", secs(batch.second.wall), secs(batch.second.cpu), "", "", "", ""});
+    table.row({"  inside the export: Ledger::inclusion_proofs(), one call", grouped(expected), "",
+               "", "", "", "", secs(batch.second.wall), secs(batch.second.cpu), "", "", "", ""});
   }
   for (std::size_t k = 0; k < phases.size(); ++k) {
     MEDGATE_ASSIGN_OR_RETURN(ledger::AuditBundle b, ledger::decode_audit_bundle(last[k].bundle));
     MEDGATE_ASSIGN_OR_RETURN(Timing floor, hash_floor(b, last[k].bundle));
-    table.row({fmt::format("baseline ({}): SHA-256 of the bundle + leaf hashes + proofs",
-                           phases[k].name),
-               "", grouped(b.entries.size()), mib(last[k].bundle.size()), "", "", "", "", "", "",
-               secs(floor.wall), secs(floor.cpu), ""});
+    table.row(
+        {fmt::format("baseline ({}): SHA-256 of the bundle + leaf hashes + proofs", phases[k].name),
+         "", grouped(b.entries.size()), mib(last[k].bundle.size()), "", "", "", "", "", "",
+         secs(floor.wall), secs(floor.cpu), ""});
   }
   table.print(true);
   ledger->close();

@@ -477,15 +477,18 @@ struct RenderFixture {
     auto created = Ledger::create(options_for(dir / "ledger.db"), "ward-7", *keys, "user:root");
     REQUIRE(created.ok());
     ledger = std::move(created).value();
-    REQUIRE(ledger->append(decision(c, "Practitioner::\"dr-lee\"", "TREAT", "allow",
-                                    {"p-treat"}, {}, false))
+    REQUIRE(ledger
+                ->append(decision(c, "Practitioner::\"dr-lee\"", "TREAT", "allow", {"p-treat"}, {},
+                                  false))
                 .ok());
     REQUIRE(ledger->append(decision(c, odd, "HRESCH", "deny", {}, {}, false)).ok());
-    REQUIRE(ledger->append(decision(c, "Practitioner::\"dr-kim\"", "ETREAT", "allow",
-                                    {"break-glass", "p-er"}, {}, true))
+    REQUIRE(ledger
+                ->append(decision(c, "Practitioner::\"dr-kim\"", "ETREAT", "allow",
+                                  {"break-glass", "p-er"}, {}, true))
                 .ok());
-    REQUIRE(ledger->append(decision(c, "Practitioner::\"dr-kim\"", "TREAT", "deny", {},
-                                    {"p-broken"}, false))
+    REQUIRE(ledger
+                ->append(decision(c, "Practitioner::\"dr-kim\"", "TREAT", "deny", {}, {"p-broken"},
+                                  false))
                 .ok());
     REQUIRE(ledger->append(note("after")).ok());
   }
@@ -756,12 +759,12 @@ TEST_CASE("the verifier reports its progress", "[audit][render]") {
   RenderFixture f;
   auto v = f.export_patient();
   std::uint64_t last_done = 0, last_total = 0;
-  Result<AuditReport> r = verify_audit_bundle(
-      v.signed_bundle.bytes, v.signed_bundle.signature, {f.key},
-      [&](std::uint64_t done, std::uint64_t total) {
-        last_done = done;
-        last_total = total;
-      });
+  Result<AuditReport> r =
+      verify_audit_bundle(v.signed_bundle.bytes, v.signed_bundle.signature, {f.key},
+                          [&](std::uint64_t done, std::uint64_t total) {
+                            last_done = done;
+                            last_total = total;
+                          });
   REQUIRE(r.ok());
   CHECK(r->ok());
   CHECK(last_total == v.bundle.entries.size());
@@ -797,7 +800,8 @@ TEST_CASE("a malformed entry record is not a bundle, and says what is wrong", "[
   };
   auto drop = [](std::string_view key) {
     return [key](cbor::Map& m) {
-      std::erase_if(m, [&](const auto& kv) { return kv.first.as_text() && *kv.first.as_text() == key; });
+      std::erase_if(
+          m, [&](const auto& kv) { return kv.first.as_text() && *kv.first.as_text() == key; });
     };
   };
   auto set = [](std::string_view key, cbor::Value v) {
@@ -891,7 +895,8 @@ TEST_CASE("batch proofs and reads give what one call per entry gives", "[audit]"
     CHECK((*read)[k].bytes == one->bytes);
     CHECK((*read)[k].leaf == one->leaf);
   }
-  Result<std::vector<StoredEntry>> beyond = f.ledger->entries_at(std::vector<std::uint64_t>{1, tree});
+  Result<std::vector<StoredEntry>> beyond =
+      f.ledger->entries_at(std::vector<std::uint64_t>{1, tree});
   REQUIRE_FALSE(beyond.ok());
   CHECK(beyond.status().code() == StatusCode::kNotFound);
 }
@@ -907,12 +912,12 @@ TEST_CASE("a large bundle is checked on two threads and reports as one would", "
   REQUIRE(good.entries.size() > 8192);  // past the threshold for two threads
   std::uint64_t progress_done = 0, progress_total = 0;
   Signed s = sign(*f.keys, good);
-  Result<AuditReport> clean = verify_audit_bundle(
-      s.bytes, s.signature, {f.key}, [&](std::uint64_t done, std::uint64_t total) {
-        CHECK(done <= total);
-        progress_done = done;
-        progress_total = total;
-      });
+  Result<AuditReport> clean = verify_audit_bundle(s.bytes, s.signature, {f.key},
+                                                  [&](std::uint64_t done, std::uint64_t total) {
+                                                    CHECK(done <= total);
+                                                    progress_done = done;
+                                                    progress_total = total;
+                                                  });
   REQUIRE(clean.ok());
   INFO(problems(*clean));
   CHECK(clean->ok());
@@ -926,10 +931,9 @@ TEST_CASE("a large bundle is checked on two threads and reports as one would", "
   bad.entries[7000].proof.front()[0] ^= std::byte{1};
   std::swap(bad.entries[8000], bad.entries[8001]);
   AuditReport r = verify(sign(*f.keys, bad), f.key);
-  std::vector<std::string> expected = {
-      fmt::format("entry {}: its inclusion proof", early),
-      fmt::format("entry {}: its inclusion proof", late),
-      "entries are out of order"};
+  std::vector<std::string> expected = {fmt::format("entry {}: its inclusion proof", early),
+                                       fmt::format("entry {}: its inclusion proof", late),
+                                       "entries are out of order"};
   INFO(problems(r));
   for (const std::string& text : expected) CHECK(has_problem(r, text));
   auto position = [&](std::string_view text) {
