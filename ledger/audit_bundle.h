@@ -144,8 +144,16 @@ struct AuditReport {
 // head's signature, every inclusion and consistency proof, every entry's decoding and selection,
 // and for a patient query the completeness of the patient's chain. Does not stop at the first
 // problem. kCorruption (not a report) when `bundle_bytes` is not an audit bundle at all.
-Result<AuditReport> verify_audit_bundle(ByteView bundle_bytes, ByteView signature,
-                                        const std::vector<PublicKey>& trusted_keys);
+// `progress`, when given, is called now and then with (entries checked, entries in the bundle).
+Result<AuditReport> verify_audit_bundle(
+    ByteView bundle_bytes, ByteView signature, const std::vector<PublicKey>& trusted_keys,
+    const std::function<void(std::uint64_t, std::uint64_t)>& progress = {});
+// The same for a bundle the caller decoded already from `bundle_bytes` (decode_audit_bundle), so
+// that a caller that also needs the decoded bundle (a rendering) decodes it once.
+AuditReport verify_decoded_audit_bundle(
+    const AuditBundle& bundle, ByteView bundle_bytes, ByteView signature,
+    const std::vector<PublicKey>& trusted_keys,
+    const std::function<void(std::uint64_t, std::uint64_t)>& progress = {});
 
 nlohmann::json to_json(const AuditReport& report);
 // The selected entries of a bundle as JSON (metadata, body, subjects; values when present).

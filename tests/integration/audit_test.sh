@@ -50,6 +50,17 @@ expect_rc 0 "an admin may export with values" -- "$MEDCTL" audit export --out "$
 expect_rc 0 "and that export is on the ledger" -- "$MEDCTL" --json ledger show --entry "$("$MEDCTL" --json status | sed -n 's/.*"tree_size": \([0-9]*\).*/\1/p' | head -1 | awk '{print $1 - 1}')"
 expect_in '"op": "audit.export"' "as an admin action"
 
+K=$WORK/out/access.cbor
+expect_rc 0 "an export with --format csv writes the bundle and its rendering" -- as_user nobody "$MEDCTL" audit export --out "$K" --kind access --format csv
+expect_in "wrote .*access.csv \(4 audit events, csv, derived from .*access.cbor\)" "and names both"
+expect_in "verified against the ledger's own genesis key" "says what the rendering was checked against"
+[ -s "$K" ] && [ -s "$K.sig" ] && [ -s "$WORK/out/access.csv" ] && pass "bundle, signature and CSV written" || failed "a file is missing"
+expect_rc 0 "with --trust, the rendering is checked against that key" -- as_user nobody "$MEDCTL" audit export --out "$WORK/out/access2.cbor" --kind access --format fhir --trust "$WORK/first-key.pem"
+expect_not_in "genesis key" "and no note"
+[ -s "$WORK/out/access2.fhir.json" ] && pass "FHIR written beside it" || failed "no access2.fhir.json"
+expect_rc 2 "an unknown format is bad input" -- as_user nobody "$MEDCTL" audit export --out "$WORK/out/x.cbor" --format xml
+[ ! -e "$WORK/out/x.cbor" ] && pass "and nothing is exported" || failed "a bundle was written for a bad format"
+
 # The bundles are signed by the key that signs heads now (after the rotation): openssl needs it.
 "$MEDCTL" keys show | sed -n '/BEGIN PUBLIC KEY/,/END PUBLIC KEY/p' >"$WORK/current-key.pem"
 
@@ -67,6 +78,62 @@ expect_in '"selected": 1' "with one erasure"
 expect_rc 0 "stock openssl checks the bundle signature" -- openssl dgst -sha256 -verify "$WORK/current-key.pem" -signature "$B.sig" "$B"
 expect_in "Verified OK" "Verified OK"
 
+say "== renderings: offline, from a verified bundle"
+openssl ecparam -name prime256v1 -genkey -noout -out "$WORK/other.key" 2>/dev/null
+openssl ec -in "$WORK/other.key" -pubout -out "$WORK/other.pem" 2>/dev/null
+expect_rc 0 "the per-patient bundle renders as FHIR (no daemon)" -- "$MEDCTL" audit render "$P" --trust "$WORK/first-key.pem" --format fhir
+expect_in "verifies; wrote .*patient.fhir.json \(4 audit events, fhir\)" "beside the bundle"
+expect_rc 0 "and as CSV" -- "$MEDCTL" audit render "$P" --trust "$WORK/first-key.pem" --format csv
+expect_rc 0 "to standard output with --out -" -- "$MEDCTL" audit render "$P" --trust "$WORK/first-key.pem" --format csv --out -
+expect_in "^bundle_file,bundle_sha256,head_tree_size,head_root,index," "the CSV's header"
+SELECTED=$("$MEDCTL" --json audit verify "$P" --trust "$WORK/first-key.pem" | python3 -c 'import json,sys; print(json.load(sys.stdin)["selected"])')
+SHA=$(sha256sum "$P" | cut -d' ' -f1)
+check_fhir() {
+  python3 - "$1" "$SELECTED" "$SHA" <<'PY'
+import json, sys
+path, selected, sha = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+b = json.load(open(path))
+assert b["resourceType"] == "Bundle" and b["type"] == "collection", "not a collection Bundle"
+assert b["identifier"]["value"] == sha, "the Bundle does not name the bundle's SHA-256"
+ref = {x["url"]: x for x in b["meta"]["extension"][0]["extension"]}
+assert ref["file"]["valueString"] == "patient.cbor", ref["file"]
+assert ref["sha256"]["valueString"] == sha
+events = [e["resource"] for e in b["entry"]]
+assert all(e["resourceType"] == "AuditEvent" for e in events)
+assert len(events) == selected, f"{len(events)} AuditEvents, {selected} selected entries"
+for e in events:
+    entry = [x for x in e["entity"] if x.get("what", {}).get("identifier", {}).get("system") == "urn:medgate:ledger-entry"]
+    assert len(entry) == 1 and any(d["type"] == "leaf-hash" and len(d["valueString"]) == 64 for d in entry[0]["detail"]), e["id"]
+access = [e for e in events if e["type"]["code"] == "110113"]
+assert len(access) == 3 and all(e["outcome"] == "4" for e in access), "denials are outcome 4"
+assert all(e["purposeOfEvent"][0]["coding"][0]["code"] == "TREAT" for e in access)
+assert any(e["action"] == "D" for e in events), "the erasure is in it"
+print(f"{len(events)} AuditEvents")
+PY
+}
+check_csv() {
+  python3 - "$1" "$SELECTED" "$SHA" <<'PY'
+import csv, sys
+path, selected, sha = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+rows = list(csv.DictReader(open(path, newline="")))
+assert len(rows) == selected, f"{len(rows)} rows, {selected} selected entries"
+assert all(r["bundle_sha256"] == sha and r["bundle_file"] == "patient.cbor" for r in rows)
+assert [r["outcome"] for r in rows if r["kind"] == "access"] == ["4"] * 3
+assert [r["type"] for r in rows][-1] == "patient-erasure"
+print(f"{len(rows)} rows")
+PY
+}
+expect_rc 0 "the FHIR Bundle: one AuditEvent per selected entry, each traced to the bundle" -- check_fhir "$WORK/out/patient.fhir.json"
+expect_rc 0 "the CSV: one row per selected entry, each naming the bundle" -- check_csv "$WORK/out/patient.csv"
+expect_rc 0 "the FHIR an export wrote is valid JSON with AuditEvents" -- jq -e '.entry | length == 4 and all(.resource.resourceType == "AuditEvent")' "$WORK/out/access2.fhir.json"
+expect_rc 0 "no progress bar when stderr is not a terminal" -- bash -c "'$MEDCTL' audit render '$P' --trust '$WORK/first-key.pem' --format csv --out /dev/null 2>&1 >/dev/null"
+[ -z "$OUT" ] && pass "stderr stays empty" || failed "stderr has: $OUT"
+expect_rc 0 "on a terminal, a progress bar on stderr" -- script -qec "'$MEDCTL' audit render '$P' --trust '$WORK/first-key.pem' --format csv --out /dev/null" /dev/null
+expect_in "verifying \[#+\] [0-9]+/[0-9]+ entries" "entries done / total"
+expect_rc 1 "a bundle verified against a key the ledger never used is not rendered" -- "$MEDCTL" audit render "$P" --trust "$WORK/other.pem" --format fhir --out "$WORK/out/never.json"
+[ ! -e "$WORK/out/never.json" ] && pass "and nothing is written" || failed "a rendering was written"
+expect_rc 2 "render wants fhir or csv" -- "$MEDCTL" audit render "$P" --trust "$WORK/first-key.pem" --format bundle
+
 say "== tampering"
 cp "$P" "$WORK/t.cbor"; cp "$P.sig" "$WORK/t.cbor.sig"
 SIZE=$(stat -c %s "$WORK/t.cbor")
@@ -76,9 +143,10 @@ expect_in "does NOT verify" "and says so"
 cp "$B.sig" "$WORK/t.cbor.sig"; cp "$P" "$WORK/t.cbor"
 expect_rc 1 "another bundle's signature fails" -- "$MEDCTL" audit verify "$WORK/t.cbor" --trust "$WORK/first-key.pem"
 expect_in "the bundle signature does not verify" "names the bundle signature"
+expect_rc 1 "a tampered bundle is not rendered" -- "$MEDCTL" audit render "$WORK/t.cbor" --trust "$WORK/first-key.pem" --format fhir
+expect_in "no fhir rendering is written" "says so"
+[ ! -e "$WORK/t.fhir.json" ] && pass "and no file" || failed "a rendering of a tampered bundle was written"
 expect_rc 1 "openssl refuses it too" -- openssl dgst -sha256 -verify "$WORK/current-key.pem" -signature "$WORK/t.cbor.sig" "$WORK/t.cbor"
-openssl ecparam -name prime256v1 -genkey -noout -out "$WORK/other.key" 2>/dev/null
-openssl ec -in "$WORK/other.key" -pubout -out "$WORK/other.pem" 2>/dev/null
 expect_rc 1 "a key the ledger never used is not trusted" -- "$MEDCTL" audit verify "$B" --trust "$WORK/other.pem"
 expect_in "is a trusted key" "names the trust problem"
 printf 'not a bundle' >"$WORK/junk.cbor"
@@ -86,7 +154,7 @@ expect_rc 2 "something that is not a bundle (exit 2)" -- "$MEDCTL" audit verify 
 expect_in "is not an audit bundle" "says so"
 expect_rc 2 "the ledger file is not a bundle either" -- "$MEDCTL" audit verify "$DATA/ledger.db" --trust "$WORK/first-key.pem"
 expect_rc 2 "no trusted key is bad usage" -- "$MEDCTL" audit verify "$B"
-if grep -q "$MARK" "$B" "$P" "$E" "$LOG"; then failed "an identifier is in a bundle or the log"; else pass "no identifier in any bundle or the log"; fi
+if grep -q "$MARK" "$B" "$P" "$E" "$LOG" "$WORK/out/patient.fhir.json" "$WORK/out/patient.csv" "$WORK/out/access.csv"; then failed "an identifier is in a bundle, a rendering or the log"; else pass "no identifier in any bundle, rendering or the log"; fi
 expect_rc 0 "the ledger still verifies offline" -- "$MEDCTL" ledger verify --db "$DATA/ledger.db" --trust "$WORK/first-key.pem"
 
 finish

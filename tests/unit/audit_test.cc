@@ -3,12 +3,17 @@
 // SQLite, real SoftHSM signatures), verify offline, and every tamper named with its reason.
 #include <catch2/catch.hpp>
 
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "ledger/audit_bundle.h"
+#include "ledger/audit_render.h"
 #include "ledger/block.h"
 #include "ledger/entry.h"
 #include "ledger/merkle.h"
@@ -361,6 +366,16 @@ TEST_CASE("every tamper with a bundle is named", "[audit]") {
     AuditBundle b = good;
     find(b, 2).proof[0][0] ^= std::byte{1};
     CHECK(has_problem(verify(sign(*f.keys, b), f.key), "entry 2: its inclusion proof"));
+    // Proofs to one head share their upper hashes, which the verifier compares with the previous
+    // entry's rather than hashing again: a change to any hash of any entry's proof is still named.
+    for (const BundleEntry& e : good.entries)
+      for (std::size_t k = 0; k < e.proof.size(); ++k) {
+        AuditBundle t = good;
+        find(t, e.index).proof[k][31] ^= std::byte{0x80};
+        INFO("entry " << e.index << ", proof hash " << k);
+        CHECK(has_problem(verify(sign(*f.keys, t), f.key),
+                          fmt::format("entry {}: its inclusion proof", e.index)));
+      }
     AuditBundle c = good;
     c.subject_proof->match->latest = 6;  // hide the newest entry
     CHECK(has_problem(verify(sign(*f.keys, c), f.key), "subject map"));
@@ -415,4 +430,517 @@ TEST_CASE("a bundle spanning a key rotation and an erasure verifies", "[audit]")
   std::erase_if(cut.entries,
                 [&](const BundleEntry& e) { return e.index == rotation->entry_index; });
   CHECK(has_problem(verify(sign(*f.keys, cut), f.key), "the key history says"));
+}
+
+// ---- renderings (ledger/audit_render.h) ----
+
+namespace {
+
+// An access decision with everything a rendering shows: purpose, policies, errors, break-glass.
+Entry decision(const Bytes& who, const std::string& principal, const std::string& purpose,
+               const std::string& verdict, std::vector<std::string> policies,
+               std::vector<std::string> errors, bool break_glass) {
+  using cbor::Value;
+  auto texts = [](const std::vector<std::string>& items) {
+    cbor::Array a;
+    for (const std::string& i : items) a.push_back(Value::text(i));
+    return Value::array(std::move(a));
+  };
+  Entry e = access(who, principal, verdict);
+  e.body = *Value::map({{Value::text("principal"), Value::text(principal)},
+                        {Value::text("action"), Value::text("Action::\"read\"")},
+                        {Value::text("purpose"), Value::text(purpose)},
+                        {Value::text("data"), Value::text("vitals")},
+                        {Value::text("decision"), Value::text(verdict)},
+                        {Value::text("policies"), texts(policies)},
+                        {Value::text("errors"), texts(errors)},
+                        {Value::text("break_glass"), Value::boolean(break_glass)},
+                        {Value::text("state"), Value::uint(0)},
+                        {Value::text("returned"), Value::uint(verdict == "allow" ? 3 : 0)}});
+  return e;
+}
+
+// A ledger whose entries 1..4 are, in order: an allow for TREAT by dr-lee (policy "p-treat"), a
+// deny for HRESCH, a break-glass allow (ETREAT), and a deny whose policies errored; all about
+// patient 'c'. Then a note about nobody. Its principal names hold a comma, a quote and a newline
+// for the CSV's quoting.
+struct RenderFixture {
+  TempDir dir;
+  SoftHsmToken token{dir.path()};
+  std::unique_ptr<hsm::KeyStore> keys = token.open_with_key();
+  std::unique_ptr<Ledger> ledger;
+  PublicKey key;
+  Bytes c = patient('c');
+  std::string odd = "Practitioner::\"lee, \"jr\"\nward 7\"";
+
+  RenderFixture() : key(keys->signing_key()) {
+    auto created = Ledger::create(options_for(dir / "ledger.db"), "ward-7", *keys, "user:root");
+    REQUIRE(created.ok());
+    ledger = std::move(created).value();
+    REQUIRE(ledger
+                ->append(decision(c, "Practitioner::\"dr-lee\"", "TREAT", "allow", {"p-treat"}, {},
+                                  false))
+                .ok());
+    REQUIRE(ledger->append(decision(c, odd, "HRESCH", "deny", {}, {}, false)).ok());
+    REQUIRE(ledger
+                ->append(decision(c, "Practitioner::\"dr-kim\"", "ETREAT", "allow",
+                                  {"break-glass", "p-er"}, {}, true))
+                .ok());
+    REQUIRE(ledger
+                ->append(decision(c, "Practitioner::\"dr-kim\"", "TREAT", "deny", {}, {"p-broken"},
+                                  false))
+                .ok());
+    REQUIRE(ledger->append(note("after")).ok());
+  }
+
+  struct Verified {
+    Signed signed_bundle;
+    AuditBundle bundle;
+    AuditReport report;
+    BundleSource source;
+  };
+
+  Verified export_patient() {
+    AuditQuery q;
+    q.patient = c;
+    Result<AuditBundle> built = build_audit_bundle(*ledger, q, "user:auditor");
+    REQUIRE(built.ok());
+    Signed s = sign(*keys, *built);
+    AuditReport r = verify(s, key);
+    INFO(problems(r));
+    REQUIRE(r.ok());
+    Result<AuditBundle> decoded = decode_audit_bundle(s.bytes);
+    REQUIRE(decoded.ok());
+    return {s, *decoded, r, {"p.cbor", sha256(s.bytes)}};
+  }
+};
+
+// Splits RFC 4180 CSV (CRLF rows, quoted fields) into rows of fields.
+std::vector<std::vector<std::string>> parse_csv(const std::string& text) {
+  std::vector<std::vector<std::string>> rows(1, std::vector<std::string>(1));
+  bool quoted = false;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    char ch = text[i];
+    std::string& cell = rows.back().back();
+    if (quoted) {
+      if (ch == '"' && i + 1 < text.size() && text[i + 1] == '"') {
+        cell += '"';
+        ++i;
+      } else if (ch == '"') {
+        quoted = false;
+      } else {
+        cell += ch;
+      }
+    } else if (ch == '"') {
+      quoted = true;
+    } else if (ch == ',') {
+      rows.back().emplace_back();
+    } else if (ch == '\r' && i + 1 < text.size() && text[i + 1] == '\n') {
+      ++i;
+      rows.emplace_back(1);
+    } else {
+      cell += ch;
+    }
+  }
+  if (rows.back().size() == 1 && rows.back()[0].empty()) rows.pop_back();
+  return rows;
+}
+
+const nlohmann::json* entity_with_system(const nlohmann::json& event, const std::string& system) {
+  for (const nlohmann::json& e : event["entity"])
+    if (e.contains("what") && e["what"]["identifier"]["system"] == system) return &e;
+  return nullptr;
+}
+
+std::string detail_of(const nlohmann::json& entity, const std::string& type) {
+  for (const nlohmann::json& d : entity["detail"])
+    if (d["type"] == type) return d["valueString"].get<std::string>();
+  return "(none)";
+}
+
+}  // namespace
+
+TEST_CASE("csv fields are quoted as RFC 4180 says", "[audit][render]") {
+  CHECK(csv_field("plain") == "plain");
+  CHECK(csv_field("") == "");
+  CHECK(csv_field("a,b") == "\"a,b\"");
+  CHECK(csv_field("say \"hi\"") == "\"say \"\"hi\"\"\"");
+  CHECK(csv_field("two\nlines") == "\"two\nlines\"");
+  CHECK(csv_field("cr\rhere") == "\"cr\rhere\"");
+}
+
+TEST_CASE("a verified bundle renders as FHIR AuditEvents following BALP", "[audit][render]") {
+  RenderFixture f;
+  auto v = f.export_patient();
+  Result<nlohmann::json> rendered = render_fhir(v.bundle, v.report, v.source);
+  REQUIRE(rendered.ok());
+  const nlohmann::json& b = *rendered;
+  CHECK(b["resourceType"] == "Bundle");
+  CHECK(b["type"] == "collection");
+  CHECK(b["identifier"]["system"] == "urn:medgate:audit-bundle:sha256");
+  CHECK(b["identifier"]["value"] == to_hex(sha256(v.signed_bundle.bytes)));
+  CHECK(b["timestamp"] == format_time(v.report.created_us));
+
+  // The reference to the signed bundle: file, SHA-256, the head's tree size and root.
+  const nlohmann::json& ref = b["meta"]["extension"].at(0);
+  CHECK(ref["url"] == "urn:medgate:fhir:audit-bundle-source");
+  std::map<std::string, nlohmann::json> fields;
+  for (const nlohmann::json& x : ref["extension"]) fields[x["url"]] = x;
+  CHECK(fields["file"]["valueString"] == "p.cbor");
+  CHECK(fields["sha256"]["valueString"] == to_hex(sha256(v.signed_bundle.bytes)));
+  CHECK(fields["ledgerId"]["valueString"] == "ward-7");
+  CHECK(fields["treeSize"]["valueUnsignedInt"] == v.report.tree_size);
+  CHECK(fields["root"]["valueString"] == to_hex(v.report.root));
+
+  // One AuditEvent per selected entry (the four decisions; not genesis, not the note).
+  REQUIRE(b["entry"].size() == 4);
+  REQUIRE(v.report.selected == 4);
+  std::vector<nlohmann::json> events;
+  for (const nlohmann::json& e : b["entry"]) {
+    CHECK(e["fullUrl"].get<std::string>().rfind("urn:uuid:", 0) == 0);
+    events.push_back(e["resource"]);
+  }
+
+  const nlohmann::json& allow = events[0];
+  CHECK(allow["resourceType"] == "AuditEvent");
+  CHECK(allow["id"] == "ledger-1");
+  CHECK(allow["meta"]["profile"][0] ==
+        "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.AuthZconsent");
+  CHECK(allow["type"]["system"] == "http://dicom.nema.org/resources/ontology/DCM");
+  CHECK(allow["type"]["code"] == "110113");
+  CHECK(allow["subtype"][0]["code"] == "AuthZ-Consent");
+  CHECK(allow["subtype"].size() == 1);
+  CHECK(allow["action"] == "E");
+  CHECK(allow["outcome"] == "0");
+  CHECK(allow["outcomeDesc"] == "allow; determining policies: p-treat");
+  Result<StoredEntry> stored = f.ledger->entry(1);
+  REQUIRE(stored.ok());
+  CHECK(allow["recorded"] == format_time(stored->entry.time_us));
+  CHECK(allow["purposeOfEvent"][0]["coding"][0]["system"] ==
+        "http://terminology.hl7.org/CodeSystem/v3-ActReason");
+  CHECK(allow["purposeOfEvent"][0]["coding"][0]["code"] == "TREAT");
+  // Agents: the principal asked (requestor, role from its entity type), the actor carried the
+  // request, the appliance decided (with the determining policy).
+  REQUIRE(allow["agent"].size() == 3);
+  CHECK(allow["agent"][0]["who"]["identifier"]["value"] == "Practitioner::\"dr-lee\"");
+  CHECK(allow["agent"][0]["requestor"] == true);
+  CHECK(allow["agent"][0]["role"][0]["text"] == "Practitioner");
+  CHECK(allow["agent"][0]["purposeOfUse"][0]["coding"][0]["code"] == "TREAT");
+  CHECK(allow["agent"][1]["who"]["identifier"]["value"] == "user:clinician");
+  CHECK(allow["agent"][1]["requestor"] == false);
+  CHECK(allow["agent"][2]["type"]["coding"][0]["code"] == "authserver");
+  CHECK(allow["agent"][2]["policy"][0] == "urn:medgate:policy:p-treat");
+  CHECK(allow["source"]["observer"]["identifier"]["value"] == "ward-7");
+  // The patient by pseudonym, and the ledger entry by index and leaf hash.
+  const nlohmann::json* who = entity_with_system(allow, "urn:medgate:pseudonym");
+  REQUIRE(who);
+  CHECK((*who)["what"]["identifier"]["value"] == to_hex(f.c));
+  CHECK((*who)["role"]["code"] == "1");
+  const nlohmann::json* entry = entity_with_system(allow, "urn:medgate:ledger-entry");
+  REQUIRE(entry);
+  CHECK((*entry)["what"]["identifier"]["value"] == "1");
+  CHECK(detail_of(*entry, "leaf-hash") == to_hex(stored->leaf));
+
+  const nlohmann::json& deny = events[1];
+  CHECK(deny["outcome"] == "4");  // denied: a minor failure
+  CHECK(deny["purposeOfEvent"][0]["coding"][0]["code"] == "HRESCH");
+  CHECK(deny["agent"][0]["who"]["identifier"]["value"] == f.odd);
+
+  const nlohmann::json& glass = events[2];
+  CHECK(glass["outcome"] == "0");
+  CHECK(glass["purposeOfEvent"][0]["coding"][0]["code"] == "ETREAT");
+  REQUIRE(glass["subtype"].size() == 2);
+  CHECK(glass["subtype"][1]["code"] == "110127");  // Emergency Override Started
+  CHECK(glass["outcomeDesc"] == "allow (break-glass); determining policies: break-glass, p-er");
+
+  const nlohmann::json& errored = events[3];
+  CHECK(errored["outcome"] == "8");  // denied because policies failed: a serious failure
+  CHECK(errored["outcomeDesc"] == "deny; policies in error: p-broken");
+
+  // Nothing in it is a value: the bundle holds none.
+  CHECK(b.dump().find("\"values\"") == std::string::npos);
+}
+
+TEST_CASE("a verified bundle renders as CSV, one row per entry", "[audit][render]") {
+  RenderFixture f;
+  auto v = f.export_patient();
+  Result<std::string> rendered = render_csv(v.bundle, v.report, v.source);
+  REQUIRE(rendered.ok());
+  auto rows = parse_csv(*rendered);
+  REQUIRE(rows.size() == 5);  // header and four decisions
+  REQUIRE(rows[0] == std::vector<std::string>(std::begin(kCsvColumns), std::end(kCsvColumns)));
+  auto col = [&](std::size_t row, std::string_view name) {
+    auto it = std::find(std::begin(kCsvColumns), std::end(kCsvColumns), name);
+    REQUIRE(it != std::end(kCsvColumns));
+    REQUIRE(rows[row].size() == std::size(kCsvColumns));
+    return rows[row][static_cast<std::size_t>(it - std::begin(kCsvColumns))];
+  };
+  for (std::size_t r = 1; r < rows.size(); ++r) {
+    CHECK(col(r, "bundle_file") == "p.cbor");
+    CHECK(col(r, "bundle_sha256") == to_hex(sha256(v.signed_bundle.bytes)));
+    CHECK(col(r, "head_tree_size") == std::to_string(v.report.tree_size));
+    CHECK(col(r, "head_root") == to_hex(v.report.root));
+    CHECK(col(r, "kind") == "access");
+    CHECK(col(r, "type") == "access-decision");
+    CHECK(col(r, "subjects") == to_hex(f.c));
+    CHECK(col(r, "values").empty());
+  }
+  Result<StoredEntry> stored = f.ledger->entry(1);
+  REQUIRE(stored.ok());
+  CHECK(col(1, "index") == "1");
+  CHECK(col(1, "time") == format_time(stored->entry.time_us));
+  CHECK(col(1, "actor") == "user:clinician");
+  CHECK(col(1, "principal") == "Practitioner::\"dr-lee\"");
+  CHECK(col(1, "purpose") == "TREAT");
+  CHECK(col(1, "decision") == "allow");
+  CHECK(col(1, "outcome") == "0");
+  CHECK(col(1, "policies") == "p-treat");
+  CHECK(col(1, "leaf_hash") == to_hex(stored->leaf));
+  // The principal with a comma, quotes and a newline comes back whole.
+  CHECK(col(2, "principal") == f.odd);
+  CHECK(col(2, "decision") == "deny");
+  CHECK(col(2, "outcome") == "4");
+  CHECK(rendered->find("\"Practitioner::\"\"lee, \"\"jr\"\"\nward 7\"\"\"") != std::string::npos);
+  CHECK(col(3, "purpose") == "ETREAT");
+  CHECK(col(3, "break_glass") == "true");
+  CHECK(col(3, "policies") == "break-glass;p-er");
+  CHECK(col(4, "outcome") == "8");
+  CHECK(rendered->find("\r\n") != std::string::npos);
+}
+
+TEST_CASE("a bundle that does not verify is not rendered", "[audit][render]") {
+  RenderFixture f;
+  auto v = f.export_patient();
+  // Change one entry's bytes (a tamper the inclusion proof catches) and re-sign it, as a dishonest
+  // exporter could: verification names the problem and neither renderer writes anything.
+  AuditBundle tampered = v.bundle;
+  auto it = std::find_if(tampered.entries.begin(), tampered.entries.end(),
+                         [](const BundleEntry& e) { return e.index == 2; });
+  REQUIRE(it != tampered.entries.end());
+  Entry changed = decision(f.c, "Practitioner::\"dr-lee\"", "HRESCH", "allow", {}, {}, false);
+  changed.subjects = {{f.c, 1}};
+  Result<Bytes> bytes = encode_entry(changed);
+  REQUIRE(bytes.ok());
+  it->bytes = *bytes;
+  Signed s = sign(*f.keys, tampered);
+  AuditReport r = verify(s, f.key);
+  REQUIRE_FALSE(r.ok());
+  CHECK(has_problem(r, "entry 2: its inclusion proof"));
+  Result<AuditBundle> decoded = decode_audit_bundle(s.bytes);
+  REQUIRE(decoded.ok());
+  BundleSource source{"t.cbor", sha256(s.bytes)};
+  Result<nlohmann::json> fhir = render_fhir(*decoded, r, source);
+  REQUIRE_FALSE(fhir.ok());
+  CHECK(fhir.status().code() == StatusCode::kFailedPrecondition);
+  CHECK_THAT(fhir.status().message(), Catch::Contains("does not verify"));
+  Result<std::string> csv = render_csv(*decoded, r, source);
+  REQUIRE_FALSE(csv.ok());
+  CHECK_THAT(csv.status().message(), Catch::Contains("entry 2: its inclusion proof"));
+
+  // A bundle verified against a key the ledger never used is refused the same way.
+  Result<AuditReport> untrusted =
+      verify_audit_bundle(v.signed_bundle.bytes, v.signed_bundle.signature, {});
+  REQUIRE(untrusted.ok());
+  CHECK_FALSE(render_csv(v.bundle, *untrusted, v.source).ok());
+}
+
+TEST_CASE("the genesis key of a bundle anchors a rendering without --trust", "[audit][render]") {
+  RenderFixture f;
+  auto v = f.export_patient();
+  std::optional<PublicKey> genesis = bundle_genesis_key(v.bundle);
+  REQUIRE(genesis);
+  CHECK(genesis->id() == f.key.id());
+  AuditBundle no_genesis = v.bundle;
+  no_genesis.entries.erase(no_genesis.entries.begin());
+  CHECK_FALSE(bundle_genesis_key(no_genesis));
+}
+
+TEST_CASE("the verifier reports its progress", "[audit][render]") {
+  RenderFixture f;
+  auto v = f.export_patient();
+  std::uint64_t last_done = 0, last_total = 0;
+  Result<AuditReport> r =
+      verify_audit_bundle(v.signed_bundle.bytes, v.signed_bundle.signature, {f.key},
+                          [&](std::uint64_t done, std::uint64_t total) {
+                            last_done = done;
+                            last_total = total;
+                          });
+  REQUIRE(r.ok());
+  CHECK(r->ok());
+  CHECK(last_total == v.bundle.entries.size());
+  CHECK(last_done == last_total);
+}
+
+TEST_CASE("a malformed entry record is not a bundle, and says what is wrong", "[audit]") {
+  Fixture f;
+  AuditQuery q;
+  q.patient = f.a;
+  Result<Bytes> good = encode_audit_bundle(f.build(q));
+  REQUIRE(good.ok());
+  REQUIRE(decode_audit_bundle(*good).ok());
+  Result<cbor::Value> tree = cbor::decode(*good);
+  REQUIRE(tree.ok());
+
+  // Re-encodes the bundle with entry record 1 changed by `change` (a map edited as a list).
+  auto with_record = [&](const std::function<void(cbor::Map&)>& change) {
+    cbor::Map top = *tree->as_map();
+    for (auto& [k, v] : top) {
+      if (k.as_uint() != std::uint64_t{8}) continue;
+      cbor::Array entries = *v.as_array();
+      cbor::Map record = *entries.at(1).as_map();
+      change(record);
+      Result<cbor::Value> r = cbor::Value::map(std::move(record));
+      REQUIRE(r.ok());
+      entries[1] = *r;
+      v = cbor::Value::array(std::move(entries));
+    }
+    Result<cbor::Value> all = cbor::Value::map(std::move(top));
+    REQUIRE(all.ok());
+    return decode_audit_bundle(cbor::encode(*all));
+  };
+  auto drop = [](std::string_view key) {
+    return [key](cbor::Map& m) {
+      std::erase_if(
+          m, [&](const auto& kv) { return kv.first.as_text() && *kv.first.as_text() == key; });
+    };
+  };
+  auto set = [](std::string_view key, cbor::Value v) {
+    return [key, v](cbor::Map& m) {
+      for (auto& [k, value] : m)
+        if (k.as_text() && *k.as_text() == key) value = v;
+    };
+  };
+  auto expect = [](const Result<AuditBundle>& r, std::string_view text) {
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.status().code() == StatusCode::kCorruption);
+    CHECK_THAT(r.status().message(), Catch::Contains(std::string(text)));
+  };
+  // Nothing changed: still a bundle (the harness itself is sound).
+  CHECK(with_record([](cbor::Map&) {}).ok());
+  for (const char* key : {"index", "bytes", "proof", "selected", "meta"})
+    expect(with_record(drop(key)), fmt::format("an entry record has no \"{}\"", key));
+  expect(with_record([](cbor::Map& m) {
+           m.emplace_back(cbor::Value::text("extra"), cbor::Value::uint(1));
+         }),
+         "an entry record has an unknown key \"extra\"");
+  expect(with_record(set("index", cbor::Value::text("1"))), "\"index\" is not an unsigned integer");
+  expect(with_record(set("bytes", cbor::Value::text("x"))), "\"bytes\" is not bytes");
+  expect(with_record(set("proof", cbor::Value::uint(3))), "\"proof\" is not an array");
+  expect(with_record(set("proof", cbor::Value::array({cbor::Value::bytes(Bytes(31))}))),
+         "\"proof\" holds a non-hash");
+  expect(with_record(set("selected", cbor::Value::uint(1))), "\"selected\" is not a bool");
+  // A record whose metadata copy disagrees with its bytes decodes, and verification names it (the
+  // encoder derives the copy from the bytes, so this is a forger's edit, signed here by the key).
+  Result<AuditBundle> lying = with_record(set(
+      "meta", *cbor::Value::map({{cbor::Value::text("kind"), cbor::Value::text("access")},
+                                 {cbor::Value::text("time"), cbor::Value::text("x")},
+                                 {cbor::Value::text("type"), cbor::Value::text("access-decision")},
+                                 {cbor::Value::text("actor"), cbor::Value::text("user:nobody")}})));
+  REQUIRE(lying.ok());
+  {
+    cbor::Map top = *tree->as_map();
+    for (auto& [k, v] : top) {
+      if (k.as_uint() != std::uint64_t{8}) continue;
+      cbor::Array entries = *v.as_array();
+      cbor::Map record = *entries.at(1).as_map();
+      for (auto& [rk, rv] : record)
+        if (rk.as_text() && *rk.as_text() == "meta") rv = lying->entries.at(1).meta;
+      entries[1] = *cbor::Value::map(std::move(record));
+      v = cbor::Value::array(std::move(entries));
+    }
+    Bytes bytes = cbor::encode(*cbor::Value::map(std::move(top)));
+    Result<HeadBody> head = decode_head(lying->head.bytes);
+    REQUIRE(head.ok());
+    Result<Bytes> sig = f.keys->sign_digest_with(head->key_id, sha256(bytes));
+    REQUIRE(sig.ok());
+    AuditReport r = verify({bytes, *sig}, f.key);
+    CHECK(has_problem(r, fmt::format("entry {}: its metadata does not match its bytes",
+                                     lying->entries.at(1).index)));
+  }
+  // Not canonical at all (a map key repeated by hand): refused before anything is read.
+  Bytes twice = *good;
+  twice.push_back(std::byte{0});
+  expect(decode_audit_bundle(twice), "not canonical CBOR");
+}
+
+TEST_CASE("batch proofs and reads give what one call per entry gives", "[audit]") {
+  Fixture f;
+  for (int i = 0; i < 300; ++i) REQUIRE(f.ledger->append(note("more", i)).ok());
+  REQUIRE(f.ledger->sign_head_now().ok());
+  std::uint64_t tree = f.ledger->stats().tree_size;
+  for (std::uint64_t size : {tree, tree - 1, std::uint64_t{17}, std::uint64_t{8}}) {
+    std::vector<std::uint64_t> indexes;
+    for (std::uint64_t i = 0; i < size; i += 3) indexes.push_back(i);
+    indexes.push_back(size - 1);
+    indexes.push_back(0);  // any order, repeats allowed
+    Result<std::vector<std::vector<Hash>>> batch = f.ledger->inclusion_proofs(indexes, size);
+    REQUIRE(batch.ok());
+    REQUIRE(batch->size() == indexes.size());
+    for (std::size_t k = 0; k < indexes.size(); ++k) {
+      Result<std::vector<Hash>> one = f.ledger->inclusion_proof(indexes[k], size);
+      REQUIRE(one.ok());
+      INFO("size " << size << ", entry " << indexes[k]);
+      CHECK((*batch)[k] == *one);
+    }
+  }
+  CHECK_FALSE(f.ledger->inclusion_proofs(std::vector<std::uint64_t>{0}, tree + 1).ok());
+  std::vector<std::uint64_t> some{7, 2, 150, 0};
+  Result<std::vector<StoredEntry>> read = f.ledger->entries_at(some);
+  REQUIRE(read.ok());
+  REQUIRE(read->size() == some.size());
+  for (std::size_t k = 0; k < some.size(); ++k) {
+    Result<StoredEntry> one = f.ledger->entry(some[k]);
+    REQUIRE(one.ok());
+    CHECK((*read)[k].index == some[k]);
+    CHECK((*read)[k].bytes == one->bytes);
+    CHECK((*read)[k].leaf == one->leaf);
+  }
+  Result<std::vector<StoredEntry>> beyond =
+      f.ledger->entries_at(std::vector<std::uint64_t>{1, tree});
+  REQUIRE_FALSE(beyond.ok());
+  CHECK(beyond.status().code() == StatusCode::kNotFound);
+}
+
+TEST_CASE("a large bundle is checked on two threads and reports as one would", "[audit]") {
+  Fixture f;
+  std::vector<Entry> notes;
+  for (int i = 0; i < 9000; ++i) notes.push_back(note("bulk", i));
+  REQUIRE(f.ledger->append_all(notes).ok());
+  AuditQuery q;
+  q.kind = "admin";
+  AuditBundle good = f.build(q);
+  REQUIRE(good.entries.size() > 8192);  // past the threshold for two threads
+  std::uint64_t progress_done = 0, progress_total = 0;
+  Signed s = sign(*f.keys, good);
+  Result<AuditReport> clean = verify_audit_bundle(s.bytes, s.signature, {f.key},
+                                                  [&](std::uint64_t done, std::uint64_t total) {
+                                                    CHECK(done <= total);
+                                                    progress_done = done;
+                                                    progress_total = total;
+                                                  });
+  REQUIRE(clean.ok());
+  INFO(problems(*clean));
+  CHECK(clean->ok());
+  CHECK(progress_done == good.entries.size());
+  CHECK(progress_total == good.entries.size());
+
+  // Damage in both halves: each named, in bundle order.
+  AuditBundle bad = good;
+  const std::uint64_t early = bad.entries[100].index, late = bad.entries[7000].index;
+  bad.entries[100].proof.back()[0] ^= std::byte{1};
+  bad.entries[7000].proof.front()[0] ^= std::byte{1};
+  std::swap(bad.entries[8000], bad.entries[8001]);
+  AuditReport r = verify(sign(*f.keys, bad), f.key);
+  std::vector<std::string> expected = {fmt::format("entry {}: its inclusion proof", early),
+                                       fmt::format("entry {}: its inclusion proof", late),
+                                       "entries are out of order"};
+  INFO(problems(r));
+  for (const std::string& text : expected) CHECK(has_problem(r, text));
+  auto position = [&](std::string_view text) {
+    return std::find_if(r.problems.begin(), r.problems.end(),
+                        [&](const std::string& p) { return p.find(text) != std::string::npos; }) -
+           r.problems.begin();
+  };
+  CHECK(position(expected[0]) < position(expected[1]));
+  CHECK(position(expected[1]) < position(expected[2]));
 }
