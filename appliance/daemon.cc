@@ -753,6 +753,31 @@ class Daemon::Impl {
                         {"port", metrics_->port()},
                         {"scrapes", metrics_->scrapes()},
                         {"bad_requests", metrics_->bad_requests()}};
+    // What needs an admin's attention, worst first; empty when all is well.
+    json problems = json::array();
+    if (!s.writer_error.empty()) problems.push_back("the ledger writer stopped: " + s.writer_error);
+    if (!device.reachable) problems.push_back("the key store is unreachable");
+    if (!s.signer_error.empty()) problems.push_back("head signing fails: " + s.signer_error);
+    if (!s.counter_error.empty())
+      problems.push_back("the rollback counter cannot advance: " + s.counter_error);
+    if (s.latest_head && config_.head_interval.count() > 0 &&
+        s.tree_size > s.latest_head->head.tree_size) {
+      const std::uint64_t limit =
+          std::max<std::uint64_t>(60, 3 * static_cast<std::uint64_t>(
+                                             config_.head_interval.count() / 1000 + 1));
+      if (age_seconds(s.latest_head->head.time_us) > limit)
+        problems.push_back(fmt::format("no signed head for {} s while entries wait",
+                                       age_seconds(s.latest_head->head.time_us)));
+    }
+    json recent = json::array();
+    for (const LoggedProblem& p : recent_problems())
+      recent.push_back({{"time", ledger::format_time(p.time_us)},
+                        {"level", p.level == LogLevel::kError ? "error" : "warning"},
+                        {"id", p.id},
+                        {"message", p.message}});
+    out["health"] = {{"state", problems.empty() ? "ok" : "degraded"},
+                     {"problems", problems},
+                     {"recent_log", recent}};
     if (s.latest_head) {
       out["signed_head"] = {{"sequence", s.latest_head->sequence},
                             {"tree_size", s.latest_head->head.tree_size},

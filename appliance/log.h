@@ -3,7 +3,10 @@
 // entries, blocks and keys, never payloads or patient identifiers. Thread-safe.
 #pragma once
 
+#include <cstdint>
+#include <string>
 #include <string_view>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -14,6 +17,17 @@ namespace medgate::appliance {
 void set_log_level(LogLevel level);
 bool log_enabled(LogLevel level);
 void log_line(LogLevel level, std::string_view id, std::string_view message);
+
+// The latest warnings and errors (newest last, at most kRecentProblems), kept in memory for
+// `medctl status`: the same PHI-free lines the log has.
+struct LoggedProblem {
+  std::uint64_t time_us = 0;
+  LogLevel level = LogLevel::kWarning;
+  std::string id;
+  std::string message;
+};
+inline constexpr std::size_t kRecentProblems = 8;
+std::vector<LoggedProblem> recent_problems();
 
 template <typename... Args>
 void log(LogLevel level, std::string_view id, fmt::format_string<Args...> format, Args&&... args) {

@@ -55,8 +55,8 @@ class Exposition {
   }
   void sample(std::string_view name, const json& value, std::string_view labels = {}) {
     if (!value.is_number()) return;  // a listener that is off has no numbers
-    const std::string v = value.is_number_float() ? fmt::format("{}", value.get<double>())
-                                                  : value.dump();
+    const std::string v =
+        value.is_number_float() ? fmt::format("{}", value.get<double>()) : value.dump();
     out_ += labels.empty() ? fmt::format("medgate_{} {}\n", name, v)
                            : fmt::format("medgate_{}{{{}}} {}\n", name, labels, v);
   }
@@ -108,8 +108,8 @@ Result<MetricsConfig> parse_metrics_listen(std::string_view text) {
   if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
     host = host.substr(1, host.size() - 2);
   if (host == "localhost") host = "127.0.0.1";
-  if (port.size() > 5 ||
-      port.find_first_not_of("0123456789") != std::string::npos || std::stoul(port) > 65535)
+  if (port.size() > 5 || port.find_first_not_of("0123456789") != std::string::npos ||
+      std::stoul(port) > 65535)
     return Status::InvalidArgument(fmt::format("'{}': the port is not a number up to 65535", text));
   if (!is_loopback(host))
     return Status::InvalidArgument(fmt::format(
@@ -197,7 +197,8 @@ void MetricsServer::run() {
 void MetricsServer::serve(int fd) {
   std::string request;
   char buf[1024];
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(kRequestTimeoutMs);
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(kRequestTimeoutMs);
   while (request.find("\r\n\r\n") == std::string::npos && request.size() < kMaxRequestBytes) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
                           deadline - std::chrono::steady_clock::now())
@@ -255,7 +256,8 @@ std::string render_metrics(const json& status, const json& devices) {
   // Ledger.
   e.metric("ledger_entries", "gauge", "Entries in the ledger (its Merkle tree size).",
            at(status, {"ledger", "entries"}));
-  e.metric("ledger_height", "gauge", "Height of the latest block.", at(status, {"ledger", "height"}));
+  e.metric("ledger_height", "gauge", "Height of the latest block.",
+           at(status, {"ledger", "height"}));
   e.metric("ledger_appended_total", "counter", "Entries appended since start.",
            at(status, {"ledger", "appended_since_start"}));
   e.metric("ledger_commits_total", "counter", "Group commits since start.",
@@ -290,7 +292,8 @@ std::string render_metrics(const json& status, const json& devices) {
            at(status, {"admin", "refused"}));
   // Ingest.
   const json& pipeline = at(status, {"ingest", "pipeline"});
-  e.metric("ingest_batches_total", "counter", "Ingest batches submitted.", at(pipeline, {"batches"}));
+  e.metric("ingest_batches_total", "counter", "Ingest batches submitted.",
+           at(pipeline, {"batches"}));
   e.metric("ingest_observations_total", "counter", "Readings committed to the ledger.",
            at(pipeline, {"observations"}));
   e.metric("ingest_failed_total", "counter", "Ingest batches that could not be made durable.",
@@ -299,7 +302,8 @@ std::string render_metrics(const json& status, const json& devices) {
            at(pipeline, {"duplicates"}));
   e.metric("ingest_busy_total", "counter", "Ingest batches refused while the queue was full.",
            at(pipeline, {"busy"}));
-  e.metric("ingest_queued", "gauge", "Ingest batches waiting for the ledger.", at(pipeline, {"queued"}));
+  e.metric("ingest_queued", "gauge", "Ingest batches waiting for the ledger.",
+           at(pipeline, {"queued"}));
   e.metric("hl7_connections_open", "gauge", "Open HL7/MLLP connections.",
            at(status, {"ingest", "hl7", "connections_open"}));
   e.metric("hl7_unknown_source_total", "counter", "HL7 messages from unregistered sources.",

@@ -19,7 +19,7 @@ namespace medgate::appliance {
 
 struct MetricsConfig {
   std::string address = "127.0.0.1";  // loopback only: 127.0.0.0/8 or ::1
-  std::uint16_t port = 9464;           // 0: any free port (tests)
+  std::uint16_t port = 9464;          // 0: any free port (tests)
 };
 
 // "127.0.0.1:9464", "[::1]:9464", "localhost:9464". kInvalidArgument naming the problem, also for

@@ -141,6 +141,11 @@ int cmd_status(const GlobalOptions& g) {
   const json& l = s["ledger"];
   const json& k = s["key_store"];
   const json& a = s["admin"];
+  if (const json& h = s.value("health", json()); h.is_object()) {
+    std::string line = h.value("state", std::string("?")) == "ok" ? "ok" : "DEGRADED";
+    for (const json& p : h["problems"]) line += "\n           - " + p.get<std::string>();
+    std::cout << "health     " << line << "\n";
+  }
   std::cout << fmt::format("medgated   {} (pid {}, up {}), config {}\n",
                            d["version"].get<std::string>(), d["pid"].get<int>(),
                            age(d["uptime_seconds"].get<std::uint64_t>()),
@@ -239,6 +244,22 @@ int cmd_status(const GlobalOptions& g) {
         c["grants"].get<std::uint64_t>(), c["grants_active"].get<std::uint64_t>(),
         n["allowed"].get<std::uint64_t>(), n["denied"].get<std::uint64_t>(),
         n["break_glass"].get<std::uint64_t>(), n["with_policy_errors"].get<std::uint64_t>());
+  }
+  if (const json& m = s.value("metrics", json()); m.is_object())
+    std::cout << fmt::format("metrics    http://{}:{}/metrics, {} scrapes\n",
+                             m.value("address", std::string()), m.value("port", 0),
+                             m.value("scrapes", 0ULL));
+  if (const json& h = s.value("health", json()); h.is_object() && !h["recent_log"].empty()) {
+    // The newest last, as in the log; the time without its date and fraction.
+    std::cout << "recent     warnings and errors (newest last):\n";
+    const json& recent = h["recent_log"];
+    const std::size_t from = recent.size() > 5 ? recent.size() - 5 : 0;
+    for (std::size_t i = from; i < recent.size(); ++i) {
+      const std::string t = recent[i].value("time", std::string());
+      std::cout << fmt::format("           {} {} {}\n", t.size() >= 19 ? t.substr(11, 8) : t,
+                               recent[i].value("id", std::string()),
+                               recent[i].value("message", std::string()));
+    }
   }
   std::cout << fmt::format("you        {} ({})\n", s["caller"]["actor"].get<std::string>(),
                            s["caller"]["role"].get<std::string>());

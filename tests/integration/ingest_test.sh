@@ -92,6 +92,7 @@ coap() {  # coap IDENTITY KEY -> prints the last response code
 [ "$(count_observations)" = 6 ] && pass "nothing else was committed" || failed "committed: $(count_observations)"
 expect_rc 0 "status" -- "$MEDCTL" status
 expect_in "ingest +[0-9]+ batches committed \(6 readings\)" "status shows the pipeline"
+expect_in "^health +ok" "and starts with its health"
 expect_in "coap +DTLS-PSK port $COAP_PORT" "and the CoAP listener"
 
 say "== HL7 source address allow-lists"

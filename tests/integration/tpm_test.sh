@@ -53,10 +53,20 @@ fi
 
 say "== the TPM restarts under the running daemon"
 stop_swtpm
+"$MEDCTL" ledger sign-head >/dev/null 2>&1 && failed "a head was signed without the TPM" || pass "no head is signed while the TPM is gone"
+expect_rc 0 "status while the TPM is gone" -- "$MEDCTL" status
+expect_in "health +DEGRADED" "the first line says so"
+expect_in "head signing fails" "and why"
+# The daemon's monitor logs the failure within a few seconds; status then shows the line.
+for _ in $(seq 1 100); do "$MEDCTL" status 2>/dev/null | grep -q "ledger.sign cannot sign heads" && break; sleep 0.1; done
+expect_rc 0 "status a moment later" -- "$MEDCTL" status
+expect_in "recent +warnings and errors" "lists the recent log lines"
+expect_in "[0-9:]{8} ledger.sign cannot sign heads" "with their time and message id"
 start_swtpm "$TPM_PORT"
 expect_rc 0 "sign-head after the TPM restarted" -- "$MEDCTL" ledger sign-head
 expect_rc 0 "status" -- "$MEDCTL" status
-expect_in "1 reconnects" "status counts the reconnect"
+expect_in "health +ok" "healthy again"
+expect_in "[1-9] reconnects" "status counts the reconnect"
 expect_rc 0 "ledger verify" -- "$MEDCTL" ledger verify
 expect_in "verifies: " "still verifies"
 stop_daemon
