@@ -13,6 +13,8 @@
 #include "ledger/rules/authorizer.h"
 
 #include <algorithm>
+#include <array>
+#include <cstdint>
 #include <unordered_map>
 #include <utility>
 
@@ -73,10 +75,10 @@ std::string located(const SourceLocation& where, std::string message) {
   return std::to_string(where.line) + ":" + std::to_string(where.column) + ": " + message;
 }
 
-// Scope, then the conditions in order; the first false one ends it. `error` is set on kError.
-Outcome evaluate_policy(const Policy& policy, const Request& request, const Entities& entities,
-                        std::string& error) {
-  if (!scope_matches(policy, request, entities)) return Outcome::kNotSatisfied;
+// The conditions in order, once the scope matched; the first false one ends it. `error` is set
+// on kError.
+Outcome evaluate_conditions(const Policy& policy, const Request& request, const Entities& entities,
+                            std::string& error) {
   for (const Condition& condition : policy.conditions) {
     if (condition.expr == nullptr) {
       error = located(policy.location, "malformed policy: a condition without an expression");
@@ -98,6 +100,36 @@ Outcome evaluate_policy(const Policy& policy, const Request& request, const Enti
   return Outcome::kSatisfied;
 }
 
+// A list of a few trivially copyable items, kept inline up to N (a request's handful of ancestor
+// ids, bucket lists and satisfied policies), so that a decision allocates nothing for them.
+template <typename T, std::size_t N>
+class SmallList {
+ public:
+  void push_back(T item) {
+    if (heap_.empty()) {
+      if (size_ < N) {
+        inline_[size_++] = item;
+        return;
+      }
+      heap_.assign(inline_.begin(), inline_.end());
+    }
+    heap_.push_back(item);
+    ++size_;
+  }
+  std::size_t size() const { return size_; }
+  bool empty() const { return size_ == 0; }
+  T* begin() { return heap_.empty() ? inline_.data() : heap_.data(); }
+  T* end() { return begin() + size_; }
+  const T* begin() const { return heap_.empty() ? inline_.data() : heap_.data(); }
+  const T* end() const { return begin() + size_; }
+  bool contains(const T& item) const { return std::find(begin(), end(), item) != end(); }
+
+ private:
+  std::array<T, N> inline_{};
+  std::vector<T> heap_;  // all of them, once past N
+  std::size_t size_ = 0;
+};
+
 }  // namespace
 
 bool scope_matches(const Policy& policy, const Request& request, const Entities& entities) {
@@ -106,37 +138,143 @@ bool scope_matches(const Policy& policy, const Request& request, const Entities&
          clause_matches(policy.resource, request.resource, entities);
 }
 
+// Every uid a policy's scope names is interned once, when the policy is added, to a dense integer
+// id. A request resolves its principal, action and resource once: each uid, and each ancestor
+// found by one walk up the store, is hashed once and looked up once in the table. After that the
+// scope of every candidate policy is decided by comparing integers: `== E` is the uid's id equal
+// to E's, `in E` is E's id among the ids of the uid and its ancestors. A uid no policy names has
+// no id, and its ancestors that no policy names are not kept: no scope could be decided by them.
 struct Authorizer::Index {
+  static constexpr std::uint32_t kNoId = 0xffffffff;  // a uid no policy's scope names
+  static constexpr std::uint32_t kAnyId = 0xfffffffe;  // a Candidate filter that passes everything
+
+  struct Slot;
+  // A bucket's entry: the policy and a first test that needs no access to it. With 100,000
+  // policies each one evaluated is a cache miss or three; when a policy's principal or action
+  // scope is `== E`, a request whose principal (action) is not E is passed over on the entry.
+  struct Candidate {
+    Slot* slot = nullptr;
+    std::uint32_t principal = kAnyId;  // E's id when the principal scope is `== E`
+    std::uint32_t action = kAnyId;     // likewise the action
+  };
+  using SlotList = std::vector<Candidate>;
+
+  struct Node {
+    std::uint32_t id = kNoId;
+    std::uint32_t refs = 0;  // scope clauses naming this uid
+    SlotList by_resource;    // policies whose resource scope confines it under this uid
+    SlotList by_principal;   // likewise the principal, when the resource scope does not
+  };
+  // The table is searched by a uid and its precomputed hash, so a request hashes each uid once.
+  struct Key {
+    const EntityUid* uid;
+    std::size_t hash;
+  };
+  struct KeyHash {
+    using is_transparent = void;
+    std::size_t operator()(const EntityUid& u) const noexcept { return EntityUidHash{}(u); }
+    std::size_t operator()(const Key& k) const noexcept { return k.hash; }
+  };
+  struct KeyEqual {
+    using is_transparent = void;
+    bool operator()(const EntityUid& a, const EntityUid& b) const noexcept { return a == b; }
+    bool operator()(const Key& a, const EntityUid& b) const noexcept { return *a.uid == b; }
+    bool operator()(const EntityUid& a, const Key& b) const noexcept { return a == *b.uid; }
+  };
+  using Table = std::unordered_map<EntityUid, Node, KeyHash, KeyEqual>;
+
+  // A scope clause with its entities as ids.
+  struct Clause {
+    ScopeConstraint::Op op = ScopeConstraint::Op::kAny;
+    std::uint32_t id = kNoId;         // kEq, kIn, kIsIn
+    std::vector<std::uint32_t> ids;   // kInSet
+  };
   enum class Bucket { kResource, kPrincipal, kUnindexed };
   struct Slot {
     Policy policy;
+    Clause principal, action, resource;
     Bucket bucket = Bucket::kUnindexed;
+    Node* node = nullptr;      // the bucket's owner (kResource, kPrincipal)
     std::size_t position = 0;  // in its bucket's list
   };
-  // A bucket's entry: the policy and a first test that needs no access to it. With 100,000
-  // policies each one evaluated is a cache miss or three; when a policy's principal scope is
-  // `== E`, a request whose principal hashes differently from E is passed over on the entry alone.
-  struct Candidate {
-    Slot* slot = nullptr;
-    std::size_t principal_hash = 0;
-    bool principal_eq = false;
-  };
-  using SlotList = std::vector<Candidate>;
-  using Buckets = std::unordered_map<EntityUid, SlotList, EntityUidHash>;
 
   // Owns the policies. A multimap only so that a PolicySet with a repeated id (which the parser
   // refuses) loses no policy; add() keeps ids unique.
   std::unordered_multimap<std::string, std::unique_ptr<Slot>> by_id;
-  Buckets by_resource;
-  Buckets by_principal;
+  Table uids;
+  std::vector<std::uint32_t> free_ids;  // of uids no policy names any more
+  std::uint32_t next_id = 0;
   SlotList unindexed;
+  // How many policies sit in resource (principal) buckets: a request walks the resource's
+  // (principal's) ancestors for buckets only when there are some.
+  std::size_t in_resource_buckets = 0;
+  std::size_t in_principal_buckets = 0;
+
+  // The node of `uid`, created with a fresh id when no policy named it yet; counts a reference.
+  Node& acquire(const EntityUid& uid) {
+    auto [it, fresh] = uids.try_emplace(uid);
+    Node& node = it->second;
+    if (fresh) {
+      if (free_ids.empty()) {
+        node.id = next_id++;
+      } else {
+        node.id = free_ids.back();
+        free_ids.pop_back();
+      }
+    }
+    ++node.refs;
+    return node;
+  }
+  void release(const EntityUid& uid) {
+    auto it = uids.find(uid);
+    if (it == uids.end()) return;  // not reached: every released uid was acquired
+    if (--it->second.refs == 0) {
+      free_ids.push_back(it->second.id);
+      uids.erase(it);
+    }
+  }
+
+  Clause intern(const ScopeConstraint& scope) {
+    Clause clause;
+    clause.op = scope.op;
+    switch (scope.op) {
+      case ScopeConstraint::Op::kEq:
+      case ScopeConstraint::Op::kIn:
+      case ScopeConstraint::Op::kIsIn:
+        clause.id = acquire(scope.entity).id;
+        break;
+      case ScopeConstraint::Op::kInSet:
+        clause.ids.reserve(scope.entities.size());
+        for (const EntityUid& e : scope.entities) clause.ids.push_back(acquire(e).id);
+        break;
+      case ScopeConstraint::Op::kAny:
+      case ScopeConstraint::Op::kIs:
+        break;
+    }
+    return clause;
+  }
+  void release(const ScopeConstraint& scope) {
+    switch (scope.op) {
+      case ScopeConstraint::Op::kEq:
+      case ScopeConstraint::Op::kIn:
+      case ScopeConstraint::Op::kIsIn:
+        release(scope.entity);
+        break;
+      case ScopeConstraint::Op::kInSet:
+        for (const EntityUid& e : scope.entities) release(e);
+        break;
+      case ScopeConstraint::Op::kAny:
+      case ScopeConstraint::Op::kIs:
+        break;
+    }
+  }
 
   SlotList& list_of(const Slot& slot) {
     switch (slot.bucket) {
       case Bucket::kResource:
-        return by_resource[slot.policy.resource.entity];
+        return slot.node->by_resource;
       case Bucket::kPrincipal:
-        return by_principal[slot.policy.principal.entity];
+        return slot.node->by_principal;
       case Bucket::kUnindexed:
         return unindexed;
     }
@@ -146,35 +284,115 @@ struct Authorizer::Index {
   void insert(Policy policy) {
     auto slot = std::make_unique<Slot>();
     slot->policy = std::move(policy);
-    if (bucket_entity(slot->policy.resource) != nullptr) {
+    const Policy& p = slot->policy;
+    slot->principal = intern(p.principal);
+    slot->action = intern(p.action);
+    slot->resource = intern(p.resource);
+    // The nodes were acquired above; finding them again takes no new reference.
+    if (const EntityUid* resource = bucket_entity(p.resource)) {
       slot->bucket = Bucket::kResource;
-    } else if (bucket_entity(slot->policy.principal) != nullptr) {
+      slot->node = &uids.find(*resource)->second;
+      ++in_resource_buckets;
+    } else if (const EntityUid* principal = bucket_entity(p.principal)) {
       slot->bucket = Bucket::kPrincipal;
+      slot->node = &uids.find(*principal)->second;
+      ++in_principal_buckets;
     }
     SlotList& list = list_of(*slot);
     slot->position = list.size();
-    const ScopeConstraint& principal = slot->policy.principal;
-    const bool principal_eq = principal.op == ScopeConstraint::Op::kEq;
-    list.push_back(
-        Candidate{slot.get(), principal_eq ? EntityUidHash{}(principal.entity) : 0, principal_eq});
-    std::string id = slot->policy.id;
+    Candidate candidate{slot.get()};
+    if (slot->principal.op == ScopeConstraint::Op::kEq) candidate.principal = slot->principal.id;
+    if (slot->action.op == ScopeConstraint::Op::kEq) candidate.action = slot->action.id;
+    list.push_back(candidate);
+    std::string id = p.id;
     by_id.emplace(std::move(id), std::move(slot));
   }
 
-  // Takes the slot out of its bucket (swap with the last, so removal is O(1)).
+  // Takes the slot out of its bucket (swap with the last, so removal is O(1)) and drops its
+  // references to the uids its scope names.
   void unlink(Slot& slot) {
     SlotList& list = list_of(slot);
     Candidate last = list.back();
     list[slot.position] = last;
     last.slot->position = slot.position;
     list.pop_back();
-    if (list.empty() && slot.bucket != Bucket::kUnindexed) {
-      if (slot.bucket == Bucket::kResource) {
-        by_resource.erase(slot.policy.resource.entity);
-      } else {
-        by_principal.erase(slot.policy.principal.entity);
-      }
+    if (slot.bucket == Bucket::kResource) --in_resource_buckets;
+    if (slot.bucket == Bucket::kPrincipal) --in_principal_buckets;
+    release(slot.policy.principal);
+    release(slot.policy.action);
+    release(slot.policy.resource);
+  }
+
+  // One of the request's uids, resolved against the policies' table: its own id, and (walked on
+  // first need) the ids of it and its ancestors, with the bucket lists met on the way.
+  class Resolved {
+   public:
+    Resolved(const Index& index, const Entities& entities, const EntityUid& uid)
+        : index_(index), entities_(entities), uid_(uid), hash_(EntityUidHash{}(uid)) {
+      node_ = lookup(uid, hash_);
+      id_ = node_ == nullptr ? kNoId : node_->id;
     }
+
+    const EntityUid& uid() const { return uid_; }
+    std::uint32_t id() const { return id_; }
+    // Whether the uid is `id` or has it as an ancestor (Cedar's `in`).
+    bool in(std::uint32_t id) {
+      if (id == id_) return true;
+      walk();
+      return ancestors_.contains(id);
+    }
+    // The uid's nodes and its ancestors' nodes, in walk order (the uid first).
+    const SmallList<const Node*, 8>& nodes() {
+      walk();
+      return nodes_;
+    }
+
+   private:
+    const Node* lookup(const EntityUid& uid, std::size_t hash) const {
+      auto it = index_.uids.find(Key{&uid, hash});
+      return it == index_.uids.end() ? nullptr : &it->second;
+    }
+    void walk() {
+      if (walked_) return;
+      walked_ = true;
+      internal::walk_ancestors(entities_, uid_, hash_, [&](const EntityUid& uid, std::size_t hash) {
+        const Node* node = &uid == &uid_ ? node_ : lookup(uid, hash);
+        if (node != nullptr) {
+          ancestors_.push_back(node->id);
+          nodes_.push_back(node);
+        }
+        return false;  // walk every ancestor
+      });
+    }
+
+    const Index& index_;
+    const Entities& entities_;
+    const EntityUid& uid_;
+    std::size_t hash_;
+    const Node* node_ = nullptr;
+    std::uint32_t id_ = kNoId;
+    bool walked_ = false;
+    SmallList<std::uint32_t, 8> ancestors_;
+    SmallList<const Node*, 8> nodes_;
+  };
+
+  static bool matches(const Clause& clause, const ScopeConstraint& scope, Resolved& uid) {
+    switch (clause.op) {
+      case ScopeConstraint::Op::kAny:
+        return true;
+      case ScopeConstraint::Op::kEq:
+        return uid.id() == clause.id;
+      case ScopeConstraint::Op::kIn:
+        return uid.in(clause.id);
+      case ScopeConstraint::Op::kIs:
+        return uid.uid().type == scope.entity_type;
+      case ScopeConstraint::Op::kIsIn:
+        return uid.uid().type == scope.entity_type && uid.in(clause.id);
+      case ScopeConstraint::Op::kInSet:
+        return std::any_of(clause.ids.begin(), clause.ids.end(),
+                           [&](std::uint32_t id) { return uid.in(id); });
+    }
+    return false;
   }
 };
 
@@ -221,16 +439,27 @@ const Policy* Authorizer::find(std::string_view id) const {
 Response Authorizer::is_authorized(const Request& request, const Entities& entities) const {
   Response response;
   if (!index_) return response;  // default deny
+  const Index& index = *index_;
 
-  std::vector<const std::string*> permits;
-  std::vector<const std::string*> forbids;
+  Index::Resolved principal(index, entities, request.principal);
+  Index::Resolved action(index, entities, request.action);
+  Index::Resolved resource(index, entities, request.resource);
+
+  SmallList<const std::string*, 8> permits;
+  SmallList<const std::string*, 8> forbids;
   std::string error;
-  const std::size_t principal_hash = EntityUidHash{}(request.principal);
   auto consider = [&](const Index::SlotList& list) {
     for (const Index::Candidate& candidate : list) {
-      if (candidate.principal_eq && candidate.principal_hash != principal_hash) continue;
-      const Policy& policy = candidate.slot->policy;
-      switch (evaluate_policy(policy, request, entities, error)) {
+      if (candidate.principal != Index::kAnyId && candidate.principal != principal.id()) continue;
+      if (candidate.action != Index::kAnyId && candidate.action != action.id()) continue;
+      const Index::Slot& slot = *candidate.slot;
+      if (!Index::matches(slot.principal, slot.policy.principal, principal) ||
+          !Index::matches(slot.action, slot.policy.action, action) ||
+          !Index::matches(slot.resource, slot.policy.resource, resource)) {
+        continue;
+      }
+      const Policy& policy = slot.policy;
+      switch (evaluate_conditions(policy, request, entities, error)) {
         case Outcome::kSatisfied:
           (policy.effect == Effect::kForbid ? forbids : permits).push_back(&policy.id);
           break;
@@ -243,16 +472,14 @@ Response Authorizer::is_authorized(const Request& request, const Entities& entit
       }
     }
   };
-  auto visit_buckets = [&](const Index::Buckets& buckets, const EntityUid& start) {
-    if (buckets.empty()) return;
-    internal::walk_ancestors(entities, start, [&](const EntityUid& uid) {
-      if (auto it = buckets.find(uid); it != buckets.end()) consider(it->second);
-      return false;  // walk every ancestor
-    });
-  };
-  visit_buckets(index_->by_resource, request.resource);
-  visit_buckets(index_->by_principal, request.principal);
-  consider(index_->unindexed);
+  // The resource's buckets and its ancestors', then the principal's, then the unindexed.
+  if (index.in_resource_buckets != 0) {
+    for (const Index::Node* node : resource.nodes()) consider(node->by_resource);
+  }
+  if (index.in_principal_buckets != 0) {
+    for (const Index::Node* node : principal.nodes()) consider(node->by_principal);
+  }
+  consider(index.unindexed);
 
   // Any satisfied forbid denies; else any satisfied permit allows; else the default deny.
   auto& determining = forbids.empty() ? permits : forbids;

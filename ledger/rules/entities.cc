@@ -316,12 +316,26 @@ void Entities::add(Entity entity) {
 }
 
 const Entity* Entities::find(const EntityUid& uid) const {
+  // The request-local layer (a few entities, no hashing) is searched before anything is hashed.
+  const Entities* layer = this;
+  for (; layer != nullptr && layer->entities_.empty(); layer = layer->base_) {
+    for (const Entity& e : layer->few_) {
+      if (e.uid == uid) return &e;
+    }
+  }
+  if (layer == nullptr) return nullptr;
+  return layer->find(uid, EntityUidHash{}(uid));
+}
+
+const Entity* Entities::find(const EntityUid& uid, std::size_t hash) const {
   for (const Entities* layer = this; layer != nullptr; layer = layer->base_) {
     for (const Entity& e : layer->few_) {
       if (e.uid == uid) return &e;
     }
     if (layer->entities_.empty()) continue;
-    if (auto it = layer->entities_.find(uid); it != layer->entities_.end()) return &it->second;
+    if (auto it = layer->entities_.find(Key{&uid, hash}); it != layer->entities_.end()) {
+      return &it->second;
+    }
   }
   return nullptr;
 }
@@ -334,7 +348,8 @@ bool Entities::is_in(const EntityUid& a, const EntityUid& b) const {
   for (const EntityUid& parent : entity->parents) {
     if (parent == b) return true;
   }
-  return internal::walk_ancestors(*this, a, [&](const EntityUid& uid) { return uid == b; });
+  return internal::walk_ancestors(*this, a,
+                                  [&](const EntityUid& uid, std::size_t) { return uid == b; });
 }
 
 std::vector<const Entity*> Entities::all() const {

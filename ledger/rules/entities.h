@@ -35,6 +35,9 @@ class Entities {
   std::size_t size() const { return few_.size() + entities_.size(); }
 
   const Entity* find(const EntityUid& uid) const;
+  // The same, when the caller already has `hash`, which must be EntityUidHash{}(uid): the
+  // engine's walks hash each uid once and use it for this store and the authorizer's index.
+  const Entity* find(const EntityUid& uid, std::size_t hash) const;
   // Cedar's `in` between two entities: a == b, or b is reachable from a through parents.
   // Unknown entities have no parents. Cycles are tolerated (each entity visited once).
   bool is_in(const EntityUid& a, const EntityUid& b) const;
@@ -46,9 +49,26 @@ class Entities {
   // A store of a few entities (the request-local layer: the resource being read) keeps them in a
   // small vector, searched without hashing; past kFew they all move to the hash map.
   static constexpr std::size_t kFew = 4;
+  // The map is searched by a uid and its precomputed hash (C++20 heterogeneous lookup), so a
+  // lookup with a known hash hashes nothing.
+  struct Key {
+    const EntityUid* uid;
+    std::size_t hash;
+  };
+  struct KeyHash {
+    using is_transparent = void;
+    std::size_t operator()(const EntityUid& u) const noexcept { return EntityUidHash{}(u); }
+    std::size_t operator()(const Key& k) const noexcept { return k.hash; }
+  };
+  struct KeyEqual {
+    using is_transparent = void;
+    bool operator()(const EntityUid& a, const EntityUid& b) const noexcept { return a == b; }
+    bool operator()(const Key& a, const EntityUid& b) const noexcept { return *a.uid == b; }
+    bool operator()(const EntityUid& a, const Key& b) const noexcept { return a == *b.uid; }
+  };
   const Entities* base_ = nullptr;
   std::vector<Entity> few_;
-  std::unordered_map<EntityUid, Entity, EntityUidHash> entities_;
+  std::unordered_map<EntityUid, Entity, KeyHash, KeyEqual> entities_;
 };
 
 // Cedar's JSON entity format: an array of {"uid": {"type": T, "id": I}, "attrs": {...},
