@@ -16,6 +16,7 @@
 #include <array>
 #include <cstdint>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 
 #include "ledger/rules/ancestors.h"
@@ -75,16 +76,25 @@ std::string located(const SourceLocation& where, std::string message) {
   return std::to_string(where.line) + ":" + std::to_string(where.column) + ": " + message;
 }
 
-// The conditions in order, once the scope matched; the first false one ends it. `error` is set
-// on kError.
-Outcome evaluate_conditions(const Policy& policy, const Request& request, const Entities& entities,
-                            std::string& error) {
-  for (const Condition& condition : policy.conditions) {
+// The conditions in order, once the scope matched; the first false one ends it. `shared` holds,
+// parallel to the conditions, the pool's tree of each one (or null: evaluate the policy's own).
+// Evaluation does not depend on source locations, so the shared tree decides exactly as the
+// policy's own would; only an error is evaluated again on the policy's own tree, whose
+// locations the message names. `error` is set on kError.
+Outcome evaluate_conditions(const Policy& policy, const std::vector<ExprPtr>& shared,
+                            const Request& request, const Entities& entities, std::string& error) {
+  for (std::size_t i = 0; i < policy.conditions.size(); ++i) {
+    const Condition& condition = policy.conditions[i];
     if (condition.expr == nullptr) {
       error = located(policy.location, "malformed policy: a condition without an expression");
       return Outcome::kError;
     }
-    EvalResult result = evaluate(*condition.expr, request, entities);
+    const Expr* tree = i < shared.size() && shared[i] != nullptr ? shared[i].get()
+                                                                  : condition.expr.get();
+    EvalResult result = evaluate(*tree, request, entities);
+    if (std::holds_alternative<EvalError>(result) && tree != condition.expr.get()) {
+      result = evaluate(*condition.expr, request, entities);
+    }
     if (const auto* failure = std::get_if<EvalError>(&result)) {
       error = located(failure->location, failure->message);
       return Outcome::kError;
@@ -99,6 +109,94 @@ Outcome evaluate_conditions(const Policy& policy, const Request& request, const 
   }
   return Outcome::kSatisfied;
 }
+
+// Condition trees, shared between policies wherever they are equal but for source locations:
+// consent grants are written from one template, so 100,000 of them hold a handful of distinct
+// subtrees (`context.purpose == "TREAT"`, `resource in Category::"labs"`). Evaluating a shared
+// tree touches memory that other decisions keep in the cache; each grant's own tree is a few
+// kilobytes scattered over the heap, read once per decision from main memory.
+class ExprPool {
+ public:
+  // The pool's tree equal to `e` (null when e is null, or nested deeper than the evaluator
+  // would evaluate: such a tree keeps to itself). Every pool node is a copy; `e` is not kept.
+  ExprPtr intern(const ExprPtr& e) { return e == nullptr ? nullptr : intern(*e, 0); }
+
+  // Drops the nodes no policy holds any more, once enough policies went to make it worth a pass.
+  void released(std::size_t conditions) {
+    released_ += conditions;
+    if (released_ < 64 + nodes_.size() / 2) return;
+    released_ = 0;
+    // A node freed here may free its children; passes repeat until none goes.
+    for (bool freed = true; freed;) {
+      freed = false;
+      for (auto it = nodes_.begin(); it != nodes_.end();) {
+        if (it->use_count() == 1) {
+          it = nodes_.erase(it);
+          freed = true;
+        } else {
+          ++it;
+        }
+      }
+    }
+  }
+
+ private:
+  // As the evaluator's bound: a deeper tree is an error there, and never recursed into here.
+  static constexpr int kMaxDepth = 1000;
+
+  // A node's own fields and its (pooled) children's addresses; never its location.
+  struct NodeHash {
+    std::size_t operator()(const ExprPtr& e) const noexcept {
+      std::size_t h = static_cast<std::size_t>(e->kind);
+      auto mix = [&h](std::size_t v) { h ^= v + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2); };
+      mix(static_cast<std::size_t>(e->variable));
+      mix(static_cast<std::size_t>(e->unary_op));
+      mix(static_cast<std::size_t>(e->binary_op));
+      mix(std::hash<std::string>{}(e->attr));
+      mix(std::hash<std::string>{}(e->entity_type));
+      for (const PatternPart& part : e->pattern) {
+        mix(part.wildcard ? 1 : 2);
+        mix(std::hash<std::string>{}(part.text));
+      }
+      for (const std::string& key : e->keys) mix(std::hash<std::string>{}(key));
+      if (e->kind == Expr::Kind::kLiteral) mix(std::hash<std::string>{}(e->literal.to_text()));
+      for (const ExprPtr& child : e->children) mix(std::hash<const Expr*>{}(child.get()));
+      return h;
+    }
+  };
+  struct NodeEqual {
+    bool operator()(const ExprPtr& a, const ExprPtr& b) const noexcept {
+      if (a->kind != b->kind || a->variable != b->variable || a->unary_op != b->unary_op ||
+          a->binary_op != b->binary_op || a->attr != b->attr ||
+          a->entity_type != b->entity_type || a->pattern != b->pattern || a->keys != b->keys ||
+          a->children.size() != b->children.size()) {
+        return false;
+      }
+      // Literals equal as values evaluate alike (the same kind, and sets are kept sorted).
+      if (a->kind == Expr::Kind::kLiteral && !(a->literal == b->literal)) return false;
+      for (std::size_t i = 0; i < a->children.size(); ++i) {
+        if (a->children[i] != b->children[i]) return false;
+      }
+      return true;
+    }
+  };
+
+  // Children first, so that a node is compared by its children's addresses.
+  ExprPtr intern(const Expr& e, int depth) {
+    if (depth > kMaxDepth) return nullptr;
+    auto copy = std::make_shared<Expr>(e);
+    copy->location = SourceLocation{};
+    for (ExprPtr& child : copy->children) {
+      if (child == nullptr) continue;
+      child = intern(*child, depth + 1);
+      if (child == nullptr) return nullptr;
+    }
+    return *nodes_.insert(std::move(copy)).first;
+  }
+
+  std::unordered_set<ExprPtr, NodeHash, NodeEqual> nodes_;
+  std::size_t released_ = 0;
+};
 
 // A list of a few trivially copyable items, kept inline up to N (a request's handful of ancestor
 // ids, bucket lists and satisfied policies), so that a decision allocates nothing for them.
@@ -193,6 +291,7 @@ struct Authorizer::Index {
   struct Slot {
     Policy policy;
     Clause principal, action, resource;
+    std::vector<ExprPtr> conditions;  // the pool's tree of each condition, or null
     Bucket bucket = Bucket::kUnindexed;
     Node* node = nullptr;      // the bucket's owner (kResource, kPrincipal)
     std::size_t position = 0;  // in its bucket's list
@@ -205,6 +304,7 @@ struct Authorizer::Index {
   std::vector<std::uint32_t> free_ids;  // of uids no policy names any more
   std::uint32_t next_id = 0;
   SlotList unindexed;
+  ExprPool conditions;
   // How many policies sit in resource (principal) buckets: a request walks the resource's
   // (principal's) ancestors for buckets only when there are some.
   std::size_t in_resource_buckets = 0;
@@ -288,6 +388,10 @@ struct Authorizer::Index {
     slot->principal = intern(p.principal);
     slot->action = intern(p.action);
     slot->resource = intern(p.resource);
+    slot->conditions.reserve(p.conditions.size());
+    for (const Condition& condition : p.conditions) {
+      slot->conditions.push_back(conditions.intern(condition.expr));
+    }
     // The nodes were acquired above; finding them again takes no new reference.
     if (const EntityUid* resource = bucket_entity(p.resource)) {
       slot->bucket = Bucket::kResource;
@@ -322,6 +426,8 @@ struct Authorizer::Index {
     release(slot.policy.action);
     release(slot.policy.resource);
   }
+  // After the slot is gone (its trees with it).
+  void forgotten(std::size_t condition_count) { conditions.released(condition_count); }
 
   // One of the request's uids, resolved against the policies' table: its own id, and (walked on
   // first need) the ids of it and its ancestors, with the bucket lists met on the way.
@@ -421,8 +527,13 @@ Status Authorizer::remove(std::string_view id) {
     return Status::NotFound("no policy with id " + quote_string(key));
   }
   auto [begin, end] = index_->by_id.equal_range(key);
-  for (auto it = begin; it != end; ++it) index_->unlink(*it->second);
+  std::size_t conditions = 0;
+  for (auto it = begin; it != end; ++it) {
+    index_->unlink(*it->second);
+    conditions += it->second->conditions.size();
+  }
   index_->by_id.erase(key);
+  index_->forgotten(conditions);
   return Status::Ok();
 }
 
@@ -459,7 +570,7 @@ Response Authorizer::is_authorized(const Request& request, const Entities& entit
         continue;
       }
       const Policy& policy = slot.policy;
-      switch (evaluate_conditions(policy, request, entities, error)) {
+      switch (evaluate_conditions(policy, slot.conditions, request, entities, error)) {
         case Outcome::kSatisfied:
           (policy.effect == Effect::kForbid ? forbids : permits).push_back(&policy.id);
           break;

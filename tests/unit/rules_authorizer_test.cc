@@ -362,6 +362,50 @@ TEST_CASE("authorizer: the index finds grants through ancestors", "[rules][autho
   CHECK(ring.is_authorized(req(kLee, kRead, uid("G", "a")), cyclic).determining == Ids{"to-b"});
 }
 
+TEST_CASE("authorizer: equal conditions share a tree, and each error names its own location",
+          "[rules][authorizer]") {
+  const Entities store = hospital();
+  Authorizer az;
+  // The same conditions at different places: the index evaluates one shared tree for them, and
+  // an error is still reported where each policy has it.
+  REQUIRE(az.add(permit("a", any(), any(), any(), {when(at(boom(), 2, 3))})).ok());
+  REQUIRE(az.add(permit("b", any(), any(), any(), {when(at(boom(), 7, 9))})).ok());
+  REQUIRE(az.add(permit("c", any(), any(), any(), {when(at(lit(5), 4, 1))})).ok());
+  REQUIRE(az.add(permit("d", any(), any(), any(), {when(at(lit(5), 6, 2))})).ok());
+  REQUIRE(az.add(permit("e", any(), any(), any(), {when(eq(ctx("purpose"), lit("TREAT")))})).ok());
+  REQUIRE(az.add(permit("f", any(), any(), any(), {when(eq(ctx("purpose"), lit("AUDIT")))})).ok());
+  REQUIRE(az.add(permit("g", any(), any(), any(), {unless(eq(ctx("purpose"), lit("TREAT")))}))
+              .ok());
+  // Literals equal as values only when of one kind: 1 is not true.
+  REQUIRE(az.add(permit("h", any(), any(), any(), {when(eq(lit(1), lit(true)))})).ok());
+  REQUIRE(az.add(permit("i", any(), any(), any(), {when(eq(lit(true), lit(true)))})).ok());
+  Response r = az.is_authorized(treat(), store);
+  CHECK(r.determining == Ids{"e", "i"});
+  REQUIRE(error_ids(r) == Ids{"a", "b", "c", "d"});
+  CHECK(r.errors[0].message == "2:3: type error: expected long, got string");
+  CHECK(r.errors[1].message == "7:9: type error: expected long, got string");
+  CHECK(r.errors[2].message == "4:1: type error: expected bool, got long");
+  CHECK(r.errors[3].message == "6:2: type error: expected bool, got long");
+
+  // Many grants come and go (the pool drops trees no policy holds); the rest still decide.
+  for (int round = 0; round < 300; ++round) {
+    const std::string id = "churn-" + std::to_string(round);
+    REQUIRE(az.add(permit(id, scope_eq(kLee), any(), any(),
+                          {when(eq(ctx("now"), lit(round))), when(ctx("nope"))}))
+                .ok());
+    if (round % 3 != 0) REQUIRE(az.remove(id).ok());
+  }
+  // The kept churn grants' first condition (now == round) is false at now = 1700000000.
+  r = az.is_authorized(treat(), store);
+  CHECK(r.determining == Ids{"e", "i"});
+  CHECK(r.errors.size() == 4);
+  Request at_round_3 = req(kLee, kRead, kObs, Value::record({{"purpose", str("TREAT")},
+                                                              {"now", num(3)}}));
+  r = az.is_authorized(at_round_3, store);
+  REQUIRE(error_ids(r) == Ids{"a", "b", "c", "churn-3", "d"});
+  CHECK_THAT(r.errors[3].message, Catch::Contains("`nope`"));
+}
+
 TEST_CASE("authorizer: a uid no policy names any more is forgotten and its id reused",
           "[rules][authorizer]") {
   const Entities store = hospital();
