@@ -20,6 +20,7 @@
 #include <utility>
 
 #include "ledger/rules/ancestors.h"
+#include "ledger/rules/uid_table.h"
 
 namespace medgate::rules {
 
@@ -258,28 +259,14 @@ struct Authorizer::Index {
   using SlotList = std::vector<Candidate>;
 
   struct Node {
+    EntityUid uid;
     std::uint32_t id = kNoId;
     std::uint32_t refs = 0;  // scope clauses naming this uid
     SlotList by_resource;    // policies whose resource scope confines it under this uid
     SlotList by_principal;   // likewise the principal, when the resource scope does not
   };
-  // The table is searched by a uid and its precomputed hash, so a request hashes each uid once.
-  struct Key {
-    const EntityUid* uid;
-    std::size_t hash;
-  };
-  struct KeyHash {
-    using is_transparent = void;
-    std::size_t operator()(const EntityUid& u) const noexcept { return EntityUidHash{}(u); }
-    std::size_t operator()(const Key& k) const noexcept { return k.hash; }
-  };
-  struct KeyEqual {
-    using is_transparent = void;
-    bool operator()(const EntityUid& a, const EntityUid& b) const noexcept { return a == b; }
-    bool operator()(const Key& a, const EntityUid& b) const noexcept { return *a.uid == b; }
-    bool operator()(const EntityUid& a, const Key& b) const noexcept { return a == *b.uid; }
-  };
-  using Table = std::unordered_map<EntityUid, Node, KeyHash, KeyEqual>;
+  // Searched by a uid and its precomputed hash, so a request hashes each uid once.
+  using Table = internal::UidTable<Node>;
 
   // A scope clause with its entities as ids.
   struct Clause {
@@ -312,27 +299,32 @@ struct Authorizer::Index {
 
   // The node of `uid`, created with a fresh id when no policy named it yet; counts a reference.
   Node& acquire(const EntityUid& uid) {
-    auto [it, fresh] = uids.try_emplace(uid);
-    Node& node = it->second;
-    if (fresh) {
+    const std::size_t hash = EntityUidHash{}(uid);
+    Node* node = uids.find(uid, hash);
+    if (node == nullptr) {
+      auto fresh = std::make_unique<Node>();
+      fresh->uid = uid;
       if (free_ids.empty()) {
-        node.id = next_id++;
+        fresh->id = next_id++;
       } else {
-        node.id = free_ids.back();
+        fresh->id = free_ids.back();
         free_ids.pop_back();
       }
+      node = &uids.insert(std::move(fresh), hash);
     }
-    ++node.refs;
-    return node;
+    ++node->refs;
+    return *node;
   }
   void release(const EntityUid& uid) {
-    auto it = uids.find(uid);
-    if (it == uids.end()) return;  // not reached: every released uid was acquired
-    if (--it->second.refs == 0) {
-      free_ids.push_back(it->second.id);
-      uids.erase(it);
+    const std::size_t hash = EntityUidHash{}(uid);
+    Node* node = uids.find(uid, hash);
+    if (node == nullptr) return;  // not reached: every released uid was acquired
+    if (--node->refs == 0) {
+      free_ids.push_back(node->id);
+      uids.erase(uid, hash);
     }
   }
+  Node& node_of(const EntityUid& uid) { return *uids.find(uid, EntityUidHash{}(uid)); }
 
   Clause intern(const ScopeConstraint& scope) {
     Clause clause;
@@ -395,11 +387,11 @@ struct Authorizer::Index {
     // The nodes were acquired above; finding them again takes no new reference.
     if (const EntityUid* resource = bucket_entity(p.resource)) {
       slot->bucket = Bucket::kResource;
-      slot->node = &uids.find(*resource)->second;
+      slot->node = &node_of(*resource);
       ++in_resource_buckets;
     } else if (const EntityUid* principal = bucket_entity(p.principal)) {
       slot->bucket = Bucket::kPrincipal;
-      slot->node = &uids.find(*principal)->second;
+      slot->node = &node_of(*principal);
       ++in_principal_buckets;
     }
     SlotList& list = list_of(*slot);
@@ -455,8 +447,7 @@ struct Authorizer::Index {
 
    private:
     const Node* lookup(const EntityUid& uid, std::size_t hash) const {
-      auto it = index_.uids.find(Key{&uid, hash});
-      return it == index_.uids.end() ? nullptr : &it->second;
+      return index_.uids.find(uid, hash);
     }
     void walk() {
       if (walked_) return;

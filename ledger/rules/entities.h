@@ -7,12 +7,12 @@
 
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "hsm/status.h"
+#include "ledger/rules/uid_table.h"
 #include "ledger/rules/value.h"
 
 namespace medgate::rules {
@@ -49,26 +49,9 @@ class Entities {
   // A store of a few entities (the request-local layer: the resource being read) keeps them in a
   // small vector, searched without hashing; past kFew they all move to the hash map.
   static constexpr std::size_t kFew = 4;
-  // The map is searched by a uid and its precomputed hash (C++20 heterogeneous lookup), so a
-  // lookup with a known hash hashes nothing.
-  struct Key {
-    const EntityUid* uid;
-    std::size_t hash;
-  };
-  struct KeyHash {
-    using is_transparent = void;
-    std::size_t operator()(const EntityUid& u) const noexcept { return EntityUidHash{}(u); }
-    std::size_t operator()(const Key& k) const noexcept { return k.hash; }
-  };
-  struct KeyEqual {
-    using is_transparent = void;
-    bool operator()(const EntityUid& a, const EntityUid& b) const noexcept { return a == b; }
-    bool operator()(const Key& a, const EntityUid& b) const noexcept { return *a.uid == b; }
-    bool operator()(const EntityUid& a, const Key& b) const noexcept { return a == *b.uid; }
-  };
   const Entities* base_ = nullptr;
   std::vector<Entity> few_;
-  std::unordered_map<EntityUid, Entity, KeyHash, KeyEqual> entities_;
+  internal::UidTable<Entity> entities_;  // searched by a uid and its precomputed hash
 };
 
 // Cedar's JSON entity format: an array of {"uid": {"type": T, "id": I}, "attrs": {...},
