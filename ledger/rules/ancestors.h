@@ -76,10 +76,11 @@ class UidWorklist {
 
 // Calls visit(uid, hash) for `start` and then each of its ancestors, breadth first, each once;
 // `hash` is EntityUidHash{}(uid). Stops as soon as visit returns true and returns true; returns
-// false when the walk is exhausted.
-template <typename Visit>
+// false when the walk is exhausted. discovered(hash) is called as each ancestor is first met,
+// before it is visited, so that the caller can prefetch what the visit will read.
+template <typename Visit, typename Discovered>
 bool walk_ancestors(const Entities& entities, const EntityUid& start, std::size_t start_hash,
-                    Visit&& visit) {
+                    Visit&& visit, Discovered&& discovered) {
   UidWorklist seen;
   seen.insert(start, start_hash);
   for (std::size_t i = 0; i < seen.size(); ++i) {
@@ -87,7 +88,13 @@ bool walk_ancestors(const Entities& entities, const EntityUid& start, std::size_
     const std::size_t hash = seen.hash(i);
     if (visit(uid, hash)) return true;
     if (const Entity* entity = entities.find(uid, hash)) {
-      for (const EntityUid& parent : entity->parents) seen.insert(parent);
+      for (const EntityUid& parent : entity->parents) {
+        const std::size_t parent_hash = EntityUidHash{}(parent);
+        if (seen.insert(parent, parent_hash)) {
+          entities.prefetch(parent_hash);
+          discovered(parent_hash);
+        }
+      }
     }
   }
   return false;
@@ -95,7 +102,8 @@ bool walk_ancestors(const Entities& entities, const EntityUid& start, std::size_
 
 template <typename Visit>
 bool walk_ancestors(const Entities& entities, const EntityUid& start, Visit&& visit) {
-  return walk_ancestors(entities, start, EntityUidHash{}(start), std::forward<Visit>(visit));
+  return walk_ancestors(entities, start, EntityUidHash{}(start), std::forward<Visit>(visit),
+                        [](std::size_t) {});
 }
 
 }  // namespace medgate::rules::internal

@@ -77,24 +77,30 @@ std::string located(const SourceLocation& where, std::string message) {
   return std::to_string(where.line) + ":" + std::to_string(where.column) + ": " + message;
 }
 
-// The conditions in order, once the scope matched; the first false one ends it. `shared` holds,
-// parallel to the conditions, the pool's tree of each one (or null: evaluate the policy's own).
-// Evaluation does not depend on source locations, so the shared tree decides exactly as the
-// policy's own would; only an error is evaluated again on the policy's own tree, whose
-// locations the message names. `error` is set on kError.
-Outcome evaluate_conditions(const Policy& policy, const std::vector<ExprPtr>& shared,
-                            const Request& request, const Entities& entities, std::string& error) {
-  for (std::size_t i = 0; i < policy.conditions.size(); ++i) {
-    const Condition& condition = policy.conditions[i];
-    if (condition.expr == nullptr) {
-      error = located(policy.location, "malformed policy: a condition without an expression");
+// A condition as the index evaluates it: the pool's tree of it (or the policy's own, when the
+// pool keeps none), null when the condition has no expression.
+struct Check {
+  const Expr* tree = nullptr;
+  bool is_when = true;
+};
+
+// The conditions in order, once the scope matched; the first false one ends it. Evaluation does
+// not depend on source locations, so a pooled tree decides exactly as the policy's own would;
+// only an error is evaluated again on the policy's own tree, whose locations the message names.
+// `error` is set on kError. (A template only because Slot is private to the index.)
+template <typename Slot>
+Outcome evaluate_conditions(const Slot& slot, const Request& request, const Entities& entities,
+                            std::string& error) {
+  for (std::size_t i = 0; i < slot.check_count; ++i) {
+    const Check& check = slot.check(i);
+    if (check.tree == nullptr) {
+      error = located(slot.policy.location, "malformed policy: a condition without an expression");
       return Outcome::kError;
     }
-    const Expr* tree = i < shared.size() && shared[i] != nullptr ? shared[i].get()
-                                                                  : condition.expr.get();
-    EvalResult result = evaluate(*tree, request, entities);
-    if (std::holds_alternative<EvalError>(result) && tree != condition.expr.get()) {
-      result = evaluate(*condition.expr, request, entities);
+    EvalResult result = evaluate(*check.tree, request, entities);
+    if (std::holds_alternative<EvalError>(result)) {
+      const Expr& own = *slot.policy.conditions[i].expr;
+      if (check.tree != &own) result = evaluate(own, request, entities);
     }
     if (const auto* failure = std::get_if<EvalError>(&result)) {
       error = located(failure->location, failure->message);
@@ -102,11 +108,11 @@ Outcome evaluate_conditions(const Policy& policy, const std::vector<ExprPtr>& sh
     }
     const Value& value = std::get<Value>(result);
     if (!value.is_bool()) {
-      error = located(condition.expr->location,
+      error = located(slot.policy.conditions[i].expr->location,
                       "type error: expected bool, got " + std::string(kind_name(value.kind())));
       return Outcome::kError;
     }
-    if (value.as_bool() != condition.is_when) return Outcome::kNotSatisfied;
+    if (value.as_bool() != check.is_when) return Outcome::kNotSatisfied;
   }
   return Outcome::kSatisfied;
 }
@@ -275,13 +281,24 @@ struct Authorizer::Index {
     std::vector<std::uint32_t> ids;   // kInSet
   };
   enum class Bucket { kResource, kPrincipal, kUnindexed };
+  // What a decision reads of a policy comes first, in the first cache lines of its slot; the
+  // policy itself (its text form, annotations, source locations) is read only for an error.
   struct Slot {
-    Policy policy;
     Clause principal, action, resource;
-    std::vector<ExprPtr> conditions;  // the pool's tree of each condition, or null
+    Effect effect = Effect::kPermit;
+    std::uint32_t check_count = 0;
+    std::array<Check, 2> first_checks;  // the conditions, in order; past two in more_checks
+    std::vector<Check> more_checks;
+    const std::string* id = nullptr;    // &policy.id
+    Policy policy;
+    std::vector<ExprPtr> pooled;  // holds the pool's trees the checks point into
     Bucket bucket = Bucket::kUnindexed;
     Node* node = nullptr;      // the bucket's owner (kResource, kPrincipal)
     std::size_t position = 0;  // in its bucket's list
+
+    const Check& check(std::size_t i) const {
+      return i < first_checks.size() ? first_checks[i] : more_checks[i - first_checks.size()];
+    }
   };
 
   // Owns the policies. A multimap only so that a PolicySet with a repeated id (which the parser
@@ -380,9 +397,19 @@ struct Authorizer::Index {
     slot->principal = intern(p.principal);
     slot->action = intern(p.action);
     slot->resource = intern(p.resource);
-    slot->conditions.reserve(p.conditions.size());
-    for (const Condition& condition : p.conditions) {
-      slot->conditions.push_back(conditions.intern(condition.expr));
+    slot->effect = p.effect;
+    slot->id = &p.id;
+    slot->check_count = static_cast<std::uint32_t>(p.conditions.size());
+    for (std::size_t i = 0; i < p.conditions.size(); ++i) {
+      const Condition& condition = p.conditions[i];
+      ExprPtr pooled = conditions.intern(condition.expr);
+      Check check{pooled != nullptr ? pooled.get() : condition.expr.get(), condition.is_when};
+      if (pooled != nullptr) slot->pooled.push_back(std::move(pooled));
+      if (i < slot->first_checks.size()) {
+        slot->first_checks[i] = check;
+      } else {
+        slot->more_checks.push_back(check);
+      }
     }
     // The nodes were acquired above; finding them again takes no new reference.
     if (const EntityUid* resource = bucket_entity(p.resource)) {
@@ -425,8 +452,9 @@ struct Authorizer::Index {
   // first need) the ids of it and its ancestors, with the bucket lists met on the way.
   class Resolved {
    public:
-    Resolved(const Index& index, const Entities& entities, const EntityUid& uid)
-        : index_(index), entities_(entities), uid_(uid), hash_(EntityUidHash{}(uid)) {
+    // `hash` is EntityUidHash{}(uid).
+    Resolved(const Index& index, const Entities& entities, const EntityUid& uid, std::size_t hash)
+        : index_(index), entities_(entities), uid_(uid), hash_(hash) {
       node_ = lookup(uid, hash_);
       id_ = node_ == nullptr ? kNoId : node_->id;
     }
@@ -452,14 +480,20 @@ struct Authorizer::Index {
     void walk() {
       if (walked_) return;
       walked_ = true;
-      internal::walk_ancestors(entities_, uid_, hash_, [&](const EntityUid& uid, std::size_t hash) {
-        const Node* node = &uid == &uid_ ? node_ : lookup(uid, hash);
-        if (node != nullptr) {
-          ancestors_.push_back(node->id);
-          nodes_.push_back(node);
-        }
-        return false;  // walk every ancestor
-      });
+      internal::walk_ancestors(
+          entities_, uid_, hash_,
+          [&](const EntityUid& uid, std::size_t hash) {
+            const Node* node = &uid == &uid_ ? node_ : lookup(uid, hash);
+            if (node != nullptr) {
+              ancestors_.push_back(node->id);
+              nodes_.push_back(node);
+              // Its buckets are read once the walks are done.
+              if (!node->by_resource.empty()) __builtin_prefetch(node->by_resource.data());
+              if (!node->by_principal.empty()) __builtin_prefetch(node->by_principal.data());
+            }
+            return false;  // walk every ancestor
+          },
+          [&](std::size_t hash) { index_.uids.prefetch(hash); });
     }
 
     const Index& index_;
@@ -521,7 +555,7 @@ Status Authorizer::remove(std::string_view id) {
   std::size_t conditions = 0;
   for (auto it = begin; it != end; ++it) {
     index_->unlink(*it->second);
-    conditions += it->second->conditions.size();
+    conditions += it->second->pooled.size();
   }
   index_->by_id.erase(key);
   index_->forgotten(conditions);
@@ -543,9 +577,17 @@ Response Authorizer::is_authorized(const Request& request, const Entities& entit
   if (!index_) return response;  // default deny
   const Index& index = *index_;
 
-  Index::Resolved principal(index, entities, request.principal);
-  Index::Resolved action(index, entities, request.action);
-  Index::Resolved resource(index, entities, request.resource);
+  // The lookups below mostly miss the cache: start them all before waiting on the first.
+  const std::size_t principal_hash = EntityUidHash{}(request.principal);
+  const std::size_t action_hash = EntityUidHash{}(request.action);
+  const std::size_t resource_hash = EntityUidHash{}(request.resource);
+  index.uids.prefetch(principal_hash);
+  index.uids.prefetch(resource_hash);
+  entities.prefetch(resource_hash);
+  entities.prefetch(principal_hash);
+  Index::Resolved principal(index, entities, request.principal, principal_hash);
+  Index::Resolved action(index, entities, request.action, action_hash);
+  Index::Resolved resource(index, entities, request.resource, resource_hash);
 
   SmallList<const std::string*, 8> permits;
   SmallList<const std::string*, 8> forbids;
@@ -560,15 +602,14 @@ Response Authorizer::is_authorized(const Request& request, const Entities& entit
           !Index::matches(slot.resource, slot.policy.resource, resource)) {
         continue;
       }
-      const Policy& policy = slot.policy;
-      switch (evaluate_conditions(policy, slot.conditions, request, entities, error)) {
+      switch (evaluate_conditions(slot, request, entities, error)) {
         case Outcome::kSatisfied:
-          (policy.effect == Effect::kForbid ? forbids : permits).push_back(&policy.id);
+          (slot.effect == Effect::kForbid ? forbids : permits).push_back(slot.id);
           break;
         case Outcome::kNotSatisfied:
           break;
         case Outcome::kError:
-          response.errors.push_back(PolicyError{policy.id, std::move(error)});
+          response.errors.push_back(PolicyError{*slot.id, std::move(error)});
           error.clear();
           break;
       }
