@@ -68,7 +68,7 @@ class UidWorklist {
     return false;
   }
 
-  std::array<Item, kInline> inline_{};
+  std::array<Item, kInline> inline_;  // the first size_ are set; no need to clear the rest
   std::vector<Item> overflow_;
   std::unordered_set<Item, ItemHash, ItemEqual> index_;  // once past kInline
   std::size_t size_ = 0;
