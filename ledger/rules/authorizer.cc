@@ -174,8 +174,8 @@ class ExprPool {
   struct NodeEqual {
     bool operator()(const ExprPtr& a, const ExprPtr& b) const noexcept {
       if (a->kind != b->kind || a->variable != b->variable || a->unary_op != b->unary_op ||
-          a->binary_op != b->binary_op || a->attr != b->attr ||
-          a->entity_type != b->entity_type || a->pattern != b->pattern || a->keys != b->keys ||
+          a->binary_op != b->binary_op || a->attr != b->attr || a->entity_type != b->entity_type ||
+          a->pattern != b->pattern || a->keys != b->keys ||
           a->children.size() != b->children.size()) {
         return false;
       }
@@ -250,7 +250,7 @@ bool scope_matches(const Policy& policy, const Request& request, const Entities&
 // to E's, `in E` is E's id among the ids of the uid and its ancestors. A uid no policy names has
 // no id, and its ancestors that no policy names are not kept: no scope could be decided by them.
 struct Authorizer::Index {
-  static constexpr std::uint32_t kNoId = 0xffffffff;  // a uid no policy's scope names
+  static constexpr std::uint32_t kNoId = 0xffffffff;   // a uid no policy's scope names
   static constexpr std::uint32_t kAnyId = 0xfffffffe;  // a Candidate filter that passes everything
 
   struct Slot;
@@ -277,8 +277,8 @@ struct Authorizer::Index {
   // A scope clause with its entities as ids.
   struct Clause {
     ScopeConstraint::Op op = ScopeConstraint::Op::kAny;
-    std::uint32_t id = kNoId;         // kEq, kIn, kIsIn
-    std::vector<std::uint32_t> ids;   // kInSet
+    std::uint32_t id = kNoId;        // kEq, kIn, kIsIn
+    std::vector<std::uint32_t> ids;  // kInSet
   };
   enum class Bucket { kResource, kPrincipal, kUnindexed };
   // What a decision reads of a policy comes first, in the first cache lines of its slot; the
@@ -289,7 +289,7 @@ struct Authorizer::Index {
     std::uint32_t check_count = 0;
     std::array<Check, 2> first_checks;  // the conditions, in order; past two in more_checks
     std::vector<Check> more_checks;
-    const std::string* id = nullptr;    // &policy.id
+    const std::string* id = nullptr;  // &policy.id
     Policy policy;
     std::vector<ExprPtr> pooled;  // holds the pool's trees the checks point into
     Bucket bucket = Bucket::kUnindexed;

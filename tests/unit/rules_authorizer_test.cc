@@ -374,8 +374,8 @@ TEST_CASE("authorizer: equal conditions share a tree, and each error names its o
   REQUIRE(az.add(permit("d", any(), any(), any(), {when(at(lit(5), 6, 2))})).ok());
   REQUIRE(az.add(permit("e", any(), any(), any(), {when(eq(ctx("purpose"), lit("TREAT")))})).ok());
   REQUIRE(az.add(permit("f", any(), any(), any(), {when(eq(ctx("purpose"), lit("AUDIT")))})).ok());
-  REQUIRE(az.add(permit("g", any(), any(), any(), {unless(eq(ctx("purpose"), lit("TREAT")))}))
-              .ok());
+  REQUIRE(
+      az.add(permit("g", any(), any(), any(), {unless(eq(ctx("purpose"), lit("TREAT")))})).ok());
   // Literals equal as values only when of one kind: 1 is not true.
   REQUIRE(az.add(permit("h", any(), any(), any(), {when(eq(lit(1), lit(true)))})).ok());
   REQUIRE(az.add(permit("i", any(), any(), any(), {when(eq(lit(true), lit(true)))})).ok());
@@ -399,8 +399,8 @@ TEST_CASE("authorizer: equal conditions share a tree, and each error names its o
   r = az.is_authorized(treat(), store);
   CHECK(r.determining == Ids{"e", "i"});
   CHECK(r.errors.size() == 4);
-  Request at_round_3 = req(kLee, kRead, kObs, Value::record({{"purpose", str("TREAT")},
-                                                              {"now", num(3)}}));
+  Request at_round_3 =
+      req(kLee, kRead, kObs, Value::record({{"purpose", str("TREAT")}, {"now", num(3)}}));
   r = az.is_authorized(at_round_3, store);
   REQUIRE(error_ids(r) == Ids{"a", "b", "c", "churn-3", "d"});
   CHECK_THAT(r.errors[3].message, Catch::Contains("`nope`"));
@@ -419,13 +419,12 @@ TEST_CASE("authorizer: a uid no policy names any more is forgotten and its id re
   REQUIRE(az.add(permit("team", scope_in(uid("Team", "cardio-team")), any(),
                         scope_eq(uid("Patient", "p2"))))
               .ok());
-  REQUIRE(az.add(permit("other", scope_eq(uid("Practitioner", "dr-new")), any(), scope_in(kP1)))
-              .ok());
+  REQUIRE(
+      az.add(permit("other", scope_eq(uid("Practitioner", "dr-new")), any(), scope_in(kP1))).ok());
   CHECK(az.is_authorized(treat(kKim), store).decision == Decision::kDeny);
   CHECK(az.is_authorized(treat(kLee), store).decision == Decision::kDeny);
   CHECK(az.is_authorized(treat(kLee, uid("Patient", "p2")), store).determining == Ids{"team"});
-  CHECK(az.is_authorized(treat(uid("Practitioner", "dr-new")), store).determining ==
-        Ids{"other"});
+  CHECK(az.is_authorized(treat(uid("Practitioner", "dr-new")), store).determining == Ids{"other"});
 
   // Two policies naming the same uid: removing one keeps the uid for the other.
   REQUIRE(az.add(permit("lee-1", scope_eq(kLee), scope_eq(kRead), scope_eq(kObs))).ok());
@@ -450,8 +449,8 @@ TEST_CASE("authorizer: thousands of uids come and go from the index's table",
   constexpr int kGrants = 3000;
   auto patient = [](int i) { return uid("Patient", "p" + std::to_string(i)); };
   for (int i = 0; i < kGrants; ++i) {
-    REQUIRE(az.add(permit("g" + std::to_string(i), scope_eq(kLee), any(), scope_in(patient(i))))
-                .ok());
+    REQUIRE(
+        az.add(permit("g" + std::to_string(i), scope_eq(kLee), any(), scope_in(patient(i)))).ok());
   }
   std::vector<int> order(kGrants);
   for (int i = 0; i < kGrants; ++i) order[static_cast<std::size_t>(i)] = i;
@@ -492,8 +491,7 @@ TEST_CASE("authorizer: a principal with more ancestors than a request keeps inli
                           scope_eq(kWrite)))
                 .ok());
   }
-  REQUIRE(az.add(permit("deep-principal", scope_is_in("U", uid("G", "39")), scope_eq(kRead)))
-              .ok());
+  REQUIRE(az.add(permit("deep-principal", scope_is_in("U", uid("G", "39")), scope_eq(kRead))).ok());
   Response r = az.is_authorized(req(uid("U", "u"), kRead, uid("U", "u")), store);
   CHECK(r.decision == Decision::kAllow);
   CHECK(r.determining.size() == 41);
