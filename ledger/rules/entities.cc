@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <set>
 #include <string>
 #include <unordered_map>
@@ -306,22 +307,38 @@ void Entities::add(Entity entity) {
       return;
     }
     for (Entity& e : few_) {
-      EntityUid key = e.uid;
-      entities_.emplace(std::move(key), std::move(e));
+      const std::size_t hash = EntityUidHash{}(e.uid);
+      entities_.insert(std::make_unique<Entity>(std::move(e)), hash);
     }
     few_.clear();
   }
-  EntityUid key = entity.uid;
-  entities_.insert_or_assign(std::move(key), std::move(entity));
+  const std::size_t hash = EntityUidHash{}(entity.uid);
+  if (Entity* present = entities_.find(entity.uid, hash)) {
+    *present = std::move(entity);
+  } else {
+    entities_.insert(std::make_unique<Entity>(std::move(entity)), hash);
+  }
 }
 
 const Entity* Entities::find(const EntityUid& uid) const {
+  // The request-local layer (a few entities, no hashing) is searched before anything is hashed.
+  const Entities* layer = this;
+  for (; layer != nullptr && layer->entities_.empty(); layer = layer->base_) {
+    for (const Entity& e : layer->few_) {
+      if (e.uid == uid) return &e;
+    }
+  }
+  if (layer == nullptr) return nullptr;
+  return layer->find(uid, EntityUidHash{}(uid));
+}
+
+const Entity* Entities::find(const EntityUid& uid, std::size_t hash) const {
   for (const Entities* layer = this; layer != nullptr; layer = layer->base_) {
     for (const Entity& e : layer->few_) {
       if (e.uid == uid) return &e;
     }
     if (layer->entities_.empty()) continue;
-    if (auto it = layer->entities_.find(uid); it != layer->entities_.end()) return &it->second;
+    if (const Entity* e = layer->entities_.find(uid, hash)) return e;
   }
   return nullptr;
 }
@@ -334,14 +351,15 @@ bool Entities::is_in(const EntityUid& a, const EntityUid& b) const {
   for (const EntityUid& parent : entity->parents) {
     if (parent == b) return true;
   }
-  return internal::walk_ancestors(*this, a, [&](const EntityUid& uid) { return uid == b; });
+  return internal::walk_ancestors(*this, a,
+                                  [&](const EntityUid& uid, std::size_t) { return uid == b; });
 }
 
 std::vector<const Entity*> Entities::all() const {
   std::vector<const Entity*> out;
   out.reserve(size());
   for (const Entity& entity : few_) out.push_back(&entity);
-  for (const auto& [uid, entity] : entities_) out.push_back(&entity);
+  entities_.for_each([&](const Entity& entity) { out.push_back(&entity); });
   return out;
 }
 

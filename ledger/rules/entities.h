@@ -7,12 +7,12 @@
 
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "hsm/status.h"
+#include "ledger/rules/uid_table.h"
 #include "ledger/rules/value.h"
 
 namespace medgate::rules {
@@ -35,6 +35,16 @@ class Entities {
   std::size_t size() const { return few_.size() + entities_.size(); }
 
   const Entity* find(const EntityUid& uid) const;
+  // The same, when the caller already has `hash`, which must be EntityUidHash{}(uid): the
+  // engine's walks hash each uid once and use it for this store and the authorizer's index.
+  const Entity* find(const EntityUid& uid, std::size_t hash) const;
+  // A hint that find(uid, hash) follows soon: starts reading where it will look (each layer's
+  // table), so that the read overlaps other work. Changes nothing.
+  void prefetch(std::size_t hash) const {
+    for (const Entities* layer = this; layer != nullptr; layer = layer->base_) {
+      layer->entities_.prefetch(hash);
+    }
+  }
   // Cedar's `in` between two entities: a == b, or b is reachable from a through parents.
   // Unknown entities have no parents. Cycles are tolerated (each entity visited once).
   bool is_in(const EntityUid& a, const EntityUid& b) const;
@@ -48,7 +58,7 @@ class Entities {
   static constexpr std::size_t kFew = 4;
   const Entities* base_ = nullptr;
   std::vector<Entity> few_;
-  std::unordered_map<EntityUid, Entity, EntityUidHash> entities_;
+  internal::UidTable<Entity> entities_;  // searched by a uid and its precomputed hash
 };
 
 // Cedar's JSON entity format: an array of {"uid": {"type": T, "id": I}, "attrs": {...},

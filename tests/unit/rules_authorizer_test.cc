@@ -102,9 +102,15 @@ Ids error_ids(const Response& r) {
 
 TEST_CASE("authorizer: scope clauses", "[rules][authorizer]") {
   const Entities store = hospital();
+  // scope_matches() and the authorizer's index (which decides scopes on interned ids) must agree.
   auto matches = [&](ScopeConstraint p, ScopeConstraint a, ScopeConstraint r,
                      const Request& request = treat()) {
-    return scope_matches(permit("p", std::move(p), std::move(a), std::move(r)), request, store);
+    Policy policy = permit("p", std::move(p), std::move(a), std::move(r));
+    const bool scoped = scope_matches(policy, request, store);
+    Authorizer az;
+    REQUIRE(az.add(std::move(policy)).ok());
+    CHECK((az.is_authorized(request, store).decision == Decision::kAllow) == scoped);
+    return scoped;
   };
   CHECK(matches(any(), any(), any()));
   CHECK(matches(scope_eq(kLee), any(), any()));
@@ -356,6 +362,144 @@ TEST_CASE("authorizer: the index finds grants through ancestors", "[rules][autho
   CHECK(ring.is_authorized(req(kLee, kRead, uid("G", "a")), cyclic).determining == Ids{"to-b"});
 }
 
+TEST_CASE("authorizer: equal conditions share a tree, and each error names its own location",
+          "[rules][authorizer]") {
+  const Entities store = hospital();
+  Authorizer az;
+  // The same conditions at different places: the index evaluates one shared tree for them, and
+  // an error is still reported where each policy has it.
+  REQUIRE(az.add(permit("a", any(), any(), any(), {when(at(boom(), 2, 3))})).ok());
+  REQUIRE(az.add(permit("b", any(), any(), any(), {when(at(boom(), 7, 9))})).ok());
+  REQUIRE(az.add(permit("c", any(), any(), any(), {when(at(lit(5), 4, 1))})).ok());
+  REQUIRE(az.add(permit("d", any(), any(), any(), {when(at(lit(5), 6, 2))})).ok());
+  REQUIRE(az.add(permit("e", any(), any(), any(), {when(eq(ctx("purpose"), lit("TREAT")))})).ok());
+  REQUIRE(az.add(permit("f", any(), any(), any(), {when(eq(ctx("purpose"), lit("AUDIT")))})).ok());
+  REQUIRE(
+      az.add(permit("g", any(), any(), any(), {unless(eq(ctx("purpose"), lit("TREAT")))})).ok());
+  // Literals equal as values only when of one kind: 1 is not true.
+  REQUIRE(az.add(permit("h", any(), any(), any(), {when(eq(lit(1), lit(true)))})).ok());
+  REQUIRE(az.add(permit("i", any(), any(), any(), {when(eq(lit(true), lit(true)))})).ok());
+  Response r = az.is_authorized(treat(), store);
+  CHECK(r.determining == Ids{"e", "i"});
+  REQUIRE(error_ids(r) == Ids{"a", "b", "c", "d"});
+  CHECK(r.errors[0].message == "2:3: type error: expected long, got string");
+  CHECK(r.errors[1].message == "7:9: type error: expected long, got string");
+  CHECK(r.errors[2].message == "4:1: type error: expected bool, got long");
+  CHECK(r.errors[3].message == "6:2: type error: expected bool, got long");
+
+  // Many grants come and go (the pool drops trees no policy holds); the rest still decide.
+  for (int round = 0; round < 300; ++round) {
+    const std::string id = "churn-" + std::to_string(round);
+    REQUIRE(az.add(permit(id, scope_eq(kLee), any(), any(),
+                          {when(eq(ctx("now"), lit(round))), when(ctx("nope"))}))
+                .ok());
+    if (round % 3 != 0) REQUIRE(az.remove(id).ok());
+  }
+  // The kept churn grants' first condition (now == round) is false at now = 1700000000.
+  r = az.is_authorized(treat(), store);
+  CHECK(r.determining == Ids{"e", "i"});
+  CHECK(r.errors.size() == 4);
+  Request at_round_3 =
+      req(kLee, kRead, kObs, Value::record({{"purpose", str("TREAT")}, {"now", num(3)}}));
+  r = az.is_authorized(at_round_3, store);
+  REQUIRE(error_ids(r) == Ids{"a", "b", "c", "churn-3", "d"});
+  CHECK_THAT(r.errors[3].message, Catch::Contains("`nope`"));
+}
+
+TEST_CASE("authorizer: a uid no policy names any more is forgotten and its id reused",
+          "[rules][authorizer]") {
+  const Entities store = hospital();
+  Authorizer az;
+  // Ward w1 and dr-kim get ids; removing the only policies that name them frees the ids, which
+  // the next uids take. A request for the old uids must not match the new policies.
+  REQUIRE(az.add(permit("ward", scope_eq(kKim), any(), scope_in(uid("Ward", "w1")))).ok());
+  CHECK(az.is_authorized(treat(kKim), store).decision == Decision::kAllow);
+  REQUIRE(az.remove("ward").ok());
+  CHECK(az.is_authorized(treat(kKim), store).decision == Decision::kDeny);
+  REQUIRE(az.add(permit("team", scope_in(uid("Team", "cardio-team")), any(),
+                        scope_eq(uid("Patient", "p2"))))
+              .ok());
+  REQUIRE(
+      az.add(permit("other", scope_eq(uid("Practitioner", "dr-new")), any(), scope_in(kP1))).ok());
+  CHECK(az.is_authorized(treat(kKim), store).decision == Decision::kDeny);
+  CHECK(az.is_authorized(treat(kLee), store).decision == Decision::kDeny);
+  CHECK(az.is_authorized(treat(kLee, uid("Patient", "p2")), store).determining == Ids{"team"});
+  CHECK(az.is_authorized(treat(uid("Practitioner", "dr-new")), store).determining == Ids{"other"});
+
+  // Two policies naming the same uid: removing one keeps the uid for the other.
+  REQUIRE(az.add(permit("lee-1", scope_eq(kLee), scope_eq(kRead), scope_eq(kObs))).ok());
+  REQUIRE(az.add(permit("lee-2", scope_in_set({kLee, kLee}), scope_in_set({kRead}))).ok());
+  CHECK(az.is_authorized(treat(), store).determining == Ids{"lee-1", "lee-2"});
+  REQUIRE(az.remove("lee-1").ok());
+  CHECK(az.is_authorized(treat(), store).determining == Ids{"lee-2"});
+  REQUIRE(az.remove("lee-2").ok());
+  CHECK(az.is_authorized(treat(), store).decision == Decision::kDeny);
+  REQUIRE(az.add(permit("lee-3", scope_eq(kLee), scope_in(uid("Action", "any")))).ok());
+  CHECK(az.is_authorized(treat(), store).determining == Ids{"lee-3"});
+  CHECK(az.is_authorized(req(kLee, kWrite, kObs), store).decision == Decision::kDeny);
+}
+
+TEST_CASE("authorizer: thousands of uids come and go from the index's table",
+          "[rules][authorizer]") {
+  // Each grant names its own patient; removing them in a random order exercises the table's
+  // deletion (entries shift back into the gap), and every grant left must still be found, every
+  // removed one not.
+  const Entities store;
+  Authorizer az;
+  constexpr int kGrants = 3000;
+  auto patient = [](int i) { return uid("Patient", "p" + std::to_string(i)); };
+  for (int i = 0; i < kGrants; ++i) {
+    REQUIRE(
+        az.add(permit("g" + std::to_string(i), scope_eq(kLee), any(), scope_in(patient(i)))).ok());
+  }
+  std::vector<int> order(kGrants);
+  for (int i = 0; i < kGrants; ++i) order[static_cast<std::size_t>(i)] = i;
+  std::shuffle(order.begin(), order.end(), std::mt19937(11));
+  std::vector<bool> present(kGrants, true);
+  for (std::size_t k = 0; k < order.size(); ++k) {
+    REQUIRE(az.remove("g" + std::to_string(order[k])).ok());
+    present[static_cast<std::size_t>(order[k])] = false;
+    if (k % 500 != 0 && k + 1 != order.size()) continue;
+    for (int i = 0; i < kGrants; ++i) {
+      const bool allowed =
+          az.is_authorized(req(kLee, kRead, patient(i)), store).decision == Decision::kAllow;
+      INFO("after " << k + 1 << " removals, patient " << i);
+      REQUIRE(allowed == present[static_cast<std::size_t>(i)]);
+    }
+  }
+  CHECK(az.size() == 0);
+  // Empty again, and usable.
+  REQUIRE(az.add(permit("again", scope_eq(kLee), any(), scope_in(patient(7)))).ok());
+  CHECK(az.is_authorized(req(kLee, kRead, patient(7)), store).decision == Decision::kAllow);
+}
+
+TEST_CASE("authorizer: a principal with more ancestors than a request keeps inline",
+          "[rules][authorizer]") {
+  // U -> G0 -> G1 -> ... -> G39, each group named by a policy: the ancestor ids overflow the
+  // inline storage, and every level is still found.
+  Entities store;
+  store.add(make_entity(uid("U", "u"), {}, {uid("G", "0")}));
+  Authorizer az;
+  for (int i = 0; i < 40; ++i) {
+    std::vector<EntityUid> parents;
+    if (i + 1 < 40) parents.push_back(uid("G", std::to_string(i + 1)));
+    store.add(make_entity(uid("G", std::to_string(i)), {}, parents));
+    REQUIRE(az.add(permit("in-" + std::to_string(i), any(), any(),
+                          scope_in(uid("G", std::to_string(i)))))
+                .ok());
+    REQUIRE(az.add(forbid("not-" + std::to_string(i), scope_in(uid("G", std::to_string(i))),
+                          scope_eq(kWrite)))
+                .ok());
+  }
+  REQUIRE(az.add(permit("deep-principal", scope_is_in("U", uid("G", "39")), scope_eq(kRead))).ok());
+  Response r = az.is_authorized(req(uid("U", "u"), kRead, uid("U", "u")), store);
+  CHECK(r.decision == Decision::kAllow);
+  CHECK(r.determining.size() == 41);
+  r = az.is_authorized(req(uid("U", "u"), kWrite, uid("G", "30")), store);
+  CHECK(r.decision == Decision::kDeny);
+  CHECK(r.determining.size() == 40);
+}
+
 TEST_CASE("authorizer: the index agrees with a scan, through adds and removes",
           "[rules][authorizer]") {
   std::mt19937 rng(7);
@@ -364,6 +508,31 @@ TEST_CASE("authorizer: the index agrees with a scan, through adds and removes",
   auto user = [&]() { return uid("U", std::to_string(pick(8))); };
   auto doc = [&]() { return uid("D", std::to_string(pick(8))); };
   auto some = [&]() { return pick(3) == 0 ? group() : (pick(2) == 0 ? user() : doc()); };
+  // Actions: read and write are in Action::"all" (when the store holds them); "other" in none.
+  auto act = [&]() {
+    switch (pick(4)) {
+      case 0:
+        return kRead;
+      case 1:
+        return kWrite;
+      case 2:
+        return uid("Action", "all");
+      default:
+        return uid("Action", "other");
+    }
+  };
+  auto action_clause = [&]() {
+    switch (pick(4)) {
+      case 0:
+        return any();
+      case 1:
+        return scope_eq(act());
+      case 2:
+        return scope_in(act());
+      default:
+        return scope_in_set({act(), act()});
+    }
+  };
 
   for (int world = 0; world < 20; ++world) {
     // Random parents (cycles included) among groups, users and documents.
@@ -376,6 +545,10 @@ TEST_CASE("authorizer: the index agrees with a scan, through adds and removes",
     for (int i = 0; i < 6; ++i) {  // U6, U7, D6, D7 are not in the store
       store.add(make_entity(uid("U", std::to_string(i)), {{"n", num(i)}}, {group()}));
       store.add(make_entity(uid("D", std::to_string(i)), {{"n", num(i)}}, {group(), group()}));
+    }
+    if (world % 2 == 0) {
+      store.add(make_entity(kRead, {}, {uid("Action", "all")}));
+      store.add(make_entity(kWrite, {}, {uid("Action", "all")}));
     }
     auto clause = [&]() {
       switch (pick(6)) {
@@ -418,14 +591,14 @@ TEST_CASE("authorizer: the index agrees with a scan, through adds and removes",
         std::vector<Condition> conditions;
         for (int k = pick(3); k > 0; --k) conditions.push_back(condition());
         Policy p = policy("p" + std::to_string(next_id++),
-                          pick(4) == 0 ? Effect::kForbid : Effect::kPermit, clause(), any(),
-                          clause(), conditions);
+                          pick(4) == 0 ? Effect::kForbid : Effect::kPermit, clause(),
+                          action_clause(), clause(), conditions);
         policies.push_back(p);
         REQUIRE(az.add(p).ok());
       }
       REQUIRE(az.size() == policies.size());
       for (int q = 0; q < 8; ++q) {
-        Request request = req(pick(2) == 0 ? user() : some(), kRead, pick(2) == 0 ? doc() : some());
+        Request request = req(pick(2) == 0 ? user() : some(), act(), pick(2) == 0 ? doc() : some());
         Response expected = scan(policies, request, store);
         Response got = az.is_authorized(request, store);
         INFO("world " << world << " step " << step << " principal " << request.principal.to_text()

@@ -99,6 +99,25 @@ TEST_CASE("entities: a layer over a base sees both, and shadows the base", "[rul
   CHECK(top.is_in(uid("PatientData", "obs-1"), uid("Ward", "w1")));
 }
 
+TEST_CASE("entities: a copied store is independent of its original", "[rules][entities]") {
+  Entities store;
+  for (int i = 0; i < 100; ++i) {
+    store.add(make_entity(uid("Patient", std::to_string(i)), {{"n", num(i)}},
+                          {uid("Ward", std::to_string(i % 7))}));
+  }
+  Entities copy = store;
+  copy.add(make_entity(uid("Patient", "5"), {{"n", num(500)}}));
+  copy.add(make_entity(uid("Patient", "new")));
+  CHECK(store.size() == 100);
+  CHECK(copy.size() == 101);
+  CHECK(store.find(uid("Patient", "5"))->attrs.at("n") == num(5));
+  CHECK(copy.find(uid("Patient", "5"))->attrs.at("n") == num(500));
+  CHECK(store.is_in(uid("Patient", "5"), uid("Ward", "5")));
+  CHECK_FALSE(copy.is_in(uid("Patient", "5"), uid("Ward", "5")));
+  CHECK(copy.is_in(uid("Patient", "12"), uid("Ward", "5")));
+  CHECK(store.find(uid("Patient", "new")) == nullptr);
+}
+
 TEST_CASE("entities: is_in is reflexive, transitive and tolerates cycles", "[rules][entities]") {
   Entities store;
   // a -> b -> c -> d, plus a diamond a -> x -> d.
