@@ -6,7 +6,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
+#include <deque>
 #include <thread>
 
 #include "appliance/admin_server.h"
@@ -163,9 +165,8 @@ class Daemon::Impl {
 
     if (config_.metrics) {
       metrics_ = std::make_unique<MetricsServer>();
-      MEDGATE_RETURN_IF_ERROR(
-          metrics_->start(*config_.metrics, [this] { return metrics_text(); })
-              .with_context("[metrics]"));
+      MEDGATE_RETURN_IF_ERROR(metrics_->start(*config_.metrics, [this] { return metrics_text(); })
+                                  .with_context("[metrics]"));
     }
 
     Result<std::unique_ptr<AdminServer>> server = AdminServer::start(config_.admin, operations());
@@ -257,8 +258,45 @@ class Daemon::Impl {
       }
       if (changed(counter_error, s.counter_error) && !counter_error.empty())
         log(LogLevel::kError, "ledger.counter", "rollback counter: {}", counter_error);
+      sample_rates(s);
       watchdog_cv_.wait_for(lk, std::chrono::seconds(2));
     }
+  }
+
+  // Counters sampled every monitor tick, so that status can show rates over the last minute.
+  struct RateSample {
+    std::chrono::steady_clock::time_point at;
+    std::uint64_t entries = 0, readings = 0, decisions = 0;
+  };
+  static constexpr auto kRateWindow = std::chrono::seconds(60);
+
+  void sample_rates(const ledger::LedgerStats& s) {
+    RateSample r{std::chrono::steady_clock::now(), s.appended, 0, 0};
+    if (pipeline_) r.readings = pipeline_->counters().observations;
+    if (consent_) {
+      ConsentBook::Counters c = consent_->counters();
+      r.decisions = c.allowed + c.denied;
+    }
+    std::lock_guard lk(rates_mu_);
+    rates_.push_back(r);
+    // Keep one sample older than the window, so the window is always covered once it can be.
+    while (rates_.size() > 2 && r.at - rates_[1].at >= kRateWindow) rates_.pop_front();
+  }
+
+  json rates_json() const {
+    std::lock_guard lk(rates_mu_);
+    if (rates_.size() < 2) return nullptr;
+    const RateSample& a = rates_.front();
+    const RateSample& b = rates_.back();
+    const double seconds = std::chrono::duration<double>(b.at - a.at).count();
+    if (seconds <= 0) return nullptr;
+    auto per_s = [&](std::uint64_t from, std::uint64_t to) {
+      return std::round(static_cast<double>(to - from) / seconds * 10) / 10;
+    };
+    return {{"window_seconds", std::lround(seconds)},
+            {"entries_per_s", per_s(a.entries, b.entries)},
+            {"readings_per_s", per_s(a.readings, b.readings)},
+            {"decisions_per_s", per_s(a.decisions, b.decisions)}};
   }
 
   // Records a state-changing admin call on the ledger before it takes effect.
@@ -747,6 +785,7 @@ class Daemon::Impl {
         {"ingest", ingest_json()},
         {"consent", consent_json()},
         {"metrics", nullptr},
+        {"rates", rates_json()},
     };
     if (metrics_)
       out["metrics"] = {{"address", config_.metrics->address},
@@ -762,9 +801,8 @@ class Daemon::Impl {
       problems.push_back("the rollback counter cannot advance: " + s.counter_error);
     if (s.latest_head && config_.head_interval.count() > 0 &&
         s.tree_size > s.latest_head->head.tree_size) {
-      const std::uint64_t limit =
-          std::max<std::uint64_t>(60, 3 * static_cast<std::uint64_t>(
-                                             config_.head_interval.count() / 1000 + 1));
+      const std::uint64_t limit = std::max<std::uint64_t>(
+          60, 3 * static_cast<std::uint64_t>(config_.head_interval.count() / 1000 + 1));
       if (age_seconds(s.latest_head->head.time_us) > limit)
         problems.push_back(fmt::format("no signed head for {} s while entries wait",
                                        age_seconds(s.latest_head->head.time_us)));
@@ -807,6 +845,8 @@ class Daemon::Impl {
   std::thread monitor_;
   std::mutex watchdog_mu_;
   std::condition_variable watchdog_cv_;
+  mutable std::mutex rates_mu_;
+  std::deque<RateSample> rates_;  // under rates_mu_
   bool watchdog_stop_ = false;
 
   friend class Daemon;

@@ -229,6 +229,12 @@ int cmd_status(const GlobalOptions& g) {
     else
       std::cout << "  coap     off (no [coap] section in the config)\n";
   }
+  if (const json& rates = s.value("rates", json()); rates.is_object())
+    std::cout << fmt::format(
+        "rates      over the last {} s: {} entries/s, {} readings/s, {} "
+        "decisions/s\n",
+        rates.value("window_seconds", 0), rates.value("entries_per_s", 0.0),
+        rates.value("readings_per_s", 0.0), rates.value("decisions_per_s", 0.0));
   if (const json& c = s["consent"]; c.is_object()) {
     const json& n = c["decisions"];
     std::cout << fmt::format(

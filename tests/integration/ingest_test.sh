@@ -94,6 +94,9 @@ expect_rc 0 "status" -- "$MEDCTL" status
 expect_in "ingest +[0-9]+ batches committed \(6 readings\)" "status shows the pipeline"
 expect_in "^health +ok" "and starts with its health"
 expect_in "coap +DTLS-PSK port $COAP_PORT" "and the CoAP listener"
+for _ in $(seq 1 50); do "$MEDCTL" status | grep -q "^rates " && break; sleep 0.1; done
+expect_rc 0 "status with rates" -- "$MEDCTL" --json status
+expect_in '"readings_per_s": [0-9.]+' "shows ingest rates over the last minute"
 
 say "== HL7 source address allow-lists"
 expect_rc 0 "an HL7 source allowed from one network only" -- "$MEDCTL" device add lis --kind hl7 --hl7-app LIS --allow 10.99.0.0/16
