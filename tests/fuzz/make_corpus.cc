@@ -9,6 +9,8 @@
 #include <string>
 
 #include "ledger/block.h"
+#include "ledger/block_record.h"
+#include "ledger/membership.h"
 #include "ledger/cbor.h"
 #include "ledger/entry.h"
 
@@ -56,8 +58,9 @@ int main(int argc, char** argv) {
   }
   g_root = argv[1];
 
-  // ---- entries
-  Entry genesis{EntryType::kGenesis,
+  // ---- entries (format version 1, as these seeds were first written; the fuzzer reaches 2)
+  Entry genesis{1,
+                EntryType::kGenesis,
                 1764090184123456,
                 "system:medgated",
                 map({{text("ledger_id"), text("ward-7")},
@@ -65,6 +68,7 @@ int main(int argc, char** argv) {
                      {text("public_key"), cbor::Value::bytes(hex("3059301306072a8648ce3d0201"))}}),
                 {}};
   Entry admin{
+      1,
       EntryType::kAdminAction,
       1764090185000000,
       "user:alice",
@@ -74,7 +78,8 @@ int main(int argc, char** argv) {
                                {text("list"), cbor::Value::array({cbor::Value::boolean(true),
                                                                   cbor::Value::null()})}})}}),
       {{hex("0102030405060708"), std::nullopt}, {hex("a0a1a2a3"), 41}}};
-  Entry key_event{EntryType::kKeyEvent,
+  Entry key_event{1,
+                  EntryType::kKeyEvent,
                   0,
                   "uid:1234",
                   map({{text("event"), text("registered")},
@@ -123,7 +128,7 @@ int main(int argc, char** argv) {
   header.tree_size = 0;
   header.entry_count = 0;
   put("block", "bad-header-no-entries", encode_block_header(header));
-  head.version = 2;
+  head.version = kHeadFormatVersion + 1;  // a version this build does not read
   put("block", "bad-head-version", encode_head(head));
   head.version = kHeadFormatVersion;
   head.ledger_id = "";
@@ -131,6 +136,31 @@ int main(int argc, char** argv) {
   bad = s;
   bad[1] = std::byte(0x00), bad[2] = std::byte(0x02);  // kind 2 under a head's fields
   put("block", "bad-head-wrong-kind", bad);
+
+  // ---- block records and membership statements (replication), in the block corpus
+  BlockRecord record;
+  record.header_bytes = h;  // the header above counts five entries: give five
+  record.header = *decode_block_header(h);
+  for (int i = 0; i < 5; ++i) record.entries.push_back(a);
+  record.proposer = "ward-3a";
+  record.signature = hex("3045022100aa022000bb");
+  record.outbox_first = 7;
+  record.outbox_count = 5;
+  put("block", "record", encode_block_record(record));
+  record.entries.pop_back();
+  put("block", "bad-record-count", encode_block_record(record));
+  MembershipStatement statement;
+  statement.ledger_id = "ward-7";
+  statement.epoch = 2;
+  statement.member_id = "ward-3b";
+  // A P-256 public key (test data, generated once with openssl ecparam/ec -pubout -outform DER).
+  statement.signing_key = *PublicKey::from_spki_der(hex("3059301306072a8648ce3d020106082a8648ce3d030107034200049c8f03995f3ccabbe51c821c4b590a8c341bb9544104b535921de13fc47a2df8bd071a6346000360e6243748a7e8227b493c60c657aba41a26cd7ef7d34eefab"));
+  statement.endpoint = "10.20.0.7:7400";
+  put("block", "statement-add", *encode_membership_statement(statement));
+  statement.action = MembershipAction::kRemove;
+  statement.signing_key.reset();
+  statement.endpoint.clear();
+  put("block", "statement-remove", *encode_membership_statement(statement));
 
   // ---- plain CBOR: every type, every length form, and one broken rule each
   put("cbor", "entry", a);
