@@ -162,9 +162,12 @@ Result<MembershipStatement> decode_membership_statement(ByteView bytes) {
   s.action = static_cast<MembershipAction>(*action);
   s.member_id = *member;
 
-  const std::size_t expected = s.action == MembershipAction::kRemove ? 6 : map->size();
-  if (map->size() != expected ||
-      (s.action == MembershipAction::kAdd && map->size() != 8 && map->size() != 9))
+  // A removal names only the member (keys 0-5); an addition also its key and endpoint (6, 7) and
+  // optionally its key-agreement key (8).
+  const bool shape_ok = s.action == MembershipAction::kRemove
+                            ? map->size() == 6
+                            : map->size() == 8 || map->size() == 9;
+  if (!shape_ok)
     return Status::Corruption(
         fmt::format("{} has {} fields, which its action does not have", kWhat, map->size()));
   if (s.action == MembershipAction::kAdd) {
@@ -179,8 +182,8 @@ Result<MembershipStatement> decode_membership_statement(ByteView bytes) {
     s.endpoint = *endpoint;
     if (map->size() == 9) {
       const Bytes* agreement = v.find(std::uint64_t{8})->as_bytes();
-      auto k = agreement ? PublicKey::from_spki_der(*agreement)
-                         : Result<PublicKey>(Status::Corruption(""));
+      if (!agreement) return Status::Corruption(fmt::format("{} field 8 is not bytes", kWhat));
+      auto k = PublicKey::from_spki_der(*agreement);
       if (!k.ok())
         return Status::Corruption(fmt::format("{} field 8 is not a P-256 public key", kWhat));
       s.agreement_key = std::move(*k);
