@@ -84,6 +84,40 @@ Result<BlockRecord> decode_block_record(ByteView bytes) {
   return r;
 }
 
+Result<ChainTip> validate_genesis_record(const BlockRecord& r, const PublicKey& founder) {
+  const BlockHeader& h = r.header;
+  auto bad = [](std::string reason) {
+    return Status::VerificationFailed(fmt::format("block 0 {}", reason));
+  };
+  if (h.height != 0) return bad(fmt::format("says it is block {}", h.height));
+  if (h.previous_hash != Hash{}) return bad("names a previous block");
+  if (h.first_index != 0 || h.entry_count != 1 || r.entries.size() != 1)
+    return bad("does not hold exactly the genesis entry");
+  auto decoded = decode_entry(r.entries[0]);
+  if (!decoded.ok())
+    return bad(fmt::format("entry 0 does not decode: {}", decoded.status().message()));
+  if (decoded->type != EntryType::kGenesis) return bad("entry 0 is not a genesis entry");
+  const std::string* ledger_id = decoded->body.find("ledger_id")->as_text();
+  if (!ledger_id || *ledger_id != h.ledger_id)
+    return bad("entry 0 names another ledger than the header");
+  auto genesis_key = PublicKey::from_spki_der(*decoded->body.find("public_key")->as_bytes());
+  if (!genesis_key.ok() || genesis_key->id() != h.key_id)
+    return bad("entry 0's key is not the key the header names");
+  ChainTip tip;
+  tip.ledger_id = h.ledger_id;
+  tip.height = 0;
+  tip.tree.append(merkle::leaf_hash(r.entries[0]));
+  if (tip.tree.root() != h.root || h.tree_size != 1)
+    return bad("has a Merkle root that its entry does not give");
+  if (!founder.verify_digest(block_hash(r.header_bytes), r.signature).ok())
+    return bad("has a signature that does not verify with the trusted founder's key");
+  tip.block_hash = block_hash(r.header_bytes);
+  tip.time_us = h.time_us;
+  tip.active_key = std::move(genesis_key).value();
+  tip.founder_key = founder;
+  return tip;
+}
+
 Result<ValidatedBlock> validate_block_record(const BlockRecord& r, const ChainTip& tip,
                                              const Membership& membership,
                                              const LatestOfSubject& latest_of) {
@@ -103,22 +137,31 @@ Result<ValidatedBlock> validate_block_record(const BlockRecord& r, const ChainTi
     return bad(fmt::format("counts {} entries but holds {}", h.entry_count, r.entries.size()));
   if (h.time_us < tip.time_us) return bad(fmt::format("is older than block {}", tip.height));
 
-  if (!membership.founded()) return bad("extends a ledger whose membership is not founded");
-  // The proposer: a member at the previous height, whose current key the header names.
-  const Member* proposer = membership.find(r.proposer);
-  if (!proposer)
-    return bad(fmt::format("is proposed by \"{}\", which is not a member at height {}", r.proposer,
-                           tip.height));
-  if (proposer->signing_key.id() != h.key_id) {
-    const Member* holder = membership.find_by_key(h.key_id);
-    return bad(holder ? fmt::format("names the key of \"{}\", not of its proposer \"{}\"",
-                                    holder->id, r.proposer)
-                      : fmt::format("is signed by a key that is not a member's at height {} ({})",
-                                    tip.height, short_id(h.key_id)));
+  if (!membership.founded()) {
+    // The ledger's history from before it was replicated, published by its founder.
+    if (!tip.founder_key)
+      return bad("extends a ledger whose membership is not founded, and no founder key is trusted");
+    if (!tip.active_key || h.key_id != tip.active_key->id())
+      return bad(fmt::format("names key {}, not the ledger's active key", short_id(h.key_id)));
+    if (!tip.founder_key->verify_digest(block_hash(r.header_bytes), r.signature).ok())
+      return bad("has a signature that does not verify with the founder's key");
+  } else {
+    // The proposer: a member at the previous height, whose current key the header names.
+    const Member* proposer = membership.find(r.proposer);
+    if (!proposer)
+      return bad(fmt::format("is proposed by \"{}\", which is not a member at height {}",
+                             r.proposer, tip.height));
+    if (proposer->signing_key.id() != h.key_id) {
+      const Member* holder = membership.find_by_key(h.key_id);
+      return bad(holder ? fmt::format("names the key of \"{}\", not of its proposer \"{}\"",
+                                      holder->id, r.proposer)
+                        : fmt::format("is signed by a key that is not a member's at height {} ({})",
+                                      tip.height, short_id(h.key_id)));
+    }
+    if (!proposer->signing_key.verify_digest(block_hash(r.header_bytes), r.signature).ok())
+      return bad(
+          fmt::format("has a signature that does not verify with the key of \"{}\"", r.proposer));
   }
-  if (!proposer->signing_key.verify_digest(block_hash(r.header_bytes), r.signature).ok())
-    return bad(
-        fmt::format("has a signature that does not verify with the key of \"{}\"", r.proposer));
 
   ValidatedBlock out{tip, membership, {}, {}};
   // Subjects named earlier in this block, and their newest index in it.
@@ -139,7 +182,10 @@ Result<ValidatedBlock> validate_block_record(const BlockRecord& r, const ChainTi
       KeyId old_id{};
       std::copy(old_id_bytes.begin(), old_id_bytes.end(), old_id.begin());
       const Member* holder = out.membership.find_by_key(old_id);
-      if (!holder) return entry_bad("rotates a key that is not a member's");
+      const bool founded = out.membership.founded();
+      if (founded && !holder) return entry_bad("rotates a key that is not a member's");
+      if (!founded && (!out.tip.active_key || old_id != out.tip.active_key->id()))
+        return entry_bad("rotates a key that is not the ledger's active key");
       auto new_key = PublicKey::from_spki_der(*e.body.find("new_public_key")->as_bytes());
       if (!new_key.ok()) return entry_bad("names a new key that is not a P-256 public key");
       const Bytes& new_id_bytes = *e.body.find("new_key_id")->as_bytes();
@@ -147,20 +193,25 @@ Result<ValidatedBlock> validate_block_record(const BlockRecord& r, const ChainTi
         return entry_bad("names a new key id that is not its new key's");
       const Hash digest =
           sha256(encode_key_transition_statement(tip.ledger_id, old_id, new_key->id()));
-      if (!holder->signing_key.verify_digest(digest, *e.body.find("old_signature")->as_bytes())
-               .ok())
+      const PublicKey& old_key = founded ? holder->signing_key : *out.tip.active_key;
+      if (!old_key.verify_digest(digest, *e.body.find("old_signature")->as_bytes()).ok())
         return entry_bad("is a key transition whose old-key signature does not verify");
       if (!new_key->verify_digest(digest, *e.body.find("new_signature")->as_bytes()).ok())
         return entry_bad("is a key transition whose new-key signature does not verify");
       out.membership.apply_key_transition(old_id, *new_key);
+      if (out.tip.active_key && out.tip.active_key->id() == old_id) out.tip.active_key = *new_key;
     } else if (e.type == EntryType::kMemberProposal || e.type == EntryType::kMemberApproval) {
-      // Founding happens before the ledger is replicated: no active key founds anything here.
-      auto change = out.membership.apply(e, index, KeyId{});
+      // Only the holder of the active key founds (at epoch 0); later changes need members.
+      auto change =
+          out.membership.apply(e, index, out.tip.active_key ? out.tip.active_key->id() : KeyId{});
       if (!change.ok()) return entry_bad(change.status().message());
       if (change->took_effect) out.changes.push_back(std::move(*change));
     }
 
-    if (e.version < 2) return entry_bad("is format version 1 (replicated entries are version 2)");
+    // The history from before founding may hold entries of an older format; members write
+    // version 2, whose subject links every replica computes alike.
+    if (e.version < 2 && out.membership.founded())
+      return entry_bad("is format version 1 (replicated entries are version 2)");
     {
       for (const SubjectLink& link : e.subjects) {
         std::optional<std::uint64_t> expected;

@@ -56,6 +56,13 @@ struct ChainTip {
   Hash block_hash{};
   std::uint64_t time_us = 0;
   merkle::CompactRange tree;  // the tree over every entry so far
+  // The ledger's active signing key: the genesis key or the key it last rotated to. Before the
+  // membership is founded it is the only writer (its holder founds the membership).
+  std::optional<PublicKey> active_key;
+  // The key that vouches for the blocks written before the membership was founded: the founder
+  // publishes them signed with its member key, and a replica that joins trusts that key (it is
+  // what `--trust` names). Absent: such blocks are refused.
+  std::optional<PublicKey> founder_key;
 };
 
 // The index of the newest entry before the block that names `subject`, if any (the replica's
@@ -69,11 +76,20 @@ struct ValidatedBlock {
   std::vector<std::pair<Bytes, std::uint64_t>> subject_updates;  // (subject, its newest index)
 };
 
+// Checks `record` as block 0 of a ledger founded by `founder`: the header starts the chain, its
+// one entry is a genesis entry naming the header's ledger id and key, the root is that entry's
+// leaf, and `founder` signed it. Returns the tip after it (active_key: the genesis key;
+// founder_key: `founder`).
+Result<ChainTip> validate_genesis_record(const BlockRecord& record, const PublicKey& founder);
+
 // Checks `record` as block tip.height + 1 (docs/replication.md, "Validating and applying"): the
 // chain link, indexes and counts, time, the proposer being a member whose current key the header
 // names, the signature, every entry decoding strictly and not being a genesis entry, subject links
 // of version-2 entries, key transitions (signed by a member's key and the new key; the member
-// moves to the new key), membership entries (membership.h), and the Merkle root. Returns the state
+// moves to the new key), membership entries (membership.h), and the Merkle root. Before the
+// membership is founded, a block must name the ledger's active key and be signed by
+// tip.founder_key (the founder publishing the ledger's history), and a key transition must rotate
+// the active key. Returns the state
 // after the block, or kVerificationFailed naming the first problem, e.g. "block 812 is signed by
 // a key that is not a member's at height 811".
 Result<ValidatedBlock> validate_block_record(const BlockRecord& record, const ChainTip& tip,

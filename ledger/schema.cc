@@ -43,6 +43,23 @@ constexpr const char* kMigrations[] = {
                              PRIMARY KEY (subject, idx)) WITHOUT ROWID;
       INSERT INTO meta (key, value) VALUES ('subjects_to_index', x'01');
     )sql",
+    // 3 -> 4: replication (docs/replication.md). The outbox holds entries appended on this member
+    // and not yet in a block: durable (acknowledged) but without an index until the cluster orders
+    // them. Each row is the entry encoded without subject links (the block that carries it adds
+    // them) and its subjects (a CBOR array of byte strings). A block's record fields beyond its
+    // header (proposer, signature, the proposer's outbox range) are kept so that this replica can
+    // hand the exact record on (to etcd after a loss, to a member catching up). AUTOINCREMENT: an
+    // outbox sequence is never reused, so a block's outbox range names its rows only. Both tables
+    // stay
+    // empty on a ledger that is not replicated.
+    R"sql(
+      CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, type INTEGER NOT NULL,
+                           time_us INTEGER NOT NULL, bytes BLOB NOT NULL, subjects BLOB NOT NULL,
+                           link INTEGER NOT NULL);
+      CREATE TABLE block_records (height INTEGER PRIMARY KEY, proposer TEXT NOT NULL,
+                                  signature BLOB NOT NULL, outbox_first INTEGER NOT NULL,
+                                  outbox_count INTEGER NOT NULL);
+    )sql",
 };
 constexpr int kKnownVersion = static_cast<int>(std::size(kMigrations));
 static_assert(kKnownVersion == kSchemaVersion);

@@ -186,6 +186,16 @@ struct Job {
   // An asynchronous append (Ledger::append_async): called instead of waking a waiter, and the
   // job, which the writer then owns, is deleted after it.
   std::function<void(Result<std::uint64_t>)> on_done;
+  // Or work to run on the writer thread alone (replication: build, apply, start).
+  std::function<Status()> task;
+
+  // Replicated mode: the entries went to the outbox as sequences [first_index, last_seq]. A
+  // synchronous appender then waits, under the ledger's outbox_mu_, for the cluster to order them.
+  bool queued = false;
+  std::uint64_t last_seq = 0;
+  std::optional<std::uint64_t> ordered_first;  // the index of the first entry, once ordered
+  bool ordered = false;
+  Status order_status;
 
   void finish(Status s) {
     if (on_done) {
@@ -250,7 +260,16 @@ class Ledger::Impl {
     MEDGATE_ASSIGN_OR_RETURN(
         insert_epoch_,
         db_.prepare("INSERT INTO key_epochs (from_size, key_id, entry_index) VALUES (?,?,?)"));
+    MEDGATE_ASSIGN_OR_RETURN(
+        insert_outbox_,
+        db_.prepare(
+            "INSERT INTO outbox (type, time_us, bytes, subjects, link) VALUES (?,?,?,?,?)"));
+    MEDGATE_ASSIGN_OR_RETURN(
+        insert_record_,
+        db_.prepare("INSERT INTO block_records (height, proposer, signature, outbox_first, "
+                    "outbox_count) VALUES (?,?,?,?,?)"));
     MEDGATE_RETURN_IF_ERROR(load_subjects().with_context("loading the subjects' latest entries"));
+    MEDGATE_RETURN_IF_ERROR(load_outbox().with_context("reading the outbox"));
     MEDGATE_ASSIGN_OR_RETURN(tx_statements_, sql::TransactionStatements::prepare(db_));
     sqlite3_wal_hook(db_.handle(), &Impl::wal_hook, this);
     // Named, so that top -H and perf show which of the ledger's threads is busy.
@@ -363,6 +382,10 @@ class Ledger::Impl {
 
   Status append_async(std::span<const Entry> entries,
                       std::function<void(Result<std::uint64_t>)> done) {
+    for (const Entry& e : entries)
+      if (e.type == EntryType::kMemberProposal || e.type == EntryType::kMemberApproval)
+        return Status::InvalidArgument(
+            "membership entries are written through append_membership(), which checks them");
     auto job = std::make_unique<Job>();
     if (Status s = prepare(*job, entries, false); !s.ok()) {
       failed_appends_.fetch_add(1);
@@ -382,8 +405,14 @@ class Ledger::Impl {
     return Status::Ok();
   }
 
-  Result<std::uint64_t> append(std::span<const Entry> entries, bool internal = false) {
+  Result<std::uint64_t> append(std::span<const Entry> entries, bool internal = false,
+                               bool membership = false) {
     Job job;
+    if (!membership)
+      for (const Entry& e : entries)
+        if (e.type == EntryType::kMemberProposal || e.type == EntryType::kMemberApproval)
+          return Status::InvalidArgument(
+              "membership entries are written through append_membership(), which checks them");
     if (Status s = prepare(job, entries, internal); !s.ok()) {
       failed_appends_.fetch_add(1);
       return s;
@@ -393,6 +422,7 @@ class Ledger::Impl {
       failed_appends_.fetch_add(1);
       return s;
     }
+    if (job.queued) return wait_ordered(job);
     return job.first_index;
   }
 
@@ -424,6 +454,10 @@ class Ledger::Impl {
 
   Result<KeyRotation> rotate_signing_key(const std::string& actor) {
     std::lock_guard rotation(rotate_mu_);
+    if (replicated_)
+      return Status::FailedPrecondition(
+          "rotating a member's signing key in a cluster is not supported yet "
+          "(docs/replication.md)");
     KeyId old_id = key_id();
     MEDGATE_ASSIGN_OR_RETURN(PublicKey old_key, public_key(old_id));
     MEDGATE_ASSIGN_OR_RETURN(PublicKey new_key, signer_.create_signing_key());
@@ -499,6 +533,216 @@ class Ledger::Impl {
       // A last checkpoint so the file is complete on its own.
       (void)db_.exec("PRAGMA wal_checkpoint(TRUNCATE)");
     }
+  }
+
+  // ---- membership and replication (store.h) ----
+
+  // Runs `fn` on the writer thread, alone, and returns its status.
+  Status run_on_writer(std::function<Status()> fn) {
+    Job job;
+    job.task = std::move(fn);
+    {
+      std::lock_guard lk(queue_mu_);
+      if (!accepting_) return Status::FailedPrecondition("the ledger is closing");
+      queue_.push_back(&job);
+    }
+    writer_cv_.notify_one();
+    return job.wait();
+  }
+
+  Result<std::uint64_t> append_membership(const Entry& entry) {
+    if (entry.type != EntryType::kMemberProposal && entry.type != EntryType::kMemberApproval)
+      return Status::InvalidArgument("not a membership entry");
+    std::lock_guard serial(membership_append_mu_);
+    {
+      std::lock_guard lk(state_mu_);
+      MEDGATE_RETURN_IF_ERROR(membership_.check(entry, active_pub_ ? active_pub_->id() : KeyId{}));
+    }
+    return append(std::span(&entry, 1), /*internal=*/false, /*membership=*/true);
+  }
+
+  Status start_replication(const std::string& member_id) {
+    const PublicKey own = active_key();
+    return run_on_writer([&]() -> Status {
+      if (replicated_) {
+        if (member_id == member_id_) return Status::Ok();
+        return Status::FailedPrecondition(
+            fmt::format("this ledger is replicated already, as member \"{}\"", member_id_));
+      }
+      Membership m = membership_copy();
+      const Member* me = m.find(member_id);
+      if (!m.founded())
+        return Status::FailedPrecondition("the membership is not founded (no member yet)");
+      if (!me || me->signing_key.id() != own.id())
+        return Status::FailedPrecondition(
+            fmt::format("\"{}\" is not the member holding this ledger's signing key", member_id));
+      const std::uint64_t from = committed_size_.load();
+      MEDGATE_ASSIGN_OR_RETURN(Bytes meta, replica_meta(member_id, own.id(), from, own));
+      MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_));
+      MEDGATE_ASSIGN_OR_RETURN(auto st,
+                               db_.prepare("INSERT INTO meta (key, value) VALUES ('replica', ?)"));
+      MEDGATE_RETURN_IF_ERROR(st.bind(1, ByteView(meta)).run());
+      MEDGATE_RETURN_IF_ERROR(tx.commit());
+      member_id_ = member_id;
+      member_key_ = own.id();
+      founder_key_ = own;
+      replicated_ = true;
+      return Status::Ok();
+    });
+  }
+
+  static Result<Bytes> replica_meta(const std::string& member_id, const KeyId& key,
+                                    std::uint64_t from, const PublicKey& founder) {
+    using cbor::Value;
+    MEDGATE_ASSIGN_OR_RETURN(Value v,
+                             Value::map({
+                                 {Value::text("member_id"), Value::text(member_id)},
+                                 {Value::text("key_id"), Value::bytes(key)},
+                                 {Value::text("from_size"), Value::uint(from)},
+                                 {Value::text("founder_key"), Value::bytes(founder.spki_der())},
+                             }));
+    return cbor::encode(v);
+  }
+
+  std::optional<ReplicaInfo> replica() const {
+    if (!replicated_) return std::nullopt;
+    ReplicaInfo r;
+    r.member_id = member_id_;
+    r.key_id = member_key_;
+    r.founder_key = founder_key_;
+    {
+      std::lock_guard lk(outbox_mu_);
+      r.outbox_entries = outbox_entries_;
+      r.outbox_first = outbox_first_;
+      r.outbox_oldest_us = outbox_oldest_us_;
+    }
+    r.blocks_applied = blocks_applied_.load();
+    r.own_blocks = own_blocks_.load();
+    r.queued_total = queued_total_.load();
+    return r;
+  }
+
+  Membership membership() const { return membership_copy(); }
+
+  PublicKey active_key() const {
+    std::lock_guard lk(state_mu_);
+    return *active_pub_;
+  }
+
+  Result<ChainTip> chain_tip() {
+    ChainTip tip;
+    if (Status task = run_on_writer([&] {
+          tip = current_tip();
+          return Status::Ok();
+        });
+        !task.ok())
+      return task;
+    return tip;
+  }
+
+  Result<BlockRecord> build_block(std::size_t max_entries, std::size_t max_bytes) {
+    BlockRecord record;
+    if (Status task = run_on_writer([&]() -> Status {
+          MEDGATE_ASSIGN_OR_RETURN(record, build_record(max_entries, max_bytes));
+          return Status::Ok();
+        });
+        !task.ok())
+      return task;
+    Result<Bytes> sig = signer_.sign_digest_with(member_key_, block_hash(record.header_bytes));
+    if (!sig.ok()) return sig.status().with_context("signing a block");
+    record.signature = std::move(sig).value();
+    return record;
+  }
+
+  Status apply_block(const BlockRecord& record) {
+    return run_on_writer([&] { return apply_record(record); });
+  }
+
+  bool wait_for_outbox(std::chrono::milliseconds timeout) const {
+    std::unique_lock lk(outbox_mu_);
+    return outbox_cv_.wait_for(lk, timeout, [&] { return outbox_entries_ > 0; });
+  }
+
+  // Replicated mode: a synchronous appender waits for the cluster to order its entries.
+  Result<std::uint64_t> wait_ordered(Job& job) {
+    std::unique_lock lk(outbox_mu_);
+    bool settled = order_cv_.wait_for(lk, options_.order_timeout, [&] { return job.ordered; });
+    if (!settled) {
+      order_waiters_.erase(job.first_index);
+      return Status::Unavailable(fmt::format(
+          "recorded locally (queued as outbox entry {}), but the cluster has not ordered it "
+          "within {} ms; it stays queued and is ordered when the cluster is reachable",
+          job.first_index, options_.order_timeout.count()));
+    }
+    if (!job.order_status.ok()) return job.order_status;
+    if (!job.ordered_first) return Status::Internal("an ordered entry has no index");
+    return *job.ordered_first;
+  }
+
+  Result<BlockRecord> block_record(std::uint64_t height) {
+    BlockRecord r;
+    bool stored = false;
+    if (Status task = with_reader([&](sql::Database& db) -> Status {
+          MEDGATE_ASSIGN_OR_RETURN(
+              auto b,
+              db.prepare("SELECT header, first_index, entry_count FROM blocks WHERE height = ?"));
+          b.bind(1, height);
+          MEDGATE_ASSIGN_OR_RETURN(auto step, b.step());
+          if (step != sql::Statement::Step::kRow)
+            return Status::NotFound(fmt::format("no block {}", height));
+          ByteView header = b.column_blob(0);
+          r.header_bytes.assign(header.begin(), header.end());
+          MEDGATE_ASSIGN_OR_RETURN(r.header, decode_block_header(r.header_bytes));
+          MEDGATE_ASSIGN_OR_RETURN(
+              auto e,
+              db.prepare("SELECT bytes FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx"));
+          e.bind(1, r.header.first_index).bind(2, r.header.first_index + r.header.entry_count);
+          for (;;) {
+            MEDGATE_ASSIGN_OR_RETURN(auto row, e.step());
+            if (row != sql::Statement::Step::kRow) break;
+            ByteView bytes = e.column_blob(0);
+            r.entries.emplace_back(bytes.begin(), bytes.end());
+          }
+          MEDGATE_ASSIGN_OR_RETURN(
+              auto rec, db.prepare("SELECT proposer, signature, outbox_first, outbox_count FROM "
+                                   "block_records WHERE height = ?"));
+          rec.bind(1, height);
+          MEDGATE_ASSIGN_OR_RETURN(auto found, rec.step());
+          if (found == sql::Statement::Step::kRow) {
+            stored = true;
+            r.proposer = std::string(to_string(rec.column_blob(0)));
+            ByteView sig = rec.column_blob(1);
+            r.signature.assign(sig.begin(), sig.end());
+            r.outbox_first = rec.column_uint(2);
+            r.outbox_count = rec.column_uint(3);
+          }
+          return Status::Ok();
+        });
+        !task.ok())
+      return task;
+    if (r.entries.size() != r.header.entry_count)
+      return Status::Corruption(fmt::format("block {} lacks entries", height));
+    if (stored) return r;
+    // A block from before replication: the founder vouches for it with its member key, once;
+    // the signature is kept so the record stays the same bytes whenever it is asked for again.
+    if (!replicated_ || !founder_key_ || founder_key_->id() != member_key_)
+      return Status::FailedPrecondition(
+          fmt::format("block {} predates replication and only the founder can publish it", height));
+    MEDGATE_ASSIGN_OR_RETURN(r.signature,
+                             signer_.sign_digest_with(member_key_, block_hash(r.header_bytes)));
+    r.proposer = member_id_;
+    if (Status task = run_on_writer([&]() -> Status {
+          MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_));
+          MEDGATE_ASSIGN_OR_RETURN(
+              auto ins, db_.prepare("INSERT OR IGNORE INTO block_records (height, proposer, "
+                                    "signature, outbox_first, outbox_count) VALUES (?,?,?,0,0)"));
+          MEDGATE_RETURN_IF_ERROR(
+              ins.bind(1, height).bind(2, r.proposer).bind(3, ByteView(r.signature)).run());
+          return tx.commit();
+        });
+        !task.ok())
+      return task;
+    return block_record(height);  // what is stored now (another caller may have won)
   }
 
   // ---- reads ----
@@ -982,6 +1226,8 @@ class Ledger::Impl {
       std::lock_guard lk(state_mu_);
       epochs_.push_back(e);
     }
+    MEDGATE_RETURN_IF_ERROR(load_membership(g->body).with_context("reading the membership"));
+    MEDGATE_RETURN_IF_ERROR(load_replica().with_context("reading the replication settings"));
     // The ledger decides which key signs; the key store must hold it.
     KeyId active = key_id();
     if (Status s = signer_.use_signing_key(active); !s.ok())
@@ -1000,6 +1246,73 @@ class Ledger::Impl {
         check_head(head).with_context(fmt::format("latest signed head #{}", head.sequence)));
     latest_head_ = std::move(head);
     return check_rollback_counter();
+  }
+
+  // The membership and the active key, from the genesis entry and every membership and
+  // key-transition entry in order (found by the entries_by_type index).
+  Status load_membership(const cbor::Value& genesis_body) {
+    auto genesis_key = PublicKey::from_spki_der(*genesis_body.find("public_key")->as_bytes());
+    if (!genesis_key.ok()) return genesis_key.status().with_context("the genesis key");
+    std::lock_guard lk(state_mu_);
+    membership_ = Membership(ledger_id_);
+    active_pub_ = std::move(genesis_key).value();
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto st, db_.prepare(fmt::format(
+                     "SELECT idx, bytes FROM entries WHERE type IN ({},{},{}) ORDER BY idx",
+                     static_cast<int>(EntryType::kKeyTransition),
+                     static_cast<int>(EntryType::kMemberProposal),
+                     static_cast<int>(EntryType::kMemberApproval))));
+    for (;;) {
+      MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+      if (step != sql::Statement::Step::kRow) break;
+      const std::uint64_t index = st.column_uint(0);
+      Result<Entry> e = decode_entry(st.column_blob(1));
+      if (!e.ok()) return e.status().with_context(fmt::format("entry {}", index));
+      apply_to_membership(*e, index);
+    }
+    return Status::Ok();
+  }
+
+  // meta 'replica': {"member_id", "key_id", "from_size", "founder_key"} once replicated.
+  Status load_replica() {
+    MEDGATE_ASSIGN_OR_RETURN(auto st, db_.prepare("SELECT value FROM meta WHERE key = 'replica'"));
+    MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+    if (step != sql::Statement::Step::kRow) return Status::Ok();
+    MEDGATE_ASSIGN_OR_RETURN(cbor::Value v, cbor::decode(st.column_blob(0)));
+    const std::string* member = v.find("member_id") ? v.find("member_id")->as_text() : nullptr;
+    const Bytes* key = v.find("key_id") ? v.find("key_id")->as_bytes() : nullptr;
+    std::optional<std::uint64_t> from =
+        v.find("from_size") ? v.find("from_size")->as_uint() : std::nullopt;
+    const Bytes* founder = v.find("founder_key") ? v.find("founder_key")->as_bytes() : nullptr;
+    if (!member || !key || key->size() != 32 || !from || !founder)
+      return Status::Corruption("the replication settings are malformed");
+    MEDGATE_ASSIGN_OR_RETURN(PublicKey founder_key, PublicKey::from_spki_der(*founder));
+    member_id_ = *member;
+    std::copy(key->begin(), key->end(), member_key_.begin());
+    founder_key_ = std::move(founder_key);
+    {
+      // This replica's heads are signed by its own member key from `from` on.
+      std::lock_guard lk(state_mu_);
+      if (epochs_.back().key != member_key_) epochs_.push_back({*from, member_key_});
+    }
+    replicated_ = true;
+    return Status::Ok();
+  }
+
+  Status load_outbox() {
+    MEDGATE_ASSIGN_OR_RETURN(auto st, db_.prepare("SELECT count(*), min(seq) FROM outbox"));
+    MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+    (void)step;
+    std::lock_guard lk(outbox_mu_);
+    outbox_entries_ = st.column_uint(0);
+    outbox_first_ = outbox_entries_ ? st.column_uint(1) : 0;
+    if (outbox_entries_ > 0) {
+      MEDGATE_ASSIGN_OR_RETURN(auto t, db_.prepare("SELECT time_us FROM outbox WHERE seq = ?"));
+      t.bind(1, outbox_first_);
+      MEDGATE_ASSIGN_OR_RETURN(auto row, t.step());
+      if (row == sql::Statement::Step::kRow) outbox_oldest_us_ = t.column_uint(0);
+    }
+    return Status::Ok();
   }
 
   // See "Rollback protection" in store.h.
@@ -1079,15 +1392,17 @@ class Ledger::Impl {
       writer_cv_.wait(lk, [&] { return !queue_.empty() || writer_stop_; });
       if (queue_.empty()) return;
       std::size_t entries = 0;
-      while (!queue_.empty() && (batch.empty() || entries + queue_.front()->entries.size() <=
-                                                      options_.max_batch_entries)) {
+      // A task runs alone; a batch stops before the next task so that tasks keep their place.
+      while (!queue_.empty() && (batch.empty() || (!queue_.front()->task && !batch.front()->task &&
+                                                   entries + queue_.front()->entries.size() <=
+                                                       options_.max_batch_entries))) {
         entries += queue_.front()->entries.size();
         batch.push_back(queue_.front());
         queue_.pop_front();
       }
       writer_busy_ = true;
       lk.unlock();
-      Status s = commit_batch(batch);
+      Status s = batch.front()->task ? batch.front()->task() : commit_batch(batch);
       for (Job* job : batch) job->finish(s);  // after this the job may be gone
       batch.clear();
       lk.lock();
@@ -1129,8 +1444,12 @@ class Ledger::Impl {
   }
 
   Status write_batch(const std::vector<Job*>& batch, std::uint64_t first, bool& began) {
+    if (replicated_) return write_outbox(batch, began);
     MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_, tx_statements_));
     began = true;
+    // Membership and key-transition entries of this batch, applied to the in-memory membership
+    // once the batch is durable.
+    std::vector<std::pair<std::uint64_t, Entry>> membership_entries;
     std::uint64_t index = first;
     std::vector<KeyEpoch> new_epochs;
     // This batch's subject updates, in index order, and the newest index per subject among them:
@@ -1176,6 +1495,10 @@ class Ledger::Impl {
           MEDGATE_ASSIGN_OR_RETURN(KeyEpoch epoch, write_key_epoch(e, index));
           new_epochs.push_back(epoch);
         }
+        if (affects_membership(e.type)) {
+          MEDGATE_ASSIGN_OR_RETURN(Entry decoded, decode_entry(e.bytes));
+          membership_entries.emplace_back(index, std::move(decoded));
+        }
         tiles_.append(e.leaf);
         ++index;
       }
@@ -1210,21 +1533,13 @@ class Ledger::Impl {
         return st.with_context(fmt::format("writing block {}", b.header.height));
       new_block = std::move(b);
     }
-    for (Job* job : batch) {
-      if (!job->head) continue;
-      const SignedHead& h = *job->head;
-      insert_head_.bind(1, h.head.height)
-          .bind(2, h.head.tree_size)
-          .bind(3, ByteView(h.bytes))
-          .bind(4, ByteView(h.signature));
-      MEDGATE_RETURN_IF_ERROR(insert_head_.run().with_context("writing a signed head"));
-      job->head->sequence = static_cast<std::uint64_t>(sqlite3_last_insert_rowid(db_.handle()));
-    }
+    MEDGATE_RETURN_IF_ERROR(write_heads(batch));
     MEDGATE_RETURN_IF_ERROR(tx.commit().with_context("committing"));
     // Durable: publish.
     for (auto& [subject, latest] : batch_latest) latest_subjects_[subject] = latest;
     if (new_block) {
       std::lock_guard lk(state_mu_);
+      for (auto& [i, e] : membership_entries) apply_to_membership(e, i);
       last_block_ = std::move(*new_block);
       committed_size_ = index;
       epochs_.insert(epochs_.end(), new_epochs.begin(), new_epochs.end());
@@ -1249,6 +1564,368 @@ class Ledger::Impl {
     insert_epoch_.bind(1, epoch.from_size).bind(2, ByteView(epoch.key)).bind(3, index);
     MEDGATE_RETURN_IF_ERROR(insert_epoch_.run().with_context("writing a key epoch"));
     return epoch;
+  }
+
+  Status write_heads(const std::vector<Job*>& batch) {
+    for (Job* job : batch) {
+      if (!job->head) continue;
+      const SignedHead& h = *job->head;
+      insert_head_.bind(1, h.head.height)
+          .bind(2, h.head.tree_size)
+          .bind(3, ByteView(h.bytes))
+          .bind(4, ByteView(h.signature));
+      MEDGATE_RETURN_IF_ERROR(insert_head_.run().with_context("writing a signed head"));
+      job->head->sequence = static_cast<std::uint64_t>(sqlite3_last_insert_rowid(db_.handle()));
+    }
+    return Status::Ok();
+  }
+
+  static bool affects_membership(EntryType t) {
+    return t == EntryType::kMemberProposal || t == EntryType::kMemberApproval ||
+           t == EntryType::kKeyTransition;
+  }
+
+  // Applies a committed membership or key-transition entry to the in-memory membership and
+  // active key (state_mu_ held). The entry was checked before it was written (append_membership)
+  // or validated with its block (apply_record), so a failure here means the ledger itself holds
+  // an entry the rules refuse: it is kept as the first such problem for status and verify.
+  void apply_to_membership(const Entry& e, std::uint64_t index) {
+    if (e.type == EntryType::kKeyTransition) {
+      const Bytes* old_id = e.body.find("old_key_id")->as_bytes();
+      auto new_key = PublicKey::from_spki_der(*e.body.find("new_public_key")->as_bytes());
+      if (!new_key.ok() || old_id->size() != 32) return;
+      KeyId old{};
+      std::copy(old_id->begin(), old_id->end(), old.begin());
+      membership_.apply_key_transition(old, *new_key);
+      if (active_pub_ && active_pub_->id() == old) active_pub_ = *new_key;
+      return;
+    }
+    auto change = membership_.apply(e, index, active_pub_ ? active_pub_->id() : KeyId{});
+    if (!change.ok() && membership_error_.ok()) membership_error_ = change.status();
+  }
+
+  // ---- replication: the outbox and blocks from the cluster (store.h, "Replication") ----
+
+  // Replicated mode's group commit: the batch's entries become outbox rows (acknowledged once
+  // this commits), without indexes; heads are stored as always.
+  Status write_outbox(const std::vector<Job*>& batch, bool& began) {
+    MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_, tx_statements_));
+    began = true;
+    std::uint64_t count = 0, oldest = 0, first_seq = 0;
+    for (Job* job : batch) {
+      for (std::size_t i = 0; i < job->entries.size(); ++i) {
+        const PendingEntry& e = job->entries[i];
+        cbor::Writer subjects;
+        subjects.array_header(e.subjects.size());
+        for (const Bytes& subject : e.subjects) subjects.bytes(subject);
+        Bytes subject_bytes = subjects.take();
+        insert_outbox_.bind(1, static_cast<std::int64_t>(e.type))
+            .bind(2, e.time_us)
+            .bind(3, ByteView(e.bytes))
+            .bind(4, ByteView(subject_bytes))
+            .bind(5, static_cast<std::int64_t>(e.link_subjects ? 1 : 0));
+        MEDGATE_RETURN_IF_ERROR(insert_outbox_.run().with_context("queueing an entry"));
+        auto seq = static_cast<std::uint64_t>(sqlite3_last_insert_rowid(db_.handle()));
+        if (i == 0) job->first_index = seq;
+        job->last_seq = seq;
+        if (count == 0) {
+          first_seq = seq;
+          oldest = e.time_us;
+        }
+        ++count;
+      }
+      if (!job->entries.empty()) job->queued = true;
+    }
+    MEDGATE_RETURN_IF_ERROR(write_heads(batch));
+    MEDGATE_RETURN_IF_ERROR(tx.commit().with_context("committing"));
+    if (count > 0) {
+      std::lock_guard lk(outbox_mu_);
+      if (outbox_entries_ == 0) {
+        outbox_first_ = first_seq;
+        outbox_oldest_us_ = oldest;
+      }
+      outbox_entries_ += count;
+      // Synchronous appenders wait for the cluster (append()); register them before anyone can
+      // order their entries.
+      for (Job* job : batch)
+        if (job->queued && !job->on_done) order_waiters_[job->first_index] = job;
+    }
+    outbox_cv_.notify_all();
+    queued_total_.fetch_add(count);
+    return Status::Ok();
+  }
+
+  // The state the next block extends (writer thread, or with the writer idle).
+  ChainTip current_tip() const {
+    std::lock_guard lk(state_mu_);
+    ChainTip tip;
+    tip.ledger_id = ledger_id_;
+    tip.height = last_block_.header.height;
+    tip.block_hash = last_block_.hash;
+    tip.time_us = last_block_.header.time_us;
+    tip.tree = tiles_.range();
+    tip.active_key = active_pub_;
+    tip.founder_key = founder_key_;
+    return tip;
+  }
+
+  std::optional<std::uint64_t> latest_of(ByteView subject) const {
+    auto it = latest_subjects_.find(Bytes(subject.begin(), subject.end()));
+    if (it == latest_subjects_.end()) return std::nullopt;
+    return it->second;
+  }
+
+  // Tells the synchronous appenders waiting for outbox sequences what became of them: each pair
+  // is (sequence, index) for an ordered entry, or (sequence, nullopt) for one dropped with `why`.
+  void settle_waiters(
+      const std::vector<std::pair<std::uint64_t, std::optional<std::uint64_t>>>& seqs,
+      const Status& why) {
+    std::lock_guard lk(outbox_mu_);
+    for (const auto& [seq, index] : seqs) {
+      auto it = order_waiters_.upper_bound(seq);
+      if (it == order_waiters_.begin()) continue;
+      --it;
+      Job* w = it->second;
+      if (seq > w->last_seq) continue;
+      if (!index) {
+        w->order_status = why;
+        w->ordered = true;
+        order_waiters_.erase(it);
+        continue;
+      }
+      if (seq == w->first_index) w->ordered_first = *index;
+      if (seq == w->last_seq) {
+        w->ordered = true;
+        order_waiters_.erase(it);
+      }
+    }
+    order_cv_.notify_all();
+  }
+
+  // After rows left the outbox: the counters and the oldest row.
+  Status refresh_outbox(std::uint64_t removed) {
+    MEDGATE_ASSIGN_OR_RETURN(auto st,
+                             db_.prepare("SELECT seq, time_us FROM outbox ORDER BY seq LIMIT 1"));
+    MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+    std::lock_guard lk(outbox_mu_);
+    outbox_entries_ = removed >= outbox_entries_ ? 0 : outbox_entries_ - removed;
+    if (step == sql::Statement::Step::kRow) {
+      outbox_first_ = st.column_uint(0);
+      outbox_oldest_us_ = st.column_uint(1);
+    } else {
+      outbox_entries_ = 0;
+      outbox_first_ = 0;
+      outbox_oldest_us_ = 0;
+    }
+    return Status::Ok();
+  }
+
+  // LEDGER-CRITICAL (replication). Builds the next block from the oldest outbox rows on the
+  // current tip, unsigned (the caller signs: a TPM signature must not hold up the writer).
+  Result<BlockRecord> build_record(std::size_t max_entries, std::size_t max_bytes) {
+    if (!replicated_) return Status::FailedPrecondition("the ledger is not replicated");
+    if (max_entries == 0) max_entries = 1;
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto st, db_.prepare("SELECT seq, type, bytes, subjects, link FROM outbox ORDER BY seq "
+                             "LIMIT ?"));
+    st.bind(1, static_cast<std::uint64_t>(max_entries));
+    ChainTip tip = current_tip();
+    Membership membership = membership_copy();
+    const KeyId active = tip.active_key ? tip.active_key->id() : KeyId{};
+    BlockRecord record;
+    std::map<Bytes, std::uint64_t> in_block;
+    std::vector<std::pair<std::uint64_t, std::optional<std::uint64_t>>> dropped;
+    std::vector<Status> drop_reasons;
+    std::uint64_t first_seq = 0, last_seq = 0, bytes_total = 0;
+    const std::uint64_t first_index = tip.tree.size();
+    for (;;) {
+      MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+      if (step != sql::Statement::Step::kRow) break;
+      const std::uint64_t seq = st.column_uint(0);
+      const auto type = static_cast<EntryType>(st.column_int(1));
+      ByteView raw = st.column_blob(2);
+      if (!record.entries.empty() && bytes_total + raw.size() > max_bytes) break;
+      if (first_seq == 0) first_seq = seq;
+      last_seq = seq;
+      Bytes bytes(raw.begin(), raw.end());
+      const std::uint64_t index = first_index + record.entries.size();
+      if (type == EntryType::kMemberProposal || type == EntryType::kMemberApproval) {
+        // Checked when it was queued, but another member's change may have ended its epoch.
+        Result<Entry> e = decode_entry(bytes);
+        Status ok = e.ok() ? membership.apply(*e, index, active).status() : e.status();
+        if (!ok.ok()) {
+          dropped.emplace_back(seq, std::nullopt);
+          drop_reasons.push_back(ok);
+          continue;
+        }
+      }
+      if (st.column_int(4) != 0) {
+        MEDGATE_ASSIGN_OR_RETURN(cbor::Value subjects, cbor::decode(st.column_blob(3)));
+        std::vector<SubjectLink> links;
+        for (const cbor::Value& v : *subjects.as_array()) {
+          const Bytes& subject = *v.as_bytes();
+          std::optional<std::uint64_t> previous;
+          if (auto it = in_block.find(subject); it != in_block.end())
+            previous = it->second;
+          else
+            previous = latest_of(subject);
+          links.push_back({subject, previous});
+        }
+        MEDGATE_RETURN_IF_ERROR(append_subject_links(bytes, links));
+        for (const SubjectLink& l : links) in_block[l.subject] = index;
+      }
+      bytes_total += bytes.size();
+      tip.tree.append(merkle::leaf_hash(bytes));
+      record.entries.push_back(std::move(bytes));
+    }
+    if (!dropped.empty()) {
+      // Dropped rows leave the outbox now; the block's range then names only rows it carries.
+      MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_));
+      MEDGATE_ASSIGN_OR_RETURN(auto del, db_.prepare("DELETE FROM outbox WHERE seq = ?"));
+      for (const auto& [seq, unused] : dropped) MEDGATE_RETURN_IF_ERROR(del.bind(1, seq).run());
+      MEDGATE_RETURN_IF_ERROR(tx.commit());
+      MEDGATE_RETURN_IF_ERROR(refresh_outbox(dropped.size()));
+      settle_waiters(dropped,
+                     Status::FailedPrecondition("the membership changed before the cluster ordered "
+                                                "this entry: " +
+                                                drop_reasons.front().message()));
+    }
+    if (record.entries.empty()) return Status::NotFound("the outbox is empty");
+    BlockHeader& h = record.header;
+    h.ledger_id = ledger_id_;
+    h.height = tip.height + 1;
+    h.previous_hash = tip.block_hash;
+    h.first_index = first_index;
+    h.entry_count = record.entries.size();
+    h.tree_size = tip.tree.size();
+    h.root = tip.tree.root();
+    h.time_us = std::max(now_us(), tip.time_us);
+    h.key_id = member_key_;
+    record.header_bytes = encode_block_header(h);
+    record.proposer = member_id_;
+    record.outbox_first = first_seq;
+    record.outbox_count = last_seq - first_seq + 1;
+    return record;
+  }
+
+  // LEDGER-CRITICAL (replication). Validates `r` against this replica's state and writes it: the
+  // entries, their subjects, the tiles, the block, its record fields and, for a block this member
+  // proposed, the removal of the outbox rows it carried, all in one transaction.
+  Status apply_record(const BlockRecord& r) {
+    {
+      std::lock_guard lk(state_mu_);
+      if (!writer_error_.ok()) return writer_error_;
+    }
+    const ChainTip tip = current_tip();
+    MEDGATE_ASSIGN_OR_RETURN(ValidatedBlock v, validate_block_record(r, tip, membership_copy(),
+                                                                     [this](ByteView subject) {
+                                                                       return latest_of(subject);
+                                                                     }));
+    const bool own = replicated_ && r.proposer == member_id_ && r.outbox_count > 0;
+    TileBuilder before = tiles_;
+    bool began = false;
+    std::vector<std::pair<std::uint64_t, std::optional<std::uint64_t>>> ordered;
+    std::vector<std::pair<std::uint64_t, Entry>> membership_entries;
+    std::vector<std::pair<Bytes, std::uint64_t>> subject_updates;
+    Status s = [&]() -> Status {
+      MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_, tx_statements_));
+      began = true;
+      std::uint64_t index = r.header.first_index;
+      for (const Bytes& bytes : r.entries) {
+        MEDGATE_ASSIGN_OR_RETURN(Entry e, decode_entry(bytes));
+        insert_entry_.bind(1, index)
+            .bind(2, static_cast<std::int64_t>(e.type))
+            .bind(3, e.time_us)
+            .bind(4, ByteView(bytes));
+        if (Status st = insert_entry_.run(); !st.ok())
+          return st.with_context(fmt::format("writing entry {}", index));
+        for (const SubjectLink& l : e.subjects) {
+          insert_subject_.bind(1, ByteView(l.subject)).bind(2, index);
+          MEDGATE_RETURN_IF_ERROR(insert_subject_.run());
+          subject_updates.emplace_back(l.subject, index);
+        }
+        tiles_.append(merkle::leaf_hash(bytes));
+        if (affects_membership(e.type)) membership_entries.emplace_back(index, std::move(e));
+        ++index;
+      }
+      for (const auto& [key, hashes] : tiles_.take_dirty()) {
+        if (key.level == 0 && hashes.size() < kTileWidth * 32) continue;  // see tile_reader()
+        insert_tile_.bind(1, key.level).bind(2, key.index).bind(3, ByteView(hashes));
+        MEDGATE_RETURN_IF_ERROR(insert_tile_.run().with_context("writing Merkle tiles"));
+      }
+      insert_block_.bind(1, r.header.height)
+          .bind(2, r.header.first_index)
+          .bind(3, r.header.entry_count)
+          .bind(4, ByteView(r.header_bytes));
+      if (Status st = insert_block_.run(); !st.ok())
+        return st.with_context(fmt::format("writing block {}", r.header.height));
+      insert_record_.bind(1, r.header.height)
+          .bind(2, r.proposer)
+          .bind(3, ByteView(r.signature))
+          .bind(4, r.outbox_first)
+          .bind(5, r.outbox_count);
+      MEDGATE_RETURN_IF_ERROR(insert_record_.run().with_context("writing a block record"));
+      if (own) {
+        MEDGATE_ASSIGN_OR_RETURN(
+            auto rows,
+            db_.prepare("SELECT seq FROM outbox WHERE seq >= ? AND seq < ? ORDER BY seq"));
+        rows.bind(1, r.outbox_first).bind(2, r.outbox_first + r.outbox_count);
+        std::uint64_t next = r.header.first_index;
+        for (;;) {
+          MEDGATE_ASSIGN_OR_RETURN(auto step, rows.step());
+          if (step != sql::Statement::Step::kRow) break;
+          ordered.emplace_back(rows.column_uint(0), next++);
+        }
+        MEDGATE_ASSIGN_OR_RETURN(auto del,
+                                 db_.prepare("DELETE FROM outbox WHERE seq >= ? AND seq < ?"));
+        MEDGATE_RETURN_IF_ERROR(
+            del.bind(1, r.outbox_first).bind(2, r.outbox_first + r.outbox_count).run());
+      }
+      return tx.commit().with_context("committing");
+    }();
+    if (!s.ok()) {
+      tiles_ = std::move(before);
+      (void)tiles_.take_dirty();
+      if (began && !sql::is_disk_full(s)) {
+        std::lock_guard lk(state_mu_);
+        writer_error_ = Status(
+            s.code(),
+            "the ledger stopped writing after an error (reopen it once the cause is fixed): " +
+                s.message());
+      }
+      return s;
+    }
+    // Durable: publish.
+    for (const auto& [subject, latest] : v.subject_updates) latest_subjects_[subject] = latest;
+    {
+      std::lock_guard lk(state_mu_);
+      last_block_.bytes = r.header_bytes;
+      last_block_.header = r.header;
+      last_block_.hash = v.tip.block_hash;
+      committed_size_ = r.header.tree_size;
+      membership_ = std::move(v.membership);
+      active_pub_ = v.tip.active_key;
+      if (pending_subject_updates_.empty())
+        pending_subject_updates_ = std::move(subject_updates);
+      else
+        pending_subject_updates_.insert(pending_subject_updates_.end(),
+                                        std::make_move_iterator(subject_updates.begin()),
+                                        std::make_move_iterator(subject_updates.end()));
+    }
+    appended_.fetch_add(r.header.entry_count);
+    blocks_applied_.fetch_add(1);
+    if (own) {
+      own_blocks_.fetch_add(1);
+      MEDGATE_RETURN_IF_ERROR(refresh_outbox(ordered.size()));
+      settle_waiters(ordered, Status::Ok());
+    }
+    applied_cv_.notify_all();
+    return Status::Ok();
+  }
+
+  Membership membership_copy() const {
+    std::lock_guard lk(state_mu_);
+    return membership_;
   }
 
   static int wal_hook(void* self, sqlite3*, const char*, int pages) {
@@ -1562,6 +2239,28 @@ class Ledger::Impl {
 
   std::atomic<std::uint64_t> appended_{0}, batches_{0}, failed_appends_{0}, heads_signed_{0},
       sign_failures_{0};
+
+  // ---- membership and replication ----
+  // Guarded by state_mu_: the membership and the ledger's active key as of the committed blocks,
+  // and the first membership entry the rules refused (a ledger written before the rules existed).
+  Membership membership_{""};
+  std::optional<PublicKey> active_pub_;
+  Status membership_error_;
+  std::mutex membership_append_mu_;  // one membership append at a time (append_membership)
+  // Set once (open(), or start_replication() on the writer thread before replicated_); read-only
+  // after replicated_ is true.
+  std::atomic<bool> replicated_{false};
+  std::string member_id_;
+  KeyId member_key_{};
+  std::optional<PublicKey> founder_key_;
+  sql::Statement insert_outbox_, insert_record_;
+  // The outbox's size and oldest row, and the synchronous appenders waiting for their entries to
+  // be ordered (keyed by their first outbox sequence).
+  mutable std::mutex outbox_mu_;
+  mutable std::condition_variable outbox_cv_, order_cv_, applied_cv_;
+  std::uint64_t outbox_entries_ = 0, outbox_first_ = 0, outbox_oldest_us_ = 0;
+  std::map<std::uint64_t, Job*> order_waiters_;
+  std::atomic<std::uint64_t> blocks_applied_{0}, own_blocks_{0}, queued_total_{0};
 };
 
 // ---- Ledger ----
@@ -1749,6 +2448,128 @@ Result<SignedHead> Ledger::first_head_covering(std::uint64_t index) const {
 }
 Result<SignedHead> Ledger::sign_head_now(bool force) {
   return impl_->sign_head_now(force);
+}
+
+}  // namespace medgate::ledger
+
+namespace medgate::ledger {
+
+Membership Ledger::membership() const {
+  return impl_->membership();
+}
+PublicKey Ledger::active_key() const {
+  return impl_->active_key();
+}
+Result<std::uint64_t> Ledger::append_membership(const Entry& entry) {
+  return impl_->append_membership(entry);
+}
+Status Ledger::start_replication(const std::string& member_id) {
+  return impl_->start_replication(member_id);
+}
+std::optional<ReplicaInfo> Ledger::replica() const {
+  return impl_->replica();
+}
+Result<ChainTip> Ledger::chain_tip() const {
+  return impl_->chain_tip();
+}
+Result<BlockRecord> Ledger::build_block(std::size_t max_entries, std::size_t max_bytes) {
+  return impl_->build_block(max_entries, max_bytes);
+}
+Status Ledger::apply_block(const BlockRecord& record) {
+  return impl_->apply_block(record);
+}
+Result<BlockRecord> Ledger::block_record(std::uint64_t height) {
+  return impl_->block_record(height);
+}
+bool Ledger::wait_for_outbox(std::chrono::milliseconds timeout) const {
+  return impl_->wait_for_outbox(timeout);
+}
+
+Result<std::unique_ptr<Ledger>> Ledger::create_replica(const LedgerOptions& options,
+                                                       const BlockRecord& genesis,
+                                                       const PublicKey& founder,
+                                                       const std::string& member_id,
+                                                       hsm::KeyStore& signer) {
+  if (!valid_member_id(member_id))
+    return Status::InvalidArgument(fmt::format("\"{}\" is not a valid member id", member_id));
+  if (std::filesystem::exists(options.path))
+    return Status::FailedPrecondition(
+        fmt::format("{} exists already; refusing to overwrite a ledger", options.path.string()));
+  MEDGATE_ASSIGN_OR_RETURN(ChainTip tip, validate_genesis_record(genesis, founder));
+  const std::string& ledger_id = genesis.header.ledger_id;
+  {
+    MEDGATE_ASSIGN_OR_RETURN(LockFile lock, LockFile::acquire(options.path));
+    MEDGATE_ASSIGN_OR_RETURN(sql::Database db,
+                             sql::Database::open(options.path, sql::Database::Mode::kCreate));
+    MEDGATE_RETURN_IF_ERROR(apply_pragmas(db, options));
+    MEDGATE_RETURN_IF_ERROR(migrate_schema(db));
+
+    const PublicKey& own = signer.signing_key();
+    MEDGATE_ASSIGN_OR_RETURN(Bytes meta, Impl::replica_meta(member_id, own.id(), 1, founder));
+    Result<std::uint64_t> counter = signer.read_counter();
+    if (!counter.ok()) return counter.status().with_context("reading the rollback counter");
+    // This replica's first head, over block 0, signed by its own key.
+    HeadBody head{kHeadFormatVersion,
+                  ledger_id,
+                  0,
+                  tip.block_hash,
+                  1,
+                  genesis.header.root,
+                  std::max(now_us(), genesis.header.time_us),
+                  own.id(),
+                  *counter,
+                  merkle::empty_root(),
+                  0};
+    Bytes head_bytes = encode_head(head);
+    MEDGATE_ASSIGN_OR_RETURN(Bytes signature, signer.sign_digest(head_digest(head_bytes)));
+    MEDGATE_RETURN_IF_ERROR(own.verify_digest(head_digest(head_bytes), signature)
+                                .with_context("the key store's first signature does not verify"));
+
+    TileBuilder builder;
+    builder.append(merkle::leaf_hash(genesis.entries[0]));
+    MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db));
+    MEDGATE_ASSIGN_OR_RETURN(auto ins_meta,
+                             db.prepare("INSERT INTO meta (key, value) VALUES (?, ?)"));
+    MEDGATE_RETURN_IF_ERROR(
+        ins_meta.bind(1, std::string("ledger_id")).bind(2, ByteView(as_bytes(ledger_id))).run());
+    MEDGATE_RETURN_IF_ERROR(ins_meta.bind(1, std::string("replica")).bind(2, ByteView(meta)).run());
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto ins_entry,
+        db.prepare("INSERT INTO entries (idx, type, time_us, bytes) VALUES (0,?,?,?)"));
+    MEDGATE_ASSIGN_OR_RETURN(Entry g, decode_entry(genesis.entries[0]));
+    MEDGATE_RETURN_IF_ERROR(ins_entry.bind(1, static_cast<std::int64_t>(EntryType::kGenesis))
+                                .bind(2, g.time_us)
+                                .bind(3, ByteView(genesis.entries[0]))
+                                .run());
+    MEDGATE_ASSIGN_OR_RETURN(auto ins_tile,
+                             db.prepare("INSERT INTO tiles (level, idx, hashes) VALUES (?,?,?)"));
+    for (const auto& [k, hashes] : builder.take_dirty())
+      if (k.level != 0 || hashes.size() == kTileWidth * 32)  // see tile_reader()
+        MEDGATE_RETURN_IF_ERROR(
+            ins_tile.bind(1, k.level).bind(2, k.index).bind(3, ByteView(hashes)).run());
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto ins_block,
+        db.prepare(
+            "INSERT INTO blocks (height, first_index, entry_count, header) VALUES (0,0,1,?)"));
+    MEDGATE_RETURN_IF_ERROR(ins_block.bind(1, ByteView(genesis.header_bytes)).run());
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto ins_record,
+        db.prepare("INSERT INTO block_records (height, proposer, signature, outbox_first, "
+                   "outbox_count) VALUES (0,?,?,?,?)"));
+    MEDGATE_RETURN_IF_ERROR(ins_record.bind(1, genesis.proposer)
+                                .bind(2, ByteView(genesis.signature))
+                                .bind(3, genesis.outbox_first)
+                                .bind(4, genesis.outbox_count)
+                                .run());
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto ins_head,
+        db.prepare("INSERT INTO heads (height, tree_size, head, signature) VALUES (0,1,?,?)"));
+    MEDGATE_RETURN_IF_ERROR(
+        ins_head.bind(1, ByteView(head_bytes)).bind(2, ByteView(signature)).run());
+    MEDGATE_RETURN_IF_ERROR(tx.commit());
+    fsync_directory(options.path.has_parent_path() ? options.path.parent_path() : ".");
+  }
+  return open(options, signer);
 }
 
 }  // namespace medgate::ledger

@@ -47,6 +47,17 @@
 // makes (schema.h): an upgrade that fails leaves the file byte for byte as it was. Entries and
 // heads of every earlier format stay as they were written, and verify (entry.h, block.h).
 //
+// Replication (docs/replication.md). A ledger becomes replicated either as the founder
+// (start_replication(), after the founding member-proposal) or as a replica created from the
+// cluster's block 0 (create_replica()). From then on append() makes an entry durable in the
+// outbox (a table in the same file, one transaction per group commit as before) rather than in a
+// block: it has no index until the cluster orders it. The orderer (ledger/order/orderer.h) asks
+// build_block() for the next block from the oldest queued entries, claims its height in etcd, and
+// applies whatever block won the height with apply_block(), which validates it
+// (validate_block_record) and writes it in ONE transaction with the removal of the outbox rows it
+// carried, so a crash leaves an entry either queued or in a block, never both and never neither.
+// Heads stay local: each replica signs its own heads with its own key.
+//
 // Thread safety: all public methods may be called from any thread. One writable Ledger per file:
 // open() takes an exclusive lock (`<path>.lock`) and names the process that holds it otherwise.
 #pragma once
@@ -65,12 +76,14 @@
 #include "hsm/key_store.h"
 #include "hsm/status.h"
 #include "ledger/block.h"
+#include "ledger/block_record.h"
 #include "ledger/entry.h"
+#include "ledger/membership.h"
 #include "ledger/subject_map.h"
 
 namespace medgate::ledger {
 
-inline constexpr int kSchemaVersion = 3;
+inline constexpr int kSchemaVersion = 4;
 
 // Who restores, from what, and what it replaces (Ledger::open; see "Rollback protection").
 struct RestoreRecord {
@@ -92,6 +105,23 @@ struct LedgerOptions {
   // Set only by a restore (appliance/restore.h): open() records it and accepts an older rollback
   // counter (see "Rollback protection" above).
   std::optional<RestoreRecord> restore;
+  // Replicated mode: how long append()/append_all() wait for the cluster to order an entry that
+  // is durable in the outbox before they give up with kUnavailable (the entry stays queued and
+  // is ordered later). append_async() never waits for the cluster.
+  std::chrono::milliseconds order_timeout{5000};
+};
+
+// What a replicated ledger knows about itself (see "Replication" above).
+struct ReplicaInfo {
+  std::string member_id;
+  KeyId key_id{};                        // this member's signing key
+  std::optional<PublicKey> founder_key;  // vouched for the history before the membership
+  std::uint64_t outbox_entries = 0;      // durable, acknowledged, not yet ordered
+  std::uint64_t outbox_first = 0;        // the oldest queued entry's outbox sequence (0: none)
+  std::uint64_t outbox_oldest_us = 0;    // its time
+  std::uint64_t blocks_applied = 0;      // since open: blocks from the cluster (any proposer)
+  std::uint64_t own_blocks = 0;          // since open: blocks this member proposed
+  std::uint64_t queued_total = 0;        // since open: entries queued in the outbox
 };
 
 struct StoredEntry {
@@ -122,10 +152,10 @@ struct LedgerStats {
   std::string writer_error;  // non-empty once the writer stopped after an I/O error
   std::string signer_error;  // the last signing failure, if the latest attempt failed
   KeyId active_key{};
-  std::uint64_t rollback_counter = 0;  // the value new heads carry
-  std::uint64_t device_counter = 0;    // the key store's counter at the last epoch
-  std::uint64_t counter_epochs = 0;    // epochs since open
-  std::string counter_error;           // the last epoch's failure, if it failed
+  std::uint64_t rollback_counter = 0;          // the value new heads carry
+  std::uint64_t device_counter = 0;            // the key store's counter at the last epoch
+  std::uint64_t counter_epochs = 0;            // epochs since open
+  std::string counter_error;                   // the last epoch's failure, if it failed
   std::optional<std::uint64_t> restore_entry;  // the entry open() recorded for a restore
 };
 
@@ -211,6 +241,49 @@ class Ledger {
   Result<SubjectMapProof> subject_map_proof(ByteView subject, const SignedHead& head) const;
   // The first signed head whose tree covers entry `index`; kNotFound when none does yet.
   Result<SignedHead> first_head_covering(std::uint64_t index) const;
+
+  // ---- membership and replication (see "Replication" above) ----
+
+  // The membership as of the committed blocks (empty and unfounded on a single box).
+  Membership membership() const;
+  // The ledger's active signing key (the genesis key or the key it rotated to): the key that
+  // founds the membership. On a replica it is the founder's chain, not this member's key.
+  PublicKey active_key() const;
+  // Appends a member-proposal or member-approval entry after checking it against the current
+  // membership (Membership::check), so an honest box never writes one every replica would void.
+  // Serialised with other membership appends.
+  Result<std::uint64_t> append_membership(const Entry& entry);
+
+  // Makes this ledger the founder's replica: the membership must be founded and `member_id` must
+  // be the member holding this ledger's active key. Durable before it returns; from then on
+  // appends queue in the outbox. kFailedPrecondition otherwise; idempotent for the same member.
+  Status start_replication(const std::string& member_id);
+  // Creates a replica from the cluster's block 0, trusting `founder` (the founder's public key,
+  // which signed the history): a file holding block 0 and a first head signed by `signer`'s own
+  // key. Later blocks come through apply_block().
+  static Result<std::unique_ptr<Ledger>> create_replica(const LedgerOptions& options,
+                                                        const BlockRecord& genesis,
+                                                        const PublicKey& founder,
+                                                        const std::string& member_id,
+                                                        hsm::KeyStore& signer);
+  // Set once replicated.
+  std::optional<ReplicaInfo> replica() const;
+  // The state the next block must extend.
+  Result<ChainTip> chain_tip() const;
+  // The next block this member proposes: the oldest queued entries (at most `max_entries`, and
+  // at most `max_bytes` of entry bytes, but always at least one) on the current tip, signed by
+  // this member's key. kNotFound when the outbox is empty. A queued membership entry that the
+  // membership no longer allows (another member's change took effect first) is dropped from the
+  // outbox here and its waiting appender told why.
+  Result<BlockRecord> build_block(std::size_t max_entries, std::size_t max_bytes);
+  // Validates `record` as the next block and applies it (see above). kVerificationFailed names
+  // the problem; nothing changes then.
+  Status apply_block(const BlockRecord& record);
+  // The record of a committed block: as applied (with its proposer's signature), or for a block
+  // written before replication, signed now by this ledger's key with this member as proposer.
+  Result<BlockRecord> block_record(std::uint64_t height);
+  // Waits until the outbox holds something or `timeout` passes; true if it does.
+  bool wait_for_outbox(std::chrono::milliseconds timeout) const;
 
   class Impl;
 

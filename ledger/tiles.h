@@ -61,6 +61,7 @@ class TileBuilder {
   void append(const Hash& leaf);
   std::uint64_t size() const { return range_.size(); }
   Hash root() const { return range_.root(); }
+  const merkle::CompactRange& range() const { return range_; }
 
   // Every tile whose content changed since the last call (completed ones and the current partial
   // ones), each with its full current content, for the caller to INSERT OR REPLACE. Completed

@@ -18,6 +18,7 @@
 #include "ledger/block.h"
 #include "ledger/consent_document.h"
 #include "ledger/entry.h"
+#include "ledger/membership.h"
 #include "ledger/merkle.h"
 #include "ledger/schema.h"
 #include "ledger/sqlite.h"
@@ -316,6 +317,24 @@ class Verifier {
     MEDGATE_ASSIGN_OR_RETURN(step, count.step());
     total_ = count.column_uint(0);
     count.reset();
+    {
+      // A replicated ledger's file keeps block records (schema 4); a single box's keeps none,
+      // and its heads are all signed by the ledger's own key chain.
+      MEDGATE_ASSIGN_OR_RETURN(auto t,
+                               db_.prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                           "name = 'block_records'"));
+      MEDGATE_ASSIGN_OR_RETURN(auto found, t.step());
+      if (found == sql::Statement::Step::kRow) {
+        MEDGATE_ASSIGN_OR_RETURN(auto any, db_.prepare("SELECT 1 FROM block_records LIMIT 1"));
+        MEDGATE_ASSIGN_OR_RETURN(auto row, any.step());
+        has_block_records_ = row == sql::Statement::Step::kRow;
+      }
+    }
+    if (has_block_records_) {
+      MEDGATE_ASSIGN_OR_RETURN(
+          records_st_,
+          db_.prepare("SELECT proposer, signature FROM block_records WHERE height = ?"));
+    }
 
     // Rows the streams below never reach (they read upward from 0): anything at a negative key,
     // and heads whose sequence has a gap (a head deleted from the middle of the history).
@@ -475,6 +494,12 @@ class Verifier {
             problem(VerifyProblem::Where::kBlock, h,
                     fmt::format("starts at entry {} but the previous block ended at entry {}",
                                 header.first_index, tree.size())));
+      // A replicated ledger: once the membership is founded, each block is proposed by a member
+      // whose key its header names (the membership as of the block's start).
+      const bool founded_at_start = membership_.founded();
+      std::optional<Member> proposer_at_start;
+      if (founded_at_start)
+        if (const Member* m = membership_.find_by_key(header.key_id)) proposer_at_start = *m;
 
       for (std::uint64_t i = header.first_index; i < header.tree_size; ++i) {
         MEDGATE_ASSIGN_OR_RETURN(std::optional<EntryRow> e, entries.next());
@@ -517,6 +542,10 @@ class Verifier {
         } else if (e->header_type == static_cast<std::int64_t>(EntryType::kKeyTransition)) {
           VerifyProblem p;
           if (!take_transition(i, e->bytes, p)) return fail(p);
+        } else if (e->header_type == static_cast<std::int64_t>(EntryType::kMemberProposal) ||
+                   e->header_type == static_cast<std::int64_t>(EntryType::kMemberApproval)) {
+          VerifyProblem p;
+          if (!take_membership(i, e->bytes, p)) return fail(p);
         } else if (e->header_type == static_cast<std::int64_t>(EntryType::kPatientKey) ||
                    e->header_type == static_cast<std::int64_t>(EntryType::kConsentGrant) ||
                    e->header_type == static_cast<std::int64_t>(EntryType::kConsentRevoke)) {
@@ -550,15 +579,25 @@ class Verifier {
                                 short_hex(header.root))));
       }
       if (tile_problem) return fail(*tile_problem);
-      if (!known_.count(header.key_id))
-        return fail(problem(VerifyProblem::Where::kBlock, h,
-                            fmt::format("names signing key {}, which the ledger does not know",
-                                        to_hex(header.key_id))));
-      if (header.key_id != active_key_)
-        return fail(
-            problem(VerifyProblem::Where::kBlock, h,
-                    fmt::format("names signing key {}, but the ledger's key at that point is {}",
-                                short_hex(header.key_id), short_hex(active_key_))));
+      if (founded_at_start) {
+        if (!proposer_at_start)
+          return fail(
+              problem(VerifyProblem::Where::kBlock, h,
+                      fmt::format("is signed by a key that is not a member's at height {} ({})",
+                                  h - 1, short_hex(header.key_id))));
+        VerifyProblem p;
+        if (!check_block_record(h, row->header, *proposer_at_start, p)) return fail(p);
+      } else {
+        if (!known_.count(header.key_id))
+          return fail(problem(VerifyProblem::Where::kBlock, h,
+                              fmt::format("names signing key {}, which the ledger does not know",
+                                          to_hex(header.key_id))));
+        if (header.key_id != active_key_)
+          return fail(
+              problem(VerifyProblem::Where::kBlock, h,
+                      fmt::format("names signing key {}, but the ledger's key at that point is {}",
+                                  short_hex(header.key_id), short_hex(active_key_))));
+      }
 
       previous = block_hash(row->header);
       ++report_.blocks;
@@ -587,10 +626,28 @@ class Verifier {
       return fail(
           problem(VerifyProblem::Where::kEntry, extra->index, "is not covered by any block"));
 
+    // Heads signed by a replica's own key before that replica became a member: the key is
+    // vouched for by the membership entries that added it (each approved by a majority).
+    for (const DeferredHead& d : deferred_heads_) {
+      auto key = member_keys_.find(d.key_id);
+      if (key == member_keys_.end())
+        return fail(problem(VerifyProblem::Where::kHead, d.seq,
+                            fmt::format("is signed by key {}, which is neither the ledger's key "
+                                        "nor ever a member's",
+                                        to_hex(d.key_id))));
+      if (!key->second.verify_digest(d.digest, d.signature).ok())
+        return fail(problem(VerifyProblem::Where::kHead, d.seq,
+                            "signature does not verify with the member key it names"));
+    }
+
     // Trust: every key of the ledger is chained to the genesis key by transitions that both
     // keys signed, so trusting any one of them vouches for all of them, each for its own range.
+    // In a replicated ledger every member key follows from the membership entries, each signed by
+    // a majority of the members before it, so trusting one member's key is enough too.
     bool chain_trusted = std::any_of(chain_.begin(), chain_.end(),
-                                     [&](const KeyId& k) { return trusted_.count(k) > 0; });
+                                     [&](const KeyId& k) { return trusted_.count(k) > 0; }) ||
+                         std::any_of(member_keys_.begin(), member_keys_.end(),
+                                     [&](const auto& k) { return trusted_.count(k.first) > 0; });
     if (!chain_trusted)
       return fail(problem(
           VerifyProblem::Where::kFile, 0,
@@ -767,6 +824,61 @@ class Verifier {
     known_.emplace(new_id, *new_key);
     chain_.push_back(new_id);
     active_key_ = new_id;
+    membership_.apply_key_transition(old_id, *new_key);
+    return true;
+  }
+
+  // Membership entries follow the same rules the replicas apply (ledger/membership.h).
+  bool take_membership(std::uint64_t index, ByteView bytes, VerifyProblem& p) {
+    Result<Entry> e = decode_entry(bytes);
+    if (!e.ok()) {
+      p = problem(VerifyProblem::Where::kEntry, index, "does not decode: " + e.status().message());
+      return false;
+    }
+    if (membership_.ledger_id().empty()) membership_ = Membership(report_.ledger_id);
+    auto change = membership_.apply(*e, index, active_key_);
+    if (!change.ok()) {
+      p = problem(VerifyProblem::Where::kEntry, index, change.status().message());
+      return false;
+    }
+    for (const Member& m : membership_.members())
+      member_keys_.emplace(m.signing_key.id(), m.signing_key);
+    return true;
+  }
+
+  // A block after founding: its record (proposer and signature, kept by every replica) must name
+  // the member whose key the header names, and that key must have signed the header.
+  bool check_block_record(std::uint64_t height, ByteView header_bytes, const Member& proposer,
+                          VerifyProblem& p) {
+    auto bad = [&](std::string reason) {
+      p = problem(VerifyProblem::Where::kBlock, height, std::move(reason));
+      return false;
+    };
+    if (!has_block_records_) {
+      // A single box that founded a membership and never replicated: its own blocks.
+      if (proposer.signing_key.id() == active_key_) return true;
+      return bad("is after the membership was founded but the file keeps no block records");
+    }
+    records_st_.bind(1, height);
+    auto step = records_st_.step();
+    if (!step.ok() || *step != sql::Statement::Step::kRow) {
+      records_st_.reset();
+      // The founder's own blocks between founding and replication carry no record: its key is
+      // the ledger's active key, which signs its heads.
+      if (proposer.signing_key.id() == active_key_) return true;
+      return bad(fmt::format("has no block record (proposer and signature)"));
+    }
+    const std::string who = records_st_.column_text(0);
+    ByteView sig = records_st_.column_blob(1);
+    Bytes signature(sig.begin(), sig.end());
+    records_st_.reset();
+    if (who != proposer.id)
+      return bad(fmt::format("is recorded as proposed by \"{}\" but names the key of \"{}\"", who,
+                             proposer.id));
+    if (!proposer.signing_key.verify_digest(block_hash(header_bytes), signature).ok())
+      return bad(fmt::format("has a proposer signature that does not verify with the key of \"{}\"",
+                             proposer.id));
+    ++report_.member_blocks;
     return true;
   }
 
@@ -796,10 +908,22 @@ class Verifier {
       return bad(
           fmt::format("does not match block {} (block hash, tree size or root differ)", height));
     auto key = known_.find(head->key_id);
-    if (key == known_.end())
+    const bool replica_head = head->key_id != active_key_ &&
+                              (membership_.founded() || key == known_.end()) && has_block_records_;
+    if (replica_head) {
+      // A replica's own head: signed by its member key. Checked now if it is a member's key,
+      // otherwise once the whole ledger is read (the replica joined before it was added).
+      if (const Member* m = membership_.find_by_key(head->key_id)) {
+        if (row.signature.empty()) return bad("has no signature");
+        if (!m->signing_key.verify_digest(head_digest(row.head), row.signature).ok())
+          return bad(fmt::format("signature does not verify with the key of member \"{}\"", m->id));
+      } else {
+        deferred_heads_.push_back({row.seq, head->key_id, head_digest(row.head), row.signature});
+      }
+    } else if (key == known_.end()) {
       return bad(
           fmt::format("is signed by key {}, which the ledger does not know", to_hex(head->key_id)));
-    if (head->key_id != active_key_) {
+    } else if (head->key_id != active_key_) {
       auto retired = retired_.find(head->key_id);
       if (retired != retired_.end())
         return bad(fmt::format(
@@ -809,9 +933,11 @@ class Verifier {
       return bad(fmt::format("is signed by key {}, not by the ledger's key at that point {}",
                              short_hex(head->key_id), short_hex(active_key_)));
     }
-    if (row.signature.empty()) return bad("has no signature");
-    Status sig = key->second.verify_digest(head_digest(row.head), row.signature);
-    if (!sig.ok()) return bad("signature does not verify: " + sig.message());
+    if (!replica_head) {
+      if (row.signature.empty()) return bad("has no signature");
+      Status sig = key->second.verify_digest(head_digest(row.head), row.signature);
+      if (!sig.ok()) return bad("signature does not verify: " + sig.message());
+    }
     if (head->time_us < last_head_time_) return bad("is dated before the head stored before it");
     if (head->version < last_head_version_)
       return bad(fmt::format("is in head format {}, older than the head before it ({})",
@@ -844,6 +970,19 @@ class Verifier {
   std::filesystem::path path_;
   const VerifyOptions& options_;
   std::map<KeyId, PublicKey> trusted_;
+  // Replication: the membership so far, every key that was ever a member's, and replica heads
+  // whose key was not (yet) a member's when they were read.
+  Membership membership_{""};
+  std::map<KeyId, PublicKey> member_keys_;
+  struct DeferredHead {
+    std::uint64_t seq;
+    KeyId key_id;
+    Hash digest;
+    Bytes signature;
+  };
+  std::vector<DeferredHead> deferred_heads_;
+  bool has_block_records_ = false;
+  sql::Statement records_st_;
   std::map<KeyId, PublicKey> known_;
   std::vector<KeyId> chain_;                // genesis key, then each transition's new key
   std::map<KeyId, std::uint64_t> retired_;  // key -> the transition entry that retired it
@@ -884,6 +1023,7 @@ nlohmann::json to_json(const VerifyReport& r) {
                         {"root", to_hex(r.root)},
                         {"unsigned_entries", r.unsigned_entries},
                         {"key_ids", r.key_ids},
+                        {"member_blocks", r.member_blocks},
                         {"rollback_counter", r.rollback_counter}};
   if (r.latest_signed_size) {
     out["latest_signed_size"] = *r.latest_signed_size;

@@ -60,6 +60,7 @@ struct VerifyReport {
   std::uint64_t unsigned_entries = 0;  // committed after the latest signed head (not tampering)
   std::vector<std::string> key_ids;    // hex ids of keys that signed heads
   std::uint64_t rollback_counter = 0;  // carried by the latest valid head
+  std::uint64_t member_blocks = 0;     // replicated: blocks whose proposer signature was checked
 };
 
 // Verifies the ledger file at `path`, opened read-only. The returned Status fails only when the

@@ -191,7 +191,22 @@ Result<Range> EtcdClient::range(std::string_view key, std::string_view range_end
 }
 
 Result<CreateResult> EtcdClient::create_if_absent(std::string_view key, ByteView value) {
-  const std::string what = "etcd create of key '" + printable_key(key) + "'";
+  return put_if(key, value, /*mod_revision=*/0);
+}
+
+Result<CreateResult> EtcdClient::replace_if_revision(std::string_view key,
+                                                     std::int64_t mod_revision, ByteView value) {
+  if (mod_revision <= 0)
+    return Status::InvalidArgument("replace_if_revision needs the revision being replaced");
+  return put_if(key, value, mod_revision);
+}
+
+// One transaction: put `value` if the key is absent (mod_revision 0) or was last written at
+// `mod_revision`; otherwise read it.
+Result<CreateResult> EtcdClient::put_if(std::string_view key, ByteView value,
+                                        std::int64_t mod_revision) {
+  const std::string what = std::string(mod_revision ? "etcd replace" : "etcd create") +
+                           " of key '" + printable_key(key) + "'";
   std::size_t size = 2 * key.size() + value.size() + kRequestOverheadBytes;
   if (size > options_.max_request_bytes)
     return Status::InvalidArgument(what + ": the request would be about " + std::to_string(size) +
@@ -199,10 +214,15 @@ Result<CreateResult> EtcdClient::create_if_absent(std::string_view key, ByteView
                                    std::to_string(options_.max_request_bytes) +
                                    " bytes (max_request_bytes); not sent");
   const std::string k = b64(key);
+  json compare =
+      mod_revision == 0
+          ? json{{"target", "CREATE"}, {"result", "EQUAL"}, {"key", k}, {"create_revision", "0"}}
+          : json{{"target", "MOD"},
+                 {"result", "EQUAL"},
+                 {"key", k},
+                 {"mod_revision", std::to_string(mod_revision)}};
   json body = {
-      {"compare",
-       json::array(
-           {{{"target", "CREATE"}, {"result", "EQUAL"}, {"key", k}, {"create_revision", "0"}}})},
+      {"compare", json::array({compare})},
       {"success", json::array({{{"request_put", {{"key", k}, {"value", to_base64(value)}}}}})},
       {"failure", json::array({{{"request_range", {{"key", k}}}}})},
   };
@@ -219,7 +239,8 @@ Result<CreateResult> EtcdClient::create_if_absent(std::string_view key, ByteView
     auto range = (*responses)[0].find("response_range");
     if (range == (*responses)[0].end()) return Status::InvalidArgument("no response_range");
     MEDGATE_ASSIGN_OR_RETURN(Range read, range_of(*range));
-    // The compare said the key exists and the read is in the same transaction, so it is there.
+    // A create's compare failing means the key exists; a replace's may also mean it is gone.
+    if (read.kvs.empty() && mod_revision != 0) return Status::Ok();
     if (read.kvs.size() != 1 || read.kvs[0].key != key)
       return Status::InvalidArgument("the txn's range response lacks the key");
     out.existing = std::move(read.kvs[0]);

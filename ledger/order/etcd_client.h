@@ -155,6 +155,12 @@ class EtcdClient {
   // value): the caller tells by comparing values.
   Result<CreateResult> create_if_absent(std::string_view key, ByteView value);
 
+  // One transaction: if `key` was last written at `mod_revision`, put `value` (created == true);
+  // otherwise read it (`existing`, absent if the key is gone). How a void block record is
+  // replaced: of the members racing to replace it, exactly one succeeds.
+  Result<CreateResult> replace_if_revision(std::string_view key, std::int64_t mod_revision,
+                                           ByteView value);
+
   // The status of the endpoint that answers (leader, term, revision, size, version), and the
   // health of every configured endpoint (GET /health on each, request_timeout each at most).
   Result<EtcdStatus> status();
@@ -171,6 +177,7 @@ class EtcdClient {
 
  private:
   explicit EtcdClient(EtcdOptions options);
+  Result<CreateResult> put_if(std::string_view key, ByteView value, std::int64_t mod_revision);
 
   EtcdOptions options_;
   std::unique_ptr<Transport> transport_;

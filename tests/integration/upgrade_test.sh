@@ -47,7 +47,7 @@ sql "$DB" 'SELECT height, hex(header) FROM blocks ORDER BY height' >"$WORK/old-b
 
 say "== the new medgated on it"
 start_daemon "$CONF"
-[ "$(sql "$DB" 'PRAGMA user_version')" = 3 ] && pass "migrated to schema 3" || failed "schema $(sql "$DB" 'PRAGMA user_version') after the start"
+[ "$(sql "$DB" 'PRAGMA user_version')" = 4 ] && pass "migrated to schema 4" || failed "schema $(sql "$DB" 'PRAGMA user_version') after the start"
 grep -q "ledger.open" "$WORK/medgated.log" && pass "the ledger opened" || failed "no ledger.open in the log"
 expect_rc 0 "status" -- "$MEDCTL" --json status
 HL7_PORT=$(sed -n '/"hl7": {/,/}/s/.*"port": \([0-9]*\).*/\1/p' <<<"$OUT" | head -1)
@@ -91,10 +91,10 @@ fixture "$NEWER"
 sql "$NEWER/ledger.db" 'PRAGMA user_version = 99'
 BEFORE=$(sha256sum <"$NEWER/ledger.db")
 expect_rc 1 "medgated refuses it" -- "$MEDGATED" --config "$NEWER/medgated.toml"
-expect_in "schema version 99 is newer than this build understands \(3\)" "naming both versions"
+expect_in "schema version 99 is newer than this build understands \(4\)" "naming both versions"
 [ "$(sha256sum <"$NEWER/ledger.db")" = "$BEFORE" ] && pass "the file is byte-identical" || failed "the file changed"
 expect_rc 2 "medctl ledger verify refuses it too" -- "$MEDCTL" ledger verify --db "$NEWER/ledger.db" --trust "$PEM"
-expect_in "99 is newer than this build understands \(3\)" "naming both versions"
+expect_in "99 is newer than this build understands \(4\)" "naming both versions"
 
 say "== a migration that fails half-way"
 HALF=$WORK/half
@@ -105,7 +105,7 @@ fixture "$HALF"
 sql "$HALF/ledger.db" "UPDATE entries SET bytes = x'a1' || substr(bytes, 2) WHERE idx = 5"
 BEFORE=$(sha256sum <"$HALF/ledger.db")
 expect_rc 1 "medgated refuses it" -- "$MEDGATED" --config "$HALF/medgated.toml"
-expect_in "upgrading the ledger from schema 2 to 3 failed; the file is unchanged" "says the upgrade failed and nothing changed"
+expect_in "upgrading the ledger from schema 2 to 4 failed; the file is unchanged" "says the upgrade failed and nothing changed"
 expect_in "entry 5" "names the entry"
 [ "$(sha256sum <"$HALF/ledger.db")" = "$BEFORE" ] && pass "the file is byte-identical" || failed "the file changed"
 [ "$(sql "$HALF/ledger.db" 'PRAGMA user_version')" = 2 ] && pass "still schema 2" || failed "schema is now $(sql "$HALF/ledger.db" 'PRAGMA user_version')"

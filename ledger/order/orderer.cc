@@ -1,0 +1,319 @@
+// LEDGER-CRITICAL (replication): see orderer.h.
+#include "ledger/order/orderer.h"
+
+#include <pthread.h>
+
+#include <algorithm>
+#include <charconv>
+
+#include <fmt/format.h>
+
+#include "ledger/block_record.h"
+
+namespace medgate::order {
+namespace {
+
+using ledger::BlockRecord;
+
+std::string blocks_prefix(std::string_view prefix) {
+  return std::string(prefix) + "blocks/";
+}
+
+// The height in a block key, or nullopt for a key that is not one.
+std::optional<std::uint64_t> height_of(std::string_view key, std::string_view blocks) {
+  if (key.size() != blocks.size() + 20 || key.substr(0, blocks.size()) != blocks)
+    return std::nullopt;
+  std::uint64_t h = 0;
+  std::string_view digits = key.substr(blocks.size());
+  auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), h);
+  if (ec != std::errc() || end != digits.data() + digits.size()) return std::nullopt;
+  return h;
+}
+
+}  // namespace
+
+std::string block_key(std::string_view prefix, std::uint64_t height) {
+  return fmt::format("{}blocks/{:020}", prefix, height);
+}
+
+Orderer::Orderer(ledger::Ledger& ledger, EtcdClient& etcd, OrdererOptions options)
+    : ledger_(ledger), etcd_(etcd), options_(std::move(options)) {}
+
+Orderer::~Orderer() {
+  stop();
+}
+
+Result<std::unique_ptr<Orderer>> Orderer::start(ledger::Ledger& ledger, EtcdClient& etcd,
+                                                OrdererOptions options) {
+  if (!ledger.replica())
+    return Status::FailedPrecondition("the ledger is not replicated (no cluster member yet)");
+  if (options.prefix.empty() || options.prefix.back() != '/')
+    return Status::InvalidArgument("the etcd prefix must end with '/'");
+  std::unique_ptr<Orderer> o(new Orderer(ledger, etcd, std::move(options)));
+  MEDGATE_RETURN_IF_ERROR(o->publish_history());
+  WatchHandlers handlers;
+  handlers.on_put = [self = o.get()](const KeyValue&) { self->wake(); };
+  handlers.on_compacted = [self = o.get()](std::int64_t) { self->wake(); };
+  MEDGATE_ASSIGN_OR_RETURN(o->watch_, etcd.watch(blocks_prefix(o->options_.prefix),
+                                                 o->last_revision_ + 1, std::move(handlers)));
+  {
+    std::lock_guard lk(o->mu_);
+    o->stats_.running = true;
+  }
+  o->thread_ = std::thread([self = o.get()] {
+    pthread_setname_np(pthread_self(), "ledger-orderer");
+    self->run();
+  });
+  return o;
+}
+
+void Orderer::stop() {
+  {
+    std::lock_guard lk(mu_);
+    if (stop_) return;
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (watch_) watch_->stop();
+  if (thread_.joinable()) thread_.join();
+  std::lock_guard lk(mu_);
+  stats_.running = false;
+}
+
+OrdererStats Orderer::stats() const {
+  std::lock_guard lk(mu_);
+  OrdererStats s = stats_;
+  s.local_height = ledger_.stats().height;
+  return s;
+}
+
+bool Orderer::wait_for_height(std::uint64_t height, std::chrono::milliseconds timeout) const {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (ledger_.stats().height < height) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  return true;
+}
+
+void Orderer::wake() {
+  {
+    std::lock_guard lk(mu_);
+    woken_ = true;
+  }
+  cv_.notify_all();
+}
+
+void Orderer::note_error(const Status& s) {
+  bool was_connected;
+  {
+    std::lock_guard lk(mu_);
+    was_connected = stats_.connected;
+    if (s.code() == StatusCode::kUnavailable) stats_.connected = false;
+    stats_.last_error = s.message();
+  }
+  if (was_connected && s.code() == StatusCode::kUnavailable && options_.on_connection)
+    options_.on_connection(false, s.message());
+}
+
+void Orderer::note_ok() {
+  bool was_connected;
+  {
+    std::lock_guard lk(mu_);
+    was_connected = stats_.connected;
+    stats_.connected = true;
+  }
+  if (!was_connected && options_.on_connection) options_.on_connection(true, "");
+}
+
+Status Orderer::publish_history() {
+  const std::string blocks = blocks_prefix(options_.prefix);
+  // How many block keys etcd holds: heights 0..count-1 (block keys are never deleted below a
+  // lagging member's height; see docs/replication.md, "Size and compaction").
+  MEDGATE_ASSIGN_OR_RETURN(Range r, etcd_.range(blocks, prefix_end(blocks), 1));
+  last_revision_ = r.revision;
+  const std::uint64_t in_etcd = static_cast<std::uint64_t>(r.count);
+  const std::uint64_t local = ledger_.stats().height;
+  std::uint64_t published = 0;
+  for (std::uint64_t h = in_etcd; h <= local; ++h) {
+    MEDGATE_ASSIGN_OR_RETURN(BlockRecord record, ledger_.block_record(h));
+    Bytes bytes = ledger::encode_block_record(record);
+    MEDGATE_ASSIGN_OR_RETURN(CreateResult c,
+                             etcd_.create_if_absent(block_key(options_.prefix, h), bytes));
+    if (!c.created && c.existing && c.existing->value != bytes)
+      return Status::FailedPrecondition(fmt::format(
+          "etcd holds a different block {} under {} than this ledger: the prefix belongs to "
+          "another ledger, or this replica diverged",
+          h, options_.prefix));
+    last_revision_ = std::max(last_revision_, c.revision);
+    if (c.created) ++published;
+  }
+  std::lock_guard lk(mu_);
+  stats_.history_published = published;
+  stats_.connected = true;
+  stats_.cluster_height = std::max(local, in_etcd ? in_etcd - 1 : 0);
+  return Status::Ok();
+}
+
+bool Orderer::catch_up() {
+  const std::string blocks = blocks_prefix(options_.prefix);
+  bool applied_any = false;
+  for (;;) {
+    const std::uint64_t next = ledger_.stats().height + 1;
+    Result<Range> r = etcd_.range(block_key(options_.prefix, next), prefix_end(blocks), 64);
+    if (!r.ok()) {
+      note_error(r.status());
+      return applied_any;
+    }
+    note_ok();
+    last_revision_ = std::max(last_revision_, r->revision);
+    if (r->kvs.empty()) return applied_any;
+    {
+      std::lock_guard lk(mu_);
+      if (auto h = height_of(r->kvs.back().key, blocks))
+        stats_.cluster_height = std::max(stats_.cluster_height, *h);
+    }
+    for (const KeyValue& kv : r->kvs) {
+      const std::uint64_t expected = ledger_.stats().height + 1;
+      std::optional<std::uint64_t> h = height_of(kv.key, blocks);
+      if (!h || *h != expected) {
+        note_error(Status::Corruption(
+            fmt::format("etcd lacks block {} (the next key is not it)", expected)));
+        return applied_any;
+      }
+      if (void_revision_ && *void_revision_ == kv.mod_revision) return applied_any;
+      Result<BlockRecord> record = ledger::decode_block_record(kv.value);
+      Status s = record.ok() ? ledger_.apply_block(*record)
+                             : record.status().with_context(fmt::format("block {}", *h));
+      if (!s.ok()) {
+        const bool invalid =
+            s.code() == StatusCode::kVerificationFailed || s.code() == StatusCode::kCorruption;
+        if (!invalid) {
+          note_error(s);
+          return applied_any;
+        }
+        void_revision_ = kv.mod_revision;
+        {
+          std::lock_guard lk(mu_);
+          ++stats_.invalid_blocks;
+          stats_.last_invalid = s.message();
+        }
+        if (options_.on_invalid) options_.on_invalid(*h, s.message());
+        return applied_any;
+      }
+      void_revision_.reset();
+      applied_any = true;
+      std::lock_guard lk(mu_);
+      ++stats_.blocks_applied;
+    }
+    if (!r->more) return applied_any;
+  }
+}
+
+bool Orderer::propose() {
+  auto replica = ledger_.replica();
+  if (!replica || replica->outbox_entries == 0) return false;
+  // Only a member proposes; a replica that is not one (yet) keeps its queue.
+  if (!ledger_.membership().find(replica->member_id)) return false;
+  // A void record at the next height is replaced (compare its mod_revision): every honest
+  // replica voids the same record, and exactly one replacement wins.
+  const std::optional<std::int64_t> replacing = void_revision_;
+  Result<BlockRecord> record =
+      ledger_.build_block(options_.max_block_entries, options_.max_block_bytes);
+  if (!record.ok()) {
+    if (record.status().code() != StatusCode::kNotFound) note_error(record.status());
+    return false;
+  }
+  const Bytes bytes = ledger::encode_block_record(*record);
+  const std::string key = block_key(options_.prefix, record->header.height);
+  std::chrono::milliseconds backoff{20};
+  for (;;) {
+    Result<CreateResult> c = replacing ? etcd_.replace_if_revision(key, *replacing, bytes)
+                                       : etcd_.create_if_absent(key, bytes);
+    if (c.ok()) {
+      note_ok();
+      last_revision_ = std::max(last_revision_, c->revision);
+      const bool ours = c->created || (c->existing && c->existing->value == bytes);
+      if (!ours) {
+        std::lock_guard lk(mu_);
+        ++stats_.claims_lost;
+        return false;  // the winner is applied by the next catch_up()
+      }
+      void_revision_.reset();
+      Status s = ledger_.apply_block(*record);
+      if (!s.ok()) {
+        note_error(s.with_context("applying this member's own block"));
+        return false;
+      }
+      std::lock_guard lk(mu_);
+      ++stats_.blocks_proposed;
+      stats_.cluster_height = std::max(stats_.cluster_height, record->header.height);
+      return true;
+    }
+    note_error(c.status());
+    if (c.status().code() != StatusCode::kUnavailable) return false;
+    // No answer: the claim may or may not have landed. Ask again with the same bytes until etcd
+    // answers, so that it is either found as ours or lost, never proposed twice.
+    std::unique_lock lk(mu_);
+    if (cv_.wait_for(lk, backoff, [&] { return stop_; })) return false;
+    backoff = std::min(backoff * 2, options_.max_backoff);
+  }
+}
+
+void Orderer::run() {
+  std::chrono::milliseconds backoff{0};
+  auto last_read = std::chrono::steady_clock::now() - options_.poll;
+  for (;;) {
+    {
+      std::lock_guard lk(mu_);
+      if (stop_) return;
+    }
+    bool did = false;
+    const auto now = std::chrono::steady_clock::now();
+    bool woken;
+    {
+      std::lock_guard lk(mu_);
+      woken = woken_;
+      woken_ = false;
+    }
+    if (woken || now - last_read >= options_.poll) {
+      last_read = now;
+      did |= catch_up();
+    }
+    did |= propose();
+    bool connected;
+    {
+      std::lock_guard lk(mu_);
+      connected = stats_.connected;
+    }
+    if (did) {
+      backoff = std::chrono::milliseconds(0);
+      continue;
+    }
+    if (!connected) {
+      backoff = std::clamp(backoff * 2, std::chrono::milliseconds(20), options_.max_backoff);
+      std::unique_lock lk(mu_);
+      cv_.wait_for(lk, backoff, [&] { return stop_; });
+      last_read = std::chrono::steady_clock::now() - options_.poll;  // read again after it
+      continue;
+    }
+    // Idle. Entries queued that could not be proposed (not a member yet, a void record ahead):
+    // wait for a watch event or the poll. Otherwise also for queued entries (the ledger's outbox
+    // has its own signal, so wait on it in short slices).
+    auto replica = ledger_.replica();
+    if (replica && replica->outbox_entries > 0) {
+      std::unique_lock lk(mu_);
+      cv_.wait_for(lk, options_.poll, [&] { return stop_ || woken_; });
+      continue;
+    }
+    for (int i = 0; i < 25; ++i) {
+      {
+        std::lock_guard lk(mu_);
+        if (stop_ || woken_) break;
+      }
+      if (ledger_.wait_for_outbox(std::chrono::milliseconds(10))) break;
+    }
+  }
+}
+
+}  // namespace medgate::order

@@ -1,0 +1,128 @@
+// The orderer of a replicated ledger (docs/replication.md, "Blocks through etcd"): one thread per
+// member that keeps the local replica in step with the block keys in etcd and proposes the
+// member's queued entries as blocks.
+//
+// Its loop:
+//   1. Catch up: read the block keys above the local tip from etcd (a range read, woken by a
+//      watch) and apply each, in height order, through Ledger::apply_block, which validates it.
+//   2. If the outbox holds entries: build the next block on the tip (Ledger::build_block, signed
+//      by this member's key) and claim its height with one etcd transaction (create_if_absent).
+//      Won: apply it. Lost: the winner's block is applied in step 1 and these entries go into a
+//      block on top of it. No answer (etcd unreachable): the SAME claim is retried until etcd
+//      answers, so a claim that did land is found as this member's own (same bytes) and never
+//      proposed twice.
+//
+// A block that fails validation is void: it is reported (stats().invalid_blocks, last_invalid,
+// and the on_invalid callback, once per record) and not applied; the replica does not go past it
+// until the key holds a valid record. Replacing a void record (a transaction comparing its
+// mod_revision) is not built yet: the cluster stalls at a void height until an operator removes
+// the key (docs/replication.md).
+//
+// Store-and-forward: the ledger acknowledges appends once they are durable in the outbox; the
+// orderer never holds an append up. While etcd is unreachable it retries with a backoff (at most
+// OrdererOptions::max_backoff) and the outbox grows; when etcd returns it catches up in order and
+// proposes the queue.
+//
+// Publishing the history: at start, block heights the local ledger has but etcd lacks (the
+// founder's blocks from before the cluster, or blocks etcd lost) are put with create_if_absent
+// from Ledger::block_record; a different record already at such a height means etcd's prefix
+// belongs to another ledger (kFailedPrecondition, and the orderer does not start).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "hsm/status.h"
+#include "ledger/order/etcd_client.h"
+#include "ledger/store.h"
+
+namespace medgate::order {
+
+struct OrdererOptions {
+  // The ledger's key prefix in etcd: "/medgate/<ledger id>/" (block_key below).
+  std::string prefix;
+  // A block closes at this many entries or entry bytes, whichever comes first. The record is
+  // base64 in etcd's JSON gateway (4/3), so 1,000,000 bytes stays under etcd's 1.5 MiB default.
+  std::size_t max_block_entries = 8192;
+  std::size_t max_block_bytes = 1000000;
+  // How often etcd is read even without a watch event (a lost watch, a compaction).
+  std::chrono::milliseconds poll{250};
+  // The longest wait between attempts while etcd is unreachable.
+  std::chrono::milliseconds max_backoff{1000};
+  // Called on the orderer thread for each void record (height, reason), once per record.
+  std::function<void(std::uint64_t height, const std::string& reason)> on_invalid;
+  // Called on the orderer thread when etcd stops or starts answering.
+  std::function<void(bool connected, const std::string& error)> on_connection;
+};
+
+struct OrdererStats {
+  bool running = false;
+  bool connected = false;               // etcd answered the last request
+  std::uint64_t local_height = 0;       // the replica's latest block
+  std::uint64_t cluster_height = 0;     // the highest block key seen in etcd
+  std::uint64_t blocks_proposed = 0;    // claims this member won
+  std::uint64_t claims_lost = 0;        // heights another member won first
+  std::uint64_t blocks_applied = 0;     // from etcd, any proposer (including own, after a crash)
+  std::uint64_t invalid_blocks = 0;     // void records seen
+  std::string last_invalid;             // the latest void record's reason
+  std::string last_error;               // the latest etcd or ledger error
+  std::uint64_t history_published = 0;  // blocks put at start (history)
+};
+
+// "<prefix>blocks/<height, 20 digits>": zero-padded so that key order is height order.
+std::string block_key(std::string_view prefix, std::uint64_t height);
+
+class Orderer {
+ public:
+  // Publishes the history (see above) and starts the thread. `ledger` must be replicated
+  // (Ledger::replica()), and it and `etcd` must outlive the orderer.
+  static Result<std::unique_ptr<Orderer>> start(ledger::Ledger& ledger, EtcdClient& etcd,
+                                                OrdererOptions options);
+  ~Orderer();
+  Orderer(const Orderer&) = delete;
+  Orderer& operator=(const Orderer&) = delete;
+
+  // Stops the thread (an unanswered claim is abandoned: its entries stay queued). Idempotent.
+  void stop();
+  OrdererStats stats() const;
+  // Waits until the local replica holds block `height`; false after `timeout`.
+  bool wait_for_height(std::uint64_t height, std::chrono::milliseconds timeout) const;
+
+ private:
+  Orderer(ledger::Ledger& ledger, EtcdClient& etcd, OrdererOptions options);
+  Status publish_history();
+  void run();
+  // One pass of step 1; true if anything was applied.
+  bool catch_up();
+  // Step 2 for one block; true if a block was proposed.
+  bool propose();
+  void note_error(const Status& s);
+  void note_ok();
+  void wake();
+
+  ledger::Ledger& ledger_;
+  EtcdClient& etcd_;
+  OrdererOptions options_;
+  std::unique_ptr<EtcdWatch> watch_;
+
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  bool stop_ = false;
+  bool woken_ = false;
+  OrdererStats stats_;  // guarded by mu_
+  // The void record at the next height, if any: its key's mod_revision, so it is reported once
+  // and retried only when the key changes.
+  std::optional<std::int64_t> void_revision_;
+  std::int64_t last_revision_ = 0;  // the etcd revision of the last read
+  std::thread thread_;
+};
+
+}  // namespace medgate::order
