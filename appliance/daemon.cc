@@ -14,6 +14,7 @@
 #include "appliance/admin_server.h"
 #include "appliance/audit_ops.h"
 #include "appliance/backup_ops.h"
+#include "appliance/cluster.h"
 #include "appliance/coap/server.h"
 #include "appliance/consent.h"
 #include "appliance/consent_ops.h"
@@ -163,6 +164,10 @@ class Daemon::Impl {
             "finished the interrupted erasure of patient {} (ledger entry {})",
             r.pseudonym.prefix(), r.entry);
 
+    // A replicated ledger: order through etcd (docs/replication.md).
+    cluster_ = std::make_unique<Cluster>(config_, *ledger_, *keys_);
+    MEDGATE_RETURN_IF_ERROR(cluster_->start().with_context("cluster"));
+
     if (config_.metrics) {
       metrics_ = std::make_unique<MetricsServer>();
       MEDGATE_RETURN_IF_ERROR(metrics_->start(*config_.metrics, [this] { return metrics_text(); })
@@ -202,6 +207,7 @@ class Daemon::Impl {
     if (coap_) coap_->stop();
     if (pipeline_) pipeline_->stop();
     if (admin_) admin_->stop();
+    if (cluster_) cluster_->stop();
     if (ledger_) {
       ledger_->close();
       ledger::LedgerStats s = ledger_->stats();
@@ -564,6 +570,7 @@ class Daemon::Impl {
       ops.push_back(std::move(op));
     for (Operation& op : audit_operations(*ledger_, *keys_, *vault_)) ops.push_back(std::move(op));
     for (Operation& op : backup_operations(config_, *ledger_)) ops.push_back(std::move(op));
+    for (Operation& op : cluster_->operations()) ops.push_back(std::move(op));
     return ops;
   }
 
@@ -786,6 +793,7 @@ class Daemon::Impl {
         {"consent", consent_json()},
         {"metrics", nullptr},
         {"rates", rates_json()},
+        {"cluster", cluster_ ? cluster_->status_json() : json(nullptr)},
     };
     if (metrics_)
       out["metrics"] = {{"address", config_.metrics->address},
@@ -799,6 +807,8 @@ class Daemon::Impl {
     if (!s.signer_error.empty()) problems.push_back("head signing fails: " + s.signer_error);
     if (!s.counter_error.empty())
       problems.push_back("the rollback counter cannot advance: " + s.counter_error);
+    if (cluster_)
+      for (std::string& p : cluster_->problems()) problems.push_back(std::move(p));
     if (s.latest_head && config_.head_interval.count() > 0 &&
         s.tree_size > s.latest_head->head.tree_size) {
       const std::uint64_t limit = std::max<std::uint64_t>(
@@ -838,6 +848,7 @@ class Daemon::Impl {
   std::unique_ptr<hl7::MllpListener> mllp_;
   std::unique_ptr<coap::CoapServer> coap_;
   std::unique_ptr<MetricsServer> metrics_;
+  std::unique_ptr<Cluster> cluster_;
   std::unique_ptr<AdminServer> admin_;
   std::atomic<const AdminServer*> admin_view_{nullptr};  // admin_, once assigned
   std::atomic<bool> stopped_{false};

@@ -7,9 +7,11 @@
 #include <cstring>
 #include <fstream>
 #include <set>
+#include <sstream>
 
 #include <fmt/format.h>
 
+#include "appliance/cluster.h"
 #include "appliance/config.h"
 #include "appliance/vault.h"
 #include "hsm/key_store_factory.h"
@@ -88,16 +90,48 @@ hsm::PinSource pin_for_init(const Config& config) {
 
 // Creates the ledger, the vault and the public key for `config` with `keys`; the parts both
 // ways into init share.
-Result<InitResult> make_ledger(const Config& config, hsm::KeyStore& keys,
-                               const std::string& actor) {
+Result<InitResult> make_ledger(const Config& config, hsm::KeyStore& keys, const std::string& actor,
+                               const std::optional<JoinOptions>& join) {
   ledger::LedgerOptions options;
   options.path = config.ledger_path;
   options.head_interval = std::chrono::milliseconds(0);
-  {
+  std::optional<ClusterSettings> cluster;
+  if (join) {
+    // Block 0 from etcd, vouched for by the founder's key; the rest comes once medgated runs.
+    cluster = ClusterSettings{
+        join->etcd,
+        join->member_id,
+        join->endpoint,
+        join->prefix.empty() ? default_cluster_prefix(config.ledger_id) : join->prefix,
+        "",
+        "",
+        ""};
+    MEDGATE_RETURN_IF_ERROR(check_cluster_settings(*cluster));
+    std::ifstream in(join->trust);
+    std::stringstream pem;
+    pem << in.rdbuf();
+    if (!in)
+      return Status::InvalidArgument(
+          fmt::format("cannot read the founder's public key {}", join->trust.string()));
+    Result<PublicKey> founder = PublicKey::from_pem(pem.str());
+    if (!founder.ok())
+      return founder.status().with_context(
+          fmt::format("the founder's public key {}", join->trust.string()));
+    MEDGATE_ASSIGN_OR_RETURN(ledger::BlockRecord genesis, fetch_genesis_record(*cluster));
+    if (genesis.header.ledger_id != config.ledger_id)
+      return Status::InvalidArgument(fmt::format("the ledger under {} in etcd is '{}', not '{}'",
+                                                 cluster->prefix, genesis.header.ledger_id,
+                                                 config.ledger_id));
+    MEDGATE_ASSIGN_OR_RETURN(
+        std::unique_ptr<ledger::Ledger> ledger,
+        ledger::Ledger::create_replica(options, genesis, *founder, join->member_id, keys));
+    ledger->close();
+  } else {
     MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<ledger::Ledger> ledger,
                              ledger::Ledger::create(options, config.ledger_id, keys, actor));
     ledger->close();
   }
+  if (cluster) MEDGATE_RETURN_IF_ERROR(save_cluster_settings(config.data_dir, *cluster));
   // The vault (per-patient data keys), empty; medgated refuses to start without it.
   MEDGATE_RETURN_IF_ERROR(Vault::open(config.data_dir / "vault.db", keys).status());
 
@@ -109,6 +143,7 @@ Result<InitResult> make_ledger(const Config& config, hsm::KeyStore& keys,
   result.socket = config.admin.socket;
   result.key_id = keys.signing_key().id();
   result.key_store = keys.description();
+  if (join) result.joined_as = join->member_id;
   MEDGATE_RETURN_IF_ERROR(write_file(result.public_key, keys.signing_key().pem(), 0644));
   return result;
 }
@@ -189,13 +224,15 @@ Result<InitResult> initialize_from_config(const InitOptions& o) {
   }
   MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<hsm::KeyStore> keys,
                            hsm::open_key_store(key_store, hsm::KeyPolicy::kCreateIfMissing));
-  MEDGATE_ASSIGN_OR_RETURN(InitResult result, make_ledger(config, *keys, o.actor));
+  MEDGATE_ASSIGN_OR_RETURN(InitResult result, make_ledger(config, *keys, o.actor, o.join));
   keys.reset();
   result.config_written = false;
   result.pin_file = new_pin;
   const std::string db = config.ledger_path.string();
-  MEDGATE_RETURN_IF_ERROR(give_to_data_dir_owner(
-      dir, before, {config.ledger_path, db + "-wal", db + "-shm", db + ".lock"}));
+  MEDGATE_RETURN_IF_ERROR(
+      give_to_data_dir_owner(dir, before,
+                             {config.ledger_path, db + "-wal", db + "-shm", db + ".lock",
+                              cluster_settings_path(config.data_dir)}));
   return result;
 }
 
@@ -221,6 +258,8 @@ Result<InitResult> initialize(const InitOptions& o) {
   const std::set<std::filesystem::path> before = tree(dir);
   std::error_code ec;
 
+  if (o.join && o.ledger_id.empty())
+    return Status::InvalidArgument("joining a cluster needs --ledger-id: the id of its ledger");
   Config config;
   config.ledger_id = o.ledger_id.empty() ? host_name() : o.ledger_id;
   config.data_dir = dir;
@@ -269,7 +308,7 @@ Result<InitResult> initialize(const InitOptions& o) {
     return Status::InvalidArgument("--seal-pcrs is for tpm2 key stores only");
   MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<hsm::KeyStore> keys,
                            hsm::open_key_store(config.key_store, hsm::KeyPolicy::kCreateIfMissing));
-  MEDGATE_ASSIGN_OR_RETURN(InitResult result, make_ledger(config, *keys, o.actor));
+  MEDGATE_ASSIGN_OR_RETURN(InitResult result, make_ledger(config, *keys, o.actor, o.join));
   keys.reset();
   MEDGATE_RETURN_IF_ERROR(write_file(config.source, render_config(config), 0640));
   result.config_written = true;

@@ -23,6 +23,17 @@
 
 namespace medgate::appliance {
 
+// Joining a replicated ledger instead of creating one (docs/replication.md): the ledger's block 0
+// comes from etcd, checked against the founder's public key, and this appliance's own key signs
+// its heads. It is a member once the members add it (`medctl member propose add` on a member).
+struct JoinOptions {
+  std::vector<std::string> etcd;  // client URLs
+  std::string member_id;          // this appliance's id in the cluster
+  std::string endpoint;           // host:port it is reached at
+  std::string prefix;             // default: /medgate/<ledger id>/
+  std::filesystem::path trust;    // the founder's public key (PEM)
+};
+
 struct InitOptions {
   // Either a data dir (init writes the config) or an existing config, never both.
   std::filesystem::path data_dir;
@@ -39,6 +50,7 @@ struct InitOptions {
   std::string actor;  // who ran it, as recorded in the genesis entry
   // tpm2 only: the PCRs (SHA-256 bank) to seal the data-key secret to, e.g. {7}; empty: none.
   std::vector<unsigned> seal_pcrs;
+  std::optional<JoinOptions> join;
 };
 
 struct InitResult {
@@ -51,6 +63,7 @@ struct InitResult {
   std::string key_store;
   bool config_written = false;                    // false: an existing config was used as it is
   std::optional<std::filesystem::path> pin_file;  // a new SoftHSM token's PIN, when init made one
+  std::optional<std::string> joined_as;           // the member id, when init joined a cluster
 };
 
 Result<InitResult> initialize(const InitOptions& options);

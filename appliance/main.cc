@@ -72,11 +72,13 @@ int run_init(const InitOptions& options, bool json) {
                                 {"key_id", to_hex(r->key_id)},
                                 {"key_store", r->key_store},
                                 {"config_written", r->config_written},
-                                {"pin_file", r->pin_file ? r->pin_file->string() : ""}}
+                                {"pin_file", r->pin_file ? r->pin_file->string() : ""},
+                                {"joined_as", r->joined_as ? *r->joined_as : ""}}
                      .dump(2)
               << "\n";
   } else {
-    std::cout << "Created ledger '" << r->ledger_id << "'\n"
+    std::cout << (r->joined_as ? "Joined ledger '" : "Created ledger '") << r->ledger_id << "'"
+              << (r->joined_as ? " as member candidate \"" + *r->joined_as + "\"" : "") << "\n"
               << "  ledger      " << r->ledger.string() << "\n"
               << "  key store   " << r->key_store << "\n"
               << "  signing key " << to_hex(r->key_id) << "\n"
@@ -84,6 +86,9 @@ int run_init(const InitOptions& options, bool json) {
               << "  config      " << r->config.string()
               << (r->config_written ? "" : "  (used as it is)") << "\n";
     if (r->pin_file) std::cout << "  token PIN   " << r->pin_file->string() << "  (0600)\n";
+    if (r->joined_as)
+      std::cout << "A member adds it with: medctl member propose add " << *r->joined_as << " --key "
+                << r->public_key.string() << " --endpoint ENDPOINT\n";
     if (r->config == "/etc/medgate/medgated.toml")
       std::cout << "Start the service with: systemctl enable --now medgated\n";
     else
@@ -156,6 +161,18 @@ int main(int argc, char** argv) {
   init_cmd->add_option("--seal-pcrs", seal_pcrs,
                        "tpm2: seal the data-key secret to these PCRs (SHA-256), e.g. 7 or 0,7");
   init_cmd->add_flag("--json", init_json, "print the result as JSON");
+  JoinOptions join;
+  std::string join_etcd;
+  init_cmd->add_option("--join", join_etcd,
+                       "join the replicated ledger ordered by this etcd cluster (comma-separated "
+                       "client URLs) instead of creating one");
+  init_cmd->add_option("--member-id", join.member_id, "with --join: this appliance's member id");
+  init_cmd->add_option("--endpoint", join.endpoint,
+                       "with --join: host:port other members reach this appliance at");
+  init_cmd->add_option("--prefix", join.prefix,
+                       "with --join: the ledger's etcd key prefix (default /medgate/LEDGER-ID/)");
+  init_cmd->add_option("--trust", join.trust,
+                       "with --join: the founding appliance's public key (PEM)");
 
   std::string allow_config = "/etc/medgate/medgated.toml";
   CLI::App* ip_allow_cmd = app.add_subcommand(
@@ -199,6 +216,23 @@ int main(int argc, char** argv) {
       return 2;
     }
     init.seal_pcrs = std::move(pcrs).value();
+    if (!join_etcd.empty()) {
+      for (std::size_t start = 0; start <= join_etcd.size();) {
+        std::size_t comma = join_etcd.find(',', start);
+        if (comma == std::string::npos) comma = join_etcd.size();
+        if (comma > start) join.etcd.push_back(join_etcd.substr(start, comma - start));
+        start = comma + 1;
+      }
+      if (join.member_id.empty() || join.endpoint.empty() || join.trust.empty()) {
+        std::cerr << "medctl init: --join needs --member-id, --endpoint and --trust FOUNDER.pem\n";
+        return 2;
+      }
+      init.join = std::move(join);
+    } else if (!join.member_id.empty() || !join.endpoint.empty() || !join.trust.empty() ||
+               !join.prefix.empty()) {
+      std::cerr << "medctl init: --member-id, --endpoint, --prefix and --trust go with --join\n";
+      return 2;
+    }
     init.actor = invoking_actor();
     return run_init(init, init_json);
   }

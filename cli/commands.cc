@@ -119,6 +119,11 @@ int cmd_init(const GlobalOptions& g, const InitArgs& a) {
   if (a.pin_file) args.insert(args.end(), {"--pin-file", *a.pin_file});
   if (a.pin_env) args.insert(args.end(), {"--pin-env", *a.pin_env});
   if (a.seal_pcrs) args.insert(args.end(), {"--seal-pcrs", *a.seal_pcrs});
+  if (a.join) args.insert(args.end(), {"--join", *a.join});
+  if (a.member_id) args.insert(args.end(), {"--member-id", *a.member_id});
+  if (a.endpoint) args.insert(args.end(), {"--endpoint", *a.endpoint});
+  if (a.prefix) args.insert(args.end(), {"--prefix", *a.prefix});
+  if (a.trust) args.insert(args.end(), {"--trust", *a.trust});
   if (g.json) args.push_back("--json");
   std::vector<char*> argv;
   for (auto& s : args) argv.push_back(s.data());
@@ -250,6 +255,17 @@ int cmd_status(const GlobalOptions& g) {
         c["grants"].get<std::uint64_t>(), c["grants_active"].get<std::uint64_t>(),
         n["allowed"].get<std::uint64_t>(), n["denied"].get<std::uint64_t>(),
         n["break_glass"].get<std::uint64_t>(), n["with_policy_errors"].get<std::uint64_t>());
+  }
+  if (const json& c = s.value("cluster", json()); c.is_object()) {
+    const json& o = c["ordering"];
+    std::cout << fmt::format(
+        "cluster    member \"{}\" of {} (epoch {}); {}; queue {} entries (oldest {} ms)\n",
+        c.value("member_id", ""), c.value("members", 0), c.value("epoch", 0),
+        !o.is_object() ? std::string("not ordering")
+        : o.value("connected", false)
+            ? fmt::format("connected, lag {} blocks", o.value("lag_blocks", 0))
+            : std::string("etcd NOT CONNECTED"),
+        c["queue"].value("entries", 0), c["queue"].value("oldest_age_ms", 0));
   }
   if (const json& m = s.value("metrics", json()); m.is_object())
     std::cout << fmt::format("metrics    http://{}:{}/metrics, {} scrapes\n",

@@ -40,6 +40,8 @@ void add_consent_commands(CLI::App& app, const GlobalOptions& g, int& rc);
 void add_audit_commands(CLI::App& app, const GlobalOptions& g, int& rc);
 // medctl backup | restore (cli/backup_commands.cc).
 void add_backup_commands(CLI::App& app, const GlobalOptions& g, int& rc);
+// cluster_commands.cc: medctl cluster init|status, member propose|remove|approve|list.
+void add_cluster_commands(CLI::App& app, const GlobalOptions& g, int& rc);
 
 struct InitArgs {
   // Without a data dir, init completes an existing config: --config FILE, else the package's
@@ -51,6 +53,9 @@ struct InitArgs {
   std::optional<std::string> pin_file;
   std::optional<std::string> pin_env;
   std::optional<std::string> seal_pcrs;  // tpm2: "7", "0,7"
+  // Joining a replicated ledger (docs/replication.md): etcd URLs, then who this appliance is and
+  // whom it trusts.
+  std::optional<std::string> join, member_id, endpoint, prefix, trust;
 };
 
 int cmd_init(const GlobalOptions& g, const InitArgs& args);

@@ -43,6 +43,16 @@ int main(int argc, char** argv) {
   init_cmd->add_option(
       "--seal-pcrs", init.seal_pcrs,
       "tpm2: seal the data-key secret to these PCRs (SHA-256 bank), e.g. 7 or 0,7");
+  init_cmd->add_option("--join", init.join,
+                       "join the replicated ledger ordered by these etcd URLs (comma-separated) "
+                       "instead of creating one; needs --ledger-id, --member-id, --endpoint, "
+                       "--trust");
+  init_cmd->add_option("--member-id", init.member_id, "with --join: this appliance's member id");
+  init_cmd->add_option("--endpoint", init.endpoint,
+                       "with --join: host:port other members reach it at");
+  init_cmd->add_option("--prefix", init.prefix, "with --join: etcd key prefix");
+  init_cmd->add_option("--trust", init.trust,
+                       "with --join: the founding appliance's public key (PEM)");
   init_cmd->callback([&] { rc = cmd_init(g, init); });
 
   app.add_subcommand("status", "daemon, ledger, signed head, key store and admin counters")
@@ -170,6 +180,7 @@ int main(int argc, char** argv) {
   add_consent_commands(app, g, rc);
   add_audit_commands(app, g, rc);
   add_backup_commands(app, g, rc);
+  add_cluster_commands(app, g, rc);
 
   try {
     app.parse(argc, argv);

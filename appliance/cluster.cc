@@ -1,0 +1,496 @@
+#include "appliance/cluster.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include <fmt/format.h>
+
+#include "appliance/log.h"
+#include "ledger/membership.h"
+#include "ledger/order/orderer.h"
+#include "ledger/store.h"
+
+namespace medgate::appliance {
+namespace {
+
+using nlohmann::json;
+
+Result<std::string> text_arg(const json& args, const char* name) {
+  auto it = args.find(name);
+  if (it == args.end() || !it->is_string() || it->get<std::string>().empty())
+    return Status::InvalidArgument(fmt::format("argument \"{}\" must be a non-empty text", name));
+  return it->get<std::string>();
+}
+
+std::uint64_t age_ms(std::uint64_t time_us) {
+  const std::uint64_t now = ledger::now_us();
+  return now > time_us ? (now - time_us) / 1000 : 0;
+}
+
+}  // namespace
+
+order::EtcdOptions ClusterSettings::etcd_options() const {
+  order::EtcdOptions o;
+  o.endpoints = etcd;
+  o.ca_file = ca_file;
+  o.cert_file = cert_file;
+  o.key_file = key_file;
+  return o;
+}
+
+std::filesystem::path cluster_settings_path(const std::filesystem::path& data_dir) {
+  return data_dir / "cluster.json";
+}
+
+std::string default_cluster_prefix(const std::string& ledger_id) {
+  return "/medgate/" + ledger_id + "/";
+}
+
+Status check_cluster_settings(const ClusterSettings& s) {
+  if (s.etcd.empty()) return Status::InvalidArgument("no etcd URL given");
+  if (!ledger::valid_member_id(s.member_id))
+    return Status::InvalidArgument(fmt::format(
+        "member id \"{}\" is not 1 to 64 of letters, digits, '.', '_', '-' (starting with a "
+        "letter or digit)",
+        s.member_id));
+  if (!ledger::valid_member_endpoint(s.endpoint))
+    return Status::InvalidArgument(fmt::format("endpoint \"{}\" is not host:port", s.endpoint));
+  if (s.prefix.size() < 2 || s.prefix.front() != '/' || s.prefix.back() != '/')
+    return Status::InvalidArgument(
+        fmt::format("etcd prefix \"{}\" must start and end with '/'", s.prefix));
+  // The URLs themselves are checked by the etcd client.
+  return order::EtcdClient::open(s.etcd_options()).status();
+}
+
+Result<std::optional<ClusterSettings>> load_cluster_settings(
+    const std::filesystem::path& data_dir) {
+  const std::filesystem::path path = cluster_settings_path(data_dir);
+  std::ifstream in(path);
+  if (!in) {
+    if (!std::filesystem::exists(path)) return std::optional<ClusterSettings>();
+    return Status::IOError(fmt::format("cannot read {}", path.string()));
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  json j = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+  auto bad = [&](const std::string& what) {
+    return Status::InvalidArgument(fmt::format("{}: {}", path.string(), what));
+  };
+  if (!j.is_object()) return bad("not a JSON object");
+  ClusterSettings s;
+  auto text_field = [&](const char* name, std::string& out, bool required) -> Status {
+    auto it = j.find(name);
+    if (it == j.end()) return required ? bad(fmt::format("\"{}\" is missing", name)) : Status::Ok();
+    if (!it->is_string()) return bad(fmt::format("\"{}\" is not a text", name));
+    out = it->get<std::string>();
+    return Status::Ok();
+  };
+  MEDGATE_RETURN_IF_ERROR(text_field("member_id", s.member_id, true));
+  MEDGATE_RETURN_IF_ERROR(text_field("endpoint", s.endpoint, true));
+  MEDGATE_RETURN_IF_ERROR(text_field("prefix", s.prefix, true));
+  MEDGATE_RETURN_IF_ERROR(text_field("ca_file", s.ca_file, false));
+  MEDGATE_RETURN_IF_ERROR(text_field("cert_file", s.cert_file, false));
+  MEDGATE_RETURN_IF_ERROR(text_field("key_file", s.key_file, false));
+  auto etcd = j.find("etcd");
+  if (etcd == j.end() || !etcd->is_array()) return bad("\"etcd\" is not a list of URLs");
+  for (const json& u : *etcd) {
+    if (!u.is_string()) return bad("\"etcd\" holds something that is not a URL");
+    s.etcd.push_back(u.get<std::string>());
+  }
+  if (Status c = check_cluster_settings(s); !c.ok()) return bad(c.message());
+  return std::optional<ClusterSettings>(std::move(s));
+}
+
+Status save_cluster_settings(const std::filesystem::path& data_dir, const ClusterSettings& s) {
+  json j = {{"etcd", s.etcd},        {"member_id", s.member_id}, {"endpoint", s.endpoint},
+            {"prefix", s.prefix},    {"ca_file", s.ca_file},     {"cert_file", s.cert_file},
+            {"key_file", s.key_file}};
+  const std::string text = j.dump(2) + "\n";
+  const std::filesystem::path path = cluster_settings_path(data_dir);
+  const std::filesystem::path tmp = path.string() + ".tmp";
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0)
+    return Status::IOError(fmt::format("cannot create {}: {}", tmp.string(), std::strerror(errno)));
+  bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) &&
+            ::fsync(fd) == 0;
+  ::close(fd);
+  if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0)
+    return Status::IOError(fmt::format("cannot write {}", path.string()));
+  if (int dir = ::open(data_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); dir >= 0) {
+    (void)::fsync(dir);
+    ::close(dir);
+  }
+  return Status::Ok();
+}
+
+Result<ledger::BlockRecord> fetch_genesis_record(const ClusterSettings& settings) {
+  MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<order::EtcdClient> etcd,
+                           order::EtcdClient::open(settings.etcd_options()));
+  MEDGATE_ASSIGN_OR_RETURN(order::Range r, etcd->range(order::block_key(settings.prefix, 0)));
+  if (r.kvs.empty())
+    return Status::NotFound(fmt::format(
+        "etcd holds no ledger under {} (run `medctl cluster init` on the founding appliance "
+        "first)",
+        settings.prefix));
+  Result<ledger::BlockRecord> record = ledger::decode_block_record(r.kvs[0].value);
+  if (!record.ok()) return record.status().with_context("block 0 in etcd");
+  return record;
+}
+
+Cluster::Cluster(const Config& config, ledger::Ledger& ledger, hsm::KeyStore& keys)
+    : config_(config), ledger_(ledger), keys_(keys) {}
+
+Cluster::~Cluster() {
+  stop();
+}
+
+Status Cluster::start() {
+  if (!ledger_.replica()) return Status::Ok();
+  MEDGATE_ASSIGN_OR_RETURN(std::optional<ClusterSettings> settings,
+                           load_cluster_settings(config_.data_dir));
+  if (!settings) {
+    log(LogLevel::kError, "cluster.settings",
+        "the ledger is replicated (member \"{}\") but {} is missing: entries queue here until "
+        "the cluster settings are restored",
+        ledger_.replica()->member_id, cluster_settings_path(config_.data_dir).string());
+    return Status::Ok();
+  }
+  if (settings->member_id != ledger_.replica()->member_id)
+    return Status::FailedPrecondition(
+        fmt::format("{} names member \"{}\" but the ledger is member \"{}\"",
+                    cluster_settings_path(config_.data_dir).string(), settings->member_id,
+                    ledger_.replica()->member_id));
+  return start_orderer(*settings);
+}
+
+Status Cluster::start_orderer(const ClusterSettings& settings) {
+  MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<order::EtcdClient> etcd,
+                           order::EtcdClient::open(settings.etcd_options()));
+  order::OrdererOptions o;
+  o.prefix = settings.prefix;
+  o.on_invalid = [](std::uint64_t height, const std::string& reason) {
+    log(LogLevel::kError, "replication.invalid_block", "voided the record at height {}: {}", height,
+        reason);
+  };
+  o.on_connection = [](bool connected, const std::string& error) {
+    if (connected)
+      log(LogLevel::kNotice, "replication.connected", "etcd answers again; catching up");
+    else
+      log(LogLevel::kWarning, "replication.disconnected",
+          "etcd does not answer; entries queue here until it does: {}", error);
+  };
+  // The orderer publishes the history first, which needs etcd; when etcd is down at start, keep
+  // trying in the background rather than refusing to start (store-and-forward).
+  Result<std::unique_ptr<order::Orderer>> started = order::Orderer::start(ledger_, *etcd, o);
+  std::lock_guard lk(mu_);
+  settings_ = settings;
+  etcd_ = std::move(etcd);
+  if (!started.ok()) {
+    if (started.status().code() != StatusCode::kUnavailable) return started.status();
+    log(LogLevel::kWarning, "replication.disconnected",
+        "etcd does not answer at start; entries queue here: {}", started.status().message());
+    retry_ = std::thread([this, o] {
+      for (int attempt = 0;; ++attempt) {
+        {
+          std::unique_lock lk2(mu_);
+          if (retry_cv_.wait_for(lk2, std::chrono::seconds(1), [&] { return stopping_; })) return;
+        }
+        auto again = order::Orderer::start(ledger_, *etcd_, o);
+        if (again.ok()) {
+          std::lock_guard lk2(mu_);
+          orderer_ = std::move(again).value();
+          log(LogLevel::kNotice, "replication.connected", "etcd answers; ordering started");
+          return;
+        }
+        if (again.status().code() != StatusCode::kUnavailable) {
+          log(LogLevel::kError, "replication.start", "cannot start ordering: {}",
+              again.status().message());
+          return;
+        }
+      }
+    });
+    return Status::Ok();
+  }
+  orderer_ = std::move(started).value();
+  log(LogLevel::kInfo, "replication.start",
+      "member \"{}\" of the replicated ledger, ordering through etcd ({} URLs) under {}",
+      settings.member_id, settings.etcd.size(), settings.prefix);
+  return Status::Ok();
+}
+
+void Cluster::stop() {
+  {
+    std::lock_guard lk(mu_);
+    stopping_ = true;
+  }
+  retry_cv_.notify_all();
+  if (retry_.joinable()) retry_.join();
+  std::unique_ptr<order::Orderer> orderer;
+  {
+    std::lock_guard lk(mu_);
+    orderer = std::move(orderer_);
+  }
+  if (orderer) orderer->stop();
+}
+
+std::vector<Operation> Cluster::operations() {
+  std::vector<Operation> ops;
+  ops.push_back({"cluster.init", Role::kAdmin,
+                 [this](const Caller& c, const json& a) { return init(c, a); }});
+  ops.push_back({"cluster.status", Role::kAuditor,
+                 [this](const Caller&, const json&) { return cluster_status(); }});
+  ops.push_back({"member.propose", Role::kAdmin,
+                 [this](const Caller& c, const json& a) { return propose(c, a); }});
+  ops.push_back({"member.approve", Role::kAdmin,
+                 [this](const Caller& c, const json& a) { return approve(c, a); }});
+  ops.push_back({"member.list", Role::kAuditor,
+                 [this](const Caller&, const json&) -> Result<json> { return members_json(); }});
+  return ops;
+}
+
+Result<json> Cluster::init(const Caller& caller, const json& args) {
+  if (auto r = ledger_.replica())
+    return Status::FailedPrecondition(
+        fmt::format("this ledger is replicated already (member \"{}\")", r->member_id));
+  ClusterSettings s;
+  MEDGATE_ASSIGN_OR_RETURN(s.member_id, text_arg(args, "member_id"));
+  MEDGATE_ASSIGN_OR_RETURN(s.endpoint, text_arg(args, "endpoint"));
+  auto etcd = args.find("etcd");
+  if (etcd == args.end() || !etcd->is_array() || etcd->empty())
+    return Status::InvalidArgument("argument \"etcd\" must be a list of etcd client URLs");
+  for (const json& u : *etcd) {
+    if (!u.is_string()) return Status::InvalidArgument("argument \"etcd\" holds a non-text");
+    s.etcd.push_back(u.get<std::string>());
+  }
+  s.prefix = args.value("prefix", default_cluster_prefix(ledger_.ledger_id()));
+  s.ca_file = args.value("ca_file", std::string());
+  s.cert_file = args.value("cert_file", std::string());
+  s.key_file = args.value("key_file", std::string());
+  MEDGATE_RETURN_IF_ERROR(check_cluster_settings(s));
+
+  // etcd must answer, and hold nothing under the prefix yet.
+  MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<order::EtcdClient> etcd_client,
+                           order::EtcdClient::open(s.etcd_options()));
+  const std::string blocks = s.prefix + "blocks/";
+  MEDGATE_ASSIGN_OR_RETURN(order::Range existing,
+                           etcd_client->range(blocks, order::prefix_end(blocks), 1));
+  if (existing.count > 0)
+    return Status::FailedPrecondition(fmt::format(
+        "etcd already holds {} blocks under {}: another ledger uses that prefix (choose another "
+        "with --prefix, or join that ledger with `medctl init --join`)",
+        existing.count, s.prefix));
+
+  // Found the membership with this appliance's key (the ledger's active key).
+  const PublicKey own = keys_.signing_key();
+  if (own.id() != ledger_.active_key().id())
+    return Status::FailedPrecondition("the key store's key is not the ledger's active key");
+  if (!ledger_.membership().founded()) {
+    ledger::MembershipStatement st;
+    st.ledger_id = ledger_.ledger_id();
+    st.epoch = 0;
+    st.action = ledger::MembershipAction::kAdd;
+    st.member_id = s.member_id;
+    st.signing_key = own;
+    st.endpoint = s.endpoint;
+    MEDGATE_ASSIGN_OR_RETURN(Bytes statement, ledger::encode_membership_statement(st));
+    MEDGATE_ASSIGN_OR_RETURN(Bytes signature, keys_.sign_digest(sha256(statement)));
+    MEDGATE_ASSIGN_OR_RETURN(
+        ledger::Entry e,
+        ledger::member_proposal_entry(statement, s.member_id, signature, caller.actor()));
+    MEDGATE_ASSIGN_OR_RETURN(std::uint64_t index, ledger_.append_membership(e));
+    log(LogLevel::kNotice, "member.found", "membership founded by {}: member \"{}\" (entry {})",
+        caller.actor(), s.member_id, index);
+  }
+  MEDGATE_RETURN_IF_ERROR(save_cluster_settings(config_.data_dir, s));
+  MEDGATE_RETURN_IF_ERROR(ledger_.start_replication(s.member_id));
+  MEDGATE_RETURN_IF_ERROR(start_orderer(s));
+  json out = members_json();
+  out["prefix"] = s.prefix;
+  out["etcd"] = s.etcd;
+  return out;
+}
+
+Result<json> Cluster::propose(const Caller& caller, const json& args) {
+  auto replica = ledger_.replica();
+  if (!replica)
+    return Status::FailedPrecondition(
+        "this ledger is not replicated: run `medctl cluster init` first");
+  MEDGATE_ASSIGN_OR_RETURN(std::string action, text_arg(args, "action"));
+  ledger::MembershipStatement st;
+  st.ledger_id = ledger_.ledger_id();
+  st.epoch = ledger_.membership().epoch();
+  MEDGATE_ASSIGN_OR_RETURN(st.member_id, text_arg(args, "member_id"));
+  if (action == "add") {
+    st.action = ledger::MembershipAction::kAdd;
+    MEDGATE_ASSIGN_OR_RETURN(std::string pem, text_arg(args, "public_key"));
+    Result<PublicKey> key = PublicKey::from_pem(pem);
+    if (!key.ok())
+      return Status::InvalidArgument("argument \"public_key\" is not a P-256 public key (PEM): " +
+                                     key.status().message());
+    st.signing_key = *key;
+    MEDGATE_ASSIGN_OR_RETURN(st.endpoint, text_arg(args, "endpoint"));
+  } else if (action == "remove") {
+    st.action = ledger::MembershipAction::kRemove;
+  } else {
+    return Status::InvalidArgument("argument \"action\" must be add or remove");
+  }
+  MEDGATE_ASSIGN_OR_RETURN(Bytes statement, ledger::encode_membership_statement(st));
+  MEDGATE_ASSIGN_OR_RETURN(Bytes signature, keys_.sign_digest(sha256(statement)));
+  MEDGATE_ASSIGN_OR_RETURN(
+      ledger::Entry e,
+      ledger::member_proposal_entry(statement, replica->member_id, signature, caller.actor()));
+  MEDGATE_ASSIGN_OR_RETURN(std::uint64_t index, ledger_.append_membership(e));
+  const bool took_effect = action == "add" ? ledger_.membership().find(st.member_id) != nullptr
+                                           : ledger_.membership().find(st.member_id) == nullptr;
+  log(LogLevel::kNotice, "member.propose", "{} proposed to {} member \"{}\" (entry {}){}",
+      caller.actor(), action, st.member_id, index, took_effect ? "; it took effect" : "");
+  json out = members_json();
+  out["proposal"] = {
+      {"entry", index}, {"statement", to_hex(sha256(statement))}, {"took_effect", took_effect}};
+  return out;
+}
+
+Result<json> Cluster::approve(const Caller& caller, const json& args) {
+  auto replica = ledger_.replica();
+  if (!replica) return Status::FailedPrecondition("this ledger is not replicated");
+  MEDGATE_ASSIGN_OR_RETURN(std::string which, text_arg(args, "proposal"));
+  std::optional<ledger::OpenProposal> found;
+  for (const ledger::OpenProposal& p : ledger_.membership().open_proposals()) {
+    const std::string hash = to_hex(p.statement_hash);
+    if (p.decoded.member_id == which || (which.size() >= 8 && hash.rfind(which, 0) == 0)) {
+      if (found)
+        return Status::InvalidArgument(fmt::format(
+            "\"{}\" names more than one open proposal; give the statement hash", which));
+      found = p;
+    }
+  }
+  if (!found)
+    return Status::NotFound(
+        fmt::format("no open proposal for \"{}\" (see `medctl member list`)", which));
+  MEDGATE_ASSIGN_OR_RETURN(Bytes signature, keys_.sign_digest(sha256(found->statement)));
+  MEDGATE_ASSIGN_OR_RETURN(ledger::Entry e,
+                           ledger::member_approval_entry(found->statement, replica->member_id,
+                                                         signature, caller.actor()));
+  MEDGATE_ASSIGN_OR_RETURN(std::uint64_t index, ledger_.append_membership(e));
+  log(LogLevel::kNotice, "member.approve", "{} approved the proposal for member \"{}\" (entry {})",
+      caller.actor(), found->decoded.member_id, index);
+  json out = members_json();
+  out["approval"] = {{"entry", index}, {"statement", to_hex(found->statement_hash)}};
+  return out;
+}
+
+json Cluster::members_json() const {
+  const ledger::Membership m = ledger_.membership();
+  json members = json::array();
+  for (const ledger::Member& member : m.members())
+    members.push_back({{"id", member.id},
+                       {"key_id", to_hex(member.signing_key.id())},
+                       {"endpoint", member.endpoint},
+                       {"since_entry", member.since_index}});
+  json proposals = json::array();
+  for (const ledger::OpenProposal& p : m.open_proposals())
+    proposals.push_back(
+        {{"statement", to_hex(p.statement_hash)},
+         {"action", p.decoded.action == ledger::MembershipAction::kAdd ? "add" : "remove"},
+         {"member_id", p.decoded.member_id},
+         {"entry", p.index},
+         {"approvers", p.approvers},
+         {"needed", m.majority()}});
+  auto replica = ledger_.replica();
+  return {{"epoch", m.epoch()},
+          {"founded", m.founded()},
+          {"this_member", replica ? json(replica->member_id) : json(nullptr)},
+          {"members", members},
+          {"open_proposals", proposals}};
+}
+
+json Cluster::status_json() const {
+  auto replica = ledger_.replica();
+  if (!replica) return nullptr;
+  json out = {
+      {"member_id", replica->member_id},
+      {"queue",
+       {{"entries", replica->outbox_entries},
+        {"oldest_age_ms", replica->outbox_entries ? age_ms(replica->outbox_oldest_us) : 0}}},
+      {"blocks_applied_since_start", replica->blocks_applied},
+      {"own_blocks_since_start", replica->own_blocks},
+      {"members", ledger_.membership().members().size()},
+      {"epoch", ledger_.membership().epoch()}};
+  std::lock_guard lk(mu_);
+  out["etcd"] = settings_ ? json(settings_->etcd) : json(nullptr);
+  if (orderer_) {
+    order::OrdererStats s = orderer_->stats();
+    out["ordering"] = {
+        {"connected", s.connected},
+        {"local_height", s.local_height},
+        {"cluster_height", s.cluster_height},
+        {"lag_blocks", s.cluster_height > s.local_height ? s.cluster_height - s.local_height : 0},
+        {"blocks_proposed", s.blocks_proposed},
+        {"claims_lost", s.claims_lost},
+        {"invalid_blocks", s.invalid_blocks},
+        {"last_invalid", s.last_invalid},
+        {"last_error", s.last_error}};
+  } else {
+    out["ordering"] = nullptr;
+  }
+  return out;
+}
+
+std::vector<std::string> Cluster::problems() const {
+  std::vector<std::string> out;
+  auto replica = ledger_.replica();
+  if (!replica) return out;
+  std::lock_guard lk(mu_);
+  if (!settings_) {
+    out.push_back("replicated ledger without cluster settings: entries queue locally");
+    return out;
+  }
+  if (!orderer_) {
+    out.push_back("not ordering yet: etcd has not answered since the start");
+    return out;
+  }
+  order::OrdererStats s = orderer_->stats();
+  if (!s.connected)
+    out.push_back("etcd does not answer: entries queue locally (" + s.last_error + ")");
+  if (s.invalid_blocks > 0 && !s.last_invalid.empty())
+    out.push_back("a void block record was seen: " + s.last_invalid);
+  return out;
+}
+
+Result<json> Cluster::cluster_status() const {
+  json out = status_json();
+  if (out.is_null())
+    return Status::FailedPrecondition(
+        "this ledger is not replicated (a single box; `medctl cluster init` makes it the first "
+        "member of a cluster)");
+  out["membership"] = members_json();
+  std::unique_ptr<order::EtcdClient> probe;
+  {
+    std::lock_guard lk(mu_);
+    if (settings_) {
+      auto c = order::EtcdClient::open(settings_->etcd_options());
+      if (c.ok()) probe = std::move(c).value();
+    }
+  }
+  if (probe) {
+    Result<order::EtcdStatus> st = probe->status();
+    if (st.ok()) {
+      json health = json::array();
+      for (const order::EndpointHealth& h : st->member_health)
+        health.push_back({{"endpoint", h.endpoint}, {"healthy", h.healthy}, {"error", h.error}});
+      out["etcd_status"] = {{"answered_by", st->endpoint}, {"leader", st->leader},
+                            {"raft_term", st->raft_term},  {"revision", st->revision},
+                            {"db_size", st->db_size},      {"version", st->version},
+                            {"endpoints", health}};
+    } else {
+      out["etcd_status"] = {{"error", st.status().message()}};
+    }
+  }
+  return out;
+}
+
+}  // namespace medgate::appliance

@@ -1,0 +1,113 @@
+// The appliance's side of a replicated ledger (docs/replication.md): the cluster settings kept in
+// the data dir, the etcd client and orderer the daemon runs for a replicated ledger, and the admin
+// operations behind `medctl cluster ...` and `medctl member ...`.
+//
+// Settings. `medctl cluster init` (the founder) and `medctl init --join` (every other member)
+// write DATA_DIR/cluster.json (0600): the etcd client URLs, this member's id and endpoint, the
+// key prefix, and TLS files for etcd. The ledger itself records that it is replicated (and as
+// which member); the file says how to reach the cluster. A replicated ledger whose settings are
+// missing keeps working on its own and queues its entries (store-and-forward), and says so in
+// `medctl status`.
+//
+// Operations (admin unless noted):
+//   cluster.init     {etcd: [urls], member_id, endpoint, prefix?}: founds the membership with this
+//                    appliance's signing key, makes the ledger replicated, publishes its history
+//                    to etcd and starts ordering. Refused when etcd already holds blocks under the
+//                    prefix (another ledger's) or the ledger is replicated already.
+//   cluster.status   (auditor) members, heights, lag, queue, etcd health, void blocks.
+//   member.propose   {action: add|remove, member_id, public_key (PEM, add), endpoint (add)}:
+//                    this member proposes a change (its signature is its approval).
+//   member.approve   {proposal: member id or statement hash prefix}: this member approves.
+//   member.list      (auditor) members, epoch, open proposals.
+#pragma once
+
+#include <condition_variable>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "appliance/admin_server.h"
+#include "appliance/config.h"
+#include "hsm/key_store.h"
+#include "hsm/status.h"
+#include "ledger/block_record.h"
+#include "ledger/order/etcd_client.h"
+
+namespace medgate::ledger {
+class Ledger;
+}
+namespace medgate::order {
+class Orderer;
+}
+
+namespace medgate::appliance {
+
+struct ClusterSettings {
+  std::vector<std::string> etcd;  // client URLs
+  std::string member_id;
+  std::string endpoint;                      // host:port other members reach this one at
+  std::string prefix;                        // "/medgate/<ledger id>/"
+  std::string ca_file, cert_file, key_file;  // TLS to etcd (optional)
+
+  order::EtcdOptions etcd_options() const;
+};
+
+std::filesystem::path cluster_settings_path(const std::filesystem::path& data_dir);
+// nullopt when the file does not exist; kInvalidArgument naming the problem when it is malformed.
+Result<std::optional<ClusterSettings>> load_cluster_settings(const std::filesystem::path& data_dir);
+// Written to a temporary file, fsynced and renamed into place (0600).
+Status save_cluster_settings(const std::filesystem::path& data_dir, const ClusterSettings& s);
+// "/medgate/<ledger id>/".
+std::string default_cluster_prefix(const std::string& ledger_id);
+// Checks URLs, id, endpoint and prefix; kInvalidArgument names the first bad one.
+Status check_cluster_settings(const ClusterSettings& s);
+
+// Block 0 of the ledger under `settings.prefix` in etcd, for a member that joins.
+Result<ledger::BlockRecord> fetch_genesis_record(const ClusterSettings& settings);
+
+class Cluster {
+ public:
+  Cluster(const Config& config, ledger::Ledger& ledger, hsm::KeyStore& keys);
+  ~Cluster();
+  Cluster(const Cluster&) = delete;
+  Cluster& operator=(const Cluster&) = delete;
+
+  // For a replicated ledger: reads the settings and starts ordering. A failure to reach etcd is
+  // not fatal (the orderer retries); malformed settings are.
+  Status start();
+  void stop();
+
+  std::vector<Operation> operations();
+  // The "cluster" section of `status` (null for a single box).
+  nlohmann::json status_json() const;
+  // Problems for status's health section.
+  std::vector<std::string> problems() const;
+
+ private:
+  Status start_orderer(const ClusterSettings& settings);
+  Result<nlohmann::json> init(const Caller& caller, const nlohmann::json& args);
+  Result<nlohmann::json> propose(const Caller& caller, const nlohmann::json& args);
+  Result<nlohmann::json> approve(const Caller& caller, const nlohmann::json& args);
+  nlohmann::json members_json() const;
+  Result<nlohmann::json> cluster_status() const;
+
+  const Config& config_;
+  ledger::Ledger& ledger_;
+  hsm::KeyStore& keys_;
+  std::optional<ClusterSettings> settings_;
+  std::unique_ptr<order::EtcdClient> etcd_;
+  std::unique_ptr<order::Orderer> orderer_;
+  mutable std::mutex mu_;  // settings_, etcd_, orderer_, stopping_
+  // Retries starting the orderer while etcd does not answer at start.
+  std::thread retry_;
+  std::condition_variable retry_cv_;
+  bool stopping_ = false;
+};
+
+}  // namespace medgate::appliance

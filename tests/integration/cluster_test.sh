@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# The replicated ledger with real processes on loopback (docs/replication.md): a 3-member etcd
+# cluster and three medgated appliances (a, b, c), each with its own data dir and SoftHSM token.
+# a founds the cluster (`medctl cluster init`), b and c join (`medctl init --join`) and are added
+# by the members (`medctl member propose add`, `member approve`); HL7 readings are ingested at all
+# three at once and every replica converges to the same root and verifies offline trusting only
+# a's key. Then: kill -9 of one appliance and one etcd member under load (nothing acknowledged is
+# lost, all converge); c cut off from etcd (its proxy stopped) keeps ingesting, queues, and catches
+# up in order when the proxy returns; records written straight into etcd with etcdctl (garbage, and
+# a member's valid block replayed at the next height) are voided by every replica, reported, and
+# replaced.
+#
+#   cluster_test.sh BIN_DIR
+source "$(dirname "$0")/lib.sh" "$1"
+source "$(dirname "$0")/lib_etcd.sh"
+MLLP_SEND=$BIN_SRC/medgate-mllp-send
+mkdir -p "$WORK/run"
+chmod 755 "$WORK/run"
+declare -A PID CONF SOCKP HL7 LOG
+PROXY_PID=
+
+cluster_cleanup() {
+  for m in a b c; do
+    if [ -n "${PID[$m]:-}" ]; then kill -9 "${PID[$m]}" 2>/dev/null || true; fi
+  done
+  if [ -n "$PROXY_PID" ]; then kill -9 -- "-$PROXY_PID" 2>/dev/null || true; fi
+}
+trap 'cluster_cleanup; stop_etcd_cluster; cleanup' EXIT
+
+start_etcd_cluster 3 "$WORK"
+pass "a 3-member etcd cluster is up"
+
+# c reaches etcd only through this proxy (a TCP forwarder to etcd member 2), so that cutting c
+# off is stopping the proxy.
+PROXY_PORT=$(etcd_free_port "${ETCD_CLIENT_PORTS[@]}" "${ETCD_PEER_PORTS[@]}")
+start_proxy() {
+  # Its own process group: stopping it must also end the connections its children forward.
+  setsid socat "TCP-LISTEN:$PROXY_PORT,bind=127.0.0.1,reuseaddr,fork" "TCP:127.0.0.1:${ETCD_CLIENT_PORTS[2]}" &
+  PROXY_PID=$!
+  for _ in $(seq 1 50); do port_in_use "$PROXY_PORT" && return 0; sleep 0.1; done
+  say "the proxy did not start"
+  return 1
+}
+stop_proxy() {
+  kill -9 -- "-$PROXY_PID" 2>/dev/null || true
+  wait "$PROXY_PID" 2>/dev/null || true
+  PROXY_PID=
+}
+start_proxy
+
+make_config() {
+  local m=$1
+  CONF[$m]=$WORK/$m/medgated.toml
+  SOCKP[$m]=$WORK/run/$m.sock
+  LOG[$m]=$WORK/$m.log
+  sed -i "s/^admin_group = .*/admin_group = 'daemon'/; s/^auditor_group = .*/auditor_group = 'nogroup'/" "${CONF[$m]}"
+  printf '\n[hl7]\naddress = "127.0.0.1"\nport = 0\nread_timeout_s = 5\n' >>"${CONF[$m]}"
+}
+start_member() {
+  local m=$1
+  "$MEDGATED" --config "${CONF[$m]}" >>"${LOG[$m]}" 2>&1 &
+  PID[$m]=$!
+  for _ in $(seq 1 100); do
+    if "$MEDCTL" --config "${CONF[$m]}" status >/dev/null 2>&1; then
+      HL7[$m]=$("$MEDCTL" --config "${CONF[$m]}" --json status | python3 -c 'import json,sys; print(json.load(sys.stdin)["ingest"]["hl7"]["port"])')
+      return 0
+    fi
+    if ! kill -0 "${PID[$m]}" 2>/dev/null; then say "medgated $m exited early:"; tail -20 "${LOG[$m]}"; return 1; fi
+    sleep 0.1
+  done
+  say "medgated $m did not answer"
+  return 1
+}
+ctl() { local m=$1; shift; "$MEDCTL" --config "${CONF[$m]}" "$@"; }
+status_field() { ctl "$1" --json status | python3 -c "import json,sys; s=json.load(sys.stdin); print($2)"; }
+
+say "== a founds the cluster"
+"$MEDCTL" init --data-dir "$WORK/a" --ledger-id ward --socket "$WORK/run/a.sock" >/dev/null
+make_config a
+start_member a
+ctl a device add central-a --kind hl7 --hl7-app CENTRAL-A >/dev/null
+expect_rc 2 "cluster status on a single box: not a cluster yet" -- ctl a cluster status
+expect_rc 0 "medctl cluster init" -- ctl a cluster init --etcd "$ETCD_ENDPOINTS" --member-id a --endpoint 127.0.0.1:7001
+expect_in '"?a"? +127.0.0.1:7001' "a is the first member"
+expect_rc 2 "a second cluster init is refused" -- ctl a cluster init --etcd "$ETCD_ENDPOINTS" --member-id a --endpoint 127.0.0.1:7001
+expect_in "replicated already" "naming why"
+[ -n "$(etcdctl_cluster get --prefix --keys-only /medgate/ward/blocks/ | head -1)" ] && pass "a published its history to etcd" || failed "no blocks in etcd"
+
+say "== b and c join"
+expect_rc 0 "medctl init --join (b)" -- "$MEDCTL" init --data-dir "$WORK/b" --ledger-id ward --socket "$WORK/run/b.sock" \
+  --join "$ETCD_ENDPOINTS" --member-id b --endpoint 127.0.0.1:7002 --trust "$WORK/a/signing-key.pem"
+expect_in "Joined ledger 'ward'" "b joined"
+expect_rc 1 "joining trusting the wrong key is refused" -- "$MEDCTL" init --data-dir "$WORK/x" --ledger-id ward --socket "$WORK/run/x.sock" \
+  --join "$ETCD_ENDPOINTS" --member-id x --endpoint 127.0.0.1:7009 --trust "$WORK/b/signing-key.pem"
+expect_in "does not verify with the trusted founder's key" "naming the signature"
+expect_rc 2 "joining a ledger etcd does not hold" -- "$MEDCTL" init --data-dir "$WORK/y" --ledger-id nosuch --socket "$WORK/run/y.sock" \
+  --join "$ETCD_ENDPOINTS" --member-id y --endpoint 127.0.0.1:7009 --trust "$WORK/a/signing-key.pem"
+expect_in "holds no ledger under /medgate/nosuch/" "naming the prefix"
+make_config b
+start_member b
+expect_rc 0 "a adds b" -- ctl a member propose add b --key "$WORK/b/signing-key.pem" --endpoint 127.0.0.1:7002
+expect_in "it took effect" "a majority of one"
+
+"$MEDCTL" init --data-dir "$WORK/c" --ledger-id ward --socket "$WORK/run/c.sock" \
+  --join "http://127.0.0.1:$PROXY_PORT" --member-id c --endpoint 127.0.0.1:7003 --trust "$WORK/a/signing-key.pem" >/dev/null
+make_config c
+start_member c
+expect_rc 0 "a proposes adding c" -- ctl a member propose add c --key "$WORK/c/signing-key.pem" --endpoint 127.0.0.1:7003
+expect_in "takes effect once a majority" "it needs b too"
+expect_rc 1 "a cannot approve its own proposal again" -- ctl a member approve c
+for _ in $(seq 1 50); do ctl b member list | grep -q "add c" && break; sleep 0.1; done
+expect_rc 0 "b approves" -- ctl b member approve c
+expect_in "epoch 3" "the change took effect at b, which wrote the deciding approval"
+for _ in $(seq 1 50); do ctl c member list | grep -q "epoch 3" && break; sleep 0.1; done
+expect_rc 0 "member list at c" -- ctl c member list
+expect_in "epoch 3" "three changes so far"
+expect_in "c +127.0.0.1:7003" "c is a member"
+expect_rc 1 "an auditor cannot propose" -- as_user nobody "$MEDCTL" --socket "${SOCKP[a]}" member remove b
+
+for m in b c; do ctl $m device add central-$m --kind hl7 --hl7-app CENTRAL-${m^^} >/dev/null; done
+
+# send MEMBER FIRST COUNT: HL7 ORU messages to MEMBER; prints how many were acknowledged AA.
+send() {
+  local m=$1 first=$2 n=$3 f=$WORK/msgs-$m-$2.hl7
+  : >"$f"
+  for i in $(seq "$first" $((first + n - 1))); do
+    printf 'MSH|^~\\&|CENTRAL-%s|ICU|MEDGATE|HOSP|20261125120000||ORU^R01^ORU_R01|%s-%s|P|2.6\rPID|1||P%s^^^HOSP^MR\rOBR|1||||||20261125115900\rOBX|1|NM|150456^MDC_PULS_OXIM_SAT_O2^MDC||97|262688^MDC_DIM_PERCENT^MDC|||||F|||20261125115900\r\n\n' \
+      "${m^^}" "$m" "$i" "$((i % 5))" >>"$f"
+  done
+  "$MLLP_SEND" --host 127.0.0.1 --port "${HL7[$m]}" --timeout-ms 5000 "$f" 2>/dev/null | grep -c ": AA " || true
+}
+observations() { sqlite3 "$WORK/$1/ledger.db" "SELECT count(*) FROM entries WHERE type = 6"; }
+converged() {
+  local ra rb rc qa qb qc
+  ra=$(status_field a 's["ledger"]["root"]'); rb=$(status_field b 's["ledger"]["root"]'); rc=$(status_field c 's["ledger"]["root"]')
+  qa=$(status_field a 's["cluster"]["queue"]["entries"]'); qb=$(status_field b 's["cluster"]["queue"]["entries"]'); qc=$(status_field c 's["cluster"]["queue"]["entries"]')
+  [ "$ra" = "$rb" ] && [ "$rb" = "$rc" ] && [ "$qa$qb$qc" = 000 ]
+}
+wait_converged() {
+  for _ in $(seq 1 300); do converged && return 0; sleep 0.1; done
+  for m in a b c; do ctl $m cluster status | head -4; done
+  return 1
+}
+
+say "== ingest at all three at once"
+send a 1 40 >"$WORK/acked-a1" & S1=$!
+send b 1 40 >"$WORK/acked-b1" & S2=$!
+send c 1 40 >"$WORK/acked-c1" & S3=$!
+wait $S1 $S2 $S3
+ACKED=$(($(cat "$WORK/acked-a1") + $(cat "$WORK/acked-b1") + $(cat "$WORK/acked-c1")))
+[ "$ACKED" = 120 ] && pass "every reading acknowledged (AA) at once, without waiting for the cluster" || failed "$ACKED of 120 acknowledged"
+wait_converged && pass "the three replicas converge to the same root with empty queues" || failed "no convergence"
+for m in a b c; do
+  [ "$(observations $m)" = 120 ] && pass "replica $m holds all 120 readings once" || failed "replica $m holds $(observations $m)"
+done
+for m in a b c; do
+  expect_rc 0 "replica $m verifies offline trusting only a's key" -- "$MEDCTL" ledger verify --db "$WORK/$m/ledger.db" --trust "$WORK/a/signing-key.pem"
+done
+expect_rc 0 "b's replica verifies trusting only c's key (the membership vouches for the rest)" -- "$MEDCTL" ledger verify --db "$WORK/b/ledger.db" --trust "$WORK/c/signing-key.pem"
+
+say "== kill -9 of an appliance and an etcd member under load"
+send a 100 60 >"$WORK/acked-a2" & S1=$!
+send b 100 60 >"$WORK/acked-b2" & S2=$!
+send c 100 60 >"$WORK/acked-c2" & S3=$!
+sleep 0.3
+kill -9 "${PID[b]}"; wait "${PID[b]}" 2>/dev/null || true
+kill_etcd_member 0
+pass "killed appliance b and etcd member 0 while readings arrive"
+wait $S1 $S2 $S3 || true
+sleep 0.5
+restart_etcd_member 0
+start_member b
+B_ACK=$(cat "$WORK/acked-b2")
+send b 200 10 >"$WORK/acked-b3"
+ACKED2=$(($(cat "$WORK/acked-a2") + B_ACK + $(cat "$WORK/acked-c2") + $(cat "$WORK/acked-b3")))
+wait_converged && pass "all converge after the restarts" || failed "no convergence after the restarts"
+for m in a b c; do
+  N=$(observations $m)
+  [ "$N" -ge $((120 + ACKED2)) ] && pass "replica $m holds every acknowledged reading ($N >= $((120 + ACKED2)))" || failed "replica $m holds $N, $((120 + ACKED2)) were acknowledged"
+done
+
+say "== c cut off from etcd"
+stop_proxy
+C_BEFORE=$(observations c)
+C_ACK=$(send c 300 20)
+[ "$C_ACK" = 20 ] && pass "c keeps acknowledging while cut off" || failed "c acknowledged $C_ACK of 20 while cut off"
+send a 300 10 >/dev/null
+sleep 1
+Q=$(status_field c 's["cluster"]["queue"]["entries"]')
+[ "$Q" -ge 20 ] && pass "c queues its readings ($Q entries)" || failed "c's queue holds $Q"
+expect_rc 0 "medctl status at c" -- ctl c status
+expect_in "etcd does not answer|not connected|NOT CONNECTED|queue" "says c is cut off"
+[ "$(observations c)" = "$C_BEFORE" ] && pass "nothing is ordered at c while it is cut off" || failed "c ordered entries while cut off"
+start_proxy
+wait_converged && pass "c catches up in order when etcd is back, and its queue is ordered" || failed "c did not catch up"
+N=$(observations a)
+[ "$N" = "$(observations c)" ] && [ "$N" -ge $((120 + ACKED2 + 30)) ] && pass "every reading, from both sides of the cut, is on every replica ($N)" || failed "a holds $N, c $(observations c)"
+
+say "== records written straight into etcd"
+H=$(status_field a 's["ledger"]["height"]')
+NEXT=$(printf '%020d' $((H + 1)))
+etcdctl_cluster put "/medgate/ward/blocks/$NEXT" "not a block record" >/dev/null
+for _ in $(seq 1 50); do
+  V=$(status_field b 's["cluster"]["ordering"]["invalid_blocks"]')
+  [ "$V" -ge 1 ] && break
+  sleep 0.1
+done
+for m in a b c; do
+  V=$(status_field $m 's["cluster"]["ordering"]["invalid_blocks"]')
+  [ "$V" -ge 1 ] && pass "replica $m voids the garbage record" || failed "replica $m did not report it"
+done
+grep -q "replication.invalid_block" "${LOG[b]}" && pass "and logs it (replication.invalid_block)" || failed "no log line"
+[ "$(status_field a 's["ledger"]["height"]')" = "$H" ] && pass "nothing was applied" || failed "a moved on"
+send b 400 5 >/dev/null
+wait_converged && pass "the next member with entries replaces it and all go on" || failed "stuck at the void record"
+H=$(status_field a 's["ledger"]["height"]')
+etcdctl_cluster get --print-value-only "/medgate/ward/blocks/$(printf '%020d' "$H")" >"$WORK/replay.bin"
+# etcdctl prints a trailing newline after the value.
+head -c -1 "$WORK/replay.bin" >"$WORK/replay.rec"
+etcdctl_cluster put "/medgate/ward/blocks/$(printf '%020d' $((H + 1)))" <"$WORK/replay.rec" >/dev/null
+sleep 1
+V=$(status_field c 's["cluster"]["ordering"]["last_invalid"]')
+expect_rc 0 "status at c" -- ctl c cluster status
+expect_in "void blocks|says it is block|does not chain" "a member's valid block replayed at the next height is voided, with the reason"
+send c 500 3 >/dev/null
+wait_converged && pass "and replaced" || failed "stuck after the replay"
+for m in a b c; do
+  expect_rc 0 "replica $m still verifies" -- "$MEDCTL" ledger verify --db "$WORK/$m/ledger.db" --trust "$WORK/a/signing-key.pem"
+done
+
+for m in a b c; do
+  kill -TERM "${PID[$m]}"
+  if wait "${PID[$m]}"; then pass "medgated $m stops cleanly"; else failed "medgated $m exited $? on SIGTERM"; fi
+  PID[$m]=
+done
+finish
