@@ -214,7 +214,26 @@ bool Orderer::propose() {
   auto replica = ledger_.replica();
   if (!replica || replica->outbox_entries == 0) return false;
   // Only a member proposes; a replica that is not one (yet) keeps its queue.
-  if (!ledger_.membership().find(replica->member_id)) return false;
+  const ledger::Membership membership = ledger_.membership();
+  if (!membership.find(replica->member_id)) return false;
+  // Turns: height h is first offered to the member whose rank (by id) is h mod the member count;
+  // the others claim it only after options_.turn_timeout without progress. Without turns every
+  // member builds, signs and sends a block for every height and all but one are thrown away.
+  const std::uint64_t height = ledger_.stats().height;
+  if (height != progress_height_) {
+    progress_height_ = height;
+    progress_time_ = std::chrono::steady_clock::now();
+  }
+  if (options_.turn_timeout.count() > 0 && membership.members().size() > 1 && !void_revision_) {
+    const std::vector<ledger::Member> members = membership.members();
+    const auto rank = static_cast<std::uint64_t>(
+        std::find_if(members.begin(), members.end(),
+                     [&](const ledger::Member& m) { return m.id == replica->member_id; }) -
+        members.begin());
+    const bool my_turn = (height + 1) % members.size() == rank;
+    if (!my_turn && std::chrono::steady_clock::now() - progress_time_ < options_.turn_timeout)
+      return false;
+  }
   // A void record at the next height is replaced (compare its mod_revision): every honest
   // replica voids the same record, and exactly one replacement wins.
   const std::optional<std::int64_t> replacing = void_revision_;
@@ -297,13 +316,16 @@ void Orderer::run() {
       last_read = std::chrono::steady_clock::now() - options_.poll;  // read again after it
       continue;
     }
-    // Idle. Entries queued that could not be proposed (not a member yet, a void record ahead):
-    // wait for a watch event or the poll. Otherwise also for queued entries (the ledger's outbox
-    // has its own signal, so wait on it in short slices).
+    // Idle. Entries queued that could not be proposed (another member's turn, not a member
+    // yet, a void record ahead): wait for a watch event, the turn to pass, or the poll. Otherwise
+    // also for queued entries (the ledger's outbox has its own signal, so wait on it in short
+    // slices).
     auto replica = ledger_.replica();
     if (replica && replica->outbox_entries > 0) {
+      auto wait = options_.poll;
+      if (options_.turn_timeout.count() > 0) wait = std::min(wait, options_.turn_timeout);
       std::unique_lock lk(mu_);
-      cv_.wait_for(lk, options_.poll, [&] { return stop_ || woken_; });
+      cv_.wait_for(lk, wait, [&] { return stop_ || woken_; });
       continue;
     }
     for (int i = 0; i < 25; ++i) {

@@ -57,6 +57,9 @@ struct OrdererOptions {
   std::chrono::milliseconds poll{250};
   // The longest wait between attempts while etcd is unreachable.
   std::chrono::milliseconds max_backoff{1000};
+  // Turns (see orderer.cc, propose()): how long a member with entries waits for the member whose
+  // turn the next height is before claiming it itself. 0: no turns, every member races.
+  std::chrono::milliseconds turn_timeout{500};
   // Called on the orderer thread for each void record (height, reason), once per record.
   std::function<void(std::uint64_t height, const std::string& reason)> on_invalid;
   // Called on the orderer thread when etcd stops or starts answering.
@@ -122,6 +125,9 @@ class Orderer {
   // and retried only when the key changes.
   std::optional<std::int64_t> void_revision_;
   std::int64_t last_revision_ = 0;  // the etcd revision of the last read
+  // When the local tip last moved (turns).
+  std::uint64_t progress_height_ = 0;
+  std::chrono::steady_clock::time_point progress_time_{};
   std::thread thread_;
 };
 
