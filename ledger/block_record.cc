@@ -163,7 +163,9 @@ Result<ValidatedBlock> validate_block_record(const BlockRecord& r, const ChainTi
           fmt::format("has a signature that does not verify with the key of \"{}\"", r.proposer));
   }
 
-  ValidatedBlock out{tip, membership, {}, {}};
+  ValidatedBlock out{tip, membership, {}, {}, {}, {}};
+  out.entries.reserve(r.entries.size());
+  out.leaves.reserve(r.entries.size());
   // Subjects named earlier in this block, and their newest index in it.
   std::map<Bytes, std::uint64_t> in_block;
   for (std::size_t i = 0; i < r.entries.size(); ++i) {
@@ -227,7 +229,10 @@ Result<ValidatedBlock> validate_block_record(const BlockRecord& r, const ChainTi
       }
     }
     for (const SubjectLink& link : e.subjects) in_block[link.subject] = index;
-    out.tip.tree.append(merkle::leaf_hash(r.entries[i]));
+    const Hash leaf = merkle::leaf_hash(r.entries[i]);
+    out.tip.tree.append(leaf);
+    out.leaves.push_back(leaf);
+    out.entries.push_back(std::move(decoded).value());
   }
   if (out.tip.tree.size() != h.tree_size || out.tip.tree.root() != h.root)
     return bad("has a Merkle root that its entries do not give");

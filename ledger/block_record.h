@@ -74,6 +74,8 @@ struct ValidatedBlock {
   Membership membership;                  // the membership after the block
   std::vector<MembershipChange> changes;  // membership changes that took effect in it
   std::vector<std::pair<Bytes, std::uint64_t>> subject_updates;  // (subject, its newest index)
+  std::vector<Entry> entries;  // the record's entries, decoded (so applying does not decode again)
+  std::vector<Hash> leaves;    // and their leaf hashes
 };
 
 // Checks `record` as block 0 of a ledger founded by `founder`: the header starts the chain, its

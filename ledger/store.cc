@@ -1831,8 +1831,9 @@ class Ledger::Impl {
       MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_, tx_statements_));
       began = true;
       std::uint64_t index = r.header.first_index;
-      for (const Bytes& bytes : r.entries) {
-        MEDGATE_ASSIGN_OR_RETURN(Entry e, decode_entry(bytes));
+      for (std::size_t i = 0; i < r.entries.size(); ++i) {
+        const Bytes& bytes = r.entries[i];
+        Entry& e = v.entries[i];
         insert_entry_.bind(1, index)
             .bind(2, static_cast<std::int64_t>(e.type))
             .bind(3, e.time_us)
@@ -1844,8 +1845,8 @@ class Ledger::Impl {
           MEDGATE_RETURN_IF_ERROR(insert_subject_.run());
           subject_updates.emplace_back(l.subject, index);
         }
-        tiles_.append(merkle::leaf_hash(bytes));
-        if (affects_membership(e.type)) membership_entries.emplace_back(index, std::move(e));
+        tiles_.append(v.leaves[i]);
+        if (affects_membership(e.type)) membership_entries.emplace_back(index, e);
         ++index;
       }
       for (const auto& [key, hashes] : tiles_.take_dirty()) {
