@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include "appliance/log.h"
+#include "appliance/registry.h"
 #include "ledger/membership.h"
 #include "ledger/order/orderer.h"
 #include "ledger/store.h"
@@ -148,8 +149,57 @@ Cluster::~Cluster() {
   stop();
 }
 
+void Cluster::start_follower() {
+  if (!registry_ || follower_.joinable()) return;
+  // Hand over first, then replay what the registry has not seen (a restart, or events applied
+  // while the follower was not running): an event both paths deliver is applied once.
+  ledger_.set_apply_listener(
+      [this](std::uint64_t first, const std::vector<ledger::Entry>& entries) {
+        std::lock_guard lk(follow_mu_);
+        for (std::size_t i = 0; i < entries.size(); ++i)
+          if (entries[i].type == ledger::EntryType::kDeviceEvent)
+            follow_queue_.emplace_back(first + i, entries[i]);
+        follow_cv_.notify_one();
+      });
+  std::uint64_t from = registry_->replicated_through() + 1;
+  const ledger::EntryType types[] = {ledger::EntryType::kDeviceEvent};
+  for (;;) {
+    Result<std::vector<ledger::StoredEntry>> page = ledger_.entries_of_type(types, from, 1000);
+    if (!page.ok() || page->empty()) break;
+    for (const ledger::StoredEntry& e : *page)
+      if (Status s = registry_->apply_replicated(e.index, e.entry); !s.ok())
+        log(LogLevel::kError, "replication.devices", "device event {}: {}", e.index, s.message());
+    from = page->back().index + 1;
+  }
+  follower_ = std::thread([this] { follower_loop(); });
+}
+
+void Cluster::follower_loop() {
+  std::unique_lock lk(follow_mu_);
+  for (;;) {
+    follow_cv_.wait(lk, [&] { return follow_stop_ || !follow_queue_.empty(); });
+    if (follow_queue_.empty()) return;
+    auto [index, entry] = std::move(follow_queue_.front());
+    follow_queue_.pop_front();
+    lk.unlock();
+    if (Status s = registry_->apply_replicated(index, entry); !s.ok())
+      log(LogLevel::kError, "replication.devices", "device event {}: {}", index, s.message());
+    else
+      log(LogLevel::kInfo, "replication.devices", "device {} {} (entry {}) applied here",
+          entry.body.find("device") && entry.body.find("device")->as_text()
+              ? *entry.body.find("device")->as_text()
+              : "?",
+          entry.body.find("event") && entry.body.find("event")->as_text()
+              ? *entry.body.find("event")->as_text()
+              : "?",
+          index);
+    lk.lock();
+  }
+}
+
 Status Cluster::start() {
   if (!ledger_.replica()) return Status::Ok();
+  start_follower();
   MEDGATE_ASSIGN_OR_RETURN(std::optional<ClusterSettings> settings,
                            load_cluster_settings(config_.data_dir));
   if (!settings) {
@@ -235,6 +285,13 @@ void Cluster::stop() {
     orderer = std::move(orderer_);
   }
   if (orderer) orderer->stop();
+  ledger_.set_apply_listener(nullptr);
+  {
+    std::lock_guard lk(follow_mu_);
+    follow_stop_ = true;
+  }
+  follow_cv_.notify_all();
+  if (follower_.joinable()) follower_.join();
 }
 
 std::vector<Operation> Cluster::operations() {
@@ -307,6 +364,7 @@ Result<json> Cluster::init(const Caller& caller, const json& args) {
   }
   MEDGATE_RETURN_IF_ERROR(save_cluster_settings(config_.data_dir, s));
   MEDGATE_RETURN_IF_ERROR(ledger_.start_replication(s.member_id));
+  start_follower();
   MEDGATE_RETURN_IF_ERROR(start_orderer(s));
   json out = members_json();
   out["prefix"] = s.prefix;

@@ -22,6 +22,7 @@
 #pragma once
 
 #include <condition_variable>
+#include <deque>
 #include <filesystem>
 #include <memory>
 #include <mutex>
@@ -47,6 +48,8 @@ class Orderer;
 }
 
 namespace medgate::appliance {
+
+class DeviceRegistry;
 
 struct ClusterSettings {
   std::vector<std::string> etcd;  // client URLs
@@ -78,6 +81,11 @@ class Cluster {
   Cluster(const Cluster&) = delete;
   Cluster& operator=(const Cluster&) = delete;
 
+  // The state that follows the replicated ledger here: device events from every member's blocks
+  // are applied to `registry` in ledger order (on a thread of the cluster's own, never the
+  // ledger's writer). Call before start().
+  void follow_devices(DeviceRegistry& registry) { registry_ = &registry; }
+
   // For a replicated ledger: reads the settings and starts ordering. A failure to reach etcd is
   // not fatal (the orderer retries); malformed settings are.
   Status start();
@@ -97,9 +105,20 @@ class Cluster {
   nlohmann::json members_json() const;
   Result<nlohmann::json> cluster_status() const;
 
+  void start_follower();
+  void follower_loop();
+
   const Config& config_;
   ledger::Ledger& ledger_;
   hsm::KeyStore& keys_;
+  DeviceRegistry* registry_ = nullptr;
+  // Entries of applied blocks that the appliance's state follows, handed over by the ledger's
+  // writer thread.
+  std::mutex follow_mu_;
+  std::condition_variable follow_cv_;
+  std::deque<std::pair<std::uint64_t, ledger::Entry>> follow_queue_;
+  bool follow_stop_ = false;
+  std::thread follower_;
   std::optional<ClusterSettings> settings_;
   std::unique_ptr<order::EtcdClient> etcd_;
   std::unique_ptr<order::Orderer> orderer_;

@@ -15,6 +15,9 @@ constexpr std::string_view kSchema = R"sql(
     hl7_application TEXT NOT NULL, hl7_facility TEXT NOT NULL,
     created_us INTEGER NOT NULL, updated_us INTEGER NOT NULL, last_entry INTEGER NOT NULL,
     allow TEXT NOT NULL DEFAULT '');  -- HL7: allowed networks, space-separated; '' is any
+  -- A replicated ledger (appliance/cluster.h): the index of the last device event applied from
+  -- the ledger's blocks, so a restart replays from there.
+  CREATE TABLE IF NOT EXISTS replicated (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 )sql";
 
 // Registries written before HL7 sources had address allow-lists lack the column.
@@ -343,6 +346,77 @@ std::optional<DeviceCredentials> DeviceRegistry::hl7_source(std::string_view app
   }
   if (wildcard) return credentials_.at(wildcard->id);
   return std::nullopt;
+}
+
+}  // namespace medgate::appliance
+
+namespace medgate::appliance {
+
+std::uint64_t DeviceRegistry::replicated_through() const {
+  std::lock_guard lk(mu_);
+  auto st = db_.prepare("SELECT value FROM replicated WHERE key = 'device_events'");
+  if (!st.ok()) return 0;
+  auto step = st->step();
+  if (!step.ok() || *step != ledger::sql::Statement::Step::kRow) return 0;
+  return st->column_uint(0);
+}
+
+// A device event from the replicated ledger, in ledger order (own events included, which changes
+// nothing they did not already do). The event names no secret and the bound patient only by this
+// another box's pseudonym, so: a device added elsewhere is known here without a PSK (a
+// CoAP device added at another member cannot authenticate here until its PSK is rotated here) and
+// without a patient; revocations and allow-lists take effect here as there.
+Status DeviceRegistry::apply_replicated(std::uint64_t index, const ledger::Entry& e) {
+  if (e.type != ledger::EntryType::kDeviceEvent) return Status::Ok();
+  const std::string* event = e.body.find("event") ? e.body.find("event")->as_text() : nullptr;
+  const std::string* id = e.body.find("device") ? e.body.find("device")->as_text() : nullptr;
+  const std::string* kind_name = e.body.find("kind") ? e.body.find("kind")->as_text() : nullptr;
+  if (!event || !id || !kind_name || !valid_id(*id))
+    return Status::Corruption(fmt::format("device event {} is malformed", index));
+  std::optional<DeviceKind> kind = parse_device_kind(*kind_name);
+  if (!kind) return Status::Corruption(fmt::format("device event {} has an unknown kind", index));
+  std::lock_guard lk(mu_);
+  DeviceInfo d;
+  if (auto it = devices_.find(*id); it != devices_.end()) {
+    if (it->second.last_entry >= index) return mark_replicated(index);  // applied here already
+    d = it->second;
+  } else {
+    d.id = *id;
+    d.kind = *kind;
+    d.created_us = e.time_us;
+  }
+  auto text = [&](const char* name) {
+    const ledger::cbor::Value* v = e.body.find(name);
+    return v && v->as_text() ? *v->as_text() : std::string();
+  };
+  if (*event == "add") {
+    d.kind = *kind;
+    d.revoked = false;
+    d.hl7_application = text("hl7_application");
+    d.hl7_facility = text("hl7_facility");
+  } else if (*event == "revoke") {
+    d.revoked = true;
+  }
+  if (*event == "add" || *event == "allow") {
+    d.allow.clear();
+    if (const ledger::cbor::Value* allow = e.body.find("allow"); allow && allow->as_array())
+      for (const ledger::cbor::Value& n : *allow->as_array())
+        if (n.as_text())
+          if (Result<IpNetwork> net = parse_ip_network(*n.as_text()); net.ok())
+            d.allow.push_back(*net);
+  }
+  d.updated_us = e.time_us;
+  d.last_entry = index;
+  MEDGATE_RETURN_IF_ERROR(store(d, std::nullopt));
+  MEDGATE_RETURN_IF_ERROR(cache(d, std::nullopt));
+  return mark_replicated(index);
+}
+
+Status DeviceRegistry::mark_replicated(std::uint64_t index) {
+  MEDGATE_ASSIGN_OR_RETURN(
+      auto st, db_.prepare("INSERT INTO replicated (key, value) VALUES ('device_events', ?) "
+                           "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)"));
+  return st.bind(1, index).run();
 }
 
 }  // namespace medgate::appliance

@@ -32,6 +32,7 @@
 #include "appliance/ip_network.h"
 #include "appliance/vault.h"
 #include "hsm/key_store.h"
+#include "ledger/entry.h"
 #include "ledger/sqlite.h"
 #include "ledger/store.h"
 
@@ -83,6 +84,13 @@ class DeviceRegistry final : public DeviceDirectory {
   Result<DeviceChange> set_allow(const std::string& id, std::vector<IpNetwork> allow,
                                  const std::string& actor);
 
+  // A replicated ledger (appliance/cluster.h): applies a device event from the ledger's blocks,
+  // in ledger order, so that a device added, revoked or given an allow-list at another member
+  // takes effect here too. Events already applied here (by index) change nothing.
+  Status apply_replicated(std::uint64_t index, const ledger::Entry& entry);
+  // The index of the last device event applied from the ledger (0: none).
+  std::uint64_t replicated_through() const;
+
   std::vector<DeviceInfo> list() const;
   Result<DeviceInfo> show(const std::string& id) const;
 
@@ -103,9 +111,10 @@ class DeviceRegistry final : public DeviceDirectory {
   Result<std::string> new_psk();
   Result<Bytes> wrap_psk(const std::string& id, const std::string& psk);
   Status cache(const DeviceInfo& d, std::optional<std::string> psk);
+  Status mark_replicated(std::uint64_t index);
 
   mutable std::mutex mu_;  // serializes changes and guards the caches
-  ledger::sql::Database db_;
+  mutable ledger::sql::Database db_;
   hsm::KeyStore& keys_;
   Vault& vault_;
   ledger::Ledger& ledger_;

@@ -1921,9 +1921,22 @@ class Ledger::Impl {
       settle_waiters(ordered, Status::Ok());
     }
     applied_cv_.notify_all();
+    ApplyListener listener;
+    {
+      std::lock_guard lk(listener_mu_);
+      listener = apply_listener_;
+    }
+    if (listener) listener(r.header.first_index, v.entries);
     return Status::Ok();
   }
 
+ public:
+  void set_apply_listener(ApplyListener listener) {
+    std::lock_guard lk(listener_mu_);
+    apply_listener_ = std::move(listener);
+  }
+
+ private:
   Membership membership_copy() const {
     std::lock_guard lk(state_mu_);
     return membership_;
@@ -2262,6 +2275,8 @@ class Ledger::Impl {
   std::uint64_t outbox_entries_ = 0, outbox_first_ = 0, outbox_oldest_us_ = 0;
   std::map<std::uint64_t, Job*> order_waiters_;
   std::atomic<std::uint64_t> blocks_applied_{0}, own_blocks_{0}, queued_total_{0};
+  std::mutex listener_mu_;
+  ApplyListener apply_listener_;
 };
 
 // ---- Ledger ----
@@ -2484,6 +2499,9 @@ Result<BlockRecord> Ledger::block_record(std::uint64_t height) {
 }
 bool Ledger::wait_for_outbox(std::chrono::milliseconds timeout) const {
   return impl_->wait_for_outbox(timeout);
+}
+void Ledger::set_apply_listener(ApplyListener listener) {
+  impl_->set_apply_listener(std::move(listener));
 }
 
 Result<std::unique_ptr<Ledger>> Ledger::create_replica(const LedgerOptions& options,

@@ -284,6 +284,14 @@ class Ledger {
   Result<BlockRecord> block_record(std::uint64_t height);
   // Waits until the outbox holds something or `timeout` passes; true if it does.
   bool wait_for_outbox(std::chrono::milliseconds timeout) const;
+  // Called on the writer thread after each block from the cluster is durable (any proposer,
+  // this member's own blocks included), with the index of its first entry and its entries in
+  // order: how the appliance's own state follows the replicated ledger. It must be quick and must
+  // not call back into the ledger (hand the entries to another thread). Set before the orderer
+  // starts; nullptr removes it.
+  using ApplyListener =
+      std::function<void(std::uint64_t first_index, const std::vector<Entry>& entries)>;
+  void set_apply_listener(ApplyListener listener);
 
   class Impl;
 
