@@ -123,24 +123,34 @@ Result<std::shared_ptr<TlsServerContext>> TlsServerContext::create(const MllpTls
   if (SSL_CTX_use_certificate_chain_file(ctx, config.cert_file.c_str()) != 1)
     return Status::InvalidArgument(fmt::format("[hl7] tls_cert {}: not a PEM certificate chain: {}",
                                                config.cert_file.string(), tls_errors()));
-  if (config.key_file) {
-    if (SSL_CTX_use_PrivateKey_file(ctx, config.key_file->c_str(), SSL_FILETYPE_PEM) != 1)
-      return Status::InvalidArgument(fmt::format("[hl7] tls_key_file {}: not a PEM private key: {}",
-                                                 config.key_file->string(), tls_errors()));
-    c->key_location_ = "file " + config.key_file->string();
-  } else {
-    Result<hsm::TlsPrivateKey> key = hsm::open_tls_private_key(config.key_store);
-    if (!key.ok()) return key.status().with_context("[hl7] tls: the TLS key in the key store");
-    if (SSL_CTX_use_PrivateKey(ctx, key->get()) != 1)
-      return Status::InvalidArgument("[hl7] tls: OpenSSL cannot use the key store's TLS key: " +
-                                     tls_errors());
-    c->key_location_ = "key store (" + std::string(hsm::kTlsKeyLabel) + ")";
-  }
-  if (SSL_CTX_check_private_key(ctx) != 1)
+  // OpenSSL checks the key against the certificate as it takes it.
+  auto mismatch = [&config]() {
     return Status::InvalidArgument(
         fmt::format("[hl7] tls_cert {} is not the certificate of the {}'s key (issue it from the "
                     "CSR `medgated tls-key` prints)",
                     config.cert_file.string(), config.key_file ? "tls_key_file" : "key store"));
+  };
+  auto is_mismatch = [] {
+    return ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH;
+  };
+  if (config.key_file) {
+    if (SSL_CTX_use_PrivateKey_file(ctx, config.key_file->c_str(), SSL_FILETYPE_PEM) != 1) {
+      if (is_mismatch()) return mismatch();
+      return Status::InvalidArgument(fmt::format("[hl7] tls_key_file {}: not a PEM private key: {}",
+                                                 config.key_file->string(), tls_errors()));
+    }
+    c->key_location_ = "file " + config.key_file->string();
+  } else {
+    Result<hsm::TlsPrivateKey> key = hsm::open_tls_private_key(config.key_store);
+    if (!key.ok()) return key.status().with_context("[hl7] tls: the TLS key in the key store");
+    if (SSL_CTX_use_PrivateKey(ctx, key->get()) != 1) {
+      if (is_mismatch()) return mismatch();
+      return Status::InvalidArgument("[hl7] tls: OpenSSL cannot use the key store's TLS key: " +
+                                     tls_errors());
+    }
+    c->key_location_ = "key store (" + std::string(hsm::kTlsKeyLabel) + ")";
+  }
+  if (SSL_CTX_check_private_key(ctx) != 1) return mismatch();
 
   if (config.client_ca) {
     if (SSL_CTX_load_verify_locations(ctx, config.client_ca->c_str(), nullptr) != 1)
@@ -190,7 +200,7 @@ PeerCertificate peer_certificate(SSL* ssl) {
   return out;
 }
 
-Result<TlsKeyIssue> issue_for_key(EVP_PKEY* key, const TlsKeyRequest& request) {
+static Status check_request(const TlsKeyRequest& request) {
   if (request.common_name.empty() || request.common_name.size() > 64)
     return Status::InvalidArgument("the certificate's common name (--cn) is 1-64 characters");
   for (char ch : request.common_name)
@@ -198,6 +208,11 @@ Result<TlsKeyIssue> issue_for_key(EVP_PKEY* key, const TlsKeyRequest& request) {
       return Status::InvalidArgument("the common name (--cn) must be printable ASCII");
   if (request.days < 1 || request.days > 3650)
     return Status::InvalidArgument("--days must be between 1 and 3650");
+  return alt_name_list(request.alt_names).status();
+}
+
+Result<TlsKeyIssue> issue_for_key(EVP_PKEY* key, const TlsKeyRequest& request) {
+  MEDGATE_RETURN_IF_ERROR(check_request(request));
   std::vector<std::string> names = request.alt_names;
   if (names.empty()) names.push_back(request.common_name);  // clients check SAN, not CN
   MEDGATE_ASSIGN_OR_RETURN(std::string san, alt_name_list(names));
@@ -273,6 +288,8 @@ Result<TlsKeyIssue> issue_for_key(EVP_PKEY* key, const TlsKeyRequest& request) {
 
 Result<TlsKeyIssue> issue_tls_key(const hsm::KeyStoreConfig& key_store,
                                   const TlsKeyRequest& request) {
+  // Bad names are refused before anything is made on the token.
+  MEDGATE_RETURN_IF_ERROR(check_request(request));
   MEDGATE_ASSIGN_OR_RETURN(hsm::TlsKeyInfo info, hsm::prepare_tls_key(key_store, /*create=*/true));
   MEDGATE_ASSIGN_OR_RETURN(hsm::TlsPrivateKey key, hsm::open_tls_private_key(key_store));
   MEDGATE_ASSIGN_OR_RETURN(TlsKeyIssue out, issue_for_key(key.get(), request));
