@@ -70,7 +70,7 @@ class MapDirectory : public DeviceDirectory {
   void add(std::string app, std::string facility, std::string device_id, bool revoked = false) {
     std::lock_guard lock(mu_);
     sources_[{std::move(app), std::move(facility)}] =
-        DeviceCredentials{device_id, revoked, {}, {}, {}};
+        DeviceCredentials{device_id, revoked, {}, {}, {}, {}};
   }
   void allow(const std::string& app, const std::string& facility, const std::string& networks) {
     Result<std::vector<IpNetwork>> parsed = parse_ip_networks(networks);
