@@ -500,8 +500,8 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
     const toml::table& t = section("hl7");
     MEDGATE_RETURN_IF_ERROR(r.check_keys(
         t, "hl7",
-        {"enabled", "address", "port", "max_connections", "max_frame_bytes", "read_timeout_s", "tls",
-         "tls_cert", "tls_key_file", "tls_client_ca", "tls_handshake_timeout_s"}));
+        {"enabled", "address", "port", "max_connections", "max_frame_bytes", "read_timeout_s",
+         "tls", "tls_cert", "tls_key_file", "tls_client_ca", "tls_handshake_timeout_s"}));
     MEDGATE_ASSIGN_OR_RETURN(auto enabled, r.get<bool>(t, "hl7", "enabled"));
     if (!enabled || *enabled) {
       hl7::MllpListenerConfig l;

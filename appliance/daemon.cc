@@ -723,7 +723,8 @@ class Daemon::Impl {
     if (has_sha && has_cn)
       return Status::InvalidArgument("give \"cert_sha256\" or \"cert_cn\", not both");
     if (has_sha) {
-      if (!sha->is_string()) return Status::InvalidArgument("argument \"cert_sha256\" must be text");
+      if (!sha->is_string())
+        return Status::InvalidArgument("argument \"cert_sha256\" must be text");
       return cert_fingerprint_binding(sha->get<std::string>());
     }
     if (has_cn) {

@@ -160,7 +160,8 @@ int run_tls_key(const std::string& config_path, const hl7::TlsKeyRequest& reques
     std::cerr << "medgated tls-key: " << issue.status().message() << "\n";
     return admin::exit_code(issue.status().code());
   }
-  for (const auto& [path, text] : {std::pair{csr_out, issue->csr_pem}, {cert_out, issue->cert_pem}}) {
+  for (const auto& [path, text] :
+       {std::pair{csr_out, issue->csr_pem}, {cert_out, issue->cert_pem}}) {
     if (path.empty()) continue;
     if (!write_text(path, text)) {
       std::cerr << "medgated tls-key: cannot write " << path << "\n";
@@ -170,7 +171,8 @@ int run_tls_key(const std::string& config_path, const hl7::TlsKeyRequest& reques
   std::cout << (issue->created ? "Created" : "Kept") << " the TLS key in the key store\n"
             << "  key         " << issue->location << "\n"
             << "  public key  sha256 " << issue->key_sha256 << "\n";
-  if (!csr_out.empty()) std::cout << "  CSR         " << csr_out << "  (have the hospital CA sign it)\n";
+  if (!csr_out.empty())
+    std::cout << "  CSR         " << csr_out << "  (have the hospital CA sign it)\n";
   if (!cert_out.empty()) std::cout << "  certificate " << cert_out << "  (self-signed)\n";
   std::cout << "Then set [hl7] tls = true and tls_cert = the certificate chain, and restart "
                "medgated.\n";

@@ -609,7 +609,7 @@ void print_device(const json& d) {
     const std::string cert = d["cert"].get<std::string>();
     std::cout << fmt::format(
         "client     {}\n",
-        cert.empty()             ? std::string("any connection (no client certificate bound)")
+        cert.empty()              ? std::string("any connection (no client certificate bound)")
         : cert.starts_with("cn:") ? "certificate with subject CN '" + cert.substr(3) + "'"
                                   : "certificate sha256 " + cert.substr(7));
   }

@@ -151,8 +151,9 @@ int main(int argc, char** argv) {
   device_add->add_option("--cert-fingerprint", device_cert_fingerprint,
                          "HL7 over TLS: accept it only with the client certificate of this "
                          "SHA-256 fingerprint (64 hex digits, ':' allowed)");
-  device_add->add_option("--cert-cn", device_cert_cn,
-                         "HL7 over TLS: accept it only with a client certificate of this subject CN");
+  device_add->add_option(
+      "--cert-cn", device_cert_cn,
+      "HL7 over TLS: accept it only with a client certificate of this subject CN");
   device_add->callback([&] {
     rc = cmd_device_add(g, device_id, device_kind, device_patient, device_hl7_app,
                         device_hl7_facility, device_psk_out, device_allow, device_cert_fingerprint,

@@ -11,7 +11,8 @@ namespace medgate::hsm {
 namespace {
 
 bool is_pkcs11(const std::string& uri) {
-  return uri.size() >= 7 && (uri.compare(0, 7, "pkcs11:") == 0 || uri.compare(0, 7, "PKCS11:") == 0);
+  return uri.size() >= 7 &&
+         (uri.compare(0, 7, "pkcs11:") == 0 || uri.compare(0, 7, "PKCS11:") == 0);
 }
 
 Status tpm_not_supported() {

@@ -6,8 +6,8 @@
 // the engine logs in with the PIN from the key store's own PIN source, never from argv or the
 // config. Each TLS handshake is one ECDSA signature on the token.
 //
-// TPM key stores: not supported yet (kFailedPrecondition naming the fallback). A TPM-resident TLS key
-// would need tpm2-openssl's provider; until then [hl7] tls_key_file (a PEM key file) is the
+// TPM key stores: not supported yet (kFailedPrecondition naming the fallback). A TPM-resident TLS
+// key would need tpm2-openssl's provider; until then [hl7] tls_key_file (a PEM key file) is the
 // documented fallback.
 //
 // The engine stays loaded, and the module initialised, until the process exits: libp11 calls
@@ -38,8 +38,8 @@ struct TlsKeyInfo {
 };
 
 // Finds the TLS key in the key store, or generates it there when `create` is set and it is
-// absent. kNotFound when absent and not `create`; kFailedPrecondition for a TPM key store; otherwise
-// as open_key_store().
+// absent. kNotFound when absent and not `create`; kFailedPrecondition for a TPM key store;
+// otherwise as open_key_store().
 Result<TlsKeyInfo> prepare_tls_key(const KeyStoreConfig& config, bool create);
 
 struct EvpPkeyFree {

@@ -3,12 +3,12 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
-#include <openssl/err.h>
-#include <openssl/ssl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -157,10 +157,10 @@ struct Connection {
   bool handshaking = false;
   Clock::time_point handshake_deadline{};
   std::uint32_t handshake_wants = EPOLLIN;  // what SSL_do_handshake waits for
-  bool read_wants_write = false;   // SSL_read needs the socket writable (a key update)
-  bool write_wants_read = false;   // SSL_write needs the socket readable
-  bool tls_failed = false;         // a fatal TLS error: no close_notify may be sent
-  PeerCertificate peer_cert;       // the verified client certificate, once established
+  bool read_wants_write = false;            // SSL_read needs the socket writable (a key update)
+  bool write_wants_read = false;            // SSL_write needs the socket readable
+  bool tls_failed = false;                  // a fatal TLS error: no close_notify may be sent
+  PeerCertificate peer_cert;                // the verified client certificate, once established
 };
 
 constexpr std::uint64_t kListenKey = 0;
@@ -494,8 +494,7 @@ void MllpListener::Loop::peer_closed(Connection& conn) {
   conn.peer_eof = true;
   if (Status lost = conn.deframer.finish(); !lost.ok()) {
     with_counters([](MllpListenerCounters& c) { ++c.incomplete_frames; });
-    log(LogLevel::kNotice, "mllp.incomplete", "{} closed mid-frame: {}", conn.peer,
-        lost.message());
+    log(LogLevel::kNotice, "mllp.incomplete", "{} closed mid-frame: {}", conn.peer, lost.message());
   }
 }
 
@@ -653,9 +652,10 @@ void MllpListener::Loop::handle_frame(Connection& conn, Result<Bytes> frame) {
                    {"MSH", 1, 3},
                    "the sending application/facility (MSH-3/MSH-4) is not registered for this "
                    "client certificate"};
-    const char* why = !conn.ssl                         ? "the connection is not TLS"
-                      : conn.peer_cert.sha256_hex.empty() ? "the connection has no client certificate"
-                                                          : "the client certificate is another one";
+    const char* why = !conn.ssl ? "the connection is not TLS"
+                      : conn.peer_cert.sha256_hex.empty()
+                          ? "the connection has no client certificate"
+                          : "the client certificate is another one";
     log(LogLevel::kWarning, "mllp.certificate_refused",
         "{} from {} (control id {}): AE: the source is bound to a client certificate and {}",
         conn.peer, source->device_id, info.control_id, why);

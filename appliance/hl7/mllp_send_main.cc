@@ -56,13 +56,14 @@ int main(int argc, char** argv) {
   app.add_flag("--pipeline", pipeline, "send every message, then read the ACKs");
   app.add_option("--timeout-ms", timeout_ms, "wait this long for each ACK")->capture_default_str();
   app.add_flag("--tls", options.tls, "MLLP over TLS");
-  app.add_option("--ca", options.ca_file, "with --tls: CA certificates the listener's must verify against");
+  app.add_option("--ca", options.ca_file,
+                 "with --tls: CA certificates the listener's must verify against");
   app.add_option("--cert", options.cert_file, "with --tls: client certificate chain (PEM)");
   app.add_option("--key", options.key_file, "with --tls: the client certificate's key (PEM)");
   app.add_option("FILE", files, "HL7 files (a blank line separates messages)")->required();
   CLI11_PARSE(app, argc, argv);
-  if (!options.tls && (!options.ca_file.empty() || !options.cert_file.empty() ||
-                       !options.key_file.empty())) {
+  if (!options.tls &&
+      (!options.ca_file.empty() || !options.cert_file.empty() || !options.key_file.empty())) {
     fmt::print(stderr, "--ca, --cert and --key are for --tls\n");
     return 2;
   }

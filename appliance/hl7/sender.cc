@@ -79,8 +79,9 @@ MllpSender::~MllpSender() {
 
 Status MllpSender::start_tls() {
   if (options_.ca_file.empty())
-    return Status::InvalidArgument("--tls needs --ca FILE, the CA that issued the listener's "
-                                   "certificate (or the listener's self-signed certificate)");
+    return Status::InvalidArgument(
+        "--tls needs --ca FILE, the CA that issued the listener's "
+        "certificate (or the listener's self-signed certificate)");
   if (options_.cert_file.empty() != options_.key_file.empty())
     return Status::InvalidArgument("a client certificate needs both --cert FILE and --key FILE");
   ERR_clear_error();
@@ -99,8 +100,8 @@ Status MllpSender::start_tls() {
       return Status::InvalidArgument(fmt::format("--key {}: not a readable PEM private key: {}",
                                                  options_.key_file, tls_errors()));
     if (SSL_CTX_check_private_key(tls_ctx_) != 1)
-      return Status::InvalidArgument(
-          fmt::format("--key {} is not the key of --cert {}", options_.key_file, options_.cert_file));
+      return Status::InvalidArgument(fmt::format("--key {} is not the key of --cert {}",
+                                                 options_.key_file, options_.cert_file));
   }
   ssl_ = SSL_new(tls_ctx_);
   if (ssl_ == nullptr || SSL_set_fd(ssl_, fd_) != 1)
@@ -129,8 +130,8 @@ Status MllpSender::start_tls() {
                           ? std::string("the listener's certificate does not verify: ") +
                                 X509_verify_cert_error_string(verify)
                           : tls_errors();
-    return Status::Unavailable(fmt::format("TLS handshake with {} port {} failed: {}",
-                                           options_.host, options_.port, why));
+    return Status::Unavailable(
+        fmt::format("TLS handshake with {} port {} failed: {}", options_.host, options_.port, why));
   }
   timeval none{};
   ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);

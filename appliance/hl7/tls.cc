@@ -64,8 +64,8 @@ Result<std::string> alt_name_list(const std::vector<std::string>& names) {
     if (kind == "DNS") {
       bool ok = !name.empty() && name.size() <= 253;
       for (char c : name)
-        ok = ok && (std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' ||
-                    c == '*');
+        ok =
+            ok && (std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == '*');
       if (!ok)
         return Status::InvalidArgument(fmt::format(
             "'{}' is not a host name (letters, digits, '.', '-', a leading '*.')", name));
@@ -194,7 +194,8 @@ PeerCertificate peer_certificate(SSL* ssl) {
     ASN1_STRING* data = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject, at));
     unsigned char* utf8 = nullptr;
     int len = ASN1_STRING_to_UTF8(&utf8, data);
-    if (len > 0) out.subject_cn.assign(reinterpret_cast<char*>(utf8), static_cast<std::size_t>(len));
+    if (len > 0)
+      out.subject_cn.assign(reinterpret_cast<char*>(utf8), static_cast<std::size_t>(len));
     OPENSSL_free(utf8);
   }
   return out;

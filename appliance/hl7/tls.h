@@ -30,9 +30,9 @@ typedef struct evp_pkey_st EVP_PKEY;
 namespace medgate::appliance::hl7 {
 
 struct MllpTlsConfig {
-  std::filesystem::path cert_file;                // server certificate chain, PEM (leaf first)
-  std::optional<std::filesystem::path> key_file;  // fallback: a PEM private key on disk
-  std::optional<std::filesystem::path> client_ca; // require client certificates issued by these
+  std::filesystem::path cert_file;                 // server certificate chain, PEM (leaf first)
+  std::optional<std::filesystem::path> key_file;   // fallback: a PEM private key on disk
+  std::optional<std::filesystem::path> client_ca;  // require client certificates issued by these
   std::chrono::milliseconds handshake_timeout{10'000};
   hsm::KeyStoreConfig key_store;  // where the key is when key_file is not set
 };
@@ -80,9 +80,9 @@ struct TlsKeyRequest {
 };
 
 struct TlsKeyIssue {
-  bool created = false;   // the key was generated now (else the existing one was used)
-  std::string location;   // where the key is (a pkcs11: URI, no PIN)
-  std::string key_sha256; // SHA-256 of the public key (SPKI DER), hex
+  bool created = false;    // the key was generated now (else the existing one was used)
+  std::string location;    // where the key is (a pkcs11: URI, no PIN)
+  std::string key_sha256;  // SHA-256 of the public key (SPKI DER), hex
   std::string public_key_pem;
   std::string csr_pem;   // PKCS#10, signed by the key (proof of possession)
   std::string cert_pem;  // self-signed, for a test bench or pinning

@@ -1277,10 +1277,10 @@ Result<TokenTlsKey> find_or_create_tls_key(const KeyStoreConfig& config, const s
   } else {
     public_key = keys.front().public_key;
   }
-  std::string key_uri = "pkcs11:token=" + uri_escape(token.label) +
-                        ";object=" + uri_escape(label) + ";type=private";
-  return TokenTlsKey{*public_key, created,          request.module_path, std::move(key_uri),
-                     request.pin, std::move(module)};
+  std::string key_uri =
+      "pkcs11:token=" + uri_escape(token.label) + ";object=" + uri_escape(label) + ";type=private";
+  return TokenTlsKey{*public_key,        created,     request.module_path,
+                     std::move(key_uri), request.pin, std::move(module)};
 }
 
 }  // namespace medgate::hsm::pkcs11

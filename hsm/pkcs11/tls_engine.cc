@@ -74,7 +74,8 @@ Result<EVP_PKEY*> load_engine_key(const TokenTlsKey& key) {
   ERR_clear_error();
   int set = ENGINE_ctrl_cmd_string(current->engine, "PIN", pin.c_str(), 0);
   secure_wipe(pin);
-  if (set != 1) return Status::Unavailable("the pkcs11 engine refused the PIN: " + openssl_errors());
+  if (set != 1)
+    return Status::Unavailable("the pkcs11 engine refused the PIN: " + openssl_errors());
   EVP_PKEY* pkey = ENGINE_load_private_key(current->engine, key.key_uri.c_str(), nullptr, nullptr);
   if (pkey == nullptr)
     return Status::Unavailable("the pkcs11 engine cannot load " + key.key_uri + ": " +

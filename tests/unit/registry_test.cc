@@ -245,8 +245,7 @@ TEST_CASE(
               .status()
               .code() == StatusCode::kInvalidArgument);
     REQUIRE((*r)->add("pump", DeviceKind::kCoap, std::nullopt, "", "", "user:a").ok());
-    CHECK((*r)->set_cert("pump", *by_cn, "user:a").status().code() ==
-          StatusCode::kInvalidArgument);
+    CHECK((*r)->set_cert("pump", *by_cn, "user:a").status().code() == StatusCode::kInvalidArgument);
     CHECK((*r)->set_cert("nobody", *by_cn, "user:a").status().code() == StatusCode::kNotFound);
     auto changed = (*r)->set_cert("old-lis", *by_cn, "user:a");
     REQUIRE(changed.ok());
@@ -268,7 +267,8 @@ TEST_CASE(
   (*r).reset();
   // A damaged binding in the file is named at open.
   {
-    auto db = ledger::sql::Database::open(dir / "registry.db", ledger::sql::Database::Mode::kReadWrite);
+    auto db =
+        ledger::sql::Database::open(dir / "registry.db", ledger::sql::Database::Mode::kReadWrite);
     REQUIRE(db.ok());
     REQUIRE(db->exec("UPDATE devices SET cert = 'md5:00' WHERE id = 'central'").ok());
   }
