@@ -1,6 +1,7 @@
 #include "appliance/hl7/tls.h"
 
 #include <arpa/inet.h>
+#include <sys/stat.h>
 #include <openssl/bio.h>
 #include <openssl/bn.h>
 #include <openssl/err.h>
@@ -103,7 +104,15 @@ TlsServerContext::~TlsServerContext() {
 
 Result<std::shared_ptr<TlsServerContext>> TlsServerContext::create(const MllpTlsConfig& config) {
   MEDGATE_RETURN_IF_ERROR(readable(config.cert_file, "tls_cert"));
-  if (config.key_file) MEDGATE_RETURN_IF_ERROR(readable(*config.key_file, "tls_key_file"));
+  if (config.key_file) {
+    MEDGATE_RETURN_IF_ERROR(readable(*config.key_file, "tls_key_file"));
+    // The fallback key is a secret on disk: like a PIN file, only its owner may read it.
+    struct stat st {};
+    if (::stat(config.key_file->c_str(), &st) == 0 && (st.st_mode & 077) != 0)
+      return Status::InvalidArgument(fmt::format(
+          "[hl7] tls_key_file {} may be read by others (mode {:04o}); chmod 600 it",
+          config.key_file->string(), st.st_mode & 07777));
+  }
   if (config.client_ca) MEDGATE_RETURN_IF_ERROR(readable(*config.client_ca, "tls_client_ca"));
 
   std::shared_ptr<TlsServerContext> c(new TlsServerContext());

@@ -248,6 +248,10 @@ cp "$CONF" "$WORK/filekey.toml"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj "/CN=file" \
   -addext "subjectAltName=IP:127.0.0.1" -keyout "$PKI/file.key" -out "$PKI/file.pem" 2>/dev/null
 sed -i "s|^tls_cert = .*|tls_cert = \"$PKI/file.pem\"\ntls_key_file = \"$PKI/file.key\"|; s|^tls_client_ca = .*||" "$WORK/filekey.toml"
+chmod 644 "$PKI/file.key"
+expect_rc 1 "tls_key_file: a key file others may read is refused" -- "$MEDGATED" --config "$WORK/filekey.toml"
+expect_in "tls_key_file .*file.key may be read by others \(mode 0644\); chmod 600 it" "and says what to do"
+chmod 600 "$PKI/file.key"
 start_daemon "$WORK/filekey.toml" "$WORK/filekey.log"
 grep -q "over TLS (key: file $PKI/file.key; client certificates not asked for)" "$WORK/filekey.log" && pass "tls_key_file: the fallback key file is used, and says so" || failed "no fallback line in the log"
 HL7_PORT=$(hl7_port)
