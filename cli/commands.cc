@@ -222,7 +222,13 @@ int cmd_status(const GlobalOptions& g) {
           in["hl7"]["acks_sent"].get<std::uint64_t>(),
           in["hl7"]["unknown_source"].get<std::uint64_t>(),
           in["hl7"]["unparseable_frames"].get<std::uint64_t>());
-    else
+    if (in["hl7"].is_object() && in["hl7"].value("tls", false))
+      std::cout << fmt::format(
+          "           TLS{}: {} handshakes, {} failed, {} timed out\n",
+          in["hl7"].value("tls_client_certificates", false) ? ", client certificates required" : "",
+          in["hl7"].value("tls_handshakes", 0ULL), in["hl7"].value("tls_handshake_failures", 0ULL),
+          in["hl7"].value("tls_handshake_timeouts", 0ULL));
+    if (!in["hl7"].is_object())
       std::cout << "  hl7      off (no [hl7] section in the config)\n";
     if (in["coap"].is_object())
       std::cout << fmt::format(

@@ -184,6 +184,16 @@ std::string peer_name(const sockaddr_storage& ss) {
   return fmt::format("{}:{}", host, port);
 }
 
+// A certificate's CN for a log line: its CA vouched for it, but a log line ends at a newline.
+std::string printable(std::string_view text) {
+  std::string out;
+  for (char ch : text)
+    out.push_back(static_cast<unsigned char>(ch) < 0x20 || static_cast<unsigned char>(ch) >= 0x7f
+                      ? '?'
+                      : ch);
+  return out;
+}
+
 }  // namespace
 
 class MllpListener::Loop {
@@ -530,8 +540,8 @@ void MllpListener::Loop::handshake(Connection& conn) {
         SSL_get_cipher_name(conn.ssl.get()),
         conn.peer_cert.sha256_hex.empty()
             ? std::string(", no client certificate")
-            : fmt::format(", client certificate CN '{}' sha256 {}", conn.peer_cert.subject_cn,
-                          conn.peer_cert.sha256_hex));
+            : fmt::format(", client certificate CN '{}' sha256 {}",
+                          printable(conn.peer_cert.subject_cn), conn.peer_cert.sha256_hex));
     return;
   }
   switch (SSL_get_error(conn.ssl.get(), rc)) {

@@ -182,6 +182,8 @@ expect_in '"tls": true' "TLS on"
 expect_in '"tls_client_certificates": true' "client certificates required"
 expect_in '"tls_handshake_failures": [1-9]' "failures"
 expect_in '"tls_handshake_timeouts": [2-9]' "timeouts"
+expect_rc 0 "medctl status" -- "$MEDCTL" status
+expect_in "TLS, client certificates required: [1-9][0-9]* handshakes, [1-9][0-9]* failed, [2-9][0-9]* timed out" "shows the TLS counters"
 expect_rc 0 "device show counts certificate refusals" -- "$MEDCTL" --json device show central
 expect_in '"certificate": 1' "one for central"
 
