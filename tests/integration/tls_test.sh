@@ -66,6 +66,9 @@ cat "$PKI/server.pem" "$PKI/hospital-ca.pem" >"$PKI/server-chain.pem"
 
 cat >>"$CONF" <<EOF
 
+[metrics]
+listen = "127.0.0.1:0"
+
 [hl7]
 address = "127.0.0.1"
 port = 0
@@ -184,6 +187,10 @@ expect_in '"tls_handshake_failures": [1-9]' "failures"
 expect_in '"tls_handshake_timeouts": [2-9]' "timeouts"
 expect_rc 0 "medctl status" -- "$MEDCTL" status
 expect_in "TLS, client certificates required: [1-9][0-9]* handshakes, [1-9][0-9]* failed, [2-9][0-9]* timed out" "shows the TLS counters"
+METRICS_PORT=$("$MEDCTL" --json status | sed -n '/"metrics": {/,/}/s/.*"port": \([0-9]*\).*/\1/p' | head -1)
+expect_rc 0 "a metrics scrape" -- curl -sS -f "http://127.0.0.1:$METRICS_PORT/metrics"
+expect_in "medgate_hl7_tls_handshake_timeouts_total [2-9]" "counts handshake timeouts"
+expect_in 'medgate_device_rejected_total\{device="central",reason="certificate"\} 1' "and certificate refusals per device"
 expect_rc 0 "device show counts certificate refusals" -- "$MEDCTL" --json device show central
 expect_in '"certificate": 1' "one for central"
 
