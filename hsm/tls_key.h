@@ -14,6 +14,8 @@
 // C_Finalize when its engine is torn down, which would end the key store's own sessions on the
 // same module.
 //
+// Implemented in key_store_factory.cc, the one place outside the backends that knows them.
+//
 // Thread safety: all functions from any thread. A TlsPrivateKey may be used by OpenSSL from any
 // thread (libp11 serialises its sessions).
 #pragma once
