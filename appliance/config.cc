@@ -279,6 +279,53 @@ Result<std::vector<std::string>> parse_ip_allow(std::string_view text) {
   return out;
 }
 
+// [hl7] tls and its keys. The server key is the key store's (hsm/tls_key.h) unless tls_key_file
+// names a PEM key: an explicit fallback, for a TPM key store (which cannot hold it yet).
+Result<std::optional<hl7::MllpTlsConfig>> parse_hl7_tls(const Reader& r, const toml::table& t,
+                                                        const hsm::KeyStoreConfig& key_store) {
+  MEDGATE_ASSIGN_OR_RETURN(auto tls, r.get<bool>(t, "hl7", "tls"));
+  MEDGATE_ASSIGN_OR_RETURN(auto cert, r.get<std::string>(t, "hl7", "tls_cert"));
+  MEDGATE_ASSIGN_OR_RETURN(auto key_file, r.get<std::string>(t, "hl7", "tls_key_file"));
+  MEDGATE_ASSIGN_OR_RETURN(auto client_ca, r.get<std::string>(t, "hl7", "tls_client_ca"));
+  MEDGATE_ASSIGN_OR_RETURN(auto timeout, r.get<std::int64_t>(t, "hl7", "tls_handshake_timeout_s"));
+  if (!tls || !*tls) {
+    for (const char* key : {"tls_cert", "tls_key_file", "tls_client_ca", "tls_handshake_timeout_s"})
+      if (const toml::node* n = t.get(key))
+        return r.error_at(n->source(),
+                          fmt::format("[hl7] {} is set but tls is not; add tls = true", key));
+    return std::optional<hl7::MllpTlsConfig>();
+  }
+  hl7::MllpTlsConfig out;
+  if (!cert || cert->empty())
+    return r.error_at(t.get("tls")->source(),
+                      "[hl7] tls = true needs tls_cert, the server certificate chain (PEM)");
+  out.cert_file = r.resolve(*cert);
+  if (key_file) {
+    if (key_file->empty())
+      return r.error_at(t.get("tls_key_file")->source(), "[hl7] tls_key_file is empty");
+    out.key_file = r.resolve(*key_file);
+  } else if (key_store.uri.rfind("tpm2", 0) == 0) {
+    return r.error_at(
+        t.get("tls")->source(),
+        "[hl7] tls: the key store is a TPM, which cannot hold the TLS key yet (not implemented); "
+        "set tls_key_file to a PEM key file (readable by medgated only) as the fallback, or use a "
+        "PKCS#11 key store");
+  }
+  if (client_ca) {
+    if (client_ca->empty())
+      return r.error_at(t.get("tls_client_ca")->source(), "[hl7] tls_client_ca is empty");
+    out.client_ca = r.resolve(*client_ca);
+  }
+  if (timeout) {
+    if (*timeout < 1 || *timeout > 300)
+      return r.error_at(t.get("tls_handshake_timeout_s")->source(),
+                        "[hl7] tls_handshake_timeout_s must be between 1 and 300");
+    out.handshake_timeout = std::chrono::seconds(*timeout);
+  }
+  out.key_store = key_store;
+  return std::optional<hl7::MllpTlsConfig>(std::move(out));
+}
+
 }  // namespace
 
 Result<Config> load_config(const std::filesystem::path& file) {
@@ -453,7 +500,8 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
     const toml::table& t = section("hl7");
     MEDGATE_RETURN_IF_ERROR(r.check_keys(
         t, "hl7",
-        {"enabled", "address", "port", "max_connections", "max_frame_bytes", "read_timeout_s"}));
+        {"enabled", "address", "port", "max_connections", "max_frame_bytes", "read_timeout_s",
+         "tls", "tls_cert", "tls_key_file", "tls_client_ca", "tls_handshake_timeout_s"}));
     MEDGATE_ASSIGN_OR_RETURN(auto enabled, r.get<bool>(t, "hl7", "enabled"));
     if (!enabled || *enabled) {
       hl7::MllpListenerConfig l;
@@ -484,6 +532,7 @@ Result<Config> parse_config(std::string_view text, const std::filesystem::path& 
                             "[hl7] read_timeout_s must be between 1 and 86400");
         l.read_timeout = std::chrono::seconds(*timeout);
       }
+      MEDGATE_ASSIGN_OR_RETURN(l.tls, parse_hl7_tls(r, t, c.key_store));
       c.hl7 = l;
     }
   }
@@ -666,6 +715,9 @@ auditor_group = {}
 # address = "0.0.0.0"
 # port = 2575
 # read_timeout_s = 60
+# tls = true               # MLLP over TLS; the key stays in the key store (medgated tls-key)
+# tls_cert = "/etc/medgate/mllp-cert.pem"
+# tls_client_ca = "/etc/medgate/mllp-client-ca.pem"   # require client certificates
 # [coap]                   # CoAP + SenML over DTLS-PSK; devices: medctl device add ID --kind coap
 # address = "::"
 # port = 5684

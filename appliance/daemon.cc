@@ -142,8 +142,8 @@ class Daemon::Impl {
       mllp_ = std::make_unique<hl7::MllpListener>();
       MEDGATE_RETURN_IF_ERROR(
           mllp_->start(*config_.hl7, *registry_, *pipeline_).with_context("HL7/MLLP listener"));
-      log(LogLevel::kInfo, "hl7.listen", "HL7 v2 over MLLP on {} port {}", config_.hl7->address,
-          mllp_->port());
+      log(LogLevel::kInfo, "hl7.listen", "HL7 v2 over MLLP{} on {} port {}",
+          mllp_->tls() ? " over TLS" : "", config_.hl7->address, mllp_->port());
     }
     if (config_.coap) {
       coap_ = std::make_unique<coap::CoapServer>();
@@ -490,9 +490,10 @@ class Daemon::Impl {
         patient = p->get<std::string>();
       }
       MEDGATE_ASSIGN_OR_RETURN(std::vector<IpNetwork> allow, networks_arg(args));
-      Result<DeviceChange> r =
-          registry_->add(id, *kind, patient, args.value("hl7_application", std::string()),
-                         args.value("hl7_facility", std::string()), c.actor(), std::move(allow));
+      MEDGATE_ASSIGN_OR_RETURN(CertBinding cert, cert_arg(args));
+      Result<DeviceChange> r = registry_->add(
+          id, *kind, patient, args.value("hl7_application", std::string()),
+          args.value("hl7_facility", std::string()), c.actor(), std::move(allow), std::move(cert));
       return device_change(c, "device.add", r);
     });
     change("device.allow", [this](const Caller& c, const json& args) -> Result<json> {
@@ -500,6 +501,11 @@ class Daemon::Impl {
       MEDGATE_ASSIGN_OR_RETURN(std::vector<IpNetwork> allow, networks_arg(args));
       return device_change(c, "device.allow",
                            registry_->set_allow(id, std::move(allow), c.actor()));
+    });
+    change("device.cert", [this](const Caller& c, const json& args) -> Result<json> {
+      MEDGATE_ASSIGN_OR_RETURN(std::string id, text_arg(args, "id"));
+      MEDGATE_ASSIGN_OR_RETURN(CertBinding cert, cert_arg(args));
+      return device_change(c, "device.cert", registry_->set_cert(id, std::move(cert), c.actor()));
     });
     change("device.bind", [this](const Caller& c, const json& args) -> Result<json> {
       MEDGATE_ASSIGN_OR_RETURN(std::string id, text_arg(args, "id"));
@@ -618,7 +624,12 @@ class Daemon::Impl {
                     {"oversize_frames", m.oversize_frames},
                     {"incomplete_frames", m.incomplete_frames},
                     {"unknown_source", m.unknown_source},
-                    {"acks_sent", m.acks_sent}};
+                    {"acks_sent", m.acks_sent},
+                    {"tls", mllp_->tls()},
+                    {"tls_client_certificates", mllp_->verifies_clients()},
+                    {"tls_handshakes", m.tls_handshakes},
+                    {"tls_handshake_failures", m.tls_handshake_failures},
+                    {"tls_handshake_timeouts", m.tls_handshake_timeouts}};
     }
     if (coap_) {
       coap::CoapCounters k = coap_->counters();
@@ -646,6 +657,7 @@ class Daemon::Impl {
                 {"unprocessable", c.rejected_unprocessable},
                 {"revoked", c.rejected_revoked},
                 {"address", c.rejected_address},
+                {"certificate", c.rejected_certificate},
                 {"failed", c.failed}}},
               {"busy_retries", c.busy_retries},
               {"last_seen", c.last_seen_us ? json(ledger::format_time(c.last_seen_us)) : json()}};
@@ -675,6 +687,7 @@ class Daemon::Impl {
             {"hl7_application", d.hl7_application},
             {"hl7_facility", d.hl7_facility},
             {"allow", allow_json(d.allow)},
+            {"cert", d.cert.to_string()},
             {"created", ledger::format_time(d.created_us)},
             {"updated", ledger::format_time(d.updated_us)},
             {"last_entry", d.last_entry}};
@@ -700,6 +713,26 @@ class Daemon::Impl {
       if (std::find(out.begin(), out.end(), n) == out.end()) out.push_back(n);
     }
     return out;
+  }
+
+  // "cert_sha256" (64 hex digits, ':' allowed) or "cert_cn"; neither: no certificate binding.
+  static Result<CertBinding> cert_arg(const json& args) {
+    auto sha = args.find("cert_sha256");
+    auto cn = args.find("cert_cn");
+    bool has_sha = sha != args.end() && !sha->is_null();
+    bool has_cn = cn != args.end() && !cn->is_null();
+    if (has_sha && has_cn)
+      return Status::InvalidArgument("give \"cert_sha256\" or \"cert_cn\", not both");
+    if (has_sha) {
+      if (!sha->is_string())
+        return Status::InvalidArgument("argument \"cert_sha256\" must be text");
+      return cert_fingerprint_binding(sha->get<std::string>());
+    }
+    if (has_cn) {
+      if (!cn->is_string()) return Status::InvalidArgument("argument \"cert_cn\" must be text");
+      return cert_cn_binding(cn->get<std::string>());
+    }
+    return CertBinding{};
   }
 
   static Result<std::string> text_arg(const json& args, const char* name) {

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "appliance/cert_binding.h"
 #include "appliance/ip_network.h"
 #include "appliance/observation.h"
 #include "hsm/bytes.h"
@@ -65,6 +66,7 @@ struct DeviceCredentials {
   std::string patient_id;  // the patient a CoAP device is bound to (PHI: never logged)
   Bytes psk;               // CoAP DTLS pre-shared key (unwrapped; kept in memory only)
   std::vector<IpNetwork> allow;  // HL7: the networks it may send from; empty: any
+  CertBinding cert;              // HL7: the TLS client certificate it must send with; none: any
 };
 
 class DeviceDirectory {

@@ -6,6 +6,7 @@
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
 
+#include <fstream>
 #include <iostream>
 
 #include <fmt/format.h>
@@ -15,6 +16,7 @@
 #include "appliance/admin_protocol.h"
 #include "appliance/config.h"
 #include "appliance/daemon.h"
+#include "appliance/hl7/tls.h"
 #include "appliance/init.h"
 #include "appliance/log.h"
 #include "appliance/restore.h"
@@ -134,6 +136,49 @@ int run_restore(const RestoreOptions& options, bool json) {
   return 0;
 }
 
+bool write_text(const std::string& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << text;
+  out.close();
+  return static_cast<bool>(out);
+}
+
+int run_tls_key(const std::string& config_path, const hl7::TlsKeyRequest& request,
+                const std::string& csr_out, const std::string& cert_out) {
+  if (csr_out.empty() && cert_out.empty()) {
+    std::cerr << "medgated tls-key: give --csr-out FILE (to have the hospital CA sign it) and/or "
+                 "--cert-out FILE (self-signed)\n";
+    return 2;
+  }
+  Result<Config> config = load_config(config_path);
+  if (!config.ok()) {
+    std::cerr << "medgated tls-key: " << config.status().message() << "\n";
+    return 2;
+  }
+  Result<hl7::TlsKeyIssue> issue = hl7::issue_tls_key(config->key_store, request);
+  if (!issue.ok()) {
+    std::cerr << "medgated tls-key: " << issue.status().message() << "\n";
+    return admin::exit_code(issue.status().code());
+  }
+  for (const auto& [path, text] :
+       {std::pair{csr_out, issue->csr_pem}, {cert_out, issue->cert_pem}}) {
+    if (path.empty()) continue;
+    if (!write_text(path, text)) {
+      std::cerr << "medgated tls-key: cannot write " << path << "\n";
+      return 2;
+    }
+  }
+  std::cout << (issue->created ? "Created" : "Kept") << " the TLS key in the key store\n"
+            << "  key         " << issue->location << "\n"
+            << "  public key  sha256 " << issue->key_sha256 << "\n";
+  if (!csr_out.empty())
+    std::cout << "  CSR         " << csr_out << "  (have the hospital CA sign it)\n";
+  if (!cert_out.empty()) std::cout << "  certificate " << cert_out << "  (self-signed)\n";
+  std::cout << "Then set [hl7] tls = true and tls_cert = the certificate chain, and restart "
+               "medgated.\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -180,6 +225,23 @@ int main(int argc, char** argv) {
       "print the unit's IP allow-list drop-in (IPAddressDeny=any, IPAddressAllow=) from the "
       "config's [network] allow");
   ip_allow_cmd->add_option("--config", allow_config, "configuration file (TOML)");
+
+  hl7::TlsKeyRequest tls_key;
+  std::string tls_config = "/etc/medgate/medgated.toml";
+  std::string tls_csr_out, tls_cert_out;
+  CLI::App* tls_key_cmd = app.add_subcommand(
+      "tls-key",
+      "create the MLLP listener's TLS key in the key store (kept if it exists) and write a CSR "
+      "and/or a self-signed certificate for it");
+  tls_key_cmd->add_option("--config", tls_config, "configuration file (TOML)");
+  tls_key_cmd->add_option("--cn", tls_key.common_name, "the certificate's subject CN")->required();
+  tls_key_cmd->add_option("--san", tls_key.alt_names,
+                          "subjectAltName: DNS:name, IP:address, or a bare name or address "
+                          "(repeatable; default: the CN)");
+  tls_key_cmd->add_option("--days", tls_key.days, "self-signed certificate validity")
+      ->capture_default_str();
+  tls_key_cmd->add_option("--csr-out", tls_csr_out, "write the CSR (PEM) here, for the CA");
+  tls_key_cmd->add_option("--cert-out", tls_cert_out, "write a self-signed certificate here");
 
   RestoreOptions restore;
   bool restore_json = false;
@@ -241,6 +303,7 @@ int main(int argc, char** argv) {
     restore.actor = invoking_actor();
     return run_restore(restore, restore_json);
   }
+  if (*tls_key_cmd) return run_tls_key(tls_config, tls_key, tls_csr_out, tls_cert_out);
   if (*ip_allow_cmd) {
     Result<Config> config = load_config(allow_config);
     Result<std::string> dropin =

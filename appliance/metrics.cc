@@ -310,6 +310,14 @@ std::string render_metrics(const json& status, const json& devices) {
            at(status, {"ingest", "hl7", "unknown_source"}));
   e.metric("hl7_unparseable_frames_total", "counter", "HL7 frames answered AR.",
            at(status, {"ingest", "hl7", "unparseable_frames"}));
+  e.metric("hl7_tls_handshakes_total", "counter", "MLLP over TLS handshakes completed.",
+           at(status, {"ingest", "hl7", "tls_handshakes"}));
+  e.metric("hl7_tls_handshake_failures_total", "counter",
+           "MLLP over TLS handshakes refused (plain text, a bad or missing certificate).",
+           at(status, {"ingest", "hl7", "tls_handshake_failures"}));
+  e.metric("hl7_tls_handshake_timeouts_total", "counter",
+           "MLLP over TLS handshakes not finished in time.",
+           at(status, {"ingest", "hl7", "tls_handshake_timeouts"}));
   e.metric("coap_unknown_identity_total", "counter", "DTLS handshakes with an unknown identity.",
            at(status, {"ingest", "coap", "unknown_identity"}));
   // Per device: received, committed, and rejections by reason.

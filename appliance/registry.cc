@@ -14,19 +14,22 @@ constexpr std::string_view kSchema = R"sql(
     psk BLOB,                  -- CoAP: the PSK wrapped by the key store's KEK
     hl7_application TEXT NOT NULL, hl7_facility TEXT NOT NULL,
     created_us INTEGER NOT NULL, updated_us INTEGER NOT NULL, last_entry INTEGER NOT NULL,
-    allow TEXT NOT NULL DEFAULT '');  -- HL7: allowed networks, space-separated; '' is any
+    allow TEXT NOT NULL DEFAULT '',  -- HL7: allowed networks, space-separated; '' is any
+    cert TEXT NOT NULL DEFAULT '');  -- HL7: 'sha256:HEX' or 'cn:NAME' of its client cert; '' any
   -- A replicated ledger (appliance/cluster.h): the index of the last device event applied from
   -- the ledger's blocks, so a restart replays from there.
   CREATE TABLE IF NOT EXISTS replicated (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 )sql";
 
-// Registries written before HL7 sources had address allow-lists lack the column.
-Status add_allow_column(ledger::sql::Database& db) {
+// Registries written before HL7 sources had address allow-lists (`allow`) or client
+// certificates (`cert`) lack the column; it is added in place, empty (any) for every device.
+Status add_column(ledger::sql::Database& db, std::string_view column) {
   MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("SELECT count(*) FROM pragma_table_info('devices') "
-                                               "WHERE name = 'allow'"));
+                                               "WHERE name = ?"));
+  st.bind(1, column);
   MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
   if (step == ledger::sql::Statement::Step::kRow && st.column_int(0) > 0) return Status::Ok();
-  return db.exec("ALTER TABLE devices ADD COLUMN allow TEXT NOT NULL DEFAULT ''");
+  return db.exec(fmt::format("ALTER TABLE devices ADD COLUMN {} TEXT NOT NULL DEFAULT ''", column));
 }
 
 std::string allow_text(const std::vector<IpNetwork>& allow) {
@@ -76,7 +79,8 @@ Result<std::unique_ptr<DeviceRegistry>> DeviceRegistry::open(const std::filesyst
   MEDGATE_RETURN_IF_ERROR(db.exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL"));
   MEDGATE_RETURN_IF_ERROR(
       db.exec(kSchema).with_context(path.string() + " is not a device registry"));
-  MEDGATE_RETURN_IF_ERROR(add_allow_column(db).with_context(path.string()));
+  MEDGATE_RETURN_IF_ERROR(add_column(db, "allow").with_context(path.string()));
+  MEDGATE_RETURN_IF_ERROR(add_column(db, "cert").with_context(path.string()));
   std::unique_ptr<DeviceRegistry> r(new DeviceRegistry(std::move(db), keys, vault, ledger));
   MEDGATE_RETURN_IF_ERROR(r->load().with_context(path.string()));
   return r;
@@ -85,7 +89,7 @@ Result<std::unique_ptr<DeviceRegistry>> DeviceRegistry::open(const std::filesyst
 Status DeviceRegistry::load() {
   MEDGATE_ASSIGN_OR_RETURN(
       auto st, db_.prepare("SELECT id, kind, revoked, patient, psk, hl7_application, hl7_facility, "
-                           "created_us, updated_us, last_entry, allow FROM devices"));
+                           "created_us, updated_us, last_entry, allow, cert FROM devices"));
   for (;;) {
     MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
     if (step != ledger::sql::Statement::Step::kRow) break;
@@ -122,6 +126,11 @@ Status DeviceRegistry::load() {
             fmt::format("device {}'s allowed networks: {}", d.id, networks.status().message()));
       d.allow = std::move(*networks);
     }
+    Result<CertBinding> cert = parse_cert_binding(st.column_text(11));
+    if (!cert.ok())
+      return Status::Corruption(
+          fmt::format("device {}'s client certificate: {}", d.id, cert.status().message()));
+    d.cert = std::move(*cert);
     MEDGATE_RETURN_IF_ERROR(cache(d, std::move(psk)));
   }
   return Status::Ok();
@@ -142,6 +151,7 @@ Status DeviceRegistry::cache(const DeviceInfo& d, std::optional<std::string> psk
   }
   if (psk) c.psk = to_bytes(*psk);
   c.allow = d.allow;
+  c.cert = d.cert;
   devices_[d.id] = d;
   credentials_[d.id] = std::move(c);
   return Status::Ok();
@@ -178,6 +188,7 @@ Result<std::uint64_t> DeviceRegistry::record(const std::string& event, const Dev
     for (const IpNetwork& n : d.allow) networks.push_back(Value::text(n.to_string()));
     body.emplace_back(Value::text("allow"), Value::array(std::move(networks)));
   }
+  if (d.cert.bound()) body.emplace_back(Value::text("cert"), Value::text(d.cert.to_string()));
   MEDGATE_ASSIGN_OR_RETURN(e.body, Value::map(std::move(body)));
   if (d.patient)
     e.subjects.push_back({Bytes(d.patient->bytes.begin(), d.patient->bytes.end()), std::nullopt});
@@ -188,11 +199,12 @@ Status DeviceRegistry::store(const DeviceInfo& d, const std::optional<Bytes>& wr
   MEDGATE_ASSIGN_OR_RETURN(
       auto st,
       db_.prepare("INSERT INTO devices (id, kind, revoked, patient, psk, hl7_application, "
-                  "hl7_facility, created_us, updated_us, last_entry, allow) VALUES "
-                  "(?,?,?,?,?,?,?,?,?,?,?) "
+                  "hl7_facility, created_us, updated_us, last_entry, allow, cert) VALUES "
+                  "(?,?,?,?,?,?,?,?,?,?,?,?) "
                   "ON CONFLICT(id) DO UPDATE SET revoked = excluded.revoked, patient = "
                   "excluded.patient, psk = coalesce(excluded.psk, psk), updated_us = "
-                  "excluded.updated_us, last_entry = excluded.last_entry, allow = excluded.allow"));
+                  "excluded.updated_us, last_entry = excluded.last_entry, allow = excluded.allow, "
+                  "cert = excluded.cert"));
   st.bind(1, std::string_view(d.id)).bind(2, device_kind_name(d.kind)).bind(3, d.revoked ? 1 : 0);
   if (d.patient) st.bind(4, ByteView(d.patient->bytes));
   if (wrapped_psk) st.bind(5, ByteView(*wrapped_psk));
@@ -203,6 +215,8 @@ Status DeviceRegistry::store(const DeviceInfo& d, const std::optional<Bytes>& wr
       .bind(10, d.last_entry);
   const std::string allow = allow_text(d.allow);  // bound without a copy: must outlive run()
   st.bind(11, std::string_view(allow));
+  const std::string cert = d.cert.to_string();
+  st.bind(12, std::string_view(cert));
   return st.run().with_context(fmt::format("storing device {}", d.id));
 }
 
@@ -231,7 +245,7 @@ Result<DeviceChange> DeviceRegistry::add(const std::string& id, DeviceKind kind,
                                          const std::optional<std::string>& patient_id,
                                          const std::string& hl7_application,
                                          const std::string& hl7_facility, const std::string& actor,
-                                         std::vector<IpNetwork> allow) {
+                                         std::vector<IpNetwork> allow, CertBinding cert) {
   if (!valid_id(id))
     return Status::InvalidArgument(
         "a device id is 1-64 characters of letters, digits, '.', '_' and '-'");
@@ -250,11 +264,15 @@ Result<DeviceChange> DeviceRegistry::add(const std::string& id, DeviceKind kind,
         return Status::FailedPrecondition(fmt::format(
             "device {} is registered already for that sending application and facility", other_id));
     d.allow = std::move(allow);
+    d.cert = std::move(cert);
   } else if (!hl7_application.empty() || !hl7_facility.empty()) {
     return Status::InvalidArgument("a CoAP device has no HL7 application or facility");
   } else if (!allow.empty()) {
     return Status::InvalidArgument(
         "a CoAP device has no address allow-list: its DTLS key authenticates it");
+  } else if (cert.bound()) {
+    return Status::InvalidArgument(
+        "a CoAP device has no TLS client certificate: its DTLS key authenticates it");
   }
   if (patient_id) {
     MEDGATE_ASSIGN_OR_RETURN(Pseudonym p, vault_.pseudonym(*patient_id));
@@ -314,6 +332,21 @@ Result<DeviceChange> DeviceRegistry::set_allow(const std::string& id, std::vecto
   return apply("allow", std::move(d), actor, /*new_psk=*/false);
 }
 
+Result<DeviceChange> DeviceRegistry::set_cert(const std::string& id, CertBinding cert,
+                                              const std::string& actor) {
+  std::lock_guard lk(mu_);
+  auto it = devices_.find(id);
+  if (it == devices_.end()) return Status::NotFound(fmt::format("no device {}", id));
+  if (it->second.kind != DeviceKind::kHl7)
+    return Status::InvalidArgument(fmt::format(
+        "device {} is a CoAP device: its DTLS key authenticates it, not a certificate", id));
+  if (it->second.revoked)
+    return Status::FailedPrecondition(fmt::format("device {} is revoked", id));
+  DeviceInfo d = it->second;
+  d.cert = std::move(cert);
+  return apply("cert", std::move(d), actor, /*new_psk=*/false);
+}
+
 std::vector<DeviceInfo> DeviceRegistry::list() const {
   std::lock_guard lk(mu_);
   std::vector<DeviceInfo> out;
@@ -365,7 +398,7 @@ std::uint64_t DeviceRegistry::replicated_through() const {
 // nothing they did not already do). The event names no secret and the bound patient only by this
 // another box's pseudonym, so: a device added elsewhere is known here without a PSK (a
 // CoAP device added at another member cannot authenticate here until its PSK is rotated here) and
-// without a patient; revocations and allow-lists take effect here as there.
+// without a patient; revocations, allow-lists and certificate bindings take effect here as there.
 Status DeviceRegistry::apply_replicated(std::uint64_t index, const ledger::Entry& e) {
   if (e.type != ledger::EntryType::kDeviceEvent) return Status::Ok();
   const std::string* event = e.body.find("event") ? e.body.find("event")->as_text() : nullptr;
@@ -404,6 +437,10 @@ Status DeviceRegistry::apply_replicated(std::uint64_t index, const ledger::Entry
         if (n.as_text())
           if (Result<IpNetwork> net = parse_ip_network(*n.as_text()); net.ok())
             d.allow.push_back(*net);
+  }
+  if (*event == "add" || *event == "cert") {
+    Result<CertBinding> cert = parse_cert_binding(text("cert"));
+    d.cert = cert.ok() ? std::move(*cert) : CertBinding{};
   }
   d.updated_us = e.time_us;
   d.last_entry = index;

@@ -10,7 +10,8 @@
 // CoAP devices authenticate with DTLS-PSK: identity = device id, key = a random 32-character
 // base64url string (printable, so `coap-client -k` can take it), shown once and stored only
 // wrapped by the key store's KEK. HL7 sources are recognised by MSH-3 (sending application) and
-// MSH-4 (sending facility; empty matches any).
+// MSH-4 (sending facility; empty matches any), optionally restricted to an address allow-list and
+// to a TLS client certificate (cert_binding.h).
 //
 // The registry implements DeviceDirectory for the listeners from memory: PSKs are unwrapped and
 // bound patients' identifiers decrypted once, at open and on change, so a DTLS handshake never
@@ -51,6 +52,9 @@ struct DeviceInfo {
   // HL7 sources: the networks it may send from (empty: any address). Checked on each message
   // against the connection's peer address.
   std::vector<IpNetwork> allow;
+  // HL7 sources: the TLS client certificate it must send with (none: any connection). Checked
+  // on each message against the connection's verified certificate.
+  CertBinding cert;
   std::uint64_t created_us = 0, updated_us = 0;
   std::uint64_t last_entry = 0;  // the ledger entry of the latest change
 };
@@ -74,7 +78,8 @@ class DeviceRegistry final : public DeviceDirectory {
   Result<DeviceChange> add(const std::string& id, DeviceKind kind,
                            const std::optional<std::string>& patient_id,
                            const std::string& hl7_application, const std::string& hl7_facility,
-                           const std::string& actor, std::vector<IpNetwork> allow = {});
+                           const std::string& actor, std::vector<IpNetwork> allow = {},
+                           CertBinding cert = {});
   Result<DeviceChange> bind(const std::string& id, const std::string& patient_id,
                             const std::string& actor);
   Result<DeviceChange> revoke(const std::string& id, const std::string& actor);
@@ -83,6 +88,10 @@ class DeviceRegistry final : public DeviceDirectory {
   // device (DTLS-PSK authenticates those).
   Result<DeviceChange> set_allow(const std::string& id, std::vector<IpNetwork> allow,
                                  const std::string& actor);
+
+  // Binds an HL7 source to a TLS client certificate, or unbinds it (CertBinding{}: any
+  // connection). kInvalidArgument for a CoAP device, kFailedPrecondition when revoked.
+  Result<DeviceChange> set_cert(const std::string& id, CertBinding cert, const std::string& actor);
 
   // A replicated ledger (appliance/cluster.h): applies a device event from the ledger's blocks,
   // in ledger order, so that a device added, revoked or given an allow-list at another member

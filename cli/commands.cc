@@ -222,7 +222,13 @@ int cmd_status(const GlobalOptions& g) {
           in["hl7"]["acks_sent"].get<std::uint64_t>(),
           in["hl7"]["unknown_source"].get<std::uint64_t>(),
           in["hl7"]["unparseable_frames"].get<std::uint64_t>());
-    else
+    if (in["hl7"].is_object() && in["hl7"].value("tls", false))
+      std::cout << fmt::format(
+          "           TLS{}: {} handshakes, {} failed, {} timed out\n",
+          in["hl7"].value("tls_client_certificates", false) ? ", client certificates required" : "",
+          in["hl7"].value("tls_handshakes", 0ULL), in["hl7"].value("tls_handshake_failures", 0ULL),
+          in["hl7"].value("tls_handshake_timeouts", 0ULL));
+    if (!in["hl7"].is_object())
       std::cout << "  hl7      off (no [hl7] section in the config)\n";
     if (in["coap"].is_object())
       std::cout << fmt::format(
@@ -605,6 +611,14 @@ void print_device(const json& d) {
     std::cout << fmt::format("allowed    {}\n",
                              networks.empty() ? "from any address" : "from " + networks);
   }
+  if (d["kind"] == "hl7" && d.contains("cert")) {
+    const std::string cert = d["cert"].get<std::string>();
+    std::cout << fmt::format(
+        "client     {}\n",
+        cert.empty()              ? std::string("any connection (no client certificate bound)")
+        : cert.starts_with("cn:") ? "certificate with subject CN '" + cert.substr(3) + "'"
+                                  : "certificate sha256 " + cert.substr(7));
+  }
   std::cout << fmt::format("patient    {}\n", d["patient"].is_string()
                                                   ? "pseudonym " + d["patient"].get<std::string>()
                                                   : std::string("(not bound)"));
@@ -657,8 +671,15 @@ int hand_out_psk(const GlobalOptions& g, const json& r, const std::optional<std:
 int cmd_device_add(const GlobalOptions& g, const std::string& id, const std::string& kind,
                    const std::optional<std::string>& patient, const std::string& hl7_app,
                    const std::string& hl7_facility, const std::optional<std::string>& psk_out,
-                   const std::vector<std::string>& allow) {
+                   const std::vector<std::string>& allow,
+                   const std::optional<std::string>& cert_fingerprint,
+                   const std::optional<std::string>& cert_cn) {
   const char* what = "medctl device add";
+  if (cert_fingerprint && cert_cn)
+    return fail(g,
+                Status::InvalidArgument(
+                    "give --cert-fingerprint or --cert-cn, not both (one certificate binding)"),
+                what);
   json args = {{"id", id}, {"kind", kind}};
   if (patient) {
     std::string p = read_patient(*patient);
@@ -669,6 +690,8 @@ int cmd_device_add(const GlobalOptions& g, const std::string& id, const std::str
   if (!hl7_app.empty()) args["hl7_application"] = hl7_app;
   if (!hl7_facility.empty()) args["hl7_facility"] = hl7_facility;
   if (!allow.empty()) args["allow"] = split_networks(allow);
+  if (cert_fingerprint) args["cert_sha256"] = *cert_fingerprint;
+  if (cert_cn) args["cert_cn"] = *cert_cn;
   if (psk_out && std::filesystem::exists(*psk_out))
     return fail(g, Status::InvalidArgument(*psk_out + " exists; refusing to overwrite it"), what);
   Result<json> r = call(g, "device.add", args);
@@ -728,6 +751,31 @@ int cmd_device_allow(const GlobalOptions& g, const std::string& id,
     return 0;
   }
   std::cout << "allow-list recorded (ledger entry " << (*r)["entry"].get<std::uint64_t>() << ")\n";
+  print_device(*r);
+  return 0;
+}
+
+int cmd_device_cert(const GlobalOptions& g, const std::string& id,
+                    const std::optional<std::string>& fingerprint,
+                    const std::optional<std::string>& cn, bool none) {
+  const char* what = "medctl device cert";
+  if (int given = (fingerprint ? 1 : 0) + (cn ? 1 : 0) + (none ? 1 : 0); given != 1)
+    return fail(g,
+                Status::InvalidArgument(
+                    "give one of --fingerprint HEX (SHA-256 of the client certificate), --cn NAME "
+                    "(its subject CN) or --none (any connection)"),
+                what);
+  json args = {{"id", id}};
+  if (fingerprint) args["cert_sha256"] = *fingerprint;
+  if (cn) args["cert_cn"] = *cn;
+  Result<json> r = call(g, "device.cert", args);
+  if (!r.ok()) return fail(g, r.status(), what);
+  if (g.json) {
+    std::cout << r->dump(2) << "\n";
+    return 0;
+  }
+  std::cout << "certificate binding recorded (ledger entry " << (*r)["entry"].get<std::uint64_t>()
+            << ")\n";
   print_device(*r);
   return 0;
 }

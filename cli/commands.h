@@ -76,7 +76,9 @@ int cmd_keys_rotate(const GlobalOptions& g);
 int cmd_device_add(const GlobalOptions& g, const std::string& id, const std::string& kind,
                    const std::optional<std::string>& patient, const std::string& hl7_app,
                    const std::string& hl7_facility, const std::optional<std::string>& psk_out,
-                   const std::vector<std::string>& allow);
+                   const std::vector<std::string>& allow,
+                   const std::optional<std::string>& cert_fingerprint = std::nullopt,
+                   const std::optional<std::string>& cert_cn = std::nullopt);
 int cmd_device_list(const GlobalOptions& g);
 // WHO: a pseudonym (64 hex digits), an identifier, or - to read the identifier from stdin.
 int cmd_patient_show(const GlobalOptions& g, const std::string& who);
@@ -85,6 +87,11 @@ int cmd_device_show(const GlobalOptions& g, const std::string& id);
 // An HL7 source's address allow-list: the networks it may send from; empty: any address.
 int cmd_device_allow(const GlobalOptions& g, const std::string& id,
                      const std::vector<std::string>& networks, bool any);
+// An HL7 source's TLS client certificate: its SHA-256 fingerprint or subject CN; `none`: any
+// connection (exactly one of the three).
+int cmd_device_cert(const GlobalOptions& g, const std::string& id,
+                    const std::optional<std::string>& fingerprint,
+                    const std::optional<std::string>& cn, bool none);
 int cmd_device_change(const GlobalOptions& g, const std::string& op, const std::string& id,
                       const std::optional<std::string>& patient,
                       const std::optional<std::string>& psk_out);

@@ -131,6 +131,8 @@ int main(int argc, char** argv) {
   std::optional<std::string> device_patient, device_psk_out;
   std::vector<std::string> device_allow;
   bool device_allow_any = false;
+  std::optional<std::string> device_cert_fingerprint, device_cert_cn;
+  bool device_cert_none = false;
   auto* device = app.add_subcommand("device", "the device registry (CoAP devices, HL7 sources)");
   device->require_subcommand(1);
   auto* device_add = device->add_subcommand("add", "register a device; CoAP devices get a PSK");
@@ -146,9 +148,16 @@ int main(int argc, char** argv) {
   device_add->add_option("--allow", device_allow,
                          "HL7: the networks it may send from (10.20.0.0/16, 10.1.2.3, fd00::/64; "
                          "default: any address)");
+  device_add->add_option("--cert-fingerprint", device_cert_fingerprint,
+                         "HL7 over TLS: accept it only with the client certificate of this "
+                         "SHA-256 fingerprint (64 hex digits, ':' allowed)");
+  device_add->add_option(
+      "--cert-cn", device_cert_cn,
+      "HL7 over TLS: accept it only with a client certificate of this subject CN");
   device_add->callback([&] {
     rc = cmd_device_add(g, device_id, device_kind, device_patient, device_hl7_app,
-                        device_hl7_facility, device_psk_out, device_allow);
+                        device_hl7_facility, device_psk_out, device_allow, device_cert_fingerprint,
+                        device_cert_cn);
   });
   device->add_subcommand("list", "registered devices")->callback([&] { rc = cmd_device_list(g); });
   auto* device_show = device->add_subcommand("show", "one device");
@@ -176,6 +185,16 @@ int main(int argc, char** argv) {
   device_allow_cmd->add_flag("--any", device_allow_any, "allow every address again");
   device_allow_cmd->callback(
       [&] { rc = cmd_device_allow(g, device_id, device_allow, device_allow_any); });
+  auto* device_cert_cmd =
+      device->add_subcommand("cert", "the TLS client certificate an HL7 source must send with");
+  device_cert_cmd->add_option("ID", device_id)->required();
+  device_cert_cmd->add_option("--fingerprint", device_cert_fingerprint,
+                              "SHA-256 of the certificate (64 hex digits, ':' allowed)");
+  device_cert_cmd->add_option("--cn", device_cert_cn, "the certificate's subject CN");
+  device_cert_cmd->add_flag("--none", device_cert_none, "any connection again");
+  device_cert_cmd->callback([&] {
+    rc = cmd_device_cert(g, device_id, device_cert_fingerprint, device_cert_cn, device_cert_none);
+  });
 
   add_consent_commands(app, g, rc);
   add_audit_commands(app, g, rc);

@@ -1,9 +1,13 @@
 #include "hsm/key_store_factory.h"
 
+#include <openssl/evp.h>
+
 #include <string_view>
 
 #include "hsm/pkcs11/pkcs11_key_store.h"
 #include "hsm/pkcs11/softhsm_token.h"
+#include "hsm/pkcs11/tls_engine.h"
+#include "hsm/tls_key.h"
 #include "hsm/tpm2/tpm2_key_store.h"
 
 namespace medgate::hsm {
@@ -46,6 +50,43 @@ Result<KeyStoreConfig> create_softhsm_token(const std::filesystem::path& dir,
                                             const std::string& label,
                                             const std::filesystem::path& pin_file) {
   return pkcs11::provision_softhsm_token(dir, label, pin_file);
+}
+
+// ---- the MLLP listener's TLS key (hsm/tls_key.h) ----
+
+namespace {
+
+// Only PKCS#11 tokens hold the TLS key so far.
+Status check_tls_key_store(const KeyStoreConfig& config) {
+  const std::string scheme = scheme_of(config.uri);
+  if (scheme == "pkcs11") return Status::Ok();
+  if (scheme == "tpm2")
+    return Status::FailedPrecondition(
+        "a TLS key inside the TPM is not supported yet (a tpm2 key store); set [hl7] "
+        "tls_key_file to a PEM key file (the documented fallback) or use a PKCS#11 key store");
+  return Status::InvalidArgument("unknown key store URI scheme '" + scheme +
+                                 "' (expected pkcs11: or tpm2:)");
+}
+
+}  // namespace
+
+void EvpPkeyFree::operator()(EVP_PKEY* key) const {
+  EVP_PKEY_free(key);
+}
+
+Result<TlsKeyInfo> prepare_tls_key(const KeyStoreConfig& config, bool create) {
+  MEDGATE_RETURN_IF_ERROR(check_tls_key_store(config));
+  MEDGATE_ASSIGN_OR_RETURN(pkcs11::TokenTlsKey key,
+                           pkcs11::find_or_create_tls_key(config, kTlsKeyLabel, create));
+  return TlsKeyInfo{key.public_key, key.created, key.key_uri};
+}
+
+Result<TlsPrivateKey> open_tls_private_key(const KeyStoreConfig& config) {
+  MEDGATE_RETURN_IF_ERROR(check_tls_key_store(config));
+  MEDGATE_ASSIGN_OR_RETURN(pkcs11::TokenTlsKey key,
+                           pkcs11::find_or_create_tls_key(config, kTlsKeyLabel, /*create=*/false));
+  MEDGATE_ASSIGN_OR_RETURN(EVP_PKEY * pkey, pkcs11::load_engine_key(key));
+  return TlsPrivateKey(pkey);
 }
 
 }  // namespace medgate::hsm

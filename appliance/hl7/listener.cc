@@ -3,6 +3,8 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -122,6 +124,10 @@ struct Pending {
   bool send_accept_ack = true;
 };
 
+struct SslFree {
+  void operator()(SSL* ssl) const { SSL_free(ssl); }
+};
+
 struct Connection {
   Connection(std::uint64_t connection_id, Fd socket, const sockaddr_storage& peer_address,
              std::string peer_name, std::size_t max_frame)
@@ -146,6 +152,15 @@ struct Connection {
   bool peer_eof = false;           // the peer shut down its side; answer what it sent, then close
   bool dead = false;               // to be closed once the current handler returns
   std::uint32_t events = EPOLLIN;  // the epoll interest as registered
+  // TLS (declared after fd: freed before the socket closes). Without TLS, ssl is null.
+  std::unique_ptr<SSL, SslFree> ssl;
+  bool handshaking = false;
+  Clock::time_point handshake_deadline{};
+  std::uint32_t handshake_wants = EPOLLIN;  // what SSL_do_handshake waits for
+  bool read_wants_write = false;            // SSL_read needs the socket writable (a key update)
+  bool write_wants_read = false;            // SSL_write needs the socket readable
+  bool tls_failed = false;                  // a fatal TLS error: no close_notify may be sent
+  PeerCertificate peer_cert;                // the verified client certificate, once established
 };
 
 constexpr std::uint64_t kListenKey = 0;
@@ -169,13 +184,25 @@ std::string peer_name(const sockaddr_storage& ss) {
   return fmt::format("{}:{}", host, port);
 }
 
+// A certificate's CN for a log line: its CA vouched for it, but a log line ends at a newline.
+std::string printable(std::string_view text) {
+  std::string out;
+  for (char ch : text)
+    out.push_back(static_cast<unsigned char>(ch) < 0x20 || static_cast<unsigned char>(ch) >= 0x7f
+                      ? '?'
+                      : ch);
+  return out;
+}
+
 }  // namespace
 
 class MllpListener::Loop {
  public:
   Loop(MllpListenerConfig config, const DeviceDirectory& directory, IngestSink& sink, Fd listen,
-       Fd epoll, std::shared_ptr<CompletionQueue> completions, std::uint16_t port)
+       Fd epoll, std::shared_ptr<CompletionQueue> completions, std::uint16_t port,
+       std::shared_ptr<const TlsServerContext> tls)
       : config_(std::move(config)),
+        tls_(std::move(tls)),
         directory_(directory),
         sink_(sink),
         listen_(std::move(listen)),
@@ -186,6 +213,8 @@ class MllpListener::Loop {
         read_buffer_(kReadChunk) {}
 
   std::uint16_t port() const { return port_; }
+  bool tls() const { return tls_ != nullptr; }
+  bool verifies_clients() const { return tls_ && tls_->verifies_clients(); }
 
   void start_thread() {
     thread_ = std::thread([this] {
@@ -211,6 +240,10 @@ class MllpListener::Loop {
   void accept_all();
   void on_event(Connection& conn, std::uint32_t events);
   void read_some(Connection& conn);
+  void handshake(Connection& conn);
+  void take_bytes(Connection& conn, std::size_t n);
+  void peer_closed(Connection& conn);
+  void read_failed(Connection& conn, const std::string& why);
   void advance(Connection& conn);
   void handle_frame(Connection& conn, Result<Bytes> frame);
   void submit(Connection& conn);
@@ -237,6 +270,7 @@ class MllpListener::Loop {
   }
 
   const MllpListenerConfig config_;
+  const std::shared_ptr<const TlsServerContext> tls_;
   const DeviceDirectory& directory_;
   IngestSink& sink_;
   Fd listen_;
@@ -262,7 +296,11 @@ class MllpListener::Loop {
 };
 
 void MllpListener::Loop::run() {
-  log(LogLevel::kNotice, "mllp.listen", "listening for HL7/MLLP on port {}", port_);
+  log(LogLevel::kNotice, "mllp.listen", "listening for HL7/MLLP{} on port {}",
+      tls_ ? fmt::format(" over TLS (key: {}; client certificates {})", tls_->key_location(),
+                         tls_->verifies_clients() ? "required" : "not asked for")
+           : std::string(),
+      port_);
   std::vector<epoll_event> events(64);
   while (true) {
     if (stop_requested_ && !draining_) begin_drain();
@@ -361,6 +399,18 @@ void MllpListener::Loop::accept_all() {
           errno_text(errno));
       continue;
     }
+    if (tls_) {
+      conn->ssl.reset(tls_->new_session(fd));
+      if (!conn->ssl) {
+        log(LogLevel::kError, "mllp.tls", "cannot make a TLS session for {}: {}", conn->peer,
+            tls_errors());
+        ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
+        continue;
+      }
+      conn->handshaking = true;
+      conn->handshake_deadline = Clock::now() + config_.tls->handshake_timeout;
+      note_deadline(conn->handshake_deadline);
+    }
     note_deadline(conn->last_io + config_.read_timeout);
     log(LogLevel::kInfo, "mllp.connect", "connection from {}", conn->peer);
     connections_.emplace(id, std::move(conn));
@@ -372,7 +422,22 @@ void MllpListener::Loop::accept_all() {
 }
 
 void MllpListener::Loop::on_event(Connection& conn, std::uint32_t events) {
-  if ((events & EPOLLOUT) != 0) flush(conn);
+  if (conn.handshaking) {
+    handshake(conn);
+    // The first frames may have come right behind the client's Finished.
+    if (!conn.handshaking && !conn.dead) read_some(conn);
+    advance(conn);
+    return;
+  }
+  if ((events & EPOLLOUT) != 0 && conn.read_wants_write && !conn.dead) {
+    conn.read_wants_write = false;
+    read_some(conn);
+  }
+  if ((events & EPOLLIN) != 0 && conn.write_wants_read && !conn.dead) {
+    conn.write_wants_read = false;
+    flush(conn);
+  }
+  if ((events & EPOLLOUT) != 0 && !conn.dead) flush(conn);
   if ((events & EPOLLIN) != 0 && !conn.dead) read_some(conn);
   if ((events & (EPOLLERR | EPOLLHUP)) != 0 && (events & EPOLLIN) == 0) {
     // Reset, or gone both ways: nothing more can be read or answered.
@@ -386,31 +451,69 @@ void MllpListener::Loop::on_event(Connection& conn, std::uint32_t events) {
 }
 
 void MllpListener::Loop::read_some(Connection& conn) {
+  if (conn.ssl) {
+    // One SSL_read returns at most one record (16 KiB, less than the buffer); what OpenSSL has
+    // decrypted beyond it is taken now, since epoll only reports bytes still in the socket.
+    do {
+      ERR_clear_error();
+      int n = SSL_read(conn.ssl.get(), read_buffer_.data(), static_cast<int>(read_buffer_.size()));
+      if (n > 0) {
+        take_bytes(conn, static_cast<std::size_t>(n));
+        continue;
+      }
+      switch (SSL_get_error(conn.ssl.get(), n)) {
+        case SSL_ERROR_WANT_READ:
+          return;
+        case SSL_ERROR_WANT_WRITE:
+          conn.read_wants_write = true;
+          return;
+        case SSL_ERROR_ZERO_RETURN:  // close_notify, or EOF (SSL_OP_IGNORE_UNEXPECTED_EOF)
+          peer_closed(conn);
+          return;
+        default:
+          conn.tls_failed = true;
+          read_failed(conn, "TLS: " + tls_errors());
+          return;
+      }
+    } while (SSL_pending(conn.ssl.get()) > 0);
+    return;
+  }
   ssize_t n = ::read(conn.fd.get(), read_buffer_.data(), read_buffer_.size());
   if (n < 0) {
     if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
-    if (conn.deframer.pending()) {
-      with_counters([](MllpListenerCounters& c) { ++c.incomplete_frames; });
-    }
-    log(LogLevel::kInfo, "mllp.reset", "connection from {}: {}", conn.peer, errno_text(errno));
-    conn.dead = true;
+    read_failed(conn, errno_text(errno));
     return;
   }
-  conn.last_io = Clock::now();
   if (n == 0) {
-    conn.peer_eof = true;
-    if (Status lost = conn.deframer.finish(); !lost.ok()) {
-      with_counters([](MllpListenerCounters& c) { ++c.incomplete_frames; });
-      log(LogLevel::kNotice, "mllp.incomplete", "{} closed mid-frame: {}", conn.peer,
-          lost.message());
-    }
+    peer_closed(conn);
     return;
   }
+  take_bytes(conn, static_cast<std::size_t>(n));
+}
+
+void MllpListener::Loop::read_failed(Connection& conn, const std::string& why) {
+  if (conn.deframer.pending()) {
+    with_counters([](MllpListenerCounters& c) { ++c.incomplete_frames; });
+  }
+  log(LogLevel::kInfo, "mllp.reset", "connection from {}: {}", conn.peer, why);
+  conn.dead = true;
+}
+
+void MllpListener::Loop::peer_closed(Connection& conn) {
+  conn.last_io = Clock::now();
+  conn.peer_eof = true;
+  if (Status lost = conn.deframer.finish(); !lost.ok()) {
+    with_counters([](MllpListenerCounters& c) { ++c.incomplete_frames; });
+    log(LogLevel::kNotice, "mllp.incomplete", "{} closed mid-frame: {}", conn.peer, lost.message());
+  }
+}
+
+void MllpListener::Loop::take_bytes(Connection& conn, std::size_t n) {
+  conn.last_io = Clock::now();
   const MllpDeframer& d = conn.deframer;
   std::uint64_t junk = d.junk_bytes(), oversize = d.oversize_frames(),
                 abandoned = d.abandoned_frames();
-  for (Result<Bytes>& frame :
-       conn.deframer.feed(ByteView(read_buffer_.data(), static_cast<std::size_t>(n)))) {
+  for (Result<Bytes>& frame : conn.deframer.feed(ByteView(read_buffer_.data(), n))) {
     conn.frames.push_back(std::move(frame));
   }
   if (d.junk_bytes() != junk || d.oversize_frames() != oversize ||
@@ -421,6 +524,43 @@ void MllpListener::Loop::read_some(Connection& conn) {
       c.abandoned_frames += d.abandoned_frames() - abandoned;
     });
   }
+}
+
+// Runs the server side of the handshake as far as the socket allows. Failures are the peer's:
+// a plain-text client, a certificate that does not verify or is missing, no shared protocol.
+void MllpListener::Loop::handshake(Connection& conn) {
+  ERR_clear_error();
+  int rc = SSL_do_handshake(conn.ssl.get());
+  if (rc == 1) {
+    conn.handshaking = false;
+    conn.last_io = Clock::now();
+    conn.peer_cert = peer_certificate(conn.ssl.get());
+    with_counters([](MllpListenerCounters& c) { ++c.tls_handshakes; });
+    log(LogLevel::kInfo, "mllp.tls", "{}: {} {}{}", conn.peer, SSL_get_version(conn.ssl.get()),
+        SSL_get_cipher_name(conn.ssl.get()),
+        conn.peer_cert.sha256_hex.empty()
+            ? std::string(", no client certificate")
+            : fmt::format(", client certificate CN '{}' sha256 {}",
+                          printable(conn.peer_cert.subject_cn), conn.peer_cert.sha256_hex));
+    return;
+  }
+  switch (SSL_get_error(conn.ssl.get(), rc)) {
+    case SSL_ERROR_WANT_READ:
+      conn.handshake_wants = EPOLLIN;
+      return;
+    case SSL_ERROR_WANT_WRITE:
+      conn.handshake_wants = EPOLLOUT;
+      return;
+    default:
+      break;
+  }
+  conn.tls_failed = true;
+  conn.dead = true;
+  with_counters([](MllpListenerCounters& c) { ++c.tls_handshake_failures; });
+  std::string why = tls_errors();
+  if (why == "no detail from OpenSSL") why = "the peer closed the connection";
+  log(LogLevel::kNotice, "mllp.tls_handshake_failed", "{}: TLS handshake failed: {}", conn.peer,
+      why);
 }
 
 // Begins the connection's queued frames one at a time, as long as none is in flight, then
@@ -509,6 +649,26 @@ void MllpListener::Loop::handle_frame(Connection& conn, Result<Bytes> frame) {
     log(LogLevel::kWarning, "mllp.address_refused",
         "{} from {} (control id {}): AE: the address is not in the source's allow-list", conn.peer,
         source->device_id, info.control_id);
+    if (wants_ack(info, Disposition::kError)) {
+      send_ack(conn,
+               build_ack(info, ack_code_for(info, Disposition::kError), control_id, now, &error));
+    }
+    return;
+  }
+  if (!source->cert.matches(conn.peer_cert.sha256_hex, conn.peer_cert.subject_cn)) {
+    // Also the answer an unknown source gets: nothing about the binding is revealed.
+    with_source(source->device_id, [](MllpSourceCounters& s) { ++s.rejected_certificate; });
+    Hl7Error error{ErrorCode::kUnknownKey,
+                   {"MSH", 1, 3},
+                   "the sending application/facility (MSH-3/MSH-4) is not registered for this "
+                   "client certificate"};
+    const char* why = !conn.ssl ? "the connection is not TLS"
+                      : conn.peer_cert.sha256_hex.empty()
+                          ? "the connection has no client certificate"
+                          : "the client certificate is another one";
+    log(LogLevel::kWarning, "mllp.certificate_refused",
+        "{} from {} (control id {}): AE: the source is bound to a client certificate and {}",
+        conn.peer, source->device_id, info.control_id, why);
     if (wants_ack(info, Disposition::kError)) {
       send_ack(conn,
                build_ack(info, ack_code_for(info, Disposition::kError), control_id, now, &error));
@@ -626,7 +786,30 @@ void MllpListener::Loop::send_ack(Connection& conn, std::string_view ack) {
 }
 
 void MllpListener::Loop::flush(Connection& conn) {
-  while (conn.out_sent < conn.out.size()) {
+  while (conn.ssl && conn.out_sent < conn.out.size()) {
+    ERR_clear_error();
+    int n = SSL_write(conn.ssl.get(), conn.out.data() + conn.out_sent,
+                      static_cast<int>(std::min<std::size_t>(conn.out.size() - conn.out_sent,
+                                                             std::numeric_limits<int>::max())));
+    if (n > 0) {
+      conn.out_sent += static_cast<std::size_t>(n);
+      conn.last_io = Clock::now();
+      continue;
+    }
+    switch (SSL_get_error(conn.ssl.get(), n)) {
+      case SSL_ERROR_WANT_WRITE:
+        return;  // EPOLLOUT resumes
+      case SSL_ERROR_WANT_READ:
+        conn.write_wants_read = true;
+        return;
+      default:
+        conn.tls_failed = true;
+        log(LogLevel::kInfo, "mllp.reset", "cannot send to {}: TLS: {}", conn.peer, tls_errors());
+        conn.dead = true;
+        return;
+    }
+  }
+  while (!conn.ssl && conn.out_sent < conn.out.size()) {
     ssize_t n = ::send(conn.fd.get(), conn.out.data() + conn.out_sent,
                        conn.out.size() - conn.out_sent, MSG_NOSIGNAL);
     if (n > 0) {
@@ -646,11 +829,13 @@ void MllpListener::Loop::flush(Connection& conn) {
 
 void MllpListener::Loop::update_interest(Connection& conn) {
   std::uint32_t want = 0;
-  if (!conn.out.empty()) want |= EPOLLOUT;
+  if (conn.handshaking) want = conn.handshake_wants;
+  if (!conn.out.empty() || conn.read_wants_write) want |= EPOLLOUT;
+  if (conn.write_wants_read) want |= EPOLLIN;
   // Read only between messages, with the previous ACK written: one message in flight per
   // connection, and a sender that does not read its ACKs is not read either.
-  if (conn.stage == Stage::kReading && conn.frames.empty() && conn.out.empty() && !conn.peer_eof &&
-      !draining_) {
+  if (!conn.handshaking && conn.stage == Stage::kReading && conn.frames.empty() &&
+      conn.out.empty() && !conn.peer_eof && !draining_) {
     want |= EPOLLIN;
   }
   if (want == conn.events) return;
@@ -683,7 +868,18 @@ void MllpListener::Loop::sweep(Clock::time_point now) {
   for (auto& [id, conn] : connections_) ids.push_back(id);
   for (std::uint64_t id : ids) {
     Connection& conn = *connections_.at(id);
-    if (conn.stage == Stage::kBusy) {
+    if (conn.handshaking) {
+      if (now >= conn.handshake_deadline) {
+        with_counters([](MllpListenerCounters& c) { ++c.tls_handshake_timeouts; });
+        log(LogLevel::kNotice, "mllp.tls_handshake_timeout",
+            "{}: no TLS handshake within {} ms; closing", conn.peer,
+            config_.tls->handshake_timeout.count());
+        conn.tls_failed = true;  // nothing to say goodbye to
+        conn.dead = true;
+      } else {
+        note_deadline(conn.handshake_deadline);
+      }
+    } else if (conn.stage == Stage::kBusy) {
       if (now >= conn.retry_at) {
         submit(conn);
         advance(conn);
@@ -728,6 +924,11 @@ void MllpListener::Loop::reap(std::uint64_t id) {
   Connection& conn = *it->second;
   ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, conn.fd.get(), nullptr);
   log(LogLevel::kDebug, "mllp.close", "closing the connection from {}", conn.peer);
+  if (conn.ssl && !conn.handshaking && !conn.tls_failed) {
+    ERR_clear_error();
+    SSL_shutdown(conn.ssl.get());  // close_notify, best effort: the socket is non-blocking
+    ERR_clear_error();
+  }
   // A message in flight stays with the sink; its completion finds no connection and is counted.
   connections_.erase(it);
   with_counters([&](MllpListenerCounters& c) { c.connections_open = connections_.size(); });
@@ -741,6 +942,12 @@ MllpListener::~MllpListener() {
 Status MllpListener::start(MllpListenerConfig config, const DeviceDirectory& directory,
                            IngestSink& sink) {
   if (loop_) return Status::FailedPrecondition("the MLLP listener was already started");
+  std::shared_ptr<const TlsServerContext> tls;
+  if (config.tls) {
+    if (config.tls->handshake_timeout.count() <= 0)
+      return Status::InvalidArgument("MLLP listener: the TLS handshake timeout must be positive");
+    MEDGATE_ASSIGN_OR_RETURN(tls, TlsServerContext::create(*config.tls));
+  }
   if (config.max_connections == 0 || config.max_frame_bytes == 0 ||
       config.read_timeout.count() <= 0 || config.busy_retry.count() <= 0 ||
       config.stop_grace.count() < 0) {
@@ -805,13 +1012,21 @@ Status MllpListener::start(MllpListenerConfig config, const DeviceDirectory& dir
   }
   auto completions = std::make_shared<CompletionQueue>(std::move(wake));
   loop_ = std::make_unique<Loop>(std::move(config), directory, sink, std::move(listen),
-                                 std::move(epoll), std::move(completions), port);
+                                 std::move(epoll), std::move(completions), port, std::move(tls));
   loop_->start_thread();
   return Status::Ok();
 }
 
 std::uint16_t MllpListener::port() const {
   return loop_ ? loop_->port() : 0;
+}
+
+bool MllpListener::tls() const {
+  return loop_ && loop_->tls();
+}
+
+bool MllpListener::verifies_clients() const {
+  return loop_ && loop_->verifies_clients();
 }
 
 void MllpListener::stop() {

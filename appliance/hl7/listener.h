@@ -18,6 +18,13 @@
 //    counted.
 //  - ADT messages are acknowledged AA without being submitted: the patient index they update is
 //    not wired yet (the daemon will add a hook for it).
+//  - With `tls` (hl7/tls.h), every connection begins with a TLS handshake on the same epoll
+//    thread, never blocking it: a plain-text client, a failed verification or a peer that does
+//    not finish within tls->handshake_timeout is closed and counted, and nothing it sent is read
+//    as HL7. A source bound to a client certificate (DeviceCredentials::cert) is answered AE
+//    (CE) with ERR 204 on a connection whose verified certificate does not match, as for an
+//    address outside its allow-list. Each handshake signs once with the key store's TLS key on
+//    this thread: fine for SoftHSM or a network HSM; a slow smart card would slow every handshake.
 //
 // Logs carry sources (MSH-3/MSH-4, device ids), control ids and counts, never message content.
 //
@@ -31,9 +38,11 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "appliance/hl7/mllp.h"
+#include "appliance/hl7/tls.h"
 #include "appliance/ingest.h"
 #include "hsm/status.h"
 
@@ -52,6 +61,8 @@ struct MllpListenerConfig {
   std::chrono::milliseconds busy_retry{20};
   // How long stop() waits for messages in flight to complete and their ACKs to be written.
   std::chrono::milliseconds stop_grace{30'000};
+  // MLLP over TLS; absent: plain TCP.
+  std::optional<MllpTlsConfig> tls;
 };
 
 // Per registered source (keyed by device id). No content, so it can be shown and logged.
@@ -64,6 +75,7 @@ struct MllpSourceCounters {
   std::uint64_t rejected_unprocessable = 0;  // AE/CE from the message itself (type, PID-3, OBX)
   std::uint64_t rejected_revoked = 0;        // AE/CE 204: the source is revoked
   std::uint64_t rejected_address = 0;        // AE/CE 204: sent from outside its allow-list
+  std::uint64_t rejected_certificate = 0;    // AE/CE 204: not its bound client certificate
   std::uint64_t failed = 0;                  // AE/CE 207: the sink could not make it durable
   std::uint64_t busy_retries = 0;            // submits answered kBusy
   std::uint64_t last_seen_us = 0;            // µs since the epoch of the last frame
@@ -82,6 +94,9 @@ struct MllpListenerCounters {
   std::uint64_t unknown_source = 0;      // AE 204: MSH-3/MSH-4 not registered
   std::uint64_t acks_sent = 0;
   std::uint64_t acks_unsent = 0;  // the peer was gone when its ACK was ready
+  std::uint64_t tls_handshakes = 0;          // completed
+  std::uint64_t tls_handshake_failures = 0;  // refused: plain text, bad or missing certificate
+  std::uint64_t tls_handshake_timeouts = 0;  // not finished within tls->handshake_timeout
   std::map<std::string, MllpSourceCounters> sources;
 };
 
@@ -93,12 +108,16 @@ class MllpListener {
   MllpListener& operator=(const MllpListener&) = delete;
 
   // Binds, listens and starts the epoll thread. kInvalidArgument for a bad address or config,
-  // kUnavailable when the port cannot be bound, kFailedPrecondition if already started.
+  // kUnavailable when the port cannot be bound, kFailedPrecondition if already started; with
+  // `tls`, the errors of TlsServerContext::create().
   // `directory` and `sink` must outlive stop().
   Status start(MllpListenerConfig config, const DeviceDirectory& directory, IngestSink& sink);
 
   // The bound port (the chosen one when the config said 0); 0 before start().
   std::uint16_t port() const;
+  // Whether connections are TLS, and whether clients must present certificates.
+  bool tls() const;
+  bool verifies_clients() const;
 
   // Stops accepting and reading, waits up to stop_grace for the messages in flight to complete
   // and their ACKs to be written, then closes every connection. Frames received but not begun

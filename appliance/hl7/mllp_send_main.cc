@@ -2,7 +2,8 @@
 // text). For admins diagnosing a sender or the listener, and for tests.
 //
 // Exit codes: 0 every message got AA/CA; 1 any AE/AR/CE/CR; 2 bad arguments or unreadable files;
-// 3 the listener could not be reached, or the connection was lost before every ACK.
+// 3 the listener could not be reached, the TLS handshake failed, or the connection was lost
+// before every ACK.
 #include <cstdio>
 #include <fstream>
 #include <iterator>
@@ -54,8 +55,18 @@ int main(int argc, char** argv) {
   app.add_flag("--junk", options.junk, "send garbage between frames");
   app.add_flag("--pipeline", pipeline, "send every message, then read the ACKs");
   app.add_option("--timeout-ms", timeout_ms, "wait this long for each ACK")->capture_default_str();
+  app.add_flag("--tls", options.tls, "MLLP over TLS");
+  app.add_option("--ca", options.ca_file,
+                 "with --tls: CA certificates the listener's must verify against");
+  app.add_option("--cert", options.cert_file, "with --tls: client certificate chain (PEM)");
+  app.add_option("--key", options.key_file, "with --tls: the client certificate's key (PEM)");
   app.add_option("FILE", files, "HL7 files (a blank line separates messages)")->required();
   CLI11_PARSE(app, argc, argv);
+  if (!options.tls &&
+      (!options.ca_file.empty() || !options.cert_file.empty() || !options.key_file.empty())) {
+    fmt::print(stderr, "--ca, --cert and --key are for --tls\n");
+    return 2;
+  }
   options.ack_timeout = std::chrono::milliseconds(timeout_ms);
   options.pause = std::chrono::milliseconds(pause_ms);
 
@@ -77,7 +88,7 @@ int main(int argc, char** argv) {
   MllpSender sender(options);
   if (Status s = sender.connect(); !s.ok()) {
     fmt::print(stderr, "{}\n", s.message());
-    return 3;
+    return s.code() == medgate::StatusCode::kInvalidArgument ? 2 : 3;
   }
   int result = 0;
   auto lost = [](const Status& s) {

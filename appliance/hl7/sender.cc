@@ -1,6 +1,10 @@
 #include "appliance/hl7/sender.h"
 
+#include <arpa/inet.h>
 #include <netdb.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -12,6 +16,7 @@
 #include <fmt/format.h>
 
 #include "appliance/hl7/message.h"
+#include "appliance/hl7/tls.h"
 
 namespace medgate::appliance::hl7 {
 namespace {
@@ -64,7 +69,73 @@ std::vector<std::string> split_messages(std::string_view file_text) {
 }
 
 MllpSender::~MllpSender() {
+  if (ssl_ != nullptr) {
+    SSL_shutdown(ssl_);  // close_notify; the listener does not wait for it
+    SSL_free(ssl_);
+  }
+  SSL_CTX_free(tls_ctx_);
   if (fd_ >= 0) ::close(fd_);
+}
+
+Status MllpSender::start_tls() {
+  if (options_.ca_file.empty())
+    return Status::InvalidArgument(
+        "--tls needs --ca FILE, the CA that issued the listener's "
+        "certificate (or the listener's self-signed certificate)");
+  if (options_.cert_file.empty() != options_.key_file.empty())
+    return Status::InvalidArgument("a client certificate needs both --cert FILE and --key FILE");
+  ERR_clear_error();
+  tls_ctx_ = SSL_CTX_new(TLS_client_method());
+  if (tls_ctx_ == nullptr) return Status::Internal("SSL_CTX_new: " + tls_errors());
+  SSL_CTX_set_min_proto_version(tls_ctx_, TLS1_2_VERSION);
+  if (SSL_CTX_load_verify_locations(tls_ctx_, options_.ca_file.c_str(), nullptr) != 1)
+    return Status::InvalidArgument(
+        fmt::format("--ca {}: not readable PEM certificates: {}", options_.ca_file, tls_errors()));
+  SSL_CTX_set_verify(tls_ctx_, SSL_VERIFY_PEER, nullptr);
+  if (!options_.cert_file.empty()) {
+    if (SSL_CTX_use_certificate_chain_file(tls_ctx_, options_.cert_file.c_str()) != 1)
+      return Status::InvalidArgument(fmt::format("--cert {}: not a readable PEM certificate: {}",
+                                                 options_.cert_file, tls_errors()));
+    if (SSL_CTX_use_PrivateKey_file(tls_ctx_, options_.key_file.c_str(), SSL_FILETYPE_PEM) != 1)
+      return Status::InvalidArgument(fmt::format("--key {}: not a readable PEM private key: {}",
+                                                 options_.key_file, tls_errors()));
+    if (SSL_CTX_check_private_key(tls_ctx_) != 1)
+      return Status::InvalidArgument(fmt::format("--key {} is not the key of --cert {}",
+                                                 options_.key_file, options_.cert_file));
+  }
+  ssl_ = SSL_new(tls_ctx_);
+  if (ssl_ == nullptr || SSL_set_fd(ssl_, fd_) != 1)
+    return Status::Internal("SSL_new: " + tls_errors());
+  // The certificate must name the host connected to: its IP address, or its DNS name (also sent
+  // as SNI).
+  unsigned char addr[16];
+  X509_VERIFY_PARAM* param = SSL_get0_param(ssl_);
+  if (::inet_pton(AF_INET, options_.host.c_str(), addr) == 1 ||
+      ::inet_pton(AF_INET6, options_.host.c_str(), addr) == 1) {
+    X509_VERIFY_PARAM_set1_ip_asc(param, options_.host.c_str());
+  } else {
+    X509_VERIFY_PARAM_set1_host(param, options_.host.c_str(), 0);
+    // SSL_set_tlsext_host_name, without its C cast.
+    SSL_ctrl(ssl_, SSL_CTRL_SET_TLSEXT_HOSTNAME, TLSEXT_NAMETYPE_host_name,
+             const_cast<char*>(options_.host.c_str()));
+  }
+  // The handshake is blocking; a listener that never answers must not hang the tool.
+  timeval tv{};
+  tv.tv_sec = static_cast<time_t>(options_.ack_timeout.count() / 1000);
+  tv.tv_usec = static_cast<suseconds_t>((options_.ack_timeout.count() % 1000) * 1000);
+  ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  if (SSL_connect(ssl_) != 1) {
+    long verify = SSL_get_verify_result(ssl_);
+    std::string why = verify != X509_V_OK
+                          ? std::string("the listener's certificate does not verify: ") +
+                                X509_verify_cert_error_string(verify)
+                          : tls_errors();
+    return Status::Unavailable(
+        fmt::format("TLS handshake with {} port {} failed: {}", options_.host, options_.port, why));
+  }
+  timeval none{};
+  ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
+  return Status::Ok();
 }
 
 Status MllpSender::connect() {
@@ -96,6 +167,7 @@ Status MllpSender::connect() {
     return Status::Unavailable(
         fmt::format("cannot connect to {} port {}: {}", options_.host, options_.port, last_error));
   }
+  if (options_.tls) return start_tls();
   return Status::Ok();
 }
 
@@ -104,15 +176,28 @@ Status MllpSender::write_all(ByteView bytes) {
   std::size_t off = 0;
   while (off < bytes.size()) {
     std::size_t n = std::min(step, bytes.size() - off);
-    std::size_t done = 0;
-    while (done < n) {
-      ssize_t w = ::send(fd_, bytes.data() + off + done, n - done, MSG_NOSIGNAL);
-      if (w < 0 && errno == EINTR) continue;
-      if (w < 0) return Status::Unavailable(fmt::format("send: {}", std::strerror(errno)));
-      done += static_cast<std::size_t>(w);
-    }
+    MEDGATE_RETURN_IF_ERROR(write_some(bytes.data() + off, n));
     off += n;
     if (options_.chunk != 0 && off < bytes.size()) std::this_thread::sleep_for(options_.pause);
+  }
+  return Status::Ok();
+}
+
+// Writes all n bytes: with TLS, one record.
+Status MllpSender::write_some(const std::byte* data, std::size_t n) {
+  std::size_t done = 0;
+  while (done < n) {
+    if (ssl_ != nullptr) {
+      ERR_clear_error();
+      int w = SSL_write(ssl_, data + done, static_cast<int>(n - done));
+      if (w <= 0) return Status::Unavailable("TLS write: " + tls_errors());
+      done += static_cast<std::size_t>(w);
+      continue;
+    }
+    ssize_t w = ::send(fd_, data + done, n - done, MSG_NOSIGNAL);
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0) return Status::Unavailable(fmt::format("send: {}", std::strerror(errno)));
+    done += static_cast<std::size_t>(w);
   }
   return Status::Ok();
 }
@@ -141,11 +226,27 @@ Result<std::string> MllpSender::receive() {
     if (left.count() <= 0) {
       return Status::Unavailable(fmt::format("no ACK within {} ms", options_.ack_timeout.count()));
     }
-    pollfd p{fd_, POLLIN, 0};
-    int ready = ::poll(&p, 1, static_cast<int>(left.count()));
-    if (ready < 0 && errno == EINTR) continue;
-    if (ready < 0) return Status::Unavailable(fmt::format("poll: {}", std::strerror(errno)));
-    if (ready == 0) continue;
+    if (ssl_ == nullptr || SSL_pending(ssl_) == 0) {
+      pollfd p{fd_, POLLIN, 0};
+      int ready = ::poll(&p, 1, static_cast<int>(left.count()));
+      if (ready < 0 && errno == EINTR) continue;
+      if (ready < 0) return Status::Unavailable(fmt::format("poll: {}", std::strerror(errno)));
+      if (ready == 0) continue;
+    }
+    if (ssl_ != nullptr) {
+      ERR_clear_error();
+      int n = SSL_read(ssl_, buffer, sizeof buffer);
+      if (n <= 0) {
+        int error = SSL_get_error(ssl_, n);
+        if (error == SSL_ERROR_WANT_READ || error == SSL_ERROR_WANT_WRITE) continue;
+        if (error == SSL_ERROR_ZERO_RETURN)
+          return Status::Unavailable("the listener closed the connection before an ACK");
+        // E.g. the listener refused the client certificate (TLS 1.3 reports it only here).
+        return Status::Unavailable("TLS: the listener ended the connection: " + tls_errors());
+      }
+      ready_ = deframer_.feed(ByteView(buffer, static_cast<std::size_t>(n)));
+      continue;
+    }
     ssize_t n = ::read(fd_, buffer, sizeof buffer);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return Status::Unavailable(fmt::format("read: {}", std::strerror(errno)));

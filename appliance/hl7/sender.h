@@ -15,6 +15,9 @@
 #include "appliance/hl7/mllp.h"
 #include "hsm/status.h"
 
+typedef struct ssl_ctx_st SSL_CTX;
+typedef struct ssl_st SSL;
+
 namespace medgate::appliance::hl7 {
 
 struct MllpSendOptions {
@@ -25,6 +28,12 @@ struct MllpSendOptions {
   bool split_trailer = false;          // 0x1C and 0x0D in separate writes
   bool junk = false;                   // garbage (no 0x0B) before each frame
   std::chrono::milliseconds ack_timeout{30'000};
+  // MLLP over TLS: the listener's certificate must verify against `ca_file` and name `host` (a
+  // DNS name, or an IP address in its subjectAltName). cert_file/key_file: a client certificate.
+  bool tls = false;
+  std::string ca_file;
+  std::string cert_file;
+  std::string key_file;
 };
 
 // An ACK as the tool reports it.
@@ -49,7 +58,9 @@ class MllpSender {
   MllpSender(const MllpSender&) = delete;
   MllpSender& operator=(const MllpSender&) = delete;
 
-  // kUnavailable when the host cannot be resolved or reached.
+  // kUnavailable when the host cannot be resolved or reached, or the TLS handshake fails (the
+  // message says why: e.g. the certificate does not verify); kInvalidArgument for unreadable
+  // TLS files.
   Status connect();
   // Frames `message` and writes it as the options say. kInvalidArgument if the message cannot
   // be framed (it contains 0x0B or 0x1C 0x0D), kUnavailable when the connection is lost.
@@ -59,9 +70,13 @@ class MllpSender {
 
  private:
   Status write_all(ByteView bytes);
+  Status start_tls();
+  Status write_some(const std::byte* data, std::size_t n);
 
   MllpSendOptions options_;
   int fd_ = -1;
+  SSL_CTX* tls_ctx_ = nullptr;
+  SSL* ssl_ = nullptr;
   MllpDeframer deframer_;
   std::vector<Result<Bytes>> ready_;  // frames read but not yet returned
   std::size_t next_ready_ = 0;

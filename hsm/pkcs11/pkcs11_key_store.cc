@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -1222,6 +1223,64 @@ std::string Pkcs11KeyStore::description() const {
 KeyStoreHealth Pkcs11KeyStore::health() const {
   std::lock_guard lock(mutex_);
   return health_;
+}
+
+}  // namespace medgate::hsm::pkcs11
+
+namespace medgate::hsm::pkcs11 {
+namespace {
+
+// RFC 7512 percent-encoding of an attribute value: everything but unreserved characters.
+std::string uri_escape(std::string_view value) {
+  std::string out;
+  for (char ch : value) {
+    auto c = static_cast<unsigned char>(ch);
+    if (std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~') {
+      out.push_back(ch);
+    } else {
+      constexpr char kHex[] = "0123456789ABCDEF";
+      out += {'%', kHex[c >> 4], kHex[c & 0xf]};
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+Result<TokenTlsKey> find_or_create_tls_key(const KeyStoreConfig& config, const std::string& label,
+                                           bool create) {
+  MEDGATE_ASSIGN_OR_RETURN(Pkcs11KeyStore::Request request, parse_request(config));
+  MEDGATE_ASSIGN_OR_RETURN(std::shared_ptr<Pkcs11Module> module,
+                           Pkcs11Module::acquire(request.module_path, config.softhsm_conf));
+  MEDGATE_ASSIGN_OR_RETURN(TokenChoice token,
+                           find_token(*module, request.uri.get(), request.token_spec));
+  MEDGATE_ASSIGN_OR_RETURN(Session session, Session::open(*module, token.slot));
+  MEDGATE_RETURN_IF_ERROR(login(*module, session.handle(), token.label, request.pin));
+  CK_RV failed = CKR_OK;
+  const Token t{*module, session.handle(), token.label, &failed};
+  // One pair with a fixed CKA_ID: a TLS key is replaced by a person (with its certificate), not
+  // rotated by medgate, so there is no sequence to keep.
+  const Bytes ckid = to_bytes(label);
+  MEDGATE_ASSIGN_OR_RETURN(std::vector<SigningKey> keys, find_signing_keys(t, label));
+  if (keys.size() > 1)
+    return Status::InvalidArgument("token " + token.label + " holds " +
+                                   std::to_string(keys.size()) + " key pairs labelled " + label +
+                                   "; remove all but one");
+  const bool created = keys.empty();
+  std::optional<PublicKey> public_key;
+  if (created) {
+    if (!create)
+      return Status::NotFound("no TLS key object=" + label + " on token " + token.label +
+                              "; create it with `medgated tls-key`");
+    MEDGATE_ASSIGN_OR_RETURN(KeyPair pair, generate_key_pair(t, label, ckid));
+    MEDGATE_ASSIGN_OR_RETURN(public_key, read_public_key(t, pair.public_key, "object=" + label));
+  } else {
+    public_key = keys.front().public_key;
+  }
+  std::string key_uri =
+      "pkcs11:token=" + uri_escape(token.label) + ";object=" + uri_escape(label) + ";type=private";
+  return TokenTlsKey{*public_key,        created,     request.module_path,
+                     std::move(key_uri), request.pin, std::move(module)};
 }
 
 }  // namespace medgate::hsm::pkcs11

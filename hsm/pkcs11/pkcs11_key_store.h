@@ -126,3 +126,25 @@ class Pkcs11KeyStore final : public KeyStore {
 };
 
 }  // namespace medgate::hsm::pkcs11
+
+namespace medgate::hsm::pkcs11 {
+
+// The TLS server key (hsm/tls_key.h) on the token the key store's URI names: a P-256 pair
+// labelled `label` with the signing keys' template (private half sensitive, non-extractable,
+// sign-only). `module` keeps the module initialised for as long as the caller holds it.
+struct TokenTlsKey {
+  PublicKey public_key;
+  bool created = false;
+  std::string module_path;
+  // "pkcs11:token=...;object=...;type=private" for libp11's engine: no PIN, no module.
+  std::string key_uri;
+  PinSource pin;
+  std::shared_ptr<Pkcs11Module> module;
+};
+
+// Finds the pair labelled `label`, or generates it when it is absent and `create` is set.
+// kNotFound when it is absent and `create` is not set; other errors as Pkcs11KeyStore::open().
+Result<TokenTlsKey> find_or_create_tls_key(const KeyStoreConfig& config, const std::string& label,
+                                           bool create);
+
+}  // namespace medgate::hsm::pkcs11

@@ -226,9 +226,9 @@ ClientRun run_client(const std::vector<std::string>& args, int wait_s = 10) {
 struct Harness {
   explicit Harness(std::size_t max_payload = kMaxPackBytes, std::chrono::milliseconds delay = 300ms)
       : sink(delay) {
-    directory.put({"pulse-ox-1", false, "PAT-1", to_bytes("right-key-1"), {}});
-    directory.put({"revoked-1", true, "PAT-2", to_bytes("revoked-key"), {}});
-    directory.put({"unbound-1", false, "", to_bytes("unbound-key"), {}});
+    directory.put({"pulse-ox-1", false, "PAT-1", to_bytes("right-key-1"), {}, {}});
+    directory.put({"revoked-1", true, "PAT-2", to_bytes("revoked-key"), {}, {}});
+    directory.put({"unbound-1", false, "", to_bytes("unbound-key"), {}, {}});
     CoapServerConfig config;
     config.address = "127.0.0.1";
     config.port = free_udp_port();

@@ -247,6 +247,80 @@ max_payload = 4096
   }
 }
 
+TEST_CASE("[hl7] tls: the key in the key store, a key file only as an explicit fallback",
+          "[config]") {
+  auto c = parse_config(std::string(kGood) + R"(
+[hl7]
+tls = true
+tls_cert = "mllp-cert.pem"
+tls_client_ca = "/etc/medgate/ca.pem"
+tls_handshake_timeout_s = 3
+)",
+                        "/etc/medgate/medgated.toml");
+  INFO(c.status().to_string());
+  REQUIRE(c.ok());
+  REQUIRE(c->hl7);
+  REQUIRE(c->hl7->tls);
+  CHECK(c->hl7->tls->cert_file == "/etc/medgate/mllp-cert.pem");
+  CHECK_FALSE(c->hl7->tls->key_file);  // the key store's
+  CHECK(c->hl7->tls->key_store.uri == c->key_store.uri);
+  CHECK(c->hl7->tls->key_store.pin.name == "hsm-pin");  // the key store's PIN source
+  CHECK(c->hl7->tls->client_ca == std::filesystem::path("/etc/medgate/ca.pem"));
+  CHECK(c->hl7->tls->handshake_timeout == std::chrono::seconds(3));
+
+  auto plain = parse_config(std::string(kGood) + "\n[hl7]\ntls = false\n", "/etc/m.toml");
+  REQUIRE(plain.ok());
+  CHECK_FALSE(plain->hl7->tls);
+
+  auto file_key = parse_config(
+      std::string(kGood) + "\n[hl7]\ntls = true\ntls_cert = \"c.pem\"\ntls_key_file = \"k.pem\"\n",
+      "/etc/medgate/medgated.toml");
+  REQUIRE(file_key.ok());
+  CHECK(file_key->hl7->tls->key_file == std::filesystem::path("/etc/medgate/k.pem"));
+  CHECK(file_key->hl7->tls->handshake_timeout == std::chrono::seconds(10));
+
+  struct Bad {
+    const char* text;
+    const char* says;
+  };
+  for (const Bad& bad : {
+           Bad{"\n[hl7]\ntls = true\n", "needs tls_cert"},
+           Bad{"\n[hl7]\ntls_cert = \"c.pem\"\n", "tls_cert is set but tls is not"},
+           Bad{"\n[hl7]\ntls = false\ntls_client_ca = \"c.pem\"\n", "tls_client_ca is set but"},
+           Bad{"\n[hl7]\ntls = true\ntls_cert = \"c.pem\"\ntls_handshake_timeout_s = 0\n",
+               "between 1 and 300"},
+           Bad{"\n[hl7]\ntls = true\ntls_cert = \"c.pem\"\ntls_key_file = \"\"\n",
+               "tls_key_file is empty"},
+           Bad{"\n[hl7]\ntls = \"yes\"\n", "must be true or false"},
+       }) {
+    auto r = parse_config(std::string(kGood) + bad.text, "/etc/medgate/medgated.toml");
+    INFO(bad.text);
+    CHECK(r.status().code() == StatusCode::kInvalidArgument);
+    CHECK_THAT(r.status().message(), Catch::Contains("medgated.toml:"));
+    CHECK_THAT(r.status().message(), Catch::Contains(bad.says));
+  }
+
+  // A TPM cannot hold the TLS key yet: refused, naming the fallback, unless it is used.
+  std::string tpm = R"(
+[ledger]
+id = "ward-7"
+data_dir = "/var/lib/medgate"
+[key_store]
+uri = "tpm2"
+key_dir = "/var/lib/medgate/tpm"
+[hl7]
+tls = true
+tls_cert = "c.pem"
+)";
+  auto refused = parse_config(tpm, "/etc/medgate/medgated.toml");
+  CHECK(refused.status().code() == StatusCode::kInvalidArgument);
+  CHECK_THAT(refused.status().message(), Catch::Contains("not implemented"));
+  CHECK_THAT(refused.status().message(), Catch::Contains("tls_key_file"));
+  auto fallback = parse_config(tpm + "tls_key_file = \"k.pem\"\n", "/etc/medgate/medgated.toml");
+  INFO(fallback.status().to_string());
+  CHECK(fallback.ok());
+}
+
 TEST_CASE("[network] allow: addresses and prefixes for the unit's IP allow-list", "[config]") {
   auto c = parse_config(std::string(kGood) + R"(
 [network]

@@ -1,7 +1,8 @@
 // The MLLP listener over real loopback sockets: ACK only after `done`, AE for unknown and revoked
 // sources, AR that leaves the connection usable, framing split the ways networks split it, peers
 // that vanish mid-frame or go silent, kBusy backpressure, a sink that fails, 64 concurrent
-// senders, stop() with a message in flight, and the medgate-mllp-send binary against it.
+// senders, stop() with a message in flight, the medgate-mllp-send binary against it, and MLLP over
+// TLS (handshake failures and timeouts, certificate bindings).
 #include <catch2/catch.hpp>
 
 #include <arpa/inet.h>
@@ -31,6 +32,11 @@
 #include "appliance/hl7/message.h"
 #include "appliance/hl7/mllp.h"
 #include "appliance/hl7/sender.h"
+#include "appliance/hl7/tls.h"
+#include "tests/support/temp_dir.h"
+
+#include <openssl/evp.h>
+#include <openssl/pem.h>
 
 using namespace medgate;
 using namespace medgate::appliance;
@@ -70,7 +76,11 @@ class MapDirectory : public DeviceDirectory {
   void add(std::string app, std::string facility, std::string device_id, bool revoked = false) {
     std::lock_guard lock(mu_);
     sources_[{std::move(app), std::move(facility)}] =
-        DeviceCredentials{device_id, revoked, {}, {}, {}};
+        DeviceCredentials{device_id, revoked, {}, {}, {}, {}};
+  }
+  void bind(const std::string& app, const std::string& facility, CertBinding cert) {
+    std::lock_guard lock(mu_);
+    sources_.at({app, facility}).cert = std::move(cert);
   }
   void allow(const std::string& app, const std::string& facility, const std::string& networks) {
     Result<std::vector<IpNetwork>> parsed = parse_ip_networks(networks);
@@ -681,4 +691,185 @@ TEST_CASE("medgate-mllp-send against the listener: exit codes 0, 1 and 3", "[mll
   f.listener.stop();
   CHECK(run_sender({"--port", port, lab}) == 3);
   CHECK(f.sink.batches().size() == 7);  // the revoked source's message is not one
+}
+
+// ---- MLLP over TLS (the key from a file here; the key-store path is tests/integration/tls) ----
+
+namespace {
+
+// A self-signed P-256 server certificate for 127.0.0.1 and its key, written to `dir` (key 0600).
+MllpTlsConfig tls_files(const medgate::testing::TempDir& dir) {
+  EVP_PKEY* key = EVP_EC_gen("P-256");
+  REQUIRE(key != nullptr);
+  Result<TlsKeyIssue> issue = issue_for_key(key, TlsKeyRequest{"mllp.test", {"127.0.0.1"}, 1});
+  INFO(issue.status().to_string());
+  REQUIRE(issue.ok());
+  MllpTlsConfig tls;
+  tls.cert_file = dir / "cert.pem";
+  tls.key_file = dir / "key.pem";
+  std::ofstream(tls.cert_file) << issue->cert_pem;
+  FILE* out = std::fopen(tls.key_file->c_str(), "w");
+  REQUIRE(out != nullptr);
+  REQUIRE(PEM_write_PrivateKey(out, key, nullptr, nullptr, 0, nullptr, nullptr) == 1);
+  std::fclose(out);
+  std::filesystem::permissions(*tls.key_file, std::filesystem::perms::owner_read |
+                                                  std::filesystem::perms::owner_write);
+  EVP_PKEY_free(key);
+  return tls;
+}
+
+MllpSendOptions tls_sender(std::uint16_t port, const MllpTlsConfig& tls) {
+  MllpSendOptions o;
+  o.host = "127.0.0.1";
+  o.port = port;
+  o.tls = true;
+  o.ca_file = tls.cert_file.string();
+  o.ack_timeout = 5000ms;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("MLLP over TLS: AA, a plain-text client dropped, the connection goes on", "[mllp]") {
+  medgate::testing::TempDir dir;
+  MllpListenerConfig config;
+  config.tls = tls_files(dir);
+  Fixture f(config);
+  CHECK(f.listener.tls());
+  CHECK_FALSE(f.listener.verifies_clients());
+
+  MllpSender sender(tls_sender(f.listener.port(), *config.tls));
+  Status connected = sender.connect();
+  INFO(connected.to_string());
+  REQUIRE(connected.ok());
+  REQUIRE(sender.send(lab_message("TLS-1")).ok());
+  AckSummary s = summary_of(sender.receive().value());
+  CHECK(s.code == "AA");
+  CHECK(s.control_id == "TLS-1");
+  CHECK(f.sink.batches().size() == 1);
+
+  // HL7 in the clear on the TLS port: never read as HL7, closed, counted.
+  RawClient plain(f.listener.port());
+  plain.write(framed(lab_message("PLAIN-1")));
+  CHECK_FALSE(plain.ack(2000ms).has_value());
+  CHECK(plain.closed_by_listener(3000ms));
+  CHECK(eventually([&] { return f.listener.counters().tls_handshake_failures == 1; }));
+  CHECK(f.sink.batches().size() == 1);
+
+  // The TLS connection was not disturbed: a second message, split into one-byte records.
+  REQUIRE(sender.send(lab_message("TLS-2")).ok());
+  CHECK(summary_of(sender.receive().value()).code == "AA");
+  MllpSendOptions chunked = tls_sender(f.listener.port(), *config.tls);
+  chunked.chunk = 1;
+  chunked.pause = 0ms;
+  chunked.split_trailer = true;
+  MllpSender bytewise(chunked);
+  REQUIRE(bytewise.connect().ok());
+  REQUIRE(bytewise.send(lab_message("TLS-3")).ok());
+  CHECK(summary_of(bytewise.receive().value()).code == "AA");
+  CHECK(f.listener.counters().tls_handshakes == 2);
+}
+
+TEST_CASE("MLLP over TLS: stalled handshakes are closed at the timeout, others are served",
+          "[mllp]") {
+  medgate::testing::TempDir dir;
+  MllpListenerConfig config;
+  config.tls = tls_files(dir);
+  config.tls->handshake_timeout = 1500ms;
+  Fixture f(config);
+  RawClient silent(f.listener.port());
+  RawClient half(f.listener.port());
+  half.write(std::string_view("\x16\x03\x01\x02\x00\x01\x00\x01", 8));  // a ClientHello's start
+  // Meanwhile a sender completes its handshake and its message, while both stalled handshakes
+  // are still open: it did not wait behind them.
+  MllpSender sender(tls_sender(f.listener.port(), *config.tls));
+  REQUIRE(sender.connect().ok());
+  REQUIRE(sender.send(lab_message("TLS-4")).ok());
+  Result<std::string> ack = sender.receive();
+  REQUIRE(ack.ok());
+  CHECK(summary_of(*ack).code == "AA");
+  CHECK(f.listener.counters().tls_handshake_timeouts == 0);
+  CHECK(f.listener.counters().connections_open == 3);
+  CHECK(silent.closed_by_listener(5000ms));
+  CHECK(half.closed_by_listener(5000ms));
+  CHECK(eventually([&] { return f.listener.counters().tls_handshake_timeouts == 2; }));
+  CHECK(f.listener.counters().read_timeouts == 0);
+}
+
+TEST_CASE("MLLP over TLS: a source bound to a client certificate gets AE 204 without it",
+          "[mllp]") {
+  medgate::testing::TempDir dir;
+  MllpListenerConfig config;
+  config.tls = tls_files(dir);
+  Fixture f(config);
+  {
+    Result<CertBinding> cn = cert_cn_binding("lab-analyser");
+    REQUIRE(cn.ok());
+    f.directory.bind("LABSYS", "CENTRAL_LAB", *cn);
+  }
+  MllpSender sender(tls_sender(f.listener.port(), *config.tls));
+  REQUIRE(sender.connect().ok());
+  REQUIRE(sender.send(lab_message("CERT-1")).ok());
+  Result<std::string> ack = sender.receive();
+  REQUIRE(ack.ok());
+  AckSummary s = summary_of(*ack);
+  CHECK(s.code == "AE");
+  CHECK(s.control_id == "CERT-1");
+  CHECK(err_code(*ack) == "204");
+  CHECK_THAT(s.text, Catch::Contains("not registered for this client certificate"));
+  CHECK(f.sink.batches().empty());
+  CHECK(f.listener.counters().sources["lab-1"].rejected_certificate == 1);
+
+  // Plain TCP is no way around it.
+  MllpListenerConfig plain_config;
+  Fixture plain(plain_config);
+  plain.directory.bind("LABSYS", "CENTRAL_LAB", *cert_cn_binding("lab-analyser"));
+  RawClient client(plain.listener.port());
+  client.write(framed(lab_message("CERT-2")));
+  CHECK(summary_of(client.ack()).code == "AE");
+  CHECK(plain.listener.counters().sources["lab-1"].rejected_certificate == 1);
+}
+
+TEST_CASE("MLLP over TLS: bad files are named at start", "[mllp]") {
+  medgate::testing::TempDir dir;
+  MllpTlsConfig good = tls_files(dir);
+  MapDirectory directory;
+  RecordingSink sink;
+  auto start_with = [&](MllpTlsConfig tls) {
+    MllpListenerConfig config;
+    config.address = "127.0.0.1";
+    config.port = 0;
+    config.tls = std::move(tls);
+    MllpListener listener;
+    return listener.start(config, directory, sink);
+  };
+  MllpTlsConfig missing = good;
+  missing.cert_file = dir / "nope.pem";
+  Status s = start_with(missing);
+  CHECK(s.code() == StatusCode::kInvalidArgument);
+  CHECK_THAT(s.message(), Catch::Contains("tls_cert") && Catch::Contains("nope.pem: no such file"));
+
+  MllpTlsConfig not_pem = good;
+  std::ofstream(dir / "junk.pem") << "not a certificate\n";
+  not_pem.cert_file = dir / "junk.pem";
+  s = start_with(not_pem);
+  CHECK(s.code() == StatusCode::kInvalidArgument);
+  CHECK_THAT(s.message(), Catch::Contains("not a PEM certificate chain"));
+
+  MllpTlsConfig other_key = good;
+  medgate::testing::TempDir other;
+  other_key.key_file = tls_files(other).key_file;
+  s = start_with(other_key);
+  CHECK(s.code() == StatusCode::kInvalidArgument);
+  CHECK_THAT(s.message(), Catch::Contains("is not the certificate of the tls_key_file's key"));
+
+  std::filesystem::permissions(*good.key_file, std::filesystem::perms::group_read,
+                               std::filesystem::perm_options::add);
+  s = start_with(good);
+  CHECK(s.code() == StatusCode::kInvalidArgument);
+  CHECK_THAT(s.message(), Catch::Contains("may be read by others (mode 0640)"));
+
+  MllpTlsConfig zero = tls_files(other);
+  zero.handshake_timeout = 0ms;
+  CHECK(start_with(zero).code() == StatusCode::kInvalidArgument);
 }

@@ -27,6 +27,7 @@
 #include "hsm/key_store_factory.h"
 #include "hsm/pin.h"
 #include "hsm/public_key.h"
+#include "hsm/tls_key.h"
 #include "tests/support/softhsm.h"
 #include "tests/support/temp_dir.h"
 
@@ -947,6 +948,47 @@ TEST_CASE("PKCS#11 signing rate", "[.][pkcs11][timing]") {
   std::chrono::duration<double, std::milli> provision =
       std::chrono::steady_clock::now() - provision_start;
   WARN("provision a token and generate its key: " << provision.count() / 10 << " ms");
+}
+
+}  // namespace medgate
+
+namespace medgate {
+
+// The MLLP listener's TLS key (hsm/tls_key.h). Only prepare_tls_key() here: loading it through
+// libp11's engine keeps the module initialised for the life of the process (by design, see
+// tls_key.h), which would pin this test process to one SoftHSM directory;
+// tests/integration/tls_test.sh does the TLS handshakes with it.
+TEST_CASE("the TLS key: generated on the token once, kept after, refused for a TPM", "[pkcs11]") {
+  testing::TempDir dir;
+  testing::SoftHsmToken token(dir.path());
+  {
+    auto keys = token.open_with_key();  // the signing key must not be mistaken for it
+    CHECK(hsm::prepare_tls_key(token.config(), /*create=*/false).status().code() ==
+          StatusCode::kNotFound);
+    auto made = hsm::prepare_tls_key(token.config(), /*create=*/true);
+    INFO(made.status().to_string());
+    REQUIRE(made.ok());
+    CHECK(made->created);
+    CHECK(made->location == "pkcs11:token=test;object=medgate-tls;type=private");
+    CHECK_FALSE(made->public_key == keys->signing_key());
+    auto again = hsm::prepare_tls_key(token.config(), /*create=*/true);
+    REQUIRE(again.ok());
+    CHECK_FALSE(again->created);
+    CHECK(again->public_key == made->public_key);
+    // The key store still has its one signing key: the TLS key is not one of them.
+    CHECK(keys->signing_keys().size() == 1);
+  }
+  auto reopened = hsm::open_key_store(token.config());
+  REQUIRE(reopened.ok());
+  CHECK((*reopened)->signing_keys().size() == 1);
+
+  hsm::KeyStoreConfig tpm;
+  tpm.uri = "tpm2:swtpm:host=127.0.0.1,port=1";
+  for (const Status& s : {hsm::prepare_tls_key(tpm, true).status(),
+                          hsm::open_tls_private_key(tpm).status()}) {
+    CHECK(s.code() == StatusCode::kFailedPrecondition);
+    CHECK_THAT(s.message(), Catch::Contains("not supported yet") && Catch::Contains("tls_key_file"));
+  }
 }
 
 }  // namespace medgate

@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 
+#include "appliance/cert_binding.h"
 #include "appliance/ip_network.h"
 #include "appliance/registry.h"
 #include "appliance/vault.h"
@@ -191,4 +192,116 @@ TEST_CASE(
   CHECK((*r)->hl7_source("LIS", "X")->allow == std::vector<IpNetwork>{networks[1]});
   REQUIRE((*r)->set_allow("lab", {}, "user:a").ok());
   CHECK((*r)->hl7_source("LAB", "ANY")->allow.empty());
+}
+
+TEST_CASE(
+    "HL7 sources bound to a client certificate: recorded, kept across a reopen, an older "
+    "registry file gains the column",
+    "[registry]") {
+  TempDir dir;
+  {
+    // A registry as written before certificate bindings existed (with allow-lists).
+    auto db =
+        ledger::sql::Database::open(dir / "registry.db", ledger::sql::Database::Mode::kCreate);
+    REQUIRE(db.ok());
+    REQUIRE(db->exec("CREATE TABLE devices (id TEXT PRIMARY KEY, kind TEXT NOT NULL, revoked "
+                     "INTEGER NOT NULL, patient BLOB, psk BLOB, hl7_application TEXT NOT NULL, "
+                     "hl7_facility TEXT NOT NULL, created_us INTEGER NOT NULL, updated_us INTEGER "
+                     "NOT NULL, last_entry INTEGER NOT NULL, allow TEXT NOT NULL DEFAULT '');"
+                     "INSERT INTO devices VALUES ('old-lis', 'hl7', 0, NULL, NULL, 'LIS', '', 1, "
+                     "1, 3, '');")
+                .ok());
+  }
+  SoftHsmToken token(dir.path());
+  auto keys = token.open_with_key();
+  ledger::LedgerOptions o;
+  o.path = dir / "ledger.db";
+  o.head_interval = std::chrono::milliseconds(0);
+  auto ledger = ledger::Ledger::create(o, "ward-7", *keys, "user:root");
+  REQUIRE(ledger.ok());
+  auto vault = Vault::open(dir / "vault.db", *keys);
+  REQUIRE(vault.ok());
+  const std::string hex(64, 'a');
+  auto by_fingerprint = cert_fingerprint_binding(std::string(32, 'A') + ":" + std::string(32, 'a'));
+  REQUIRE(by_fingerprint.ok());
+  CHECK(by_fingerprint->value == hex);  // lower case, colons gone
+  auto by_cn = cert_cn_binding("central-icu");
+  REQUIRE(by_cn.ok());
+  {
+    auto r = DeviceRegistry::open(dir / "registry.db", *keys, **vault, **ledger);
+    INFO(r.status().to_string());
+    REQUIRE(r.ok());
+    CHECK_FALSE((*r)->hl7_source("LIS", "X")->cert.bound());  // the old row: any connection
+    auto added = (*r)->add("central", DeviceKind::kHl7, std::nullopt, "CENTRAL", "", "user:a", {},
+                           *by_fingerprint);
+    REQUIRE(added.ok());
+    auto entry = (*ledger)->entry(added->entry);
+    REQUIRE(entry.ok());
+    const ledger::cbor::Value* cert = entry->entry.body.find("cert");
+    REQUIRE(cert);
+    REQUIRE(cert->as_text());
+    CHECK(*cert->as_text() == "sha256:" + hex);
+    CHECK((*r)->add("pump", DeviceKind::kCoap, std::nullopt, "", "", "user:a", {}, *by_cn)
+              .status()
+              .code() == StatusCode::kInvalidArgument);
+    REQUIRE((*r)->add("pump", DeviceKind::kCoap, std::nullopt, "", "", "user:a").ok());
+    CHECK((*r)->set_cert("pump", *by_cn, "user:a").status().code() == StatusCode::kInvalidArgument);
+    CHECK((*r)->set_cert("nobody", *by_cn, "user:a").status().code() == StatusCode::kNotFound);
+    auto changed = (*r)->set_cert("old-lis", *by_cn, "user:a");
+    REQUIRE(changed.ok());
+    auto cert_entry = (*ledger)->entry(changed->entry);
+    REQUIRE(cert_entry.ok());
+    const ledger::cbor::Value* event = cert_entry->entry.body.find("event");
+    REQUIRE(event);
+    CHECK(*event->as_text() == "cert");
+  }
+  auto r = DeviceRegistry::open(dir / "registry.db", *keys, **vault, **ledger);
+  INFO(r.status().to_string());
+  REQUIRE(r.ok());
+  CHECK((*r)->hl7_source("CENTRAL", "ANY")->cert == *by_fingerprint);
+  CHECK((*r)->hl7_source("LIS", "X")->cert == *by_cn);
+  CHECK((*r)->hl7_source("LIS", "X")->cert.matches("", "central-icu"));
+  CHECK_FALSE((*r)->hl7_source("LIS", "X")->cert.matches(hex, "lab-1"));
+  REQUIRE((*r)->set_cert("old-lis", CertBinding{}, "user:a").ok());
+  CHECK_FALSE((*r)->hl7_source("LIS", "X")->cert.bound());
+  (*r).reset();
+  // A damaged binding in the file is named at open.
+  {
+    auto db =
+        ledger::sql::Database::open(dir / "registry.db", ledger::sql::Database::Mode::kReadWrite);
+    REQUIRE(db.ok());
+    REQUIRE(db->exec("UPDATE devices SET cert = 'md5:00' WHERE id = 'central'").ok());
+  }
+  auto damaged = DeviceRegistry::open(dir / "registry.db", *keys, **vault, **ledger);
+  CHECK(damaged.status().code() == StatusCode::kCorruption);
+  CHECK_THAT(damaged.status().message(), Catch::Contains("device central's client certificate"));
+}
+
+TEST_CASE("certificate bindings: parsing and matching", "[registry]") {
+  CHECK(cert_fingerprint_binding(std::string(63, 'a')).status().code() ==
+        StatusCode::kInvalidArgument);
+  CHECK(cert_fingerprint_binding(std::string(65, 'a')).status().code() ==
+        StatusCode::kInvalidArgument);
+  CHECK(cert_fingerprint_binding(std::string(63, 'a') + "g").status().code() ==
+        StatusCode::kInvalidArgument);
+  CHECK(cert_cn_binding("").status().code() == StatusCode::kInvalidArgument);
+  CHECK(cert_cn_binding(std::string(65, 'x')).status().code() == StatusCode::kInvalidArgument);
+  CHECK(cert_cn_binding("a\nb").status().code() == StatusCode::kInvalidArgument);
+  CHECK(parse_cert_binding("md5:00").status().code() == StatusCode::kInvalidArgument);
+  auto none = parse_cert_binding("");
+  REQUIRE(none.ok());
+  CHECK_FALSE(none->bound());
+  CHECK(none->matches("", ""));  // no binding: any connection, TLS or not
+  auto cn = parse_cert_binding("cn:lab-1");
+  REQUIRE(cn.ok());
+  CHECK(cn->to_string() == "cn:lab-1");
+  CHECK(cn->matches("", "lab-1"));
+  CHECK_FALSE(cn->matches("", ""));  // no certificate is no match
+  CHECK_FALSE(cn->matches("", "lab-10"));
+  const std::string hex(64, 'b');
+  auto fp = parse_cert_binding("sha256:" + hex);
+  REQUIRE(fp.ok());
+  CHECK(fp->matches(hex, "anything"));
+  CHECK_FALSE(fp->matches(std::string(64, 'c'), "anything"));
+  CHECK_FALSE(fp->matches("", ""));
 }
