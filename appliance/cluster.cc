@@ -9,6 +9,7 @@
 
 #include <fmt/format.h>
 
+#include "appliance/consent.h"
 #include "appliance/log.h"
 #include "appliance/registry.h"
 #include "ledger/membership.h"
@@ -149,21 +150,33 @@ Cluster::~Cluster() {
   stop();
 }
 
+namespace {
+
+bool consent_type(ledger::EntryType t) {
+  return t == ledger::EntryType::kRulesVersion || t == ledger::EntryType::kDirectoryImport ||
+         t == ledger::EntryType::kConsentGrant || t == ledger::EntryType::kConsentRevoke ||
+         t == ledger::EntryType::kPatientKey;
+}
+
+}  // namespace
+
 void Cluster::start_follower() {
-  if (!registry_ || follower_.joinable()) return;
+  if ((!registry_ && !consent_) || follower_.joinable()) return;
   // Hand over first, then replay what the registry has not seen (a restart, or events applied
   // while the follower was not running): an event both paths deliver is applied once.
   ledger_.set_apply_listener(
       [this](std::uint64_t first, const std::vector<ledger::Entry>& entries) {
         std::lock_guard lk(follow_mu_);
         for (std::size_t i = 0; i < entries.size(); ++i)
-          if (entries[i].type == ledger::EntryType::kDeviceEvent)
+          if ((registry_ && entries[i].type == ledger::EntryType::kDeviceEvent) ||
+              (consent_ && consent_type(entries[i].type)))
             follow_queue_.emplace_back(first + i, entries[i]);
         follow_cv_.notify_one();
       });
-  std::uint64_t from = registry_->replicated_through() + 1;
+  // (The consent book replays every consent entry when it opens.)
+  std::uint64_t from = registry_ ? registry_->replicated_through() + 1 : ~std::uint64_t{0};
   const ledger::EntryType types[] = {ledger::EntryType::kDeviceEvent};
-  for (;;) {
+  while (registry_) {
     Result<std::vector<ledger::StoredEntry>> page = ledger_.entries_of_type(types, from, 1000);
     if (!page.ok() || page->empty()) break;
     for (const ledger::StoredEntry& e : *page)
@@ -182,7 +195,10 @@ void Cluster::follower_loop() {
     auto [index, entry] = std::move(follow_queue_.front());
     follow_queue_.pop_front();
     lk.unlock();
-    if (Status s = registry_->apply_replicated(index, entry); !s.ok())
+    if (entry.type != ledger::EntryType::kDeviceEvent) {
+      if (Status s = consent_->apply_replicated(index, entry); !s.ok())
+        log(LogLevel::kError, "replication.consent", "entry {}: {}", index, s.message());
+    } else if (Status s = registry_->apply_replicated(index, entry); !s.ok())
       log(LogLevel::kError, "replication.devices", "device event {}: {}", index, s.message());
     else
       log(LogLevel::kInfo, "replication.devices", "device {} {} (entry {}) applied here",

@@ -49,6 +49,7 @@ class Orderer;
 
 namespace medgate::appliance {
 
+class ConsentBook;
 class DeviceRegistry;
 
 struct ClusterSettings {
@@ -85,6 +86,11 @@ class Cluster {
   // are applied to `registry` in ledger order (on a thread of the cluster's own, never the
   // ledger's writer). Call before start().
   void follow_devices(DeviceRegistry& registry) { registry_ = &registry; }
+  // Consent grants and withdrawals, rules versions, the directory and patients' keys likewise.
+  // Until members share a pseudonym key (docs/replication.md, "Shared keys"), another member's
+  // grant names a patient by that member's pseudonym: it is on the book here and matches no
+  // request here; rules versions and the directory apply everywhere.
+  void follow_consent(ConsentBook& consent) { consent_ = &consent; }
 
   // For a replicated ledger: reads the settings and starts ordering. A failure to reach etcd is
   // not fatal (the orderer retries); malformed settings are.
@@ -112,6 +118,7 @@ class Cluster {
   ledger::Ledger& ledger_;
   hsm::KeyStore& keys_;
   DeviceRegistry* registry_ = nullptr;
+  ConsentBook* consent_ = nullptr;
   // Entries of applied blocks that the appliance's state follows, handed over by the ledger's
   // writer thread.
   std::mutex follow_mu_;

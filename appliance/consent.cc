@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <map>
 #include <mutex>
 #include <shared_mutex>
@@ -197,9 +198,34 @@ class ConsentBook::Impl {
     return Status::Ok();
   }
 
-  // Appends one entry and applies it once durable; changes are serialised by change_mu_.
+  // A replicated ledger: entries from every member's blocks, in ledger order (the cluster's
+  // follower thread). The only way state changes then: a local change waits for it (commit).
+  Status apply_replicated(std::uint64_t index, const ledger::Entry& e) {
+    std::unique_lock lk(state_mu_);
+    if (index <= state_) return Status::Ok();  // replayed at open already
+    Status s = apply(index, e);
+    // A member's entry that does not apply here (a withdrawal of a grant this replica refused)
+    // must not stop the others: the watermark moves on and the problem is named.
+    state_ = std::max(state_, index);
+    lk.unlock();
+    applied_cv_.notify_all();
+    return s;
+  }
+
+  // Appends one entry and applies it once durable; changes are serialised by change_mu_. On a
+  // replicated ledger the entry is applied when its block comes back in ledger order
+  // (apply_replicated), after every entry before it; commit waits for that.
   Result<std::uint64_t> commit(const ledger::Entry& e) {
     MEDGATE_ASSIGN_OR_RETURN(std::uint64_t index, ledger_.append(e));
+    if (ledger_.replica()) {
+      std::unique_lock lk(state_mu_);
+      if (!applied_cv_.wait_for(lk, std::chrono::seconds(10), [&] { return state_ >= index; }))
+        return Status::Unavailable(fmt::format(
+            "entry {} is on the ledger but not applied here yet (the cluster's follower is "
+            "behind); it takes effect when it is",
+            index));
+      return index;
+    }
     std::unique_lock lk(state_mu_);
     Status s = apply(index, e);
     if (!s.ok()) {
@@ -524,8 +550,9 @@ class ConsentBook::Impl {
   ledger::Ledger& ledger_;
   Vault& vault_;
   std::string ledger_id_;
-  std::mutex change_mu_;                // serialises changes (check, append, apply)
-  mutable std::shared_mutex state_mu_;  // guards everything below
+  std::mutex change_mu_;                    // serialises changes (check, append, apply)
+  mutable std::shared_mutex state_mu_;      // guards everything below
+  std::condition_variable_any applied_cv_;  // state_ moved (replicated ledgers)
   rules::Authorizer authorizer_;
   std::vector<std::string> rule_ids_;  // ids of the deployed rules' policies
   std::vector<RulesVersionInfo> versions_;
@@ -612,6 +639,10 @@ Result<std::uint64_t> ConsentBook::record_decision(const AccessRequest& request,
                                                    const std::string& actor) {
   return impl_->record_decision(request, decision, returned, actor);
 }
+Status ConsentBook::apply_replicated(std::uint64_t index, const ledger::Entry& entry) {
+  return impl_->apply_replicated(index, entry);
+}
+
 const std::string& ConsentBook::ledger_id() const {
   return impl_->ledger_id_;
 }

@@ -37,6 +37,7 @@
 #include "appliance/vault.h"
 #include "hsm/bytes.h"
 #include "hsm/status.h"
+#include "ledger/entry.h"
 #include "ledger/rules/authorizer.h"
 #include "ledger/rules/deployment.h"
 #include "ledger/rules/validator.h"
@@ -152,6 +153,12 @@ class ConsentBook {
                                         const std::string& actor);
 
   const std::string& ledger_id() const;
+
+  // A replicated ledger (appliance/cluster.h): a consent, rules, directory or patient-key entry
+  // from the ledger's blocks, in ledger order, own and other members' alike; on such a ledger
+  // this is the only way the book's state changes, and a local change returns once its entry
+  // came back through here. Entries the book has (replayed at open) change nothing.
+  Status apply_replicated(std::uint64_t index, const ledger::Entry& entry);
 
   // For medctl status: decisions recorded since start.
   struct Counters {

@@ -167,6 +167,7 @@ class Daemon::Impl {
     // A replicated ledger: order through etcd (docs/replication.md).
     cluster_ = std::make_unique<Cluster>(config_, *ledger_, *keys_);
     cluster_->follow_devices(*registry_);
+    cluster_->follow_consent(*consent_);
     MEDGATE_RETURN_IF_ERROR(cluster_->start().with_context("cluster"));
 
     if (config_.metrics) {

@@ -254,6 +254,16 @@ MS=$(((T1 - T0) / 1000000))
 [ "$CODE" = AE ] && pass "a device revoked at a is refused at b (AE) $MS ms after the revoke returned" || failed "b still accepts the revoked device ($CODE)"
 [ "$MS" -le 1000 ] && pass "within 1 s ($MS ms)" || say "note: $MS ms (over 1 s on this loaded machine)"
 [ "$(send_app CENTRAL-A c REV2)" = AE ] && pass "and at c" || failed "c still accepts it"
+say "== consent rules follow the replicated ledger"
+expect_rc 0 "rules deployed at a" -- ctl a rules deploy "$(dirname "$0")/../../docs/examples/base-policy.cedar"
+for _ in $(seq 1 50); do ctl c rules list 2>/dev/null | grep -q "^version 1 " && break; sleep 0.1; done
+expect_rc 0 "rules list at c" -- ctl c rules list
+expect_in "^version 1 " "c decides with the version a deployed"
+expect_rc 0 "rules deployed at c (version 2)" -- ctl c rules deploy "$(dirname "$0")/../../docs/examples/base-policy.cedar"
+for _ in $(seq 1 50); do ctl a rules list 2>/dev/null | grep -q "^version 2 " && break; sleep 0.1; done
+expect_rc 0 "rules list at a" -- ctl a rules list
+expect_in "^version 2 " "a has c's version too"
+
 stop_member() { kill -TERM "${PID[$1]}"; wait "${PID[$1]}" || true; PID[$1]=; }
 stop_member b
 start_member b
