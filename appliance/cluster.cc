@@ -82,7 +82,9 @@ Result<std::optional<ClusterSettings>> load_cluster_settings(
   auto bad = [&](const std::string& what) {
     return Status::InvalidArgument(fmt::format("{}: {}", path.string(), what));
   };
-  if (!j.is_object()) return bad("not a JSON object");
+  if (j.is_discarded())
+    return bad("is not valid JSON (damaged? it is rewritten whole, never in place)");
+  if (!j.is_object()) return bad("is not a JSON object");
   ClusterSettings s;
   auto text_field = [&](const char* name, std::string& out, bool required) -> Status {
     auto it = j.find(name);

@@ -73,6 +73,7 @@ start_member() {
   return 1
 }
 ctl() { local m=$1; shift; "$MEDCTL" --config "${CONF[$m]}" "$@"; }
+stop_member() { kill -TERM "${PID[$1]}"; wait "${PID[$1]}" || true; PID[$1]=; }
 status_field() { ctl "$1" --json status | python3 -c "import json,sys; s=json.load(sys.stdin); print($2)"; }
 
 say "== a founds the cluster"
@@ -81,6 +82,18 @@ make_config a
 start_member a
 ctl a device add central-a --kind hl7 --hl7-app CENTRAL-A >/dev/null
 expect_rc 2 "cluster status on a single box: not a cluster yet" -- ctl a cluster status
+# Bad input to cluster init: each named, nothing changed.
+expect_rc 2 "cluster init with a bad member id" -- ctl a cluster init --etcd "$ETCD_ENDPOINTS" --member-id 'a b' --endpoint 127.0.0.1:7001
+expect_in "member id \"a b\" is not" "names the id"
+expect_rc 2 "cluster init with an endpoint that is not host:port" -- ctl a cluster init --etcd "$ETCD_ENDPOINTS" --member-id a --endpoint 'no port'
+expect_in "endpoint" "names the endpoint"
+expect_rc 2 "cluster init with a URL that is not http(s)" -- ctl a cluster init --etcd ftp://127.0.0.1:1 --member-id a --endpoint 127.0.0.1:7001
+expect_rc 3 "cluster init with etcd unreachable" -- ctl a cluster init --etcd "http://127.0.0.1:$(etcd_free_port)" --member-id a --endpoint 127.0.0.1:7001
+expect_in "127.0.0.1" "names the endpoint it tried"
+OUT=$(printf '%s\n' '{"v":1,"op":"cluster.init","args":{"etcd":"http://x","member_id":"a","endpoint":"h:1"}}' '{"v":1,"op":"member.propose","args":{"action":"add"}}' | raw_request "${SOCKP[a]}")
+expect_in '"code":"invalid_argument".*etcd.*list' "a raw cluster.init with etcd not a list: invalid argument"
+expect_in 'not replicated' "member.propose on a single box is refused"
+[ ! -e "$WORK/a/cluster.json" ] && pass "no cluster settings were written by the refused calls" || failed "cluster.json written"
 expect_rc 0 "medctl cluster init" -- ctl a cluster init --etcd "$ETCD_ENDPOINTS" --member-id a --endpoint 127.0.0.1:7001
 expect_in '"?a"? +127.0.0.1:7001' "a is the first member"
 expect_rc 2 "a second cluster init is refused" -- ctl a cluster init --etcd "$ETCD_ENDPOINTS" --member-id a --endpoint 127.0.0.1:7001
@@ -99,6 +112,13 @@ expect_rc 2 "joining a ledger etcd does not hold" -- "$MEDCTL" init --data-dir "
 expect_in "holds no ledger under /medgate/nosuch/" "naming the prefix"
 make_config b
 start_member b
+printf 'not a key\n' >"$WORK/bad.pem"
+expect_rc 2 "member propose add with a file that is not a public key" -- ctl a member propose add b --key "$WORK/bad.pem" --endpoint 127.0.0.1:7002
+expect_in "not a P-256 public key" "names the problem"
+expect_rc 2 "member approve of no open proposal" -- ctl a member approve nosuch
+expect_in "no open proposal" "names the problem"
+expect_rc 1 "member remove of the last member is refused" -- ctl a member remove a
+expect_in "last" "naming the rule"
 expect_rc 0 "a adds b" -- ctl a member propose add b --key "$WORK/b/signing-key.pem" --endpoint 127.0.0.1:7002
 expect_in "it took effect" "a majority of one"
 
@@ -254,6 +274,19 @@ MS=$(((T1 - T0) / 1000000))
 [ "$CODE" = AE ] && pass "a device revoked at a is refused at b (AE) $MS ms after the revoke returned" || failed "b still accepts the revoked device ($CODE)"
 [ "$MS" -le 1000 ] && pass "within 1 s ($MS ms)" || say "note: $MS ms (over 1 s on this loaded machine)"
 [ "$(send_app CENTRAL-A c REV2)" = AE ] && pass "and at c" || failed "c still accepts it"
+say "== damaged cluster settings"
+stop_member c
+cp "$WORK/c/cluster.json" "$WORK/c/cluster.json.good"
+printf '{"etcd": "not a list"' >"$WORK/c/cluster.json"
+expect_rc 1 "medgated refuses to start with damaged cluster settings" -- "$MEDGATED" --config "${CONF[c]}"
+expect_in "cluster.json: is not valid JSON" "naming the file and the problem"
+printf '{"etcd": ["http://127.0.0.1:1"], "member_id": "other", "endpoint": "h:1", "prefix": "/medgate/ward/"}' >"$WORK/c/cluster.json"
+expect_rc 1 "medgated refuses settings naming another member" -- "$MEDGATED" --config "${CONF[c]}"
+expect_in "names member \"other\" but the ledger is member \"c\"" "naming both"
+mv "$WORK/c/cluster.json.good" "$WORK/c/cluster.json"
+start_member c
+pass "c starts again with its settings back"
+
 say "== consent rules follow the replicated ledger"
 expect_rc 0 "rules deployed at a" -- ctl a rules deploy "$(dirname "$0")/../../docs/examples/base-policy.cedar"
 for _ in $(seq 1 50); do ctl c rules list 2>/dev/null | grep -q "^version 1 " && break; sleep 0.1; done
@@ -264,7 +297,6 @@ for _ in $(seq 1 50); do ctl a rules list 2>/dev/null | grep -q "^version 2 " &&
 expect_rc 0 "rules list at a" -- ctl a rules list
 expect_in "^version 2 " "a has c's version too"
 
-stop_member() { kill -TERM "${PID[$1]}"; wait "${PID[$1]}" || true; PID[$1]=; }
 stop_member b
 start_member b
 [ "$(send_app CENTRAL-A b REV3)" = AE ] && pass "b still refuses it after a restart" || failed "b forgot the revocation"
