@@ -320,6 +320,28 @@ std::string render_metrics(const json& status, const json& devices) {
            at(status, {"ingest", "hl7", "tls_handshake_timeouts"}));
   e.metric("coap_unknown_identity_total", "counter", "DTLS handshakes with an unknown identity.",
            at(status, {"ingest", "coap", "unknown_identity"}));
+  // Replication (absent on a single box).
+  e.metric("replication_queue_entries", "gauge",
+           "Entries acknowledged here and not yet ordered by the cluster.",
+           at(status, {"cluster", "queue", "entries"}));
+  e.metric("replication_queue_oldest_age_seconds", "gauge",
+           "Age of the oldest entry waiting for the cluster.",
+           at(status, {"cluster", "queue", "oldest_age_ms"}).is_number()
+               ? json(at(status, {"cluster", "queue", "oldest_age_ms"}).get<double>() / 1000.0)
+               : json());
+  e.metric("replication_lag_blocks", "gauge", "Blocks in etcd not yet applied here.",
+           at(status, {"cluster", "ordering", "lag_blocks"}));
+  const json& connected = at(status, {"cluster", "ordering", "connected"});
+  e.metric("replication_connected", "gauge", "1 when etcd answered the last request.",
+           connected.is_boolean() ? json(connected.get<bool>() ? 1 : 0) : json());
+  e.metric("replication_blocks_proposed_total", "counter", "Blocks this member got ordered.",
+           at(status, {"cluster", "ordering", "blocks_proposed"}));
+  e.metric("replication_claims_lost_total", "counter",
+           "Heights another member claimed first (this member's entries went on top).",
+           at(status, {"cluster", "ordering", "claims_lost"}));
+  e.metric("replication_invalid_blocks_total", "counter",
+           "Block records that failed validation here (void; reported and replaced).",
+           at(status, {"cluster", "ordering", "invalid_blocks"}));
   // Per device: received, committed, and rejections by reason.
   bool any_traffic = false;
   for (const json& d : devices)

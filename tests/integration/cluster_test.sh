@@ -79,6 +79,8 @@ status_field() { ctl "$1" --json status | python3 -c "import json,sys; s=json.lo
 say "== a founds the cluster"
 "$MEDCTL" init --data-dir "$WORK/a" --ledger-id ward --socket "$WORK/run/a.sock" >/dev/null
 make_config a
+METRICS_PORT=$(etcd_free_port "${ETCD_CLIENT_PORTS[@]}" "${ETCD_PEER_PORTS[@]}" "$PROXY_PORT")
+printf '\n[metrics]\nlisten = "127.0.0.1:%s"\n' "$METRICS_PORT" >>"${CONF[a]}"
 start_member a
 ctl a device add central-a --kind hl7 --hl7-app CENTRAL-A >/dev/null
 expect_rc 2 "cluster status on a single box: not a cluster yet" -- ctl a cluster status
@@ -179,6 +181,10 @@ for m in a b c; do
   expect_rc 0 "replica $m verifies offline trusting only a's key" -- "$MEDCTL" ledger verify --db "$WORK/$m/ledger.db" --trust "$WORK/a/signing-key.pem"
 done
 expect_rc 0 "b's replica verifies trusting only c's key (the membership vouches for the rest)" -- "$MEDCTL" ledger verify --db "$WORK/b/ledger.db" --trust "$WORK/c/signing-key.pem"
+
+M=$(curl -s "http://127.0.0.1:$METRICS_PORT/metrics")
+grep -q '^medgate_replication_queue_entries 0$' <<<"$M" && grep -q '^medgate_replication_connected 1$' <<<"$M" \
+  && pass "Prometheus: the replication queue (0) and etcd connected (1)" || failed "replication metrics missing: $(grep replication <<<"$M")"
 
 say "== kill -9 of an appliance and an etcd member under load"
 send a 100 60 >"$WORK/acked-a2" & S1=$!
