@@ -165,6 +165,12 @@ bool audit_query_matches(const AuditQuery& q, const Entry& e) {
 }
 
 Result<Bytes> encode_audit_bundle(const AuditBundle& b) {
+  if (b.version != 1 && b.version != 2)
+    return Status::InvalidArgument(
+        fmt::format("audit bundle format version {} is not one this build writes (1, 2)", b.version));
+  const bool per_entry_proofs = b.version == 1;
+  if (per_entry_proofs && !b.multi_proof.empty())
+    return Status::InvalidArgument("a format-1 audit bundle has no multi-leaf proof");
   cbor::Map query;
   const AuditQuery& q = b.query;
   if (q.from_us) query.emplace_back(text_key("from"), Value::uint(*q.from_us));
@@ -180,14 +186,14 @@ Result<Bytes> encode_audit_bundle(const AuditBundle& b) {
   // The entries (nearly all of a large bundle) are written straight into the output instead of
   // being built as Values first: the same canonical bytes, without ~30 allocations per entry. A
   // canonical map's keys are in bytewise order of their encodings, so shorter text keys first:
-  // record {"meta", "bytes", "index", "proof", "values", "selected"}, meta {"kind", "time",
-  // "type", "actor"}. The strict decoder (and the round-trip tests) hold this to the rule.
+  // record {"meta", "bytes", "index", "proof" (format 1), "values", "selected"}, meta {"kind",
+  // "time", "type", "actor"}. The strict decoder (and the round-trip tests) hold this to the rule.
   cbor::Writer w;
-  w.map_header(b.subject_proof ? 10 : 9);
+  w.map_header(9 + (b.subject_proof ? 1 : 0) + (per_entry_proofs ? 0 : 1));
   w.uint(0);
   w.uint(static_cast<std::uint64_t>(ObjectKind::kAuditBundle));
   w.uint(1);
-  w.uint(kAuditBundleVersion);
+  w.uint(b.version);
   w.uint(2);
   w.text(b.ledger_id);
   w.uint(3);
@@ -205,7 +211,11 @@ Result<Bytes> encode_audit_bundle(const AuditBundle& b) {
   w.array_header(b.entries.size());
   for (const BundleEntry& e : b.entries) {
     MEDGATE_ASSIGN_OR_RETURN(EntryHeader h, read_entry_header(e.bytes));
-    w.map_header(e.values ? 6 : 5);
+    if (!per_entry_proofs && !e.proof.empty())
+      return Status::InvalidArgument(fmt::format(
+          "entry {} has its own inclusion proof, which format {} does not carry", e.index,
+          b.version));
+    w.map_header((e.values ? 1 : 0) + (per_entry_proofs ? 5 : 4));
     w.text("meta");
     w.map_header(4);
     w.text("kind");
@@ -220,9 +230,11 @@ Result<Bytes> encode_audit_bundle(const AuditBundle& b) {
     w.bytes(e.bytes);
     w.text("index");
     w.uint(e.index);
-    w.text("proof");
-    w.array_header(e.proof.size());
-    for (const Hash& p : e.proof) w.bytes(p);
+    if (per_entry_proofs) {
+      w.text("proof");
+      w.array_header(e.proof.size());
+      for (const Hash& p : e.proof) w.bytes(p);
+    }
     if (e.values) {
       w.text("values");
       cbor::encode_to(*e.values, w);
@@ -242,6 +254,13 @@ Result<Bytes> encode_audit_bundle(const AuditBundle& b) {
     w.uint(9);
     cbor::encode_to(pv, w);
   }
+  if (!per_entry_proofs) {
+    Bytes concatenated;
+    concatenated.reserve(b.multi_proof.size() * sizeof(Hash));
+    for (const Hash& h : b.multi_proof) concatenated.insert(concatenated.end(), h.begin(), h.end());
+    w.uint(10);
+    w.bytes(concatenated);
+  }
   return w.take();
 }
 
@@ -250,7 +269,7 @@ namespace {
 // One entry record, read with a cursor from bytes that cbor::validate accepted (canonical, so keys
 // are unique and in order): the bulk of a large bundle, decoded without building Values for the
 // entry bytes and the proof hashes.
-Result<BundleEntry> read_entry_record(ByteView item) {
+Result<BundleEntry> read_entry_record(ByteView item, std::uint64_t version) {
   constexpr std::string_view where = "an entry record";
   cbor::Cursor c(item);
   MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head map, c.head());
@@ -270,7 +289,7 @@ Result<BundleEntry> read_entry_record(ByteView item) {
       if (!v.ok()) return bad(fmt::format("{} \"bytes\" is not bytes", where));
       e.bytes.assign(v->begin(), v->end());
       bytes = true;
-    } else if (*key == "proof") {
+    } else if (*key == "proof" && version == 1) {
       MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head a, c.head());
       if (a.major != 4) return bad(fmt::format("{} \"proof\" is not an array", where));
       if (a.arg > item.size()) return bad(fmt::format("{} \"proof\" is too long", where));
@@ -300,13 +319,13 @@ Result<BundleEntry> read_entry_record(ByteView item) {
         e.values = std::move(v);
       }
     } else {
-      // Format 1 ignores nothing: an unknown key is another format or a forgery.
+      // No format ignores anything: an unknown key is another format or a forgery.
       return bad(fmt::format("{} has an unknown key \"{}\"", where, *key));
     }
   }
   if (!c.at_end()) return bad("an entry record has bytes after it");
   for (auto [present, name] :
-       {std::pair{index, "index"}, std::pair{bytes, "bytes"}, std::pair{proof, "proof"},
+       {std::pair{index, "index"}, std::pair{bytes, "bytes"}, std::pair{proof || version != 1, "proof"},
         std::pair{selected, "selected"}, std::pair{meta, "meta"}})
     if (!present) return bad(fmt::format("{} has no \"{}\"", where, name));
   return e;
@@ -342,13 +361,15 @@ Result<AuditBundle> decode_audit_bundle(ByteView bytes) {
   if (!kind || kind->as_uint() != static_cast<std::uint64_t>(ObjectKind::kAuditBundle))
     return bad("the object is not an audit bundle (key 0)");
   const Value* version = v.find(std::uint64_t{1});
-  if (!version || version->as_uint() != kAuditBundleVersion)
-    return bad("audit bundle format version is not one this build reads (1)");
-  for (const auto& [k, item] : *v.as_map())
-    if (!k.as_uint() || *k.as_uint() > 9)
-      return bad("the bundle has a key format 1 does not define");
-  auto key = [&](std::uint64_t k) { return v.find(k); };
+  if (!version || !version->as_uint() || (*version->as_uint() != 1 && *version->as_uint() != 2))
+    return bad("audit bundle format version is not one this build reads (1, 2)");
   AuditBundle b;
+  b.version = *version->as_uint();
+  const std::uint64_t last_key = b.version == 1 ? 9 : 10;
+  for (const auto& [k, item] : *v.as_map())
+    if (!k.as_uint() || *k.as_uint() > last_key)
+      return bad(fmt::format("the bundle has a key format {} does not define", b.version));
+  auto key = [&](std::uint64_t k) { return v.find(k); };
   if (!key(2) || !key(2)->as_text()) return bad("no ledger id (key 2)");
   b.ledger_id = *key(2)->as_text();
   if (!key(3) || !key(3)->as_uint()) return bad("no creation time (key 3)");
@@ -390,7 +411,7 @@ Result<AuditBundle> decode_audit_bundle(ByteView bytes) {
   b.entries.reserve(array.arg);
   for (std::uint64_t k = 0; k < array.arg; ++k) {
     MEDGATE_ASSIGN_OR_RETURN(ByteView item, entries.read_item());
-    MEDGATE_ASSIGN_OR_RETURN(BundleEntry e, read_entry_record(item));
+    MEDGATE_ASSIGN_OR_RETURN(BundleEntry e, read_entry_record(item, b.version));
     b.entries.push_back(std::move(e));
   }
   if (const Value* p = key(9)) {
@@ -401,6 +422,17 @@ Result<AuditBundle> decode_audit_bundle(ByteView bytes) {
     MEDGATE_ASSIGN_OR_RETURN(proof.below, decode_leaf_proof(*p, "below"));
     MEDGATE_ASSIGN_OR_RETURN(proof.above, decode_leaf_proof(*p, "above"));
     b.subject_proof = std::move(proof);
+  }
+  if (b.version >= 2) {
+    const Value* p = key(10);
+    if (!p || !p->as_bytes()) return bad("no multi-leaf inclusion proof (key 10)");
+    const Bytes& hashes = *p->as_bytes();
+    if (hashes.size() % sizeof(Hash) != 0)
+      return bad("the multi-leaf inclusion proof (key 10) is not a whole number of hashes");
+    b.multi_proof.resize(hashes.size() / sizeof(Hash));
+    for (std::size_t k = 0; k < b.multi_proof.size(); ++k)
+      std::copy_n(hashes.begin() + static_cast<std::ptrdiff_t>(k * sizeof(Hash)), sizeof(Hash),
+                  b.multi_proof[k].begin());
   }
   return b;
 }
@@ -449,6 +481,10 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
         *query.kind));
   if (query.from_us && query.to_us && *query.from_us > *query.to_us)
     return Status::InvalidArgument("--from is after --to");
+  if (options.format_version != 1 && options.format_version != 2)
+    return Status::InvalidArgument(fmt::format(
+        "audit bundle format version {} is not one this build writes (1, 2)",
+        options.format_version));
 
   // The bundle's head, and for a patient the subject map at exactly that head (a head signed in
   // between moves the map on: sign again).
@@ -469,6 +505,7 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
   const std::uint64_t size = head.head.tree_size;
 
   AuditBundle b;
+  b.version = options.format_version;
   b.ledger_id = ledger.ledger_id();
   b.created_us = now_us();
   b.exported_by = exported_by;
@@ -581,17 +618,22 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
     }
   }
 
-  // Inclusion proofs, all to the bundle head, in one batch (they share most of their nodes).
+  // Format 2: one multi-leaf proof of every entry to the bundle head. Format 1: an inclusion
+  // proof per entry, all in one batch (they share most of their nodes).
   std::vector<std::uint64_t> proved;
   proved.reserve(picked.size());
   for (const auto& [index, e] : picked) proved.push_back(index);
-  MEDGATE_ASSIGN_OR_RETURN(std::vector<std::vector<Hash>> proofs,
-                           ledger.inclusion_proofs(proved, size));
+  std::vector<std::vector<Hash>> proofs;
+  if (b.version == 1) {
+    MEDGATE_ASSIGN_OR_RETURN(proofs, ledger.inclusion_proofs(proved, size));
+  } else {
+    MEDGATE_ASSIGN_OR_RETURN(b.multi_proof, ledger.multi_inclusion_proof(proved, size));
+  }
   b.entries.reserve(picked.size());
   std::optional<std::uint64_t> first_selected, last_selected;
   std::size_t k = 0;
   for (auto& [index, e] : picked) {
-    e.proof = std::move(proofs[k++]);
+    if (b.version == 1) e.proof = std::move(proofs[k++]);
     if (e.selected) {
       if (!first_selected) first_selected = index;
       last_selected = index;
@@ -769,13 +811,16 @@ class BundleVerifier {
 
   // Entries in strictly ascending index order, each below the head's size, each proved in it.
   // Decoding and proving the entries is most of the work on a large bundle: two halves run on two
-  // threads (each with its own InclusionChecker), then the results are taken in bundle order, so
-  // the problems read the same as from one thread.
+  // threads (each with its own InclusionChecker for format 1; format 2 hashes the leaves there and
+  // checks the one multi-leaf proof after), then the results are taken in bundle order, so the
+  // problems read the same as from one thread.
   void check_entries_order_and_proofs() {
     const std::size_t n = b_.entries.size();
+    const bool per_entry_proofs = b_.version == 1;
     struct Checked {
       Result<Entry> entry = Status::Internal("not checked");
       Status proof;
+      Hash leaf{};
     };
     std::vector<Checked> checked(n);
     auto work = [&](std::size_t from, std::size_t to, bool report) {
@@ -783,8 +828,9 @@ class BundleVerifier {
       for (std::size_t k = from; k < to; ++k) {
         const BundleEntry& e = b_.entries[k];
         checked[k].entry = decode_entry(e.bytes);
-        if (checked[k].entry.ok())
-          checked[k].proof = inclusion.check(e.index, merkle::leaf_hash(e.bytes), e.proof);
+        checked[k].leaf = merkle::leaf_hash(e.bytes);
+        if (checked[k].entry.ok() && per_entry_proofs)
+          checked[k].proof = inclusion.check(e.index, checked[k].leaf, e.proof);
         // The other half runs alongside: report this half's progress for both.
         if (report && progress_ && (k + 1 - from) % 4096 == 0)
           progress_(std::min(n, 2 * (k + 1 - from)), n);
@@ -819,7 +865,46 @@ class BundleVerifier {
                         e.index, checked[k].proof.message()));
       entries_.emplace_hint(entries_.end(), e.index, std::move(checked[k].entry).value());
     }
+    if (!per_entry_proofs) check_multi_proof(checked);
     if (progress_) progress_(n, n);
+  }
+
+  // Format 2: every entry's leaf, with the bundle's one multi-leaf proof, gives the head's root.
+  // The proof cannot say which entry was changed (any one leaf or proof hash changes the root);
+  // entries out of order are put in order first, so that a reordering is named once, above.
+  template <typename Checked>
+  void check_multi_proof(const std::vector<Checked>& checked) {
+    std::vector<merkle::IndexedLeaf> leaves(checked.size());
+    bool ascending = true;
+    for (std::size_t k = 0; k < checked.size(); ++k) {
+      leaves[k] = {b_.entries[k].index, checked[k].leaf};
+      ascending = ascending && (k == 0 || leaves[k].index > leaves[k - 1].index);
+    }
+    if (!ascending) {
+      std::stable_sort(leaves.begin(), leaves.end(),
+                       [](const merkle::IndexedLeaf& x, const merkle::IndexedLeaf& y) {
+                         return x.index < y.index;
+                       });
+      auto same = std::adjacent_find(
+          leaves.begin(), leaves.end(),
+          [](const merkle::IndexedLeaf& x, const merkle::IndexedLeaf& y) {
+            return x.index == y.index;
+          });
+      if (same != leaves.end()) {
+        problem(fmt::format(
+            "entry {} is in the bundle more than once: the multi-leaf inclusion proof proves each "
+            "entry once, so it cannot be checked",
+            same->index));
+        return;
+      }
+    }
+    if (Status s = merkle::verify_multi_inclusion(leaves, head_.tree_size, b_.multi_proof,
+                                                  head_.root);
+        !s.ok())
+      problem(fmt::format(
+          "the entries' multi-leaf inclusion proof does not lead to the signed head's root (an "
+          "entry or the proof was changed, added or removed): {}",
+          s.message()));
   }
 
   // Genesis, then every key transition in index order: each signed by the key before it and the
