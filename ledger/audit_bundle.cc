@@ -20,6 +20,9 @@ using cbor::Value;
 
 constexpr std::size_t kPage = 4096;
 constexpr std::size_t kMaxProblems = 50;
+// Bundles with at least this many entries are decoded and checked on two threads; below it a
+// thread costs more than it saves.
+constexpr std::size_t kThreadedFrom = 8192;
 
 Value text_key(std::string_view k) {
   return Value::text(std::string(k));
@@ -408,12 +411,31 @@ Result<AuditBundle> decode_audit_bundle(ByteView bytes) {
   MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head array, entries.head());
   if (array.major != 4) return bad("no entries (key 8)");
   if (array.arg > entries_item->size()) return bad("the entries array is longer than the bundle");
-  b.entries.reserve(array.arg);
+  // The records' extents first (a cursor skipping over them), then the records themselves, in two
+  // halves on two threads for a large bundle; the first bad record in bundle order is reported.
+  std::vector<ByteView> items;
+  items.reserve(array.arg);
   for (std::uint64_t k = 0; k < array.arg; ++k) {
     MEDGATE_ASSIGN_OR_RETURN(ByteView item, entries.read_item());
-    MEDGATE_ASSIGN_OR_RETURN(BundleEntry e, read_entry_record(item, b.version));
-    b.entries.push_back(std::move(e));
+    items.push_back(item);
   }
+  b.entries.resize(items.size());
+  auto read_records = [&](std::size_t from, std::size_t to) -> Status {
+    for (std::size_t k = from; k < to; ++k) {
+      MEDGATE_ASSIGN_OR_RETURN(b.entries[k], read_entry_record(items[k], b.version));
+    }
+    return Status::Ok();
+  };
+  const std::size_t n = items.size();
+  Status first_half, second_half;
+  if (n >= kThreadedFrom) {
+    std::jthread other([&] { second_half = read_records(n / 2, n); });
+    first_half = read_records(0, n / 2);
+  } else {
+    first_half = read_records(0, n);
+  }
+  MEDGATE_RETURN_IF_ERROR(first_half);
+  MEDGATE_RETURN_IF_ERROR(second_half);
   if (const Value* p = key(9)) {
     if (!p->as_map()) return bad("the subject proof (key 9) is not a map");
     SubjectMapProof proof;
@@ -794,12 +816,29 @@ class BundleVerifier {
                           b_.ledger_id));
 
     check_entries_order_and_proofs();
-    take_key_history();
-    check_bundle_signature(bundle_bytes, signature);
-    check_head_signature(head_, b_.head.bytes, b_.head.signature, "the bundle head");
-    check_earlier_heads();
-    check_selection();
-    if (r_.patient_query) check_patient_chain();
+    // The bundle's digest and format 2's multi-leaf proof are pure hashing: on a large bundle
+    // they run on a second thread while the checks below run on this one. Their problems are
+    // reported after those either way, so a report reads the same whatever the bundle's size.
+    Hash digest{};
+    std::optional<std::string> multi_problem;
+    auto hashing = [&] {
+      digest = sha256(bundle_bytes);
+      if (b_.version >= 2) multi_problem = multi_proof_problem();
+    };
+    {
+      std::jthread helper;
+      if (b_.entries.size() >= kThreadedFrom)
+        helper = std::jthread(hashing);
+      else
+        hashing();
+      take_key_history();
+      check_head_signature(head_, b_.head.bytes, b_.head.signature, "the bundle head");
+      check_earlier_heads();
+      check_selection();
+      if (r_.patient_query) check_patient_chain();
+    }  // joins the helper
+    if (multi_problem) problem(std::move(*multi_problem));
+    check_bundle_signature(digest, signature);
     if (b_.query.include_values) r_.values_included = true;
     return r_;
   }
@@ -812,35 +851,35 @@ class BundleVerifier {
   // Entries in strictly ascending index order, each below the head's size, each proved in it.
   // Decoding and proving the entries is most of the work on a large bundle: two halves run on two
   // threads (each with its own InclusionChecker for format 1; format 2 hashes the leaves there and
-  // checks the one multi-leaf proof after), then the results are taken in bundle order, so the
-  // problems read the same as from one thread.
+  // checks the one multi-leaf proof later, see run()), which also judge each entry's selection and
+  // metadata; then the results are taken in bundle order, so the problems read the same as from
+  // one thread.
   void check_entries_order_and_proofs() {
     const std::size_t n = b_.entries.size();
     const bool per_entry_proofs = b_.version == 1;
-    struct Checked {
-      Result<Entry> entry = Status::Internal("not checked");
-      Status proof;
-      Hash leaf{};
-    };
-    std::vector<Checked> checked(n);
+    std::vector<Result<Entry>> decoded(n, Status::Internal("not checked"));
+    std::vector<Status> proofs(n);
+    checks_.assign(n, RecordCheck{});
+    leaves_.resize(n);
     auto work = [&](std::size_t from, std::size_t to, bool report) {
       InclusionChecker inclusion(head_.tree_size, head_.root);
       for (std::size_t k = from; k < to; ++k) {
         const BundleEntry& e = b_.entries[k];
-        checked[k].entry = decode_entry(e.bytes);
-        checked[k].leaf = merkle::leaf_hash(e.bytes);
-        if (checked[k].entry.ok() && per_entry_proofs)
-          checked[k].proof = inclusion.check(e.index, checked[k].leaf, e.proof);
+        decoded[k] = decode_entry(e.bytes);
+        leaves_[k] = {e.index, merkle::leaf_hash(e.bytes)};
+        if (decoded[k].ok()) {
+          checks_[k] = {true, audit_query_matches(b_.query, *decoded[k]),
+                        meta_matches(e.meta, *decoded[k])};
+          if (per_entry_proofs) proofs[k] = inclusion.check(e.index, leaves_[k].hash, e.proof);
+        }
         // The other half runs alongside: report this half's progress for both.
         if (report && progress_ && (k + 1 - from) % 4096 == 0)
           progress_(std::min(n, 2 * (k + 1 - from)), n);
       }
     };
-    constexpr std::size_t kThreadedFrom = 8192;  // below this a thread costs more than it saves
     if (n >= kThreadedFrom) {
-      std::thread other(work, n / 2, n, false);
+      std::jthread other(work, n / 2, n, false);
       work(0, n / 2, true);
-      other.join();
     } else {
       work(0, n, true);
     }
@@ -853,58 +892,52 @@ class BundleVerifier {
                         "(reordered or duplicated)",
                         e.index, k, *previous));
       previous = e.index;
-      if (!checked[k].entry.ok()) {
+      if (!decoded[k].ok()) {
         problem(fmt::format("entry {}: does not decode: {}", e.index,
-                            checked[k].entry.status().message()));
+                            decoded[k].status().message()));
         continue;
       }
-      if (!checked[k].proof.ok())
+      if (!proofs[k].ok())
         problem(
             fmt::format("entry {}: its inclusion proof does not lead to the signed head's root "
                         "(the entry or its proof was changed): {}",
-                        e.index, checked[k].proof.message()));
-      entries_.emplace_hint(entries_.end(), e.index, std::move(checked[k].entry).value());
+                        e.index, proofs[k].message()));
+      entries_.emplace_hint(entries_.end(), e.index, std::move(decoded[k]).value());
     }
-    if (!per_entry_proofs) check_multi_proof(checked);
     if (progress_) progress_(n, n);
   }
 
   // Format 2: every entry's leaf, with the bundle's one multi-leaf proof, gives the head's root.
   // The proof cannot say which entry was changed (any one leaf or proof hash changes the root);
-  // entries out of order are put in order first, so that a reordering is named once, above.
-  template <typename Checked>
-  void check_multi_proof(const std::vector<Checked>& checked) {
-    std::vector<merkle::IndexedLeaf> leaves(checked.size());
-    bool ascending = true;
-    for (std::size_t k = 0; k < checked.size(); ++k) {
-      leaves[k] = {b_.entries[k].index, checked[k].leaf};
-      ascending = ascending && (k == 0 || leaves[k].index > leaves[k - 1].index);
+  // entries out of order are put in order first, so that a reordering is named once, by
+  // check_entries_order_and_proofs(). Pure hashing on leaves_: safe on another thread while the
+  // other checks run. Returns the problem, or nothing.
+  std::optional<std::string> multi_proof_problem() {
+    std::vector<merkle::IndexedLeaf>& leaves = leaves_;
+    const auto by_index = [](const merkle::IndexedLeaf& x, const merkle::IndexedLeaf& y) {
+      return x.index < y.index;
+    };
+    if (!std::is_sorted(leaves.begin(), leaves.end(), by_index)) {
+      std::stable_sort(leaves.begin(), leaves.end(), by_index);
     }
-    if (!ascending) {
-      std::stable_sort(leaves.begin(), leaves.end(),
-                       [](const merkle::IndexedLeaf& x, const merkle::IndexedLeaf& y) {
-                         return x.index < y.index;
-                       });
-      auto same = std::adjacent_find(
-          leaves.begin(), leaves.end(),
-          [](const merkle::IndexedLeaf& x, const merkle::IndexedLeaf& y) {
-            return x.index == y.index;
-          });
-      if (same != leaves.end()) {
-        problem(fmt::format(
-            "entry {} is in the bundle more than once: the multi-leaf inclusion proof proves each "
-            "entry once, so it cannot be checked",
-            same->index));
-        return;
-      }
-    }
+    auto same = std::adjacent_find(
+        leaves.begin(), leaves.end(),
+        [](const merkle::IndexedLeaf& x, const merkle::IndexedLeaf& y) {
+          return x.index == y.index;
+        });
+    if (same != leaves.end())
+      return fmt::format(
+          "entry {} is in the bundle more than once: the multi-leaf inclusion proof proves each "
+          "entry once, so it cannot be checked",
+          same->index);
     if (Status s = merkle::verify_multi_inclusion(leaves, head_.tree_size, b_.multi_proof,
                                                   head_.root);
         !s.ok())
-      problem(fmt::format(
+      return fmt::format(
           "the entries' multi-leaf inclusion proof does not lead to the signed head's root (an "
           "entry or the proof was changed, added or removed): {}",
-          s.message()));
+          s.message());
+    return std::nullopt;
   }
 
   // Genesis, then every key transition in index order: each signed by the key before it and the
@@ -993,7 +1026,7 @@ class BundleVerifier {
       problem(fmt::format("{}'s signature does not verify: {}", what, s.message()));
   }
 
-  void check_bundle_signature(ByteView bytes, ByteView signature) {
+  void check_bundle_signature(const Hash& digest, ByteView signature) {
     auto key = keys_.find(head_.key_id);
     if (key == keys_.end()) {
       problem(fmt::format("the bundle is signed by key {}, which is not in the key history",
@@ -1004,7 +1037,7 @@ class BundleVerifier {
       problem("the bundle has no signature");
       return;
     }
-    if (Status s = key->second.verify_digest(sha256(bytes), signature); !s.ok())
+    if (Status s = key->second.verify_digest(digest, signature); !s.ok())
       problem(
           fmt::format("the bundle signature does not verify with key {} (the bundle was "
                       "changed after it was signed, or the signature is forged): {}",
@@ -1036,17 +1069,19 @@ class BundleVerifier {
     }
   }
 
-  // Every entry's "selected" flag must be what the query says of it; metadata must match bytes.
+  // Every entry's "selected" flag must be what the query says of it; metadata must match bytes
+  // (both judged alongside the decoding, check_entries_order_and_proofs()).
   void check_selection() {
-    for (const BundleEntry& e : b_.entries) {
-      auto it = entries_.find(e.index);
-      if (it == entries_.end()) continue;
-      bool matches = audit_query_matches(b_.query, it->second);
+    for (std::size_t k = 0; k < b_.entries.size(); ++k) {
+      const BundleEntry& e = b_.entries[k];
+      const RecordCheck& c = checks_[k];
+      if (!c.decoded) continue;
+      bool matches = c.matches;
       if (matches != e.selected)
         problem(fmt::format("entry {}: marked {}selected, but the query {} it", e.index,
                             e.selected ? "" : "not ", matches ? "selects" : "does not select"));
       if (e.selected) ++r_.selected;
-      if (!meta_matches(e.meta, it->second))
+      if (!c.meta_ok)
         problem(fmt::format("entry {}: its metadata does not match its bytes", e.index));
       if (e.values && !b_.query.include_values)
         problem(fmt::format("entry {}: carries values the query did not ask for", e.index));
@@ -1116,8 +1151,17 @@ class BundleVerifier {
         problem(fmt::format("entry {} is about the patient but not on the proved chain", index));
   }
 
+  // What the decoding threads found out about each record, in bundle order.
+  struct RecordCheck {
+    bool decoded = false;
+    bool matches = false;  // the query selects it
+    bool meta_ok = false;  // its metadata copy is what its bytes say
+  };
+
   const AuditBundle& b_;
   const std::function<void(std::uint64_t, std::uint64_t)>& progress_;
+  std::vector<RecordCheck> checks_;
+  std::vector<merkle::IndexedLeaf> leaves_;  // each record's (index, leaf hash)
   std::map<KeyId, PublicKey> trusted_;
   std::map<KeyId, PublicKey> keys_;
   std::vector<std::pair<std::uint64_t, KeyId>> epochs_;  // (from tree size, key)

@@ -1125,4 +1125,20 @@ TEST_CASE("a large bundle is checked on two threads and reports as one would", "
   };
   for (std::size_t k = 1; k < expected.size(); ++k)
     CHECK(position(expected[k - 1]) < position(expected[k]));
+
+  // A malformed record in the half that the decoder reads on its second thread is still found.
+  Result<cbor::Value> tree = cbor::decode(s.bytes);
+  REQUIRE(tree.ok());
+  cbor::Map top = *tree->as_map();
+  for (auto& [k, v] : top) {
+    if (k.as_uint() != std::uint64_t{8}) continue;
+    cbor::Array records = *v.as_array();
+    cbor::Map record = *records.at(8500).as_map();
+    std::erase_if(record, [](const auto& kv) { return *kv.first.as_text() == "selected"; });
+    records[8500] = *cbor::Value::map(std::move(record));
+    v = cbor::Value::array(std::move(records));
+  }
+  Result<AuditBundle> broken = decode_audit_bundle(cbor::encode(*cbor::Value::map(std::move(top))));
+  REQUIRE_FALSE(broken.ok());
+  CHECK_THAT(broken.status().message(), Catch::Contains("an entry record has no \"selected\""));
 }
