@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <map>
 #include <set>
+#include <future>
 #include <thread>
 
 #include <fmt/format.h>
@@ -536,8 +537,8 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
   b.subject_proof = subject_proof;
 
   std::map<std::uint64_t, BundleEntry> picked;
-  auto add = [&](StoredEntry e, bool chain_or_key) -> Status {
-    bool selected = audit_query_matches(query, e.entry);
+  // Takes an entry into the bundle if the query selects it (`selected`) or it is proof material.
+  auto add_judged = [&](StoredEntry e, bool selected, bool chain_or_key) -> Status {
     if (!selected && !chain_or_key) return Status::Ok();
     auto [it, fresh] = picked.try_emplace(e.index);
     if (!fresh) return Status::Ok();
@@ -549,6 +550,10 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
     }
     out.bytes = std::move(e.bytes);
     return Status::Ok();
+  };
+  auto add = [&](StoredEntry e, bool chain_or_key) -> Status {
+    const bool selected = audit_query_matches(query, e.entry);
+    return add_judged(std::move(e), selected, chain_or_key);
   };
 
   // The key history: genesis and every key transition below the head.
@@ -585,17 +590,39 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
     std::uint64_t visited = 0;
     // The chain is read a page at a time, newest first, from the subject index (for format-2
     // entries the links name exactly the index's previous entry; where they do not, the entry a
-    // link names is read alone, and the verifier will judge the chain).
+    // link names is read alone, and the verifier will judge the chain). Reading and decoding the
+    // entries is most of an export's work, so while the chain walks one page the next one is read
+    // on a second thread.
+    auto page_from = [&](std::vector<std::uint64_t>::const_iterator end) {
+      std::vector<std::uint64_t> wanted;  // the page's indexes, newest first, ending before `end`
+      for (auto it = end; it != indexes.cbegin() && wanted.size() < kPage;) wanted.push_back(*--it);
+      return wanted;
+    };
     std::vector<StoredEntry> page;
     std::size_t in_page = 0;
+    std::future<Result<std::vector<StoredEntry>>> ahead;  // the page after `page`
+    std::uint64_t ahead_first = 0;
     auto read_next = [&](std::uint64_t index) -> Result<StoredEntry> {
       if (in_page < page.size() && page[in_page].index == index) return std::move(page[in_page++]);
-      auto end = std::upper_bound(indexes.begin(), indexes.end(), index);
-      if (end == indexes.begin() || *(end - 1) != index) return ledger.entry(index);
-      std::vector<std::uint64_t> wanted;
-      for (auto it = end; it != indexes.begin() && wanted.size() < kPage;) wanted.push_back(*--it);
-      MEDGATE_ASSIGN_OR_RETURN(page, ledger.entries_at(wanted));
+      auto end = std::upper_bound(indexes.cbegin(), indexes.cend(), index);
+      if (end == indexes.cbegin() || *(end - 1) != index) return ledger.entry(index);
+      Result<std::vector<StoredEntry>> read = Status::Internal("not read");
+      if (ahead.valid() && ahead_first == index) {
+        read = ahead.get();
+      } else {
+        if (ahead.valid()) (void)ahead.get();  // not the page the chain went on with
+        read = ledger.entries_at(page_from(end));
+      }
+      if (!read.ok()) return read.status();
+      page = std::move(read).value();
       in_page = 1;
+      const auto rest = end - static_cast<std::ptrdiff_t>(page.size());
+      if (rest != indexes.cbegin() && indexes.size() >= 2 * kPage) {
+        ahead_first = *(rest - 1);
+        ahead = std::async(std::launch::async, [&ledger, wanted = page_from(rest)] {
+          return ledger.entries_at(wanted);
+        });
+      }
       return std::move(page[0]);
     };
     while (next) {
@@ -620,23 +647,58 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
       next = previous;
     }
   } else {
-    std::vector<EntryType> types = types_of_kind(query.kind);
-    std::uint64_t looked = 0;
-    for (std::uint64_t from = first;;) {
-      MEDGATE_ASSIGN_OR_RETURN(auto page, ledger.entries_of_type(types, from, kPage));
-      if (page.empty()) break;
-      from = page.back().index + 1;
-      bool past = false;
-      for (StoredEntry& e : page) {
-        if (e.index >= size) {
-          past = true;
-          break;
-        }
-        MEDGATE_RETURN_IF_ERROR(add(std::move(e), false));
+    const std::vector<EntryType> types = types_of_kind(query.kind);
+    // Calls `f` for each page of the entries of these types in [from, to).
+    auto for_pages = [&ledger, &types](std::uint64_t from, std::uint64_t to,
+                                       const std::function<Status(std::span<StoredEntry>)>& f) {
+      while (from < to) {
+        MEDGATE_ASSIGN_OR_RETURN(auto page, ledger.entries_of_type(types, from, kPage));
+        if (page.empty()) break;
+        from = page.back().index + 1;
+        auto past = std::find_if(page.begin(), page.end(),
+                                 [&](const StoredEntry& e) { return e.index >= to; });
+        MEDGATE_RETURN_IF_ERROR(f(std::span<StoredEntry>(page.begin(), past)));
+        if (past != page.end()) break;
       }
+      return Status::Ok();
+    };
+    // Reading and decoding the entries is most of an export's work: on a large range the second
+    // half is read and judged on a second thread (only the selected entries are kept, and without
+    // their decoded form unless values are wanted), and taken in after this thread's first half.
+    const std::uint64_t span = size - std::min(size, first);
+    const std::uint64_t mid = span >= 2 * kThreadedFrom ? first + span / 2 : size;
+    struct Judged {
+      StoredEntry entry;
+      bool selected = false;
+    };
+    std::future<Result<std::vector<Judged>>> second_half;
+    if (mid < size) {
+      second_half = std::async(std::launch::async, [&]() -> Result<std::vector<Judged>> {
+        std::vector<Judged> kept;
+        auto keep_selected = [&](std::span<StoredEntry> page) -> Status {
+          for (StoredEntry& e : page) {
+            if (!audit_query_matches(query, e.entry)) continue;
+            if (!query.include_values) e.entry = Entry{};
+            kept.push_back({std::move(e), true});
+          }
+          return Status::Ok();
+        };
+        MEDGATE_RETURN_IF_ERROR(for_pages(mid, size, keep_selected));
+        return kept;
+      });
+    }
+    std::uint64_t looked = 0;
+    auto take_page = [&](std::span<StoredEntry> page) -> Status {
+      for (StoredEntry& e : page) MEDGATE_RETURN_IF_ERROR(add(std::move(e), false));
       looked += page.size();
-      if (options.progress) options.progress(looked, size - std::min(size, first));
-      if (past) break;
+      if (options.progress) options.progress(looked, span);
+      return Status::Ok();
+    };
+    MEDGATE_RETURN_IF_ERROR(for_pages(first, mid, take_page));
+    if (second_half.valid()) {
+      MEDGATE_ASSIGN_OR_RETURN(std::vector<Judged> kept, second_half.get());
+      for (Judged& j : kept) MEDGATE_RETURN_IF_ERROR(add_judged(std::move(j.entry), j.selected, false));
+      if (options.progress) options.progress(span, span);
     }
   }
 
