@@ -855,6 +855,7 @@ class BundleVerifier {
   }
 
   AuditReport run(ByteView bundle_bytes, ByteView signature) {
+    r_.format_version = b_.version;
     r_.ledger_id = b_.ledger_id;
     r_.created_us = b_.created_us;
     r_.exported_by = b_.exported_by;
@@ -1259,6 +1260,7 @@ nlohmann::json to_json(const AuditReport& r) {
   nlohmann::json out = {{"ok", r.ok()},
                         {"problems", r.problems},
                         {"notes", r.notes},
+                        {"format_version", r.format_version},
                         {"ledger_id", r.ledger_id},
                         {"created", format_time(r.created_us)},
                         {"exported_by", r.exported_by},

@@ -136,6 +136,7 @@ struct AuditReport {
   std::vector<std::string> problems;  // each names exactly what fails; empty when it verifies
   std::vector<std::string> notes;     // limits of what was proved (not failures)
 
+  std::uint64_t format_version = 0;  // of the bundle: 1 (a proof per entry) or 2
   std::string ledger_id;
   std::uint64_t created_us = 0;
   std::string exported_by;
