@@ -2,9 +2,10 @@
 #include "ledger/audit_bundle.h"
 
 #include <algorithm>
+#include <deque>
+#include <future>
 #include <map>
 #include <set>
-#include <future>
 #include <thread>
 
 #include <fmt/format.h>
@@ -170,8 +171,8 @@ bool audit_query_matches(const AuditQuery& q, const Entry& e) {
 
 Result<Bytes> encode_audit_bundle(const AuditBundle& b) {
   if (b.version != 1 && b.version != 2)
-    return Status::InvalidArgument(
-        fmt::format("audit bundle format version {} is not one this build writes (1, 2)", b.version));
+    return Status::InvalidArgument(fmt::format(
+        "audit bundle format version {} is not one this build writes (1, 2)", b.version));
   const bool per_entry_proofs = b.version == 1;
   if (per_entry_proofs && !b.multi_proof.empty())
     return Status::InvalidArgument("a format-1 audit bundle has no multi-leaf proof");
@@ -216,9 +217,9 @@ Result<Bytes> encode_audit_bundle(const AuditBundle& b) {
   for (const BundleEntry& e : b.entries) {
     MEDGATE_ASSIGN_OR_RETURN(EntryHeader h, read_entry_header(e.bytes));
     if (!per_entry_proofs && !e.proof.empty())
-      return Status::InvalidArgument(fmt::format(
-          "entry {} has its own inclusion proof, which format {} does not carry", e.index,
-          b.version));
+      return Status::InvalidArgument(
+          fmt::format("entry {} has its own inclusion proof, which format {} does not carry",
+                      e.index, b.version));
     w.map_header((e.values ? 1 : 0) + (per_entry_proofs ? 5 : 4));
     w.text("meta");
     w.map_header(4);
@@ -328,9 +329,9 @@ Result<BundleEntry> read_entry_record(ByteView item, std::uint64_t version) {
     }
   }
   if (!c.at_end()) return bad("an entry record has bytes after it");
-  for (auto [present, name] :
-       {std::pair{index, "index"}, std::pair{bytes, "bytes"}, std::pair{proof || version != 1, "proof"},
-        std::pair{selected, "selected"}, std::pair{meta, "meta"}})
+  for (auto [present, name] : {std::pair{index, "index"}, std::pair{bytes, "bytes"},
+                               std::pair{proof || version != 1, "proof"},
+                               std::pair{selected, "selected"}, std::pair{meta, "meta"}})
     if (!present) return bad(fmt::format("{} has no \"{}\"", where, name));
   return e;
 }
@@ -505,9 +506,9 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
   if (query.from_us && query.to_us && *query.from_us > *query.to_us)
     return Status::InvalidArgument("--from is after --to");
   if (options.format_version != 1 && options.format_version != 2)
-    return Status::InvalidArgument(fmt::format(
-        "audit bundle format version {} is not one this build writes (1, 2)",
-        options.format_version));
+    return Status::InvalidArgument(
+        fmt::format("audit bundle format version {} is not one this build writes (1, 2)",
+                    options.format_version));
 
   // The bundle's head, and for a patient the subject map at exactly that head (a head signed in
   // between moves the map on: sign again).
@@ -591,37 +592,47 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
     // The chain is read a page at a time, newest first, from the subject index (for format-2
     // entries the links name exactly the index's previous entry; where they do not, the entry a
     // link names is read alone, and the verifier will judge the chain). Reading and decoding the
-    // entries is most of an export's work, so while the chain walks one page the next one is read
-    // on a second thread.
-    auto page_from = [&](std::vector<std::uint64_t>::const_iterator end) {
+    // entries is most of an export's work, and taking them in is little: so for a long chain the
+    // next two pages are always being read, on two other threads, while this one takes a page in.
+    using Position = std::vector<std::uint64_t>::const_iterator;
+    auto page_from = [&](Position end) {
       std::vector<std::uint64_t> wanted;  // the page's indexes, newest first, ending before `end`
       for (auto it = end; it != indexes.cbegin() && wanted.size() < kPage;) wanted.push_back(*--it);
       return wanted;
     };
     std::vector<StoredEntry> page;
     std::size_t in_page = 0;
-    std::future<Result<std::vector<StoredEntry>>> ahead;  // the page after `page`
-    std::uint64_t ahead_first = 0;
+    struct Ahead {
+      std::uint64_t first = 0;  // the newest index of the page
+      std::future<Result<std::vector<StoredEntry>>> entries;
+    };
+    std::deque<Ahead> ahead;             // pages being read, in the order the chain will want them
+    Position unread = indexes.cbegin();  // the end of the newest page not being read yet
+    const bool read_ahead = indexes.size() >= 2 * kPage;
     auto read_next = [&](std::uint64_t index) -> Result<StoredEntry> {
       if (in_page < page.size() && page[in_page].index == index) return std::move(page[in_page++]);
       auto end = std::upper_bound(indexes.cbegin(), indexes.cend(), index);
       if (end == indexes.cbegin() || *(end - 1) != index) return ledger.entry(index);
       Result<std::vector<StoredEntry>> read = Status::Internal("not read");
-      if (ahead.valid() && ahead_first == index) {
-        read = ahead.get();
+      if (!ahead.empty() && ahead.front().first == index) {
+        read = ahead.front().entries.get();
+        ahead.pop_front();
       } else {
-        if (ahead.valid()) (void)ahead.get();  // not the page the chain went on with
+        ahead.clear();  // not the pages the chain went on with (each waits for its read)
         read = ledger.entries_at(page_from(end));
+        unread = end - static_cast<std::ptrdiff_t>(std::min<std::size_t>(
+                           kPage, static_cast<std::size_t>(end - indexes.cbegin())));
       }
       if (!read.ok()) return read.status();
       page = std::move(read).value();
       in_page = 1;
-      const auto rest = end - static_cast<std::ptrdiff_t>(page.size());
-      if (rest != indexes.cbegin() && indexes.size() >= 2 * kPage) {
-        ahead_first = *(rest - 1);
-        ahead = std::async(std::launch::async, [&ledger, wanted = page_from(rest)] {
-          return ledger.entries_at(wanted);
-        });
+      while (read_ahead && ahead.size() < 2 && unread != indexes.cbegin()) {
+        ahead.push_back(
+            {*(unread - 1), std::async(std::launch::async, [&ledger, wanted = page_from(unread)] {
+               return ledger.entries_at(wanted);
+             })});
+        unread -= static_cast<std::ptrdiff_t>(
+            std::min<std::size_t>(kPage, static_cast<std::size_t>(unread - indexes.cbegin())));
       }
       return std::move(page[0]);
     };
@@ -697,7 +708,8 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
     MEDGATE_RETURN_IF_ERROR(for_pages(first, mid, take_page));
     if (second_half.valid()) {
       MEDGATE_ASSIGN_OR_RETURN(std::vector<Judged> kept, second_half.get());
-      for (Judged& j : kept) MEDGATE_RETURN_IF_ERROR(add_judged(std::move(j.entry), j.selected, false));
+      for (Judged& j : kept)
+        MEDGATE_RETURN_IF_ERROR(add_judged(std::move(j.entry), j.selected, false));
       if (options.progress) options.progress(span, span);
     }
   }
@@ -956,8 +968,8 @@ class BundleVerifier {
                         e.index, k, *previous));
       previous = e.index;
       if (!decoded[k].ok()) {
-        problem(fmt::format("entry {}: does not decode: {}", e.index,
-                            decoded[k].status().message()));
+        problem(
+            fmt::format("entry {}: does not decode: {}", e.index, decoded[k].status().message()));
         continue;
       }
       if (!proofs[k].ok())
@@ -983,18 +995,17 @@ class BundleVerifier {
     if (!std::is_sorted(leaves.begin(), leaves.end(), by_index)) {
       std::stable_sort(leaves.begin(), leaves.end(), by_index);
     }
-    auto same = std::adjacent_find(
-        leaves.begin(), leaves.end(),
-        [](const merkle::IndexedLeaf& x, const merkle::IndexedLeaf& y) {
-          return x.index == y.index;
-        });
+    auto same = std::adjacent_find(leaves.begin(), leaves.end(),
+                                   [](const merkle::IndexedLeaf& x, const merkle::IndexedLeaf& y) {
+                                     return x.index == y.index;
+                                   });
     if (same != leaves.end())
       return fmt::format(
           "entry {} is in the bundle more than once: the multi-leaf inclusion proof proves each "
           "entry once, so it cannot be checked",
           same->index);
-    if (Status s = merkle::verify_multi_inclusion(leaves, head_.tree_size, b_.multi_proof,
-                                                  head_.root);
+    if (Status s =
+            merkle::verify_multi_inclusion(leaves, head_.tree_size, b_.multi_proof, head_.root);
         !s.ok())
       return fmt::format(
           "the entries' multi-leaf inclusion proof does not lead to the signed head's root (an "

@@ -390,13 +390,12 @@ Result<Hash> root_from_multi_proof(std::span<const IndexedLeaf> leaves, std::uin
     return Status::VerificationFailed("multi-leaf inclusion: no leaves, so nothing is proved");
   for (std::size_t k = 0; k < leaves.size(); ++k) {
     if (leaves[k].index >= size)
-      return Status::VerificationFailed(
-          fmt::format("multi-leaf inclusion: leaf index {} is not below tree size {}",
-                      leaves[k].index, size));
-    if (k > 0 && leaves[k].index <= leaves[k - 1].index)
       return Status::VerificationFailed(fmt::format(
-          "multi-leaf inclusion: leaf indexes must ascend strictly ({} follows {})",
-          leaves[k].index, leaves[k - 1].index));
+          "multi-leaf inclusion: leaf index {} is not below tree size {}", leaves[k].index, size));
+    if (k > 0 && leaves[k].index <= leaves[k - 1].index)
+      return Status::VerificationFailed(
+          fmt::format("multi-leaf inclusion: leaf indexes must ascend strictly ({} follows {})",
+                      leaves[k].index, leaves[k - 1].index));
   }
   MultiProofRoot walker(leaves, proof);
   Hash root = walker.walk(0, size, 0, leaves.size());

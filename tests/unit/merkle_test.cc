@@ -477,7 +477,8 @@ void check_tampers(const std::vector<merkle::IndexedLeaf>& leaves, std::uint64_t
   if (proof.size() > 1) {
     auto reversed = proof;
     std::reverse(reversed.begin(), reversed.end());
-    if (reversed != proof) CHECK_FALSE(merkle::verify_multi_inclusion(leaves, n, reversed, root).ok());
+    if (reversed != proof)
+      CHECK_FALSE(merkle::verify_multi_inclusion(leaves, n, reversed, root).ok());
   }
   // A changed leaf, a leaf left out, the leaves out of order or repeated.
   auto changed_leaf = leaves;
@@ -535,8 +536,7 @@ TEST_CASE("multi-leaf proofs: every subset of the reference tree", "[merkle][mul
         if (c["treeSize"].get<std::uint64_t>() == size &&
             (mask >> c["leafIdx"].get<std::uint64_t>()) & 1)
           for (const Hash& h : hex_hashes(c["proofHex"])) paths.push_back(h);
-      for (const Hash& h : *proof)
-        CHECK(std::find(paths.begin(), paths.end(), h) != paths.end());
+      for (const Hash& h : *proof) CHECK(std::find(paths.begin(), paths.end(), h) != paths.end());
       if (indexes.size() == 1) {
         std::sort(paths.begin(), paths.end());
         CHECK(sorted == paths);
