@@ -455,6 +455,13 @@ TEST_CASE("every tamper with a bundle is named", "[audit]") {
       AuditBundle fewer = good;
       fewer.entries.erase(fewer.entries.begin() + 1);
       fails(fewer);
+      // An entry claiming an index the signed head does not cover.
+      AuditBundle beyond = good;
+      beyond.entries.back().index = decode_head(good.head.bytes)->tree_size;
+      AuditReport r = verify(sign(*f.keys, beyond), f.key);
+      INFO(problems(r));
+      CHECK(has_problem(r, fmt::format("leaf index {} is not below tree size {}",
+                                       beyond.entries.back().index, beyond.entries.back().index)));
     }
     AuditBundle c = good;
     c.subject_proof->match->latest = 6;  // hide the newest entry
