@@ -772,7 +772,8 @@ class Ledger::Impl {
 
   // One multi-leaf proof through one reader in one read transaction. The proof's walk asks for
   // nodes left to right, so at each tile level the tiles it needs come in ascending order: keeping
-  // the last tile read per level reads each tile once, in O(levels) memory.
+  // the last tile read per level reads each tile about once (the right edge's pieces come right to
+  // left), in O(levels) memory.
   Result<std::vector<Hash>> multi_inclusion_proof(std::span<const std::uint64_t> indexes,
                                                   std::uint64_t size) const {
     MEDGATE_RETURN_IF_ERROR(check_size(size));

@@ -1079,6 +1079,30 @@ TEST_CASE("batch proofs and reads give what one call per entry gives", "[audit]"
     }
   }
   CHECK_FALSE(f.ledger->inclusion_proofs(std::vector<std::uint64_t>{0}, tree + 1).ok());
+  // The multi-leaf proof from the store's tiles leads to the store's root, for sizes inside and at
+  // the edge of tiles, sparse and dense sets, with the partial tile at the right edge.
+  for (std::uint64_t size :
+       {tree, tree - 1, std::uint64_t{17}, std::uint64_t{16}, std::uint64_t{8}}) {
+    for (std::uint64_t step : {std::uint64_t{1}, std::uint64_t{3}, std::uint64_t{37}}) {
+      std::vector<std::uint64_t> indexes;
+      std::vector<merkle::IndexedLeaf> leaves;
+      for (std::uint64_t i = step / 2; i < size; i += step) {
+        indexes.push_back(i);
+        leaves.push_back({i, f.ledger->entry(i)->leaf});
+      }
+      INFO("size " << size << ", every " << step);
+      if (indexes.empty()) continue;
+      Result<std::vector<Hash>> proof = f.ledger->multi_inclusion_proof(indexes, size);
+      REQUIRE(proof.ok());
+      Result<Hash> root = f.ledger->root_at(size);
+      REQUIRE(root.ok());
+      CHECK(merkle::verify_multi_inclusion(leaves, size, *proof, *root).ok());
+      if (step == 1) CHECK(proof->empty());
+    }
+  }
+  CHECK(f.ledger->multi_inclusion_proof(std::vector<std::uint64_t>{3, 2}, tree).status().code() ==
+        StatusCode::kInvalidArgument);
+  CHECK_FALSE(f.ledger->multi_inclusion_proof(std::vector<std::uint64_t>{0}, tree + 1).ok());
   std::vector<std::uint64_t> some{7, 2, 150, 0};
   Result<std::vector<StoredEntry>> read = f.ledger->entries_at(some);
   REQUIRE(read.ok());
