@@ -1144,6 +1144,16 @@ TEST_CASE("a large bundle is checked on two threads and reports as one would", "
   CHECK(clean->ok());
   CHECK(progress_done == good.entries.size());
   CHECK(progress_total == good.entries.size());
+  // Encoded (and decoded) in two halves on two threads: the same records, in order, and the same
+  // bytes again.
+  Result<AuditBundle> decoded = decode_audit_bundle(s.bytes);
+  REQUIRE(decoded.ok());
+  REQUIRE(decoded->entries.size() == good.entries.size());
+  for (std::size_t k = 0; k < good.entries.size(); ++k) {
+    CHECK(decoded->entries[k].index == good.entries[k].index);
+    CHECK(decoded->entries[k].bytes == good.entries[k].bytes);
+  }
+  CHECK(*encode_audit_bundle(*decoded) == s.bytes);
 
   // Damage in both halves: each named, in bundle order.
   AuditBundle bad = good;
