@@ -370,12 +370,12 @@ int cmd_audit_verify(const GlobalOptions& g, const std::string& file,
   }
   if (!g.json) {
     std::cout << fmt::format(
-        "{} verifies: ledger '{}', exported by {} at {}\n"
+        "{} verifies: ledger '{}', exported by {} at {} (bundle format {})\n"
         "signed head: tree size {}, {}, root {}, key {}\n"
         "{} entries ({} selected), {} earlier head(s) consistent, key chain of {}\n",
-        file, r.ledger_id, r.exported_by, ledger::format_time(r.created_us), r.tree_size,
-        ledger::format_time(r.head_time_us), to_hex(r.root), r.signing_key.substr(0, 16), r.entries,
-        r.selected, r.earlier_heads, r.key_chain.size());
+        file, r.ledger_id, r.exported_by, ledger::format_time(r.created_us), r.format_version,
+        r.tree_size, ledger::format_time(r.head_time_us), to_hex(r.root),
+        r.signing_key.substr(0, 16), r.entries, r.selected, r.earlier_heads, r.key_chain.size());
     if (r.patient_query)
       std::cout << (r.patient_latest
                         ? fmt::format("patient: complete; latest entry {} (by the signed subject "

@@ -2,6 +2,8 @@
 #include "ledger/audit_bundle.h"
 
 #include <algorithm>
+#include <deque>
+#include <future>
 #include <map>
 #include <set>
 #include <thread>
@@ -20,6 +22,9 @@ using cbor::Value;
 
 constexpr std::size_t kPage = 4096;
 constexpr std::size_t kMaxProblems = 50;
+// Bundles with at least this many entries are decoded and checked on two threads; below it a
+// thread costs more than it saves.
+constexpr std::size_t kThreadedFrom = 8192;
 
 Value text_key(std::string_view k) {
   return Value::text(std::string(k));
@@ -164,7 +169,57 @@ bool audit_query_matches(const AuditQuery& q, const Entry& e) {
   return true;
 }
 
+namespace {
+
+// One entry record, written straight into the output instead of being built as a Value first: the
+// same canonical bytes, without ~30 allocations per entry. A canonical map's keys are in bytewise
+// order of their encodings, so shorter text keys first: record {"meta", "bytes", "index", "proof"
+// (format 1), "values", "selected"}, meta {"kind", "time", "type", "actor"}. The strict decoder
+// (and the round-trip tests) hold this to the rule.
+Status write_entry_record(const BundleEntry& e, std::uint64_t version, cbor::Writer& w) {
+  const bool per_entry_proofs = version == 1;
+  MEDGATE_ASSIGN_OR_RETURN(EntryHeader h, read_entry_header(e.bytes));
+  if (!per_entry_proofs && !e.proof.empty())
+    return Status::InvalidArgument(fmt::format(
+        "entry {} has its own inclusion proof, which format {} does not carry", e.index, version));
+  w.map_header((e.values ? 1 : 0) + (per_entry_proofs ? 5 : 4));
+  w.text("meta");
+  w.map_header(4);
+  w.text("kind");
+  w.text(h.info->audit_kind);
+  w.text("time");
+  w.text(format_time(h.time_us));
+  w.text("type");
+  w.text(h.info->name);
+  w.text("actor");
+  w.text(h.actor);
+  w.text("bytes");
+  w.bytes(e.bytes);
+  w.text("index");
+  w.uint(e.index);
+  if (per_entry_proofs) {
+    w.text("proof");
+    w.array_header(e.proof.size());
+    for (const Hash& p : e.proof) w.bytes(p);
+  }
+  if (e.values) {
+    w.text("values");
+    cbor::encode_to(*e.values, w);
+  }
+  w.text("selected");
+  w.boolean(e.selected);
+  return Status::Ok();
+}
+
+}  // namespace
+
 Result<Bytes> encode_audit_bundle(const AuditBundle& b) {
+  if (b.version != 1 && b.version != 2)
+    return Status::InvalidArgument(fmt::format(
+        "audit bundle format version {} is not one this build writes (1, 2)", b.version));
+  const bool per_entry_proofs = b.version == 1;
+  if (per_entry_proofs && !b.multi_proof.empty())
+    return Status::InvalidArgument("a format-1 audit bundle has no multi-leaf proof");
   cbor::Map query;
   const AuditQuery& q = b.query;
   if (q.from_us) query.emplace_back(text_key("from"), Value::uint(*q.from_us));
@@ -177,17 +232,13 @@ Result<Bytes> encode_audit_bundle(const AuditBundle& b) {
   cbor::Array earlier;
   for (const BundleHead& h : b.earlier_heads) earlier.push_back(head_value(h, true));
 
-  // The entries (nearly all of a large bundle) are written straight into the output instead of
-  // being built as Values first: the same canonical bytes, without ~30 allocations per entry. A
-  // canonical map's keys are in bytewise order of their encodings, so shorter text keys first:
-  // record {"meta", "bytes", "index", "proof", "values", "selected"}, meta {"kind", "time",
-  // "type", "actor"}. The strict decoder (and the round-trip tests) hold this to the rule.
+  // The entries (nearly all of a large bundle) are written by write_entry_record().
   cbor::Writer w;
-  w.map_header(b.subject_proof ? 10 : 9);
+  w.map_header(9 + (b.subject_proof ? 1 : 0) + (per_entry_proofs ? 0 : 1));
   w.uint(0);
   w.uint(static_cast<std::uint64_t>(ObjectKind::kAuditBundle));
   w.uint(1);
-  w.uint(kAuditBundleVersion);
+  w.uint(b.version);
   w.uint(2);
   w.text(b.ledger_id);
   w.uint(3);
@@ -203,32 +254,26 @@ Result<Bytes> encode_audit_bundle(const AuditBundle& b) {
   cbor::encode_to(Value::array(std::move(earlier)), w);
   w.uint(8);
   w.array_header(b.entries.size());
-  for (const BundleEntry& e : b.entries) {
-    MEDGATE_ASSIGN_OR_RETURN(EntryHeader h, read_entry_header(e.bytes));
-    w.map_header(e.values ? 6 : 5);
-    w.text("meta");
-    w.map_header(4);
-    w.text("kind");
-    w.text(h.info->audit_kind);
-    w.text("time");
-    w.text(format_time(h.time_us));
-    w.text("type");
-    w.text(h.info->name);
-    w.text("actor");
-    w.text(h.actor);
-    w.text("bytes");
-    w.bytes(e.bytes);
-    w.text("index");
-    w.uint(e.index);
-    w.text("proof");
-    w.array_header(e.proof.size());
-    for (const Hash& p : e.proof) w.bytes(p);
-    if (e.values) {
-      w.text("values");
-      cbor::encode_to(*e.values, w);
+  // Each record on its own; a large bundle's two halves on two threads, joined in order (the same
+  // bytes as one thread writes).
+  auto write_records = [&](std::size_t from, std::size_t to, cbor::Writer& out) -> Status {
+    for (std::size_t k = from; k < to; ++k) {
+      MEDGATE_RETURN_IF_ERROR(write_entry_record(b.entries[k], b.version, out));
     }
-    w.text("selected");
-    w.boolean(e.selected);
+    return Status::Ok();
+  };
+  const std::size_t n = b.entries.size();
+  if (n >= kThreadedFrom) {
+    cbor::Writer second;
+    Status second_half;
+    {
+      std::jthread other([&] { second_half = write_records(n / 2, n, second); });
+      MEDGATE_RETURN_IF_ERROR(write_records(0, n / 2, w));
+    }
+    MEDGATE_RETURN_IF_ERROR(second_half);
+    w.raw(second.data());
+  } else {
+    MEDGATE_RETURN_IF_ERROR(write_records(0, n, w));
   }
   if (b.subject_proof) {
     cbor::Map p{{text_key("count"), Value::uint(b.subject_proof->count)}};
@@ -242,6 +287,13 @@ Result<Bytes> encode_audit_bundle(const AuditBundle& b) {
     w.uint(9);
     cbor::encode_to(pv, w);
   }
+  if (!per_entry_proofs) {
+    Bytes concatenated;
+    concatenated.reserve(b.multi_proof.size() * sizeof(Hash));
+    for (const Hash& h : b.multi_proof) concatenated.insert(concatenated.end(), h.begin(), h.end());
+    w.uint(10);
+    w.bytes(concatenated);
+  }
   return w.take();
 }
 
@@ -250,7 +302,7 @@ namespace {
 // One entry record, read with a cursor from bytes that cbor::validate accepted (canonical, so keys
 // are unique and in order): the bulk of a large bundle, decoded without building Values for the
 // entry bytes and the proof hashes.
-Result<BundleEntry> read_entry_record(ByteView item) {
+Result<BundleEntry> read_entry_record(ByteView item, std::uint64_t version) {
   constexpr std::string_view where = "an entry record";
   cbor::Cursor c(item);
   MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head map, c.head());
@@ -270,7 +322,7 @@ Result<BundleEntry> read_entry_record(ByteView item) {
       if (!v.ok()) return bad(fmt::format("{} \"bytes\" is not bytes", where));
       e.bytes.assign(v->begin(), v->end());
       bytes = true;
-    } else if (*key == "proof") {
+    } else if (*key == "proof" && version == 1) {
       MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head a, c.head());
       if (a.major != 4) return bad(fmt::format("{} \"proof\" is not an array", where));
       if (a.arg > item.size()) return bad(fmt::format("{} \"proof\" is too long", where));
@@ -300,14 +352,14 @@ Result<BundleEntry> read_entry_record(ByteView item) {
         e.values = std::move(v);
       }
     } else {
-      // Format 1 ignores nothing: an unknown key is another format or a forgery.
+      // No format ignores anything: an unknown key is another format or a forgery.
       return bad(fmt::format("{} has an unknown key \"{}\"", where, *key));
     }
   }
   if (!c.at_end()) return bad("an entry record has bytes after it");
-  for (auto [present, name] :
-       {std::pair{index, "index"}, std::pair{bytes, "bytes"}, std::pair{proof, "proof"},
-        std::pair{selected, "selected"}, std::pair{meta, "meta"}})
+  for (auto [present, name] : {std::pair{index, "index"}, std::pair{bytes, "bytes"},
+                               std::pair{proof || version != 1, "proof"},
+                               std::pair{selected, "selected"}, std::pair{meta, "meta"}})
     if (!present) return bad(fmt::format("{} has no \"{}\"", where, name));
   return e;
 }
@@ -342,13 +394,15 @@ Result<AuditBundle> decode_audit_bundle(ByteView bytes) {
   if (!kind || kind->as_uint() != static_cast<std::uint64_t>(ObjectKind::kAuditBundle))
     return bad("the object is not an audit bundle (key 0)");
   const Value* version = v.find(std::uint64_t{1});
-  if (!version || version->as_uint() != kAuditBundleVersion)
-    return bad("audit bundle format version is not one this build reads (1)");
-  for (const auto& [k, item] : *v.as_map())
-    if (!k.as_uint() || *k.as_uint() > 9)
-      return bad("the bundle has a key format 1 does not define");
-  auto key = [&](std::uint64_t k) { return v.find(k); };
+  if (!version || !version->as_uint() || (*version->as_uint() != 1 && *version->as_uint() != 2))
+    return bad("audit bundle format version is not one this build reads (1, 2)");
   AuditBundle b;
+  b.version = *version->as_uint();
+  const std::uint64_t last_key = b.version == 1 ? 9 : 10;
+  for (const auto& [k, item] : *v.as_map())
+    if (!k.as_uint() || *k.as_uint() > last_key)
+      return bad(fmt::format("the bundle has a key format {} does not define", b.version));
+  auto key = [&](std::uint64_t k) { return v.find(k); };
   if (!key(2) || !key(2)->as_text()) return bad("no ledger id (key 2)");
   b.ledger_id = *key(2)->as_text();
   if (!key(3) || !key(3)->as_uint()) return bad("no creation time (key 3)");
@@ -387,12 +441,31 @@ Result<AuditBundle> decode_audit_bundle(ByteView bytes) {
   MEDGATE_ASSIGN_OR_RETURN(cbor::Cursor::Head array, entries.head());
   if (array.major != 4) return bad("no entries (key 8)");
   if (array.arg > entries_item->size()) return bad("the entries array is longer than the bundle");
-  b.entries.reserve(array.arg);
+  // The records' extents first (a cursor skipping over them), then the records themselves, in two
+  // halves on two threads for a large bundle; the first bad record in bundle order is reported.
+  std::vector<ByteView> items;
+  items.reserve(array.arg);
   for (std::uint64_t k = 0; k < array.arg; ++k) {
     MEDGATE_ASSIGN_OR_RETURN(ByteView item, entries.read_item());
-    MEDGATE_ASSIGN_OR_RETURN(BundleEntry e, read_entry_record(item));
-    b.entries.push_back(std::move(e));
+    items.push_back(item);
   }
+  b.entries.resize(items.size());
+  auto read_records = [&](std::size_t from, std::size_t to) -> Status {
+    for (std::size_t k = from; k < to; ++k) {
+      MEDGATE_ASSIGN_OR_RETURN(b.entries[k], read_entry_record(items[k], b.version));
+    }
+    return Status::Ok();
+  };
+  const std::size_t n = items.size();
+  Status first_half, second_half;
+  if (n >= kThreadedFrom) {
+    std::jthread other([&] { second_half = read_records(n / 2, n); });
+    first_half = read_records(0, n / 2);
+  } else {
+    first_half = read_records(0, n);
+  }
+  MEDGATE_RETURN_IF_ERROR(first_half);
+  MEDGATE_RETURN_IF_ERROR(second_half);
   if (const Value* p = key(9)) {
     if (!p->as_map()) return bad("the subject proof (key 9) is not a map");
     SubjectMapProof proof;
@@ -401,6 +474,17 @@ Result<AuditBundle> decode_audit_bundle(ByteView bytes) {
     MEDGATE_ASSIGN_OR_RETURN(proof.below, decode_leaf_proof(*p, "below"));
     MEDGATE_ASSIGN_OR_RETURN(proof.above, decode_leaf_proof(*p, "above"));
     b.subject_proof = std::move(proof);
+  }
+  if (b.version >= 2) {
+    const Value* p = key(10);
+    if (!p || !p->as_bytes()) return bad("no multi-leaf inclusion proof (key 10)");
+    const Bytes& hashes = *p->as_bytes();
+    if (hashes.size() % sizeof(Hash) != 0)
+      return bad("the multi-leaf inclusion proof (key 10) is not a whole number of hashes");
+    b.multi_proof.resize(hashes.size() / sizeof(Hash));
+    for (std::size_t k = 0; k < b.multi_proof.size(); ++k)
+      std::copy_n(hashes.begin() + static_cast<std::ptrdiff_t>(k * sizeof(Hash)), sizeof(Hash),
+                  b.multi_proof[k].begin());
   }
   return b;
 }
@@ -449,6 +533,10 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
         *query.kind));
   if (query.from_us && query.to_us && *query.from_us > *query.to_us)
     return Status::InvalidArgument("--from is after --to");
+  if (options.format_version != 1 && options.format_version != 2)
+    return Status::InvalidArgument(
+        fmt::format("audit bundle format version {} is not one this build writes (1, 2)",
+                    options.format_version));
 
   // The bundle's head, and for a patient the subject map at exactly that head (a head signed in
   // between moves the map on: sign again).
@@ -469,6 +557,7 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
   const std::uint64_t size = head.head.tree_size;
 
   AuditBundle b;
+  b.version = options.format_version;
   b.ledger_id = ledger.ledger_id();
   b.created_us = now_us();
   b.exported_by = exported_by;
@@ -477,8 +566,8 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
   b.subject_proof = subject_proof;
 
   std::map<std::uint64_t, BundleEntry> picked;
-  auto add = [&](StoredEntry e, bool chain_or_key) -> Status {
-    bool selected = audit_query_matches(query, e.entry);
+  // Takes an entry into the bundle if the query selects it (`selected`) or it is proof material.
+  auto add_judged = [&](StoredEntry e, bool selected, bool chain_or_key) -> Status {
     if (!selected && !chain_or_key) return Status::Ok();
     auto [it, fresh] = picked.try_emplace(e.index);
     if (!fresh) return Status::Ok();
@@ -490,6 +579,10 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
     }
     out.bytes = std::move(e.bytes);
     return Status::Ok();
+  };
+  auto add = [&](StoredEntry e, bool chain_or_key) -> Status {
+    const bool selected = audit_query_matches(query, e.entry);
+    return add_judged(std::move(e), selected, chain_or_key);
   };
 
   // The key history: genesis and every key transition below the head.
@@ -526,17 +619,49 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
     std::uint64_t visited = 0;
     // The chain is read a page at a time, newest first, from the subject index (for format-2
     // entries the links name exactly the index's previous entry; where they do not, the entry a
-    // link names is read alone, and the verifier will judge the chain).
+    // link names is read alone, and the verifier will judge the chain). Reading and decoding the
+    // entries is most of an export's work, and taking them in is little: so for a long chain the
+    // next two pages are always being read, on two other threads, while this one takes a page in.
+    using Position = std::vector<std::uint64_t>::const_iterator;
+    auto page_from = [&](Position end) {
+      std::vector<std::uint64_t> wanted;  // the page's indexes, newest first, ending before `end`
+      for (auto it = end; it != indexes.cbegin() && wanted.size() < kPage;) wanted.push_back(*--it);
+      return wanted;
+    };
     std::vector<StoredEntry> page;
     std::size_t in_page = 0;
+    struct Ahead {
+      std::uint64_t first = 0;  // the newest index of the page
+      std::future<Result<std::vector<StoredEntry>>> entries;
+    };
+    std::deque<Ahead> ahead;             // pages being read, in the order the chain will want them
+    Position unread = indexes.cbegin();  // the end of the newest page not being read yet
+    const bool read_ahead = indexes.size() >= 2 * kPage;
     auto read_next = [&](std::uint64_t index) -> Result<StoredEntry> {
       if (in_page < page.size() && page[in_page].index == index) return std::move(page[in_page++]);
-      auto end = std::upper_bound(indexes.begin(), indexes.end(), index);
-      if (end == indexes.begin() || *(end - 1) != index) return ledger.entry(index);
-      std::vector<std::uint64_t> wanted;
-      for (auto it = end; it != indexes.begin() && wanted.size() < kPage;) wanted.push_back(*--it);
-      MEDGATE_ASSIGN_OR_RETURN(page, ledger.entries_at(wanted));
+      auto end = std::upper_bound(indexes.cbegin(), indexes.cend(), index);
+      if (end == indexes.cbegin() || *(end - 1) != index) return ledger.entry(index);
+      Result<std::vector<StoredEntry>> read = Status::Internal("not read");
+      if (!ahead.empty() && ahead.front().first == index) {
+        read = ahead.front().entries.get();
+        ahead.pop_front();
+      } else {
+        ahead.clear();  // not the pages the chain went on with (each waits for its read)
+        read = ledger.entries_at(page_from(end));
+        unread = end - static_cast<std::ptrdiff_t>(std::min<std::size_t>(
+                           kPage, static_cast<std::size_t>(end - indexes.cbegin())));
+      }
+      if (!read.ok()) return read.status();
+      page = std::move(read).value();
       in_page = 1;
+      while (read_ahead && ahead.size() < 2 && unread != indexes.cbegin()) {
+        ahead.push_back(
+            {*(unread - 1), std::async(std::launch::async, [&ledger, wanted = page_from(unread)] {
+               return ledger.entries_at(wanted);
+             })});
+        unread -= static_cast<std::ptrdiff_t>(
+            std::min<std::size_t>(kPage, static_cast<std::size_t>(unread - indexes.cbegin())));
+      }
       return std::move(page[0]);
     };
     while (next) {
@@ -561,37 +686,78 @@ Result<AuditBundle> build_audit_bundle(Ledger& ledger, const AuditQuery& query,
       next = previous;
     }
   } else {
-    std::vector<EntryType> types = types_of_kind(query.kind);
-    std::uint64_t looked = 0;
-    for (std::uint64_t from = first;;) {
-      MEDGATE_ASSIGN_OR_RETURN(auto page, ledger.entries_of_type(types, from, kPage));
-      if (page.empty()) break;
-      from = page.back().index + 1;
-      bool past = false;
-      for (StoredEntry& e : page) {
-        if (e.index >= size) {
-          past = true;
-          break;
-        }
-        MEDGATE_RETURN_IF_ERROR(add(std::move(e), false));
+    const std::vector<EntryType> types = types_of_kind(query.kind);
+    // Calls `f` for each page of the entries of these types in [from, to).
+    auto for_pages = [&ledger, &types](std::uint64_t from, std::uint64_t to,
+                                       const std::function<Status(std::span<StoredEntry>)>& f) {
+      while (from < to) {
+        MEDGATE_ASSIGN_OR_RETURN(auto page, ledger.entries_of_type(types, from, kPage));
+        if (page.empty()) break;
+        from = page.back().index + 1;
+        auto past = std::find_if(page.begin(), page.end(),
+                                 [&](const StoredEntry& e) { return e.index >= to; });
+        MEDGATE_RETURN_IF_ERROR(f(std::span<StoredEntry>(page.begin(), past)));
+        if (past != page.end()) break;
       }
+      return Status::Ok();
+    };
+    // Reading and decoding the entries is most of an export's work: on a large range the second
+    // half is read and judged on a second thread (only the selected entries are kept, and without
+    // their decoded form unless values are wanted), and taken in after this thread's first half.
+    const std::uint64_t span = size - std::min(size, first);
+    const std::uint64_t mid = span >= 2 * kThreadedFrom ? first + span / 2 : size;
+    struct Judged {
+      StoredEntry entry;
+      bool selected = false;
+    };
+    std::future<Result<std::vector<Judged>>> second_half;
+    if (mid < size) {
+      second_half = std::async(std::launch::async, [&]() -> Result<std::vector<Judged>> {
+        std::vector<Judged> kept;
+        auto keep_selected = [&](std::span<StoredEntry> page) -> Status {
+          for (StoredEntry& e : page) {
+            if (!audit_query_matches(query, e.entry)) continue;
+            if (!query.include_values) e.entry = Entry{};
+            kept.push_back({std::move(e), true});
+          }
+          return Status::Ok();
+        };
+        MEDGATE_RETURN_IF_ERROR(for_pages(mid, size, keep_selected));
+        return kept;
+      });
+    }
+    std::uint64_t looked = 0;
+    auto take_page = [&](std::span<StoredEntry> page) -> Status {
+      for (StoredEntry& e : page) MEDGATE_RETURN_IF_ERROR(add(std::move(e), false));
       looked += page.size();
-      if (options.progress) options.progress(looked, size - std::min(size, first));
-      if (past) break;
+      if (options.progress) options.progress(looked, span);
+      return Status::Ok();
+    };
+    MEDGATE_RETURN_IF_ERROR(for_pages(first, mid, take_page));
+    if (second_half.valid()) {
+      MEDGATE_ASSIGN_OR_RETURN(std::vector<Judged> kept, second_half.get());
+      for (Judged& j : kept)
+        MEDGATE_RETURN_IF_ERROR(add_judged(std::move(j.entry), j.selected, false));
+      if (options.progress) options.progress(span, span);
     }
   }
 
-  // Inclusion proofs, all to the bundle head, in one batch (they share most of their nodes).
+  // Format 2: one multi-leaf proof of every entry to the bundle head. Format 1: an inclusion
+  // proof per entry, all in one batch (they share most of their nodes).
   std::vector<std::uint64_t> proved;
   proved.reserve(picked.size());
   for (const auto& [index, e] : picked) proved.push_back(index);
-  MEDGATE_ASSIGN_OR_RETURN(std::vector<std::vector<Hash>> proofs,
-                           ledger.inclusion_proofs(proved, size));
+  std::vector<std::vector<Hash>> proofs;
+  if (b.version == 1) {
+    MEDGATE_ASSIGN_OR_RETURN(proofs, ledger.inclusion_proofs(proved, size));
+  } else {
+    MEDGATE_ASSIGN_OR_RETURN(b.multi_proof, ledger.multi_inclusion_proof(proved, size));
+  }
   b.entries.reserve(picked.size());
   std::optional<std::uint64_t> first_selected, last_selected;
   std::size_t k = 0;
   for (auto& [index, e] : picked) {
-    e.proof = std::move(proofs[k++]);
+    if (b.version == 1) e.proof = std::move(proofs[k++]);
     if (e.selected) {
       if (!first_selected) first_selected = index;
       last_selected = index;
@@ -729,6 +895,7 @@ class BundleVerifier {
   }
 
   AuditReport run(ByteView bundle_bytes, ByteView signature) {
+    r_.format_version = b_.version;
     r_.ledger_id = b_.ledger_id;
     r_.created_us = b_.created_us;
     r_.exported_by = b_.exported_by;
@@ -752,12 +919,29 @@ class BundleVerifier {
                           b_.ledger_id));
 
     check_entries_order_and_proofs();
-    take_key_history();
-    check_bundle_signature(bundle_bytes, signature);
-    check_head_signature(head_, b_.head.bytes, b_.head.signature, "the bundle head");
-    check_earlier_heads();
-    check_selection();
-    if (r_.patient_query) check_patient_chain();
+    // The bundle's digest and format 2's multi-leaf proof are pure hashing: on a large bundle
+    // they run on a second thread while the checks below run on this one. Their problems are
+    // reported after those either way, so a report reads the same whatever the bundle's size.
+    Hash digest{};
+    std::optional<std::string> multi_problem;
+    auto hashing = [&] {
+      digest = sha256(bundle_bytes);
+      if (b_.version >= 2) multi_problem = multi_proof_problem();
+    };
+    {
+      std::jthread helper;
+      if (b_.entries.size() >= kThreadedFrom)
+        helper = std::jthread(hashing);
+      else
+        hashing();
+      take_key_history();
+      check_head_signature(head_, b_.head.bytes, b_.head.signature, "the bundle head");
+      check_earlier_heads();
+      check_selection();
+      if (r_.patient_query) check_patient_chain();
+    }  // joins the helper
+    if (multi_problem) problem(std::move(*multi_problem));
+    check_bundle_signature(digest, signature);
     if (b_.query.include_values) r_.values_included = true;
     return r_;
   }
@@ -769,32 +953,36 @@ class BundleVerifier {
 
   // Entries in strictly ascending index order, each below the head's size, each proved in it.
   // Decoding and proving the entries is most of the work on a large bundle: two halves run on two
-  // threads (each with its own InclusionChecker), then the results are taken in bundle order, so
-  // the problems read the same as from one thread.
+  // threads (each with its own InclusionChecker for format 1; format 2 hashes the leaves there and
+  // checks the one multi-leaf proof later, see run()), which also judge each entry's selection and
+  // metadata; then the results are taken in bundle order, so the problems read the same as from
+  // one thread.
   void check_entries_order_and_proofs() {
     const std::size_t n = b_.entries.size();
-    struct Checked {
-      Result<Entry> entry = Status::Internal("not checked");
-      Status proof;
-    };
-    std::vector<Checked> checked(n);
+    const bool per_entry_proofs = b_.version == 1;
+    std::vector<Result<Entry>> decoded(n, Status::Internal("not checked"));
+    std::vector<Status> proofs(n);
+    checks_.assign(n, RecordCheck{});
+    leaves_.resize(n);
     auto work = [&](std::size_t from, std::size_t to, bool report) {
       InclusionChecker inclusion(head_.tree_size, head_.root);
       for (std::size_t k = from; k < to; ++k) {
         const BundleEntry& e = b_.entries[k];
-        checked[k].entry = decode_entry(e.bytes);
-        if (checked[k].entry.ok())
-          checked[k].proof = inclusion.check(e.index, merkle::leaf_hash(e.bytes), e.proof);
+        decoded[k] = decode_entry(e.bytes);
+        leaves_[k] = {e.index, merkle::leaf_hash(e.bytes)};
+        if (decoded[k].ok()) {
+          checks_[k] = {true, audit_query_matches(b_.query, *decoded[k]),
+                        meta_matches(e.meta, *decoded[k])};
+          if (per_entry_proofs) proofs[k] = inclusion.check(e.index, leaves_[k].hash, e.proof);
+        }
         // The other half runs alongside: report this half's progress for both.
         if (report && progress_ && (k + 1 - from) % 4096 == 0)
           progress_(std::min(n, 2 * (k + 1 - from)), n);
       }
     };
-    constexpr std::size_t kThreadedFrom = 8192;  // below this a thread costs more than it saves
     if (n >= kThreadedFrom) {
-      std::thread other(work, n / 2, n, false);
+      std::jthread other(work, n / 2, n, false);
       work(0, n / 2, true);
-      other.join();
     } else {
       work(0, n, true);
     }
@@ -807,19 +995,51 @@ class BundleVerifier {
                         "(reordered or duplicated)",
                         e.index, k, *previous));
       previous = e.index;
-      if (!checked[k].entry.ok()) {
-        problem(fmt::format("entry {}: does not decode: {}", e.index,
-                            checked[k].entry.status().message()));
+      if (!decoded[k].ok()) {
+        problem(
+            fmt::format("entry {}: does not decode: {}", e.index, decoded[k].status().message()));
         continue;
       }
-      if (!checked[k].proof.ok())
+      if (!proofs[k].ok())
         problem(
             fmt::format("entry {}: its inclusion proof does not lead to the signed head's root "
                         "(the entry or its proof was changed): {}",
-                        e.index, checked[k].proof.message()));
-      entries_.emplace_hint(entries_.end(), e.index, std::move(checked[k].entry).value());
+                        e.index, proofs[k].message()));
+      entries_.emplace_hint(entries_.end(), e.index, std::move(decoded[k]).value());
     }
     if (progress_) progress_(n, n);
+  }
+
+  // Format 2: every entry's leaf, with the bundle's one multi-leaf proof, gives the head's root.
+  // The proof cannot say which entry was changed (any one leaf or proof hash changes the root);
+  // entries out of order are put in order first, so that a reordering is named once, by
+  // check_entries_order_and_proofs(). Pure hashing on leaves_: safe on another thread while the
+  // other checks run. Returns the problem, or nothing.
+  std::optional<std::string> multi_proof_problem() {
+    std::vector<merkle::IndexedLeaf>& leaves = leaves_;
+    const auto by_index = [](const merkle::IndexedLeaf& x, const merkle::IndexedLeaf& y) {
+      return x.index < y.index;
+    };
+    if (!std::is_sorted(leaves.begin(), leaves.end(), by_index)) {
+      std::stable_sort(leaves.begin(), leaves.end(), by_index);
+    }
+    auto same = std::adjacent_find(leaves.begin(), leaves.end(),
+                                   [](const merkle::IndexedLeaf& x, const merkle::IndexedLeaf& y) {
+                                     return x.index == y.index;
+                                   });
+    if (same != leaves.end())
+      return fmt::format(
+          "entry {} is in the bundle more than once: the multi-leaf inclusion proof proves each "
+          "entry once, so it cannot be checked",
+          same->index);
+    if (Status s =
+            merkle::verify_multi_inclusion(leaves, head_.tree_size, b_.multi_proof, head_.root);
+        !s.ok())
+      return fmt::format(
+          "the entries' multi-leaf inclusion proof does not lead to the signed head's root (an "
+          "entry or the proof was changed, added or removed): {}",
+          s.message());
+    return std::nullopt;
   }
 
   // Genesis, then every key transition in index order: each signed by the key before it and the
@@ -908,7 +1128,7 @@ class BundleVerifier {
       problem(fmt::format("{}'s signature does not verify: {}", what, s.message()));
   }
 
-  void check_bundle_signature(ByteView bytes, ByteView signature) {
+  void check_bundle_signature(const Hash& digest, ByteView signature) {
     auto key = keys_.find(head_.key_id);
     if (key == keys_.end()) {
       problem(fmt::format("the bundle is signed by key {}, which is not in the key history",
@@ -919,7 +1139,7 @@ class BundleVerifier {
       problem("the bundle has no signature");
       return;
     }
-    if (Status s = key->second.verify_digest(sha256(bytes), signature); !s.ok())
+    if (Status s = key->second.verify_digest(digest, signature); !s.ok())
       problem(
           fmt::format("the bundle signature does not verify with key {} (the bundle was "
                       "changed after it was signed, or the signature is forged): {}",
@@ -951,17 +1171,19 @@ class BundleVerifier {
     }
   }
 
-  // Every entry's "selected" flag must be what the query says of it; metadata must match bytes.
+  // Every entry's "selected" flag must be what the query says of it; metadata must match bytes
+  // (both judged alongside the decoding, check_entries_order_and_proofs()).
   void check_selection() {
-    for (const BundleEntry& e : b_.entries) {
-      auto it = entries_.find(e.index);
-      if (it == entries_.end()) continue;
-      bool matches = audit_query_matches(b_.query, it->second);
+    for (std::size_t k = 0; k < b_.entries.size(); ++k) {
+      const BundleEntry& e = b_.entries[k];
+      const RecordCheck& c = checks_[k];
+      if (!c.decoded) continue;
+      bool matches = c.matches;
       if (matches != e.selected)
         problem(fmt::format("entry {}: marked {}selected, but the query {} it", e.index,
                             e.selected ? "" : "not ", matches ? "selects" : "does not select"));
       if (e.selected) ++r_.selected;
-      if (!meta_matches(e.meta, it->second))
+      if (!c.meta_ok)
         problem(fmt::format("entry {}: its metadata does not match its bytes", e.index));
       if (e.values && !b_.query.include_values)
         problem(fmt::format("entry {}: carries values the query did not ask for", e.index));
@@ -1031,8 +1253,17 @@ class BundleVerifier {
         problem(fmt::format("entry {} is about the patient but not on the proved chain", index));
   }
 
+  // What the decoding threads found out about each record, in bundle order.
+  struct RecordCheck {
+    bool decoded = false;
+    bool matches = false;  // the query selects it
+    bool meta_ok = false;  // its metadata copy is what its bytes say
+  };
+
   const AuditBundle& b_;
   const std::function<void(std::uint64_t, std::uint64_t)>& progress_;
+  std::vector<RecordCheck> checks_;
+  std::vector<merkle::IndexedLeaf> leaves_;  // each record's (index, leaf hash)
   std::map<KeyId, PublicKey> trusted_;
   std::map<KeyId, PublicKey> keys_;
   std::vector<std::pair<std::uint64_t, KeyId>> epochs_;  // (from tree size, key)
@@ -1068,6 +1299,7 @@ nlohmann::json to_json(const AuditReport& r) {
   nlohmann::json out = {{"ok", r.ok()},
                         {"problems", r.problems},
                         {"notes", r.notes},
+                        {"format_version", r.format_version},
                         {"ledger_id", r.ledger_id},
                         {"created", format_time(r.created_us)},
                         {"exported_by", r.exported_by},

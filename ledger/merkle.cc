@@ -281,6 +281,148 @@ Status verify_consistency(std::uint64_t m, std::uint64_t n, const Hash& root_m, 
   return Status::Ok();
 }
 
+namespace {
+
+// The proof's walk: RFC 9162's MTH recursion over [lo, hi), descending only into subtrees that
+// hold a given leaf. Leaves [a, b) of the (ascending) list are those inside [lo, hi). Depth is at
+// most 64; every node visited is on a given leaf's path or is one proof hash.
+template <typename Leaves>
+std::size_t first_at_or_after(const Leaves& leaves, std::size_t a, std::size_t b,
+                              std::uint64_t index) {
+  // Leaves are strictly ascending: the first one at or after `index`, by binary search.
+  std::size_t lo = a, hi = b;
+  while (lo < hi) {
+    const std::size_t mid = lo + (hi - lo) / 2;
+    if (leaves(mid) < index)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+class MultiProofBuilder {
+ public:
+  MultiProofBuilder(std::span<const std::uint64_t> indexes, const NodeSource& nodes)
+      : indexes_(indexes), nodes_(nodes) {}
+
+  Status walk(std::uint64_t lo, std::uint64_t hi, std::size_t a, std::size_t b) {
+    if (a == b) {
+      MEDGATE_ASSIGN_OR_RETURN(Hash h, range_hash(lo, hi, nodes_));
+      proof_.push_back(h);
+      return Status::Ok();
+    }
+    if (hi - lo == 1) return Status::Ok();  // a given leaf
+    const std::uint64_t mid = lo + split_point(hi - lo);
+    const std::size_t m =
+        first_at_or_after([this](std::size_t i) { return indexes_[i]; }, a, b, mid);
+    MEDGATE_RETURN_IF_ERROR(walk(lo, mid, a, m));
+    return walk(mid, hi, m, b);
+  }
+
+  std::vector<Hash> take() { return std::move(proof_); }
+
+ private:
+  std::span<const std::uint64_t> indexes_;
+  const NodeSource& nodes_;
+  std::vector<Hash> proof_;
+};
+
+// The verifier's walk: the same recursion, taking proof hashes in order and hashing up. Errors are
+// kept in a flag rather than returned through every level (the walk is the hot path of verifying
+// a large audit bundle).
+class MultiProofRoot {
+ public:
+  MultiProofRoot(std::span<const IndexedLeaf> leaves, std::span<const Hash> proof)
+      : leaves_(leaves), proof_(proof) {}
+
+  Hash walk(std::uint64_t lo, std::uint64_t hi, std::size_t a, std::size_t b) {
+    if (a == b) {
+      if (next_ == proof_.size()) {
+        short_ = true;
+        return Hash{};
+      }
+      return proof_[next_++];
+    }
+    if (hi - lo == 1) return leaves_[a].hash;
+    const std::uint64_t mid = lo + split_point(hi - lo);
+    const std::size_t m =
+        first_at_or_after([this](std::size_t i) { return leaves_[i].index; }, a, b, mid);
+    const Hash left = walk(lo, mid, a, m);
+    const Hash right = walk(mid, hi, m, b);
+    if (short_) return Hash{};
+    return node_hash(left, right);
+  }
+
+  bool proof_too_short() const { return short_; }
+  std::size_t used() const { return next_; }
+
+ private:
+  std::span<const IndexedLeaf> leaves_;
+  std::span<const Hash> proof_;
+  std::size_t next_ = 0;
+  bool short_ = false;
+};
+
+}  // namespace
+
+Result<std::vector<Hash>> multi_inclusion_proof(std::span<const std::uint64_t> indexes,
+                                                std::uint64_t size, const NodeSource& nodes) {
+  if (indexes.empty())
+    return Status::InvalidArgument("multi-leaf inclusion proof: no leaves to prove");
+  for (std::size_t k = 0; k < indexes.size(); ++k) {
+    if (indexes[k] >= size)
+      return Status::InvalidArgument(fmt::format(
+          "multi-leaf inclusion proof: leaf index {} is not below tree size {}", indexes[k], size));
+    if (k > 0 && indexes[k] <= indexes[k - 1])
+      return Status::InvalidArgument(fmt::format(
+          "multi-leaf inclusion proof: leaf indexes must ascend strictly ({} follows {})",
+          indexes[k], indexes[k - 1]));
+  }
+  MultiProofBuilder builder(indexes, nodes);
+  MEDGATE_RETURN_IF_ERROR(builder.walk(0, size, 0, indexes.size()));
+  return builder.take();
+}
+
+Result<Hash> root_from_multi_proof(std::span<const IndexedLeaf> leaves, std::uint64_t size,
+                                   std::span<const Hash> proof) {
+  if (leaves.empty())
+    return Status::VerificationFailed("multi-leaf inclusion: no leaves, so nothing is proved");
+  for (std::size_t k = 0; k < leaves.size(); ++k) {
+    if (leaves[k].index >= size)
+      return Status::VerificationFailed(fmt::format(
+          "multi-leaf inclusion: leaf index {} is not below tree size {}", leaves[k].index, size));
+    if (k > 0 && leaves[k].index <= leaves[k - 1].index)
+      return Status::VerificationFailed(
+          fmt::format("multi-leaf inclusion: leaf indexes must ascend strictly ({} follows {})",
+                      leaves[k].index, leaves[k - 1].index));
+  }
+  MultiProofRoot walker(leaves, proof);
+  Hash root = walker.walk(0, size, 0, leaves.size());
+  if (walker.proof_too_short())
+    return Status::VerificationFailed(
+        fmt::format("multi-leaf inclusion: the proof has {} hashes, too few for these {} leaves "
+                    "of a {}-leaf tree",
+                    proof.size(), leaves.size(), size));
+  if (walker.used() != proof.size())
+    return Status::VerificationFailed(
+        fmt::format("multi-leaf inclusion: the proof has {} hashes, these {} leaves of a {}-leaf "
+                    "tree need {}",
+                    proof.size(), leaves.size(), size, walker.used()));
+  return root;
+}
+
+Status verify_multi_inclusion(std::span<const IndexedLeaf> leaves, std::uint64_t size,
+                              std::span<const Hash> proof, const Hash& root) {
+  MEDGATE_ASSIGN_OR_RETURN(Hash got, root_from_multi_proof(leaves, size, proof));
+  if (got != root)
+    return Status::VerificationFailed(
+        fmt::format("multi-leaf inclusion: {} leaves with this proof give root {}, not the "
+                    "expected {}",
+                    leaves.size(), to_hex(got), to_hex(root)));
+  return Status::Ok();
+}
+
 Result<CompactRange> CompactRange::for_size(std::uint64_t size, const NodeSource& nodes) {
   CompactRange range;
   std::uint64_t pos = 0;

@@ -52,6 +52,42 @@ Status verify_inclusion(std::uint64_t index, std::uint64_t size, const Hash& lea
 Status verify_consistency(std::uint64_t m, std::uint64_t n, const Hash& root_m, const Hash& root_n,
                           std::span<const Hash> proof);
 
+// ---- multi-leaf inclusion proofs ----
+//
+// One proof that several leaves are in one tree, instead of one audit path per leaf: the hashes of
+// the maximal subtrees of RFC 9162's tree that hold none of the given leaves and whose parent holds
+// at least one. From the given leaves and these hashes the verifier recomputes every node on the
+// leaves' paths, and so the root. Each such subtree hash appears once, however many leaves share
+// it, where single-leaf proofs repeat the upper part of every path.
+//
+// Canonical order: the subtrees in the order of the leaves they cover, left to right (RFC 9162's
+// MTH recursion visited depth first, left child before right). The proof for one leaf holds the
+// hashes of its audit path, ordered by position instead of by level; the proof for every leaf is
+// empty.
+
+// A leaf hash at its index, as the verifier of a multi-leaf proof takes it.
+struct IndexedLeaf {
+  std::uint64_t index = 0;
+  Hash hash{};
+};
+
+// The multi-leaf proof for `indexes` (strictly ascending, each below `size`; kInvalidArgument
+// otherwise, and for an empty set). Reads each proof node once, in canonical order, through
+// `nodes` (a subtree at the right edge that is not perfect costs one read per piece).
+Result<std::vector<Hash>> multi_inclusion_proof(std::span<const std::uint64_t> indexes,
+                                                std::uint64_t size, const NodeSource& nodes);
+
+// The root that `leaves` (strictly ascending indexes, each below `size`) and `proof` (canonical
+// order) give for a tree of `size` leaves, using every proof hash exactly once. kVerificationFailed
+// naming why: no leaves, an index out of range or out of order, a proof too short or too long.
+// A root computed this way proves nothing until compared with a trusted root of the same size.
+Result<Hash> root_from_multi_proof(std::span<const IndexedLeaf> leaves, std::uint64_t size,
+                                   std::span<const Hash> proof);
+
+// root_from_multi_proof compared with `root`: OK, or kVerificationFailed naming why.
+Status verify_multi_inclusion(std::span<const IndexedLeaf> leaves, std::uint64_t size,
+                              std::span<const Hash> proof, const Hash& root);
+
 // The right edge of a growing tree: the roots of its perfect subtrees, largest first. Appending a
 // leaf and computing the root are O(log n) in time and memory: this is what the writer and the
 // verifier keep while they stream through millions of entries.

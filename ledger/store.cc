@@ -1014,6 +1014,38 @@ class Ledger::Impl {
     });
   }
 
+  // One multi-leaf proof through one reader in one read transaction. The proof's walk asks for
+  // nodes left to right, so at each tile level the tiles it needs come in ascending order: keeping
+  // the last tile read per level reads each tile about once (the right edge's pieces come right to
+  // left), in O(levels) memory.
+  Result<std::vector<Hash>> multi_inclusion_proof(std::span<const std::uint64_t> indexes,
+                                                  std::uint64_t size) const {
+    MEDGATE_RETURN_IF_ERROR(check_size(size));
+    return with_reader([&](sql::Database& db) -> Result<std::vector<Hash>> {
+      MEDGATE_RETURN_IF_ERROR(db.exec("BEGIN"));
+      struct LastTile {
+        std::optional<std::uint64_t> index;
+        Bytes hashes;
+      };
+      auto last = std::make_shared<std::vector<LastTile>>(64);
+      TileReader read = tile_reader(db);
+      TileReader per_level = [read, last](int level, std::uint64_t index) -> Result<Bytes> {
+        LastTile& t = last->at(static_cast<std::size_t>(level));
+        if (t.index != index) {
+          MEDGATE_ASSIGN_OR_RETURN(t.hashes, read(level, index));
+          t.index = index;
+        }
+        return t.hashes;
+      };
+      Result<std::vector<Hash>> proof =
+          merkle::multi_inclusion_proof(indexes, size, node_source(per_level));
+      Status ended = db.exec("COMMIT");  // ends the read transaction, whatever happened
+      if (!proof.ok()) return proof.status();
+      MEDGATE_RETURN_IF_ERROR(ended);
+      return proof;
+    });
+  }
+
   // Entries by index through one reader, one statement and one read transaction.
   Result<std::vector<StoredEntry>> entries_at(std::span<const std::uint64_t> indexes) const {
     const std::uint64_t size = committed_size_.load();
@@ -2440,6 +2472,10 @@ Result<std::vector<Hash>> Ledger::inclusion_proof(std::uint64_t index, std::uint
 Result<std::vector<std::vector<Hash>>> Ledger::inclusion_proofs(
     std::span<const std::uint64_t> indexes, std::uint64_t size) const {
   return impl_->inclusion_proofs(indexes, size);
+}
+Result<std::vector<Hash>> Ledger::multi_inclusion_proof(std::span<const std::uint64_t> indexes,
+                                                        std::uint64_t size) const {
+  return impl_->multi_inclusion_proof(indexes, size);
 }
 Result<std::vector<StoredEntry>> Ledger::entries_at(std::span<const std::uint64_t> indexes) const {
   return impl_->entries_at(indexes);

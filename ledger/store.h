@@ -241,6 +241,10 @@ class Ledger {
   Result<SubjectMapProof> subject_map_proof(ByteView subject, const SignedHead& head) const;
   // The first signed head whose tree covers entry `index`; kNotFound when none does yet.
   Result<SignedHead> first_head_covering(std::uint64_t index) const;
+  // The multi-leaf inclusion proof of the entries at `indexes` (strictly ascending) to tree size
+  // `size` (merkle::multi_inclusion_proof), read in one transaction with each tile read once.
+  Result<std::vector<Hash>> multi_inclusion_proof(std::span<const std::uint64_t> indexes,
+                                                  std::uint64_t size) const;
 
   // ---- membership and replication (see "Replication" above) ----
 

@@ -13,10 +13,12 @@
 //                         completeness chain and the subject-map proof;
 //   export --kind access the same N/K entries found through the type index instead;
 //   verify               verify_audit_bundle on each bundle against the trusted key;
+//   each of them in bundle format 2 (one multi-leaf proof, what medgated writes) and, as the
+//   baseline beside it, format 1 (an inclusion proof per entry, what it wrote before);
 //   baselines            export: the same entries read from SQLite through the subject index in
 //                         one query and leaf-hashed; verify: SHA-256 of the bundle's bytes, a leaf
-//                         hash per entry and every inclusion proof's hashes (what any verifier
-//                         must compute, without decoding anything).
+//                         hash per entry and the proof's hashes (what any verifier must compute,
+//                         without decoding anything).
 //
 // Run a Release build; `bench_audit --help` lists the flags.
 #include <sqlite3.h>
@@ -247,12 +249,15 @@ struct ExportRun {
 };
 
 Result<ExportRun> export_and_verify(Ledger& ledger, hsm::KeyStore& keys,
-                                    const ledger::AuditQuery& q, std::uint64_t expected) {
+                                    const ledger::AuditQuery& q, std::uint64_t version,
+                                    std::uint64_t expected) {
   ExportRun run;
+  ledger::AuditExportOptions options;
+  options.format_version = version;
   double cpu0 = cpu_seconds();
   auto t0 = Clock::now();
   MEDGATE_ASSIGN_OR_RETURN(ledger::AuditBundle bundle,
-                           ledger::build_audit_bundle(ledger, q, "user:bench"));
+                           ledger::build_audit_bundle(ledger, q, "user:bench", options));
   run.build = seconds_since(t0);
   t0 = Clock::now();
   MEDGATE_ASSIGN_OR_RETURN(Bytes bytes, ledger::encode_audit_bundle(bundle));
@@ -335,9 +340,13 @@ Result<std::pair<Timing, Timing>> ledger_calls(Ledger& ledger, ByteView subject,
   return std::pair{entries, proofs};
 }
 
-// The same entries through the batch calls the export uses.
-Result<std::pair<Timing, Timing>> ledger_batches(Ledger& ledger, ByteView subject,
-                                                 std::uint64_t size) {
+// The same entries through the batch calls the export uses: entries, format 1's proofs, format 2's.
+struct BatchTimings {
+  Timing entries, proofs, multi_proof;
+  std::size_t multi_proof_hashes = 0;
+};
+
+Result<BatchTimings> ledger_batches(Ledger& ledger, ByteView subject, std::uint64_t size) {
   std::vector<std::uint64_t> indexes;
   for (std::uint64_t from = 0;;) {
     MEDGATE_ASSIGN_OR_RETURN(auto page, ledger.subject_entries(subject, from, 4096));
@@ -359,19 +368,33 @@ Result<std::pair<Timing, Timing>> ledger_batches(Ledger& ledger, ByteView subjec
   t0 = Clock::now();
   MEDGATE_RETURN_IF_ERROR(ledger.inclusion_proofs(indexes, size).status());
   proofs = {seconds_since(t0), cpu_seconds() - cpu0};
-  return std::pair{entries, proofs};
+  cpu0 = cpu_seconds();
+  t0 = Clock::now();
+  MEDGATE_ASSIGN_OR_RETURN(std::vector<Hash> multi, ledger.multi_inclusion_proof(indexes, size));
+  Timing multi_proof{seconds_since(t0), cpu_seconds() - cpu0};
+  return BatchTimings{entries, proofs, multi_proof, multi.size()};
 }
 
 // What any verifier of the bundle must compute: SHA-256 over its bytes (the signature's digest),
-// a leaf hash per entry and every inclusion proof's hashes. No decoding, no signature check.
+// a leaf hash per entry and the proof's hashes (format 1: every entry's whole path; format 2: the
+// multi-leaf proof). No decoding, no signature check, one thread.
 Result<Timing> hash_floor(const ledger::AuditBundle& b, ByteView bytes) {
   double cpu0 = cpu_seconds();
   auto t0 = Clock::now();
   (void)sha256(bytes);
   MEDGATE_ASSIGN_OR_RETURN(ledger::HeadBody head, ledger::decode_head(b.head.bytes));
-  for (const ledger::BundleEntry& e : b.entries)
-    MEDGATE_RETURN_IF_ERROR(ledger::merkle::verify_inclusion(
-        e.index, head.tree_size, ledger::merkle::leaf_hash(e.bytes), e.proof, head.root));
+  if (b.version == 1) {
+    for (const ledger::BundleEntry& e : b.entries)
+      MEDGATE_RETURN_IF_ERROR(ledger::merkle::verify_inclusion(
+          e.index, head.tree_size, ledger::merkle::leaf_hash(e.bytes), e.proof, head.root));
+  } else {
+    std::vector<ledger::merkle::IndexedLeaf> leaves;
+    leaves.reserve(b.entries.size());
+    for (const ledger::BundleEntry& e : b.entries)
+      leaves.push_back({e.index, ledger::merkle::leaf_hash(e.bytes)});
+    MEDGATE_RETURN_IF_ERROR(
+        ledger::merkle::verify_multi_inclusion(leaves, head.tree_size, b.multi_proof, head.root));
+  }
   return Timing{seconds_since(t0), cpu_seconds() - cpu0};
 }
 
@@ -406,6 +429,7 @@ void print_header(int argc, char** argv, const fs::path& scratch) {
 struct Phase {
   std::string name;
   ledger::AuditQuery query;
+  std::uint64_t version = ledger::kAuditBundleVersion;
 };
 
 Status run(int argc, char** argv, const Options& o) {
@@ -441,19 +465,24 @@ Status run(int argc, char** argv, const Options& o) {
       fill_seconds, kFillBatch, kFillThreads, grouped(expected), grouped(kOtherPatients));
   std::fflush(stdout);
 
-  std::vector<Phase> phases(2);
-  phases[0].name = "export --patient";
-  phases[0].query.patient = the_patient();
-  phases[1].name = "export --kind access";
-  phases[1].query.kind = "access";
+  // Each export in format 2 and, as its baseline, format 1.
+  std::vector<Phase> phases;
+  for (std::uint64_t version : {std::uint64_t{2}, std::uint64_t{1}}) {
+    Phase patient{fmt::format("export --patient, format {}", version), {}, version};
+    patient.query.patient = the_patient();
+    Phase kind{fmt::format("export --kind access, format {}", version), {}, version};
+    kind.query.kind = "access";
+    phases.push_back(std::move(patient));
+    phases.push_back(std::move(kind));
+  }
 
   Table table({"run", "selected", "in bundle", "MiB", "build s", "encode s", "sign s", "export s",
                "(cpu s)", "target", "verify s", "(cpu s)", "target"});
   std::vector<ExportRun> last;
   for (const Phase& phase : phases) {
     for (int r = 0; r < o.runs; ++r) {
-      MEDGATE_ASSIGN_OR_RETURN(ExportRun run,
-                               export_and_verify(*ledger, *keys, phase.query, expected));
+      MEDGATE_ASSIGN_OR_RETURN(
+          ExportRun run, export_and_verify(*ledger, *keys, phase.query, phase.version, expected));
       table.row({fmt::format("{} #{}", phase.name, r + 1), grouped(run.selected),
                  grouped(run.entries), mib(run.bundle.size()), secs(run.build), secs(run.encode),
                  secs(run.sign), secs(run.total_export()), secs(run.export_cpu),
@@ -479,9 +508,15 @@ Status run(int argc, char** argv, const Options& o) {
                "", "", "", "", secs(calls.second.wall), secs(calls.second.cpu), "", "", "", ""});
     MEDGATE_ASSIGN_OR_RETURN(auto batch, ledger_batches(*ledger, the_patient(), head.tree_size));
     table.row({"  inside the export: Ledger::entries_at() in pages of 4,096", grouped(expected), "",
-               "", "", "", "", secs(batch.first.wall), secs(batch.first.cpu), "", "", "", ""});
-    table.row({"  inside the export: Ledger::inclusion_proofs(), one call", grouped(expected), "",
-               "", "", "", "", secs(batch.second.wall), secs(batch.second.cpu), "", "", "", ""});
+               "", "", "", "", secs(batch.entries.wall), secs(batch.entries.cpu), "", "", "", ""});
+    table.row({"  inside the export, format 1: Ledger::inclusion_proofs(), one call",
+               grouped(expected), "", "", "", "", "", secs(batch.proofs.wall),
+               secs(batch.proofs.cpu), "", "", "", ""});
+    table.row({fmt::format("  inside the export, format 2: Ledger::multi_inclusion_proof() ({} "
+                           "hashes)",
+                           grouped(batch.multi_proof_hashes)),
+               grouped(expected), "", "", "", "", "", secs(batch.multi_proof.wall),
+               secs(batch.multi_proof.cpu), "", "", "", ""});
   }
   for (std::size_t k = 0; k < phases.size(); ++k) {
     MEDGATE_ASSIGN_OR_RETURN(ledger::AuditBundle b, ledger::decode_audit_bundle(last[k].bundle));

@@ -69,6 +69,7 @@ stop_daemon
 expect_rc 0 "the whole bundle verifies against the first key (through the rotation)" -- "$MEDCTL" audit verify "$B" --trust "$WORK/first-key.pem"
 expect_in "verifies: ledger 'ward-7'" "says so"
 expect_in "key chain of 2" "across the rotation"
+expect_in "bundle format 2" "in format 2, as exports are now"
 expect_rc 0 "and against the current key" -- "$MEDCTL" audit verify "$B" --trust "$DATA/signing-key.pem"
 expect_rc 0 "the per-patient bundle verifies, complete" -- "$MEDCTL" audit verify "$P" --trust "$WORK/first-key.pem" --entries
 expect_in "patient: complete; latest entry" "completeness proved by the subject map"
@@ -77,6 +78,10 @@ expect_rc 0 "the erasure export verifies" -- "$MEDCTL" --json audit verify "$E" 
 expect_in '"selected": 1' "with one erasure"
 expect_rc 0 "stock openssl checks the bundle signature" -- openssl dgst -sha256 -verify "$WORK/current-key.pem" -signature "$B.sig" "$B"
 expect_in "Verified OK" "Verified OK"
+V1=$(dirname "$0")/../data/audit
+expect_rc 0 "a format-1 bundle from before format 2 still verifies" -- "$MEDCTL" audit verify "$V1/patient-a.v1.cbor" --trust "$V1/first-key.pem"
+expect_in "bundle format 1" "in format 1"
+expect_in "patient: complete; latest entry 10" "complete, as it was"
 
 say "== renderings: offline, from a verified bundle"
 openssl ecparam -name prime256v1 -genkey -noout -out "$WORK/other.key" 2>/dev/null
@@ -136,10 +141,11 @@ expect_rc 2 "render wants fhir or csv" -- "$MEDCTL" audit render "$P" --trust "$
 
 say "== tampering"
 cp "$P" "$WORK/t.cbor"; cp "$P.sig" "$WORK/t.cbor.sig"
-SIZE=$(stat -c %s "$WORK/t.cbor")
-printf '\x00' | dd of="$WORK/t.cbor" bs=1 seek=$((SIZE - 40)) conv=notrunc status=none
+# The last byte is the last hash of the bundle's multi-leaf proof (key 10, written last).
+python3 -c 'import sys; p = sys.argv[1]; b = bytearray(open(p, "rb").read()); b[-1] ^= 0x01; open(p, "wb").write(b)' "$WORK/t.cbor"
 expect_rc 1 "a changed byte fails (exit 1)" -- "$MEDCTL" audit verify "$WORK/t.cbor" --trust "$WORK/first-key.pem"
 expect_in "does NOT verify" "and says so"
+expect_in "multi-leaf inclusion proof does not lead to the signed head's root" "names the proof"
 cp "$B.sig" "$WORK/t.cbor.sig"; cp "$P" "$WORK/t.cbor"
 expect_rc 1 "another bundle's signature fails" -- "$MEDCTL" audit verify "$WORK/t.cbor" --trust "$WORK/first-key.pem"
 expect_in "the bundle signature does not verify" "names the bundle signature"

@@ -37,4 +37,20 @@ inline std::vector<Hash> subproof(std::uint64_t m, Leaves d, bool b) {
   return p;
 }
 
+// The multi-leaf proof for the leaves at `indexes` (ascending, relative to d) as its definition
+// says (ledger/merkle.h): the MTH of every maximal subtree holding none of them, left to right.
+inline std::vector<Hash> multiproof(std::span<const std::uint64_t> indexes, Leaves d,
+                                    std::uint64_t offset = 0) {
+  std::vector<std::uint64_t> inside;
+  for (std::uint64_t i : indexes)
+    if (i >= offset && i < offset + d.size()) inside.push_back(i);
+  if (inside.empty()) return {mth(d)};
+  if (d.size() == 1) return {};
+  auto k = split(d.size());
+  std::vector<Hash> p = multiproof(inside, d.first(k), offset);
+  std::vector<Hash> right = multiproof(inside, d.subspan(k), offset + k);
+  p.insert(p.end(), right.begin(), right.end());
+  return p;
+}
+
 }  // namespace medgate::testing::merkle_reference

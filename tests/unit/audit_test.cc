@@ -8,7 +8,9 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -133,13 +135,23 @@ struct Fixture {
     REQUIRE(ledger->append(access(a, "Practitioner::\"dr-lee\"", "allow")).ok());
   }
 
-  AuditBundle build(const AuditQuery& q) {
-    Result<AuditBundle> built = build_audit_bundle(*ledger, q, "user:auditor");
+  AuditBundle build(const AuditQuery& q, std::uint64_t version = kAuditBundleVersion) {
+    AuditExportOptions options;
+    options.format_version = version;
+    Result<AuditBundle> built = build_audit_bundle(*ledger, q, "user:auditor", options);
     INFO(built.status().to_string());
     REQUIRE(built.ok());
+    REQUIRE(built->version == version);
     return std::move(built).value();
   }
 };
+
+// What the verifier says when an entry or a proof was changed: format 1 names the entry whose own
+// proof fails; format 2's one proof for all entries cannot say which entry it was.
+std::string proof_failure(std::uint64_t version, std::uint64_t index) {
+  if (version == 1) return fmt::format("entry {}: its inclusion proof does not lead", index);
+  return "the entries' multi-leaf inclusion proof does not lead to the signed head's root";
+}
 
 }  // namespace
 
@@ -322,10 +334,12 @@ TEST_CASE("an audit bundle exports and verifies offline", "[audit]") {
 }
 
 TEST_CASE("every tamper with a bundle is named", "[audit]") {
+  const std::uint64_t version = GENERATE(std::uint64_t{2}, std::uint64_t{1});
+  INFO("format " << version);
   Fixture f;
   AuditQuery q;
   q.patient = f.a;
-  AuditBundle good = f.build(q);
+  AuditBundle good = f.build(q, version);
   auto find = [](AuditBundle& b, std::uint64_t index) -> BundleEntry& {
     auto it = std::find_if(b.entries.begin(), b.entries.end(),
                            [&](const BundleEntry& e) { return e.index == index; });
@@ -340,7 +354,8 @@ TEST_CASE("every tamper with a bundle is named", "[audit]") {
     find(b, 6).bytes = *encode_entry(e);
     Signed s = sign(*f.keys, b);  // even re-signed by the appliance key
     AuditReport r = verify(s, f.key);
-    CHECK(has_problem(r, "entry 6: its inclusion proof does not lead"));
+    INFO(problems(r));
+    CHECK(has_problem(r, proof_failure(version, 6)));
     // Unsigned (an outsider): the bundle signature fails too.
     Signed outsider{s.bytes, sign(*f.keys, good).signature};
     CHECK(has_problem(verify(outsider, f.key), "the bundle signature does not verify"));
@@ -352,6 +367,22 @@ TEST_CASE("every tamper with a bundle is named", "[audit]") {
     AuditReport r = verify(sign(*f.keys, b), f.key);
     INFO(problems(r));
     CHECK(has_problem(r, "the patient's chain is broken: entry 4"));
+    if (version == 2) {
+      // A dishonest exporter holding the ledger recomputes the proof for what is left: the proof
+      // then holds, and the chain alone shows the removal.
+      CHECK(has_problem(r, proof_failure(2, 4)));
+      std::vector<std::uint64_t> left;
+      for (const BundleEntry& e : b.entries) left.push_back(e.index);
+      Result<HeadBody> head = decode_head(b.head.bytes);
+      REQUIRE(head.ok());
+      Result<std::vector<Hash>> proof = f.ledger->multi_inclusion_proof(left, head->tree_size);
+      REQUIRE(proof.ok());
+      b.multi_proof = *proof;
+      AuditReport recomputed = verify(sign(*f.keys, b), f.key);
+      INFO(problems(recomputed));
+      CHECK(recomputed.problems.size() == 1);
+      CHECK(has_problem(recomputed, "the patient's chain is broken: entry 4"));
+    }
     // The latest entry removed: the signed subject map still names it.
     AuditBundle c = good;
     c.entries.pop_back();
@@ -360,22 +391,78 @@ TEST_CASE("every tamper with a bundle is named", "[audit]") {
   SECTION("reordered entries") {
     AuditBundle b = good;
     std::swap(b.entries[1], b.entries[2]);
-    CHECK(has_problem(verify(sign(*f.keys, b), f.key), "entries are out of order"));
+    AuditReport r = verify(sign(*f.keys, b), f.key);
+    INFO(problems(r));
+    CHECK(has_problem(r, "entries are out of order"));
+    // Reordering changes no entry: the proofs still hold, and only the order is named.
+    CHECK(r.problems.size() == 1);
+    // An entry given twice.
+    AuditBundle twice = good;
+    twice.entries.insert(twice.entries.begin() + 2, twice.entries[1]);
+    AuditReport t = verify(sign(*f.keys, twice), f.key);
+    CHECK(has_problem(t, "entries are out of order"));
+    if (version == 2) CHECK(has_problem(t, "is in the bundle more than once"));
   }
   SECTION("a changed proof") {
-    AuditBundle b = good;
-    find(b, 2).proof[0][0] ^= std::byte{1};
-    CHECK(has_problem(verify(sign(*f.keys, b), f.key), "entry 2: its inclusion proof"));
-    // Proofs to one head share their upper hashes, which the verifier compares with the previous
-    // entry's rather than hashing again: a change to any hash of any entry's proof is still named.
-    for (const BundleEntry& e : good.entries)
-      for (std::size_t k = 0; k < e.proof.size(); ++k) {
+    if (version == 1) {
+      AuditBundle b = good;
+      find(b, 2).proof[0][0] ^= std::byte{1};
+      CHECK(has_problem(verify(sign(*f.keys, b), f.key), "entry 2: its inclusion proof"));
+      // Proofs to one head share their upper hashes, which the verifier compares with the
+      // previous entry's rather than hashing again: a change to any hash of any entry's proof is
+      // still named.
+      for (const BundleEntry& e : good.entries)
+        for (std::size_t k = 0; k < e.proof.size(); ++k) {
+          AuditBundle t = good;
+          find(t, e.index).proof[k][31] ^= std::byte{0x80};
+          INFO("entry " << e.index << ", proof hash " << k);
+          CHECK(has_problem(verify(sign(*f.keys, t), f.key),
+                            fmt::format("entry {}: its inclusion proof", e.index)));
+        }
+    } else {
+      // Each hash of the one proof changed, left out, repeated; two of them swapped; one added.
+      REQUIRE(good.multi_proof.size() >= 2);
+      auto fails = [&](const AuditBundle& t) {
+        AuditReport r = verify(sign(*f.keys, t), f.key);
+        INFO(problems(r));
+        CHECK(has_problem(r, proof_failure(2, 0)));
+      };
+      for (std::size_t k = 0; k < good.multi_proof.size(); ++k) {
+        INFO("proof hash " << k);
         AuditBundle t = good;
-        find(t, e.index).proof[k][31] ^= std::byte{0x80};
-        INFO("entry " << e.index << ", proof hash " << k);
-        CHECK(has_problem(verify(sign(*f.keys, t), f.key),
-                          fmt::format("entry {}: its inclusion proof", e.index)));
+        t.multi_proof[k][31] ^= std::byte{0x80};
+        fails(t);
+        t = good;
+        t.multi_proof.erase(t.multi_proof.begin() + static_cast<std::ptrdiff_t>(k));
+        fails(t);
+        t = good;
+        t.multi_proof.insert(t.multi_proof.begin() + static_cast<std::ptrdiff_t>(k),
+                             t.multi_proof[k]);
+        fails(t);
+        if (k + 1 < good.multi_proof.size()) {
+          t = good;
+          std::swap(t.multi_proof[k], t.multi_proof[k + 1]);
+          fails(t);
+        }
       }
+      AuditBundle more = good;
+      more.multi_proof.push_back(more.multi_proof.front());
+      fails(more);
+      AuditBundle none = good;
+      none.multi_proof.clear();
+      fails(none);
+      // An entry left out, and its leaf's place in the proof not filled in: the proof fails too.
+      AuditBundle fewer = good;
+      fewer.entries.erase(fewer.entries.begin() + 1);
+      fails(fewer);
+      // An entry claiming an index the signed head does not cover.
+      AuditBundle beyond = good;
+      beyond.entries.back().index = decode_head(good.head.bytes)->tree_size;
+      AuditReport r = verify(sign(*f.keys, beyond), f.key);
+      INFO(problems(r));
+      CHECK(has_problem(r, fmt::format("leaf index {} is not below tree size {}",
+                                       beyond.entries.back().index, beyond.entries.back().index)));
+    }
     AuditBundle c = good;
     c.subject_proof->match->latest = 6;  // hide the newest entry
     CHECK(has_problem(verify(sign(*f.keys, c), f.key), "subject map"));
@@ -399,6 +486,73 @@ TEST_CASE("every tamper with a bundle is named", "[audit]") {
     CHECK(verify_audit_bundle(good.head.bytes, {}, {f.key}).status().code() ==
           StatusCode::kCorruption);
   }
+}
+
+namespace {
+
+Bytes read_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  INFO(path.string());
+  REQUIRE(in.good());
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return to_bytes(text);
+}
+
+}  // namespace
+
+// tests/data/audit: a format-1 bundle written by the exporter before format 2 existed (its
+// README says how). Bundles auditors already hold must keep verifying.
+TEST_CASE("a format-1 bundle exported before format 2 still verifies", "[audit]") {
+  const std::filesystem::path dir = std::filesystem::path(MEDGATE_TEST_DATA) / "audit";
+  const Bytes bytes = read_file(dir / "patient-a.v1.cbor");
+  const Bytes signature = read_file(dir / "patient-a.v1.cbor.sig");
+  const nlohmann::json expected =
+      nlohmann::json::parse(to_string(read_file(dir / "expected.json")))["report"];
+  for (const char* pem : {"first-key.pem", "second-key.pem"}) {
+    INFO(pem);
+    Result<PublicKey> key = PublicKey::from_pem(to_string(read_file(dir / pem)));
+    REQUIRE(key.ok());
+    AuditReport r = verify({bytes, signature}, *key);
+    INFO(problems(r));
+    CHECK(r.ok());
+    nlohmann::json report = to_json(r);
+    CHECK(report["format_version"] == 1);
+    report.erase("format_version");  // reported since format 2
+    CHECK(report == expected);       // otherwise word for word what format 1's verifier said
+  }
+  Result<PublicKey> first = PublicKey::from_pem(to_string(read_file(dir / "first-key.pem")));
+  REQUIRE(first.ok());
+  Result<AuditBundle> decoded = decode_audit_bundle(bytes);
+  REQUIRE(decoded.ok());
+  CHECK(decoded->version == 1);
+  CHECK(decoded->multi_proof.empty());
+  // The format-1 encoder is unchanged: the same bundle encodes to the same bytes.
+  Result<Bytes> again = encode_audit_bundle(*decoded);
+  REQUIRE(again.ok());
+  CHECK(*again == bytes);
+
+  // Tampers are still named as format 1 names them (the signing key is not at hand, so the bundle
+  // signature fails as well).
+  AuditBundle changed = *decoded;
+  BundleEntry& target = changed.entries.at(3);
+  target.proof.at(0)[0] ^= std::byte{1};
+  AuditReport r = verify({*encode_audit_bundle(changed), signature}, *first);
+  CHECK(has_problem(r, fmt::format("entry {}: its inclusion proof does not lead", target.index)));
+  CHECK(has_problem(r, "the bundle signature does not verify"));
+  AuditBundle removed = *decoded;
+  const std::uint64_t gone = removed.entries.at(3).index;
+  removed.entries.erase(removed.entries.begin() + 3);
+  CHECK(has_problem(verify({*encode_audit_bundle(removed), signature}, *first),
+                    fmt::format("the patient's chain is broken: entry {}", gone)));
+  // A format-1 bundle cannot carry a multi-leaf proof, nor a format-2 one per-entry proofs.
+  AuditBundle mixed = *decoded;
+  mixed.multi_proof.push_back(Hash{});
+  CHECK(encode_audit_bundle(mixed).status().code() == StatusCode::kInvalidArgument);
+  mixed = *decoded;
+  mixed.version = 2;
+  CHECK(encode_audit_bundle(mixed).status().code() == StatusCode::kInvalidArgument);
+  mixed.version = 3;
+  CHECK(encode_audit_bundle(mixed).status().code() == StatusCode::kInvalidArgument);
 }
 
 TEST_CASE("a bundle spanning a key rotation and an erasure verifies", "[audit]") {
@@ -725,7 +879,7 @@ TEST_CASE("a bundle that does not verify is not rendered", "[audit][render]") {
   Signed s = sign(*f.keys, tampered);
   AuditReport r = verify(s, f.key);
   REQUIRE_FALSE(r.ok());
-  CHECK(has_problem(r, "entry 2: its inclusion proof"));
+  CHECK(has_problem(r, proof_failure(kAuditBundleVersion, 2)));
   Result<AuditBundle> decoded = decode_audit_bundle(s.bytes);
   REQUIRE(decoded.ok());
   BundleSource source{"t.cbor", sha256(s.bytes)};
@@ -735,7 +889,7 @@ TEST_CASE("a bundle that does not verify is not rendered", "[audit][render]") {
   CHECK_THAT(fhir.status().message(), Catch::Contains("does not verify"));
   Result<std::string> csv = render_csv(*decoded, r, source);
   REQUIRE_FALSE(csv.ok());
-  CHECK_THAT(csv.status().message(), Catch::Contains("entry 2: its inclusion proof"));
+  CHECK_THAT(csv.status().message(), Catch::Contains(proof_failure(kAuditBundleVersion, 2)));
 
   // A bundle verified against a key the ledger never used is refused the same way.
   Result<AuditReport> untrusted =
@@ -772,10 +926,12 @@ TEST_CASE("the verifier reports its progress", "[audit][render]") {
 }
 
 TEST_CASE("a malformed entry record is not a bundle, and says what is wrong", "[audit]") {
+  const std::uint64_t version = GENERATE(std::uint64_t{2}, std::uint64_t{1});
+  INFO("format " << version);
   Fixture f;
   AuditQuery q;
   q.patient = f.a;
-  Result<Bytes> good = encode_audit_bundle(f.build(q));
+  Result<Bytes> good = encode_audit_bundle(f.build(q, version));
   REQUIRE(good.ok());
   REQUIRE(decode_audit_bundle(*good).ok());
   Result<cbor::Value> tree = cbor::decode(*good);
@@ -817,7 +973,7 @@ TEST_CASE("a malformed entry record is not a bundle, and says what is wrong", "[
   };
   // Nothing changed: still a bundle (the harness itself is sound).
   CHECK(with_record([](cbor::Map&) {}).ok());
-  for (const char* key : {"index", "bytes", "proof", "selected", "meta"})
+  for (const char* key : {"index", "bytes", "selected", "meta"})
     expect(with_record(drop(key)), fmt::format("an entry record has no \"{}\"", key));
   expect(with_record([](cbor::Map& m) {
            m.emplace_back(cbor::Value::text("extra"), cbor::Value::uint(1));
@@ -825,9 +981,48 @@ TEST_CASE("a malformed entry record is not a bundle, and says what is wrong", "[
          "an entry record has an unknown key \"extra\"");
   expect(with_record(set("index", cbor::Value::text("1"))), "\"index\" is not an unsigned integer");
   expect(with_record(set("bytes", cbor::Value::text("x"))), "\"bytes\" is not bytes");
-  expect(with_record(set("proof", cbor::Value::uint(3))), "\"proof\" is not an array");
-  expect(with_record(set("proof", cbor::Value::array({cbor::Value::bytes(Bytes(31))}))),
-         "\"proof\" holds a non-hash");
+  if (version == 1) {
+    expect(with_record(drop("proof")), "an entry record has no \"proof\"");
+    expect(with_record(set("proof", cbor::Value::uint(3))), "\"proof\" is not an array");
+    expect(with_record(set("proof", cbor::Value::array({cbor::Value::bytes(Bytes(31))}))),
+           "\"proof\" holds a non-hash");
+  } else {
+    // Format 2 proves every entry with one proof: a record's own proof is another format's.
+    expect(with_record([](cbor::Map& m) {
+             m.emplace_back(cbor::Value::text("proof"), cbor::Value::array({}));
+           }),
+           "an entry record has an unknown key \"proof\"");
+  }
+  // The top level's multi-leaf proof (key 10): format 2 needs it, whole hashes only; format 1
+  // has no key 10.
+  auto with_top = [&](const std::function<void(cbor::Map&)>& change) {
+    cbor::Map top = *tree->as_map();
+    change(top);
+    Result<cbor::Value> all = cbor::Value::map(std::move(top));
+    REQUIRE(all.ok());
+    return decode_audit_bundle(cbor::encode(*all));
+  };
+  auto drop_top = [](std::uint64_t key) {
+    return [key](cbor::Map& m) {
+      std::erase_if(m, [&](const auto& kv) { return kv.first.as_uint() == key; });
+    };
+  };
+  auto set_top = [](std::uint64_t key, cbor::Value v) {
+    return [key, v](cbor::Map& m) {
+      std::erase_if(m, [&](const auto& kv) { return kv.first.as_uint() == key; });
+      m.emplace_back(cbor::Value::uint(key), v);
+    };
+  };
+  if (version == 2) {
+    expect(with_top(drop_top(10)), "no multi-leaf inclusion proof (key 10)");
+    expect(with_top(set_top(10, cbor::Value::bytes(Bytes(33)))), "not a whole number of hashes");
+    expect(with_top(set_top(10, cbor::Value::array({}))), "no multi-leaf inclusion proof (key 10)");
+    expect(with_top(set_top(11, cbor::Value::uint(0))), "a key format 2 does not define");
+    CHECK(with_top(set_top(10, cbor::Value::bytes(Bytes(64))))->multi_proof.size() == 2);
+  } else {
+    expect(with_top(set_top(10, cbor::Value::bytes(Bytes(32)))), "a key format 1 does not define");
+  }
+  expect(with_top(set_top(1, cbor::Value::uint(3))), "version is not one this build reads (1, 2)");
   expect(with_record(set("selected", cbor::Value::uint(1))), "\"selected\" is not a bool");
   // A record whose metadata copy disagrees with its bytes decodes, and verification names it (the
   // encoder derives the copy from the bytes, so this is a forger's edit, signed here by the key).
@@ -884,6 +1079,30 @@ TEST_CASE("batch proofs and reads give what one call per entry gives", "[audit]"
     }
   }
   CHECK_FALSE(f.ledger->inclusion_proofs(std::vector<std::uint64_t>{0}, tree + 1).ok());
+  // The multi-leaf proof from the store's tiles leads to the store's root, for sizes inside and at
+  // the edge of tiles, sparse and dense sets, with the partial tile at the right edge.
+  for (std::uint64_t size :
+       {tree, tree - 1, std::uint64_t{17}, std::uint64_t{16}, std::uint64_t{8}}) {
+    for (std::uint64_t step : {std::uint64_t{1}, std::uint64_t{3}, std::uint64_t{37}}) {
+      std::vector<std::uint64_t> indexes;
+      std::vector<merkle::IndexedLeaf> leaves;
+      for (std::uint64_t i = step / 2; i < size; i += step) {
+        indexes.push_back(i);
+        leaves.push_back({i, f.ledger->entry(i)->leaf});
+      }
+      INFO("size " << size << ", every " << step);
+      if (indexes.empty()) continue;
+      Result<std::vector<Hash>> proof = f.ledger->multi_inclusion_proof(indexes, size);
+      REQUIRE(proof.ok());
+      Result<Hash> root = f.ledger->root_at(size);
+      REQUIRE(root.ok());
+      CHECK(merkle::verify_multi_inclusion(leaves, size, *proof, *root).ok());
+      if (step == 1) CHECK(proof->empty());
+    }
+  }
+  CHECK(f.ledger->multi_inclusion_proof(std::vector<std::uint64_t>{3, 2}, tree).status().code() ==
+        StatusCode::kInvalidArgument);
+  CHECK_FALSE(f.ledger->multi_inclusion_proof(std::vector<std::uint64_t>{0}, tree + 1).ok());
   std::vector<std::uint64_t> some{7, 2, 150, 0};
   Result<std::vector<StoredEntry>> read = f.ledger->entries_at(some);
   REQUIRE(read.ok());
@@ -902,13 +1121,15 @@ TEST_CASE("batch proofs and reads give what one call per entry gives", "[audit]"
 }
 
 TEST_CASE("a large bundle is checked on two threads and reports as one would", "[audit]") {
+  const std::uint64_t version = GENERATE(std::uint64_t{1}, std::uint64_t{2});
+  INFO("format " << version);
   Fixture f;
   std::vector<Entry> notes;
   for (int i = 0; i < 9000; ++i) notes.push_back(note("bulk", i));
   REQUIRE(f.ledger->append_all(notes).ok());
   AuditQuery q;
   q.kind = "admin";
-  AuditBundle good = f.build(q);
+  AuditBundle good = f.build(q, version);
   REQUIRE(good.entries.size() > 8192);  // past the threshold for two threads
   std::uint64_t progress_done = 0, progress_total = 0;
   Signed s = sign(*f.keys, good);
@@ -923,17 +1144,38 @@ TEST_CASE("a large bundle is checked on two threads and reports as one would", "
   CHECK(clean->ok());
   CHECK(progress_done == good.entries.size());
   CHECK(progress_total == good.entries.size());
+  // Encoded (and decoded) in two halves on two threads: the same records, in order, and the same
+  // bytes again.
+  Result<AuditBundle> decoded = decode_audit_bundle(s.bytes);
+  REQUIRE(decoded.ok());
+  REQUIRE(decoded->entries.size() == good.entries.size());
+  for (std::size_t k = 0; k < good.entries.size(); ++k) {
+    CHECK(decoded->entries[k].index == good.entries[k].index);
+    CHECK(decoded->entries[k].bytes == good.entries[k].bytes);
+  }
+  CHECK(*encode_audit_bundle(*decoded) == s.bytes);
 
   // Damage in both halves: each named, in bundle order.
   AuditBundle bad = good;
   const std::uint64_t early = bad.entries[100].index, late = bad.entries[7000].index;
-  bad.entries[100].proof.back()[0] ^= std::byte{1};
-  bad.entries[7000].proof.front()[0] ^= std::byte{1};
+  std::vector<std::string> expected;
+  if (version == 1) {
+    bad.entries[100].proof.back()[0] ^= std::byte{1};
+    bad.entries[7000].proof.front()[0] ^= std::byte{1};
+    expected = {fmt::format("entry {}: its inclusion proof", early),
+                fmt::format("entry {}: its inclusion proof", late), "entries are out of order"};
+  } else {
+    // Entries changed in both halves: the one proof fails (once, after the entries' own
+    // problems; it cannot say which entries).
+    for (std::size_t k : {100, 7000}) {
+      Entry changed = *decode_entry(bad.entries[k].bytes);
+      changed.actor = "user:forger";
+      bad.entries[k].bytes = *encode_entry(changed);
+    }
+    expected = {"entries are out of order", proof_failure(2, late)};
+  }
   std::swap(bad.entries[8000], bad.entries[8001]);
   AuditReport r = verify(sign(*f.keys, bad), f.key);
-  std::vector<std::string> expected = {fmt::format("entry {}: its inclusion proof", early),
-                                       fmt::format("entry {}: its inclusion proof", late),
-                                       "entries are out of order"};
   INFO(problems(r));
   for (const std::string& text : expected) CHECK(has_problem(r, text));
   auto position = [&](std::string_view text) {
@@ -941,6 +1183,87 @@ TEST_CASE("a large bundle is checked on two threads and reports as one would", "
                         [&](const std::string& p) { return p.find(text) != std::string::npos; }) -
            r.problems.begin();
   };
-  CHECK(position(expected[0]) < position(expected[1]));
-  CHECK(position(expected[1]) < position(expected[2]));
+  for (std::size_t k = 1; k < expected.size(); ++k)
+    CHECK(position(expected[k - 1]) < position(expected[k]));
+
+  // A malformed record in the half that the decoder reads on its second thread is still found.
+  Result<cbor::Value> tree = cbor::decode(s.bytes);
+  REQUIRE(tree.ok());
+  cbor::Map top = *tree->as_map();
+  for (auto& [k, v] : top) {
+    if (k.as_uint() != std::uint64_t{8}) continue;
+    cbor::Array records = *v.as_array();
+    cbor::Map record = *records.at(8500).as_map();
+    std::erase_if(record, [](const auto& kv) { return *kv.first.as_text() == "selected"; });
+    records[8500] = *cbor::Value::map(std::move(record));
+    v = cbor::Value::array(std::move(records));
+  }
+  Result<AuditBundle> broken = decode_audit_bundle(cbor::encode(*cbor::Value::map(std::move(top))));
+  REQUIRE_FALSE(broken.ok());
+  CHECK_THAT(broken.status().message(), Catch::Contains("an entry record has no \"selected\""));
+}
+
+TEST_CASE("a large export reads its entries on two threads and selects what one thread would",
+          "[audit]") {
+  Fixture f;  // entries 0..7; patient a at 2, 4, 6, 7
+  std::vector<std::uint64_t> about_a{2, 4, 6, 7}, access_entries{2, 3, 4, 6, 7};
+  std::vector<Entry> batch;
+  std::uint64_t next = f.ledger->stats().tree_size;
+  for (int i = 0; i < 18000; ++i, ++next) {
+    if (i % 2 == 0) {
+      batch.push_back(access(f.a, "Practitioner::\"dr-lee\"", i % 4 == 0 ? "allow" : "deny"));
+      about_a.push_back(next);
+      access_entries.push_back(next);
+    } else {
+      batch.push_back(note("filler", i));
+    }
+    if (batch.size() == 6000) {
+      REQUIRE(f.ledger->append_all(batch).ok());
+      batch.clear();
+    }
+  }
+  auto selected_indexes = [](const AuditBundle& b) {
+    std::vector<std::uint64_t> out;
+    for (const BundleEntry& e : b.entries)
+      if (e.selected) out.push_back(e.index);
+    return out;
+  };
+  SECTION("one patient: the chain's next page is read ahead") {
+    AuditQuery q;
+    q.patient = f.a;
+    AuditBundle b = f.build(q);
+    CHECK(selected_indexes(b) == about_a);
+    AuditReport r = verify(sign(*f.keys, b), f.key);
+    INFO(problems(r));
+    CHECK(r.ok());
+    CHECK(r.chain_entries == about_a.size());
+  }
+  SECTION("one kind: the second half of the range on a second thread") {
+    AuditQuery q;
+    q.kind = "access";
+    AuditBundle b = f.build(q);
+    CHECK(selected_indexes(b) == access_entries);
+    AuditReport r = verify(sign(*f.keys, b), f.key);
+    INFO(problems(r));
+    CHECK(r.ok());
+    // With values, each selected entry of both halves gets its own.
+    q.include_values = true;
+    AuditExportOptions options;
+    options.values = [](const Entry& e) -> Result<std::optional<cbor::Value>> {
+      const cbor::Value* decision = e.body.find("decision");
+      if (!decision) return std::optional<cbor::Value>();
+      return std::optional<cbor::Value>(*decision);
+    };
+    Result<AuditBundle> with_values = build_audit_bundle(*f.ledger, q, "user:admin", options);
+    REQUIRE(with_values.ok());
+    for (const BundleEntry& e : with_values->entries) {
+      if (!e.selected) continue;
+      INFO("entry " << e.index);
+      REQUIRE(e.values);
+      CHECK(*e.values == *decode_entry(e.bytes)->body.find("decision"));
+    }
+    AuditReport rv = verify(sign(*f.keys, *with_values), f.key);
+    INFO(problems(rv));
+    CHECK(rv.ok());
+  }
 }

@@ -408,3 +408,247 @@ TEST_CASE("bad sizes and indexes are errors, never crashes or loops", "[merkle]"
     CHECK_FALSE(merkle::verify_consistency(a, n, r1, r2, proof).ok());
   }
 }
+
+// ---- multi-leaf inclusion proofs ----
+
+namespace {
+
+std::vector<merkle::IndexedLeaf> indexed(const std::vector<std::uint64_t>& indexes,
+                                         const std::vector<Hash>& leaves) {
+  std::vector<merkle::IndexedLeaf> out;
+  for (std::uint64_t i : indexes) out.push_back({i, leaves[i]});
+  return out;
+}
+
+// The subset shapes the brief of format 2 names, for a tree of n leaves: one leaf (first, last,
+// middle), all, first and last, sparse, adjacent runs, and a few random sets.
+std::vector<std::vector<std::uint64_t>> shapes(std::uint64_t n, std::mt19937_64& rng) {
+  std::vector<std::vector<std::uint64_t>> out;
+  out.push_back({0});
+  out.push_back({n - 1});
+  out.push_back({n / 2});
+  std::vector<std::uint64_t> all(n);
+  for (std::uint64_t i = 0; i < n; ++i) all[i] = i;
+  out.push_back(all);
+  if (n > 1) out.push_back({0, n - 1});
+  for (std::uint64_t step : {2, 3, 7, 10}) {
+    std::vector<std::uint64_t> sparse;
+    for (std::uint64_t i = step / 2; i < n; i += step) sparse.push_back(i);
+    if (!sparse.empty()) out.push_back(sparse);
+  }
+  std::vector<std::uint64_t> runs;  // runs of 3 every 8, and a run at the right edge
+  for (std::uint64_t i = 0; i < n; ++i)
+    if (i % 8 >= 2 && i % 8 < 5) runs.push_back(i);
+  for (std::uint64_t i = n > 4 ? n - 4 : 0; i < n; ++i)
+    if (runs.empty() || i > runs.back()) runs.push_back(i);
+  out.push_back(runs);
+  for (int r = 0; r < 3; ++r) {
+    std::vector<std::uint64_t> random;
+    for (std::uint64_t i = 0; i < n; ++i)
+      if (rng() % 4 == 0) random.push_back(i);
+    if (!random.empty()) out.push_back(random);
+  }
+  return out;
+}
+
+// Every way the proof can be damaged, each of which must fail against `root`.
+void check_tampers(const std::vector<merkle::IndexedLeaf>& leaves, std::uint64_t n,
+                   const std::vector<Hash>& proof, const Hash& root, std::mt19937_64& rng) {
+  for (std::size_t k = 0; k < proof.size(); ++k) {
+    INFO("proof hash " << k);
+    auto changed = proof;
+    changed[k][rng() % 32] ^= std::byte(1 << (rng() % 8));
+    CHECK_FALSE(merkle::verify_multi_inclusion(leaves, n, changed, root).ok());
+    auto missing = proof;
+    missing.erase(missing.begin() + static_cast<std::ptrdiff_t>(k));
+    CHECK_FALSE(merkle::verify_multi_inclusion(leaves, n, missing, root).ok());
+    auto extra = proof;
+    extra.insert(extra.begin() + static_cast<std::ptrdiff_t>(k), proof[k]);
+    CHECK_FALSE(merkle::verify_multi_inclusion(leaves, n, extra, root).ok());
+    if (k + 1 < proof.size() && proof[k] != proof[k + 1]) {
+      auto swapped = proof;
+      std::swap(swapped[k], swapped[k + 1]);
+      CHECK_FALSE(merkle::verify_multi_inclusion(leaves, n, swapped, root).ok());
+    }
+  }
+  auto longer = proof;
+  longer.push_back(root);
+  CHECK_FALSE(merkle::verify_multi_inclusion(leaves, n, longer, root).ok());
+  if (proof.size() > 1) {
+    auto reversed = proof;
+    std::reverse(reversed.begin(), reversed.end());
+    if (reversed != proof)
+      CHECK_FALSE(merkle::verify_multi_inclusion(leaves, n, reversed, root).ok());
+  }
+  // A changed leaf, a leaf left out, the leaves out of order or repeated.
+  auto changed_leaf = leaves;
+  changed_leaf[rng() % leaves.size()].hash[0] ^= std::byte{1};
+  CHECK_FALSE(merkle::verify_multi_inclusion(changed_leaf, n, proof, root).ok());
+  if (leaves.size() > 1) {
+    auto fewer = leaves;
+    fewer.erase(fewer.begin() + static_cast<std::ptrdiff_t>(rng() % fewer.size()));
+    CHECK_FALSE(merkle::verify_multi_inclusion(fewer, n, proof, root).ok());
+    auto reordered = leaves;
+    std::swap(reordered[0], reordered[1]);
+    CHECK(merkle::verify_multi_inclusion(reordered, n, proof, root).code() ==
+          StatusCode::kVerificationFailed);
+    auto repeated = leaves;
+    repeated.insert(repeated.begin() + 1, leaves[0]);
+    CHECK_FALSE(merkle::verify_multi_inclusion(repeated, n, proof, root).ok());
+  }
+}
+
+}  // namespace
+
+TEST_CASE("multi-leaf proofs: every subset of the reference tree", "[merkle][multiproof]") {
+  json ref = read_json(kData / "reference_tree.json");
+  json derived = read_json(kData / "derived_all_proofs_size_le_8.json");
+  MemoryNodes tree;
+  for (const auto& in : ref["leafInputsHex"])
+    tree.leaves.push_back(merkle::leaf_hash(*medgate::from_hex(in.get<std::string>())));
+  std::mt19937_64 rng(5);
+  int subsets = 0;
+  for (std::uint64_t size = 1; size <= 8; ++size) {
+    const Hash root = hex_hash(ref["rootHashesBySizeHex"][std::to_string(size)]);
+    tree.size = size;
+    for (std::uint64_t mask = 1; mask < (std::uint64_t{1} << size); ++mask) {
+      std::vector<std::uint64_t> indexes;
+      for (std::uint64_t i = 0; i < size; ++i)
+        if ((mask >> i) & 1) indexes.push_back(i);
+      INFO("size " << size << ", leaves mask " << mask);
+      ++subsets;
+      tree.reads = 0;
+      auto proof = merkle::multi_inclusion_proof(indexes, size, tree.source());
+      REQUIRE(proof.ok());
+      CHECK(*proof == multiproof(indexes, Leaves(tree.leaves).first(size)));
+      // One read per proof hash, plus the pieces of a subtree at the right edge.
+      CHECK(tree.reads <= static_cast<int>(proof->size()) + std::popcount(size));
+      // Each hash once (the reference leaves are distinct, so are their subtrees).
+      auto sorted = *proof;
+      std::sort(sorted.begin(), sorted.end());
+      CHECK(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end());
+      auto leaves = indexed(indexes, tree.leaves);
+      CHECK(merkle::verify_multi_inclusion(leaves, size, *proof, root).ok());
+      // Every proof hash is a hash of some single leaf's RFC 9162 audit path (the derived vectors),
+      // and a single leaf's proof holds exactly its audit path.
+      std::vector<Hash> paths;
+      for (const auto& c : derived["inclusion"])
+        if (c["treeSize"].get<std::uint64_t>() == size &&
+            (mask >> c["leafIdx"].get<std::uint64_t>()) & 1)
+          for (const Hash& h : hex_hashes(c["proofHex"])) paths.push_back(h);
+      for (const Hash& h : *proof) CHECK(std::find(paths.begin(), paths.end(), h) != paths.end());
+      if (indexes.size() == 1) {
+        std::sort(paths.begin(), paths.end());
+        CHECK(sorted == paths);
+      }
+      if (indexes.size() == size) CHECK(proof->empty());
+      check_tampers(leaves, size, *proof, root, rng);
+    }
+  }
+  CHECK(subsets == 502);  // sum of 2^n - 1 for n = 1..8
+  CHECK(tree.out_of_range == 0);
+}
+
+TEST_CASE("multi-leaf proofs: random trees, every subset shape, every tamper",
+          "[merkle][multiproof]") {
+  std::mt19937_64 rng(GENERATE(3u, 4u));
+  const auto all = random_leaves(rng, 4200);
+  MemoryNodes tree;
+  tree.leaves = all;
+  std::vector<std::uint64_t> sizes;
+  for (std::uint64_t n = 1; n <= 40; ++n) sizes.push_back(n);
+  for (std::uint64_t n : {63, 64, 65, 100, 127, 128, 129, 1000, 1023, 1024, 1025, 4097})
+    sizes.push_back(n);
+  for (std::uint64_t n : sizes) {
+    const Leaves leaves = Leaves(all).first(n);
+    const Hash root = mth(leaves);
+    tree.size = n;
+    for (const auto& indexes : shapes(n, rng)) {
+      INFO("size " << n << ", " << indexes.size() << " leaves from " << indexes.front());
+      tree.reads = 0;
+      auto proof = merkle::multi_inclusion_proof(indexes, n, tree.source());
+      REQUIRE(proof.ok());
+      CHECK(*proof == multiproof(indexes, leaves));
+      CHECK(tree.reads <= static_cast<int>(proof->size()) + std::popcount(n));
+      auto given = indexed(indexes, all);
+      CHECK(merkle::verify_multi_inclusion(given, n, *proof, root).ok());
+      // Never larger than the single-leaf proofs together, and as large only for one leaf.
+      if (indexes.size() <= 64) {
+        std::size_t singles = 0;
+        for (std::uint64_t i : indexes) singles += path(i, leaves).size();
+        CHECK(proof->size() <= singles);
+        if (indexes.size() == 1) CHECK(proof->size() == singles);
+      }
+      // A wrong size: against the root of that size (the signed head binds size and root
+      // together; on its own an RFC 9162 proof does not commit to the size).
+      for (std::uint64_t m : {n + 1, n + 2, n - 1, n / 2, n * 2}) {
+        if (m == n || m == 0 || m > all.size() || indexes.back() >= m) continue;
+        INFO("claimed size " << m);
+        CHECK_FALSE(
+            merkle::verify_multi_inclusion(given, m, *proof, mth(Leaves(all).first(m))).ok());
+      }
+      if (n <= 40 || indexes.size() <= 8) check_tampers(given, n, *proof, root, rng);
+    }
+  }
+  CHECK(tree.out_of_range == 0);
+}
+
+TEST_CASE("multi-leaf proofs: bad input is an error naming it", "[merkle][multiproof]") {
+  std::vector<Hash> level_hash{merkle::leaf_hash(medgate::as_bytes("same"))};
+  while (level_hash.size() < 64)
+    level_hash.push_back(merkle::node_hash(level_hash.back(), level_hash.back()));
+  merkle::NodeSource uniform = [&](int level, std::uint64_t) -> medgate::Result<Hash> {
+    return level_hash.at(static_cast<std::size_t>(level));
+  };
+  using V = std::vector<std::uint64_t>;
+  auto code = [&](const V& indexes, std::uint64_t size) {
+    return merkle::multi_inclusion_proof(indexes, size, uniform).status();
+  };
+  CHECK(code({}, 5).code() == StatusCode::kInvalidArgument);
+  CHECK(code({5}, 5).code() == StatusCode::kInvalidArgument);
+  CHECK(code({0}, 0).code() == StatusCode::kInvalidArgument);
+  CHECK_THAT(code({3, 1}, 5).message(), Catch::Contains("ascend strictly (1 follows 3)"));
+  CHECK(code({2, 2}, 5).code() == StatusCode::kInvalidArgument);
+
+  const Hash leaf = level_hash[0];
+  auto root = merkle::root(5, uniform);
+  REQUIRE(root.ok());
+  auto proof = merkle::multi_inclusion_proof(V{1, 3}, 5, uniform);
+  REQUIRE(proof.ok());
+  std::vector<merkle::IndexedLeaf> leaves{{1, leaf}, {3, leaf}};
+  CHECK(merkle::verify_multi_inclusion(leaves, 5, *proof, *root).ok());
+  auto message = [&](std::span<const merkle::IndexedLeaf> l, std::uint64_t size,
+                     std::span<const Hash> p) {
+    Status s = merkle::verify_multi_inclusion(l, size, p, *root);
+    CHECK(s.code() == StatusCode::kVerificationFailed);
+    return s.message();
+  };
+  CHECK_THAT(message({}, 5, *proof), Catch::Contains("no leaves"));
+  std::vector<merkle::IndexedLeaf> beyond{{1, leaf}, {5, leaf}};
+  CHECK_THAT(message(beyond, 5, *proof), Catch::Contains("not below tree size 5"));
+  std::vector<merkle::IndexedLeaf> backwards{{3, leaf}, {1, leaf}};
+  CHECK_THAT(message(backwards, 5, *proof), Catch::Contains("ascend strictly"));
+  std::vector<Hash> fewer(proof->begin(), proof->end() - 1);
+  CHECK_THAT(message(leaves, 5, fewer), Catch::Contains("too few"));
+  std::vector<Hash> more = *proof;
+  more.push_back(leaf);
+  CHECK_THAT(message(leaves, 5, more), Catch::Contains("need " + std::to_string(proof->size())));
+
+  // Huge trees: the walk is bounded by the leaves' paths, not by the size.
+  for (std::uint64_t n : {kMax, std::uint64_t{1} << 63, (std::uint64_t{1} << 40) + 3}) {
+    INFO("size " << n);
+    auto big_root = merkle::root(n, uniform);
+    REQUIRE(big_root.ok());
+    V indexes{0, 1, n / 3, n - 2, n - 1};
+    auto big = merkle::multi_inclusion_proof(indexes, n, uniform);
+    REQUIRE(big.ok());
+    CHECK(big->size() <= 5 * 64);
+    std::vector<merkle::IndexedLeaf> l;
+    for (std::uint64_t i : indexes) l.push_back({i, leaf});
+    CHECK(merkle::verify_multi_inclusion(l, n, *big, *big_root).ok());
+  }
+  merkle::NodeSource broken = [](int, std::uint64_t) -> medgate::Result<Hash> {
+    return Status::NotFound("no such node");
+  };
+  CHECK(merkle::multi_inclusion_proof(V{1}, 5, broken).status().code() == StatusCode::kNotFound);
+}
