@@ -553,6 +553,21 @@ Result<json> Cluster::cluster_status() const {
     }
   }
   if (probe) {
+    // Each member's last reported height (members/<id>/seen; display only).
+    std::string prefix;
+    {
+      std::lock_guard lk(mu_);
+      prefix = settings_->prefix;
+    }
+    const std::string members = prefix + "members/";
+    if (Result<order::Range> seen = probe->range(members, order::prefix_end(members)); seen.ok()) {
+      json heights = json::array();
+      for (const order::KeyValue& kv : seen->kvs)
+        if (auto m = order::parse_seen(kv.key, prefix, kv.value))
+          heights.push_back(
+              {{"member_id", m->member_id}, {"height", m->height}, {"age_ms", age_ms(m->time_us)}});
+      out["member_heights"] = heights;
+    }
     Result<order::EtcdStatus> st = probe->status();
     if (st.ok()) {
       json health = json::array();

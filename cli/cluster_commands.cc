@@ -114,6 +114,12 @@ int cmd_cluster_status(const GlobalOptions& g) {
                                  h.value("error", "").empty() ? "" : ": " + h.value("error", ""));
     }
   }
+  if (s.contains("member_heights") && !s["member_heights"].empty()) {
+    std::cout << "  heights      as each member last reported:\n";
+    for (const json& h : s["member_heights"])
+      std::cout << fmt::format("    {:<20} height {}  ({} ms ago)\n", h.value("member_id", ""),
+                               h.value("height", 0), h.value("age_ms", 0));
+  }
   print_members(s["membership"]);
   return 0;
 }

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cinttypes>
+#include <cstdio>
 
 #include <fmt/format.h>
 
@@ -279,6 +281,41 @@ bool Orderer::propose() {
   }
 }
 
+std::string seen_key(std::string_view prefix, std::string_view member) {
+  return fmt::format("{}members/{}/seen", prefix, member);
+}
+
+std::optional<MemberSeen> parse_seen(std::string_view key, std::string_view prefix,
+                                     ByteView value) {
+  const std::string members = std::string(prefix) + "members/";
+  if (key.substr(0, members.size()) != members || !key.ends_with("/seen")) return std::nullopt;
+  MemberSeen m;
+  m.member_id = std::string(key.substr(members.size(), key.size() - members.size() - 5));
+  const std::string text(reinterpret_cast<const char*>(value.data()), value.size());
+  std::uint64_t height = 0, time_us = 0;
+  if (std::sscanf(text.c_str(), "%" SCNu64 " %" SCNu64, &height, &time_us) != 2)
+    return std::nullopt;
+  m.height = height;
+  m.time_us = time_us;
+  return m;
+}
+
+// Tells the other members how far this replica is (members/<id>/seen = "HEIGHT TIME_US"), at
+// most once a second and at least every 10 s. Display only: nothing trusts it.
+void Orderer::report_seen() {
+  const auto now = std::chrono::steady_clock::now();
+  const std::uint64_t height = ledger_.stats().height;
+  if (now - seen_put_ < std::chrono::seconds(1)) return;
+  if (height == seen_height_ && now - seen_put_ < std::chrono::seconds(10)) return;
+  auto replica = ledger_.replica();
+  if (!replica) return;
+  const std::string value = fmt::format("{} {}", height, ledger::now_us());
+  if (etcd_.put(seen_key(options_.prefix, replica->member_id), as_bytes(value)).ok()) {
+    seen_put_ = now;
+    seen_height_ = height;
+  }
+}
+
 void Orderer::run() {
   std::chrono::milliseconds backoff{0};
   auto last_read = std::chrono::steady_clock::now() - options_.poll;
@@ -305,6 +342,7 @@ void Orderer::run() {
       std::lock_guard lk(mu_);
       connected = stats_.connected;
     }
+    if (connected) report_seen();
     if (did) {
       backoff = std::chrono::milliseconds(0);
       continue;

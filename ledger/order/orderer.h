@@ -83,6 +83,18 @@ struct OrdererStats {
 // "<prefix>blocks/<height, 20 digits>": zero-padded so that key order is height order.
 std::string block_key(std::string_view prefix, std::uint64_t height);
 
+// "<prefix>members/<member id>/seen": the height a member last applied and when ("HEIGHT
+// TIME_US"), which its orderer puts at most once a second. Display only (cluster status); nothing
+// trusts it.
+struct MemberSeen {
+  std::string member_id;
+  std::uint64_t height = 0;
+  std::uint64_t time_us = 0;
+};
+std::string seen_key(std::string_view prefix, std::string_view member);
+// nullopt for a key or value that is not one.
+std::optional<MemberSeen> parse_seen(std::string_view key, std::string_view prefix, ByteView value);
+
 class Orderer {
  public:
   // Publishes the history (see above) and starts the thread. `ledger` must be replicated
@@ -107,6 +119,7 @@ class Orderer {
   bool catch_up();
   // Step 2 for one block; true if a block was proposed.
   bool propose();
+  void report_seen();
   void note_error(const Status& s);
   void note_ok();
   void wake();
@@ -128,6 +141,9 @@ class Orderer {
   // When the local tip last moved (turns).
   std::uint64_t progress_height_ = 0;
   std::chrono::steady_clock::time_point progress_time_{};
+  // The last members/<id>/seen put (report_seen).
+  std::chrono::steady_clock::time_point seen_put_{};
+  std::uint64_t seen_height_ = ~std::uint64_t{0};
   std::thread thread_;
 };
 

@@ -182,6 +182,11 @@ for m in a b c; do
 done
 expect_rc 0 "b's replica verifies trusting only c's key (the membership vouches for the rest)" -- "$MEDCTL" ledger verify --db "$WORK/b/ledger.db" --trust "$WORK/c/signing-key.pem"
 
+sleep 1.2  # members report their heights at most once a second
+expect_rc 0 "cluster status at a" -- ctl a cluster status
+H=$(status_field a 's["ledger"]["height"]')
+expect_in "b +height $H " "shows b's height as b reported it"
+expect_in "c +height $H " "and c's"
 M=$(curl -s "http://127.0.0.1:$METRICS_PORT/metrics")
 grep -q '^medgate_replication_queue_entries 0$' <<<"$M" && grep -q '^medgate_replication_connected 1$' <<<"$M" \
   && pass "Prometheus: the replication queue (0) and etcd connected (1)" || failed "replication metrics missing: $(grep replication <<<"$M")"

@@ -348,3 +348,18 @@ TEST_CASE("replication: three members order one ledger through etcd", "[replicat
     CHECK(replaced->proposer == "c");
   }
 }
+
+TEST_CASE("replication: members' reported heights are parsed, and anything else is ignored",
+          "[replication]") {
+  const std::string prefix = "/medgate/w/";
+  auto seen = order::parse_seen("/medgate/w/members/ward-a/seen", prefix, as_bytes("42 1700000"));
+  REQUIRE(seen);
+  CHECK(seen->member_id == "ward-a");
+  CHECK(seen->height == 42);
+  CHECK(seen->time_us == 1700000);
+  CHECK(order::seen_key(prefix, "ward-a") == "/medgate/w/members/ward-a/seen");
+  CHECK_FALSE(order::parse_seen("/medgate/w/members/ward-a/seen", prefix, as_bytes("garbage")));
+  CHECK_FALSE(order::parse_seen("/medgate/w/members/ward-a/seen", prefix, as_bytes("")));
+  CHECK_FALSE(order::parse_seen("/medgate/w/blocks/00000000000000000001", prefix, as_bytes("1 2")));
+  CHECK_FALSE(order::parse_seen("/other/members/a/seen", prefix, as_bytes("1 2")));
+}
