@@ -508,6 +508,7 @@ json Cluster::status_json() const {
         {"blocks_proposed", s.blocks_proposed},
         {"claims_lost", s.claims_lost},
         {"invalid_blocks", s.invalid_blocks},
+        {"rewrites", s.rewrites},
         {"last_invalid", s.last_invalid},
         {"last_error", s.last_error}};
   } else {

@@ -54,7 +54,20 @@ Result<std::unique_ptr<Orderer>> Orderer::start(ledger::Ledger& ledger, EtcdClie
   std::unique_ptr<Orderer> o(new Orderer(ledger, etcd, std::move(options)));
   MEDGATE_RETURN_IF_ERROR(o->publish_history());
   WatchHandlers handlers;
-  handlers.on_put = [self = o.get()](const KeyValue&) { self->wake(); };
+  handlers.on_put = [self = o.get()](const KeyValue& kv) {
+    // A put at a height this replica already holds is a rewrite unless it is the same record
+    // (checked on the orderer thread, which may put the applied record back).
+    if (auto h = height_of(kv.key, blocks_prefix(self->options_.prefix))) {
+      if (*h <= self->ledger_.stats().height) {
+        std::lock_guard lk(self->mu_);
+        auto known = self->applied_revisions_.find(*h);
+        // The put this replica applied (the watch trails the range reads): nothing to check.
+        if (known == self->applied_revisions_.end() || known->second != kv.mod_revision)
+          self->rewrites_.push_back({*h, kv.mod_revision, kv.value});
+      }
+    }
+    self->wake();
+  };
   handlers.on_compacted = [self = o.get()](std::int64_t) { self->wake(); };
   MEDGATE_ASSIGN_OR_RETURN(o->watch_, etcd.watch(blocks_prefix(o->options_.prefix),
                                                  o->last_revision_ + 1, std::move(handlers)));
@@ -207,6 +220,7 @@ bool Orderer::catch_up() {
       applied_any = true;
       std::lock_guard lk(mu_);
       ++stats_.blocks_applied;
+      remember_applied(*h, kv.mod_revision);
     }
     if (!r->more) return applied_any;
   }
@@ -268,6 +282,7 @@ bool Orderer::propose() {
       }
       std::lock_guard lk(mu_);
       ++stats_.blocks_proposed;
+      remember_applied(record->header.height, c->created ? c->revision : c->existing->mod_revision);
       stats_.cluster_height = std::max(stats_.cluster_height, record->header.height);
       return true;
     }
@@ -278,6 +293,43 @@ bool Orderer::propose() {
     std::unique_lock lk(mu_);
     if (cv_.wait_for(lk, backoff, [&] { return stop_; })) return false;
     backoff = std::min(backoff * 2, options_.max_backoff);
+  }
+}
+
+// Under mu_: the etcd revision of the put this replica applied at `height`, for the last 4096
+// heights (older puts the watch reports are compared in full; only a rewrite is that late).
+void Orderer::remember_applied(std::uint64_t height, std::int64_t mod_revision) {
+  applied_revisions_[height] = mod_revision;
+  while (applied_revisions_.size() > 4096) applied_revisions_.erase(applied_revisions_.begin());
+}
+
+// Puts seen at heights this replica holds: the same record again is harmless; anything else is an
+// attempted rewrite of history, reported and replaced by the applied record (compare the
+// rewrite's mod_revision, so members racing to restore it write it once).
+void Orderer::check_rewrites() {
+  std::vector<Rewrite> rewrites;
+  {
+    std::lock_guard lk(mu_);
+    rewrites.swap(rewrites_);
+  }
+  for (const Rewrite& r : rewrites) {
+    Result<BlockRecord> applied = ledger_.block_record(r.height);
+    if (!applied.ok()) continue;
+    const Bytes bytes = ledger::encode_block_record(*applied);
+    if (bytes == r.value) continue;
+    const std::string reason = fmt::format(
+        "the record at height {} in etcd was replaced by a different one after this replica "
+        "applied it; putting the applied record back",
+        r.height);
+    {
+      std::lock_guard lk(mu_);
+      ++stats_.rewrites;
+      stats_.last_invalid = reason;
+    }
+    if (options_.on_invalid) options_.on_invalid(r.height, reason);
+    Result<CreateResult> c =
+        etcd_.replace_if_revision(block_key(options_.prefix, r.height), r.mod_revision, bytes);
+    if (!c.ok()) note_error(c.status());
   }
 }
 
@@ -337,6 +389,7 @@ void Orderer::run() {
       did |= catch_up();
     }
     did |= propose();
+    check_rewrites();
     bool connected;
     {
       std::lock_guard lk(mu_);

@@ -12,6 +12,10 @@
 //      answers, so a claim that did land is found as this member's own (same bytes) and never
 //      proposed twice.
 //
+// A put at a height already applied (found by the watch) is the same record, harmless, or an
+// attempted rewrite of history: reported (stats().rewrites, on_invalid) and replaced by the
+// applied record, so a member that joins later reads history as it was.
+//
 // A block that fails validation is void: it is reported (stats().invalid_blocks, last_invalid,
 // and the on_invalid callback, once per record) and not applied; the replica does not go past it
 // until the key holds a valid record. Replacing a void record (a transaction comparing its
@@ -34,11 +38,13 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "hsm/status.h"
 #include "ledger/order/etcd_client.h"
@@ -78,6 +84,7 @@ struct OrdererStats {
   std::string last_invalid;             // the latest void record's reason
   std::string last_error;               // the latest etcd or ledger error
   std::uint64_t history_published = 0;  // blocks put at start (history)
+  std::uint64_t rewrites = 0;           // puts of a different record at a height already applied
 };
 
 // "<prefix>blocks/<height, 20 digits>": zero-padded so that key order is height order.
@@ -120,6 +127,8 @@ class Orderer {
   // Step 2 for one block; true if a block was proposed.
   bool propose();
   void report_seen();
+  void check_rewrites();
+  void remember_applied(std::uint64_t height, std::int64_t mod_revision);
   void note_error(const Status& s);
   void note_ok();
   void wake();
@@ -141,6 +150,14 @@ class Orderer {
   // When the local tip last moved (turns).
   std::uint64_t progress_height_ = 0;
   std::chrono::steady_clock::time_point progress_time_{};
+  // Puts the watch saw at heights already applied, for check_rewrites (guarded by mu_).
+  struct Rewrite {
+    std::uint64_t height;
+    std::int64_t mod_revision;
+    Bytes value;
+  };
+  std::vector<Rewrite> rewrites_;
+  std::map<std::uint64_t, std::int64_t> applied_revisions_;  // height -> mod_revision applied
   // The last members/<id>/seen put (report_seen).
   std::chrono::steady_clock::time_point seen_put_{};
   std::uint64_t seen_height_ = ~std::uint64_t{0};

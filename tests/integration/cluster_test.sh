@@ -8,7 +8,7 @@
 # lost, all converge); c cut off from etcd (its proxy stopped) keeps ingesting, queues, and catches
 # up in order when the proxy returns; records written straight into etcd with etcdctl (garbage, and
 # a member's valid block replayed at the next height) are voided by every replica, reported, and
-# replaced; a device added at one member is accepted at the others, and revoked at one it is
+# replaced; a record rewritten below the members' tips is reported and put back; a device added at one member is accepted at the others, and revoked at one it is
 # refused at the others (the time is printed; the issue asks for 1 s).
 #
 #   cluster_test.sh BIN_DIR
@@ -260,6 +260,22 @@ wait_converged && pass "and replaced" || failed "stuck after the replay"
 for m in a b c; do
   expect_rc 0 "replica $m still verifies" -- "$MEDCTL" ledger verify --db "$WORK/$m/ledger.db" --trust "$WORK/a/signing-key.pem"
 done
+
+say "== a rewrite of history in etcd is put back"
+OLD_KEY="/medgate/ward/blocks/$(printf '%020d' 3)"
+etcdctl_cluster get --print-value-only "$OLD_KEY" >"$WORK/block3.before"
+etcdctl_cluster put "$OLD_KEY" "a different history" >/dev/null
+for _ in $(seq 1 50); do
+  etcdctl_cluster get --print-value-only "$OLD_KEY" >"$WORK/block3.after"
+  cmp -s "$WORK/block3.before" "$WORK/block3.after" && break
+  sleep 0.1
+done
+cmp -s "$WORK/block3.before" "$WORK/block3.after" && pass "the members put block 3's applied record back" || failed "block 3 stays rewritten"
+for m in a b c; do
+  R=$(status_field $m 's["cluster"]["ordering"]["rewrites"]')
+  [ "$R" -ge 1 ] && pass "replica $m reports the rewrite" || failed "replica $m did not report it ($R)"
+done
+grep -q "was replaced by a different one after this replica applied it" "${LOG[a]}" && pass "and logs it" || failed "no log line for the rewrite"
 
 say "== devices follow the replicated ledger"
 # send_app APP MEMBER ID: one ORU from sending application APP to MEMBER; prints the ACK code.
