@@ -454,11 +454,10 @@ class Ledger::Impl {
 
   Result<KeyRotation> rotate_signing_key(const std::string& actor) {
     std::lock_guard rotation(rotate_mu_);
-    if (replicated_)
-      return Status::FailedPrecondition(
-          "rotating a member's signing key in a cluster is not supported yet "
-          "(docs/replication.md)");
-    KeyId old_id = key_id();
+    // Replicated: the transition is ordered like any entry (append waits for it), and applying
+    // it moves this member to the new key (apply_record); the block that holds it is still
+    // proposed with the old key.
+    KeyId old_id = replicated_ ? own_member_key() : key_id();
     MEDGATE_ASSIGN_OR_RETURN(PublicKey old_key, public_key(old_id));
     MEDGATE_ASSIGN_OR_RETURN(PublicKey new_key, signer_.create_signing_key());
     {
@@ -608,7 +607,7 @@ class Ledger::Impl {
     if (!replicated_) return std::nullopt;
     ReplicaInfo r;
     r.member_id = member_id_;
-    r.key_id = member_key_;
+    r.key_id = own_member_key();
     r.founder_key = founder_key_;
     {
       std::lock_guard lk(outbox_mu_);
@@ -648,7 +647,8 @@ class Ledger::Impl {
         });
         !task.ok())
       return task;
-    Result<Bytes> sig = signer_.sign_digest_with(member_key_, block_hash(record.header_bytes));
+    Result<Bytes> sig =
+        signer_.sign_digest_with(record.header.key_id, block_hash(record.header_bytes));
     if (!sig.ok()) return sig.status().with_context("signing a block");
     record.signature = std::move(sig).value();
     return record;
@@ -1859,6 +1859,7 @@ class Ledger::Impl {
     std::vector<std::pair<std::uint64_t, std::optional<std::uint64_t>>> ordered;
     std::vector<std::pair<std::uint64_t, Entry>> membership_entries;
     std::vector<std::pair<Bytes, std::uint64_t>> subject_updates;
+    std::optional<KeyEpoch> own_rotation;
     Status s = [&]() -> Status {
       MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_, tx_statements_));
       began = true;
@@ -1879,6 +1880,24 @@ class Ledger::Impl {
         }
         tiles_.append(v.leaves[i]);
         if (affects_membership(e.type)) membership_entries.emplace_back(index, e);
+        if (e.type == EntryType::kKeyTransition && replicated_) {
+          // This member's own rotation: its heads and blocks use the new key from here on.
+          const Bytes& old_id = *e.body.find("old_key_id")->as_bytes();
+          if (std::equal(old_id.begin(), old_id.end(), member_key_.begin(), member_key_.end())) {
+            const Bytes& new_id = *e.body.find("new_key_id")->as_bytes();
+            KeyEpoch epoch{index + 1, {}};
+            std::copy(new_id.begin(), new_id.end(), epoch.key.begin());
+            insert_epoch_.bind(1, epoch.from_size).bind(2, ByteView(epoch.key)).bind(3, index);
+            MEDGATE_RETURN_IF_ERROR(insert_epoch_.run().with_context("writing a key epoch"));
+            MEDGATE_ASSIGN_OR_RETURN(PublicKey founder, founder_public());
+            MEDGATE_ASSIGN_OR_RETURN(Bytes meta,
+                                     replica_meta(member_id_, epoch.key, index + 1, founder));
+            MEDGATE_ASSIGN_OR_RETURN(
+                auto upd, db_.prepare("UPDATE meta SET value = ? WHERE key = 'replica'"));
+            MEDGATE_RETURN_IF_ERROR(upd.bind(1, ByteView(meta)).run());
+            own_rotation = epoch;
+          }
+        }
         ++index;
       }
       for (const auto& [key, hashes] : tiles_.take_dirty()) {
@@ -1937,6 +1956,10 @@ class Ledger::Impl {
       last_block_.hash = v.tip.block_hash;
       committed_size_ = r.header.tree_size;
       membership_ = std::move(v.membership);
+      if (own_rotation) {
+        epochs_.push_back(*own_rotation);
+        member_key_ = own_rotation->key;
+      }
       active_pub_ = v.tip.active_key;
       if (pending_subject_updates_.empty())
         pending_subject_updates_ = std::move(subject_updates);
@@ -1969,6 +1992,17 @@ class Ledger::Impl {
   }
 
  private:
+  // This member's current signing key (it moves when its rotation is applied).
+  KeyId own_member_key() const {
+    std::lock_guard lk(state_mu_);
+    return member_key_;
+  }
+
+  Result<PublicKey> founder_public() const {
+    if (!founder_key_) return Status::Internal("a replicated ledger without a founder key");
+    return *founder_key_;
+  }
+
   Membership membership_copy() const {
     std::lock_guard lk(state_mu_);
     return membership_;

@@ -805,6 +805,29 @@ class Verifier {
       return h;
     };
     KeyId old_id = hash_of("old_key_id"), new_id = hash_of("new_key_id");
+    // In a replicated ledger a member other than the holder of the active key rotates its own
+    // key: it moves that member, not the ledger's key chain.
+    const Member* member = membership_.founded() ? membership_.find_by_key(old_id) : nullptr;
+    if (old_id != active_key_ && member) {
+      Result<PublicKey> new_member_key =
+          PublicKey::from_spki_der(*e->body.find("new_public_key")->as_bytes());
+      if (!new_member_key.ok() || new_member_key->id() != new_id)
+        return bad(
+            "is a key transition whose new public key is malformed or does not match its id");
+      if (known_.count(new_id) || member_keys_.count(new_id))
+        return bad(fmt::format("is a key transition to key {}, which the ledger used before",
+                               short_hex(new_id)));
+      Hash digest = sha256(encode_key_transition_statement(report_.ledger_id, old_id, new_id));
+      if (!member->signing_key.verify_digest(digest, *e->body.find("old_signature")->as_bytes())
+               .ok())
+        return bad("is a key transition whose old-key signature does not verify");
+      if (!new_member_key->verify_digest(digest, *e->body.find("new_signature")->as_bytes()).ok())
+        return bad("is a key transition whose new-key signature does not verify");
+      retired_member_keys_.emplace(old_id, index);
+      membership_.apply_key_transition(old_id, *new_member_key);
+      member_keys_.emplace(new_id, *new_member_key);
+      return true;
+    }
     if (old_id != active_key_)
       return bad(fmt::format("is a key transition from key {}, but the active key is {}",
                              short_hex(old_id), short_hex(active_key_)));
@@ -917,6 +940,11 @@ class Verifier {
         if (row.signature.empty()) return bad("has no signature");
         if (!m->signing_key.verify_digest(head_digest(row.head), row.signature).ok())
           return bad(fmt::format("signature does not verify with the key of member \"{}\"", m->id));
+      } else if (auto retired = retired_member_keys_.find(head->key_id);
+                 retired != retired_member_keys_.end()) {
+        return bad(fmt::format(
+            "is signed by key {}, which the member's key transition at entry {} retired",
+            short_hex(head->key_id), retired->second));
       } else {
         deferred_heads_.push_back({row.seq, head->key_id, head_digest(row.head), row.signature});
       }
@@ -974,6 +1002,7 @@ class Verifier {
   // whose key was not (yet) a member's when they were read.
   Membership membership_{""};
   std::map<KeyId, PublicKey> member_keys_;
+  std::map<KeyId, std::uint64_t> retired_member_keys_;  // key -> the transition that retired it
   struct DeferredHead {
     std::uint64_t seq;
     KeyId key_id;
