@@ -116,6 +116,14 @@ std::vector<Operation> audit_operations(ledger::Ledger& ledger, hsm::KeyStore& k
                "export with decrypted values by {} recorded as entry {}", c.actor(), index);
          }
          ledger::AuditExportOptions options;
+         // "per-entry": format 1, an RFC 9162 audit path for each entry, for tools that check
+         // entries one at a time; "shared" (the default): format 2, one multi-leaf proof.
+         if (std::optional<std::string> proofs = optional_text(args, "proofs")) {
+           if (*proofs == "per-entry")
+             options.format_version = 1;
+           else if (*proofs != "shared")
+             return Status::InvalidArgument("argument \"proofs\" must be shared or per-entry");
+         }
          options.values = [&vault](const ledger::Entry& e) { return observation_values(vault, e); };
          MEDGATE_ASSIGN_OR_RETURN(ledger::AuditBundle bundle,
                                   ledger::build_audit_bundle(ledger, q, c.actor(), options));

@@ -37,6 +37,7 @@ struct ExportArgs {
   std::string format = "bundle";
   std::vector<std::string> trust;  // for the rendering's verification (--format fhir|csv)
   bool include_values = false;
+  std::optional<std::string> proofs;  // shared (format 2) | per-entry (format 1)
 };
 
 struct RenderArgs {
@@ -271,6 +272,7 @@ int cmd_audit_export(const GlobalOptions& g, const ExportArgs& a) {
   if (a.principal) args["principal"] = *a.principal;
   if (a.kind) args["kind"] = *a.kind;
   if (a.include_values) args["include_values"] = true;
+  if (a.proofs) args["proofs"] = *a.proofs;
   Result<json> r = [&] {
     WaitIndicator waiting("medgated is building the bundle");
     return call(g, "audit.export", args);
@@ -420,6 +422,9 @@ void add_audit_commands(CLI::App& app, const GlobalOptions& g, int& rc) {
                 "before rendering it (default: the ledger's genesis key in the bundle)");
   e->add_flag("--include-values", ex.include_values,
               "decrypted readings in the bundle (admins only; recorded on the ledger)");
+  e->add_option("--proofs", ex.proofs,
+                "shared (default: one multi-leaf proof, format 2) or per-entry (an RFC 9162 audit "
+                "path for each entry, format 1, about twice the size)");
   e->callback([&rc, &g] { rc = cmd_audit_export(g, ex); });
   auto* v = audit->add_subcommand("verify", "check a bundle offline (no daemon, no HSM)");
   v->add_option("FILE", file)->required();

@@ -58,6 +58,9 @@ expect_in "verified against the ledger's own genesis key" "says what the renderi
 expect_rc 0 "with --trust, the rendering is checked against that key" -- as_user nobody "$MEDCTL" audit export --out "$WORK/out/access2.cbor" --kind access --format fhir --trust "$WORK/first-key.pem"
 expect_not_in "genesis key" "and no note"
 [ -s "$WORK/out/access2.fhir.json" ] && pass "FHIR written beside it" || failed "no access2.fhir.json"
+expect_rc 0 "an export with an RFC 9162 audit path for each entry" -- as_user nobody "$MEDCTL" audit export --out "$WORK/out/per-entry.cbor" --kind access --proofs per-entry
+expect_rc 2 "--proofs takes shared or per-entry" -- as_user nobody "$MEDCTL" audit export --out "$WORK/out/y.cbor" --proofs some
+expect_in "shared or per-entry" "naming both"
 expect_rc 2 "an unknown format is bad input" -- as_user nobody "$MEDCTL" audit export --out "$WORK/out/x.cbor" --format xml
 [ ! -e "$WORK/out/x.cbor" ] && pass "and nothing is exported" || failed "a bundle was written for a bad format"
 
@@ -70,6 +73,8 @@ expect_rc 0 "the whole bundle verifies against the first key (through the rotati
 expect_in "verifies: ledger 'ward-7'" "says so"
 expect_in "key chain of 2" "across the rotation"
 expect_in "bundle format 2" "in format 2, as exports are now"
+expect_rc 0 "the per-entry export verifies" -- "$MEDCTL" audit verify "$WORK/out/per-entry.cbor" --trust "$WORK/first-key.pem"
+expect_in "bundle format 1" "in format 1 (a proof per entry)"
 expect_rc 0 "and against the current key" -- "$MEDCTL" audit verify "$B" --trust "$DATA/signing-key.pem"
 expect_rc 0 "the per-patient bundle verifies, complete" -- "$MEDCTL" audit verify "$P" --trust "$WORK/first-key.pem" --entries
 expect_in "patient: complete; latest entry" "completeness proved by the subject map"
