@@ -228,6 +228,39 @@ Result<SignedHead> read_signed_head(sql::Statement& st) {
   return h;
 }
 
+// A new ledger file's first rows, inside the caller's transaction: its id, the genesis entry and
+// its Merkle tiles, block 0 and the first signed head (Ledger::create and create_replica).
+Status write_first_block(sql::Database& db, const std::string& ledger_id, ByteView entry_bytes,
+                         std::uint64_t entry_time_us, ByteView header_bytes, ByteView head_bytes,
+                         ByteView signature) {
+  MEDGATE_ASSIGN_OR_RETURN(auto meta,
+                           db.prepare("INSERT INTO meta (key, value) VALUES ('ledger_id', ?)"));
+  MEDGATE_RETURN_IF_ERROR(meta.bind(1, ByteView(as_bytes(ledger_id))).run());
+  MEDGATE_ASSIGN_OR_RETURN(
+      auto ins_entry,
+      db.prepare("INSERT INTO entries (idx, type, time_us, bytes) VALUES (0,?,?,?)"));
+  MEDGATE_RETURN_IF_ERROR(ins_entry.bind(1, static_cast<std::int64_t>(EntryType::kGenesis))
+                              .bind(2, entry_time_us)
+                              .bind(3, entry_bytes)
+                              .run());
+  TileBuilder builder;
+  builder.append(merkle::leaf_hash(entry_bytes));
+  MEDGATE_ASSIGN_OR_RETURN(auto ins_tile,
+                           db.prepare("INSERT INTO tiles (level, idx, hashes) VALUES (?,?,?)"));
+  for (const auto& [k, hashes] : builder.take_dirty())
+    if (k.level != 0 || hashes.size() == kTileWidth * 32)  // see tile_reader()
+      MEDGATE_RETURN_IF_ERROR(
+          ins_tile.bind(1, k.level).bind(2, k.index).bind(3, ByteView(hashes)).run());
+  MEDGATE_ASSIGN_OR_RETURN(
+      auto ins_block,
+      db.prepare("INSERT INTO blocks (height, first_index, entry_count, header) VALUES (0,0,1,?)"));
+  MEDGATE_RETURN_IF_ERROR(ins_block.bind(1, header_bytes).run());
+  MEDGATE_ASSIGN_OR_RETURN(
+      auto ins_head,
+      db.prepare("INSERT INTO heads (height, tree_size, head, signature) VALUES (0,1,?,?)"));
+  return ins_head.bind(1, head_bytes).bind(2, signature).run();
+}
+
 }  // namespace
 
 class Ledger::Impl {
@@ -2416,32 +2449,8 @@ Result<std::unique_ptr<Ledger>> Ledger::create(const LedgerOptions& options,
                                 .with_context("the key store's first signature does not verify"));
 
     MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db));
-    MEDGATE_ASSIGN_OR_RETURN(auto meta,
-                             db.prepare("INSERT INTO meta (key, value) VALUES ('ledger_id', ?)"));
-    MEDGATE_RETURN_IF_ERROR(meta.bind(1, ByteView(as_bytes(ledger_id))).run());
-    MEDGATE_ASSIGN_OR_RETURN(
-        auto ins_entry,
-        db.prepare("INSERT INTO entries (idx, type, time_us, bytes) VALUES (0,?,?,?)"));
-    MEDGATE_RETURN_IF_ERROR(ins_entry.bind(1, static_cast<std::int64_t>(EntryType::kGenesis))
-                                .bind(2, now)
-                                .bind(3, ByteView(entry_bytes))
-                                .run());
-    MEDGATE_ASSIGN_OR_RETURN(auto ins_tile,
-                             db.prepare("INSERT INTO tiles (level, idx, hashes) VALUES (?,?,?)"));
-    for (const auto& [k, hashes] : builder.take_dirty())
-      if (k.level != 0 || hashes.size() == kTileWidth * 32)  // see tile_reader()
-        MEDGATE_RETURN_IF_ERROR(
-            ins_tile.bind(1, k.level).bind(2, k.index).bind(3, ByteView(hashes)).run());
-    MEDGATE_ASSIGN_OR_RETURN(
-        auto ins_block,
-        db.prepare(
-            "INSERT INTO blocks (height, first_index, entry_count, header) VALUES (0,0,1,?)"));
-    MEDGATE_RETURN_IF_ERROR(ins_block.bind(1, ByteView(header_bytes)).run());
-    MEDGATE_ASSIGN_OR_RETURN(
-        auto ins_head,
-        db.prepare("INSERT INTO heads (height, tree_size, head, signature) VALUES (0,1,?,?)"));
     MEDGATE_RETURN_IF_ERROR(
-        ins_head.bind(1, ByteView(head_bytes)).bind(2, ByteView(signature)).run());
+        write_first_block(db, ledger_id, entry_bytes, now, header_bytes, head_bytes, signature));
     MEDGATE_RETURN_IF_ERROR(tx.commit());
     fsync_directory(options.path.has_parent_path() ? options.path.parent_path() : ".");
   }
@@ -2614,33 +2623,13 @@ Result<std::unique_ptr<Ledger>> Ledger::create_replica(const LedgerOptions& opti
     MEDGATE_RETURN_IF_ERROR(own.verify_digest(head_digest(head_bytes), signature)
                                 .with_context("the key store's first signature does not verify"));
 
-    TileBuilder builder;
-    builder.append(merkle::leaf_hash(genesis.entries[0]));
-    MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db));
-    MEDGATE_ASSIGN_OR_RETURN(auto ins_meta,
-                             db.prepare("INSERT INTO meta (key, value) VALUES (?, ?)"));
-    MEDGATE_RETURN_IF_ERROR(
-        ins_meta.bind(1, std::string("ledger_id")).bind(2, ByteView(as_bytes(ledger_id))).run());
-    MEDGATE_RETURN_IF_ERROR(ins_meta.bind(1, std::string("replica")).bind(2, ByteView(meta)).run());
-    MEDGATE_ASSIGN_OR_RETURN(
-        auto ins_entry,
-        db.prepare("INSERT INTO entries (idx, type, time_us, bytes) VALUES (0,?,?,?)"));
     MEDGATE_ASSIGN_OR_RETURN(Entry g, decode_entry(genesis.entries[0]));
-    MEDGATE_RETURN_IF_ERROR(ins_entry.bind(1, static_cast<std::int64_t>(EntryType::kGenesis))
-                                .bind(2, g.time_us)
-                                .bind(3, ByteView(genesis.entries[0]))
-                                .run());
-    MEDGATE_ASSIGN_OR_RETURN(auto ins_tile,
-                             db.prepare("INSERT INTO tiles (level, idx, hashes) VALUES (?,?,?)"));
-    for (const auto& [k, hashes] : builder.take_dirty())
-      if (k.level != 0 || hashes.size() == kTileWidth * 32)  // see tile_reader()
-        MEDGATE_RETURN_IF_ERROR(
-            ins_tile.bind(1, k.level).bind(2, k.index).bind(3, ByteView(hashes)).run());
-    MEDGATE_ASSIGN_OR_RETURN(
-        auto ins_block,
-        db.prepare(
-            "INSERT INTO blocks (height, first_index, entry_count, header) VALUES (0,0,1,?)"));
-    MEDGATE_RETURN_IF_ERROR(ins_block.bind(1, ByteView(genesis.header_bytes)).run());
+    MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db));
+    MEDGATE_RETURN_IF_ERROR(write_first_block(db, ledger_id, genesis.entries[0], g.time_us,
+                                              genesis.header_bytes, head_bytes, signature));
+    MEDGATE_ASSIGN_OR_RETURN(auto ins_meta,
+                             db.prepare("INSERT INTO meta (key, value) VALUES ('replica', ?)"));
+    MEDGATE_RETURN_IF_ERROR(ins_meta.bind(1, ByteView(meta)).run());
     MEDGATE_ASSIGN_OR_RETURN(
         auto ins_record,
         db.prepare("INSERT INTO block_records (height, proposer, signature, outbox_first, "
@@ -2650,11 +2639,6 @@ Result<std::unique_ptr<Ledger>> Ledger::create_replica(const LedgerOptions& opti
                                 .bind(3, genesis.outbox_first)
                                 .bind(4, genesis.outbox_count)
                                 .run());
-    MEDGATE_ASSIGN_OR_RETURN(
-        auto ins_head,
-        db.prepare("INSERT INTO heads (height, tree_size, head, signature) VALUES (0,1,?,?)"));
-    MEDGATE_RETURN_IF_ERROR(
-        ins_head.bind(1, ByteView(head_bytes)).bind(2, ByteView(signature)).run());
     MEDGATE_RETURN_IF_ERROR(tx.commit());
     fsync_directory(options.path.has_parent_path() ? options.path.parent_path() : ".");
   }
