@@ -341,10 +341,18 @@ Result<json> Cluster::init(const Caller& caller, const json& args) {
     if (!u.is_string()) return Status::InvalidArgument("argument \"etcd\" holds a non-text");
     s.etcd.push_back(u.get<std::string>());
   }
-  s.prefix = args.value("prefix", default_cluster_prefix(ledger_.ledger_id()));
-  s.ca_file = args.value("ca_file", std::string());
-  s.cert_file = args.value("cert_file", std::string());
-  s.key_file = args.value("key_file", std::string());
+  auto optional_text = [&](const char* name, std::string fallback) -> Result<std::string> {
+    auto it = args.find(name);
+    if (it == args.end() || it->is_null()) return fallback;
+    if (!it->is_string())
+      return Status::InvalidArgument(fmt::format("argument \"{}\" must be a text", name));
+    return it->get<std::string>();
+  };
+  MEDGATE_ASSIGN_OR_RETURN(s.prefix,
+                           optional_text("prefix", default_cluster_prefix(ledger_.ledger_id())));
+  MEDGATE_ASSIGN_OR_RETURN(s.ca_file, optional_text("ca_file", ""));
+  MEDGATE_ASSIGN_OR_RETURN(s.cert_file, optional_text("cert_file", ""));
+  MEDGATE_ASSIGN_OR_RETURN(s.key_file, optional_text("key_file", ""));
   MEDGATE_RETURN_IF_ERROR(check_cluster_settings(s));
 
   // etcd must answer, and hold nothing under the prefix yet.

@@ -2008,7 +2008,6 @@ class Ledger::Impl {
       MEDGATE_RETURN_IF_ERROR(refresh_outbox(ordered.size()));
       settle_waiters(ordered, Status::Ok());
     }
-    applied_cv_.notify_all();
     ApplyListener listener;
     {
       std::lock_guard lk(listener_mu_);
@@ -2370,7 +2369,7 @@ class Ledger::Impl {
   // The outbox's size and oldest row, and the synchronous appenders waiting for their entries to
   // be ordered (keyed by their first outbox sequence).
   mutable std::mutex outbox_mu_;
-  mutable std::condition_variable outbox_cv_, order_cv_, applied_cv_;
+  mutable std::condition_variable outbox_cv_, order_cv_;
   std::uint64_t outbox_entries_ = 0, outbox_first_ = 0, outbox_oldest_us_ = 0;
   std::map<std::uint64_t, Job*> order_waiters_;
   std::atomic<std::uint64_t> blocks_applied_{0}, own_blocks_{0}, queued_total_{0};

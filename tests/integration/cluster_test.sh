@@ -95,6 +95,8 @@ expect_in "127.0.0.1" "names the endpoint it tried"
 OUT=$(printf '%s\n' '{"v":1,"op":"cluster.init","args":{"etcd":"http://x","member_id":"a","endpoint":"h:1"}}' '{"v":1,"op":"member.propose","args":{"action":"add"}}' | raw_request "${SOCKP[a]}")
 expect_in '"code":"invalid_argument".*etcd.*list' "a raw cluster.init with etcd not a list: invalid argument"
 expect_in 'not replicated' "member.propose on a single box is refused"
+OUT=$(printf '%s\n' '{"v":1,"op":"cluster.init","args":{"etcd":["http://127.0.0.1:1"],"member_id":"a","endpoint":"h:1","prefix":5}}' | raw_request "${SOCKP[a]}")
+expect_in '"code":"invalid_argument".*\\"prefix\\" must be a text' "a prefix that is not text is named"
 [ ! -e "$WORK/a/cluster.json" ] && pass "no cluster settings were written by the refused calls" || failed "cluster.json written"
 expect_rc 0 "medctl cluster init" -- ctl a cluster init --etcd "$ETCD_ENDPOINTS" --member-id a --endpoint 127.0.0.1:7001
 expect_in '"?a"? +127.0.0.1:7001' "a is the first member"
@@ -221,8 +223,10 @@ send a 300 10 >/dev/null
 sleep 1
 Q=$(status_field c 's["cluster"]["queue"]["entries"]')
 [ "$Q" -ge 20 ] && pass "c queues its readings ($Q entries)" || failed "c's queue holds $Q"
+for _ in $(seq 1 50); do ctl c status | grep -q "etcd NOT CONNECTED" && break; sleep 0.1; done
 expect_rc 0 "medctl status at c" -- ctl c status
-expect_in "etcd does not answer|not connected|NOT CONNECTED|queue" "says c is cut off"
+expect_in "etcd NOT CONNECTED" "says c is cut off"
+expect_in "etcd does not answer: entries queue locally" "and says so among the health problems"
 [ "$(observations c)" = "$C_BEFORE" ] && pass "nothing is ordered at c while it is cut off" || failed "c ordered entries while cut off"
 start_proxy
 wait_converged && pass "c catches up in order when etcd is back, and its queue is ordered" || failed "c did not catch up"
@@ -299,7 +303,7 @@ done
 T1=$(date +%s%N)
 MS=$(((T1 - T0) / 1000000))
 [ "$CODE" = AE ] && pass "a device revoked at a is refused at b (AE) $MS ms after the revoke returned" || failed "b still accepts the revoked device ($CODE)"
-[ "$MS" -le 1000 ] && pass "within 1 s ($MS ms)" || say "note: $MS ms (over 1 s on this loaded machine)"
+say "     (measured, not judged: $MS ms from the revoke's return to the first AE at b; the issue asks for 1 s)"
 [ "$(send_app CENTRAL-A c REV2)" = AE ] && pass "and at c" || failed "c still accepts it"
 say "== damaged cluster settings"
 stop_member c
