@@ -51,6 +51,12 @@ Result<PublicKey> PublicKey::from_spki_der(ByteView der) {
   return PublicKey(std::move(canonical), id);
 }
 
+Bytes PublicKey::uncompressed_point() const {
+  // A valid P-256 SPKI (from_spki_der re-encodes it canonically) ends in its 65-byte point.
+  constexpr std::size_t kPoint = 65;
+  return Bytes(der_.end() - static_cast<std::ptrdiff_t>(kPoint), der_.end());
+}
+
 Result<PublicKey> PublicKey::from_pem(std::string_view pem) {
   std::unique_ptr<BIO, decltype(&BIO_free)> bio(
       BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())), BIO_free);

@@ -23,6 +23,9 @@ class PublicKey {
   static Result<PublicKey> from_pem(std::string_view pem);
 
   const Bytes& spki_der() const { return der_; }
+  // The point in SEC 1 uncompressed form (0x04 || x || y, 65 bytes): what PKCS#11's ECDH and a TPM
+  // take as the peer's public value.
+  Bytes uncompressed_point() const;
   const KeyId& id() const { return id_; }
   std::string pem() const;
 

@@ -1176,6 +1176,126 @@ Result<Hash> Pkcs11KeyStore::keyed_hash(ByteView message) {
   });
 }
 
+// ---- key agreement ----
+
+namespace {
+
+constexpr std::string_view kAgreementLabel = "medgate-agreement";
+
+// The agreement key pair: nullopt when the token has none yet.
+Result<std::optional<KeyPair>> find_agreement_pair(const Token& t) {
+  std::string l(kAgreementLabel);
+  CK_KEY_TYPE ec = CKK_EC;
+  CK_OBJECT_CLASS private_class = CKO_PRIVATE_KEY;
+  std::array<CK_ATTRIBUTE, 3> private_match = {{
+      {CKA_CLASS, &private_class, sizeof private_class},
+      {CKA_KEY_TYPE, &ec, sizeof ec},
+      {CKA_LABEL, l.data(), l.size()},
+  }};
+  MEDGATE_ASSIGN_OR_RETURN(std::optional<CK_OBJECT_HANDLE> private_key,
+                           find_unique(t, private_match, "EC private key '" + l + "'"));
+  if (!private_key) return std::optional<KeyPair>();
+  CK_OBJECT_CLASS public_class = CKO_PUBLIC_KEY;
+  std::array<CK_ATTRIBUTE, 3> public_match = {{
+      {CKA_CLASS, &public_class, sizeof public_class},
+      {CKA_KEY_TYPE, &ec, sizeof ec},
+      {CKA_LABEL, l.data(), l.size()},
+  }};
+  MEDGATE_ASSIGN_OR_RETURN(std::optional<CK_OBJECT_HANDLE> public_key,
+                           find_unique(t, public_match, "EC public key '" + l + "'"));
+  if (!public_key)
+    return Status::NotFound("the key-agreement key '" + l + "' on token " + t.label +
+                            " has no public key object next to it");
+  return std::optional<KeyPair>(KeyPair{*private_key, *public_key});
+}
+
+// A P-256 pair for ECDH only: the private half a private, sensitive, never extractable token
+// object that can derive and do nothing else.
+Result<KeyPair> generate_agreement_pair(const Token& t) {
+  std::string l(kAgreementLabel);
+  std::array<unsigned char, kP256Params.size()> ec_params = kP256Params;
+  CK_BBOOL yes = CK_TRUE;
+  CK_BBOOL no = CK_FALSE;
+  std::array<CK_ATTRIBUTE, 5> public_template = {{
+      {CKA_TOKEN, &yes, sizeof yes},
+      {CKA_PRIVATE, &no, sizeof no},
+      {CKA_VERIFY, &no, sizeof no},
+      {CKA_EC_PARAMS, ec_params.data(), ec_params.size()},
+      {CKA_LABEL, l.data(), l.size()},
+  }};
+  std::array<CK_ATTRIBUTE, 9> private_template = {{
+      {CKA_TOKEN, &yes, sizeof yes},
+      {CKA_PRIVATE, &yes, sizeof yes},
+      {CKA_SENSITIVE, &yes, sizeof yes},
+      {CKA_EXTRACTABLE, &no, sizeof no},
+      {CKA_SIGN, &no, sizeof no},
+      {CKA_DECRYPT, &no, sizeof no},
+      {CKA_UNWRAP, &no, sizeof no},
+      {CKA_DERIVE, &yes, sizeof yes},
+      {CKA_LABEL, l.data(), l.size()},
+  }};
+  CK_MECHANISM mechanism{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  KeyPair pair;
+  CK_RV rv = t.fn()->C_GenerateKeyPair(
+      t.session, &mechanism, public_template.data(), public_template.size(),
+      private_template.data(), private_template.size(), &pair.public_key, &pair.private_key);
+  if (rv != CKR_OK) return t.fail(rv, "generating the key-agreement key '" + l + "'");
+  return pair;
+}
+
+Result<KeyPair> agreement_pair(const Token& t) {
+  MEDGATE_ASSIGN_OR_RETURN(std::optional<KeyPair> found, find_agreement_pair(t));
+  if (found) return *found;
+  return generate_agreement_pair(t);
+}
+
+}  // namespace
+
+Result<PublicKey> Pkcs11KeyStore::agreement_key() {
+  return with_session<PublicKey>([&](const Token& t) -> Result<PublicKey> {
+    MEDGATE_ASSIGN_OR_RETURN(KeyPair pair, agreement_pair(t));
+    return read_public_key(t, pair.public_key,
+                           std::string(kAgreementLabel) + " on token " + t.label);
+  });
+}
+
+Result<SecretBytes> Pkcs11KeyStore::agree(const PublicKey& peer) {
+  Bytes point = peer.uncompressed_point();
+  return with_session<SecretBytes>([&](const Token& t) -> Result<SecretBytes> {
+    MEDGATE_ASSIGN_OR_RETURN(KeyPair pair, agreement_pair(t));
+    CK_ECDH1_DERIVE_PARAMS params{CKD_NULL, 0, nullptr, point.size(),
+                                  u8(std::span<std::byte>(point))};
+    CK_MECHANISM mechanism{CKM_ECDH1_DERIVE, &params, sizeof params};
+    CK_OBJECT_CLASS secret = CKO_SECRET_KEY;
+    CK_KEY_TYPE generic = CKK_GENERIC_SECRET;
+    CK_ULONG length = 32;
+    CK_BBOOL yes = CK_TRUE;
+    CK_BBOOL no = CK_FALSE;
+    // A session object that exists only long enough for its value to be read.
+    std::array<CK_ATTRIBUTE, 6> derived_template = {{
+        {CKA_CLASS, &secret, sizeof secret},
+        {CKA_KEY_TYPE, &generic, sizeof generic},
+        {CKA_TOKEN, &no, sizeof no},
+        {CKA_SENSITIVE, &no, sizeof no},
+        {CKA_EXTRACTABLE, &yes, sizeof yes},
+        {CKA_VALUE_LEN, &length, sizeof length},
+    }};
+    CK_OBJECT_HANDLE derived = CK_INVALID_HANDLE;
+    CK_RV rv = t.fn()->C_DeriveKey(t.session, &mechanism, pair.private_key, derived_template.data(),
+                                   derived_template.size(), &derived);
+    if (rv != CKR_OK) return t.fail(rv, "key agreement (C_DeriveKey, CKM_ECDH1_DERIVE)");
+    Result<Bytes> value = attribute(t, derived, CKA_VALUE, "CKA_VALUE of the agreed secret");
+    rv = t.fn()->C_DestroyObject(t.session, derived);
+    if (!value.ok()) return value.status();
+    SecretBytes z(std::move(value).value());
+    if (rv != CKR_OK) return t.fail(rv, "destroying the agreed secret's session object");
+    if (z.size() != length)
+      return Status::Unavailable("token " + t.label + " agreed on a " + std::to_string(z.size()) +
+                                 "-byte secret instead of 32");
+    return z;
+  });
+}
+
 Result<std::uint64_t> Pkcs11KeyStore::read_counter() {
   return with_session<std::uint64_t>([&](const Token& t) -> Result<std::uint64_t> {
     MEDGATE_ASSIGN_OR_RETURN(CounterState state, read_counter_state(t));

@@ -78,6 +78,13 @@ class Pkcs11KeyStore final : public KeyStore {
   Result<SecretBytes> unwrap_key(ByteView wrapped, ByteView context) override;
   Result<Hash> keyed_hash(ByteView message) override;
 
+  // A P-256 pair labelled "medgate-agreement" (private half: CKA_DERIVE only, sensitive, never
+  // extractable), looked up by label on each use (agreement is rare). agree() is
+  // C_DeriveKey(CKM_ECDH1_DERIVE, CKD_NULL) into a session object of the generic-secret type,
+  // whose value is read once and the object destroyed.
+  Result<PublicKey> agreement_key() override;
+  Result<SecretBytes> agree(const PublicKey& peer) override;
+
   CounterKind counter_kind() const override { return CounterKind::kTokenObject; }
   Result<std::uint64_t> read_counter() override;
   Result<std::uint64_t> increment_counter() override;

@@ -661,6 +661,14 @@ Result<Hash> Tpm2KeyStore::keyed_hash(ByteView message) {
   return derived_->keyed_hash(message);
 }
 
+Result<PublicKey> Tpm2KeyStore::agreement_key() {
+  return Status::FailedPrecondition("a key-agreement key on a TPM is not built yet");
+}
+
+Result<SecretBytes> Tpm2KeyStore::agree(const PublicKey&) {
+  return Status::FailedPrecondition("a key-agreement key on a TPM is not built yet");
+}
+
 // ---- the counter ----
 
 Result<std::uint32_t> Tpm2KeyStore::counter_handle(Device& d) {

@@ -70,6 +70,9 @@ class Tpm2KeyStore final : public KeyStore {
   Result<SecretBytes> unwrap_key(ByteView wrapped, ByteView context) override;
   Result<Hash> keyed_hash(ByteView message) override;
 
+  Result<PublicKey> agreement_key() override;
+  Result<SecretBytes> agree(const PublicKey& peer) override;
+
   CounterKind counter_kind() const override { return CounterKind::kTpmNv; }
   Result<std::uint64_t> read_counter() override;
   Result<std::uint64_t> increment_counter() override;
