@@ -173,6 +173,22 @@ Result<std::int64_t> EtcdClient::put(std::string_view key, ByteView value) {
   return revision;
 }
 
+Result<std::int64_t> EtcdClient::remove(std::string_view key, std::string_view range_end) {
+  const std::string what = "etcd delete of key '" + printable_key(key) + "'";
+  json body = {{"key", b64(key)}};
+  if (!range_end.empty()) body["range_end"] = b64(range_end);
+  std::int64_t deleted = 0;
+  MEDGATE_RETURN_IF_ERROR(transport_->call("/v3/kv/deleterange", body, what, [&](const json& r) {
+    // etcd leaves out zero-valued fields: no "deleted" means none.
+    if (!r.contains("deleted")) return Status::Ok();
+    auto n = int64_field(r, "deleted");
+    if (!n) return Status::InvalidArgument("deleted is not an integer");
+    deleted = *n;
+    return Status::Ok();
+  }));
+  return deleted;
+}
+
 Result<Range> EtcdClient::range(std::string_view key, std::string_view range_end,
                                 std::int64_t limit, std::int64_t revision) {
   const std::string what = "etcd range read of key '" + printable_key(key) + "'";

@@ -142,6 +142,10 @@ class EtcdClient {
   // Sets `key` to `value`; returns the store's revision of the write.
   Result<std::int64_t> put(std::string_view key, ByteView value);
 
+  // Deletes the pairs with key in [key, range_end) ("" deletes the single key `key`); returns how
+  // many there were. The values stay in etcd's history until the revisions are compacted.
+  Result<std::int64_t> remove(std::string_view key, std::string_view range_end = {});
+
   // The pairs with key in [key, range_end) ("" reads the single key `key`), at most `limit` of
   // them (0: no limit), as of `revision` (0: the latest). A compacted `revision` is
   // kFailedPrecondition.

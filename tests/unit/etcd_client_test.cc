@@ -376,6 +376,15 @@ TEST_CASE("put and range round-trip binary keys and values", "[etcd][cluster]") 
   REQUIRE(missing.ok());
   CHECK(missing->kvs.empty());
 
+  // remove: one key, then a prefix; a second remove finds nothing.
+  REQUIRE(client->put("dk/p1/a", Bytes{std::byte{1}}).ok());
+  REQUIRE(client->put("dk/p1/b", Bytes{std::byte{2}}).ok());
+  REQUIRE(client->put("dk/p2/a", Bytes{std::byte{3}}).ok());
+  CHECK(client->remove("dk/p2/a").value() == 1);
+  CHECK(client->remove("dk/p1/", prefix_end("dk/p1/")).value() == 2);
+  CHECK(client->remove("dk/p1/", prefix_end("dk/p1/")).value() == 0);
+  CHECK(client->range("dk/", prefix_end("dk/")).value().kvs.empty());
+
   // A future revision is etcd's answer, not a failover.
   auto future = client->range(key, "", 0, *rev2 + 1000);
   CHECK(future.status().code() == StatusCode::kInvalidArgument);
