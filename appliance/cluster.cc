@@ -12,6 +12,8 @@
 #include "appliance/consent.h"
 #include "appliance/log.h"
 #include "appliance/registry.h"
+#include "appliance/vault.h"
+#include "hsm/sealed_box.h"
 #include "ledger/membership.h"
 #include "ledger/order/orderer.h"
 #include "ledger/store.h"
@@ -160,10 +162,21 @@ bool consent_type(ledger::EntryType t) {
          t == ledger::EntryType::kPatientKey;
 }
 
+// Entries after which the shared keys are reconciled.
+bool key_type(ledger::EntryType t) {
+  return t == ledger::EntryType::kMemberProposal || t == ledger::EntryType::kMemberApproval ||
+         t == ledger::EntryType::kKeyShare;
+}
+
+// What a key share's box is sealed for: this ledger's secret, for this member.
+std::string share_context(const std::string& ledger_id, const std::string& member) {
+  return fmt::format("medgate cluster secret v1 ledger={} member={}", ledger_id, member);
+}
+
 }  // namespace
 
 void Cluster::start_follower() {
-  if ((!registry_ && !consent_) || follower_.joinable()) return;
+  if ((!registry_ && !consent_ && !vault_) || follower_.joinable()) return;
   // Hand over first, then replay what the registry has not seen (a restart, or events applied
   // while the follower was not running): an event both paths deliver is applied once.
   ledger_.set_apply_listener(
@@ -171,7 +184,7 @@ void Cluster::start_follower() {
         std::lock_guard lk(follow_mu_);
         for (std::size_t i = 0; i < entries.size(); ++i)
           if ((registry_ && entries[i].type == ledger::EntryType::kDeviceEvent) ||
-              (consent_ && consent_type(entries[i].type)))
+              (consent_ && consent_type(entries[i].type)) || (vault_ && key_type(entries[i].type)))
             follow_queue_.emplace_back(first + i, entries[i]);
         follow_cv_.notify_one();
       });
@@ -190,6 +203,9 @@ void Cluster::start_follower() {
 }
 
 void Cluster::follower_loop() {
+  // Shares written while this member was down (or before it started following) are looked at
+  // once now; later ones as their entries arrive.
+  reconcile_keys();
   std::unique_lock lk(follow_mu_);
   for (;;) {
     follow_cv_.wait(lk, [&] { return follow_stop_ || !follow_queue_.empty(); });
@@ -197,7 +213,9 @@ void Cluster::follower_loop() {
     auto [index, entry] = std::move(follow_queue_.front());
     follow_queue_.pop_front();
     lk.unlock();
-    if (entry.type != ledger::EntryType::kDeviceEvent) {
+    if (key_type(entry.type)) {
+      reconcile_keys();
+    } else if (entry.type != ledger::EntryType::kDeviceEvent) {
       if (Status s = consent_->apply_replicated(index, entry); !s.ok())
         log(LogLevel::kError, "replication.consent", "entry {}: {}", index, s.message());
     } else if (Status s = registry_->apply_replicated(index, entry); !s.ok())
@@ -215,8 +233,129 @@ void Cluster::follower_loop() {
   }
 }
 
+Result<ledger::Entry> Cluster::share_for(const ledger::Member& member, ByteView secret,
+                                         const std::string& actor) const {
+  if (!member.agreement_key)
+    return Status::FailedPrecondition(
+        fmt::format("member \"{}\" has no key-agreement key", member.id));
+  ledger::KeyShare share;
+  share.member = member.id;
+  share.agreement_key = member.agreement_key->id();
+  share.secret_id = secret_id_of(secret);
+  MEDGATE_ASSIGN_OR_RETURN(share.box, hsm::seal_to(*member.agreement_key, secret,
+                                                   share_context(ledger_.ledger_id(), member.id)));
+  return ledger::key_share_entry(share, actor);
+}
+
+void Cluster::reconcile_keys() {
+  const auto replica = ledger_.replica();
+  if (!vault_ || !replica) return;
+  std::vector<std::pair<std::uint64_t, ledger::KeyShare>> shares;
+  const ledger::EntryType types[] = {ledger::EntryType::kKeyShare};
+  for (std::uint64_t from = 0;;) {
+    Result<std::vector<ledger::StoredEntry>> page = ledger_.entries_of_type(types, from, 1000);
+    if (!page.ok()) {
+      log(LogLevel::kError, "cluster.keys", "cannot read the key shares: {}",
+          page.status().message());
+      return;
+    }
+    if (page->empty()) break;
+    for (const ledger::StoredEntry& e : *page) {
+      Result<ledger::KeyShare> share = ledger::decode_key_share(e.entry);
+      if (share.ok()) shares.emplace_back(e.index, std::move(share).value());
+    }
+    from = page->back().index + 1;
+  }
+  // A ledger founded before shared keys existed has no share: each member keeps its own keys.
+  if (shares.empty()) return;
+  const Hash cluster_id = shares.front().second.secret_id;
+  Result<std::optional<Hash>> held = vault_->cluster_secret_id();
+  if (!held.ok()) {
+    log(LogLevel::kError, "cluster.keys", "cannot read the vault's cluster secret: {}",
+        held.status().message());
+    return;
+  }
+  if (!*held) {
+    Result<PublicKey> mine = keys_.agreement_key();
+    if (!mine.ok()) {
+      log(LogLevel::kError, "cluster.keys", "this key store has no key-agreement key: {}",
+          mine.status().message());
+      return;
+    }
+    for (const auto& [index, share] : shares) {
+      if (share.member != replica->member_id || share.agreement_key != mine->id() ||
+          share.secret_id != cluster_id)
+        continue;
+      Result<hsm::SecretBytes> secret = hsm::open_sealed_box(
+          keys_, share.box, share_context(ledger_.ledger_id(), replica->member_id));
+      Status adopted = secret.ok() ? Status::Ok() : secret.status();
+      if (adopted.ok() && secret_id_of(secret->view()) != cluster_id)
+        adopted = Status::VerificationFailed("it opens to a secret other than the cluster's");
+      if (adopted.ok()) adopted = vault_->adopt_cluster_secret(secret->view());
+      if (adopted.ok()) {
+        log(LogLevel::kNotice, "cluster.keys",
+            "received the cluster's shared key (key share, entry {}); patients can be named here "
+            "now",
+            index);
+        return;
+      }
+      if (shares_reported_.insert(index).second)
+        log(LogLevel::kError, "cluster.keys", "the key share in entry {} cannot be used: {}", index,
+            adopted.message());
+    }
+    return;
+  }
+  if (**held != cluster_id) {
+    if (shares_reported_.insert(0).second)
+      log(LogLevel::kError, "cluster.keys",
+          "the vault holds cluster secret {}, but the ledger's is {}; sharing nothing",
+          to_hex(ByteView(**held).first(8)), to_hex(ByteView(cluster_id).first(8)));
+    return;
+  }
+  std::optional<hsm::SecretBytes> secret;
+  for (const ledger::Member& m : ledger_.membership().members()) {
+    if (!m.agreement_key) continue;
+    const std::pair<std::string, KeyId> to{m.id, m.agreement_key->id()};
+    bool shared = shares_sent_.contains(to);
+    for (const auto& entry : shares)
+      shared = shared || (entry.second.member == m.id && entry.second.agreement_key == to.second &&
+                          entry.second.secret_id == cluster_id);
+    if (shared) continue;
+    if (!secret) {
+      Result<hsm::SecretBytes> s = vault_->cluster_secret();
+      if (!s.ok()) {
+        log(LogLevel::kError, "cluster.keys", "cannot read the cluster secret: {}",
+            s.status().message());
+        return;
+      }
+      secret = std::move(s).value();
+    }
+    Result<ledger::Entry> e = share_for(m, secret->view(), "member:" + replica->member_id);
+    Status queued =
+        e.ok() ? ledger_.append_async(std::span(&*e, 1), [](Result<std::uint64_t>) {}) : e.status();
+    if (!queued.ok()) {
+      log(LogLevel::kError, "cluster.keys", "cannot share the cluster key with member \"{}\": {}",
+          m.id, queued.message());
+      continue;
+    }
+    shares_sent_.insert(to);
+    log(LogLevel::kNotice, "cluster.keys",
+        "sealed the cluster's shared key to member \"{}\" (key-agreement key {})", m.id,
+        to_hex(ByteView(to.second).first(8)));
+  }
+}
+
 Status Cluster::start() {
   if (!ledger_.replica()) return Status::Ok();
+  if (vault_) {
+    // A member names no patient before it holds the cluster's secret, unless it is a founder from
+    // before shared keys whose vault already has patients of its own (they keep working).
+    Result<std::optional<Hash>> held = vault_->cluster_secret_id();
+    Result<std::uint64_t> patients = vault_->patient_count();
+    if (!held.ok()) return held.status();
+    if (!patients.ok()) return patients.status();
+    vault_->require_cluster_secret(held->has_value() || *patients == 0);
+  }
   start_follower();
   MEDGATE_ASSIGN_OR_RETURN(std::optional<ClusterSettings> settings,
                            load_cluster_settings(config_.data_dir));
@@ -371,6 +510,15 @@ Result<json> Cluster::init(const Caller& caller, const json& args) {
   const PublicKey own = keys_.signing_key();
   if (own.id() != ledger_.active_key().id())
     return Status::FailedPrecondition("the key store's key is not the ledger's active key");
+  // The secret the members will share (pseudonyms, data keys), unless a first attempt made it.
+  if (vault_) {
+    MEDGATE_ASSIGN_OR_RETURN(std::optional<Hash> held, vault_->cluster_secret_id());
+    if (!held) {
+      MEDGATE_ASSIGN_OR_RETURN(Bytes raw, keys_.random(32));
+      hsm::SecretBytes secret(std::move(raw));
+      MEDGATE_RETURN_IF_ERROR(vault_->adopt_cluster_secret(secret.view()));
+    }
+  }
   if (!ledger_.membership().founded()) {
     ledger::MembershipStatement st;
     st.ledger_id = ledger_.ledger_id();
@@ -379,6 +527,12 @@ Result<json> Cluster::init(const Caller& caller, const json& args) {
     st.member_id = s.member_id;
     st.signing_key = own;
     st.endpoint = s.endpoint;
+    if (vault_) {
+      Result<PublicKey> agreement = keys_.agreement_key();
+      if (!agreement.ok())
+        return agreement.status().with_context("this key store's key-agreement key");
+      st.agreement_key = *agreement;
+    }
     MEDGATE_ASSIGN_OR_RETURN(Bytes statement, ledger::encode_membership_statement(st));
     MEDGATE_ASSIGN_OR_RETURN(Bytes signature, keys_.sign_digest(sha256(statement)));
     MEDGATE_ASSIGN_OR_RETURN(
@@ -387,6 +541,17 @@ Result<json> Cluster::init(const Caller& caller, const json& args) {
     MEDGATE_ASSIGN_OR_RETURN(std::uint64_t index, ledger_.append_membership(e));
     log(LogLevel::kNotice, "member.found", "membership founded by {}: member \"{}\" (entry {})",
         caller.actor(), s.member_id, index);
+  }
+  // The first key share, to the founder itself: it fixes the cluster's secret id for everyone.
+  const ledger::Membership membership = ledger_.membership();
+  const ledger::Member* self = membership.find(s.member_id);
+  const ledger::EntryType share_type[] = {ledger::EntryType::kKeyShare};
+  MEDGATE_ASSIGN_OR_RETURN(std::vector<ledger::StoredEntry> shares,
+                           ledger_.entries_of_type(share_type, 0, 1));
+  if (vault_ && self && self->agreement_key && shares.empty()) {
+    MEDGATE_ASSIGN_OR_RETURN(hsm::SecretBytes secret, vault_->cluster_secret());
+    MEDGATE_ASSIGN_OR_RETURN(ledger::Entry e, share_for(*self, secret.view(), caller.actor()));
+    MEDGATE_RETURN_IF_ERROR(ledger_.append(e).status());
   }
   MEDGATE_RETURN_IF_ERROR(save_cluster_settings(config_.data_dir, s));
   MEDGATE_RETURN_IF_ERROR(ledger_.start_replication(s.member_id));
@@ -417,6 +582,19 @@ Result<json> Cluster::propose(const Caller& caller, const json& args) {
                                      key.status().message());
     st.signing_key = *key;
     MEDGATE_ASSIGN_OR_RETURN(st.endpoint, text_arg(args, "endpoint"));
+    if (auto a = args.find("agreement_key"); a != args.end() && !a->is_null()) {
+      if (!a->is_string())
+        return Status::InvalidArgument("argument \"agreement_key\" must be a PEM text");
+      Result<PublicKey> agreement = PublicKey::from_pem(a->get<std::string>());
+      if (!agreement.ok())
+        return Status::InvalidArgument(
+            "argument \"agreement_key\" is not a P-256 public key (PEM): " +
+            agreement.status().message());
+      if (agreement->id() == key->id())
+        return Status::InvalidArgument(
+            "the agreement key is the signing key; give the member's agreement-key.pem");
+      st.agreement_key = *agreement;
+    }
   } else if (action == "remove") {
     st.action = ledger::MembershipAction::kRemove;
   } else {
@@ -471,10 +649,13 @@ json Cluster::members_json() const {
   const ledger::Membership m = ledger_.membership();
   json members = json::array();
   for (const ledger::Member& member : m.members())
-    members.push_back({{"id", member.id},
-                       {"key_id", to_hex(member.signing_key.id())},
-                       {"endpoint", member.endpoint},
-                       {"since_entry", member.since_index}});
+    members.push_back(
+        {{"id", member.id},
+         {"key_id", to_hex(member.signing_key.id())},
+         {"agreement_key_id",
+          member.agreement_key ? json(to_hex(member.agreement_key->id())) : json(nullptr)},
+         {"endpoint", member.endpoint},
+         {"since_entry", member.since_index}});
   json proposals = json::array();
   for (const ledger::OpenProposal& p : m.open_proposals())
     proposals.push_back(
@@ -504,6 +685,12 @@ json Cluster::status_json() const {
       {"own_blocks_since_start", replica->own_blocks},
       {"members", ledger_.membership().members().size()},
       {"epoch", ledger_.membership().epoch()}};
+  // The shared key: its id's first 8 bytes, or null while this member waits for its share.
+  if (vault_) {
+    Result<std::optional<Hash>> held = vault_->cluster_secret_id();
+    out["shared_key"] =
+        held.ok() && *held ? json(to_hex(ByteView(**held).first(8))) : json(nullptr);
+  }
   std::lock_guard lk(mu_);
   out["etcd"] = settings_ ? json(settings_->etcd) : json(nullptr);
   if (orderer_) {
@@ -529,6 +716,13 @@ std::vector<std::string> Cluster::problems() const {
   std::vector<std::string> out;
   auto replica = ledger_.replica();
   if (!replica) return out;
+  if (vault_) {
+    Result<std::optional<Hash>> held = vault_->cluster_secret_id();
+    if (held.ok() && !*held)
+      out.push_back(
+          "this member has not received the cluster's shared key yet: no patient can be named "
+          "here until a member seals it to this member's key-agreement key");
+  }
   std::lock_guard lk(mu_);
   if (!settings_) {
     out.push_back("replicated ledger without cluster settings: entries queue locally");

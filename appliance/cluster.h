@@ -15,8 +15,9 @@
 //                    to etcd and starts ordering. Refused when etcd already holds blocks under the
 //                    prefix (another ledger's) or the ledger is replicated already.
 //   cluster.status   (auditor) members, heights, lag, queue, etcd health, void blocks.
-//   member.propose   {action: add|remove, member_id, public_key (PEM, add), endpoint (add)}:
-//                    this member proposes a change (its signature is its approval).
+//   member.propose   {action: add|remove, member_id, public_key (PEM, add), endpoint (add),
+//                    agreement_key (PEM, add; what the member's `init --join` wrote)}: this
+//                    member proposes a change (its signature is its approval).
 //   member.approve   {proposal: member id or statement hash prefix}: this member approves.
 //   member.list      (auditor) members, epoch, open proposals.
 #pragma once
@@ -27,6 +28,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -51,6 +53,7 @@ namespace medgate::appliance {
 
 class ConsentBook;
 class DeviceRegistry;
+class Vault;
 
 struct ClusterSettings {
   std::vector<std::string> etcd;  // client URLs
@@ -91,6 +94,11 @@ class Cluster {
   // grant names a patient by that member's pseudonym: it is on the book here and matches no
   // request here; rules versions and the directory apply everywhere.
   void follow_consent(ConsentBook& consent) { consent_ = &consent; }
+  // The cluster's shared secret (docs/replication.md, "Shared keys"): the founder makes it at
+  // cluster init; a member that holds it seals it to every member added with a key-agreement key
+  // (a key-share entry); a member that lacks it opens the share naming it with its own key store
+  // and keeps it in `vault`, which makes no pseudonym until then.
+  void follow_keys(Vault& vault) { vault_ = &vault; }
 
   // For a replicated ledger: reads the settings and starts ordering. A failure to reach etcd is
   // not fatal (the orderer retries); malformed settings are.
@@ -113,12 +121,23 @@ class Cluster {
 
   void start_follower();
   void follower_loop();
+  // Adopts the secret from a share naming this member, or (holding it) writes the shares that
+  // members added since are missing. Runs on the follower thread.
+  void reconcile_keys();
+  // The key share sealing `secret` to `member`.
+  Result<ledger::Entry> share_for(const ledger::Member& member, ByteView secret,
+                                  const std::string& actor) const;
 
   const Config& config_;
   ledger::Ledger& ledger_;
   hsm::KeyStore& keys_;
   DeviceRegistry* registry_ = nullptr;
   ConsentBook* consent_ = nullptr;
+  Vault* vault_ = nullptr;
+  // Follower thread only: shares this member queued and has not seen applied yet (member id and
+  // agreement key id), and share entries already reported as unopenable.
+  std::set<std::pair<std::string, KeyId>> shares_sent_;
+  std::set<std::uint64_t> shares_reported_;
   // Entries of applied blocks that the appliance's state follows, handed over by the ledger's
   // writer thread.
   std::mutex follow_mu_;

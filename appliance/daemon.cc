@@ -168,6 +168,7 @@ class Daemon::Impl {
     cluster_ = std::make_unique<Cluster>(config_, *ledger_, *keys_);
     cluster_->follow_devices(*registry_);
     cluster_->follow_consent(*consent_);
+    cluster_->follow_keys(*vault_);
     MEDGATE_RETURN_IF_ERROR(cluster_->start().with_context("cluster"));
 
     if (config_.metrics) {

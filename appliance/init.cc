@@ -145,6 +145,15 @@ Result<InitResult> make_ledger(const Config& config, hsm::KeyStore& keys, const 
   result.key_store = keys.description();
   if (join) result.joined_as = join->member_id;
   MEDGATE_RETURN_IF_ERROR(write_file(result.public_key, keys.signing_key().pem(), 0644));
+  if (join) {
+    Result<PublicKey> agreement = keys.agreement_key();
+    if (!agreement.ok())
+      return agreement.status().with_context(
+          "this key store's key-agreement key (a member needs one to receive the cluster's "
+          "shared key)");
+    result.agreement_key = config.data_dir / "agreement-key.pem";
+    MEDGATE_RETURN_IF_ERROR(write_file(*result.agreement_key, agreement->pem(), 0644));
+  }
   return result;
 }
 

@@ -64,6 +64,9 @@ struct InitResult {
   bool config_written = false;                    // false: an existing config was used as it is
   std::optional<std::filesystem::path> pin_file;  // a new SoftHSM token's PIN, when init made one
   std::optional<std::string> joined_as;           // the member id, when init joined a cluster
+  // Joining: the key store's key-agreement public key (what the cluster's shared secret is sealed
+  // to), written next to the signing key for `medctl member propose add --agreement-key`.
+  std::optional<std::filesystem::path> agreement_key;
 };
 
 Result<InitResult> initialize(const InitOptions& options);

@@ -75,7 +75,9 @@ int run_init(const InitOptions& options, bool json) {
                                 {"key_store", r->key_store},
                                 {"config_written", r->config_written},
                                 {"pin_file", r->pin_file ? r->pin_file->string() : ""},
-                                {"joined_as", r->joined_as ? *r->joined_as : ""}}
+                                {"joined_as", r->joined_as ? *r->joined_as : ""},
+                                {"agreement_key",
+                                 r->agreement_key ? r->agreement_key->string() : ""}}
                      .dump(2)
               << "\n";
   } else {
@@ -90,7 +92,8 @@ int run_init(const InitOptions& options, bool json) {
     if (r->pin_file) std::cout << "  token PIN   " << r->pin_file->string() << "  (0600)\n";
     if (r->joined_as)
       std::cout << "A member adds it with: medctl member propose add " << *r->joined_as << " --key "
-                << r->public_key.string() << " --endpoint ENDPOINT\n";
+                << r->public_key.string() << " --agreement-key "
+                << (r->agreement_key ? r->agreement_key->string() : "") << " --endpoint ENDPOINT\n";
     if (r->config == "/etc/medgate/medgated.toml")
       std::cout << "Start the service with: systemctl enable --now medgated\n";
     else

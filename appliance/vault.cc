@@ -15,9 +15,11 @@
 
 #include <fmt/format.h>
 #include <openssl/evp.h>
+#include <openssl/hmac.h>
 #include <openssl/rand.h>
 
 #include "appliance/log.h"
+#include "hsm/aead.h"
 #include "ledger/entry.h"
 #include "ledger/sqlite.h"
 
@@ -36,6 +38,9 @@ constexpr std::string_view kPseudonymLabel{"medgate patient v1\0", 19};
 constexpr std::string_view kDataKeyContext = "medgate data-key v1";
 constexpr std::string_view kPayloadLabel{"medgate payload v1\0", 19};
 constexpr std::string_view kIdentifierLabel{"medgate identifier v1\0", 22};
+constexpr std::string_view kClusterSecretContext = "medgate cluster secret v1";
+constexpr std::string_view kClusterSecretIdLabel{"medgate cluster secret id v1\0", 29};
+constexpr std::string_view kClusterPseudonymInfo = "medgate cluster pseudonym v1";
 
 constexpr std::byte kFormatVersion{0x01};
 constexpr std::size_t kKeySize = 32;
@@ -66,6 +71,15 @@ constexpr const char* kMigrations[] = {
         erased_us INTEGER
       ) WITHOUT ROWID;
       CREATE INDEX patients_pending ON patients (state) WHERE state = 1;
+    )sql",
+    // 1 -> 2: a replicated ledger's shared secret, wrapped by the key store's KEK (one row).
+    R"sql(
+      CREATE TABLE cluster_secret (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        secret_id BLOB NOT NULL,
+        wrapped BLOB NOT NULL,
+        adopted_us INTEGER NOT NULL
+      );
     )sql",
 };
 constexpr int kSchemaVersion = static_cast<int>(std::size(kMigrations));
@@ -306,7 +320,18 @@ struct CachedIdentifier {
   }
 };
 
+// The key pseudonyms are made with once the vault holds a cluster secret.
+Result<hsm::SecretBytes> cluster_pseudonym_key(ByteView secret) {
+  Bytes key(kKeySize);
+  MEDGATE_RETURN_IF_ERROR(hsm::hkdf_sha256(secret, {}, as_bytes(kClusterPseudonymInfo), key));
+  return hsm::SecretBytes(std::move(key));
+}
+
 }  // namespace
+
+Hash secret_id_of(ByteView secret) {
+  return sha256(concat({as_bytes(kClusterSecretIdLabel), secret}));
+}
 
 std::string Pseudonym::prefix() const {
   return to_hex(ByteView(bytes).first(8));
@@ -341,9 +366,7 @@ class Vault::Impl {
       std::lock_guard lk(mu_);
       if (const Pseudonym* p = pseudonyms_.find(CachedIdentifier(id))) return *p;
     }
-    // Outside the lock: the key store serializes itself, and other patients need not wait.
-    MEDGATE_ASSIGN_OR_RETURN(Hash mac,
-                             keys_.keyed_hash(concat({as_bytes(kPseudonymLabel), as_bytes(id)})));
+    MEDGATE_ASSIGN_OR_RETURN(Hash mac, keyed_pseudonym(id));
     Pseudonym p{mac};
     std::lock_guard lk(mu_);
     MEDGATE_ASSIGN_OR_RETURN(std::optional<PatientInfo> info, read_info(p));
@@ -353,6 +376,117 @@ class Vault::Impl {
     }
     pseudonyms_.put(CachedIdentifier(id), p);
     return p;
+  }
+
+  // The cluster's key once the vault holds its secret, else the key store's (outside mu_: the key
+  // store serializes itself, and other patients need not wait).
+  Result<Hash> keyed_pseudonym(std::string_view id) {
+    const Bytes message = concat({as_bytes(kPseudonymLabel), as_bytes(id)});
+    std::shared_ptr<const hsm::SecretBytes> cluster_key;
+    {
+      std::lock_guard lk(mu_);
+      cluster_key = cluster_pseudonym_key_;
+      if (!cluster_key && cluster_required_)
+        return Status::Unavailable(
+            "this member has not received the cluster's shared key yet (a key share from another "
+            "member); no patient can be named until it has");
+    }
+    if (!cluster_key) return keys_.keyed_hash(message);
+    Hash mac{};
+    unsigned int size = 0;
+    if (HMAC(EVP_sha256(), cluster_key->view().data(), static_cast<int>(cluster_key->size()),
+             u8(ByteView(message)), message.size(), u8(std::span<std::byte>(mac)),
+             &size) == nullptr ||
+        size != mac.size())
+      return Status::Internal("HMAC-SHA256 failed in OpenSSL");
+    return mac;
+  }
+
+  // Caller holds mu_ (or is open()). Reads the stored secret, if any, and derives the key.
+  Status load_cluster_secret() {
+    MEDGATE_ASSIGN_OR_RETURN(std::optional<hsm::SecretBytes> secret, read_cluster_secret());
+    if (!secret) return Status::Ok();
+    MEDGATE_ASSIGN_OR_RETURN(hsm::SecretBytes key, cluster_pseudonym_key(secret->view()));
+    cluster_pseudonym_key_ = std::make_shared<const hsm::SecretBytes>(std::move(key));
+    cluster_secret_id_ = secret_id_of(secret->view());
+    return Status::Ok();
+  }
+
+  Result<std::optional<hsm::SecretBytes>> read_cluster_secret() {
+    MEDGATE_ASSIGN_OR_RETURN(sql::Statement st,
+                             db_.prepare("SELECT secret_id, wrapped FROM cluster_secret"));
+    MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+    if (step != sql::Statement::Step::kRow) return std::optional<hsm::SecretBytes>();
+    ByteView id = st.column_blob(0);
+    ByteView blob = st.column_blob(1);
+    Bytes wrapped(blob.begin(), blob.end());
+    Hash stored_id{};
+    if (id.size() != stored_id.size())
+      return Status::Corruption("the vault's cluster secret id is not 32 bytes");
+    std::copy(id.begin(), id.end(), stored_id.begin());
+    Result<hsm::SecretBytes> secret = keys_.unwrap_key(wrapped, as_bytes(kClusterSecretContext));
+    if (!secret.ok())
+      return secret.status().with_context("unwrap the cluster's shared secret in the vault");
+    if (secret_id_of(secret->view()) != stored_id)
+      return Status::Corruption("the vault's cluster secret does not match its id");
+    return std::optional<hsm::SecretBytes>(std::move(secret).value());
+  }
+
+  Result<std::optional<Hash>> secret_id() {
+    std::lock_guard lk(mu_);
+    return cluster_secret_id_;
+  }
+
+  Result<hsm::SecretBytes> secret() {
+    std::lock_guard lk(mu_);
+    MEDGATE_ASSIGN_OR_RETURN(std::optional<hsm::SecretBytes> secret, read_cluster_secret());
+    if (!secret) return Status::NotFound("the vault holds no cluster secret");
+    return std::move(*secret);
+  }
+
+  Status adopt(ByteView secret) {
+    if (secret.size() != kKeySize)
+      return Status::InvalidArgument(
+          fmt::format("a cluster secret is {} bytes, not {}", kKeySize, secret.size()));
+    const Hash id = secret_id_of(secret);
+    std::lock_guard lk(mu_);
+    MEDGATE_ASSIGN_OR_RETURN(std::optional<hsm::SecretBytes> held, read_cluster_secret());
+    if (held) {
+      if (secret_id_of(held->view()) == id) return Status::Ok();
+      return Status::FailedPrecondition(
+          fmt::format("the vault already holds another cluster secret ({}); refusing to replace it",
+                      to_hex(ByteView(secret_id_of(held->view())).first(8))));
+    }
+    MEDGATE_ASSIGN_OR_RETURN(std::uint64_t patients, count_patients());
+    if (patients > 0)
+      return Status::FailedPrecondition(fmt::format(
+          "the vault holds {} patient record(s) whose pseudonyms were made with this key store's "
+          "own key; a cluster's members must share one pseudonym key, so this data directory "
+          "cannot found or join a cluster (make the cluster first, then connect devices)",
+          patients));
+    MEDGATE_ASSIGN_OR_RETURN(Bytes wrapped,
+                             keys_.wrap_key(secret, as_bytes(kClusterSecretContext)));
+    MEDGATE_ASSIGN_OR_RETURN(
+        sql::Statement st,
+        db_.prepare("INSERT INTO cluster_secret (id, secret_id, wrapped, adopted_us) "
+                    "VALUES (1, ?, ?, ?)"));
+    st.bind(1, ByteView(id)).bind(2, ByteView(wrapped)).bind(3, ledger::now_us());
+    MEDGATE_RETURN_IF_ERROR(st.run());
+    MEDGATE_ASSIGN_OR_RETURN(hsm::SecretBytes key, cluster_pseudonym_key(secret));
+    cluster_pseudonym_key_ = std::make_shared<const hsm::SecretBytes>(std::move(key));
+    cluster_secret_id_ = id;
+    pseudonyms_ = LruCache<CachedIdentifier, Pseudonym>(kCachedPseudonyms);
+    return Status::Ok();
+  }
+
+  void require_secret(bool required) {
+    std::lock_guard lk(mu_);
+    cluster_required_ = required;
+  }
+
+  Result<std::uint64_t> patients() {
+    std::lock_guard lk(mu_);
+    return count_patients();
   }
 
   Result<Bytes> encrypt(const Pseudonym& p, ByteView plaintext, ByteView aad) {
@@ -584,8 +718,21 @@ class Vault::Impl {
     return shared;
   }
 
+  // Caller holds mu_.
+  Result<std::uint64_t> count_patients() {
+    MEDGATE_ASSIGN_OR_RETURN(sql::Statement st, db_.prepare("SELECT count(*) FROM patients"));
+    MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+    if (step != sql::Statement::Step::kRow) return Status::Internal("count(*) gave no row");
+    return st.column_uint(0);
+  }
+
   VaultLock lock_;
   std::mutex mu_;
+  // Set once the vault holds a cluster secret (guarded by mu_; shared so that keyed_pseudonym
+  // can use it outside the lock).
+  std::shared_ptr<const hsm::SecretBytes> cluster_pseudonym_key_;
+  std::optional<Hash> cluster_secret_id_;
+  bool cluster_required_ = false;
   sql::Database db_;
   hsm::KeyStore& keys_;
   LruCache<CachedIdentifier, Pseudonym> pseudonyms_{kCachedPseudonyms};
@@ -627,8 +774,9 @@ Result<std::unique_ptr<Vault>> Vault::open(const std::filesystem::path& path, hs
   if (Status s = migrate(db); !s.ok()) return s.with_context(path.string());
   // A crash between an erasure's commit and its checkpoint can leave old pages in the WAL.
   if (Status s = truncate_wal(db); !s.ok()) return s.with_context(path.string());
-  return std::unique_ptr<Vault>(
-      new Vault(std::make_unique<Impl>(std::move(lock), std::move(db), keys)));
+  auto impl = std::make_unique<Impl>(std::move(lock), std::move(db), keys);
+  if (Status s = impl->load_cluster_secret(); !s.ok()) return s.with_context(path.string());
+  return std::unique_ptr<Vault>(new Vault(std::move(impl)));
 }
 
 Vault::Vault(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -660,6 +808,21 @@ Result<PatientInfo> Vault::finish_erase(const Pseudonym& patient, std::uint64_t 
 }
 Result<std::vector<PendingErasure>> Vault::pending_erasures() {
   return impl_->pending_erasures();
+}
+Result<std::optional<Hash>> Vault::cluster_secret_id() {
+  return impl_->secret_id();
+}
+Status Vault::adopt_cluster_secret(ByteView secret) {
+  return impl_->adopt(secret);
+}
+Result<hsm::SecretBytes> Vault::cluster_secret() {
+  return impl_->secret();
+}
+void Vault::require_cluster_secret(bool required) {
+  impl_->require_secret(required);
+}
+Result<std::uint64_t> Vault::patient_count() {
+  return impl_->patients();
 }
 
 }  // namespace medgate::appliance

@@ -96,6 +96,10 @@ struct PendingErasure {
   ErasureRequest request;
 };
 
+// The id of a replicated ledger's shared secret: SHA-256("medgate cluster secret id v1" 0x00 ||
+// secret). A commitment: it names the secret without revealing anything of it.
+Hash secret_id_of(ByteView secret);
+
 class Vault {
  public:
   // Opens or creates the vault file (WAL, synchronous=FULL, secure_delete=ON), applies its schema
@@ -105,8 +109,8 @@ class Vault {
   // With must_exist (medgated: `medctl init` made the vault), a missing file is
   // kFailedPrecondition instead of a new empty vault: an empty vault would quietly leave every
   // stored reading unreadable and give known patients new keys.
-  static Result<std::unique_ptr<Vault>> open(const std::filesystem::path& path,
-                                             hsm::KeyStore& keys, bool must_exist = false);
+  static Result<std::unique_ptr<Vault>> open(const std::filesystem::path& path, hsm::KeyStore& keys,
+                                             bool must_exist = false);
   ~Vault();
   Vault(const Vault&) = delete;
   Vault& operator=(const Vault&) = delete;
@@ -139,6 +143,29 @@ class Vault {
   Result<PatientInfo> finish_erase(const Pseudonym& patient, std::uint64_t ledger_entry);
   // Erasures begun but not finished (after a crash), oldest first.
   Result<std::vector<PendingErasure>> pending_erasures();
+
+  // ---- a replicated ledger's shared secret (docs/replication.md, "Shared keys") ----
+  //
+  // The members of a replicated ledger must give a patient the same pseudonym, so a vault that
+  // holds the cluster's secret makes pseudonyms with HMAC-SHA256 under a key derived from it
+  // (HKDF-SHA256, info "medgate cluster pseudonym v1") instead of the key store's own pseudonym
+  // key. The secret is stored wrapped by the key store's KEK (context "medgate cluster secret
+  // v1"), unwrapped once at open; the derived key lives in memory only.
+
+  // The id of the secret this vault holds; nullopt when it holds none.
+  Result<std::optional<Hash>> cluster_secret_id();
+  // Keeps `secret` (32 bytes) and makes every later pseudonym with it. Adopting the secret it
+  // already holds is a no-op. kFailedPrecondition when it holds another secret, or holds patient
+  // records whose pseudonyms came from the key store's own key (they would stop matching: such a
+  // box cannot found or join a cluster).
+  Status adopt_cluster_secret(ByteView secret);
+  // The secret, unwrapped, to seal it to a new member. kNotFound when the vault holds none.
+  Result<hsm::SecretBytes> cluster_secret();
+  // A replicated ledger's member must not make a pseudonym before it holds the secret: with
+  // `required`, pseudonym() and find() are kUnavailable until adopt_cluster_secret().
+  void require_cluster_secret(bool required);
+  // How many patient records the vault holds (erased ones included).
+  Result<std::uint64_t> patient_count();
 
   class Impl;
 

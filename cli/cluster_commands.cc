@@ -126,7 +126,8 @@ int cmd_cluster_status(const GlobalOptions& g) {
 
 int cmd_member_propose(const GlobalOptions& g, const std::string& action, const std::string& id,
                        const std::optional<std::string>& key_file,
-                       const std::optional<std::string>& endpoint) {
+                       const std::optional<std::string>& endpoint,
+                       const std::optional<std::string>& agreement_file) {
   const std::string what =
       "medctl member " + std::string(action == "add" ? "propose add" : "remove");
   json args = {{"action", action}, {"member_id", id}};
@@ -134,12 +135,21 @@ int cmd_member_propose(const GlobalOptions& g, const std::string& action, const 
     if (!key_file || !endpoint)
       return fail(g, Status::InvalidArgument("adding a member needs --key PEM and --endpoint"),
                   what);
-    std::ifstream in(*key_file);
-    std::stringstream pem;
-    pem << in.rdbuf();
-    if (!in)
-      return fail(g, Status::InvalidArgument(fmt::format("cannot read {}", *key_file)), what);
-    args["public_key"] = pem.str();
+    auto read_pem = [](const std::string& file) -> std::optional<std::string> {
+      std::ifstream in(file);
+      std::stringstream pem;
+      pem << in.rdbuf();
+      if (!in) return std::nullopt;
+      return pem.str();
+    };
+    const std::pair<const char*, std::optional<std::string>> files[] = {
+        {"public_key", key_file}, {"agreement_key", agreement_file}};
+    for (const auto& [arg, file] : files) {
+      if (!file) continue;
+      std::optional<std::string> pem = read_pem(*file);
+      if (!pem) return fail(g, Status::InvalidArgument(fmt::format("cannot read {}", *file)), what);
+      args[arg] = *pem;
+    }
     args["endpoint"] = *endpoint;
   }
   Result<json> r = call(g, "member.propose", args);
@@ -190,7 +200,7 @@ int cmd_member_list(const GlobalOptions& g) {
 struct ClusterArgs {
   std::vector<std::string> etcd;
   std::string member_id, endpoint, which, action_id;
-  std::optional<std::string> prefix, key, member_endpoint;
+  std::optional<std::string> prefix, key, member_endpoint, agreement_key;
 };
 
 }  // namespace
@@ -218,11 +228,17 @@ void add_cluster_commands(CLI::App& app, const GlobalOptions& g, int& rc) {
   add->add_option("ID", a.action_id, "its member id")->required();
   add->add_option("--key", a.key, "its signing public key (PEM; medctl init wrote it)")->required();
   add->add_option("--endpoint", a.member_endpoint, "host:port it is reached at")->required();
-  add->callback([&] { rc = cmd_member_propose(g, "add", a.action_id, a.key, a.member_endpoint); });
+  add->add_option("--agreement-key", a.agreement_key,
+                  "its key-agreement public key (PEM; init --join wrote agreement-key.pem): "
+                  "without it the member never receives the cluster's shared key");
+  add->callback([&] {
+    rc = cmd_member_propose(g, "add", a.action_id, a.key, a.member_endpoint, a.agreement_key);
+  });
   auto* remove = member->add_subcommand("remove", "propose removing a member");
   remove->add_option("ID", a.action_id, "its member id")->required();
-  remove->callback(
-      [&] { rc = cmd_member_propose(g, "remove", a.action_id, std::nullopt, std::nullopt); });
+  remove->callback([&] {
+    rc = cmd_member_propose(g, "remove", a.action_id, std::nullopt, std::nullopt, std::nullopt);
+  });
   auto* approve = member->add_subcommand("approve", "approve an open proposal");
   approve->add_option("PROPOSAL", a.which, "the member id it is about, or its statement hash")
       ->required();

@@ -162,6 +162,7 @@ EventCode event_code(const Entry& e) {
       return {dicom("110110", "Patient Record"), json::array(), "U"};
     case EntryType::kMemberProposal:  // who may write the replicated ledger changes
     case EntryType::kMemberApproval:
+    case EntryType::kKeyShare:
     case EntryType::kRulesVersion: {
       EventCode c{dicom("110113", "Security Alert"), json::array(), "U"};
       c.subtypes.push_back(dicom("110129", "Security Configuration"));

@@ -183,6 +183,7 @@ constexpr EntryTypeInfo kEntryTypes[] = {
     {EntryType::kPatientKey, "patient-key", "consent", check_patient_key},
     {EntryType::kMemberProposal, "member-proposal", "admin", check_member_proposal_body},
     {EntryType::kMemberApproval, "member-approval", "admin", check_member_approval_body},
+    {EntryType::kKeyShare, "key-share", "key", check_key_share_body},
 };
 
 enum Key : std::uint64_t {

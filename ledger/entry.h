@@ -53,8 +53,8 @@ enum class ObjectKind : std::uint64_t {
   kBlockHeader = 2,
   kSignedHead = 3,
   kKeyTransition = 4,
-  kSubjectMapLeaf = 5,  // ledger/subject_map.h
-  kAuditBundle = 6,     // ledger/audit_bundle.h
+  kSubjectMapLeaf = 5,       // ledger/subject_map.h
+  kAuditBundle = 6,          // ledger/audit_bundle.h
   kMembershipStatement = 7,  // ledger/membership.h
   kBlockRecord = 8,          // ledger/block_record.h (replication)
 };
@@ -114,6 +114,11 @@ enum class EntryType : std::uint32_t {
   // {"proposal": bytes(32), "member": text, "signature": bytes}.
   kMemberProposal = 15,
   kMemberApproval = 16,
+  // The cluster's shared secret sealed to one member's key-agreement key (ledger/membership.h,
+  // "Key shares"): {"member": text, "agreement_key": bytes(32) (its key id), "secret": bytes(32)
+  // (the secret's id, a commitment), "box": bytes (hsm/sealed_box.h)}. Only that member's HSM/TPM
+  // can open the box.
+  kKeyShare = 17,
 };
 
 struct EntryTypeInfo {

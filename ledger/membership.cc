@@ -236,6 +236,48 @@ Result<Entry> member_approval_entry(ByteView statement, std::string_view approve
   return e;
 }
 
+Status check_key_share_body(const cbor::Value& body) {
+  MEDGATE_ASSIGN_OR_RETURN(const cbor::Value* member, body_field(body, "member"));
+  if (!member->as_text() || !valid_member_id(*member->as_text()))
+    return Status::InvalidArgument("body \"member\" must be a member id");
+  for (const char* key : {"agreement_key", "secret"}) {
+    MEDGATE_ASSIGN_OR_RETURN(const cbor::Value* v, body_field(body, key));
+    if (!v->as_bytes() || v->as_bytes()->size() != 32)
+      return Status::InvalidArgument(fmt::format("body \"{}\" must be 32 bytes", key));
+  }
+  MEDGATE_ASSIGN_OR_RETURN(const cbor::Value* box, body_field(body, "box"));
+  if (!box->as_bytes() || box->as_bytes()->empty() || box->as_bytes()->size() > kMaxKeyShareBox)
+    return Status::InvalidArgument(
+        fmt::format("body \"box\" must be 1 to {} bytes", kMaxKeyShareBox));
+  return Status::Ok();
+}
+
+Result<Entry> key_share_entry(const KeyShare& share, std::string actor) {
+  cbor::Map fields;
+  fields.emplace_back(cbor::Value::text("member"), cbor::Value::text(share.member));
+  fields.emplace_back(cbor::Value::text("agreement_key"),
+                      cbor::Value::bytes(ByteView(share.agreement_key)));
+  fields.emplace_back(cbor::Value::text("secret"), cbor::Value::bytes(ByteView(share.secret_id)));
+  fields.emplace_back(cbor::Value::text("box"), cbor::Value::bytes(share.box));
+  MEDGATE_ASSIGN_OR_RETURN(
+      Entry e, membership_entry(EntryType::kKeyShare, std::move(fields), std::move(actor)));
+  MEDGATE_RETURN_IF_ERROR(check_key_share_body(e.body));
+  return e;
+}
+
+Result<KeyShare> decode_key_share(const Entry& entry) {
+  if (entry.type != EntryType::kKeyShare) return Status::InvalidArgument("not a key-share entry");
+  MEDGATE_RETURN_IF_ERROR(check_key_share_body(entry.body));
+  KeyShare share;
+  share.member = *entry.body.find("member")->as_text();
+  const Bytes& key = *entry.body.find("agreement_key")->as_bytes();
+  std::copy(key.begin(), key.end(), share.agreement_key.begin());
+  const Bytes& secret = *entry.body.find("secret")->as_bytes();
+  std::copy(secret.begin(), secret.end(), share.secret_id.begin());
+  share.box = *entry.body.find("box")->as_bytes();
+  return share;
+}
+
 std::vector<Member> Membership::members() const {
   std::vector<Member> out;
   out.reserve(members_.size());

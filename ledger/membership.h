@@ -76,6 +76,27 @@ Result<Entry> member_approval_entry(ByteView statement, std::string_view approve
 // Body checks for the entry table (entry.cc).
 Status check_member_proposal_body(const cbor::Value& body);
 Status check_member_approval_body(const cbor::Value& body);
+Status check_key_share_body(const cbor::Value& body);
+
+// ---- Key shares (docs/replication.md, "Shared keys") ----
+//
+// A replicated ledger's members share one 32-byte secret, from which every member derives the
+// same pseudonym key and the key that wraps patient data keys between members. The founder makes
+// it at `cluster init` and writes the first key share, sealed to its own key-agreement key: that
+// share's secret id is the cluster's, and a share naming any other id is ignored. A member that
+// holds the secret writes a share for each member added with a key-agreement key; the member it
+// names opens it with its HSM/TPM and checks the id. Shares are not membership entries: they
+// change no rule, and a replica that cannot open one (it is not the recipient) only records it.
+struct KeyShare {
+  std::string member;  // the recipient
+  KeyId agreement_key{};
+  Hash secret_id{};
+  Bytes box;
+};
+inline constexpr std::size_t kMaxKeyShareBox = 1024;
+Result<Entry> key_share_entry(const KeyShare& share, std::string actor);
+// kInvalidArgument naming the problem for an entry that is not a well-formed key share.
+Result<KeyShare> decode_key_share(const Entry& entry);
 
 struct Member {
   std::string id;

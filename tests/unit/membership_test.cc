@@ -314,6 +314,45 @@ TEST_CASE("membership: entry bodies are checked by the entry table", "[membershi
   CHECK_THAT(refused.status().message(), Catch::Contains("statement"));
 }
 
+TEST_CASE("key shares: round trip through the entry encoding; malformed bodies are named",
+          "[membership]") {
+  KeyShare share;
+  share.member = "ward-b";
+  share.agreement_key = sha256(Bytes{std::byte{1}});
+  share.secret_id = sha256(Bytes{std::byte{2}});
+  share.box = Bytes(200, std::byte{0x5a});
+  Result<Entry> e = key_share_entry(share, "member:ward-a");
+  REQUIRE(e.ok());
+  CHECK(find_entry_type("key-share")->audit_kind == "key");
+  auto back = decode_entry(encode_entry(*e).value());
+  REQUIRE(back.ok());
+  Result<KeyShare> decoded = decode_key_share(*back);
+  REQUIRE(decoded.ok());
+  CHECK(decoded->member == "ward-b");
+  CHECK(decoded->agreement_key == share.agreement_key);
+  CHECK(decoded->secret_id == share.secret_id);
+  CHECK(decoded->box == share.box);
+
+  KeyShare bad = share;
+  bad.member = "not a member id";
+  CHECK_THAT(key_share_entry(bad, "x").status().message(), Catch::Contains("\"member\""));
+  bad = share;
+  bad.box.clear();
+  CHECK_THAT(key_share_entry(bad, "x").status().message(), Catch::Contains("\"box\""));
+  bad.box = Bytes(kMaxKeyShareBox + 1);
+  CHECK(key_share_entry(bad, "x").status().code() == StatusCode::kInvalidArgument);
+  Entry short_id = *e;
+  cbor::Map fields = *short_id.body.as_map();
+  for (auto& [k, v] : fields)
+    if (*k.as_text() == "secret") v = cbor::Value::bytes(Bytes(31));
+  short_id.body = *cbor::Value::map(std::move(fields));
+  CHECK_THAT(encode_entry(short_id).status().message(), Catch::Contains("\"secret\" must be 32"));
+  CHECK(decode_key_share(short_id).status().code() == StatusCode::kInvalidArgument);
+  Entry other = *e;
+  other.type = EntryType::kMemberApproval;
+  CHECK(decode_key_share(other).status().code() == StatusCode::kInvalidArgument);
+}
+
 // ---- block records ----
 
 namespace {

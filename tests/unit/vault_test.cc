@@ -545,3 +545,67 @@ TEST_CASE("vault: threads share patients, keys and an erasure safely", "[vault]"
     CHECK(*vault->identifier(*p) == id);
   }
 }
+
+TEST_CASE("vault: members sharing a cluster secret give a patient the same pseudonym", "[vault]") {
+  // Two members' vaults. SoftHSM serves one token configuration per process, so they share a
+  // token here; `own` shows what that token's own pseudonym key would give.
+  VaultFixture a;
+  auto open_at = [&](const std::string& name) {
+    std::filesystem::create_directories(a.dir / name);
+    Result<std::unique_ptr<Vault>> v = Vault::open(a.dir / name / "vault.db", *a.keys);
+    REQUIRE(v.ok());
+    return std::move(v).value();
+  };
+  auto va = open_at("a");
+  auto vb = open_at("b");
+  CHECK(va->cluster_secret_id().value() == std::nullopt);
+
+  Bytes secret(32);
+  for (std::size_t i = 0; i < secret.size(); ++i) secret[i] = std::byte(i * 7 + 1);
+  SECTION("the same pseudonyms at both, different from each box's own") {
+    // Each box's own key: different pseudonyms (checked on a vault that adopts nothing).
+    auto vc = open_at("c");
+    const Pseudonym own = vc->pseudonym("HOSP:CL-1").value();
+
+    REQUIRE(va->adopt_cluster_secret(secret).ok());
+    REQUIRE(vb->adopt_cluster_secret(secret).ok());
+    CHECK(va->cluster_secret_id().value() == secret_id_of(secret));
+    const Pseudonym pa = va->pseudonym("HOSP:CL-1").value();
+    const Pseudonym pb = vb->pseudonym("HOSP:CL-1").value();
+    CHECK(pa == pb);
+    CHECK(pa != own);
+    CHECK(va->pseudonym("HOSP:CL-2").value() != pa);
+    // Adopting it again is nothing; another secret is refused.
+    CHECK(va->adopt_cluster_secret(secret).ok());
+    Bytes other = secret;
+    other[0] ^= std::byte{1};
+    Status refused = va->adopt_cluster_secret(other);
+    CHECK(refused.code() == StatusCode::kFailedPrecondition);
+    CHECK(refused.message().find("another cluster secret") != std::string::npos);
+    // Kept wrapped, across a reopen; the secret itself is in no file in clear.
+    va.reset();
+    va = open_at("a");
+    CHECK(va->pseudonym("HOSP:CL-1").value() == pa);
+    CHECK(va->cluster_secret().value().view().size() == 32);
+    CHECK(!in_files(a.dir / "a" / "vault.db", secret));
+  }
+  SECTION("a vault that already named patients with its own key cannot adopt one") {
+    REQUIRE(va->pseudonym("HOSP:CL-1").ok());
+    Status refused = va->adopt_cluster_secret(secret);
+    CHECK(refused.code() == StatusCode::kFailedPrecondition);
+    CHECK(refused.message().find("1 patient record(s)") != std::string::npos);
+    CHECK(va->cluster_secret_id().value() == std::nullopt);
+  }
+  SECTION("a member that must wait for the secret names nobody until it has it") {
+    vb->require_cluster_secret(true);
+    CHECK(vb->pseudonym("HOSP:CL-1").status().code() == StatusCode::kUnavailable);
+    CHECK(vb->find("HOSP:CL-1").status().code() == StatusCode::kUnavailable);
+    CHECK(vb->patient_count().value() == 0);
+    REQUIRE(vb->adopt_cluster_secret(secret).ok());
+    CHECK(vb->pseudonym("HOSP:CL-1").ok());
+    CHECK(vb->patient_count().value() == 1);
+  }
+  SECTION("a secret of the wrong size is refused") {
+    CHECK(va->adopt_cluster_secret(Bytes(16)).code() == StatusCode::kInvalidArgument);
+  }
+}
