@@ -517,6 +517,12 @@ json Cluster::status_json() const {
         {"claims_lost", s.claims_lost},
         {"invalid_blocks", s.invalid_blocks},
         {"rewrites", s.rewrites},
+        // etcd's history compacted by this member (docs/replication.md, "Size and compaction").
+        {"compaction",
+         {{"revision", s.compacted_revision},
+          {"age_ms", s.compacted_at_us ? json(age_ms(s.compacted_at_us)) : json(nullptr)},
+          {"compactions", s.compactions},
+          {"watch_restarts", s.watch_restarts}}},
         {"last_invalid", s.last_invalid},
         {"last_error", s.last_error}};
   } else {
