@@ -124,10 +124,10 @@ Result<std::optional<ClusterSettings>> load_cluster_settings(
 }
 
 Status save_cluster_settings(const std::filesystem::path& data_dir, const ClusterSettings& s) {
-  json j = {{"etcd", s.etcd},        {"member_id", s.member_id}, {"endpoint", s.endpoint},
-            {"prefix", s.prefix},    {"ca_file", s.ca_file},     {"cert_file", s.cert_file},
-            {"key_file", s.key_file},
-            {"compaction_interval_s", s.compaction_interval_s}};
+  json j = {{"etcd", s.etcd},         {"member_id", s.member_id},
+            {"endpoint", s.endpoint}, {"prefix", s.prefix},
+            {"ca_file", s.ca_file},   {"cert_file", s.cert_file},
+            {"key_file", s.key_file}, {"compaction_interval_s", s.compaction_interval_s}};
   const std::string text = j.dump(2) + "\n";
   const std::filesystem::path path = cluster_settings_path(data_dir);
   const std::filesystem::path tmp = path.string() + ".tmp";

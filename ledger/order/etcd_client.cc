@@ -212,9 +212,8 @@ Status EtcdClient::compact(std::int64_t revision, bool physical) {
   const std::string what = "etcd compaction to revision " + std::to_string(revision);
   if (revision <= 0) return Status::InvalidArgument(what + ": the revision must be 1 or more");
   json body = {{"revision", revision_string(revision)}, {"physical", physical}};
-  return transport_->call("/v3/kv/compaction", body, what, [&](const json& r) {
-    return header_revision(r).status();
-  });
+  return transport_->call("/v3/kv/compaction", body, what,
+                          [&](const json& r) { return header_revision(r).status(); });
 }
 
 Result<CreateResult> EtcdClient::create_if_absent(std::string_view key, ByteView value) {

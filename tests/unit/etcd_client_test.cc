@@ -588,8 +588,7 @@ TEST_CASE("compact: superseded and deleted values go, latest values stay, refusa
   const std::int64_t mark = client->put("blocks/1", as_bytes("kept")).value();
   // Before: history holds the superseded and the deleted values.
   CHECK(to_string(client->range("blocks/0", "", 0, first).value().kvs.at(0).value) == "v0");
-  CHECK(to_string(client->range("data/erased", "", 0, erased).value().kvs.at(0).value) ==
-        "secret");
+  CHECK(to_string(client->range("data/erased", "", 0, erased).value().kvs.at(0).value) == "secret");
 
   // Bad input is refused before anything is sent; a revision not reached yet by etcd.
   CHECK(client->compact(0, false).code() == StatusCode::kInvalidArgument);
@@ -607,8 +606,7 @@ TEST_CASE("compact: superseded and deleted values go, latest values stay, refusa
   // Logical first, then physical (waits for the backend): each leaves the older revisions
   // unreadable.
   REQUIRE(client->compact(erased, false).ok());
-  CHECK(client->range("blocks/0", "", 0, first).status().code() ==
-        StatusCode::kFailedPrecondition);
+  CHECK(client->range("blocks/0", "", 0, first).status().code() == StatusCode::kFailedPrecondition);
   CHECK(to_string(client->range("data/erased", "", 0, erased).value().kvs.at(0).value) ==
         "secret");  // the compaction revision itself stays readable
   REQUIRE(client->compact(mark, true).ok());

@@ -158,7 +158,8 @@ void wait_converged(std::vector<Replica*> members) {
 
 // A block record for the height after `ledger`'s tip that claims to be `claimed`'s but is signed
 // by a key that is no member's: what anyone with write access to etcd could put there.
-BlockRecord forged_record(testing::SoftHsmToken& token, Ledger& ledger, const std::string& claimed) {
+BlockRecord forged_record(testing::SoftHsmToken& token, Ledger& ledger,
+                          const std::string& claimed) {
   auto outsider = token.open_with_key();
   auto key = outsider->create_signing_key();
   REQUIRE(key.ok());
