@@ -18,9 +18,8 @@
 //
 // A block that fails validation is void: it is reported (stats().invalid_blocks, last_invalid,
 // and the on_invalid callback, once per record) and not applied; the replica does not go past it
-// until the key holds a valid record. Replacing a void record (a transaction comparing its
-// mod_revision) is not built yet: the cluster stalls at a void height until an operator removes
-// the key (docs/replication.md).
+// until the key holds a valid record. The next member with entries to propose replaces it
+// (replace_if_revision, comparing the void record's mod_revision: exactly one replacement wins).
 //
 // Store-and-forward: the ledger acknowledges appends once they are durable in the outbox; the
 // orderer never holds an append up. While etcd is unreachable it retries with a backoff (at most
