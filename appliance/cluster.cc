@@ -54,6 +54,11 @@ std::string default_cluster_prefix(const std::string& ledger_id) {
   return "/medgate/" + ledger_id + "/";
 }
 
+namespace {
+// A day: a longer interval lets etcd's history grow for longer than an operator would notice.
+constexpr std::int64_t kMaxCompactionIntervalS = 86400;
+}  // namespace
+
 Status check_cluster_settings(const ClusterSettings& s) {
   if (s.etcd.empty()) return Status::InvalidArgument("no etcd URL given");
   if (!ledger::valid_member_id(s.member_id))
@@ -66,6 +71,10 @@ Status check_cluster_settings(const ClusterSettings& s) {
   if (s.prefix.size() < 2 || s.prefix.front() != '/' || s.prefix.back() != '/')
     return Status::InvalidArgument(
         fmt::format("etcd prefix \"{}\" must start and end with '/'", s.prefix));
+  if (s.compaction_interval_s < 0 || s.compaction_interval_s > kMaxCompactionIntervalS)
+    return Status::InvalidArgument(
+        fmt::format("compaction interval {} s is not from 0 (never) to {} s (a day)",
+                    s.compaction_interval_s, kMaxCompactionIntervalS));
   // The URLs themselves are checked by the etcd client.
   return order::EtcdClient::open(s.etcd_options()).status();
 }
@@ -101,6 +110,11 @@ Result<std::optional<ClusterSettings>> load_cluster_settings(
   MEDGATE_RETURN_IF_ERROR(text_field("ca_file", s.ca_file, false));
   MEDGATE_RETURN_IF_ERROR(text_field("cert_file", s.cert_file, false));
   MEDGATE_RETURN_IF_ERROR(text_field("key_file", s.key_file, false));
+  if (auto it = j.find("compaction_interval_s"); it != j.end()) {
+    if (!it->is_number_integer())
+      return bad("\"compaction_interval_s\" is not a whole number of seconds");
+    s.compaction_interval_s = it->get<std::int64_t>();
+  }
   auto etcd = j.find("etcd");
   if (etcd == j.end() || !etcd->is_array()) return bad("\"etcd\" is not a list of URLs");
   for (const json& u : *etcd) {
@@ -112,9 +126,10 @@ Result<std::optional<ClusterSettings>> load_cluster_settings(
 }
 
 Status save_cluster_settings(const std::filesystem::path& data_dir, const ClusterSettings& s) {
-  json j = {{"etcd", s.etcd},        {"member_id", s.member_id}, {"endpoint", s.endpoint},
-            {"prefix", s.prefix},    {"ca_file", s.ca_file},     {"cert_file", s.cert_file},
-            {"key_file", s.key_file}};
+  json j = {{"etcd", s.etcd},         {"member_id", s.member_id},
+            {"endpoint", s.endpoint}, {"prefix", s.prefix},
+            {"ca_file", s.ca_file},   {"cert_file", s.cert_file},
+            {"key_file", s.key_file}, {"compaction_interval_s", s.compaction_interval_s}};
   const std::string text = j.dump(2) + "\n";
   const std::filesystem::path path = cluster_settings_path(data_dir);
   const std::filesystem::path tmp = path.string() + ".tmp";
@@ -379,6 +394,7 @@ Status Cluster::start_orderer(const ClusterSettings& settings) {
                            order::EtcdClient::open(settings.etcd_options()));
   order::OrdererOptions o;
   o.prefix = settings.prefix;
+  o.compaction_interval = std::chrono::seconds(settings.compaction_interval_s);
   o.on_invalid = [](std::uint64_t height, const std::string& reason) {
     log(LogLevel::kError, "replication.invalid_block", "voided the record at height {}: {}", height,
         reason);
@@ -704,6 +720,12 @@ json Cluster::status_json() const {
         {"claims_lost", s.claims_lost},
         {"invalid_blocks", s.invalid_blocks},
         {"rewrites", s.rewrites},
+        // etcd's history compacted by this member (docs/replication.md, "Size and compaction").
+        {"compaction",
+         {{"revision", s.compacted_revision},
+          {"age_ms", s.compacted_at_us ? json(age_ms(s.compacted_at_us)) : json(nullptr)},
+          {"compactions", s.compactions},
+          {"watch_restarts", s.watch_restarts}}},
         {"last_invalid", s.last_invalid},
         {"last_error", s.last_error}};
   } else {

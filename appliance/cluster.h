@@ -61,6 +61,9 @@ struct ClusterSettings {
   std::string endpoint;                      // host:port other members reach this one at
   std::string prefix;                        // "/medgate/<ledger id>/"
   std::string ca_file, cert_file, key_file;  // TLS to etcd (optional)
+  // How often this member compacts etcd's history (docs/replication.md, "Size and compaction");
+  // 0: never. Optional in the file ("compaction_interval_s").
+  std::int64_t compaction_interval_s = 60;
 
   order::EtcdOptions etcd_options() const;
 };

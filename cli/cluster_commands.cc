@@ -95,6 +95,15 @@ int cmd_cluster_status(const GlobalOptions& g) {
     if (o.value("invalid_blocks", 0) > 0)
       std::cout << "  void blocks  " << o.value("invalid_blocks", 0)
                 << "; last: " << o.value("last_invalid", "") << "\n";
+    if (o.contains("compaction") && o["compaction"].is_object() &&
+        o["compaction"].value("revision", 0) > 0) {
+      const json& c = o["compaction"];
+      std::cout << fmt::format("  compaction   etcd history compacted to revision {}, {} s ago\n",
+                               c.value("revision", 0),
+                               c.contains("age_ms") && c["age_ms"].is_number_unsigned()
+                                   ? c["age_ms"].get<std::uint64_t>() / 1000
+                                   : 0);
+    }
     if (!o.value("last_error", "").empty())
       std::cout << "  last error   " << o.value("last_error", "") << "\n";
   } else {

@@ -190,20 +190,30 @@ Result<std::int64_t> EtcdClient::remove(std::string_view key, std::string_view r
 }
 
 Result<Range> EtcdClient::range(std::string_view key, std::string_view range_end,
-                                std::int64_t limit, std::int64_t revision) {
+                                std::int64_t limit, std::int64_t revision,
+                                std::int64_t min_mod_revision) {
   const std::string what = "etcd range read of key '" + printable_key(key) + "'";
-  if (limit < 0 || revision < 0)
-    return Status::InvalidArgument(what + ": limit and revision must not be negative");
+  if (limit < 0 || revision < 0 || min_mod_revision < 0)
+    return Status::InvalidArgument(what + ": limit and revisions must not be negative");
   json body = {{"key", b64(key)}};
   if (!range_end.empty()) body["range_end"] = b64(range_end);
   if (limit > 0) body["limit"] = revision_string(limit);
   if (revision > 0) body["revision"] = revision_string(revision);
+  if (min_mod_revision > 0) body["min_mod_revision"] = revision_string(min_mod_revision);
   Range out;
   MEDGATE_RETURN_IF_ERROR(transport_->call("/v3/kv/range", body, what, [&](const json& r) {
     MEDGATE_ASSIGN_OR_RETURN(out, range_of(r));
     return Status::Ok();
   }));
   return out;
+}
+
+Status EtcdClient::compact(std::int64_t revision, bool physical) {
+  const std::string what = "etcd compaction to revision " + std::to_string(revision);
+  if (revision <= 0) return Status::InvalidArgument(what + ": the revision must be 1 or more");
+  json body = {{"revision", revision_string(revision)}, {"physical", physical}};
+  return transport_->call("/v3/kv/compaction", body, what,
+                          [&](const json& r) { return header_revision(r).status(); });
 }
 
 Result<CreateResult> EtcdClient::create_if_absent(std::string_view key, ByteView value) {

@@ -148,9 +148,11 @@ class EtcdClient {
 
   // The pairs with key in [key, range_end) ("" reads the single key `key`), at most `limit` of
   // them (0: no limit), as of `revision` (0: the latest). A compacted `revision` is
-  // kFailedPrecondition.
+  // kFailedPrecondition. `min_mod_revision` (0: none) keeps only pairs last written at or after
+  // it (etcd filters before it applies the limit; `count` still counts every key in the range):
+  // what changed since a revision, even once the revisions in between are compacted.
   Result<Range> range(std::string_view key, std::string_view range_end = {}, std::int64_t limit = 0,
-                      std::int64_t revision = 0);
+                      std::int64_t revision = 0, std::int64_t min_mod_revision = 0);
 
   // One transaction: if `key` does not exist (create_revision == 0), put `value`; otherwise read
   // it. This is how a member claims a block height: of any number of racing callers exactly one
@@ -164,6 +166,17 @@ class EtcdClient {
   // replaced: of the members racing to replace it, exactly one succeeds.
   Result<CreateResult> replace_if_revision(std::string_view key, std::int64_t mod_revision,
                                            ByteView value);
+
+  // Compacts etcd's history up to `revision`: every value superseded or deleted at or before it
+  // is gone, for every key in the cluster (compaction is cluster-wide, not per prefix); the
+  // latest value of each live key stays. Afterwards a range read or a watch from a revision below
+  // `revision` is refused as compacted. kFailedPrecondition (message saying "compacted") when
+  // history is already compacted at or past `revision` (another member, or etcd's own
+  // --auto-compaction, got there first: the goal holds); kInvalidArgument for a revision the store
+  // has not reached yet. `physical`: wait until etcd has also removed the old values from its
+  // backend, not only made them unreadable (it then takes as long as etcd's compaction of that
+  // history); the disk space is reused by etcd, and given back only by an operator's defrag.
+  Status compact(std::int64_t revision, bool physical);
 
   // The status of the endpoint that answers (leader, term, revision, size, version), and the
   // health of every configured endpoint (GET /health on each, request_timeout each at most).

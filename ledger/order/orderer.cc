@@ -53,24 +53,11 @@ Result<std::unique_ptr<Orderer>> Orderer::start(ledger::Ledger& ledger, EtcdClie
     return Status::InvalidArgument("the etcd prefix must end with '/'");
   std::unique_ptr<Orderer> o(new Orderer(ledger, etcd, std::move(options)));
   MEDGATE_RETURN_IF_ERROR(o->publish_history());
-  WatchHandlers handlers;
-  handlers.on_put = [self = o.get()](const KeyValue& kv) {
-    // A put at a height this replica already holds is a rewrite unless it is the same record
-    // (checked on the orderer thread, which may put the applied record back).
-    if (auto h = height_of(kv.key, blocks_prefix(self->options_.prefix))) {
-      if (*h <= self->ledger_.stats().height) {
-        std::lock_guard lk(self->mu_);
-        auto known = self->applied_revisions_.find(*h);
-        // The put this replica applied (the watch trails the range reads): nothing to check.
-        if (known == self->applied_revisions_.end() || known->second != kv.mod_revision)
-          self->rewrites_.push_back({*h, kv.mod_revision, kv.value});
-      }
-    }
-    self->wake();
-  };
-  handlers.on_compacted = [self = o.get()](std::int64_t) { self->wake(); };
   MEDGATE_ASSIGN_OR_RETURN(o->watch_, etcd.watch(blocks_prefix(o->options_.prefix),
-                                                 o->last_revision_ + 1, std::move(handlers)));
+                                                 o->last_revision_ + 1, o->watch_handlers()));
+  // The first compaction one interval from now, to the revision read at start.
+  o->next_compaction_ = std::chrono::steady_clock::now() + o->options_.compaction_interval;
+  o->compaction_candidate_ = o->last_revision_;
   {
     std::lock_guard lk(o->mu_);
     o->stats_.running = true;
@@ -82,6 +69,27 @@ Result<std::unique_ptr<Orderer>> Orderer::start(ledger::Ledger& ledger, EtcdClie
   return o;
 }
 
+WatchHandlers Orderer::watch_handlers() {
+  WatchHandlers handlers;
+  handlers.on_put = [this](const KeyValue& kv) {
+    // A put at a height this replica already holds is a rewrite unless it is the same record
+    // (checked on the orderer thread, which may put the applied record back).
+    if (auto h = height_of(kv.key, blocks_prefix(options_.prefix))) {
+      if (*h <= ledger_.stats().height) {
+        std::lock_guard lk(mu_);
+        auto known = applied_revisions_.find(*h);
+        // The put this replica applied (the watch trails the range reads): nothing to check.
+        if (known == applied_revisions_.end() || known->second != kv.mod_revision)
+          rewrites_.push_back({*h, kv.mod_revision, kv.value});
+      }
+    }
+    wake();
+  };
+  // The watch has ended; the orderer thread sees it (EtcdWatch::ended) and starts another.
+  handlers.on_compacted = [this](std::int64_t) { wake(); };
+  return handlers;
+}
+
 void Orderer::stop() {
   {
     std::lock_guard lk(mu_);
@@ -89,8 +97,9 @@ void Orderer::stop() {
     stop_ = true;
   }
   cv_.notify_all();
-  if (watch_) watch_->stop();
+  // The thread first: it is the one that replaces watch_ (restart_watch).
   if (thread_.joinable()) thread_.join();
+  if (watch_) watch_->stop();
   std::lock_guard lk(mu_);
   stats_.running = false;
 }
@@ -368,6 +377,99 @@ void Orderer::report_seen() {
   }
 }
 
+// Compacts etcd's history to the revision read one interval ago (compaction_candidate_), then
+// takes the latest read's revision as the next candidate. Why this is safe, and why every member
+// does it (docs/replication.md, "Size and compaction"):
+// - Nothing a replica needs goes. Block keys are never deleted and compaction keeps every live
+//   key's latest value, so a replica of any lag catches up by range reads as before. Only values
+//   superseded at or before the revision go (void records replaced, rewrites put back, old
+//   `seen` heights, deleted keys).
+// - A watch less than an interval behind is never cut; one further behind is (it was behind
+//   anyway), and restart_watch() reads what it missed.
+// - Every member compacts, each to a revision it read itself an interval earlier: no election
+//   and no trust in another member's clock or `seen` (which is display only); any member alive
+//   keeps history bounded. Compaction is idempotent: a revision another member (or etcd's own
+//   --auto-compaction) already passed is refused as compacted, which means the goal holds. With
+//   n members etcd gets up to n small requests per interval, each one Raft entry.
+// - Not physical: the request returns once the compaction is in Raft, so this thread (which
+//   orders the outbox) never waits for etcd to sweep its backend; etcd removes the old values
+//   right after, in the background. Its disk space is reused by etcd and returned to the file
+//   system only by an operator's `etcdctl defrag`.
+void Orderer::maybe_compact() {
+  if (options_.compaction_interval.count() <= 0) return;
+  const auto now = std::chrono::steady_clock::now();
+  if (now < next_compaction_) return;
+  next_compaction_ = now + options_.compaction_interval;
+  std::int64_t already;
+  {
+    std::lock_guard lk(mu_);
+    already = stats_.compacted_revision;
+  }
+  const std::int64_t target = compaction_candidate_;
+  compaction_candidate_ = last_revision_;
+  if (target <= already) return;  // nothing written since the last compaction
+  Status s = etcd_.compact(target, /*physical=*/false);
+  const bool took = s.ok();
+  // Already compacted at or past `target`: by another member, or etcd itself.
+  const bool passed = s.code() == StatusCode::kFailedPrecondition &&
+                      s.message().find("compacted") != std::string::npos;
+  if (!took && !passed) {
+    note_error(s);
+    return;
+  }
+  std::lock_guard lk(mu_);
+  stats_.compacted_revision = target;
+  stats_.compacted_at_us = ledger::now_us();
+  if (took) ++stats_.compactions;
+}
+
+bool Orderer::restart_watch() {
+  // The puts the old watch delivered end at its last revision; anything after may be gone.
+  const std::int64_t gap_start = watch_->last_revision() + 1;
+  watch_->stop();
+  // Rewrites in the gap: the applied heights whose key changed since gap_start. Only their latest
+  // values are left, which is all that matters (a rewrite put back since is no longer one). Heights
+  // above the tip are not read here: catch_up() reads them, at their latest values. The first
+  // page's revision is where the new watch starts, so no put after the read is missed (a put at a
+  // height applied later is then either the one applied or reported as a rewrite by on_put). The
+  // later pages read as of the first one's revision, so nothing is seen by both.
+  const std::string blocks = blocks_prefix(options_.prefix);
+  const std::string end = block_key(options_.prefix, ledger_.stats().height + 1);
+  std::string from = blocks;
+  std::int64_t as_of = 0;
+  for (;;) {
+    Result<Range> r = etcd_.range(from, end, 64, as_of, gap_start);
+    if (!r.ok()) {
+      note_error(r.status());
+      return false;
+    }
+    note_ok();
+    if (as_of == 0) as_of = r->revision;
+    std::lock_guard lk(mu_);
+    for (const KeyValue& kv : r->kvs) {
+      auto h = height_of(kv.key, blocks);
+      if (!h) continue;
+      auto known = applied_revisions_.find(*h);
+      if (known == applied_revisions_.end() || known->second != kv.mod_revision)
+        rewrites_.push_back({*h, kv.mod_revision, kv.value});
+    }
+    if (!r->more || r->kvs.empty()) break;
+    from = r->kvs.back().key + '\0';
+  }
+  Result<std::unique_ptr<EtcdWatch>> w = etcd_.watch(blocks, as_of + 1, watch_handlers());
+  if (!w.ok()) {
+    note_error(w.status());
+    return false;
+  }
+  watch_ = std::move(w).value();
+  {
+    std::lock_guard lk(mu_);
+    ++stats_.watch_restarts;
+  }
+  catch_up();
+  return true;
+}
+
 void Orderer::run() {
   std::chrono::milliseconds backoff{0};
   auto last_read = std::chrono::steady_clock::now() - options_.poll;
@@ -377,6 +479,8 @@ void Orderer::run() {
       if (stop_) return;
     }
     bool did = false;
+    // A watch cut by a compaction: catch up and watch again (until then the poll reads on).
+    if (watch_->ended()) did |= restart_watch();
     const auto now = std::chrono::steady_clock::now();
     bool woken;
     {
@@ -395,7 +499,10 @@ void Orderer::run() {
       std::lock_guard lk(mu_);
       connected = stats_.connected;
     }
-    if (connected) report_seen();
+    if (connected) {
+      report_seen();
+      maybe_compact();
+    }
     if (did) {
       backoff = std::chrono::milliseconds(0);
       continue;

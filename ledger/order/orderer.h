@@ -18,14 +18,22 @@
 //
 // A block that fails validation is void: it is reported (stats().invalid_blocks, last_invalid,
 // and the on_invalid callback, once per record) and not applied; the replica does not go past it
-// until the key holds a valid record. Replacing a void record (a transaction comparing its
-// mod_revision) is not built yet: the cluster stalls at a void height until an operator removes
-// the key (docs/replication.md).
+// until the key holds a valid record. The next member with entries to propose replaces it
+// (replace_if_revision, comparing the void record's mod_revision: exactly one replacement wins).
 //
 // Store-and-forward: the ledger acknowledges appends once they are durable in the outbox; the
 // orderer never holds an append up. While etcd is unreachable it retries with a backoff (at most
 // OrdererOptions::max_backoff) and the outbox grows; when etcd returns it catches up in order and
 // proposes the queue.
+//
+// Compaction (docs/replication.md, "Size and compaction"): every `compaction_interval` the orderer
+// compacts etcd's history up to the revision it had read one interval earlier. Block keys are never
+// deleted and their latest values survive compaction, so a lagging replica loses nothing it needs:
+// it catches up by range reads, which read latest values. What goes are superseded values (void
+// records, rewrites put back, old `seen` heights) and deleted keys' values. A watch more than an
+// interval behind may be cut: it reports the compaction, and the orderer looks for rewrites in the
+// gap (a range read of the applied heights changed since the watch's last revision), starts a new
+// watch after that read, and catches up by range reads as always.
 //
 // Publishing the history: at start, block heights the local ledger has but etcd lacks (the
 // founder's blocks from before the cluster, or blocks etcd lost) are put with create_if_absent
@@ -66,6 +74,11 @@ struct OrdererOptions {
   // Turns (see orderer.cc, propose()): how long a member with entries waits for the member whose
   // turn the next height is before claiming it itself. 0: no turns, every member races.
   std::chrono::milliseconds turn_timeout{500};
+  // How often this member compacts etcd's history, and how old (at least) the revision it compacts
+  // to is: the revision of its read one interval earlier. 0: never (an etcd shared with others
+  // whose history must stay, or compacted by its own --auto-compaction). Every member compacts;
+  // compaction is idempotent (see orderer.cc, maybe_compact()).
+  std::chrono::milliseconds compaction_interval{60000};
   // Called on the orderer thread for each void record (height, reason), once per record.
   std::function<void(std::uint64_t height, const std::string& reason)> on_invalid;
   // Called on the orderer thread when etcd stops or starts answering.
@@ -85,6 +98,11 @@ struct OrdererStats {
   std::string last_error;               // the latest etcd or ledger error
   std::uint64_t history_published = 0;  // blocks put at start (history)
   std::uint64_t rewrites = 0;           // puts of a different record at a height already applied
+  std::int64_t compacted_revision = 0;  // the last etcd revision this member compacted to (or
+                                        // found already compacted)
+  std::uint64_t compacted_at_us = 0;    // when (Unix time, microseconds); 0: not yet
+  std::uint64_t compactions = 0;        // compactions this member asked for that etcd took
+  std::uint64_t watch_restarts = 0;     // watches cut by a compaction and started again
 };
 
 // "<prefix>blocks/<height, 20 digits>": zero-padded so that key order is height order.
@@ -128,6 +146,12 @@ class Orderer {
   bool propose();
   void report_seen();
   void check_rewrites();
+  // Compaction (see above): at most once per options_.compaction_interval.
+  void maybe_compact();
+  // After the watch reported a compaction: find rewrites in the gap, watch again from that read,
+  // catch up. False when etcd did not answer (tried again on the next pass).
+  bool restart_watch();
+  WatchHandlers watch_handlers();
   void remember_applied(std::uint64_t height, std::int64_t mod_revision);
   void note_error(const Status& s);
   void note_ok();
@@ -136,6 +160,7 @@ class Orderer {
   ledger::Ledger& ledger_;
   EtcdClient& etcd_;
   OrdererOptions options_;
+  // Replaced only on the orderer thread (restart_watch); stop() joins that thread first.
   std::unique_ptr<EtcdWatch> watch_;
 
   mutable std::mutex mu_;
@@ -161,6 +186,10 @@ class Orderer {
   // The last members/<id>/seen put (report_seen).
   std::chrono::steady_clock::time_point seen_put_{};
   std::uint64_t seen_height_ = ~std::uint64_t{0};
+  // Compaction: when to compact next, and the revision read at the previous tick (compacted at
+  // the next one, so that it is at least an interval old).
+  std::chrono::steady_clock::time_point next_compaction_{};
+  std::int64_t compaction_candidate_ = 0;
   std::thread thread_;
 };
 

@@ -573,6 +573,102 @@ TEST_CASE("a compacted start revision is reported, never skipped", "[etcd][clust
   (*w2)->stop();
 }
 
+TEST_CASE("compact: superseded and deleted values go, latest values stay, refusals say why",
+          "[etcd][cluster]") {
+  TempDir dir("medgate-etcd");
+  EtcdCluster cluster(dir.path(), 1);
+  auto client = client_for(cluster.endpoints());
+  std::int64_t first = 0, last = 0;
+  for (int i = 0; i < 5; ++i) {
+    last = client->put("blocks/0", as_bytes("v" + std::to_string(i))).value();
+    if (first == 0) first = last;
+  }
+  const std::int64_t erased = client->put("data/erased", as_bytes("secret")).value();
+  REQUIRE(client->remove("data/erased").value() == 1);
+  const std::int64_t mark = client->put("blocks/1", as_bytes("kept")).value();
+  // Before: history holds the superseded and the deleted values.
+  CHECK(to_string(client->range("blocks/0", "", 0, first).value().kvs.at(0).value) == "v0");
+  CHECK(to_string(client->range("data/erased", "", 0, erased).value().kvs.at(0).value) == "secret");
+
+  // Bad input is refused before anything is sent; a revision not reached yet by etcd.
+  CHECK(client->compact(0, false).code() == StatusCode::kInvalidArgument);
+  CHECK(client->compact(-3, true).code() == StatusCode::kInvalidArgument);
+  Status future = client->compact(mark + 1000, false);
+  CHECK(future.code() == StatusCode::kInvalidArgument);
+  CHECK(future.message().find("future") != std::string::npos);
+  CHECK(future.message().find(std::to_string(mark + 1000)) != std::string::npos);
+
+  // A watch that starts before the compaction and keeps up is not cut by it.
+  Deliveries live;
+  auto w_live = client->watch("blocks/", mark + 1, live.handlers());
+  REQUIRE(w_live.ok());
+
+  // Logical first, then physical (waits for the backend): each leaves the older revisions
+  // unreadable.
+  REQUIRE(client->compact(erased, false).ok());
+  CHECK(client->range("blocks/0", "", 0, first).status().code() == StatusCode::kFailedPrecondition);
+  CHECK(to_string(client->range("data/erased", "", 0, erased).value().kvs.at(0).value) ==
+        "secret");  // the compaction revision itself stays readable
+  REQUIRE(client->compact(mark, true).ok());
+  auto gone = client->range("data/erased", "", 0, erased);
+  CHECK(gone.status().code() == StatusCode::kFailedPrecondition);
+  CHECK(gone.status().message().find("compacted") != std::string::npos);
+  // Latest values stay; the deleted key stays deleted.
+  auto now = client->range("blocks/", prefix_end("blocks/"));
+  REQUIRE(now.ok());
+  REQUIRE(now->kvs.size() == 2);
+  CHECK(to_string(now->kvs[0].value) == "v4");
+  CHECK(to_string(now->kvs[1].value) == "kept");
+  CHECK(client->range("data/", prefix_end("data/")).value().kvs.empty());
+
+  // Again, or lower: refused as already compacted (the goal holds).
+  Status again = client->compact(mark, false);
+  CHECK(again.code() == StatusCode::kFailedPrecondition);
+  CHECK(again.message().find("compacted") != std::string::npos);
+  CHECK(client->compact(first, true).code() == StatusCode::kFailedPrecondition);
+
+  // A watch from below the compaction reports it and ends; the live one goes on.
+  Deliveries d;
+  auto w = client->watch("blocks/", first, d.handlers());
+  REQUIRE(w.ok());
+  REQUIRE(d.wait_for_compaction());
+  CHECK(*d.compacted == mark);
+  CHECK(d.puts.empty());
+  CHECK((*w)->ended());
+  (*w)->stop();
+  const std::int64_t after = client->put("blocks/2", as_bytes("after")).value();
+  REQUIRE(live.wait_for_puts(1));
+  (*w_live)->stop();
+  CHECK(live.puts.at(0).mod_revision == after);
+  CHECK(!live.compacted);
+}
+
+TEST_CASE("range with min_mod_revision: what changed since a revision, past a compaction",
+          "[etcd][cluster]") {
+  TempDir dir("medgate-etcd");
+  EtcdCluster cluster(dir.path(), 1);
+  auto client = client_for(cluster.endpoints());
+  for (int i = 0; i < 6; ++i) REQUIRE(client->put("k/" + std::to_string(i), as_bytes("a")).ok());
+  const std::int64_t since = client->put("k/2", as_bytes("b")).value();
+  REQUIRE(client->put("k/4", as_bytes("b")).ok());
+  REQUIRE(client->put("k/4", as_bytes("c")).ok());
+  REQUIRE(client->compact(since + 1, false).ok());
+  // Filtered before the limit: two pages of one, and count still counts the whole range.
+  auto page = client->range("k/", prefix_end("k/"), 1, 0, since);
+  REQUIRE(page.ok());
+  REQUIRE(page->kvs.size() == 1);
+  CHECK(page->kvs[0].key == "k/2");
+  CHECK(page->more);
+  CHECK(page->count == 6);
+  auto rest = client->range("k/3", prefix_end("k/"), 1, 0, since);
+  REQUIRE(rest.ok());
+  REQUIRE(rest->kvs.size() == 1);
+  CHECK(rest->kvs[0].key == "k/4");
+  CHECK(to_string(rest->kvs[0].value) == "c");
+  CHECK(client->range("k/", prefix_end("k/"), 0, 0, -1).status().code() ==
+        StatusCode::kInvalidArgument);
+}
+
 TEST_CASE("3 members: status, and a watch and writes survive kill -9 of their member",
           "[etcd][cluster]") {
   TempDir dir("medgate-etcd");

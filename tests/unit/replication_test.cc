@@ -3,7 +3,8 @@
 // (ledger/order/orderer.h). The founder publishes its history, two replicas join from block 0,
 // membership changes go through the ledger, all three append at once, and the replicas converge
 // to the same chain. A record written straight into etcd by a non-member is voided by every
-// replica, reported, and replaced.
+// replica, reported, and replaced. etcd's history is compacted by the orderers: a replica stopped
+// across a compaction, and one whose watch a compaction cut, both catch up to the same chain.
 #include <catch2/catch.hpp>
 
 #include <atomic>
@@ -42,6 +43,7 @@ struct Replica {
   std::unique_ptr<order::Orderer> orderer;
   std::atomic<int> invalid_reports{0};
   std::string last_invalid;
+  std::chrono::milliseconds compaction_interval{60000};
 
   ~Replica() {
     if (orderer) orderer->stop();
@@ -53,6 +55,7 @@ struct Replica {
     order::OrdererOptions o;
     o.prefix = kPrefix;
     o.max_block_entries = 64;  // several blocks per burst, so heights are contended
+    o.compaction_interval = compaction_interval;
     o.on_invalid = [this](std::uint64_t, const std::string& reason) {
       last_invalid = reason;
       ++invalid_reports;
@@ -72,12 +75,16 @@ LedgerOptions options(const std::filesystem::path& path) {
   return o;
 }
 
-std::unique_ptr<order::EtcdClient> client(const testing::EtcdCluster& cluster) {
+std::unique_ptr<order::EtcdClient> client(std::vector<std::string> endpoints) {
   order::EtcdOptions o;
-  o.endpoints = cluster.endpoints();
+  o.endpoints = std::move(endpoints);
   auto c = order::EtcdClient::open(o);
   REQUIRE(c.ok());
   return std::move(c).value();
+}
+
+std::unique_ptr<order::EtcdClient> client(const testing::EtcdCluster& cluster) {
+  return client(cluster.endpoints());
 }
 
 Bytes add_statement(std::uint64_t epoch, const std::string& id, const PublicKey& key) {
@@ -147,6 +154,67 @@ void wait_converged(std::vector<Replica*> members) {
     }
     std::this_thread::sleep_for(10ms);
   }
+}
+
+// A block record for the height after `ledger`'s tip that claims to be `claimed`'s but is signed
+// by a key that is no member's: what anyone with write access to etcd could put there.
+BlockRecord forged_record(testing::SoftHsmToken& token, Ledger& ledger,
+                          const std::string& claimed) {
+  auto outsider = token.open_with_key();
+  auto key = outsider->create_signing_key();
+  REQUIRE(key.ok());
+  REQUIRE(outsider->use_signing_key(key->id()).ok());
+  auto tip = ledger.chain_tip();
+  REQUIRE(tip.ok());
+  BlockRecord forged;
+  auto bytes = encode_entry(noted("forged", 1, 9));
+  REQUIRE(bytes.ok());
+  forged.entries.push_back(*bytes);
+  ChainTip t = *tip;
+  t.tree.append(merkle::leaf_hash(*bytes));
+  forged.header.ledger_id = kLedgerId;
+  forged.header.height = tip->height + 1;
+  forged.header.previous_hash = tip->block_hash;
+  forged.header.first_index = tip->tree.size();
+  forged.header.entry_count = 1;
+  forged.header.tree_size = t.tree.size();
+  forged.header.root = t.tree.root();
+  forged.header.time_us = tip->time_us + 1;
+  forged.header.key_id = key->id();
+  forged.header_bytes = encode_block_header(forged.header);
+  forged.proposer = claimed;
+  auto sig = outsider->sign_digest(block_hash(forged.header_bytes));
+  REQUIRE(sig.ok());
+  forged.signature = *sig;
+  return forged;
+}
+
+// A founds a cluster of one: its ledger with a little history, the membership, its orderer.
+void found(Replica& a, testing::SoftHsmToken& token, const std::filesystem::path& dir,
+           const testing::EtcdCluster& cluster) {
+  a.keys = token.open_with_key();
+  auto l = Ledger::create(options(dir / (a.id + ".db")), kLedgerId, *a.keys, "user:test");
+  REQUIRE(l.ok());
+  a.ledger = std::move(l).value();
+  for (int i = 0; i < 3; ++i) REQUIRE(a.ledger->append(noted("history", i, 1)).ok());
+  Bytes founding = add_statement(0, a.id, a.keys->signing_key());
+  auto entry = member_proposal_entry(founding, a.id, sign(*a.keys, founding), "user:test");
+  REQUIRE(entry.ok());
+  REQUIRE(a.ledger->append_membership(*entry).ok());
+  REQUIRE(a.ledger->start_replication(a.id).ok());
+  a.etcd = client(cluster);
+  a.start_orderer();
+}
+
+// Waits until `done` holds; false after `timeout`.
+template <typename F>
+bool eventually(F done, std::chrono::milliseconds timeout = 20s) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(10ms);
+  }
+  return true;
 }
 
 }  // namespace
@@ -323,32 +391,7 @@ TEST_CASE("replication: three members order one ledger through etcd", "[replicat
   // A block written straight into etcd by a key that is not a member's.
   {
     const auto before_forgery = a.ledger->stats();
-    auto outsider = token.open_with_key();
-    auto key = outsider->create_signing_key();
-    REQUIRE(key.ok());
-    REQUIRE(outsider->use_signing_key(key->id()).ok());
-    auto tip = a.ledger->chain_tip();
-    REQUIRE(tip.ok());
-    BlockRecord forged;
-    auto bytes = encode_entry(noted("forged", 1, 9));
-    REQUIRE(bytes.ok());
-    forged.entries.push_back(*bytes);
-    ChainTip t = *tip;
-    t.tree.append(merkle::leaf_hash(*bytes));
-    forged.header.ledger_id = kLedgerId;
-    forged.header.height = tip->height + 1;
-    forged.header.previous_hash = tip->block_hash;
-    forged.header.first_index = tip->tree.size();
-    forged.header.entry_count = 1;
-    forged.header.tree_size = t.tree.size();
-    forged.header.root = t.tree.root();
-    forged.header.time_us = tip->time_us + 1;
-    forged.header.key_id = key->id();
-    forged.header_bytes = encode_block_header(forged.header);
-    forged.proposer = "a";  // claims to be a
-    auto sig = outsider->sign_digest(block_hash(forged.header_bytes));
-    REQUIRE(sig.ok());
-    forged.signature = *sig;
+    BlockRecord forged = forged_record(token, *a.ledger, "a");  // claims to be a
     auto put =
         a.etcd->put(order::block_key(kPrefix, forged.header.height), encode_block_record(forged));
     REQUIRE(put.ok());
@@ -387,4 +430,125 @@ TEST_CASE("replication: members' reported heights are parsed, and anything else 
   CHECK_FALSE(order::parse_seen("/medgate/w/members/ward-a/seen", prefix, as_bytes("")));
   CHECK_FALSE(order::parse_seen("/medgate/w/blocks/00000000000000000001", prefix, as_bytes("1 2")));
   CHECK_FALSE(order::parse_seen("/other/members/a/seen", prefix, as_bytes("1 2")));
+}
+
+TEST_CASE("replication: a replica stopped across a compaction of etcd's history catches up",
+          "[replication][compaction]") {
+  testing::TempDir dir("medgate-compaction");
+  testing::EtcdCluster cluster(dir.path(), 1);
+  testing::SoftHsmToken token(dir.path());
+  Replica a, c;
+  a.id = "a", c.id = "c";
+  a.compaction_interval = 100ms;  // a compacts to the revision it read 100 ms earlier
+  c.compaction_interval = 0ms;    // c never does: only a's compactions are at work here
+  found(a, token, dir.path(), cluster);
+  c.etcd = client(cluster);
+  join(c, token, dir.path(), a.keys->signing_key());
+  REQUIRE(c.orderer->wait_for_height(a.ledger->stats().height, 10s));
+  c.orderer->stop();
+  c.orderer.reset();
+  const std::uint64_t c_height = c.ledger->stats().height;
+
+  // While c is away: a key written and deleted (what an erasure does to a value in etcd), blocks
+  // ordered one by one, and a void record written and replaced.
+  const std::string erased_key = kPrefix + "test/erased";
+  auto secret = a.etcd->put(erased_key, as_bytes("patient data"));
+  REQUIRE(secret.ok());
+  REQUIRE(a.etcd->remove(erased_key).ok());
+  for (int i = 0; i < 40; ++i) REQUIRE(a.ledger->append(noted("away", i, 1)).ok());
+  BlockRecord forged = forged_record(token, *a.ledger, "a");
+  const std::string forged_key = order::block_key(kPrefix, forged.header.height);
+  auto forged_put = a.etcd->put(forged_key, encode_block_record(forged));
+  REQUIRE(forged_put.ok());
+  REQUIRE(eventually([&] { return a.invalid_reports >= 1; }));
+  REQUIRE(a.ledger->append(noted("after-forgery", 1, 4)).ok());  // a replaces the void record
+  auto replaced = a.etcd->range(forged_key);
+  REQUIRE(replaced.ok());
+  REQUIRE(replaced->kvs.size() == 1);
+  CHECK(replaced->kvs[0].mod_revision > *forged_put);
+  CHECK(replaced->kvs[0].value != encode_block_record(forged));
+  for (int i = 0; i < 20; ++i) REQUIRE(a.ledger->append(noted("more", i, 2)).ok());
+
+  // a's orderer compacts past the void record and the deleted value.
+  const std::int64_t past = replaced->kvs[0].mod_revision;
+  REQUIRE(eventually([&] { return a.orderer->stats().compacted_revision > past; }));
+  const order::OrdererStats as = a.orderer->stats();
+  CHECK(as.compactions >= 1);
+  CHECK(as.compacted_at_us > 0);
+  auto old_void = a.etcd->range(forged_key, "", 0, *forged_put);
+  CHECK(old_void.status().code() == StatusCode::kFailedPrecondition);
+  auto old_secret = a.etcd->range(erased_key, "", 0, *secret);
+  CHECK(old_secret.status().code() == StatusCode::kFailedPrecondition);
+  CHECK(a.etcd->range(erased_key).value().kvs.empty());
+  // Every block is still there, at its latest value.
+  const std::string blocks = kPrefix + "blocks/";
+  auto all = a.etcd->range(blocks, order::prefix_end(blocks), 1);
+  REQUIRE(all.ok());
+  CHECK(static_cast<std::uint64_t>(all->count) == a.ledger->stats().height + 1);
+
+  // c comes back and catches up by range reads to the same chain. The void record is gone from
+  // etcd's history, so c never even sees it.
+  c.start_orderer();
+  wait_converged({&a, &c});
+  CHECK(c.ledger->stats().root == a.ledger->stats().root);
+  const order::OrdererStats cs = c.orderer->stats();
+  CHECK(cs.blocks_applied == a.ledger->stats().height - c_height);
+  CHECK(cs.invalid_blocks == 0);
+  CHECK(c.invalid_reports == 0);
+  CHECK(cs.compactions == 0);
+}
+
+TEST_CASE("replication: a watch cut by a compaction is started again after a range read",
+          "[replication][compaction]") {
+  testing::TempDir dir("medgate-compaction");
+  testing::EtcdCluster cluster(dir.path(), 3);
+  testing::SoftHsmToken token(dir.path());
+  Replica a, c;
+  a.id = "a", c.id = "c";
+  a.compaction_interval = 100ms;
+  c.compaction_interval = 0ms;
+  found(a, token, dir.path(), cluster);
+  // c talks to etcd member 0 only, so that losing that member cuts c's watch.
+  c.etcd = client({cluster.endpoint(0)});
+  join(c, token, dir.path(), a.keys->signing_key());
+  REQUIRE(c.orderer->wait_for_height(a.ledger->stats().height, 10s));
+  CHECK(c.orderer->stats().watch_restarts == 0);
+
+  // Member 0 dies; the other two go on, and a orders blocks and compacts past c's watch.
+  cluster.kill(0);
+  const std::string blocks = kPrefix + "blocks/";
+  auto at_cut = a.etcd->range(blocks, order::prefix_end(blocks), 1);
+  REQUIRE(at_cut.ok());
+  for (int i = 0; i < 30; ++i) REQUIRE(a.ledger->append(noted("while-cut", i, 3)).ok());
+  REQUIRE(eventually([&] { return a.orderer->stats().compacted_revision > at_cut->revision + 1; }));
+  CHECK(c.ledger->stats().height < a.ledger->stats().height);
+  const std::uint64_t height = a.ledger->stats().height;
+
+  // In the gap, a rewrite of a block c applied before it was cut off, which no one puts back
+  // (a's orderer is stopped): only c's read of the gap can find it.
+  a.orderer->stop();
+  a.orderer.reset();
+  auto holds_applied = [&](std::uint64_t h) {
+    auto applied = c.ledger->block_record(h);
+    auto now = a.etcd->range(order::block_key(kPrefix, h));
+    return applied.ok() && now.ok() && now->kvs.size() == 1 &&
+           now->kvs[0].value == encode_block_record(*applied);
+  };
+  REQUIRE(holds_applied(2));
+  REQUIRE(a.etcd->put(order::block_key(kPrefix, 2), as_bytes("a rewrite in the gap")).ok());
+
+  // Member 0 is back (with the compaction applied): c's watch resumes from a compacted revision,
+  // reports it, and c's orderer reads the gap, watches again, and catches up.
+  cluster.restart(0);
+  REQUIRE(eventually([&] { return c.orderer->stats().watch_restarts >= 1; }));
+  REQUIRE(c.orderer->wait_for_height(height, 20s));
+  CHECK(c.ledger->stats().root == a.ledger->stats().root);
+  REQUIRE(eventually([&] { return c.orderer->stats().rewrites >= 1; }));
+  CHECK(eventually([&] { return holds_applied(2); }));  // c put it back
+
+  // The new watch is live: only it can show c a rewrite at a height c already applied.
+  REQUIRE(a.etcd->put(order::block_key(kPrefix, 1), as_bytes("a rewrite after the gap")).ok());
+  REQUIRE(eventually([&] { return c.orderer->stats().rewrites >= 2; }));
+  CHECK(eventually([&] { return holds_applied(1); }));
+  CHECK(c.orderer->stats().watch_restarts == 1);
 }
