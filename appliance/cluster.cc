@@ -194,15 +194,17 @@ void Cluster::start_follower() {
   if ((!registry_ && !consent_ && !vault_) || follower_.joinable()) return;
   // Hand over first, then replay what the registry has not seen (a restart, or events applied
   // while the follower was not running): an event both paths deliver is applied once.
-  ledger_.set_apply_listener(
-      [this](std::uint64_t first, const std::vector<ledger::Entry>& entries) {
-        std::lock_guard lk(follow_mu_);
-        for (std::size_t i = 0; i < entries.size(); ++i)
-          if ((registry_ && entries[i].type == ledger::EntryType::kDeviceEvent) ||
-              (consent_ && consent_type(entries[i].type)) || (vault_ && key_type(entries[i].type)))
-            follow_queue_.emplace_back(first + i, entries[i]);
-        follow_cv_.notify_one();
-      });
+  ledger_.set_apply_listener([this](std::uint64_t first,
+                                    const std::vector<ledger::Entry>& entries) {
+    std::lock_guard lk(follow_mu_);
+    for (std::size_t i = 0; i < entries.size(); ++i)
+      if ((registry_ && entries[i].type == ledger::EntryType::kDeviceEvent) ||
+          (consent_ && consent_type(entries[i].type)) ||
+          (vault_ &&
+           (key_type(entries[i].type) || entries[i].type == ledger::EntryType::kPatientErasure)))
+        follow_queue_.emplace_back(first + i, entries[i]);
+    follow_cv_.notify_one();
+  });
   // (The consent book replays every consent entry when it opens.)
   std::uint64_t from = registry_ ? registry_->replicated_through() + 1 : ~std::uint64_t{0};
   const ledger::EntryType types[] = {ledger::EntryType::kDeviceEvent};
@@ -219,8 +221,18 @@ void Cluster::start_follower() {
 
 void Cluster::follower_loop() {
   // Shares written while this member was down (or before it started following) are looked at
-  // once now; later ones as their entries arrive.
+  // once now; later ones as their entries arrive. Erasures likewise (applying one twice changes
+  // nothing): one whose block was applied just before a crash, ahead of this thread, is not lost.
   reconcile_keys();
+  if (vault_) {
+    const ledger::EntryType erasure[] = {ledger::EntryType::kPatientErasure};
+    for (std::uint64_t from = 0;;) {
+      Result<std::vector<ledger::StoredEntry>> page = ledger_.entries_of_type(erasure, from, 1000);
+      if (!page.ok() || page->empty()) break;
+      for (const ledger::StoredEntry& e : *page) follow_erasure(e.index, e.entry);
+      from = page->back().index + 1;
+    }
+  }
   std::unique_lock lk(follow_mu_);
   for (;;) {
     follow_cv_.wait(lk, [&] { return follow_stop_ || !follow_queue_.empty(); });
@@ -230,6 +242,8 @@ void Cluster::follower_loop() {
     lk.unlock();
     if (key_type(entry.type)) {
       reconcile_keys();
+    } else if (entry.type == ledger::EntryType::kPatientErasure) {
+      follow_erasure(index, entry);
     } else if (entry.type != ledger::EntryType::kDeviceEvent) {
       if (Status s = consent_->apply_replicated(index, entry); !s.ok())
         log(LogLevel::kError, "replication.consent", "entry {}: {}", index, s.message());
@@ -360,6 +374,90 @@ void Cluster::reconcile_keys() {
   }
 }
 
+namespace {
+
+// "<prefix>datakeys/<pseudonym hex>/": where a patient's data keys are published.
+std::string data_keys_prefix(const std::string& prefix, const Pseudonym& p) {
+  return prefix + "datakeys/" + p.hex() + "/";
+}
+
+}  // namespace
+
+Status Cluster::start_key_sharing(const ClusterSettings& settings) {
+  if (!vault_) return Status::Ok();
+  MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<order::EtcdClient> etcd,
+                           order::EtcdClient::open(settings.etcd_options()));
+  {
+    std::lock_guard lk(keys_mu_);
+    if (publisher_.joinable()) return Status::Ok();
+    keys_etcd_ = std::move(etcd);
+    keys_prefix_ = settings.prefix;
+    keys_stop_ = false;
+  }
+  vault_->set_key_source(
+      [this](const Pseudonym& p, const DataKeyId& id) -> Result<std::optional<Bytes>> {
+        std::lock_guard lk(keys_mu_);
+        if (!keys_etcd_) return Status::Unavailable("key sharing is stopped");
+        MEDGATE_ASSIGN_OR_RETURN(order::Range r,
+                                 keys_etcd_->range(data_keys_prefix(keys_prefix_, p) + to_hex(id)));
+        if (r.kvs.empty()) return std::optional<Bytes>();
+        return std::optional<Bytes>(std::move(r.kvs.front().value));
+      });
+  publisher_ = std::thread([this] { publisher_loop(); });
+  return Status::Ok();
+}
+
+void Cluster::publisher_loop() {
+  std::unique_lock lk(keys_mu_);
+  for (;;) {
+    keys_cv_.wait_for(lk, std::chrono::seconds(1), [&] { return keys_stop_; });
+    if (keys_stop_) return;
+    // Erased patients' keys first: nothing may be published for them again.
+    for (auto it = erased_to_remove_.begin(); it != erased_to_remove_.end();) {
+      const std::string dir = keys_prefix_ + "datakeys/" + *it + "/";
+      Result<std::int64_t> removed = keys_etcd_->remove(dir, order::prefix_end(dir));
+      if (!removed.ok()) break;  // etcd away: next round
+      it = erased_to_remove_.erase(it);
+    }
+    Result<std::vector<DataKeyExport>> keys = vault_->keys_to_publish(256);
+    if (!keys.ok()) {
+      log(LogLevel::kError, "cluster.keys", "cannot read the data keys to publish: {}",
+          keys.status().message());
+      continue;
+    }
+    for (const DataKeyExport& k : *keys) {
+      const std::string key = data_keys_prefix(keys_prefix_, k.patient) + to_hex(k.key_id);
+      if (!keys_etcd_->put(key, k.sealed).ok()) break;  // etcd away: next round
+      if (Status s = vault_->mark_published(k.patient, k.key_id); !s.ok())
+        log(LogLevel::kError, "cluster.keys", "patient {}: {}", k.patient.prefix(), s.message());
+      // An erasure applied while the put was on its way: take the key back out.
+      Result<PatientInfo> info = vault_->info(k.patient);
+      if (info.ok() && info->state != PatientState::kActive)
+        erased_to_remove_.insert(k.patient.hex());
+    }
+  }
+}
+
+void Cluster::follow_erasure(std::uint64_t index, const ledger::Entry& entry) {
+  const ledger::cbor::Value* field = entry.body.find("pseudonym");
+  const Bytes* bytes = field ? field->as_bytes() : nullptr;
+  if (!bytes || bytes->size() != sizeof(Hash)) return;  // the entry table checked it already
+  Pseudonym p;
+  std::copy(bytes->begin(), bytes->end(), p.bytes.begin());
+  Result<bool> changed = vault_->apply_erasure(p, index);
+  if (!changed.ok())
+    log(LogLevel::kError, "replication.erasure", "patient {} (entry {}): {}", p.prefix(), index,
+        changed.status().message());
+  else if (*changed)
+    log(LogLevel::kNotice, "replication.erasure",
+        "patient {} erased here as decided on the ledger (entry {}): every data key of theirs "
+        "this member held is destroyed",
+        p.prefix(), index);
+  std::lock_guard lk(keys_mu_);
+  erased_to_remove_.insert(p.hex());
+  keys_cv_.notify_all();
+}
+
 Status Cluster::start() {
   if (!ledger_.replica()) return Status::Ok();
   if (vault_) {
@@ -386,6 +484,7 @@ Status Cluster::start() {
         fmt::format("{} names member \"{}\" but the ledger is member \"{}\"",
                     cluster_settings_path(config_.data_dir).string(), settings->member_id,
                     ledger_.replica()->member_id));
+  MEDGATE_RETURN_IF_ERROR(start_key_sharing(*settings));
   return start_orderer(*settings);
 }
 
@@ -465,6 +564,15 @@ void Cluster::stop() {
   }
   follow_cv_.notify_all();
   if (follower_.joinable()) follower_.join();
+  {
+    std::lock_guard lk(keys_mu_);
+    keys_stop_ = true;
+  }
+  keys_cv_.notify_all();
+  if (publisher_.joinable()) publisher_.join();
+  if (vault_) vault_->set_key_source(nullptr);
+  std::lock_guard lk(keys_mu_);
+  keys_etcd_.reset();
 }
 
 std::vector<Operation> Cluster::operations() {
@@ -572,6 +680,7 @@ Result<json> Cluster::init(const Caller& caller, const json& args) {
   MEDGATE_RETURN_IF_ERROR(save_cluster_settings(config_.data_dir, s));
   MEDGATE_RETURN_IF_ERROR(ledger_.start_replication(s.member_id));
   start_follower();
+  MEDGATE_RETURN_IF_ERROR(start_key_sharing(s));
   MEDGATE_RETURN_IF_ERROR(start_orderer(s));
   json out = members_json();
   out["prefix"] = s.prefix;

@@ -127,6 +127,13 @@ class Cluster {
   // Adopts the secret from a share naming this member, or (holding it) writes the shares that
   // members added since are missing. Runs on the follower thread.
   void reconcile_keys();
+  // Publishes this member's data keys to etcd and removes erased patients' keys there, on a
+  // thread of its own; serves other members' keys to the vault.
+  Status start_key_sharing(const ClusterSettings& settings);
+  void publisher_loop();
+  // An erasure entry from the replicated ledger (any member's): applied to the vault, and the
+  // patient's published keys queued for removal from etcd.
+  void follow_erasure(std::uint64_t index, const ledger::Entry& entry);
   // The key share sealing `secret` to `member`.
   Result<ledger::Entry> share_for(const ledger::Member& member, ByteView secret,
                                   const std::string& actor) const;
@@ -141,6 +148,14 @@ class Cluster {
   // agreement key id), and share entries already reported as unopenable.
   std::set<std::pair<std::string, KeyId>> shares_sent_;
   std::set<std::uint64_t> shares_reported_;
+  // Key sharing through etcd (its own client: the orderer's thread owns the orderer's).
+  std::mutex keys_mu_;  // everything below
+  std::condition_variable keys_cv_;
+  std::unique_ptr<order::EtcdClient> keys_etcd_;
+  std::string keys_prefix_;
+  std::set<std::string> erased_to_remove_;  // pseudonyms (hex) whose published keys go
+  bool keys_stop_ = false;
+  std::thread publisher_;
   // Entries of applied blocks that the appliance's state follows, handed over by the ledger's
   // writer thread.
   std::mutex follow_mu_;

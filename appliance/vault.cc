@@ -41,6 +41,9 @@ constexpr std::string_view kIdentifierLabel{"medgate identifier v1\0", 22};
 constexpr std::string_view kClusterSecretContext = "medgate cluster secret v1";
 constexpr std::string_view kClusterSecretIdLabel{"medgate cluster secret id v1\0", 29};
 constexpr std::string_view kClusterPseudonymInfo = "medgate cluster pseudonym v1";
+constexpr std::string_view kClusterDataKeysInfo = "medgate cluster data keys v1";
+constexpr std::string_view kMemberKeyLabel{"medgate member data key v1\0", 27};
+constexpr std::byte kFormatWithKeyId{0x02};
 
 constexpr std::byte kFormatVersion{0x01};
 constexpr std::size_t kKeySize = 32;
@@ -80,6 +83,22 @@ constexpr const char* kMigrations[] = {
         wrapped BLOB NOT NULL,
         adopted_us INTEGER NOT NULL
       );
+    )sql",
+    // 2 -> 3: data keys shared between a cluster's members. A patient's own key gets an id once
+    // the vault holds a cluster secret (its ciphertexts then carry the id) and is published to the
+    // other members (published = 0 until it is); other members' keys for the same patient are
+    // kept wrapped by this key store's KEK in member_keys.
+    R"sql(
+      ALTER TABLE patients ADD COLUMN key_id BLOB;
+      ALTER TABLE patients ADD COLUMN published INTEGER NOT NULL DEFAULT 1;
+      CREATE INDEX patients_unpublished ON patients (published) WHERE published = 0;
+      CREATE TABLE member_keys (
+        pseudonym BLOB NOT NULL,
+        key_id BLOB NOT NULL,
+        wrapped BLOB NOT NULL,
+        received_us INTEGER NOT NULL,
+        PRIMARY KEY (pseudonym, key_id)
+      ) WITHOUT ROWID;
     )sql",
 };
 constexpr int kSchemaVersion = static_cast<int>(std::size(kMigrations));
@@ -320,11 +339,20 @@ struct CachedIdentifier {
   }
 };
 
-// The key pseudonyms are made with once the vault holds a cluster secret.
-Result<hsm::SecretBytes> cluster_pseudonym_key(ByteView secret) {
+// The keys derived from a cluster secret: the one pseudonyms are made with, and the one that seals
+// data keys for the other members.
+Result<hsm::SecretBytes> derive_from_secret(ByteView secret, std::string_view info) {
   Bytes key(kKeySize);
-  MEDGATE_RETURN_IF_ERROR(hsm::hkdf_sha256(secret, {}, as_bytes(kClusterPseudonymInfo), key));
+  MEDGATE_RETURN_IF_ERROR(hsm::hkdf_sha256(secret, {}, as_bytes(info), key));
   return hsm::SecretBytes(std::move(key));
+}
+
+Bytes member_key_context(const Pseudonym& p, const DataKeyId& id) {
+  return concat({data_key_context(p), id});
+}
+
+Bytes member_key_aad(const Pseudonym& p, const DataKeyId& id) {
+  return concat({as_bytes(kMemberKeyLabel), p.bytes, id});
 }
 
 }  // namespace
@@ -357,6 +385,12 @@ std::string_view patient_state_name(PatientState state) {
 
 class Vault::Impl {
  public:
+  // A patient's own data key, with its id once the vault holds a cluster secret.
+  struct OwnKey {
+    std::shared_ptr<const hsm::SecretBytes> key;
+    std::optional<DataKeyId> id;
+  };
+
   Impl(VaultLock lock, sql::Database db, hsm::KeyStore& keys)
       : lock_(std::move(lock)), db_(std::move(db)), keys_(keys) {}
 
@@ -406,9 +440,18 @@ class Vault::Impl {
   Status load_cluster_secret() {
     MEDGATE_ASSIGN_OR_RETURN(std::optional<hsm::SecretBytes> secret, read_cluster_secret());
     if (!secret) return Status::Ok();
-    MEDGATE_ASSIGN_OR_RETURN(hsm::SecretBytes key, cluster_pseudonym_key(secret->view()));
-    cluster_pseudonym_key_ = std::make_shared<const hsm::SecretBytes>(std::move(key));
-    cluster_secret_id_ = secret_id_of(secret->view());
+    return use_secret(secret->view());
+  }
+
+  // Caller holds mu_ (or is open()).
+  Status use_secret(ByteView secret) {
+    MEDGATE_ASSIGN_OR_RETURN(hsm::SecretBytes pseudonym_key,
+                             derive_from_secret(secret, kClusterPseudonymInfo));
+    MEDGATE_ASSIGN_OR_RETURN(hsm::SecretBytes sharing_key,
+                             derive_from_secret(secret, kClusterDataKeysInfo));
+    cluster_pseudonym_key_ = std::make_shared<const hsm::SecretBytes>(std::move(pseudonym_key));
+    sharing_key_ = std::make_shared<const hsm::SecretBytes>(std::move(sharing_key));
+    cluster_secret_id_ = secret_id_of(secret);
     return Status::Ok();
   }
 
@@ -472,9 +515,7 @@ class Vault::Impl {
                     "VALUES (1, ?, ?, ?)"));
     st.bind(1, ByteView(id)).bind(2, ByteView(wrapped)).bind(3, ledger::now_us());
     MEDGATE_RETURN_IF_ERROR(st.run());
-    MEDGATE_ASSIGN_OR_RETURN(hsm::SecretBytes key, cluster_pseudonym_key(secret));
-    cluster_pseudonym_key_ = std::make_shared<const hsm::SecretBytes>(std::move(key));
-    cluster_secret_id_ = id;
+    MEDGATE_RETURN_IF_ERROR(use_secret(secret));
     pseudonyms_ = LruCache<CachedIdentifier, Pseudonym>(kCachedPseudonyms);
     return Status::Ok();
   }
@@ -490,19 +531,220 @@ class Vault::Impl {
   }
 
   Result<Bytes> encrypt(const Pseudonym& p, ByteView plaintext, ByteView aad) {
-    MEDGATE_ASSIGN_OR_RETURN(auto key, data_key(p, "nothing more can be stored for them"));
-    return seal(key->view(), kPayloadLabel, p, aad, plaintext);
+    MEDGATE_ASSIGN_OR_RETURN(OwnKey key, data_key(p, "nothing more can be stored for them"));
+    if (!key.id) return seal(key.key->view(), kPayloadLabel, p, aad, plaintext);
+    // 0x02 || key id || iv || ciphertext || tag: the id tells any member whose key it is.
+    MEDGATE_ASSIGN_OR_RETURN(
+        Bytes sealed, hsm::gcm_seal(key.key->view(), payload_aad(p, *key.id, aad), plaintext));
+    Bytes out{kFormatWithKeyId};
+    out.insert(out.end(), key.id->begin(), key.id->end());
+    out.insert(out.end(), sealed.begin(), sealed.end());
+    return out;
   }
 
   Result<Bytes> decrypt(const Pseudonym& p, ByteView ciphertext, ByteView aad) {
-    MEDGATE_ASSIGN_OR_RETURN(auto key, data_key(p, "the data can no longer be decrypted"));
-    Result<Bytes> out = open_sealed(key->view(), kPayloadLabel, p, aad, ciphertext);
+    if (!ciphertext.empty() && ciphertext[0] == kFormatWithKeyId) {
+      if (ciphertext.size() < 1 + kDataKeyIdSize)
+        return Status::VerificationFailed(
+            fmt::format("patient {}: ciphertext too short for its key id", p.prefix()));
+      DataKeyId id{};
+      std::copy_n(ciphertext.begin() + 1, kDataKeyIdSize, id.begin());
+      MEDGATE_ASSIGN_OR_RETURN(OwnKey own, data_key(p, "the data can no longer be decrypted"));
+      std::shared_ptr<const hsm::SecretBytes> key = own.key;
+      if (!own.id || *own.id != id) {
+        MEDGATE_ASSIGN_OR_RETURN(key, member_key(p, id));
+      }
+      Result<Bytes> out = hsm::gcm_open(key->view(), payload_aad(p, id, aad),
+                                        ciphertext.subspan(1 + kDataKeyIdSize));
+      if (!out.ok())
+        return Status::VerificationFailed(fmt::format(
+            "patient {}: ciphertext does not authenticate: it was altered, or belongs to another "
+            "patient or context",
+            p.prefix()));
+      return out;
+    }
+    MEDGATE_ASSIGN_OR_RETURN(OwnKey key, data_key(p, "the data can no longer be decrypted"));
+    Result<Bytes> out = open_sealed(key.key->view(), kPayloadLabel, p, aad, ciphertext);
     if (!out.ok()) return out.status().with_context(fmt::format("patient {}", p.prefix()));
     return out;
   }
 
+  static Bytes payload_aad(const Pseudonym& p, const DataKeyId& id, ByteView aad) {
+    return concat({as_bytes(kPayloadLabel), p.bytes, id, aad});
+  }
+
+  // Another member's data key for the patient: from the cache, the vault, or (once) the key
+  // source, then kept wrapped by this key store's KEK. Refuses patients that are not active.
+  Result<std::shared_ptr<const hsm::SecretBytes>> member_key(const Pseudonym& p,
+                                                             const DataKeyId& id) {
+    const std::string name = fmt::format("the data key {} of patient {}", to_hex(id), p.prefix());
+    DataKeySource source;
+    std::shared_ptr<const hsm::SecretBytes> sharing_key;
+    {
+      std::lock_guard lk(mu_);
+      if (auto it = member_keys_.find({p, id}); it != member_keys_.end()) return it->second;
+      MEDGATE_ASSIGN_OR_RETURN(sql::Statement st,
+                               db_.prepare("SELECT wrapped FROM member_keys WHERE pseudonym = ? "
+                                           "AND key_id = ?"));
+      st.bind(1, ByteView(p.bytes)).bind(2, ByteView(id));
+      MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+      if (step == sql::Statement::Step::kRow) {
+        ByteView blob = st.column_blob(0);
+        Bytes wrapped(blob.begin(), blob.end());
+        Result<hsm::SecretBytes> key = keys_.unwrap_key(wrapped, member_key_context(p, id));
+        if (!key.ok()) return key.status().with_context("unwrap " + name);
+        return remember_member_key(p, id, std::move(key).value());
+      }
+      source = key_source_;
+      sharing_key = sharing_key_;
+    }
+    if (!source || !sharing_key)
+      return Status::NotFound(name + " is another member's and this vault has no way to get it");
+    // Outside the lock: the source asks the cluster.
+    MEDGATE_ASSIGN_OR_RETURN(std::optional<Bytes> sealed, source(p, id));
+    if (!sealed)
+      return Status::Unavailable(name +
+                                 " (a reading from another member) has not been published yet");
+    Result<Bytes> raw = hsm::gcm_open(sharing_key->view(), member_key_aad(p, id), *sealed);
+    if (!raw.ok())
+      return Status::VerificationFailed(name +
+                                        " as published does not open with the cluster's key");
+    hsm::SecretBytes key(std::move(raw).value());
+    if (key.size() != kKeySize)
+      return Status::Corruption(fmt::format("{} is {} bytes, not {}", name, key.size(), kKeySize));
+    MEDGATE_ASSIGN_OR_RETURN(Bytes wrapped, keys_.wrap_key(key.view(), member_key_context(p, id)));
+    std::lock_guard lk(mu_);
+    MEDGATE_ASSIGN_OR_RETURN(std::optional<PatientInfo> info, read_info(p));
+    if (!info) return Status::NotFound(fmt::format("no patient {} in the vault", p.prefix()));
+    if (info->state != PatientState::kActive)
+      return refusal(*info, "the data can no longer be decrypted");
+    MEDGATE_ASSIGN_OR_RETURN(
+        sql::Statement st,
+        db_.prepare("INSERT OR REPLACE INTO member_keys (pseudonym, key_id, wrapped, received_us) "
+                    "VALUES (?, ?, ?, ?)"));
+    st.bind(1, ByteView(p.bytes))
+        .bind(2, ByteView(id))
+        .bind(3, ByteView(wrapped))
+        .bind(4, ledger::now_us());
+    MEDGATE_RETURN_IF_ERROR(st.run());
+    return remember_member_key(p, id, std::move(key));
+  }
+
+  // Caller holds mu_.
+  std::shared_ptr<const hsm::SecretBytes> remember_member_key(const Pseudonym& p,
+                                                              const DataKeyId& id,
+                                                              hsm::SecretBytes key) {
+    if (member_keys_.size() >= kCachedKeys) member_keys_.clear();
+    auto shared = std::make_shared<const hsm::SecretBytes>(std::move(key));
+    member_keys_[{p, id}] = shared;
+    return shared;
+  }
+
+  // Caller holds mu_.
+  void forget_member_keys(const Pseudonym& p) {
+    auto it = member_keys_.lower_bound({p, DataKeyId{}});
+    while (it != member_keys_.end() && it->first.first == p) it = member_keys_.erase(it);
+  }
+
+  Result<std::vector<DataKeyExport>> keys_to_publish(std::size_t limit) {
+    std::vector<std::tuple<Pseudonym, DataKeyId, Bytes>> rows;
+    std::shared_ptr<const hsm::SecretBytes> sharing_key;
+    {
+      std::lock_guard lk(mu_);
+      sharing_key = sharing_key_;
+      if (!sharing_key) return std::vector<DataKeyExport>();
+      MEDGATE_ASSIGN_OR_RETURN(
+          sql::Statement st,
+          db_.prepare("SELECT pseudonym, key_id, wrapped_key FROM patients WHERE published = 0 "
+                      "AND state = 0 AND key_id IS NOT NULL LIMIT ?"));
+      st.bind(1, static_cast<std::uint64_t>(limit));
+      for (;;) {
+        MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+        if (step == sql::Statement::Step::kDone) break;
+        MEDGATE_ASSIGN_OR_RETURN(Pseudonym p, pseudonym_column(st, 0));
+        ByteView id = st.column_blob(1);
+        ByteView wrapped = st.column_blob(2);
+        if (id.size() != kDataKeyIdSize)
+          return Status::Corruption(
+              fmt::format("patient {} has a key id of {} bytes", p.prefix(), id.size()));
+        DataKeyId key_id{};
+        std::copy(id.begin(), id.end(), key_id.begin());
+        rows.emplace_back(p, key_id, Bytes(wrapped.begin(), wrapped.end()));
+      }
+    }
+    std::vector<DataKeyExport> out;
+    for (auto& [p, id, wrapped] : rows) {
+      Result<hsm::SecretBytes> key = keys_.unwrap_key(wrapped, data_key_context(p));
+      if (!key.ok())
+        return key.status().with_context(
+            fmt::format("unwrap the data key of patient {}", p.prefix()));
+      MEDGATE_ASSIGN_OR_RETURN(
+          Bytes sealed, hsm::gcm_seal(sharing_key->view(), member_key_aad(p, id), key->view()));
+      out.push_back({p, id, std::move(sealed)});
+    }
+    return out;
+  }
+
+  Status mark_published(const Pseudonym& p, const DataKeyId& id) {
+    std::lock_guard lk(mu_);
+    MEDGATE_ASSIGN_OR_RETURN(
+        sql::Statement st,
+        db_.prepare("UPDATE patients SET published = 1 WHERE pseudonym = ? AND key_id = ?"));
+    st.bind(1, ByteView(p.bytes)).bind(2, ByteView(id));
+    return st.run();
+  }
+
+  void set_source(DataKeySource source) {
+    std::lock_guard lk(mu_);
+    key_source_ = std::move(source);
+  }
+
+  Result<bool> apply_erasure(const Pseudonym& p, std::uint64_t entry) {
+    std::lock_guard lk(mu_);
+    bool changed = false;
+    {
+      MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_));
+      MEDGATE_ASSIGN_OR_RETURN(std::optional<PatientInfo> info, read_info(p));
+      const std::uint64_t now = ledger::now_us();
+      if (!info) {
+        // Never seen here: a tombstone, so that the patient is refused if named here later.
+        MEDGATE_ASSIGN_OR_RETURN(
+            sql::Statement st,
+            db_.prepare("INSERT INTO patients (pseudonym, state, created_us, erasure_entry, "
+                        "erased_us) VALUES (?, 2, ?, ?, ?)"));
+        st.bind(1, ByteView(p.bytes)).bind(2, now).bind(3, entry).bind(4, now);
+        MEDGATE_RETURN_IF_ERROR(st.run());
+        changed = true;
+      } else if (info->state == PatientState::kActive) {
+        MEDGATE_ASSIGN_OR_RETURN(
+            sql::Statement st,
+            db_.prepare("UPDATE patients SET state = 2, wrapped_key = NULL, identifier = NULL, "
+                        "published = 1, erasure_entry = ?, erased_us = ? WHERE pseudonym = ?"));
+        st.bind(1, entry).bind(2, now).bind(3, ByteView(p.bytes));
+        MEDGATE_RETURN_IF_ERROR(st.run());
+        changed = true;
+      }
+      // (An erasure pending here is this member's own: its protocol finishes it.)
+      MEDGATE_ASSIGN_OR_RETURN(sql::Statement del,
+                               db_.prepare("DELETE FROM member_keys WHERE pseudonym = ?"));
+      del.bind(1, ByteView(p.bytes));
+      MEDGATE_RETURN_IF_ERROR(del.run());
+      changed = changed || sqlite3_changes(db_.handle()) > 0;
+      MEDGATE_RETURN_IF_ERROR(tx.commit());
+    }
+    keys_cache_.erase(p);
+    forget_member_keys(p);
+    if (changed)
+      if (Status s = truncate_wal(db_); !s.ok())
+        log(LogLevel::kWarning, "vault.checkpoint",
+            "patient {} is erased, but the vault's WAL could not be truncated yet: {}", p.prefix(),
+            s.message());
+    return changed;
+  }
+
   Result<std::string> identifier(const Pseudonym& p) {
-    MEDGATE_ASSIGN_OR_RETURN(auto key, data_key(p, "the identifier is gone"));
+    MEDGATE_ASSIGN_OR_RETURN(OwnKey own, data_key(p, "the identifier is gone"));
+    const std::shared_ptr<const hsm::SecretBytes>& key = own.key;
     Bytes sealed;
     {
       std::lock_guard lk(mu_);
@@ -550,6 +792,7 @@ class Vault::Impl {
     MEDGATE_RETURN_IF_ERROR(st.run());
     MEDGATE_RETURN_IF_ERROR(tx.commit());
     keys_cache_.erase(p);
+    forget_member_keys(p);
     return pending;
   }
 
@@ -570,9 +813,14 @@ class Vault::Impl {
                       "erase_reason = NULL, erasure_entry = ?, erased_us = ? WHERE pseudonym = ?"));
       st.bind(1, entry).bind(2, ledger::now_us()).bind(3, ByteView(p.bytes));
       MEDGATE_RETURN_IF_ERROR(st.run());
+      MEDGATE_ASSIGN_OR_RETURN(sql::Statement del,
+                               db_.prepare("DELETE FROM member_keys WHERE pseudonym = ?"));
+      del.bind(1, ByteView(p.bytes));
+      MEDGATE_RETURN_IF_ERROR(del.run());
       MEDGATE_RETURN_IF_ERROR(tx.commit());
     }
     keys_cache_.erase(p);
+    forget_member_keys(p);
     // The erasure is durable; a WAL that cannot be truncated now is truncated at the next open.
     if (Status s = truncate_wal(db_); !s.ok())
       log(LogLevel::kWarning, "vault.checkpoint",
@@ -669,30 +917,41 @@ class Vault::Impl {
           fmt::format("wrap the data key of patient {}", p.prefix()));
     MEDGATE_ASSIGN_OR_RETURN(Bytes sealed_id,
                              seal(key.view(), kIdentifierLabel, p, {}, as_bytes(id)));
+    // In a cluster the key gets an id (its ciphertexts carry it) and waits to be published.
+    std::optional<DataKeyId> key_id;
+    if (sharing_key_) {
+      key_id.emplace();
+      if (RAND_bytes(u8(std::span<std::byte>(*key_id)), static_cast<int>(key_id->size())) != 1)
+        return Status::Internal("OpenSSL's random generator failed");
+    }
     MEDGATE_ASSIGN_OR_RETURN(
         sql::Statement st,
-        db_.prepare("INSERT INTO patients (pseudonym, state, created_us, wrapped_key, identifier) "
-                    "VALUES (?, 0, ?, ?, ?)"));
+        db_.prepare("INSERT INTO patients (pseudonym, state, created_us, wrapped_key, identifier, "
+                    "key_id, published) VALUES (?, 0, ?, ?, ?, ?, ?)"));
     st.bind(1, ByteView(p.bytes))
         .bind(2, ledger::now_us())
         .bind(3, ByteView(*wrapped))
         .bind(4, ByteView(sealed_id));
+    if (key_id)
+      st.bind(5, ByteView(*key_id)).bind(6, std::uint64_t{0});
+    else
+      st.bind_null(5).bind(6, std::uint64_t{1});
     MEDGATE_RETURN_IF_ERROR(st.run());
-    keys_cache_.put(p, std::make_shared<const hsm::SecretBytes>(std::move(key)));
+    keys_cache_.put(p, OwnKey{std::make_shared<const hsm::SecretBytes>(std::move(key)), key_id});
     return Status::Ok();
   }
 
   // The patient's unwrapped data key, from the cache or unwrapped once. Refuses erased and
   // being-erased patients with `consequence` in the message.
-  Result<std::shared_ptr<const hsm::SecretBytes>> data_key(const Pseudonym& p,
-                                                           std::string_view consequence) {
+  Result<OwnKey> data_key(const Pseudonym& p, std::string_view consequence) {
     std::lock_guard lk(mu_);
-    if (const auto* key = keys_cache_.find(p)) return *key;
+    if (const OwnKey* key = keys_cache_.find(p)) return *key;
     MEDGATE_ASSIGN_OR_RETURN(std::optional<PatientInfo> info, read_info(p));
     if (!info) return Status::NotFound(fmt::format("no patient {} in the vault", p.prefix()));
     if (info->state != PatientState::kActive) return refusal(*info, consequence);
-    MEDGATE_ASSIGN_OR_RETURN(sql::Statement st,
-                             db_.prepare("SELECT wrapped_key FROM patients WHERE pseudonym = ?"));
+    MEDGATE_ASSIGN_OR_RETURN(
+        sql::Statement st,
+        db_.prepare("SELECT wrapped_key, key_id FROM patients WHERE pseudonym = ?"));
     st.bind(1, ByteView(p.bytes));
     MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
     if (step != sql::Statement::Step::kRow || st.column_is_null(0))
@@ -700,6 +959,15 @@ class Vault::Impl {
           fmt::format("patient {} is active but has no wrapped data key", p.prefix()));
     ByteView blob = st.column_blob(0);
     Bytes wrapped(blob.begin(), blob.end());
+    std::optional<DataKeyId> key_id;
+    if (!st.column_is_null(1)) {
+      ByteView id = st.column_blob(1);
+      if (id.size() != kDataKeyIdSize)
+        return Status::Corruption(
+            fmt::format("patient {} has a key id of {} bytes", p.prefix(), id.size()));
+      key_id.emplace();
+      std::copy(id.begin(), id.end(), key_id->begin());
+    }
     Result<hsm::SecretBytes> key = keys_.unwrap_key(wrapped, data_key_context(p));
     if (!key.ok()) {
       if (key.status().code() == StatusCode::kVerificationFailed)
@@ -713,9 +981,9 @@ class Vault::Impl {
     if (key->size() != kKeySize)
       return Status::Corruption(fmt::format("the data key of patient {} is {} bytes, not {}",
                                             p.prefix(), key->size(), kKeySize));
-    auto shared = std::make_shared<const hsm::SecretBytes>(std::move(key).value());
-    keys_cache_.put(p, shared);
-    return shared;
+    OwnKey own{std::make_shared<const hsm::SecretBytes>(std::move(key).value()), key_id};
+    keys_cache_.put(p, own);
+    return own;
   }
 
   // Caller holds mu_.
@@ -736,7 +1004,12 @@ class Vault::Impl {
   sql::Database db_;
   hsm::KeyStore& keys_;
   LruCache<CachedIdentifier, Pseudonym> pseudonyms_{kCachedPseudonyms};
-  LruCache<Pseudonym, std::shared_ptr<const hsm::SecretBytes>> keys_cache_{kCachedKeys};
+  LruCache<Pseudonym, OwnKey> keys_cache_{kCachedKeys};
+  // Other members' data keys, unwrapped (bounded: cleared when full).
+  std::map<std::pair<Pseudonym, DataKeyId>, std::shared_ptr<const hsm::SecretBytes>> member_keys_;
+  // Set once the vault holds a cluster secret: seals this member's data keys for the others.
+  std::shared_ptr<const hsm::SecretBytes> sharing_key_;
+  DataKeySource key_source_;
 };
 
 Result<std::unique_ptr<Vault>> Vault::open(const std::filesystem::path& path, hsm::KeyStore& keys,
@@ -823,6 +1096,18 @@ void Vault::require_cluster_secret(bool required) {
 }
 Result<std::uint64_t> Vault::patient_count() {
   return impl_->patients();
+}
+Result<std::vector<DataKeyExport>> Vault::keys_to_publish(std::size_t limit) {
+  return impl_->keys_to_publish(limit);
+}
+Status Vault::mark_published(const Pseudonym& patient, const DataKeyId& key) {
+  return impl_->mark_published(patient, key);
+}
+void Vault::set_key_source(DataKeySource source) {
+  impl_->set_source(std::move(source));
+}
+Result<bool> Vault::apply_erasure(const Pseudonym& patient, std::uint64_t ledger_entry) {
+  return impl_->apply_erasure(patient, ledger_entry);
 }
 
 }  // namespace medgate::appliance

@@ -42,9 +42,11 @@
 // takes an exclusive lock on `<path>.lock`. The KeyStore must outlive the Vault.
 #pragma once
 
+#include <array>
 #include <compare>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -95,6 +97,24 @@ struct PendingErasure {
   std::uint64_t requested_us = 0;
   ErasureRequest request;
 };
+
+// A data key's id in a cluster (random, 16 bytes): ciphertexts made with the key carry it.
+inline constexpr std::size_t kDataKeyIdSize = 16;
+using DataKeyId = std::array<std::byte, kDataKeyIdSize>;
+
+// One of this member's data keys, sealed for the other members (AES-256-GCM under the key derived
+// from the cluster secret, "medgate cluster data keys v1", with "medgate member data key v1" 0x00
+// || pseudonym || key id authenticated).
+struct DataKeyExport {
+  Pseudonym patient;
+  DataKeyId key_id{};
+  Bytes sealed;
+};
+
+// Where another member's data key comes from: its sealed form, nullopt when it has not been
+// published (yet), an error when the source cannot be reached.
+using DataKeySource =
+    std::function<Result<std::optional<Bytes>>(const Pseudonym& patient, const DataKeyId& key)>;
 
 // The id of a replicated ledger's shared secret: SHA-256("medgate cluster secret id v1" 0x00 ||
 // secret). A commitment: it names the secret without revealing anything of it.
@@ -166,6 +186,25 @@ class Vault {
   void require_cluster_secret(bool required);
   // How many patient records the vault holds (erased ones included).
   Result<std::uint64_t> patient_count();
+
+  // ---- data keys shared between members ----
+  //
+  // Once the vault holds the cluster secret, every new patient record gets a data key id, and
+  // encrypt() writes 0x02 || key id || iv || ciphertext || tag (label, pseudonym, key id and aad
+  // authenticated), so that any member can tell whose key a reading needs. decrypt() reads both
+  // formats; a key id that is not the patient's own here is another member's: it is looked up in
+  // member_keys, or fetched once from the key source, checked, and kept wrapped by this key
+  // store's KEK. kUnavailable when the source has not got it (yet).
+
+  // This member's data keys that the other members have not been given yet, sealed for them.
+  Result<std::vector<DataKeyExport>> keys_to_publish(std::size_t limit);
+  Status mark_published(const Pseudonym& patient, const DataKeyId& key);
+  void set_key_source(DataKeySource source);
+  // An erasure decided on the replicated ledger (another member's, or this member's seen again):
+  // the patient's own key and identifier and every other member's key kept here are destroyed,
+  // and a patient never seen here is recorded as erased so that naming it later is refused. An
+  // erasure pending here is left to this member's own protocol. True when something changed.
+  Result<bool> apply_erasure(const Pseudonym& patient, std::uint64_t ledger_entry);
 
   class Impl;
 

@@ -104,6 +104,10 @@ Statement& Statement::bind(int i, std::int64_t v) {
   sqlite3_bind_int64(st_, i, v);
   return *this;
 }
+Statement& Statement::bind_null(int i) {
+  sqlite3_bind_null(st_, i);
+  return *this;
+}
 Statement& Statement::bind(int i, ByteView v) {
   sqlite3_bind_blob64(st_, i, v.data(), v.size(), SQLITE_STATIC);
   return *this;

@@ -50,6 +50,7 @@ class Statement {
   Statement& bind(int i, int v) { return bind(i, static_cast<std::int64_t>(v)); }
   Statement& bind(int i, ByteView v);
   Statement& bind(int i, std::string_view v);
+  Statement& bind_null(int i);
 
   // kRow: a row is ready; kDone: finished. Errors as Status.
   enum class Step { kRow, kDone };

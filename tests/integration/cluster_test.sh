@@ -402,6 +402,35 @@ T1=$(date +%s%N)
 say "     (measured, not judged: the issue asks for 1 s)"
 [ "$(read_at c)" = 1 ] && pass "and c denies too" || failed "c does not deny"
 
+say "== data keys: a reading ingested at c is read at b; an erasure at a destroys every member's keys"
+expect_rc 0 "a grants dr-lee again" -- bash -c "printf '%s\n' '$PATIENT' | '$MEDCTL' --config '${CONF[a]}' consent grant --patient - --to 'Practitioner::\"dr-lee\"' --data vitals --purpose TREAT"
+printf 'MSH|^~\\&|CENTRAL-C|ICU|MEDGATE|HOSP|20261125120000||ORU^R01^ORU_R01|KEY1|P|2.6\rPID|1||CLUSTER-P7^^^HOSP^MR\rOBR|1||||||20261125115900\rOBX|1|NM|150456^MDC_PULS_OXIM_SAT_O2^MDC||93|262688^MDC_DIM_PERCENT^MDC|||||F|||20261125115900\r' >"$WORK/key1.hl7"
+[ "$("$MLLP_SEND" --host 127.0.0.1 --port "${HL7[c]}" --timeout-ms 5000 "$WORK/key1.hl7" 2>/dev/null | sed -n 's/.*: \(A[AER]\) .*/\1/p')" = AA ] && pass "c acknowledges a reading for the patient" || failed "c did not take the reading"
+read_value_at() { printf '%s\n' "$PATIENT" | ctl "$1" --json data read --as 'Practitioner::"dr-lee"' --patient - --purpose TREAT 2>&1 || true; }
+READ=
+for _ in $(seq 1 100); do READ=$(read_value_at b); grep -q '"value": 93' <<<"$READ" && break; sleep 0.1; done
+grep -q '"value": 93' <<<"$READ" && pass "b decrypts and returns the reading ingested at c" || { failed "b cannot read c's reading"; printf '%s\n' "$READ" | tail -5; }
+P_HEX=$(sqlite3 "$WORK/b/vault.db" "SELECT lower(hex(pseudonym)) FROM member_keys LIMIT 1")
+[ -n "$P_HEX" ] && pass "b keeps c's data key, wrapped by b's own token" || failed "no member key at b"
+[ -n "$(etcdctl_cluster get --prefix --keys-only "/medgate/ward/datakeys/$P_HEX/")" ] && pass "c published its data key (sealed under the cluster's key) to etcd" || failed "no published data key"
+if etcdctl_cluster get --prefix --print-value-only /medgate/ward/datakeys/ | grep -aq CLUSTER-P7; then failed "an identifier in etcd"; else pass "no identifier in etcd"; fi
+expect_rc 0 "the patient is erased at a" -- bash -c "printf '%s\n' '$PATIENT' | '$MEDCTL' --config '${CONF[a]}' patient erase - --reason 'asked to be forgotten'"
+GONE=no
+for _ in $(seq 1 100); do
+  if [ "$(sqlite3 "$WORK/b/vault.db" "SELECT count(*) FROM member_keys WHERE lower(hex(pseudonym)) = '$P_HEX'")" = 0 ] &&
+     [ "$(sqlite3 "$WORK/c/vault.db" "SELECT count(*) FROM patients WHERE lower(hex(pseudonym)) = '$P_HEX' AND state = 2 AND wrapped_key IS NULL")" = 1 ] &&
+     [ -z "$(etcdctl_cluster get --prefix --keys-only "/medgate/ward/datakeys/$P_HEX/")" ]; then GONE=yes; break; fi
+  sleep 0.1
+done
+[ $GONE = yes ] && pass "the erasure at a destroyed c's key at c, its copy at b, and the published copy in etcd" || {
+  failed "a data key survived the erasure"
+  grep -h "erase" "${LOG[a]}" "${LOG[b]}" "${LOG[c]}" | tail -12
+  for m in a b c; do say "     $m: erasure entries $(sqlite3 "$WORK/$m/ledger.db" "SELECT count(*) FROM entries WHERE type = 4"), vault $(sqlite3 "$WORK/$m/vault.db" "SELECT state, key_id IS NULL, published FROM patients WHERE lower(hex(pseudonym)) = '$P_HEX'")"; done
+}
+[ "$(sqlite3 "$WORK/b/vault.db" "SELECT state FROM patients WHERE lower(hex(pseudonym)) = '$P_HEX'")" = 2 ] && pass "b records the patient as erased" || failed "b does not record the erasure"
+READ=$(read_value_at b)
+grep -q '"value": 93' <<<"$READ" && failed "b still returns the erased patient's reading" || pass "b returns nothing of the erased patient"
+
 stop_member b
 start_member b
 [ "$(send_app CENTRAL-A b REV3)" = AE ] && pass "b still refuses it after a restart" || failed "b forgot the revocation"

@@ -609,3 +609,86 @@ TEST_CASE("vault: members sharing a cluster secret give a patient the same pseud
     CHECK(va->adopt_cluster_secret(Bytes(16)).code() == StatusCode::kInvalidArgument);
   }
 }
+
+TEST_CASE("vault: a member reads another member's readings with its published data key",
+          "[vault]") {
+  VaultFixture fx;
+  auto open_at = [&](const std::string& name) {
+    std::filesystem::create_directories(fx.dir / name);
+    Result<std::unique_ptr<Vault>> v = Vault::open(fx.dir / name / "vault.db", *fx.keys);
+    REQUIRE(v.ok());
+    return std::move(v).value();
+  };
+  auto a = open_at("a");
+  auto b = open_at("b");
+  Bytes secret(32, std::byte{0x42});
+  REQUIRE(a->adopt_cluster_secret(secret).ok());
+  REQUIRE(b->adopt_cluster_secret(secret).ok());
+  const Bytes aad = to_bytes("observation");
+  const Pseudonym p = a->pseudonym("HOSP:SHARED-1").value();
+  const Bytes reading = to_bytes("SpO2 97 %");
+  Bytes ct = a->encrypt(p, reading, aad).value();
+  CHECK(ct[0] == std::byte{0x02});  // carries its key id
+
+  // What a publishes (the etcd of the test); a key source that counts its calls.
+  std::map<std::string, Bytes> published;
+  int fetched = 0;
+  b->set_key_source([&](const Pseudonym& who, const DataKeyId& id) -> Result<std::optional<Bytes>> {
+    ++fetched;
+    auto it = published.find(who.hex() + to_hex(id));
+    if (it == published.end()) return std::optional<Bytes>();
+    return std::optional<Bytes>(it->second);
+  });
+  REQUIRE(b->pseudonym("HOSP:SHARED-1").value() == p);
+
+  // Not published yet: b says so, and keeps nothing.
+  CHECK(b->decrypt(p, ct, aad).status().code() == StatusCode::kUnavailable);
+
+  std::vector<DataKeyExport> keys = a->keys_to_publish(10).value();
+  REQUIRE(keys.size() == 1);
+  CHECK(keys[0].patient == p);
+  CHECK(!contains(keys[0].sealed, reading));
+  published[p.hex() + to_hex(keys[0].key_id)] = keys[0].sealed;
+  REQUIRE(a->mark_published(p, keys[0].key_id).ok());
+  CHECK(a->keys_to_publish(10).value().empty());
+
+  Result<Bytes> plain = b->decrypt(p, ct, aad);
+  INFO(plain.status().to_string());
+  REQUIRE(plain.ok());
+  CHECK(*plain == reading);
+  const int after_first = fetched;
+  CHECK(b->decrypt(p, ct, aad).value() == reading);
+  CHECK(fetched == after_first);  // kept, not fetched again
+  // b's own readings for the same patient use b's own key; a cannot read them without b's key.
+  Bytes ct_b = b->encrypt(p, reading, aad).value();
+  CHECK(a->decrypt(p, ct_b, aad).status().code() == StatusCode::kNotFound);
+
+  SECTION("a published key altered in transit is refused") {
+    auto c = open_at("c");
+    REQUIRE(c->adopt_cluster_secret(secret).ok());
+    REQUIRE(c->pseudonym("HOSP:SHARED-1").ok());
+    Bytes altered = keys[0].sealed;
+    altered.back() ^= std::byte{1};
+    c->set_key_source([&](const Pseudonym&, const DataKeyId&) -> Result<std::optional<Bytes>> {
+      return std::optional<Bytes>(altered);
+    });
+    CHECK(c->decrypt(p, ct, aad).status().code() == StatusCode::kVerificationFailed);
+  }
+  SECTION("an erasure decided elsewhere destroys b's copies; an unknown patient is tombstoned") {
+    Result<bool> changed = b->apply_erasure(p, 77);
+    REQUIRE(changed.ok());
+    CHECK(*changed);
+    CHECK(b->info(p).value().state == PatientState::kErased);
+    CHECK(b->info(p).value().erasure_entry == std::optional<std::uint64_t>(77));
+    CHECK(b->decrypt(p, ct, aad).status().code() == StatusCode::kFailedPrecondition);
+    CHECK(b->apply_erasure(p, 77).value() == false);  // again: nothing left to do
+    b.reset();
+    b = open_at("b");
+    CHECK(b->decrypt(p, ct, aad).status().code() == StatusCode::kFailedPrecondition);
+
+    Pseudonym stranger;
+    stranger.bytes[0] = std::byte{9};
+    CHECK(b->apply_erasure(stranger, 78).value());
+    CHECK(b->info(stranger).value().state == PatientState::kErased);
+  }
+}
