@@ -64,8 +64,8 @@ Result<Bytes> DerivedKeys::wrap(ByteView key, ByteView context) const {
 
 Result<SecretBytes> DerivedKeys::unwrap(ByteView wrapped, ByteView context) const {
   if (wrapped.size() < kMinWrapped || wrapped.size() > kMaxWrapped)
-    return Status::InvalidArgument("a wrapped data key is " + std::to_string(kMinWrapped) +
-                                   " to " + std::to_string(kMaxWrapped) + " bytes, not " +
+    return Status::InvalidArgument("a wrapped data key is " + std::to_string(kMinWrapped) + " to " +
+                                   std::to_string(kMaxWrapped) + " bytes, not " +
                                    std::to_string(wrapped.size()));
   if (wrapped[0] != kVersion)
     return Status::InvalidArgument("unknown wrapped data key version " +

@@ -26,6 +26,8 @@ constexpr std::string_view kSecretPrivate = "data-key-secret.priv";
 constexpr std::string_view kSecretPcrs = "data-key-secret.pcrs";
 constexpr std::string_view kAgreementPublic = "agreement-key.pub";
 constexpr std::string_view kAgreementPrivate = "agreement-key.priv";
+constexpr std::string_view kTlsPublic = "tls-key.pub";
+constexpr std::string_view kTlsPrivate = "tls-key.priv";
 constexpr std::size_t kP256Bytes = 32;
 constexpr std::size_t kMaxFileBytes = 4096;
 constexpr std::size_t kSecretBytes = 64;
@@ -158,17 +160,13 @@ Result<TPM2B_PRIVATE> unmarshal_private(ByteView b, const std::string& what) {
   return unmarshal<TPM2B_PRIVATE, Tss2_MU_TPM2B_PRIVATE_Unmarshal>(b, what);
 }
 
-enum class KeyUse {
-  kSign,   // ECDSA: sign, may not decrypt
-  kAgree,  // ECDH: decrypt, not sign, not restricted
-};
-
 // The SubjectPublicKeyInfo of an ECC P-256 key's public area, which must be made for `use` (a
 // signing key's blob in the agreement key's file is damage, not a key to use).
 Result<PublicKey> public_key_of(const TPM2B_PUBLIC& in, const std::string& what, KeyUse use) {
   const TPMT_PUBLIC& p = in.publicArea;
   const TPMA_OBJECT a = p.objectAttributes;
-  const bool p256 = p.type == TPM2_ALG_ECC && p.parameters.eccDetail.curveID == TPM2_ECC_NIST_P256 &&
+  const bool p256 = p.type == TPM2_ALG_ECC &&
+                    p.parameters.eccDetail.curveID == TPM2_ECC_NIST_P256 &&
                     p.unique.ecc.x.size <= 32 && p.unique.ecc.y.size <= 32;
   switch (use) {
     case KeyUse::kSign:
@@ -326,6 +324,7 @@ Result<std::unique_ptr<Tpm2KeyStore>> Tpm2KeyStore::open(const KeyStoreConfig& c
   std::lock_guard lock(store->mutex_);
   MEDGATE_RETURN_IF_ERROR(store->open_signing_keys(policy));
   MEDGATE_RETURN_IF_ERROR(store->open_agreement_key());
+  MEDGATE_RETURN_IF_ERROR(store->open_tls_key());
   MEDGATE_RETURN_IF_ERROR(store->open_data_key_secret(config.seal_pcrs, policy));
   MEDGATE_RETURN_IF_ERROR(store->open_counter(policy));
   return store;
@@ -372,7 +371,8 @@ Status Tpm2KeyStore::open_signing_keys(KeyPolicy policy) {
       MEDGATE_ASSIGN_OR_RETURN(Bytes priv, read_small_file(key_file(*id, ".priv"), kMaxFileBytes));
       MEDGATE_ASSIGN_OR_RETURN(TPM2B_PUBLIC area, unmarshal_public(pub, key_file(*id, ".pub")));
       MEDGATE_RETURN_IF_ERROR(unmarshal_private(priv, key_file(*id, ".priv")).status());
-      MEDGATE_ASSIGN_OR_RETURN(PublicKey key, public_key_of(area, key_file(*id, ".pub"), KeyUse::kSign));
+      MEDGATE_ASSIGN_OR_RETURN(PublicKey key,
+                               public_key_of(area, key_file(*id, ".pub"), KeyUse::kSign));
       if (key.id() != *id)
         return Status::Corruption(key_file(*id, ".pub") + " holds key " + to_hex(key.id()) +
                                   ", not the key its name says");
@@ -412,7 +412,8 @@ Result<Tpm2KeyStore::SigningKey> Tpm2KeyStore::make_signing_key(Device& d) {
   EsysPtr<TPM2B_PRIVATE> own_private(out_private);
   EsysPtr<TPM2B_PUBLIC> own_public(out_public);
   if (rc != TSS2_RC_SUCCESS) return d.fail("creating a signing key", rc);
-  MEDGATE_ASSIGN_OR_RETURN(PublicKey key, public_key_of(*out_public, "the new signing key", KeyUse::kSign));
+  MEDGATE_ASSIGN_OR_RETURN(PublicKey key,
+                           public_key_of(*out_public, "the new signing key", KeyUse::kSign));
   MEDGATE_ASSIGN_OR_RETURN(Bytes pub, marshal_public(*out_public));
   MEDGATE_ASSIGN_OR_RETURN(Bytes priv, marshal_private(*out_private));
   return SigningKey{std::move(key), std::move(pub), std::move(priv)};
@@ -469,6 +470,11 @@ Result<Bytes> Tpm2KeyStore::sign_with(Device& d, std::size_t index, const Hash& 
                                                 key_file(signing.public_key.id(), ".priv")));
     key = other.get();
   }
+  return sign_loaded(d, key, "key " + short_id(signing.public_key.id()), digest);
+}
+
+Result<Bytes> Tpm2KeyStore::sign_loaded(Device& d, ESYS_TR key, const std::string& name,
+                                        const Hash& digest) {
   TPM2B_DIGEST in_digest{};
   in_digest.size = static_cast<UINT16>(digest.size());
   std::memcpy(in_digest.buffer, digest.data(), digest.size());
@@ -486,8 +492,7 @@ Result<Bytes> Tpm2KeyStore::sign_with(Device& d, std::size_t index, const Hash& 
                      &scheme, &validation, &signature);
   });
   EsysPtr<TPMT_SIGNATURE> own(signature);
-  if (rc != TSS2_RC_SUCCESS)
-    return d.fail("signing with key " + short_id(signing.public_key.id()), rc);
+  if (rc != TSS2_RC_SUCCESS) return d.fail("signing with " + name, rc);
   const TPMS_SIGNATURE_ECC& ecdsa = signature->signature.ecdsa;
   if (signature->sigAlg != TPM2_ALG_ECDSA || ecdsa.signatureR.size > 32 ||
       ecdsa.signatureS.size > 32)
@@ -717,29 +722,36 @@ Result<Hash> Tpm2KeyStore::keyed_hash(ByteView message) {
 // private file is written first, so a crash between the two leaves a stray .priv that the next
 // key made overwrites.
 Status Tpm2KeyStore::open_agreement_key() {
-  const std::filesystem::path pub_path = key_dir_ / kAgreementPublic;
-  const std::filesystem::path priv_path = key_dir_ / kAgreementPrivate;
+  MEDGATE_ASSIGN_OR_RETURN(agreement_, read_optional_key(kAgreementPublic, kAgreementPrivate,
+                                                         "the key-agreement key", KeyUse::kAgree));
+  return Status::Ok();
+}
+
+Result<std::optional<Tpm2KeyStore::KeyBlobs>> Tpm2KeyStore::read_optional_key(
+    std::string_view public_name, std::string_view private_name, const std::string& what,
+    KeyUse use) {
+  const std::filesystem::path pub_path = key_dir_ / public_name;
+  const std::filesystem::path priv_path = key_dir_ / private_name;
   Result<Bytes> pub = read_small_file(pub_path, kMaxFileBytes);
-  if (!pub.ok() && pub.status().code() == StatusCode::kNotFound) return Status::Ok();
+  if (!pub.ok() && pub.status().code() == StatusCode::kNotFound) return std::optional<KeyBlobs>();
   if (!pub.ok()) return pub.status();
   Result<Bytes> priv = read_small_file(priv_path, kMaxFileBytes);
   if (!priv.ok() && priv.status().code() == StatusCode::kNotFound)
-    return Status::Corruption("the key-agreement key is damaged: " + pub_path.string() +
-                              " exists but " + priv_path.string() + " does not");
+    return Status::Corruption(what + " is damaged: " + pub_path.string() + " exists but " +
+                              priv_path.string() + " does not");
   if (!priv.ok()) return priv.status();
   MEDGATE_ASSIGN_OR_RETURN(TPM2B_PUBLIC area, unmarshal_public(*pub, pub_path.string()));
   MEDGATE_RETURN_IF_ERROR(unmarshal_private(*priv, priv_path.string()).status());
-  MEDGATE_ASSIGN_OR_RETURN(PublicKey key, public_key_of(area, pub_path.string(), KeyUse::kAgree));
+  MEDGATE_ASSIGN_OR_RETURN(PublicKey key, public_key_of(area, pub_path.string(), use));
   KeyBlobs blobs{std::move(key), std::move(pub).value(), std::move(priv).value()};
   MEDGATE_RETURN_IF_ERROR(with_device<bool>([&](Device& d) -> Result<bool> {
                             FlushGuard guard(d);
-                            MEDGATE_ASSIGN_OR_RETURN(*guard.out(),
-                                                     load(d, blobs.public_blob, blobs.private_blob,
-                                                          priv_path.string()));
+                            MEDGATE_ASSIGN_OR_RETURN(
+                                *guard.out(),
+                                load(d, blobs.public_blob, blobs.private_blob, priv_path.string()));
                             return true;
                           }).status());
-  agreement_ = std::move(blobs);
-  return Status::Ok();
+  return std::optional<KeyBlobs>(std::move(blobs));
 }
 
 Result<Tpm2KeyStore::KeyBlobs> Tpm2KeyStore::make_agreement_key(Device& d) {
@@ -826,6 +838,44 @@ Result<SecretBytes> Tpm2KeyStore::agree_with_point(ByteView point, const std::st
     Bytes z(kP256Bytes);
     std::memcpy(z.data() + kP256Bytes - x.size, x.buffer, x.size);
     return SecretBytes(std::move(z));
+  });
+}
+
+// ---- the TLS key (hsm/tls_key.h) ----
+
+// Read and loaded once at open when it exists, like the other keys.
+Status Tpm2KeyStore::open_tls_key() {
+  MEDGATE_ASSIGN_OR_RETURN(
+      tls_, read_optional_key(kTlsPublic, kTlsPrivate, "the TLS key", KeyUse::kSign));
+  return Status::Ok();
+}
+
+Result<TlsKeyInfo> Tpm2KeyStore::tls_key(bool create) {
+  std::lock_guard lock(mutex_);
+  const std::string location = "tpm2:" + tcti_ + " " + (key_dir_ / kTlsPublic).string();
+  if (tls_) return TlsKeyInfo{tls_->public_key, false, location};
+  if (!create)
+    return Status::NotFound("there is no TLS key in the TPM key store (" +
+                            (key_dir_ / kTlsPublic).string() +
+                            " does not exist); run `medgated tls-key` first");
+  // The signing keys' template: an ECDSA P-256 key that only signs and never leaves the TPM.
+  MEDGATE_ASSIGN_OR_RETURN(
+      KeyBlobs key, with_device<KeyBlobs>([this](Device& d) { return make_signing_key(d); }));
+  MEDGATE_RETURN_IF_ERROR(write_file_atomically(key_dir_ / kTlsPrivate, key.private_blob));
+  MEDGATE_RETURN_IF_ERROR(write_file_atomically(key_dir_ / kTlsPublic, key.public_blob));
+  tls_ = std::move(key);
+  return TlsKeyInfo{tls_->public_key, true, location};
+}
+
+Result<Bytes> Tpm2KeyStore::sign_tls_digest(const Hash& digest) {
+  std::lock_guard lock(mutex_);
+  if (!tls_)
+    return Status::NotFound("there is no TLS key in the TPM key store; run `medgated tls-key`");
+  const std::string what = (key_dir_ / kTlsPrivate).string();
+  return with_device<Bytes>([&](Device& d) -> Result<Bytes> {
+    FlushGuard key(d);
+    MEDGATE_ASSIGN_OR_RETURN(*key.out(), load(d, tls_->public_blob, tls_->private_blob, what));
+    return sign_loaded(d, key.get(), "the TLS key", digest);
   });
 }
 

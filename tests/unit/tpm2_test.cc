@@ -1,8 +1,9 @@
 // The TPM 2.0 key store against a real swtpm: keys, rotation, signatures, data keys, pseudonyms,
-// the key-agreement key (checked against OpenSSL's ECDH), the NV counter, PCR sealing, and the faults a TPM has in the field (unreachable, restarted,
-// damaged blobs, an NV index that is not ours). swtpm has no resource manager and three object
-// slots, so a leaked handle shows up as TPM_RC_OBJECT_MEMORY within a few calls; the tests also
-// ask the TPM itself (tpm2_getcap) that nothing is left loaded.
+// the key-agreement key (checked against OpenSSL's ECDH), the TLS key, the NV counter, PCR sealing,
+// and the faults a TPM has in the field (unreachable, restarted, damaged blobs, an NV index that is
+// not ours). swtpm has no resource manager and three object slots, so a leaked handle shows up as
+// TPM_RC_OBJECT_MEMORY within a few calls; the tests also ask the TPM itself (tpm2_getcap) that
+// nothing is left loaded.
 #include <openssl/evp.h>
 #include <openssl/x509.h>
 #include <sys/stat.h>
@@ -19,6 +20,7 @@
 #include "hsm/key_store.h"
 #include "hsm/key_store_factory.h"
 #include "hsm/public_key.h"
+#include "hsm/tls_key.h"
 // Only for agree_with_point(): a point OpenSSL would never parse into a PublicKey.
 #include "hsm/tpm2/tpm2_key_store.h"
 #include "tests/support/swtpm.h"
@@ -109,8 +111,8 @@ Bytes openssl_ecdh(EVP_PKEY* mine, const PublicKey& peer) {
   PkeyPtr peer_key(d2i_PUBKEY(nullptr, &p, static_cast<long>(peer.spki_der().size())),
                    EVP_PKEY_free);
   REQUIRE(peer_key);
-  std::unique_ptr<EVP_PKEY_CTX, decltype(&EVP_PKEY_CTX_free)> ctx(
-      EVP_PKEY_CTX_new(mine, nullptr), EVP_PKEY_CTX_free);
+  std::unique_ptr<EVP_PKEY_CTX, decltype(&EVP_PKEY_CTX_free)> ctx(EVP_PKEY_CTX_new(mine, nullptr),
+                                                                  EVP_PKEY_CTX_free);
   REQUIRE(ctx);
   REQUIRE(EVP_PKEY_derive_init(ctx.get()) == 1);
   REQUIRE(EVP_PKEY_derive_set_peer(ctx.get(), peer_key.get()) == 1);
@@ -746,8 +748,7 @@ TEST_CASE("tpm2: a peer point the TPM refuses is kInvalidArgument naming the pee
   CHECK_THAT(wrong_form.status().message(), Catch::Contains("peer key 02"));
   Bytes bad_prefix = off_curve;
   bad_prefix[0] = std::byte{0x05};
-  CHECK(tpm->agree_with_point(bad_prefix, "peer").status().code() ==
-        StatusCode::kInvalidArgument);
+  CHECK(tpm->agree_with_point(bad_prefix, "peer").status().code() == StatusCode::kInvalidArgument);
 
   // A bad peer is not a device fault: nothing counted, nothing leaked, and agreement still works.
   CHECK(store->health().errors == 0);
@@ -847,6 +848,99 @@ TEST_CASE("tpm2: damaged key-agreement files are reported, not crashed on", "[tp
     store.reset();
     CHECK(fx.open(fx.config())->agreement_key().value() == *made);
   }
+}
+
+// ECDSA over `data` with an EVP_PKEY (digest `md`), as libssl signs a handshake.
+Bytes evp_sign(EVP_PKEY* key, const EVP_MD* md, const std::string& data) {
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  REQUIRE(ctx);
+  REQUIRE(EVP_DigestSignInit(ctx.get(), nullptr, md, nullptr, key) == 1);
+  std::size_t n = 0;
+  REQUIRE(EVP_DigestSign(ctx.get(), nullptr, &n, u8(as_bytes(data)), data.size()) == 1);
+  Bytes sig(n);
+  REQUIRE(EVP_DigestSign(ctx.get(), u8(std::span<std::byte>(sig)), &n, u8(as_bytes(data)),
+                         data.size()) == 1);
+  sig.resize(n);
+  return sig;
+}
+
+bool evp_verify(const PublicKey& key, const EVP_MD* md, const std::string& data, const Bytes& sig) {
+  const unsigned char* p = u8(ByteView(key.spki_der()));
+  PkeyPtr pub(d2i_PUBKEY(nullptr, &p, static_cast<long>(key.spki_der().size())), EVP_PKEY_free);
+  REQUIRE(pub);
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  REQUIRE(EVP_DigestVerifyInit(ctx.get(), nullptr, md, nullptr, pub.get()) == 1);
+  return EVP_DigestVerify(ctx.get(), u8(ByteView(sig)), sig.size(), u8(as_bytes(data)),
+                          data.size()) == 1;
+}
+
+TEST_CASE("tpm2: the TLS key lives in the TPM, apart from the signing keys, and signs for OpenSSL",
+          "[tpm2]") {
+  Fixture fx;
+  auto store = fx.create();
+  const KeyStoreConfig config = fx.config();
+
+  Result<hsm::TlsKeyInfo> none = hsm::prepare_tls_key(config, *store, /*create=*/false);
+  CHECK(none.status().code() == StatusCode::kNotFound);
+  CHECK_THAT(none.status().message(), Catch::Contains("medgated tls-key"));
+  CHECK(hsm::open_tls_private_key(config, *store).status().code() == StatusCode::kNotFound);
+  // Without the open store there is no way to the TPM's key.
+  CHECK(hsm::open_tls_private_key(config).status().code() == StatusCode::kFailedPrecondition);
+
+  Result<hsm::TlsKeyInfo> made = hsm::prepare_tls_key(config, *store, /*create=*/true);
+  INFO(made.status().to_string());
+  REQUIRE(made.ok());
+  CHECK(made->created);
+  CHECK_THAT(made->location, Catch::Contains("tls-key.pub"));
+  const PublicKey tls = made->public_key;
+  CHECK(tls.id() != store->signing_key().id());
+  // Never a head-signing key: not listed, not usable, not signable through the KeyStore.
+  CHECK(store->signing_keys().size() == 1);
+  CHECK(store->use_signing_key(tls.id()).code() == StatusCode::kNotFound);
+  CHECK(store->sign_digest_with(tls.id(), digest_of("head")).status().code() ==
+        StatusCode::kNotFound);
+  Result<hsm::TlsKeyInfo> again = hsm::prepare_tls_key(config, *store, /*create=*/true);
+  REQUIRE(again.ok());
+  CHECK_FALSE(again->created);
+  CHECK(again->public_key == tls);
+
+  Result<hsm::TlsPrivateKey> key = hsm::open_tls_private_key(config, *store);
+  INFO(key.status().to_string());
+  REQUIRE(key.ok());
+  // SHA-256 as TLS 1.3 uses with P-256; SHA-384 and SHA-1 as a TLS 1.2 peer may ask (the digest
+  // is cut or padded to 256 bits the way ECDSA itself does it).
+  for (const EVP_MD* md : {EVP_sha256(), EVP_sha384(), EVP_sha1()}) {
+    INFO(EVP_MD_get0_name(md));
+    const Bytes sig = evp_sign(key->get(), md, "a TLS handshake transcript");
+    CHECK(evp_verify(tls, md, "a TLS handshake transcript", sig));
+    CHECK_FALSE(evp_verify(tls, md, "another transcript", sig));
+  }
+  CHECK(store->health().errors == 0);
+  CHECK(fx.transient_handles() == 2);  // loaded and flushed around every signature
+
+  struct stat st {};
+  for (const char* name : {"tls-key.pub", "tls-key.priv"}) {
+    INFO(name);
+    REQUIRE(::stat((fx.dir / "keys" / name).c_str(), &st) == 0);
+    CHECK((st.st_mode & 0777) == 0600);
+  }
+
+  // Found again after a reopen; a damaged blob is reported at open, naming the file.
+  key = Status::Internal("released");
+  store.reset();
+  {
+    auto reopened = fx.open(config);
+    Result<hsm::TlsKeyInfo> found = hsm::prepare_tls_key(config, *reopened, /*create=*/false);
+    REQUIRE(found.ok());
+    CHECK(found->public_key == tls);
+    CHECK(reopened->signing_keys().size() == 1);
+  }
+  flip_byte(fx.dir / "keys" / "tls-key.priv", 10);
+  Result<std::unique_ptr<KeyStore>> damaged = hsm::open_key_store(config);
+  REQUIRE_FALSE(damaged.ok());
+  CHECK(damaged.status().code() == StatusCode::kCorruption);
+  CHECK_THAT(damaged.status().message(), Catch::Contains("tls-key.priv"));
+  CHECK(fx.transient_handles() == 0);
 }
 
 TEST_CASE("tpm2: random bytes come from the TPM in chunks", "[tpm2]") {
