@@ -280,7 +280,7 @@ Result<std::vector<std::string>> parse_ip_allow(std::string_view text) {
 }
 
 // [hl7] tls and its keys. The server key is the key store's (hsm/tls_key.h) unless tls_key_file
-// names a PEM key: an explicit fallback, for a TPM key store (which cannot hold it yet).
+// names a PEM key: an explicit fallback.
 Result<std::optional<hl7::MllpTlsConfig>> parse_hl7_tls(const Reader& r, const toml::table& t,
                                                         const hsm::KeyStoreConfig& key_store) {
   MEDGATE_ASSIGN_OR_RETURN(auto tls, r.get<bool>(t, "hl7", "tls"));
@@ -304,12 +304,6 @@ Result<std::optional<hl7::MllpTlsConfig>> parse_hl7_tls(const Reader& r, const t
     if (key_file->empty())
       return r.error_at(t.get("tls_key_file")->source(), "[hl7] tls_key_file is empty");
     out.key_file = r.resolve(*key_file);
-  } else if (key_store.uri.rfind("tpm2", 0) == 0) {
-    return r.error_at(
-        t.get("tls")->source(),
-        "[hl7] tls: the key store is a TPM, which cannot hold the TLS key yet (not implemented); "
-        "set tls_key_file to a PEM key file (readable by medgated only) as the fallback, or use a "
-        "PKCS#11 key store");
   }
   if (client_ca) {
     if (client_ca->empty())

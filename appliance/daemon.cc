@@ -140,8 +140,11 @@ class Daemon::Impl {
         pipeline_->load_recent(PipelineOptions{}.max_recent).with_context("ingest pipeline"));
     if (config_.hl7) {
       mllp_ = std::make_unique<hl7::MllpListener>();
+      hl7::MllpListenerConfig hl7_config = *config_.hl7;
+      // A TPM's TLS key signs through this key store (declared before mllp_, so it outlives it).
+      if (hl7_config.tls) hl7_config.tls->open_key_store = keys_.get();
       MEDGATE_RETURN_IF_ERROR(
-          mllp_->start(*config_.hl7, *registry_, *pipeline_).with_context("HL7/MLLP listener"));
+          mllp_->start(hl7_config, *registry_, *pipeline_).with_context("HL7/MLLP listener"));
       log(LogLevel::kInfo, "hl7.listen", "HL7 v2 over MLLP{} on {} port {}",
           mllp_->tls() ? " over TLS" : "", config_.hl7->address, mllp_->port());
     }

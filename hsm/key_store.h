@@ -108,9 +108,10 @@ class KeyStore {
 
   // The store's key-agreement key: a P-256 key for ECDH only, generated inside the device on the
   // first call and found again afterwards (PKCS#11: CKA_DERIVE only, sensitive, never extractable;
-  // TPM: a restricted-to-ECDH key under the storage primary). A replicated ledger's members
-  // publish its public half so that the secrets the cluster shares can be sealed to each of them
-  // (hsm/sealed_box.h); it never signs anything.
+  // TPM: an ECDH-only key under the storage primary, decrypt but not sign, not a restricted key,
+  // used through TPM2_ECDH_ZGen). A replicated ledger's members publish its public half so that
+  // the secrets the cluster shares can be sealed to each of them (hsm/sealed_box.h); it never
+  // signs anything.
   virtual Result<PublicKey> agreement_key() = 0;
   // ECDH of the agreement key with `peer`: the shared secret Z (the x-coordinate, 32 bytes), input
   // to a KDF and never a key itself. Creates the agreement key when there is none yet (there is

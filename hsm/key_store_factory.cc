@@ -7,6 +7,7 @@
 #include "hsm/pkcs11/pkcs11_key_store.h"
 #include "hsm/pkcs11/softhsm_token.h"
 #include "hsm/pkcs11/tls_engine.h"
+#include "hsm/tls_callback_key.h"
 #include "hsm/tls_key.h"
 #include "hsm/tpm2/tpm2_key_store.h"
 
@@ -56,16 +57,28 @@ Result<KeyStoreConfig> create_softhsm_token(const std::filesystem::path& dir,
 
 namespace {
 
-// Only PKCS#11 tokens hold the TLS key so far.
+// The overloads without an open key store reach PKCS#11 tokens only (through the engine).
 Status check_tls_key_store(const KeyStoreConfig& config) {
   const std::string scheme = scheme_of(config.uri);
   if (scheme == "pkcs11") return Status::Ok();
   if (scheme == "tpm2")
     return Status::FailedPrecondition(
-        "a TLS key inside the TPM is not supported yet (a tpm2 key store); set [hl7] "
-        "tls_key_file to a PEM key file (the documented fallback) or use a PKCS#11 key store");
+        "the TLS key inside the TPM is used through the open key store (a tpm2 key store serves "
+        "one client)");
   return Status::InvalidArgument("unknown key store URI scheme '" + scheme +
                                  "' (expected pkcs11: or tpm2:)");
+}
+
+bool holds_tls_key_itself(const KeyStoreConfig& config) {
+  return scheme_of(config.uri) == "tpm2";
+}
+
+Result<TlsKeyHolder*> tls_key_holder(KeyStore& store) {
+  auto* holder = dynamic_cast<TlsKeyHolder*>(&store);
+  if (holder == nullptr)
+    return Status::FailedPrecondition("the key store " + store.description() +
+                                      " does not hold a TLS key itself");
+  return holder;
 }
 
 }  // namespace
@@ -87,6 +100,32 @@ Result<TlsPrivateKey> open_tls_private_key(const KeyStoreConfig& config) {
                            pkcs11::find_or_create_tls_key(config, kTlsKeyLabel, /*create=*/false));
   MEDGATE_ASSIGN_OR_RETURN(EVP_PKEY * pkey, pkcs11::load_engine_key(key));
   return TlsPrivateKey(pkey);
+}
+
+Result<TlsKeyInfo> prepare_tls_key(const KeyStoreConfig& config, KeyStore& store, bool create) {
+  if (!holds_tls_key_itself(config)) return prepare_tls_key(config, create);
+  MEDGATE_ASSIGN_OR_RETURN(TlsKeyHolder * holder, tls_key_holder(store));
+  return holder->tls_key(create);
+}
+
+Result<TlsPrivateKey> open_tls_private_key(const KeyStoreConfig& config, KeyStore& store) {
+  if (!holds_tls_key_itself(config)) return open_tls_private_key(config);
+  MEDGATE_ASSIGN_OR_RETURN(TlsKeyHolder * holder, tls_key_holder(store));
+  MEDGATE_ASSIGN_OR_RETURN(TlsKeyInfo info, holder->tls_key(/*create=*/false));
+  return key_signing_through(*holder, info.public_key);
+}
+
+Result<StandaloneTlsKey> open_standalone_tls_key(const KeyStoreConfig& config, bool create) {
+  if (!holds_tls_key_itself(config)) {
+    MEDGATE_ASSIGN_OR_RETURN(TlsKeyInfo info, prepare_tls_key(config, create));
+    MEDGATE_ASSIGN_OR_RETURN(TlsPrivateKey key, open_tls_private_key(config));
+    return StandaloneTlsKey{nullptr, std::move(info), std::move(key)};
+  }
+  MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<KeyStore> store,
+                           open_key_store(config, KeyPolicy::kUseExisting));
+  MEDGATE_ASSIGN_OR_RETURN(TlsKeyInfo info, prepare_tls_key(config, *store, create));
+  MEDGATE_ASSIGN_OR_RETURN(TlsPrivateKey key, open_tls_private_key(config, *store));
+  return StandaloneTlsKey{std::move(store), std::move(info), std::move(key)};
 }
 
 }  // namespace medgate::hsm

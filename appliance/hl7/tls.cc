@@ -90,10 +90,15 @@ Status add_ext(X509* cert, X509V3_CTX* ctx, int nid, const std::string& value) {
 
 std::string tls_errors() {
   std::string out;
-  while (unsigned long e = ERR_get_error()) {
+  const char* data = nullptr;
+  int flags = 0;
+  while (unsigned long e = ERR_get_error_all(nullptr, nullptr, nullptr, &data, &flags)) {
     char buf[256];
     ERR_error_string_n(e, buf, sizeof buf);
     out += (out.empty() ? "" : "; ") + std::string(buf);
+    // The detail some errors carry, e.g. why the key store could not sign a handshake.
+    if (data != nullptr && *data != '\0' && (flags & ERR_TXT_STRING) != 0)
+      out += std::string(" (") + data + ")";
   }
   return out.empty() ? "no detail from OpenSSL" : out;
 }
@@ -150,7 +155,10 @@ Result<std::shared_ptr<TlsServerContext>> TlsServerContext::create(const MllpTls
     }
     c->key_location_ = "file " + config.key_file->string();
   } else {
-    Result<hsm::TlsPrivateKey> key = hsm::open_tls_private_key(config.key_store);
+    Result<hsm::TlsPrivateKey> key =
+        config.open_key_store != nullptr
+            ? hsm::open_tls_private_key(config.key_store, *config.open_key_store)
+            : hsm::open_tls_private_key(config.key_store);
     if (!key.ok()) return key.status().with_context("[hl7] tls: the TLS key in the key store");
     if (SSL_CTX_use_PrivateKey(ctx, key->get()) != 1) {
       if (is_mismatch()) return mismatch();
@@ -300,12 +308,12 @@ Result<TlsKeyIssue> issue_tls_key(const hsm::KeyStoreConfig& key_store,
                                   const TlsKeyRequest& request) {
   // Bad names are refused before anything is made on the token.
   MEDGATE_RETURN_IF_ERROR(check_request(request));
-  MEDGATE_ASSIGN_OR_RETURN(hsm::TlsKeyInfo info, hsm::prepare_tls_key(key_store, /*create=*/true));
-  MEDGATE_ASSIGN_OR_RETURN(hsm::TlsPrivateKey key, hsm::open_tls_private_key(key_store));
-  MEDGATE_ASSIGN_OR_RETURN(TlsKeyIssue out, issue_for_key(key.get(), request));
-  out.created = info.created;
-  out.location = info.location;
-  out.key_sha256 = to_hex(info.public_key.id());
+  MEDGATE_ASSIGN_OR_RETURN(hsm::StandaloneTlsKey tls,
+                           hsm::open_standalone_tls_key(key_store, /*create=*/true));
+  MEDGATE_ASSIGN_OR_RETURN(TlsKeyIssue out, issue_for_key(tls.key.get(), request));
+  out.created = tls.info.created;
+  out.location = tls.info.location;
+  out.key_sha256 = to_hex(tls.info.public_key.id());
   return out;
 }
 

@@ -1,9 +1,10 @@
 // MLLP over TLS: the listener's server side, and what `medgated tls-key` issues for it.
 //
 // The server's private key stays in the key store (hsm/tls_key.h: on the PKCS#11 token, used
-// through libp11's engine); [hl7] tls_key_file, a PEM key on disk, is an explicit fallback for key
-// stores that cannot hold it (a TPM, for now). The certificate chain is a PEM file the installer
-// gets signed by the hospital's CA (from the CSR `medgated tls-key` prints) or a self-signed one.
+// through libp11's engine; in the TPM, signing through the daemon's open key store); [hl7]
+// tls_key_file, a PEM key on disk, is an explicit fallback. The certificate chain is a PEM file the
+// installer gets signed by the hospital's CA (from the CSR `medgated tls-key` prints) or a
+// self-signed one.
 //
 // With tls_client_ca, every client must present a certificate that verifies against it
 // (TLS 1.2 or 1.3; a missing or unverifiable certificate fails the handshake). Which verified
@@ -35,6 +36,9 @@ struct MllpTlsConfig {
   std::optional<std::filesystem::path> client_ca;  // require client certificates issued by these
   std::chrono::milliseconds handshake_timeout{10'000};
   hsm::KeyStoreConfig key_store;  // where the key is when key_file is not set
+  // The process's open key store for key_store, when it has one: a TPM's TLS key signs through
+  // it (hsm/tls_key.h). Must outlive every TlsServerContext made from this config.
+  hsm::KeyStore* open_key_store = nullptr;
 };
 
 class TlsServerContext {
@@ -81,7 +85,7 @@ struct TlsKeyRequest {
 
 struct TlsKeyIssue {
   bool created = false;    // the key was generated now (else the existing one was used)
-  std::string location;    // where the key is (a pkcs11: URI, no PIN)
+  std::string location;    // where the key is (a pkcs11: URI without PIN, or the TPM and file)
   std::string key_sha256;  // SHA-256 of the public key (SPKI DER), hex
   std::string public_key_pem;
   std::string csr_pem;   // PKCS#10, signed by the key (proof of possession)

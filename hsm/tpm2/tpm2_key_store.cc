@@ -24,6 +24,11 @@ constexpr std::string_view kKeyOrderFile = "signing-keys";
 constexpr std::string_view kSecretPublic = "data-key-secret.pub";
 constexpr std::string_view kSecretPrivate = "data-key-secret.priv";
 constexpr std::string_view kSecretPcrs = "data-key-secret.pcrs";
+constexpr std::string_view kAgreementPublic = "agreement-key.pub";
+constexpr std::string_view kAgreementPrivate = "agreement-key.priv";
+constexpr std::string_view kTlsPublic = "tls-key.pub";
+constexpr std::string_view kTlsPrivate = "tls-key.priv";
+constexpr std::size_t kP256Bytes = 32;
 constexpr std::size_t kMaxFileBytes = 4096;
 constexpr std::size_t kSecretBytes = 64;
 constexpr std::size_t kMaxRandomBytes = 64 * 1024;
@@ -98,6 +103,26 @@ TPM2B_PUBLIC signing_key_template() {
   return in;
 }
 
+// An ECC P-256 key whose only use is ECDH (TPM2_ECDH_ZGen): decrypt but not sign, and not
+// restricted (a restricted decrypt key is a storage parent and cannot do ZGen). The TPM accepts
+// ZGen with scheme ECDH or NULL; ECDH says what the key is for. Never leaves the TPM, empty
+// auth like the signing keys.
+TPM2B_PUBLIC agreement_key_template() {
+  TPM2B_PUBLIC in{};
+  TPMT_PUBLIC& p = in.publicArea;
+  p.type = TPM2_ALG_ECC;
+  p.nameAlg = TPM2_ALG_SHA256;
+  p.objectAttributes = TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT |
+                       TPMA_OBJECT_SENSITIVEDATAORIGIN | TPMA_OBJECT_USERWITHAUTH |
+                       TPMA_OBJECT_DECRYPT;
+  p.parameters.eccDetail.symmetric.algorithm = TPM2_ALG_NULL;
+  p.parameters.eccDetail.scheme.scheme = TPM2_ALG_ECDH;
+  p.parameters.eccDetail.scheme.details.ecdh.hashAlg = TPM2_ALG_SHA256;
+  p.parameters.eccDetail.curveID = TPM2_ECC_NIST_P256;
+  p.parameters.eccDetail.kdf.scheme = TPM2_ALG_NULL;
+  return in;
+}
+
 template <typename T, TSS2_RC (*Marshal)(const T*, uint8_t[], size_t, size_t*)>
 Result<Bytes> marshal(const T& value, const char* what) {
   Bytes out(sizeof(T) + 2);
@@ -135,13 +160,25 @@ Result<TPM2B_PRIVATE> unmarshal_private(ByteView b, const std::string& what) {
   return unmarshal<TPM2B_PRIVATE, Tss2_MU_TPM2B_PRIVATE_Unmarshal>(b, what);
 }
 
-// The SubjectPublicKeyInfo of an ECC P-256 signing key's public area.
-Result<PublicKey> public_key_of(const TPM2B_PUBLIC& in, const std::string& what) {
+// The SubjectPublicKeyInfo of an ECC P-256 key's public area, which must be made for `use` (a
+// signing key's blob in the agreement key's file is damage, not a key to use).
+Result<PublicKey> public_key_of(const TPM2B_PUBLIC& in, const std::string& what, KeyUse use) {
   const TPMT_PUBLIC& p = in.publicArea;
-  if (p.type != TPM2_ALG_ECC || p.parameters.eccDetail.curveID != TPM2_ECC_NIST_P256 ||
-      (p.objectAttributes & TPMA_OBJECT_SIGN_ENCRYPT) == 0 || p.unique.ecc.x.size > 32 ||
-      p.unique.ecc.y.size > 32)
-    return Status::Corruption(what + " is not an ECDSA P-256 signing key");
+  const TPMA_OBJECT a = p.objectAttributes;
+  const bool p256 = p.type == TPM2_ALG_ECC &&
+                    p.parameters.eccDetail.curveID == TPM2_ECC_NIST_P256 &&
+                    p.unique.ecc.x.size <= 32 && p.unique.ecc.y.size <= 32;
+  switch (use) {
+    case KeyUse::kSign:
+      if (!p256 || (a & TPMA_OBJECT_SIGN_ENCRYPT) == 0)
+        return Status::Corruption(what + " is not an ECDSA P-256 signing key");
+      break;
+    case KeyUse::kAgree:
+      if (!p256 || (a & TPMA_OBJECT_DECRYPT) == 0 || (a & TPMA_OBJECT_SIGN_ENCRYPT) != 0 ||
+          (a & TPMA_OBJECT_RESTRICTED) != 0)
+        return Status::Corruption(what + " is not an ECDH-only P-256 key-agreement key");
+      break;
+  }
   std::array<unsigned char, 65> point{};
   point[0] = 0x04;
   std::memcpy(point.data() + 1 + 32 - p.unique.ecc.x.size, p.unique.ecc.x.buffer,
@@ -175,6 +212,15 @@ bool rc_rejects_input(TSS2_RC rc) {
   TSS2_RC base = rc_base(rc);
   return base != rc_base(TPM2_RC_RETRY) && (base & TPM2_RC_FMT1) != 0 &&
          (rc & TSS2_RC_LAYER_MASK) == 0;
+}
+
+// TPM2_ECDH_ZGen's reply says the peer's point is at fault: a format-one error about a parameter
+// (inPoint is its only one; TPM_RC_ECC_POINT when it is not on the curve), or TPM_RC_NO_RESULT
+// (the product is the point at infinity).
+bool rc_refuses_point(TSS2_RC rc) {
+  if ((rc & TSS2_RC_LAYER_MASK) != 0) return false;
+  if (rc_base(rc) == TPM2_RC_NO_RESULT) return true;
+  return (rc & TPM2_RC_FMT1) != 0 && (rc & TPM2_RC_P) != 0;
 }
 
 }  // namespace
@@ -277,6 +323,8 @@ Result<std::unique_ptr<Tpm2KeyStore>> Tpm2KeyStore::open(const KeyStoreConfig& c
   std::unique_ptr<Tpm2KeyStore> store(new Tpm2KeyStore(tcti, dir, config.counter_nv_index));
   std::lock_guard lock(store->mutex_);
   MEDGATE_RETURN_IF_ERROR(store->open_signing_keys(policy));
+  MEDGATE_RETURN_IF_ERROR(store->open_agreement_key());
+  MEDGATE_RETURN_IF_ERROR(store->open_tls_key());
   MEDGATE_RETURN_IF_ERROR(store->open_data_key_secret(config.seal_pcrs, policy));
   MEDGATE_RETURN_IF_ERROR(store->open_counter(policy));
   return store;
@@ -323,7 +371,8 @@ Status Tpm2KeyStore::open_signing_keys(KeyPolicy policy) {
       MEDGATE_ASSIGN_OR_RETURN(Bytes priv, read_small_file(key_file(*id, ".priv"), kMaxFileBytes));
       MEDGATE_ASSIGN_OR_RETURN(TPM2B_PUBLIC area, unmarshal_public(pub, key_file(*id, ".pub")));
       MEDGATE_RETURN_IF_ERROR(unmarshal_private(priv, key_file(*id, ".priv")).status());
-      MEDGATE_ASSIGN_OR_RETURN(PublicKey key, public_key_of(area, key_file(*id, ".pub")));
+      MEDGATE_ASSIGN_OR_RETURN(PublicKey key,
+                               public_key_of(area, key_file(*id, ".pub"), KeyUse::kSign));
       if (key.id() != *id)
         return Status::Corruption(key_file(*id, ".pub") + " holds key " + to_hex(key.id()) +
                                   ", not the key its name says");
@@ -363,7 +412,8 @@ Result<Tpm2KeyStore::SigningKey> Tpm2KeyStore::make_signing_key(Device& d) {
   EsysPtr<TPM2B_PRIVATE> own_private(out_private);
   EsysPtr<TPM2B_PUBLIC> own_public(out_public);
   if (rc != TSS2_RC_SUCCESS) return d.fail("creating a signing key", rc);
-  MEDGATE_ASSIGN_OR_RETURN(PublicKey key, public_key_of(*out_public, "the new signing key"));
+  MEDGATE_ASSIGN_OR_RETURN(PublicKey key,
+                           public_key_of(*out_public, "the new signing key", KeyUse::kSign));
   MEDGATE_ASSIGN_OR_RETURN(Bytes pub, marshal_public(*out_public));
   MEDGATE_ASSIGN_OR_RETURN(Bytes priv, marshal_private(*out_private));
   return SigningKey{std::move(key), std::move(pub), std::move(priv)};
@@ -420,6 +470,11 @@ Result<Bytes> Tpm2KeyStore::sign_with(Device& d, std::size_t index, const Hash& 
                                                 key_file(signing.public_key.id(), ".priv")));
     key = other.get();
   }
+  return sign_loaded(d, key, "key " + short_id(signing.public_key.id()), digest);
+}
+
+Result<Bytes> Tpm2KeyStore::sign_loaded(Device& d, ESYS_TR key, const std::string& name,
+                                        const Hash& digest) {
   TPM2B_DIGEST in_digest{};
   in_digest.size = static_cast<UINT16>(digest.size());
   std::memcpy(in_digest.buffer, digest.data(), digest.size());
@@ -437,8 +492,7 @@ Result<Bytes> Tpm2KeyStore::sign_with(Device& d, std::size_t index, const Hash& 
                      &scheme, &validation, &signature);
   });
   EsysPtr<TPMT_SIGNATURE> own(signature);
-  if (rc != TSS2_RC_SUCCESS)
-    return d.fail("signing with key " + short_id(signing.public_key.id()), rc);
+  if (rc != TSS2_RC_SUCCESS) return d.fail("signing with " + name, rc);
   const TPMS_SIGNATURE_ECC& ecdsa = signature->signature.ecdsa;
   if (signature->sigAlg != TPM2_ALG_ECDSA || ecdsa.signatureR.size > 32 ||
       ecdsa.signatureS.size > 32)
@@ -661,12 +715,168 @@ Result<Hash> Tpm2KeyStore::keyed_hash(ByteView message) {
   return derived_->keyed_hash(message);
 }
 
-Result<PublicKey> Tpm2KeyStore::agreement_key() {
-  return Status::FailedPrecondition("a key-agreement key on a TPM is not built yet");
+// ---- the key-agreement key ----
+
+// Read at open when it exists and loaded once, like the signing keys, so that damage is reported
+// at start and not when a replica first needs it. A missing public file means no key: the
+// private file is written first, so a crash between the two leaves a stray .priv that the next
+// key made overwrites.
+Status Tpm2KeyStore::open_agreement_key() {
+  MEDGATE_ASSIGN_OR_RETURN(agreement_, read_optional_key(kAgreementPublic, kAgreementPrivate,
+                                                         "the key-agreement key", KeyUse::kAgree));
+  return Status::Ok();
 }
 
-Result<SecretBytes> Tpm2KeyStore::agree(const PublicKey&) {
-  return Status::FailedPrecondition("a key-agreement key on a TPM is not built yet");
+Result<std::optional<Tpm2KeyStore::KeyBlobs>> Tpm2KeyStore::read_optional_key(
+    std::string_view public_name, std::string_view private_name, const std::string& what,
+    KeyUse use) {
+  const std::filesystem::path pub_path = key_dir_ / public_name;
+  const std::filesystem::path priv_path = key_dir_ / private_name;
+  Result<Bytes> pub = read_small_file(pub_path, kMaxFileBytes);
+  if (!pub.ok() && pub.status().code() == StatusCode::kNotFound) return std::optional<KeyBlobs>();
+  if (!pub.ok()) return pub.status();
+  Result<Bytes> priv = read_small_file(priv_path, kMaxFileBytes);
+  if (!priv.ok() && priv.status().code() == StatusCode::kNotFound)
+    return Status::Corruption(what + " is damaged: " + pub_path.string() + " exists but " +
+                              priv_path.string() + " does not");
+  if (!priv.ok()) return priv.status();
+  MEDGATE_ASSIGN_OR_RETURN(TPM2B_PUBLIC area, unmarshal_public(*pub, pub_path.string()));
+  MEDGATE_RETURN_IF_ERROR(unmarshal_private(*priv, priv_path.string()).status());
+  MEDGATE_ASSIGN_OR_RETURN(PublicKey key, public_key_of(area, pub_path.string(), use));
+  KeyBlobs blobs{std::move(key), std::move(pub).value(), std::move(priv).value()};
+  MEDGATE_RETURN_IF_ERROR(with_device<bool>([&](Device& d) -> Result<bool> {
+                            FlushGuard guard(d);
+                            MEDGATE_ASSIGN_OR_RETURN(
+                                *guard.out(),
+                                load(d, blobs.public_blob, blobs.private_blob, priv_path.string()));
+                            return true;
+                          }).status());
+  return std::optional<KeyBlobs>(std::move(blobs));
+}
+
+Result<Tpm2KeyStore::KeyBlobs> Tpm2KeyStore::make_agreement_key(Device& d) {
+  const TPM2B_PUBLIC in_public = agreement_key_template();
+  const TPM2B_SENSITIVE_CREATE in_sensitive{};
+  const TPM2B_DATA outside_info{};
+  const TPML_PCR_SELECTION creation_pcrs{};
+  TPM2B_PRIVATE* out_private = nullptr;
+  TPM2B_PUBLIC* out_public = nullptr;
+  TSS2_RC rc = d.call([&] {
+    return Esys_Create(d.esys(), d.primary(), ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE,
+                       &in_sensitive, &in_public, &outside_info, &creation_pcrs, &out_private,
+                       &out_public, nullptr, nullptr, nullptr);
+  });
+  EsysPtr<TPM2B_PRIVATE> own_private(out_private);
+  EsysPtr<TPM2B_PUBLIC> own_public(out_public);
+  if (rc != TSS2_RC_SUCCESS) return d.fail("creating the key-agreement key", rc);
+  MEDGATE_ASSIGN_OR_RETURN(PublicKey key,
+                           public_key_of(*out_public, "the new key-agreement key", KeyUse::kAgree));
+  MEDGATE_ASSIGN_OR_RETURN(Bytes pub, marshal_public(*out_public));
+  MEDGATE_ASSIGN_OR_RETURN(Bytes priv, marshal_private(*out_private));
+  return KeyBlobs{std::move(key), std::move(pub), std::move(priv)};
+}
+
+Status Tpm2KeyStore::ensure_agreement_key() {
+  if (agreement_) return Status::Ok();
+  MEDGATE_ASSIGN_OR_RETURN(
+      KeyBlobs key, with_device<KeyBlobs>([this](Device& d) { return make_agreement_key(d); }));
+  // The public part last: its presence says the key exists. A key whose files could not be
+  // written is not kept, so no secret is ever sealed to a key a restart would lose.
+  MEDGATE_RETURN_IF_ERROR(write_file_atomically(key_dir_ / kAgreementPrivate, key.private_blob));
+  MEDGATE_RETURN_IF_ERROR(write_file_atomically(key_dir_ / kAgreementPublic, key.public_blob));
+  agreement_ = std::move(key);
+  return Status::Ok();
+}
+
+Result<PublicKey> Tpm2KeyStore::agreement_key() {
+  std::lock_guard lock(mutex_);
+  MEDGATE_RETURN_IF_ERROR(ensure_agreement_key());
+  return agreement_->public_key;
+}
+
+Result<SecretBytes> Tpm2KeyStore::agree(const PublicKey& peer) {
+  return agree_with_point(peer.uncompressed_point(), "the peer key " + short_id(peer.id()));
+}
+
+Result<SecretBytes> Tpm2KeyStore::agree_with_point(ByteView point, const std::string& peer) {
+  if (point.size() != 1 + 2 * kP256Bytes || point[0] != std::byte{0x04})
+    return Status::InvalidArgument(
+        peer + " is not an uncompressed P-256 point (65 bytes: 0x04 || x || y); it has " +
+        std::to_string(point.size()) + " bytes" +
+        (point.empty() ? "" : ", the first " + to_hex(point.first(1))));
+  TPM2B_ECC_POINT in_point{};
+  in_point.point.x.size = kP256Bytes;
+  in_point.point.y.size = kP256Bytes;
+  std::memcpy(in_point.point.x.buffer, point.data() + 1, kP256Bytes);
+  std::memcpy(in_point.point.y.buffer, point.data() + 1 + kP256Bytes, kP256Bytes);
+
+  std::lock_guard lock(mutex_);
+  MEDGATE_RETURN_IF_ERROR(ensure_agreement_key());
+  const std::string what = (key_dir_ / kAgreementPrivate).string();
+  return with_device<SecretBytes>([&](Device& d) -> Result<SecretBytes> {
+    FlushGuard key(d);
+    MEDGATE_ASSIGN_OR_RETURN(*key.out(),
+                             load(d, agreement_->public_blob, agreement_->private_blob, what));
+    TPM2B_ECC_POINT* out_point = nullptr;
+    TSS2_RC rc = d.call([&] {
+      return Esys_ECDH_ZGen(d.esys(), key.get(), ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE,
+                            &in_point, &out_point);
+    });
+    EsysSecretPtr<TPM2B_ECC_POINT> z_point(out_point);
+    if (rc != TSS2_RC_SUCCESS) {
+      // Not a device fault: not counted in health(), and no reconnect.
+      if (rc_refuses_point(rc))
+        return Status::InvalidArgument("the TPM at " + tcti_ + " refuses " + peer +
+                                       " as a point on P-256: " + rc_text(rc));
+      return d.fail("key agreement (TPM2_ECDH_ZGen)", rc);
+    }
+    const TPM2B_ECC_PARAMETER& x = z_point->point.x;
+    if (x.size == 0 || x.size > kP256Bytes)
+      return Status::Unavailable("TPM2_ECDH_ZGen on the TPM at " + tcti_ + " returned a " +
+                                 std::to_string(x.size) + "-byte x-coordinate");
+    // Z is the x-coordinate as a 32-byte big-endian number; a TPM may drop leading zeros.
+    Bytes z(kP256Bytes);
+    std::memcpy(z.data() + kP256Bytes - x.size, x.buffer, x.size);
+    return SecretBytes(std::move(z));
+  });
+}
+
+// ---- the TLS key (hsm/tls_key.h) ----
+
+// Read and loaded once at open when it exists, like the other keys.
+Status Tpm2KeyStore::open_tls_key() {
+  MEDGATE_ASSIGN_OR_RETURN(
+      tls_, read_optional_key(kTlsPublic, kTlsPrivate, "the TLS key", KeyUse::kSign));
+  return Status::Ok();
+}
+
+Result<TlsKeyInfo> Tpm2KeyStore::tls_key(bool create) {
+  std::lock_guard lock(mutex_);
+  const std::string location = "tpm2:" + tcti_ + " " + (key_dir_ / kTlsPublic).string();
+  if (tls_) return TlsKeyInfo{tls_->public_key, false, location};
+  if (!create)
+    return Status::NotFound("there is no TLS key in the TPM key store (" +
+                            (key_dir_ / kTlsPublic).string() +
+                            " does not exist); run `medgated tls-key` first");
+  // The signing keys' template: an ECDSA P-256 key that only signs and never leaves the TPM.
+  MEDGATE_ASSIGN_OR_RETURN(
+      KeyBlobs key, with_device<KeyBlobs>([this](Device& d) { return make_signing_key(d); }));
+  MEDGATE_RETURN_IF_ERROR(write_file_atomically(key_dir_ / kTlsPrivate, key.private_blob));
+  MEDGATE_RETURN_IF_ERROR(write_file_atomically(key_dir_ / kTlsPublic, key.public_blob));
+  tls_ = std::move(key);
+  return TlsKeyInfo{tls_->public_key, true, location};
+}
+
+Result<Bytes> Tpm2KeyStore::sign_tls_digest(const Hash& digest) {
+  std::lock_guard lock(mutex_);
+  if (!tls_)
+    return Status::NotFound("there is no TLS key in the TPM key store; run `medgated tls-key`");
+  const std::string what = (key_dir_ / kTlsPrivate).string();
+  return with_device<Bytes>([&](Device& d) -> Result<Bytes> {
+    FlushGuard key(d);
+    MEDGATE_ASSIGN_OR_RETURN(*key.out(), load(d, tls_->public_blob, tls_->private_blob, what));
+    return sign_loaded(d, key.get(), "the TLS key", digest);
+  });
 }
 
 // ---- the counter ----

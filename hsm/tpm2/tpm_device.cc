@@ -18,7 +18,7 @@ struct RcName {
   const char* name;
 };
 // The codes an operator is likely to meet, by their names in the TPM 2.0 specification (Part 2).
-constexpr std::array<RcName, 18> kRcNames = {{
+constexpr std::array<RcName, 20> kRcNames = {{
     {TPM2_RC_RETRY, "TPM_RC_RETRY"},
     {TPM2_RC_YIELDED, "TPM_RC_YIELDED"},
     {TPM2_RC_TESTING, "TPM_RC_TESTING"},
@@ -37,6 +37,8 @@ constexpr std::array<RcName, 18> kRcNames = {{
     {TPM2_RC_NV_DEFINED, "TPM_RC_NV_DEFINED"},
     {TPM2_RC_FAILURE, "TPM_RC_FAILURE"},
     {TPM2_RC_INITIALIZE, "TPM_RC_INITIALIZE"},
+    {TPM2_RC_ECC_POINT, "TPM_RC_ECC_POINT"},
+    {TPM2_RC_NO_RESULT, "TPM_RC_NO_RESULT"},
 }};
 
 TSS2_RC layer_of(TSS2_RC rc) {

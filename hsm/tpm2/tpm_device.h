@@ -15,11 +15,13 @@
 
 #include <chrono>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <thread>
 #include <utility>
 
+#include "hsm/bytes.h"
 #include "hsm/status.h"
 
 namespace medgate::hsm::tpm2 {
@@ -133,5 +135,17 @@ struct EsysFree {
 };
 template <typename T>
 using EsysPtr = std::unique_ptr<T, EsysFree<T>>;
+
+// Like EsysPtr, for replies that carry a secret (an ECDH Z): the memory is wiped before it is
+// freed.
+template <typename T>
+struct EsysWipeFree {
+  void operator()(T* p) const {
+    secure_wipe(std::as_writable_bytes(std::span<T, 1>(p, 1)));
+    Esys_Free(p);
+  }
+};
+template <typename T>
+using EsysSecretPtr = std::unique_ptr<T, EsysWipeFree<T>>;
 
 }  // namespace medgate::hsm::tpm2

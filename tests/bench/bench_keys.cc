@@ -8,7 +8,9 @@
 //   1. Signing: KeyStore::sign_digest (ECDSA P-256) signs/s and p50/p99 at 1 thread, and for
 //      SoftHSM at 2 threads (one store, whose one session is serialized, and a store per thread);
 //      baseline: EVP_PKEY_sign with a P-256 key in process memory, the same digests.
-//   2. wrap_key / unwrap_key of a 32-byte key and keyed_hash, calls/s.
+//   2. wrap_key / unwrap_key of a 32-byte key and keyed_hash, calls/s; KeyStore::agree (ECDH
+//      P-256 with the store's agreement key, how a member opens a sealed box) beside
+//      EVP_PKEY_derive with a software key.
 //   3. The vault: encrypt/decrypt MB/s at 64 B, 1 KiB and 64 KiB for one patient whose key is
 //      cached, beside bare AES-256-GCM; and pseudonym() of never-seen identifiers (RNG + wrap +
 //      a durable SQLite insert) per second, beside the disk's 4 KiB write + fdatasync.
@@ -27,6 +29,7 @@
 #include <openssl/ec.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
+#include <openssl/x509.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <sys/utsname.h>
@@ -57,6 +60,7 @@
 #include "appliance/vault.h"
 #include "hsm/key_store.h"
 #include "hsm/key_store_factory.h"
+#include "hsm/public_key.h"
 #include "ledger/entry.h"
 #include "ledger/store.h"
 #include "tests/bench/bench_util.h"
@@ -399,6 +403,57 @@ Result<Bytes> random_bytes(std::size_t n) {
   return b;
 }
 
+// ECDH P-256 with a key in process memory against one peer: what agree() costs without custody.
+class SoftwareAgreement {
+ public:
+  static Result<SoftwareAgreement> create(EVP_PKEY* peer) {
+    SoftwareAgreement a;
+    a.key_.reset(EVP_EC_gen("P-256"));
+    if (!a.key_) return Status::Internal("EVP_EC_gen(P-256) failed");
+    a.ctx_.reset(EVP_PKEY_CTX_new(a.key_.get(), nullptr));
+    if (!a.ctx_ || EVP_PKEY_derive_init(a.ctx_.get()) != 1 ||
+        EVP_PKEY_derive_set_peer(a.ctx_.get(), peer) != 1)
+      return Status::Internal("cannot set up an OpenSSL ECDH context");
+    return a;
+  }
+  // Z, 32 bytes, wiped with the SecretBytes as the key store's is.
+  Result<hsm::SecretBytes> derive() const {
+    Bytes z(32);
+    std::size_t n = z.size();
+    if (EVP_PKEY_derive(ctx_.get(), u8(std::span<std::byte>(z)), &n) != 1 || n != 32)
+      return Status::Internal("EVP_PKEY_derive failed");
+    return hsm::SecretBytes(std::move(z));
+  }
+
+ private:
+  std::unique_ptr<EVP_PKEY, PkeyFree> key_;
+  PkeyCtx ctx_;
+};
+
+// Z of ECDH between `mine` (a private key in memory) and `peer`, for checking the key store's.
+Result<Bytes> openssl_ecdh(EVP_PKEY* mine, const PublicKey& peer) {
+  const unsigned char* p = u8(ByteView(peer.spki_der()));
+  std::unique_ptr<EVP_PKEY, PkeyFree> peer_key(
+      d2i_PUBKEY(nullptr, &p, static_cast<long>(peer.spki_der().size())));
+  PkeyCtx ctx(EVP_PKEY_CTX_new(mine, nullptr));
+  Bytes z(32);
+  std::size_t n = z.size();
+  if (!peer_key || !ctx || EVP_PKEY_derive_init(ctx.get()) != 1 ||
+      EVP_PKEY_derive_set_peer(ctx.get(), peer_key.get()) != 1 ||
+      EVP_PKEY_derive(ctx.get(), u8(std::span<std::byte>(z)), &n) != 1 || n != 32)
+    return Status::Internal("OpenSSL ECDH with the key store's agreement key failed");
+  return z;
+}
+
+Result<PublicKey> public_half(EVP_PKEY* key) {
+  unsigned char* der = nullptr;
+  const int n = i2d_PUBKEY(key, &der);
+  if (n <= 0) return Status::Internal("i2d_PUBKEY failed");
+  Bytes spki(reinterpret_cast<std::byte*>(der), reinterpret_cast<std::byte*>(der) + n);
+  OPENSSL_free(der);
+  return PublicKey::from_spki_der(spki);
+}
+
 // ---- the backend under test ----
 
 // One backend's device and the key store opened on it. Closed (store first, then the device)
@@ -542,6 +597,42 @@ Status run_sign_phase(Backend& b, const Options& options) {
   ops.row({fmt::format("{}: keyed_hash", b.label()), grouped(mac.calls), rate(mac.per_second()),
            p50(mac), p99(mac)});
   ops.print(/*blank_line_after=*/true);
+
+  // Key agreement as open_sealed_box() does it: one ECDH with the store's agreement key. One
+  // untimed call made (or found) the key and is checked against OpenSSL's ECDH first.
+  std::unique_ptr<EVP_PKEY, PkeyFree> peer(EVP_EC_gen("P-256"));
+  if (!peer) return Status::Internal("EVP_EC_gen(P-256) failed");
+  MEDGATE_ASSIGN_OR_RETURN(PublicKey peer_public, public_half(peer.get()));
+  MEDGATE_ASSIGN_OR_RETURN(PublicKey agreement, b.store->agreement_key());
+  MEDGATE_ASSIGN_OR_RETURN(hsm::SecretBytes z, b.store->agree(peer_public));
+  MEDGATE_ASSIGN_OR_RETURN(Bytes expected, openssl_ecdh(peer.get(), agreement));
+  if (!std::ranges::equal(z.view(), ByteView(expected)))
+    return Status::Internal("the key store's ECDH does not agree with OpenSSL's");
+  MEDGATE_ASSIGN_OR_RETURN(SoftwareAgreement software_ecdh, SoftwareAgreement::create(peer.get()));
+  fmt::print(
+      "Key agreement: ECDH P-256 of the store's agreement key with one peer key (a sealed box's\n"
+      "ephemeral key); Z checked against OpenSSL once; 1 thread.{}\n\n",
+      b.is_tpm() ? "\nTPM: a TPM2_Load, TPM2_ECDH_ZGen and TPM2_FlushContext per call." : "");
+  Table agree_table({"agreement", "calls", "calls/s", "p50 ms", "p99 ms", "x baseline"});
+  MEDGATE_ASSIGN_OR_RETURN(
+      std::vector<Run> agreed,
+      interleaved(
+          {[&](double seconds) {
+             return run_for("agree", 1, seconds, Timing::kEachCall, [&](int, std::uint64_t) {
+               return b.store->agree(peer_public).status();
+             });
+           },
+           [&](double seconds) {
+             return run_for("OpenSSL derive", 1, seconds, Timing::kEachCall,
+                            [&](int, std::uint64_t) { return software_ecdh.derive().status(); });
+           }},
+          options.seconds, options.rounds));
+  agree_table.row({fmt::format("{}: KeyStore::agree", b.label()), grouped(agreed[0].calls),
+                   rate(agreed[0].per_second()), p50(agreed[0]), p99(agreed[0]),
+                   times_baseline(agreed[0].per_second(), agreed[1].per_second())});
+  agree_table.row({"baseline: OpenSSL EVP_PKEY_derive, software key", grouped(agreed[1].calls),
+                   rate(agreed[1].per_second()), p50(agreed[1]), p99(agreed[1]), ""});
+  agree_table.print(/*blank_line_after=*/true);
   return Status::Ok();
 }
 

@@ -1,8 +1,11 @@
 // The TPM 2.0 key store against a real swtpm: keys, rotation, signatures, data keys, pseudonyms,
-// the NV counter, PCR sealing, and the faults a TPM has in the field (unreachable, restarted,
-// damaged blobs, an NV index that is not ours). swtpm has no resource manager and three object
-// slots, so a leaked handle shows up as TPM_RC_OBJECT_MEMORY within a few calls; the tests also
-// ask the TPM itself (tpm2_getcap) that nothing is left loaded.
+// the key-agreement key (checked against OpenSSL's ECDH), the TLS key, the NV counter, PCR sealing,
+// and the faults a TPM has in the field (unreachable, restarted, damaged blobs, an NV index that is
+// not ours). swtpm has no resource manager and three object slots, so a leaked handle shows up as
+// TPM_RC_OBJECT_MEMORY within a few calls; the tests also ask the TPM itself (tpm2_getcap) that
+// nothing is left loaded.
+#include <openssl/evp.h>
+#include <openssl/x509.h>
 #include <sys/stat.h>
 
 #include <catch2/catch.hpp>
@@ -17,6 +20,9 @@
 #include "hsm/key_store.h"
 #include "hsm/key_store_factory.h"
 #include "hsm/public_key.h"
+#include "hsm/tls_key.h"
+// Only for agree_with_point(): a point OpenSSL would never parse into a PublicKey.
+#include "hsm/tpm2/tpm2_key_store.h"
 #include "tests/support/swtpm.h"
 #include "tests/support/temp_dir.h"
 
@@ -77,6 +83,49 @@ void flip_byte(const std::filesystem::path& file, std::size_t from_end) {
   f.get(c);
   f.seekp(at);
   f.put(static_cast<char>(c ^ 0x5a));
+}
+
+using PkeyPtr = std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)>;
+
+// An ephemeral P-256 key made by OpenSSL: the other side of an agreement.
+PkeyPtr openssl_p256() {
+  PkeyPtr key(EVP_EC_gen("P-256"), EVP_PKEY_free);
+  REQUIRE(key);
+  return key;
+}
+
+PublicKey public_half(EVP_PKEY* key) {
+  unsigned char* der = nullptr;
+  const int n = i2d_PUBKEY(key, &der);
+  REQUIRE(n > 0);
+  Bytes spki(reinterpret_cast<std::byte*>(der), reinterpret_cast<std::byte*>(der) + n);
+  OPENSSL_free(der);
+  Result<PublicKey> parsed = PublicKey::from_spki_der(spki);
+  REQUIRE(parsed.ok());
+  return *parsed;
+}
+
+// OpenSSL's ECDH of `mine` with `peer`: Z, the x-coordinate, always 32 bytes for P-256.
+Bytes openssl_ecdh(EVP_PKEY* mine, const PublicKey& peer) {
+  const unsigned char* p = u8(ByteView(peer.spki_der()));
+  PkeyPtr peer_key(d2i_PUBKEY(nullptr, &p, static_cast<long>(peer.spki_der().size())),
+                   EVP_PKEY_free);
+  REQUIRE(peer_key);
+  std::unique_ptr<EVP_PKEY_CTX, decltype(&EVP_PKEY_CTX_free)> ctx(EVP_PKEY_CTX_new(mine, nullptr),
+                                                                  EVP_PKEY_CTX_free);
+  REQUIRE(ctx);
+  REQUIRE(EVP_PKEY_derive_init(ctx.get()) == 1);
+  REQUIRE(EVP_PKEY_derive_set_peer(ctx.get(), peer_key.get()) == 1);
+  std::size_t n = 0;
+  REQUIRE(EVP_PKEY_derive(ctx.get(), nullptr, &n) == 1);
+  Bytes z(n);
+  REQUIRE(EVP_PKEY_derive(ctx.get(), u8(std::span<std::byte>(z)), &n) == 1);
+  z.resize(n);
+  return z;
+}
+
+Bytes bytes_of(const SecretBytes& secret) {
+  return Bytes(secret.view().begin(), secret.view().end());
 }
 
 TEST_CASE("tpm2: create, then reopen the same keys; files are private", "[tpm2]") {
@@ -559,6 +608,339 @@ TEST_CASE("tpm2: damaged files in key_dir are reported, not crashed on", "[tpm2]
     std::ofstream(pub, std::ios::app) << std::string(10000, 'x');
     expect_refused("huge blob", pub.string());
   }
+}
+
+TEST_CASE("tpm2: the key-agreement key is made on first use, private, ECDH-only, kept on reopen",
+          "[tpm2]") {
+  Fixture fx;
+  const std::filesystem::path keys = fx.dir / "keys";
+  PublicKey agreement = [&] {
+    auto store = fx.create();
+    CHECK_FALSE(std::filesystem::exists(keys / "agreement-key.pub"));  // not before it is asked
+    Result<PublicKey> made = store->agreement_key();
+    INFO(made.status().to_string());
+    REQUIRE(made.ok());
+    CHECK(made->id() != store->signing_key().id());
+    CHECK(store->agreement_key().value() == *made);  // found again, not a second key
+    const std::vector<PublicKey> signing = store->signing_keys();
+    CHECK(std::find(signing.begin(), signing.end(), *made) == signing.end());
+    CHECK(fx.transient_handles() == 2);  // the primary and the active signing key only
+    CHECK(store->health().errors == 0);
+    return *made;
+  }();
+  CHECK(fx.transient_handles() == 0);
+
+  for (const char* name : {"agreement-key.pub", "agreement-key.priv"}) {
+    struct stat st {};
+    INFO(name);
+    REQUIRE(::stat((keys / name).c_str(), &st) == 0);
+    CHECK((st.st_mode & 0777) == 0600);
+  }
+  for (const auto& entry : std::filesystem::directory_iterator(keys))
+    CHECK(entry.path().extension() != ".tmp");
+  // What the TPM was told the key may do: decrypt (ECDH), never sign, not a storage parent.
+  const std::string area =
+      fx.tpm.tool({"tpm2_print", "-t", "TPM2B_PUBLIC", (keys / "agreement-key.pub").string()});
+  INFO(area);
+  CHECK_THAT(area, Catch::Contains("decrypt") && Catch::Contains("fixedtpm") &&
+                       Catch::Contains("fixedparent") && Catch::Contains("sensitivedataorigin") &&
+                       Catch::Contains("userwithauth"));
+  CHECK_THAT(area, !Catch::Contains("sign") && !Catch::Contains("restricted"));
+  CHECK_THAT(area, Catch::Contains("ecdh"));
+
+  auto reopened = fx.open(fx.config());
+  Result<PublicKey> again = reopened->agreement_key();
+  REQUIRE(again.ok());
+  CHECK(*again == agreement);
+  CHECK(reopened->signing_keys().size() == 1);
+
+  SECTION("agree() alone makes the key too") {
+    Fixture other;
+    auto store = other.create();
+    PkeyPtr peer = openssl_p256();
+    Result<SecretBytes> z = store->agree(public_half(peer.get()));
+    INFO(z.status().to_string());
+    REQUIRE(z.ok());
+    CHECK(std::filesystem::exists(other.dir / "keys" / "agreement-key.pub"));
+    Result<PublicKey> made = store->agreement_key();
+    REQUIRE(made.ok());
+    CHECK(bytes_of(*z) == openssl_ecdh(peer.get(), *made));
+  }
+}
+
+TEST_CASE("tpm2: ECDH_ZGen agrees with OpenSSL's ECDH, 32 bytes, across a TPM restart", "[tpm2]") {
+  Fixture fx;
+  auto store = fx.create();
+  Result<PublicKey> mine = store->agreement_key();
+  REQUIRE(mine.ok());
+  for (int i = 0; i < 8; ++i) {
+    PkeyPtr peer = openssl_p256();
+    Result<SecretBytes> z = store->agree(public_half(peer.get()));
+    INFO(i << ": " << z.status().to_string());
+    REQUIRE(z.ok());
+    CHECK(z->size() == 32);
+    CHECK(bytes_of(*z) == openssl_ecdh(peer.get(), *mine));
+  }
+
+  // A Z whose first byte is zero (one peer in 256): still 32 bytes, the same as OpenSSL's.
+  PkeyPtr short_x(nullptr, EVP_PKEY_free);
+  Bytes expected;
+  for (int tries = 0; tries < 20000 && !short_x; ++tries) {
+    PkeyPtr candidate = openssl_p256();
+    Bytes z = openssl_ecdh(candidate.get(), *mine);
+    if (z.size() == 32 && z[0] == std::byte{0}) {
+      short_x = std::move(candidate);
+      expected = z;
+    }
+  }
+  REQUIRE(short_x);
+  Result<SecretBytes> padded = store->agree(public_half(short_x.get()));
+  REQUIRE(padded.ok());
+  CHECK(bytes_of(*padded) == expected);
+
+  CHECK(store->health().errors == 0);
+  CHECK(fx.transient_handles() == 2);  // the agreement key was flushed after every use
+
+  // swtpm restarted (transient objects gone): the store reconnects and loads the key again.
+  fx.tpm.restart();
+  PkeyPtr peer = openssl_p256();
+  Result<SecretBytes> after = store->agree(public_half(peer.get()));
+  INFO(after.status().to_string());
+  REQUIRE(after.ok());
+  CHECK(bytes_of(*after) == openssl_ecdh(peer.get(), *mine));
+  CHECK(store->health().reconnects == 1);
+  store.reset();
+  CHECK(fx.transient_handles() == 0);
+}
+
+TEST_CASE("tpm2: a peer point the TPM refuses is kInvalidArgument naming the peer", "[tpm2]") {
+  Fixture fx;
+  auto store = fx.create();
+  auto* tpm = dynamic_cast<hsm::tpm2::Tpm2KeyStore*>(store.get());
+  REQUIRE(tpm != nullptr);
+  Result<PublicKey> mine = store->agreement_key();
+  REQUIRE(mine.ok());
+
+  // (1, 1) is not on P-256: OpenSSL would not parse it, the TPM must not multiply it.
+  Bytes off_curve(65);
+  off_curve[0] = std::byte{0x04};
+  off_curve[32] = std::byte{0x01};
+  off_curve[64] = std::byte{0x01};
+  Result<SecretBytes> refused = tpm->agree_with_point(off_curve, "peer key 0123abcd");
+  REQUIRE_FALSE(refused.ok());
+  CHECK(refused.status().code() == StatusCode::kInvalidArgument);
+  CHECK_THAT(refused.status().message(),
+             Catch::Contains("peer key 0123abcd") && Catch::Contains("TPM_RC_ECC_POINT"));
+
+  // x and y at 2^256 - 1, above the field prime.
+  Bytes too_large(65, std::byte{0xff});
+  too_large[0] = std::byte{0x04};
+  Result<SecretBytes> large = tpm->agree_with_point(too_large, "peer key ffff");
+  INFO(large.status().to_string());
+  CHECK(large.status().code() == StatusCode::kInvalidArgument);
+  CHECK_THAT(large.status().message(), Catch::Contains("peer key ffff"));
+
+  // Not an uncompressed point at all: refused before the TPM is asked.
+  Bytes compressed(off_curve.begin(), off_curve.begin() + 33);
+  compressed[0] = std::byte{0x02};
+  Result<SecretBytes> wrong_form = tpm->agree_with_point(compressed, "peer key 02");
+  CHECK(wrong_form.status().code() == StatusCode::kInvalidArgument);
+  CHECK_THAT(wrong_form.status().message(), Catch::Contains("peer key 02"));
+  Bytes bad_prefix = off_curve;
+  bad_prefix[0] = std::byte{0x05};
+  CHECK(tpm->agree_with_point(bad_prefix, "peer").status().code() == StatusCode::kInvalidArgument);
+
+  // A bad peer is not a device fault: nothing counted, nothing leaked, and agreement still works.
+  CHECK(store->health().errors == 0);
+  CHECK(store->health().reconnects == 0);
+  CHECK(fx.transient_handles() == 2);
+  PkeyPtr peer = openssl_p256();
+  Result<SecretBytes> z = store->agree(public_half(peer.get()));
+  REQUIRE(z.ok());
+  CHECK(bytes_of(*z) == openssl_ecdh(peer.get(), *mine));
+}
+
+TEST_CASE("tpm2: key agreement on a full TPM (TPM_RC_OBJECT_MEMORY) frees the active key",
+          "[tpm2]") {
+  Fixture fx;
+  auto store = fx.create();
+  Result<PublicKey> mine = store->agreement_key();
+  REQUIRE(mine.ok());
+  REQUIRE(store->sign_digest(digest_of("load the active key")).ok());
+  fx.tpm.tool({"tpm2_createprimary", "-C", "o", "-c", (fx.dir / "other.ctx").string()});
+  REQUIRE(fx.transient_handles() == 3);
+
+  PkeyPtr peer = openssl_p256();
+  Result<SecretBytes> z = store->agree(public_half(peer.get()));
+  INFO(z.status().to_string());
+  REQUIRE(z.ok());
+  CHECK(bytes_of(*z) == openssl_ecdh(peer.get(), *mine));
+  CHECK(store->health().errors == 1);
+  CHECK_THAT(store->health().last_error, Catch::Contains("TPM_RC_OBJECT_MEMORY (0x902)"));
+  CHECK(fx.transient_handles() == 2);  // the primary and the other client's object
+}
+
+TEST_CASE("tpm2: damaged key-agreement files are reported, not crashed on", "[tpm2]") {
+  Fixture fx;
+  PublicKey agreement = [&] {
+    auto store = fx.create();
+    Result<PublicKey> made = store->agreement_key();
+    REQUIRE(made.ok());
+    return *made;
+  }();
+  const std::filesystem::path keys = fx.dir / "keys";
+  const std::filesystem::path pub = keys / "agreement-key.pub";
+  const std::filesystem::path priv = keys / "agreement-key.priv";
+  std::filesystem::copy_file(pub, fx.dir / "saved.pub");
+  std::filesystem::copy_file(priv, fx.dir / "saved.priv");
+  auto expect_refused = [&](const std::string& what, const std::string& names) {
+    Result<std::unique_ptr<KeyStore>> store = hsm::open_key_store(fx.config());
+    INFO(what << ": " << store.status().to_string());
+    REQUIRE_FALSE(store.ok());
+    CHECK(store.status().code() == StatusCode::kCorruption);
+    CHECK_THAT(store.status().message(), Catch::Contains(names));
+    CHECK(fx.transient_handles() == 0);
+  };
+  auto restore_and_reopen = [&] {
+    std::filesystem::copy_file(fx.dir / "saved.pub", pub,
+                               std::filesystem::copy_options::overwrite_existing);
+    std::filesystem::copy_file(fx.dir / "saved.priv", priv,
+                               std::filesystem::copy_options::overwrite_existing);
+    auto store = fx.open(fx.config());
+    CHECK(store->agreement_key().value() == agreement);
+  };
+
+  SECTION("the private blob's ciphertext altered") {
+    flip_byte(priv, 10);
+    expect_refused("altered private blob", priv.string());
+    restore_and_reopen();
+  }
+  SECTION("the public blob truncated") {
+    std::filesystem::resize_file(pub, 20);
+    expect_refused("truncated public blob", pub.string());
+    restore_and_reopen();
+  }
+  SECTION("a signing key's public blob in its place") {
+    auto store = fx.open(fx.config());
+    const KeyId signing = store->signing_key().id();
+    store.reset();
+    std::filesystem::copy_file(keys / ("signing-" + to_hex(signing) + ".pub"), pub,
+                               std::filesystem::copy_options::overwrite_existing);
+    expect_refused("signing key's public blob", pub.string() + " is not an ECDH-only");
+    restore_and_reopen();
+  }
+  SECTION("the private blob missing") {
+    std::filesystem::remove(priv);
+    expect_refused("missing private blob", priv.string());
+    restore_and_reopen();
+  }
+  SECTION("a blob file that is far too large") {
+    std::ofstream(priv, std::ios::app) << std::string(10000, 'x');
+    expect_refused("huge blob", priv.string());
+    restore_and_reopen();
+  }
+  SECTION("a private blob left without its public half (a crash while it was made)") {
+    std::filesystem::remove(pub);
+    auto store = fx.open(fx.config());
+    Result<PublicKey> made = store->agreement_key();
+    REQUIRE(made.ok());
+    CHECK(*made != agreement);  // a new key; nothing could have been sealed to a half-written one
+    store.reset();
+    CHECK(fx.open(fx.config())->agreement_key().value() == *made);
+  }
+}
+
+// ECDSA over `data` with an EVP_PKEY (digest `md`), as libssl signs a handshake.
+Bytes evp_sign(EVP_PKEY* key, const EVP_MD* md, const std::string& data) {
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  REQUIRE(ctx);
+  REQUIRE(EVP_DigestSignInit(ctx.get(), nullptr, md, nullptr, key) == 1);
+  std::size_t n = 0;
+  REQUIRE(EVP_DigestSign(ctx.get(), nullptr, &n, u8(as_bytes(data)), data.size()) == 1);
+  Bytes sig(n);
+  REQUIRE(EVP_DigestSign(ctx.get(), u8(std::span<std::byte>(sig)), &n, u8(as_bytes(data)),
+                         data.size()) == 1);
+  sig.resize(n);
+  return sig;
+}
+
+bool evp_verify(const PublicKey& key, const EVP_MD* md, const std::string& data, const Bytes& sig) {
+  const unsigned char* p = u8(ByteView(key.spki_der()));
+  PkeyPtr pub(d2i_PUBKEY(nullptr, &p, static_cast<long>(key.spki_der().size())), EVP_PKEY_free);
+  REQUIRE(pub);
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  REQUIRE(EVP_DigestVerifyInit(ctx.get(), nullptr, md, nullptr, pub.get()) == 1);
+  return EVP_DigestVerify(ctx.get(), u8(ByteView(sig)), sig.size(), u8(as_bytes(data)),
+                          data.size()) == 1;
+}
+
+TEST_CASE("tpm2: the TLS key lives in the TPM, apart from the signing keys, and signs for OpenSSL",
+          "[tpm2]") {
+  Fixture fx;
+  auto store = fx.create();
+  const KeyStoreConfig config = fx.config();
+
+  Result<hsm::TlsKeyInfo> none = hsm::prepare_tls_key(config, *store, /*create=*/false);
+  CHECK(none.status().code() == StatusCode::kNotFound);
+  CHECK_THAT(none.status().message(), Catch::Contains("medgated tls-key"));
+  CHECK(hsm::open_tls_private_key(config, *store).status().code() == StatusCode::kNotFound);
+  // Without the open store there is no way to the TPM's key.
+  CHECK(hsm::open_tls_private_key(config).status().code() == StatusCode::kFailedPrecondition);
+
+  Result<hsm::TlsKeyInfo> made = hsm::prepare_tls_key(config, *store, /*create=*/true);
+  INFO(made.status().to_string());
+  REQUIRE(made.ok());
+  CHECK(made->created);
+  CHECK_THAT(made->location, Catch::Contains("tls-key.pub"));
+  const PublicKey tls = made->public_key;
+  CHECK(tls.id() != store->signing_key().id());
+  // Never a head-signing key: not listed, not usable, not signable through the KeyStore.
+  CHECK(store->signing_keys().size() == 1);
+  CHECK(store->use_signing_key(tls.id()).code() == StatusCode::kNotFound);
+  CHECK(store->sign_digest_with(tls.id(), digest_of("head")).status().code() ==
+        StatusCode::kNotFound);
+  Result<hsm::TlsKeyInfo> again = hsm::prepare_tls_key(config, *store, /*create=*/true);
+  REQUIRE(again.ok());
+  CHECK_FALSE(again->created);
+  CHECK(again->public_key == tls);
+
+  Result<hsm::TlsPrivateKey> key = hsm::open_tls_private_key(config, *store);
+  INFO(key.status().to_string());
+  REQUIRE(key.ok());
+  // SHA-256 as TLS 1.3 uses with P-256; SHA-384 and SHA-1 as a TLS 1.2 peer may ask (the digest
+  // is cut or padded to 256 bits the way ECDSA itself does it).
+  for (const EVP_MD* md : {EVP_sha256(), EVP_sha384(), EVP_sha1()}) {
+    INFO(EVP_MD_get0_name(md));
+    const Bytes sig = evp_sign(key->get(), md, "a TLS handshake transcript");
+    CHECK(evp_verify(tls, md, "a TLS handshake transcript", sig));
+    CHECK_FALSE(evp_verify(tls, md, "another transcript", sig));
+  }
+  CHECK(store->health().errors == 0);
+  CHECK(fx.transient_handles() == 2);  // loaded and flushed around every signature
+
+  struct stat st {};
+  for (const char* name : {"tls-key.pub", "tls-key.priv"}) {
+    INFO(name);
+    REQUIRE(::stat((fx.dir / "keys" / name).c_str(), &st) == 0);
+    CHECK((st.st_mode & 0777) == 0600);
+  }
+
+  // Found again after a reopen; a damaged blob is reported at open, naming the file.
+  key = Status::Internal("released");
+  store.reset();
+  {
+    auto reopened = fx.open(config);
+    Result<hsm::TlsKeyInfo> found = hsm::prepare_tls_key(config, *reopened, /*create=*/false);
+    REQUIRE(found.ok());
+    CHECK(found->public_key == tls);
+    CHECK(reopened->signing_keys().size() == 1);
+  }
+  flip_byte(fx.dir / "keys" / "tls-key.priv", 10);
+  Result<std::unique_ptr<KeyStore>> damaged = hsm::open_key_store(config);
+  REQUIRE_FALSE(damaged.ok());
+  CHECK(damaged.status().code() == StatusCode::kCorruption);
+  CHECK_THAT(damaged.status().message(), Catch::Contains("tls-key.priv"));
+  CHECK(fx.transient_handles() == 0);
 }
 
 TEST_CASE("tpm2: random bytes come from the TPM in chunks", "[tpm2]") {
