@@ -67,6 +67,9 @@ struct DeviceCredentials {
   Bytes psk;               // CoAP DTLS pre-shared key (unwrapped; kept in memory only)
   std::vector<IpNetwork> allow;  // HL7: the networks it may send from; empty: any
   CertBinding cert;              // HL7: the TLS client certificate it must send with; none: any
+  // Bound at another member of the cluster: the patient's pseudonym (the identifier is not
+  // known here).
+  std::optional<Hash> patient_pseudonym = std::nullopt;
 };
 
 class DeviceDirectory {

@@ -17,6 +17,9 @@ struct Observation {
   // to "AUTHORITY:ID" when an assigning authority is given), or the patient a CoAP device is bound
   // to. Empty when the source gave none (the caller decides whether that is an error).
   std::string patient_id;
+  // Instead of patient_id, in a cluster: the keyed pseudonym of a patient this member knows only
+  // by pseudonym (a CoAP device bound at another member).
+  std::optional<Hash> patient_pseudonym;
   // What was measured: an IEEE 11073 MDC code, a LOINC code or a SenML name, with its system
   // ("MDC", "LN", another HL7 coding system, or "SenML").
   std::string code;

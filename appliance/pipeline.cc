@@ -237,9 +237,14 @@ void IngestPipeline::process(Pending p) {
     entries.push_back(std::move(e));
   }
   for (const Observation& o : p.batch.observations) {
-    if (o.patient_id.empty())
-      return fail(Status::InvalidArgument("an observation names no patient"));
-    Result<Pseudonym> patient = vault_.pseudonym(o.patient_id);
+    Result<Pseudonym> patient = Status::InvalidArgument("an observation names no patient");
+    if (!o.patient_id.empty()) {
+      patient = vault_.pseudonym(o.patient_id);
+    } else if (o.patient_pseudonym) {
+      // A device bound at another member of the cluster: known here by pseudonym only.
+      patient = Pseudonym{*o.patient_pseudonym};
+      if (Status s = vault_.ensure_patient(*patient); !s.ok()) patient = s;
+    }
     if (!patient.ok()) return fail(patient.status());
     Result<Bytes> ciphertext =
         vault_.encrypt(*patient, encode_observation(o), as_bytes(kObservationAad));

@@ -145,9 +145,13 @@ Status DeviceRegistry::cache(const DeviceInfo& d, std::optional<std::string> psk
   c.device_id = d.id;
   c.revoked = d.revoked;
   c.patient_id.clear();
+  c.patient_pseudonym.reset();
   if (d.patient) {
     Result<std::string> id = vault_.identifier(*d.patient);
-    if (id.ok()) c.patient_id = *id;
+    if (id.ok())
+      c.patient_id = *id;
+    else
+      c.patient_pseudonym = d.patient->bytes;  // bound at another member
   }
   if (psk) c.psk = to_bytes(*psk);
   c.allow = d.allow;
@@ -168,12 +172,20 @@ Result<std::string> DeviceRegistry::new_psk() {
   return b64;
 }
 
+// What a PSK sealed for the other members of a cluster is bound to: the device and the purpose.
+Bytes shared_psk_label(const std::string& id) {
+  const std::string label = "medgate device psk v1" + std::string(1, '\0') + id;
+  ByteView v = as_bytes(label);
+  return Bytes(v.begin(), v.end());
+}
+
 Result<Bytes> DeviceRegistry::wrap_psk(const std::string& id, const std::string& psk) {
   return keys_.wrap_key(as_bytes(psk), psk_context(id));
 }
 
 Result<std::uint64_t> DeviceRegistry::record(const std::string& event, const DeviceInfo& d,
-                                             const std::string& actor) {
+                                             const std::string& actor,
+                                             const std::optional<Bytes>& sealed_psk) {
   using ledger::cbor::Value;
   ledger::Entry e;
   e.type = ledger::EntryType::kDeviceEvent;
@@ -189,6 +201,7 @@ Result<std::uint64_t> DeviceRegistry::record(const std::string& event, const Dev
     body.emplace_back(Value::text("allow"), Value::array(std::move(networks)));
   }
   if (d.cert.bound()) body.emplace_back(Value::text("cert"), Value::text(d.cert.to_string()));
+  if (sealed_psk) body.emplace_back(Value::text("psk_sealed"), Value::bytes(*sealed_psk));
   MEDGATE_ASSIGN_OR_RETURN(e.body, Value::map(std::move(body)));
   if (d.patient)
     e.subjects.push_back({Bytes(d.patient->bytes.begin(), d.patient->bytes.end()), std::nullopt});
@@ -226,12 +239,15 @@ Result<DeviceChange> DeviceRegistry::apply(const char* event, DeviceInfo d,
                                            const std::string& actor, bool make_psk) {
   DeviceChange change;
   std::optional<Bytes> wrapped;
+  std::optional<Bytes> sealed;  // for the other members of a cluster
   if (make_psk) {
     MEDGATE_ASSIGN_OR_RETURN(change.psk, new_psk());
     MEDGATE_ASSIGN_OR_RETURN(Bytes w, wrap_psk(d.id, change.psk));
     wrapped = std::move(w);
+    MEDGATE_ASSIGN_OR_RETURN(sealed,
+                             vault_.seal_for_members(as_bytes(change.psk), shared_psk_label(d.id)));
   }
-  MEDGATE_ASSIGN_OR_RETURN(change.entry, record(event, d, actor));
+  MEDGATE_ASSIGN_OR_RETURN(change.entry, record(event, d, actor, sealed));
   d.updated_us = ledger::now_us();
   d.last_entry = change.entry;
   MEDGATE_RETURN_IF_ERROR(store(d, wrapped));
@@ -442,10 +458,35 @@ Status DeviceRegistry::apply_replicated(std::uint64_t index, const ledger::Entry
     Result<CertBinding> cert = parse_cert_binding(text("cert"));
     d.cert = cert.ok() ? std::move(*cert) : CertBinding{};
   }
+  // The bound patient is the entry's subject: the same pseudonym at every member of a cluster
+  // (a single box never gets here).
+  if ((*event == "add" || *event == "bind") && !e.subjects.empty() &&
+      e.subjects.front().subject.size() == sizeof(Hash)) {
+    Pseudonym p;
+    std::copy(e.subjects.front().subject.begin(), e.subjects.front().subject.end(),
+              p.bytes.begin());
+    d.patient = p;
+  }
+  // Another member's new PSK, sealed for the members: kept here wrapped by this key store.
+  std::optional<Bytes> wrapped;
+  std::optional<std::string> psk;
+  if (const ledger::cbor::Value* sealed = e.body.find("psk_sealed");
+      sealed && sealed->as_bytes() && (*event == "add" || *event == "rotate-psk")) {
+    Result<hsm::SecretBytes> opened =
+        vault_.open_from_member(*sealed->as_bytes(), shared_psk_label(*id));
+    if (!opened.ok())
+      return opened.status().with_context(
+          fmt::format("the PSK of device {} in entry {}", *id, index));
+    psk = to_string(opened->view());
+    MEDGATE_ASSIGN_OR_RETURN(Bytes w, wrap_psk(*id, *psk));
+    wrapped = std::move(w);
+  }
   d.updated_us = e.time_us;
   d.last_entry = index;
-  MEDGATE_RETURN_IF_ERROR(store(d, std::nullopt));
-  MEDGATE_RETURN_IF_ERROR(cache(d, std::nullopt));
+  MEDGATE_RETURN_IF_ERROR(store(d, wrapped));
+  Status cached = cache(d, psk);
+  if (psk) secure_wipe(*psk);
+  MEDGATE_RETURN_IF_ERROR(cached);
   return mark_replicated(index);
 }
 

@@ -113,7 +113,7 @@ class DeviceRegistry final : public DeviceDirectory {
                  ledger::Ledger& ledger);
   Status load();
   Result<std::uint64_t> record(const std::string& event, const DeviceInfo& d,
-                               const std::string& actor);
+                               const std::string& actor, const std::optional<Bytes>& sealed_psk);
   Result<DeviceChange> apply(const char* event, DeviceInfo d, const std::string& actor,
                              bool make_psk);
   Status store(const DeviceInfo& d, const std::optional<Bytes>& wrapped_psk);

@@ -525,6 +525,17 @@ class Vault::Impl {
     cluster_required_ = required;
   }
 
+  Status ensure(const Pseudonym& p) {
+    std::lock_guard lk(mu_);
+    MEDGATE_ASSIGN_OR_RETURN(std::optional<PatientInfo> info, read_info(p));
+    if (info) return Status::Ok();
+    if (!cluster_pseudonym_key_)
+      return Status::FailedPrecondition(fmt::format(
+          "patient {} is known here only by pseudonym, which only a cluster's member can use",
+          p.prefix()));
+    return create_record(p, std::nullopt);
+  }
+
   Result<std::uint64_t> patients() {
     std::lock_guard lk(mu_);
     return count_patients();
@@ -683,6 +694,28 @@ class Vault::Impl {
       out.push_back({p, id, std::move(sealed)});
     }
     return out;
+  }
+
+  Result<std::optional<Bytes>> seal_shared(ByteView secret, ByteView label) {
+    std::shared_ptr<const hsm::SecretBytes> key;
+    {
+      std::lock_guard lk(mu_);
+      key = sharing_key_;
+    }
+    if (!key) return std::optional<Bytes>();
+    MEDGATE_ASSIGN_OR_RETURN(Bytes sealed, hsm::gcm_seal(key->view(), label, secret));
+    return std::optional<Bytes>(std::move(sealed));
+  }
+
+  Result<hsm::SecretBytes> open_shared(ByteView sealed, ByteView label) {
+    std::shared_ptr<const hsm::SecretBytes> key;
+    {
+      std::lock_guard lk(mu_);
+      key = sharing_key_;
+    }
+    if (!key) return Status::FailedPrecondition("this vault holds no cluster secret");
+    MEDGATE_ASSIGN_OR_RETURN(Bytes plain, hsm::gcm_open(key->view(), label, sealed));
+    return hsm::SecretBytes(std::move(plain));
   }
 
   Status mark_published(const Pseudonym& p, const DataKeyId& id) {
@@ -905,7 +938,9 @@ class Vault::Impl {
 
   // Caller holds mu_. A fresh data key from the key store's RNG, kept only wrapped; the identifier
   // kept only encrypted under it.
-  Status create_record(const Pseudonym& p, std::string_view id) {
+  // `id` absent: a patient this member knows only by pseudonym (a device bound at another member of
+  // the cluster); the record has a data key and no identifier.
+  Status create_record(const Pseudonym& p, std::optional<std::string_view> id) {
     MEDGATE_ASSIGN_OR_RETURN(Bytes raw, keys_.random(kKeySize));
     hsm::SecretBytes key(std::move(raw));
     if (key.size() != kKeySize)
@@ -915,8 +950,10 @@ class Vault::Impl {
     if (!wrapped.ok())
       return wrapped.status().with_context(
           fmt::format("wrap the data key of patient {}", p.prefix()));
-    MEDGATE_ASSIGN_OR_RETURN(Bytes sealed_id,
-                             seal(key.view(), kIdentifierLabel, p, {}, as_bytes(id)));
+    std::optional<Bytes> sealed_id;
+    if (id) {
+      MEDGATE_ASSIGN_OR_RETURN(sealed_id, seal(key.view(), kIdentifierLabel, p, {}, as_bytes(*id)));
+    }
     // In a cluster the key gets an id (its ciphertexts carry it) and waits to be published.
     std::optional<DataKeyId> key_id;
     if (sharing_key_) {
@@ -928,10 +965,11 @@ class Vault::Impl {
         sql::Statement st,
         db_.prepare("INSERT INTO patients (pseudonym, state, created_us, wrapped_key, identifier, "
                     "key_id, published) VALUES (?, 0, ?, ?, ?, ?, ?)"));
-    st.bind(1, ByteView(p.bytes))
-        .bind(2, ledger::now_us())
-        .bind(3, ByteView(*wrapped))
-        .bind(4, ByteView(sealed_id));
+    st.bind(1, ByteView(p.bytes)).bind(2, ledger::now_us()).bind(3, ByteView(*wrapped));
+    if (sealed_id)
+      st.bind(4, ByteView(*sealed_id));
+    else
+      st.bind_null(4);
     if (key_id)
       st.bind(5, ByteView(*key_id)).bind(6, std::uint64_t{0});
     else
@@ -1094,6 +1132,9 @@ Result<hsm::SecretBytes> Vault::cluster_secret() {
 void Vault::require_cluster_secret(bool required) {
   impl_->require_secret(required);
 }
+Status Vault::ensure_patient(const Pseudonym& patient) {
+  return impl_->ensure(patient);
+}
 Result<std::uint64_t> Vault::patient_count() {
   return impl_->patients();
 }
@@ -1105,6 +1146,12 @@ Status Vault::mark_published(const Pseudonym& patient, const DataKeyId& key) {
 }
 void Vault::set_key_source(DataKeySource source) {
   impl_->set_source(std::move(source));
+}
+Result<std::optional<Bytes>> Vault::seal_for_members(ByteView secret, ByteView label) {
+  return impl_->seal_shared(secret, label);
+}
+Result<hsm::SecretBytes> Vault::open_from_member(ByteView sealed, ByteView label) {
+  return impl_->open_shared(sealed, label);
 }
 Result<bool> Vault::apply_erasure(const Pseudonym& patient, std::uint64_t ledger_entry) {
   return impl_->apply_erasure(patient, ledger_entry);

@@ -184,6 +184,10 @@ class Vault {
   // A replicated ledger's member must not make a pseudonym before it holds the secret: with
   // `required`, pseudonym() and find() are kUnavailable until adopt_cluster_secret().
   void require_cluster_secret(bool required);
+  // A cluster's member names a patient bound to a device at another member by pseudonym only (it
+  // does not know the identifier): makes the record, with a data key and no identifier, when there
+  // is none. kFailedPrecondition outside a cluster.
+  Status ensure_patient(const Pseudonym& patient);
   // How many patient records the vault holds (erased ones included).
   Result<std::uint64_t> patient_count();
 
@@ -200,6 +204,12 @@ class Vault {
   Result<std::vector<DataKeyExport>> keys_to_publish(std::size_t limit);
   Status mark_published(const Pseudonym& patient, const DataKeyId& key);
   void set_key_source(DataKeySource source);
+  // A small secret (a CoAP device's PSK) sealed for every member: AES-256-GCM under the sharing
+  // key, `label` authenticated. nullopt when the vault holds no cluster secret (a single box).
+  Result<std::optional<Bytes>> seal_for_members(ByteView secret, ByteView label);
+  // The inverse; kFailedPrecondition without a cluster secret, kVerificationFailed when it does
+  // not open (altered, another label, another cluster).
+  Result<hsm::SecretBytes> open_from_member(ByteView sealed, ByteView label);
   // An erasure decided on the replicated ledger (another member's, or this member's seen again):
   // the patient's own key and identifier and every other member's key kept here are destroyed,
   // and a patient never seen here is recorded as erased so that naming it later is refused. An

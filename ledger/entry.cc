@@ -82,6 +82,12 @@ Status check_device_event(const cbor::Value& body) {
   MEDGATE_RETURN_IF_ERROR(require_text(body, "kind"));
   // An HL7 source's address allow-list (absent: any address).
   if (body.find("allow")) MEDGATE_RETURN_IF_ERROR(require_text_array(body, "allow"));
+  // In a cluster, a new PSK sealed for the members (never in clear).
+  if (body.find("psk_sealed")) {
+    const cbor::Value* v = body.find("psk_sealed");
+    if (!v->as_bytes() || v->as_bytes()->size() < 29 || v->as_bytes()->size() > 512)
+      return Status::InvalidArgument("body \"psk_sealed\" must be 29 to 512 bytes");
+  }
   return Status::Ok();
 }
 

@@ -74,8 +74,10 @@ enum class EntryType : std::uint32_t {
   // a plain value.
   kObservation = 6,
   // A change to the device registry: {"event": "add" | "bind" | "revoke" | "rotate-psk",
-  // "device": text, "kind": "coap" | "hl7", "hl7_application": text, "hl7_facility": text}; a
-  // bound patient is the entry's subject (its pseudonym). No key or PSK is ever in it.
+  // "device": text, "kind": "coap" | "hl7", "hl7_application": text, "hl7_facility": text, and
+  // in a cluster "psk_sealed": bytes (a new PSK sealed for the members under the key derived from
+  // the cluster's secret, appliance/vault.h)}; a bound patient is the entry's subject (its
+  // pseudonym). No key or PSK is ever in it in clear.
   kDeviceEvent = 7,
   // A patient-administration message (HL7 ADT) indexed the patient: {"source": text, "device":
   // text, "message_id": text, "event": text ("ADT^A01")}; its subjects are the pseudonyms of the

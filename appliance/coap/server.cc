@@ -439,13 +439,14 @@ void CoapServer::Impl::on_post(coap_session_t* session, const coap_pdu_t* reques
   auto resolved = resolve(*records, now);
   if (!resolved.ok()) return refuse_senml(resolved.status());
 
-  if (device->patient_id.empty()) {
+  if (device->patient_id.empty() && !device->patient_pseudonym) {
     reject(device_id, RejectReason::kNoPatient, response, COAP_RESPONSE_CODE_FORBIDDEN,
            "device not bound to a patient");
     return;
   }
   auto observations = observations_from_senml(*resolved, device_id, device->patient_id);
   if (!observations.ok()) return refuse_senml(observations.status());
+  for (Observation& o : *observations) o.patient_pseudonym = device->patient_pseudonym;
 
   // Hold the answer until the sink says durable: the async keeps the request (and a reference
   // on the session) and libcoap sends the empty ACK when this handler leaves the code unset.

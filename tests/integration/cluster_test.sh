@@ -21,7 +21,7 @@ source "$(dirname "$0")/lib_etcd.sh"
 MLLP_SEND=$BIN_SRC/medgate-mllp-send
 mkdir -p "$WORK/run"
 chmod 755 "$WORK/run"
-declare -A PID CONF SOCKP HL7 LOG
+declare -A PID CONF SOCKP HL7 LOG COAP
 PROXY_PID=
 
 cluster_cleanup() {
@@ -60,6 +60,8 @@ make_config() {
   LOG[$m]=$WORK/$m.log
   sed -i "s/^admin_group = .*/admin_group = 'daemon'/; s/^auditor_group = .*/auditor_group = 'nogroup'/" "${CONF[$m]}"
   printf '\n[hl7]\naddress = "127.0.0.1"\nport = 0\nread_timeout_s = 5\n' >>"${CONF[$m]}"
+  COAP[$m]=$(etcd_free_port "${ETCD_CLIENT_PORTS[@]}" "${ETCD_PEER_PORTS[@]}")
+  printf '\n[coap]\naddress = "127.0.0.1"\nport = %s\n' "${COAP[$m]}" >>"${CONF[$m]}"
 }
 start_member() {
   local m=$1
@@ -326,6 +328,23 @@ MS=$(((T1 - T0) / 1000000))
 [ "$CODE" = AE ] && pass "a device revoked at a is refused at b (AE) $MS ms after the revoke returned" || failed "b still accepts the revoked device ($CODE)"
 say "     (measured, not judged: $MS ms from the revoke's return to the first AE at b; the issue asks for 1 s)"
 [ "$(send_app CENTRAL-A c REV2)" = AE ] && pass "and at c" || failed "c still accepts it"
+say "== a CoAP device added at a speaks DTLS-PSK to b (its PSK sealed for the members)"
+printf '%s\n' "HOSP:CLUSTER-P9" | ctl a device add pump-a --kind coap --patient - --psk-out "$WORK/pump-a.psk" >/dev/null
+printf '[{"bn":"urn:dev:pump-a:","n":"rate","u":"ml/h","v":12.5}]' >"$WORK/senml.json"
+coap_at() {  # coap_at MEMBER KEY -> the last response code
+  coap-client-openssl -v 6 -B 5 -m post -t 110 -f "$WORK/senml.json" -u pump-a -k "$2" \
+    "coaps://127.0.0.1:${COAP[$1]}/obs" 2>&1 | grep -o 'c:[0-9]\.[0-9][0-9]' | grep -v 'c:0.00' | tail -1
+}
+CODE=
+for _ in $(seq 1 50); do CODE=$(coap_at b "$(cat "$WORK/pump-a.psk")"); [ "$CODE" = c:2.04 ] && break; sleep 0.1; done
+[ "$CODE" = c:2.04 ] && pass "b accepts pump-a's reading with the PSK a made (2.04)" || failed "b answered '$CODE'"
+if sqlite3 "$WORK/a/ledger.db" "SELECT hex(bytes) FROM entries WHERE type = 7" | grep -qi "$(od -An -tx1 "$WORK/pump-a.psk" | tr -d ' \n')"; then failed "the PSK is on the ledger in clear"; else pass "the PSK is not on the ledger in clear"; fi
+ctl a device rotate-psk pump-a --psk-out "$WORK/pump-a.psk2" >/dev/null
+CODE=
+for _ in $(seq 1 50); do CODE=$(coap_at c "$(cat "$WORK/pump-a.psk2")"); [ "$CODE" = c:2.04 ] && break; sleep 0.1; done
+[ "$CODE" = c:2.04 ] && pass "after rotate-psk at a, c accepts the new PSK" || failed "c answered '$CODE' to the new PSK"
+[ -z "$(coap_at c "$(cat "$WORK/pump-a.psk")")" ] && pass "and no longer answers the old one" || failed "c still answers the old PSK"
+
 say "== damaged cluster settings"
 stop_member c
 cp "$WORK/c/cluster.json" "$WORK/c/cluster.json.good"

@@ -162,3 +162,27 @@ TEST_CASE("a patient-erasure entry carries a 32-byte pseudonym and a reason", "[
   e.body = body(pseudonym, cbor::Value::uint(3));
   CHECK_THAT(encode_entry(e).status().message(), Catch::Contains("\"reason\""));
 }
+
+TEST_CASE("a device event may carry a sealed PSK of a plausible size, never anything else",
+          "[entry]") {
+  auto event = [](std::optional<cbor::Value> sealed) {
+    Entry e;
+    e.type = EntryType::kDeviceEvent;
+    e.time_us = 1;
+    e.actor = "user:root";
+    cbor::Map m{{cbor::Value::text("event"), cbor::Value::text("add")},
+                {cbor::Value::text("device"), cbor::Value::text("pump-1")},
+                {cbor::Value::text("kind"), cbor::Value::text("coap")}};
+    if (sealed) m.emplace_back(cbor::Value::text("psk_sealed"), std::move(*sealed));
+    e.body = *cbor::Value::map(std::move(m));
+    return e;
+  };
+  CHECK(encode_entry(event(std::nullopt)).ok());
+  CHECK(encode_entry(event(cbor::Value::bytes(Bytes(60)))).ok());
+  for (cbor::Value bad : {cbor::Value::bytes(Bytes(28)), cbor::Value::bytes(Bytes(513)),
+                          cbor::Value::text("a PSK in clear")}) {
+    Result<Bytes> refused = encode_entry(event(std::move(bad)));
+    CHECK(refused.status().code() == StatusCode::kInvalidArgument);
+    CHECK_THAT(refused.status().message(), Catch::Contains("psk_sealed"));
+  }
+}
