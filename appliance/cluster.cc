@@ -206,9 +206,16 @@ void Cluster::start_follower() {
     follow_cv_.notify_one();
   });
   // (The consent book replays every consent entry when it opens.)
-  std::uint64_t from = registry_ ? registry_->replicated_through() + 1 : ~std::uint64_t{0};
+  replay_devices();
+  follower_ = std::thread([this] { follower_loop(); });
+}
+
+// Every device event, from the first: one applied here already is skipped at once (its device's
+// last entry is not older), one that could not be applied (a PSK that did not open before the
+// cluster's secret arrived, a key-store failure) is applied again.
+void Cluster::replay_devices() {
   const ledger::EntryType types[] = {ledger::EntryType::kDeviceEvent};
-  while (registry_) {
+  for (std::uint64_t from = 0; registry_;) {
     Result<std::vector<ledger::StoredEntry>> page = ledger_.entries_of_type(types, from, 1000);
     if (!page.ok() || page->empty()) break;
     for (const ledger::StoredEntry& e : *page)
@@ -216,7 +223,6 @@ void Cluster::start_follower() {
         log(LogLevel::kError, "replication.devices", "device event {}: {}", e.index, s.message());
     from = page->back().index + 1;
   }
-  follower_ = std::thread([this] { follower_loop(); });
 }
 
 void Cluster::follower_loop() {
@@ -235,7 +241,14 @@ void Cluster::follower_loop() {
   }
   std::unique_lock lk(follow_mu_);
   for (;;) {
-    follow_cv_.wait(lk, [&] { return follow_stop_ || !follow_queue_.empty(); });
+    // Every half minute without entries: look at the shares again (one whose append failed).
+    if (!follow_cv_.wait_for(lk, std::chrono::seconds(30),
+                             [&] { return follow_stop_ || !follow_queue_.empty(); })) {
+      lk.unlock();
+      reconcile_keys();
+      lk.lock();
+      continue;
+    }
     if (follow_queue_.empty()) return;
     auto [index, entry] = std::move(follow_queue_.front());
     follow_queue_.pop_front();
@@ -326,6 +339,7 @@ void Cluster::reconcile_keys() {
             "received the cluster's shared key (key share, entry {}); patients can be named here "
             "now",
             index);
+        replay_devices();  // CoAP devices whose PSKs could not be opened without it
         return;
       }
       if (shares_reported_.insert(index).second)
@@ -340,6 +354,11 @@ void Cluster::reconcile_keys() {
           "the vault holds cluster secret {}, but the ledger's is {}; sharing nothing",
           to_hex(ByteView(**held).first(8)), to_hex(ByteView(cluster_id).first(8)));
     return;
+  }
+  {
+    std::lock_guard lk(failed_shares_->mu);
+    for (const auto& failed : failed_shares_->shares) shares_sent_.erase(failed);
+    failed_shares_->shares.clear();
   }
   std::optional<hsm::SecretBytes> secret;
   for (const ledger::Member& m : ledger_.membership().members()) {
@@ -360,8 +379,12 @@ void Cluster::reconcile_keys() {
       secret = std::move(s).value();
     }
     Result<ledger::Entry> e = share_for(m, secret->view(), "member:" + replica->member_id);
-    Status queued =
-        e.ok() ? ledger_.append_async(std::span(&*e, 1), [](Result<std::uint64_t>) {}) : e.status();
+    auto on_done = [failed = failed_shares_, to](Result<std::uint64_t> r) {
+      if (r.ok()) return;
+      std::lock_guard lk(failed->mu);
+      failed->shares.push_back(to);
+    };
+    Status queued = e.ok() ? ledger_.append_async(std::span(&*e, 1), on_done) : e.status();
     if (!queued.ok()) {
       log(LogLevel::kError, "cluster.keys", "cannot share the cluster key with member \"{}\": {}",
           m.id, queued.message());
@@ -387,19 +410,20 @@ Status Cluster::start_key_sharing(const ClusterSettings& settings) {
   if (!vault_) return Status::Ok();
   MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<order::EtcdClient> etcd,
                            order::EtcdClient::open(settings.etcd_options()));
+  std::shared_ptr<order::EtcdClient> client(std::move(etcd));
   {
     std::lock_guard lk(keys_mu_);
     if (publisher_.joinable()) return Status::Ok();
-    keys_etcd_ = std::move(etcd);
+    keys_etcd_ = client;
     keys_prefix_ = settings.prefix;
     keys_stop_ = false;
   }
+  // Captures no Cluster: a fetch still running when the cluster stops keeps its client alive.
   vault_->set_key_source(
-      [this](const Pseudonym& p, const DataKeyId& id) -> Result<std::optional<Bytes>> {
-        std::lock_guard lk(keys_mu_);
-        if (!keys_etcd_) return Status::Unavailable("key sharing is stopped");
+      [client, prefix = settings.prefix](const Pseudonym& p,
+                                         const DataKeyId& id) -> Result<std::optional<Bytes>> {
         MEDGATE_ASSIGN_OR_RETURN(order::Range r,
-                                 keys_etcd_->range(data_keys_prefix(keys_prefix_, p) + to_hex(id)));
+                                 client->range(data_keys_prefix(prefix, p) + to_hex(id)));
         if (r.kvs.empty()) return std::optional<Bytes>();
         return std::optional<Bytes>(std::move(r.kvs.front().value));
       });
@@ -412,29 +436,33 @@ void Cluster::publisher_loop() {
   for (;;) {
     keys_cv_.wait_for(lk, std::chrono::seconds(1), [&] { return keys_stop_; });
     if (keys_stop_) return;
+    const std::shared_ptr<order::EtcdClient> etcd = keys_etcd_;
+    const std::string prefix = keys_prefix_;
+    std::set<std::string> erased;
+    erased.swap(erased_to_remove_);
+    lk.unlock();
     // Erased patients' keys first: nothing may be published for them again.
-    for (auto it = erased_to_remove_.begin(); it != erased_to_remove_.end();) {
-      const std::string dir = keys_prefix_ + "datakeys/" + *it + "/";
-      Result<std::int64_t> removed = keys_etcd_->remove(dir, order::prefix_end(dir));
-      if (!removed.ok()) break;  // etcd away: next round
-      it = erased_to_remove_.erase(it);
+    std::set<std::string> retry;
+    for (const std::string& patient : erased) {
+      const std::string dir = prefix + "datakeys/" + patient + "/";
+      if (!retry.empty() || !etcd->remove(dir, order::prefix_end(dir)).ok())
+        retry.insert(patient);  // etcd away: next round
     }
     Result<std::vector<DataKeyExport>> keys = vault_->keys_to_publish(256);
-    if (!keys.ok()) {
+    if (!keys.ok())
       log(LogLevel::kError, "cluster.keys", "cannot read the data keys to publish: {}",
           keys.status().message());
-      continue;
-    }
-    for (const DataKeyExport& k : *keys) {
-      const std::string key = data_keys_prefix(keys_prefix_, k.patient) + to_hex(k.key_id);
-      if (!keys_etcd_->put(key, k.sealed).ok()) break;  // etcd away: next round
+    for (const DataKeyExport& k : keys.ok() ? *keys : std::vector<DataKeyExport>()) {
+      const std::string key = data_keys_prefix(prefix, k.patient) + to_hex(k.key_id);
+      if (!etcd->put(key, k.sealed).ok()) break;  // etcd away: next round
       if (Status s = vault_->mark_published(k.patient, k.key_id); !s.ok())
         log(LogLevel::kError, "cluster.keys", "patient {}: {}", k.patient.prefix(), s.message());
       // An erasure applied while the put was on its way: take the key back out.
       Result<PatientInfo> info = vault_->info(k.patient);
-      if (info.ok() && info->state != PatientState::kActive)
-        erased_to_remove_.insert(k.patient.hex());
+      if (info.ok() && info->state != PatientState::kActive) retry.insert(k.patient.hex());
     }
+    lk.lock();
+    erased_to_remove_.insert(retry.begin(), retry.end());
   }
 }
 
@@ -855,6 +883,10 @@ std::vector<std::string> Cluster::problems() const {
           "here until a member seals it to this member's key-agreement key");
   }
   std::lock_guard lk(mu_);
+  if (settings_ && settings_->compaction_interval_s == 0 && vault_)
+    out.push_back(
+        "this member never compacts etcd's history (compaction_interval_s = 0): unless another "
+        "member or the operator does, erased patients' data keys stay in that history");
   if (!settings_) {
     out.push_back("replicated ledger without cluster settings: entries queue locally");
     return out;

@@ -124,6 +124,7 @@ class Cluster {
 
   void start_follower();
   void follower_loop();
+  void replay_devices();
   // Adopts the secret from a share naming this member, or (holding it) writes the shares that
   // members added since are missing. Runs on the follower thread.
   void reconcile_keys();
@@ -148,10 +149,19 @@ class Cluster {
   // agreement key id), and share entries already reported as unopenable.
   std::set<std::pair<std::string, KeyId>> shares_sent_;
   std::set<std::uint64_t> shares_reported_;
-  // Key sharing through etcd (its own client: the orderer's thread owns the orderer's).
-  std::mutex keys_mu_;  // everything below
+  // Shares whose append failed (filled on the ledger's writer thread; shared, so that a late
+  // callback outlives nothing it needs): sealed again at the next reconcile.
+  struct FailedShares {
+    std::mutex mu;
+    std::vector<std::pair<std::string, KeyId>> shares;
+  };
+  std::shared_ptr<FailedShares> failed_shares_ = std::make_shared<FailedShares>();
+  // Key sharing through etcd (its own client: the orderer's thread owns the orderer's). The
+  // client is shared with the vault's key source, which may still be running a fetch when the
+  // cluster stops.
+  std::mutex keys_mu_;  // everything below; never held across etcd or key-store calls
   std::condition_variable keys_cv_;
-  std::unique_ptr<order::EtcdClient> keys_etcd_;
+  std::shared_ptr<order::EtcdClient> keys_etcd_;
   std::string keys_prefix_;
   std::set<std::string> erased_to_remove_;  // pseudonyms (hex) whose published keys go
   bool keys_stop_ = false;

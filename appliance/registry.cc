@@ -131,14 +131,16 @@ Status DeviceRegistry::load() {
       return Status::Corruption(
           fmt::format("device {}'s client certificate: {}", d.id, cert.status().message()));
     d.cert = std::move(*cert);
-    MEDGATE_RETURN_IF_ERROR(cache(d, std::move(psk)));
+    Status cached = cache(d, psk);
+    if (psk) secure_wipe(*psk);
+    MEDGATE_RETURN_IF_ERROR(cached);
   }
   return Status::Ok();
 }
 
 // Under mu_ (or before the registry is shared). The bound patient's identifier comes from the
 // vault; a patient erased since is no patient: the device's readings are refused.
-Status DeviceRegistry::cache(const DeviceInfo& d, std::optional<std::string> psk) {
+Status DeviceRegistry::cache(const DeviceInfo& d, const std::optional<std::string>& psk) {
   DeviceCredentials c;
   auto old = credentials_.find(d.id);
   if (old != credentials_.end()) c = old->second;
@@ -470,16 +472,34 @@ Status DeviceRegistry::apply_replicated(std::uint64_t index, const ledger::Entry
   // Another member's new PSK, sealed for the members: kept here wrapped by this key store.
   std::optional<Bytes> wrapped;
   std::optional<std::string> psk;
+  Status psk_status;
   if (const ledger::cbor::Value* sealed = e.body.find("psk_sealed");
       sealed && sealed->as_bytes() && (*event == "add" || *event == "rotate-psk")) {
     Result<hsm::SecretBytes> opened =
         vault_.open_from_member(*sealed->as_bytes(), shared_psk_label(*id));
-    if (!opened.ok())
-      return opened.status().with_context(
-          fmt::format("the PSK of device {} in entry {}", *id, index));
-    psk = to_string(opened->view());
-    MEDGATE_ASSIGN_OR_RETURN(Bytes w, wrap_psk(*id, *psk));
-    wrapped = std::move(w);
+    if (opened.ok()) {
+      psk = to_string(opened->view());
+      Result<Bytes> w = wrap_psk(*id, *psk);
+      if (w.ok())
+        wrapped = std::move(w).value();
+      else
+        psk_status = w.status();
+    } else {
+      psk_status = opened.status();
+    }
+  }
+  if (!psk_status.ok()) {
+    // Fail closed: whatever PSK the device had here no longer opens a session (a rotation that
+    // cannot be followed must not leave the retired key working), and the device stays behind
+    // this event so that a later replay (after a restart, or once the cluster's secret arrives)
+    // applies it again.
+    if (psk) secure_wipe(*psk);
+    MEDGATE_ASSIGN_OR_RETURN(auto clear, db_.prepare("UPDATE devices SET psk = NULL WHERE id = ?"));
+    MEDGATE_RETURN_IF_ERROR(clear.bind(1, std::string_view(*id)).run());
+    if (auto c = credentials_.find(*id); c != credentials_.end()) c->second.psk.clear();
+    return psk_status.with_context(fmt::format(
+        "the PSK of device {} in entry {} (the device cannot connect here until it is applied)",
+        *id, index));
   }
   d.updated_us = e.time_us;
   d.last_entry = index;

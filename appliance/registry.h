@@ -119,7 +119,7 @@ class DeviceRegistry final : public DeviceDirectory {
   Status store(const DeviceInfo& d, const std::optional<Bytes>& wrapped_psk);
   Result<std::string> new_psk();
   Result<Bytes> wrap_psk(const std::string& id, const std::string& psk);
-  Status cache(const DeviceInfo& d, std::optional<std::string> psk);
+  Status cache(const DeviceInfo& d, const std::optional<std::string>& psk);
   Status mark_replicated(std::uint64_t index);
 
   mutable std::mutex mu_;  // serializes changes and guards the caches

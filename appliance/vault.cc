@@ -400,9 +400,16 @@ class Vault::Impl {
       std::lock_guard lk(mu_);
       if (const Pseudonym* p = pseudonyms_.find(CachedIdentifier(id))) return *p;
     }
-    MEDGATE_ASSIGN_OR_RETURN(Hash mac, keyed_pseudonym(id));
+    std::shared_ptr<const hsm::SecretBytes> used;
+    MEDGATE_ASSIGN_OR_RETURN(Hash mac, keyed_pseudonym(id, &used));
+    std::unique_lock lk(mu_);
+    // The cluster's secret adopted meanwhile (cluster init on a running box): name it anew.
+    while (used != cluster_pseudonym_key_) {
+      lk.unlock();
+      MEDGATE_ASSIGN_OR_RETURN(mac, keyed_pseudonym(id, &used));
+      lk.lock();
+    }
     Pseudonym p{mac};
-    std::lock_guard lk(mu_);
     MEDGATE_ASSIGN_OR_RETURN(std::optional<PatientInfo> info, read_info(p));
     if (!info) {
       if (!create) return Status::NotFound(fmt::format("no patient {} in the vault", p.prefix()));
@@ -414,12 +421,13 @@ class Vault::Impl {
 
   // The cluster's key once the vault holds its secret, else the key store's (outside mu_: the key
   // store serializes itself, and other patients need not wait).
-  Result<Hash> keyed_pseudonym(std::string_view id) {
+  Result<Hash> keyed_pseudonym(std::string_view id, std::shared_ptr<const hsm::SecretBytes>* used) {
     const Bytes message = concat({as_bytes(kPseudonymLabel), as_bytes(id)});
     std::shared_ptr<const hsm::SecretBytes> cluster_key;
     {
       std::lock_guard lk(mu_);
       cluster_key = cluster_pseudonym_key_;
+      *used = cluster_key;
       if (!cluster_key && cluster_required_)
         return Status::Unavailable(
             "this member has not received the cluster's shared key yet (a key share from another "
@@ -675,9 +683,12 @@ class Vault::Impl {
         MEDGATE_ASSIGN_OR_RETURN(Pseudonym p, pseudonym_column(st, 0));
         ByteView id = st.column_blob(1);
         ByteView wrapped = st.column_blob(2);
-        if (id.size() != kDataKeyIdSize)
-          return Status::Corruption(
-              fmt::format("patient {} has a key id of {} bytes", p.prefix(), id.size()));
+        if (id.size() != kDataKeyIdSize) {
+          log(LogLevel::kError, "vault.publish",
+              "patient {} has a data key id of {} bytes; it is not published", p.prefix(),
+              id.size());
+          continue;
+        }
         DataKeyId key_id{};
         std::copy(id.begin(), id.end(), key_id.begin());
         rows.emplace_back(p, key_id, Bytes(wrapped.begin(), wrapped.end()));
@@ -686,9 +697,20 @@ class Vault::Impl {
     std::vector<DataKeyExport> out;
     for (auto& [p, id, wrapped] : rows) {
       Result<hsm::SecretBytes> key = keys_.unwrap_key(wrapped, data_key_context(p));
-      if (!key.ok())
-        return key.status().with_context(
-            fmt::format("unwrap the data key of patient {}", p.prefix()));
+      if (!key.ok()) {
+        if (key.status().code() == StatusCode::kUnavailable) return key.status();  // retry later
+        // This key can never be published: say so once and let the others go.
+        log(LogLevel::kError, "vault.publish",
+            "the data key of patient {} cannot be published to the cluster: {}", p.prefix(),
+            key.status().message());
+        std::lock_guard lk(mu_);
+        MEDGATE_ASSIGN_OR_RETURN(
+            sql::Statement st,
+            db_.prepare("UPDATE patients SET published = 2 WHERE pseudonym = ? AND key_id = ?"));
+        st.bind(1, ByteView(p.bytes)).bind(2, ByteView(id));
+        MEDGATE_RETURN_IF_ERROR(st.run());
+        continue;
+      }
       MEDGATE_ASSIGN_OR_RETURN(
           Bytes sealed, hsm::gcm_seal(sharing_key->view(), member_key_aad(p, id), key->view()));
       out.push_back({p, id, std::move(sealed)});
@@ -1026,7 +1048,9 @@ class Vault::Impl {
 
   // Caller holds mu_.
   Result<std::uint64_t> count_patients() {
-    MEDGATE_ASSIGN_OR_RETURN(sql::Statement st, db_.prepare("SELECT count(*) FROM patients"));
+    // Erased records (and the tombstones of erasures decided elsewhere) name nobody any more.
+    MEDGATE_ASSIGN_OR_RETURN(sql::Statement st,
+                             db_.prepare("SELECT count(*) FROM patients WHERE state != 2"));
     MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
     if (step != sql::Statement::Step::kRow) return Status::Internal("count(*) gave no row");
     return st.column_uint(0);

@@ -175,6 +175,7 @@ class Orderer {
   // When the local tip last moved (turns).
   std::uint64_t progress_height_ = 0;
   std::chrono::steady_clock::time_point progress_time_{};
+  bool backlog_at_progress_ = false;  // entries were queued here when the tip last moved
   // Puts the watch saw at heights already applied, for check_rewrites (guarded by mu_).
   struct Rewrite {
     std::uint64_t height;

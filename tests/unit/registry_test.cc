@@ -305,3 +305,73 @@ TEST_CASE("certificate bindings: parsing and matching", "[registry]") {
   CHECK_FALSE(fp->matches(std::string(64, 'c'), "anything"));
   CHECK_FALSE(fp->matches("", ""));
 }
+
+TEST_CASE(
+    "cluster: a CoAP device's PSK follows the ledger sealed, and fails closed when it "
+    "cannot be opened",
+    "[registry]") {
+  TempDir dir;
+  SoftHsmToken token(dir.path());
+  auto keys = token.open_with_key();
+  auto open_ledger = [&](const std::string& name) {
+    ledger::LedgerOptions o;
+    o.path = dir / (name + ".db");
+    o.head_interval = std::chrono::milliseconds(0);
+    auto l = ledger::Ledger::create(o, "ward-7", *keys, "user:root");
+    REQUIRE(l.ok());
+    return std::move(l).value();
+  };
+  auto ledger_a = open_ledger("a");
+  auto ledger_b = open_ledger("b");
+  auto vault_a = Vault::open(dir / "a-vault.db", *keys).value();
+  auto vault_b = Vault::open(dir / "b-vault.db", *keys).value();
+  const Bytes secret(32, std::byte{7});
+  REQUIRE(vault_a->adopt_cluster_secret(secret).ok());
+  REQUIRE(vault_b->adopt_cluster_secret(secret).ok());
+  auto a = DeviceRegistry::open(dir / "a-registry.db", *keys, *vault_a, *ledger_a).value();
+  auto b = DeviceRegistry::open(dir / "b-registry.db", *keys, *vault_b, *ledger_b).value();
+
+  auto added = a->add("pump-1", DeviceKind::kCoap, std::string("MRN-1"), "", "", "user:a");
+  REQUIRE(added.ok());
+  ledger::StoredEntry add_entry = ledger_a->entry(added->entry).value();
+  const ledger::cbor::Value* sealed = add_entry.entry.body.find("psk_sealed");
+  REQUIRE(sealed);
+  REQUIRE(sealed->as_bytes());
+  const std::string& psk = added->psk;
+  CHECK(std::search(sealed->as_bytes()->begin(), sealed->as_bytes()->end(), as_bytes(psk).begin(),
+                    as_bytes(psk).end()) == sealed->as_bytes()->end());
+
+  REQUIRE(b->apply_replicated(added->entry, add_entry.entry).ok());
+  auto at_b = b->coap_device("pump-1");
+  REQUIRE(at_b);
+  CHECK(to_string(at_b->psk) == psk);
+  // b does not know the identifier: it has the same pseudonym as a.
+  CHECK(at_b->patient_id.empty());
+  REQUIRE(at_b->patient_pseudonym);
+  CHECK(*at_b->patient_pseudonym == vault_a->find("MRN-1").value().bytes);
+
+  auto rotated = a->rotate_psk("pump-1", "user:a");
+  REQUIRE(rotated.ok());
+  ledger::StoredEntry rotate_entry = ledger_a->entry(rotated->entry).value();
+  // Altered in transit (or another cluster's): refused, and the old PSK stops working at b.
+  ledger::Entry altered = rotate_entry.entry;
+  ledger::cbor::Map fields = *altered.body.as_map();
+  for (auto& [k, v] : fields)
+    if (*k.as_text() == "psk_sealed") {
+      Bytes broken = *v.as_bytes();
+      broken.back() ^= std::byte{1};
+      v = ledger::cbor::Value::bytes(broken);
+    }
+  altered.body = *ledger::cbor::Value::map(std::move(fields));
+  Status refused = b->apply_replicated(rotated->entry, altered);
+  CHECK(refused.code() == StatusCode::kVerificationFailed);
+  CHECK_THAT(refused.message(), Catch::Contains("cannot connect here"));
+  CHECK(b->coap_device("pump-1")->psk.empty());
+  // The genuine event is applied when it comes again (a replay): the device did not move past it.
+  REQUIRE(b->apply_replicated(rotated->entry, rotate_entry.entry).ok());
+  CHECK(to_string(b->coap_device("pump-1")->psk) == rotated->psk);
+  // And across a reopen the retired PSK is not back.
+  b.reset();
+  b = DeviceRegistry::open(dir / "b-registry.db", *keys, *vault_b, *ledger_b).value();
+  CHECK(to_string(b->coap_device("pump-1")->psk) == rotated->psk);
+}

@@ -690,5 +690,10 @@ TEST_CASE("vault: a member reads another member's readings with its published da
     stranger.bytes[0] = std::byte{9};
     CHECK(b->apply_erasure(stranger, 78).value());
     CHECK(b->info(stranger).value().state == PatientState::kErased);
+    // A tombstone names nobody: a member that saw erasures before it got the secret still can.
+    auto d = open_at("d");
+    CHECK(d->apply_erasure(stranger, 78).value());
+    CHECK(d->patient_count().value() == 0);
+    CHECK(d->adopt_cluster_secret(secret).ok());
   }
 }
