@@ -122,7 +122,15 @@ class ConsentBook::Impl {
         v.text = body_text(e, "text");
         rules::ParseResult parsed = rules::parse_policies(v.text);
         if (!parsed.ok()) return Status::Corruption(parsed.errors.front().to_text());
-        v.version = e.body.find("version")->as_uint().value_or(0);
+        // A version is its place in ledger order. Two members of a cluster that deploy at once
+        // both write the next number; the later one becomes the number after it, everywhere alike.
+        v.version = versions_.size() + 1;
+        if (const std::uint64_t written = e.body.find("version")->as_uint().value_or(0);
+            written != v.version)
+          log(LogLevel::kWarning, "consent.rules",
+              "entry {} was written as rules version {}; in ledger order it is version {} (two "
+              "members deployed at once)",
+              index, written, v.version);
         v.sha256 = hash_of(*e.body.find("sha256")->as_bytes());
         v.entry = index;
         v.time_us = e.time_us;
@@ -143,7 +151,14 @@ class ConsentBook::Impl {
         DirectoryInfo d;
         d.text = body_text(e, "entities");
         MEDGATE_ASSIGN_OR_RETURN(rules::Entities entities, rules::entities_from_json_text(d.text));
-        d.version = e.body.find("version")->as_uint().value_or(0);
+        // As for rules: the version is the import's place in ledger order.
+        d.version = directory_ ? directory_->version + 1 : 1;
+        if (const std::uint64_t written = e.body.find("version")->as_uint().value_or(0);
+            written != d.version)
+          log(LogLevel::kWarning, "consent.directory",
+              "entry {} was written as directory version {}; in ledger order it is version {} "
+              "(two members imported at once)",
+              index, written, d.version);
         d.sha256 = hash_of(*e.body.find("sha256")->as_bytes());
         d.entry = index;
         d.time_us = e.time_us;
@@ -269,9 +284,10 @@ class ConsentBook::Impl {
                                     {text_key("text"), Value::text(text)},
                                     {text_key("sha256"), Value::bytes(ByteView(digest))}}),
                           nullptr)));
-    (void)index;
     std::shared_lock lk(state_mu_);
-    return versions_.back();
+    for (auto it = versions_.rbegin(); it != versions_.rend(); ++it)
+      if (it->entry == index) return *it;
+    return Status::Internal(fmt::format("rules entry {} is not among the versions", index));
   }
 
   static Value text_key(std::string_view k) { return text(k); }
@@ -291,14 +307,20 @@ class ConsentBook::Impl {
       version = directory_ ? directory_->version + 1 : 1;
     }
     Hash digest = sha256(as_bytes(json_text));
-    MEDGATE_RETURN_IF_ERROR(
+    MEDGATE_ASSIGN_OR_RETURN(
+        std::uint64_t index,
         commit(make_entry(ledger::EntryType::kDirectoryImport, actor,
                           body_map({{text_key("version"), Value::uint(version)},
                                     {text_key("entities"), Value::text(json_text)},
                                     {text_key("sha256"), Value::bytes(ByteView(digest))}}),
-                          nullptr))
-            .status());
+                          nullptr)));
     std::shared_lock lk(state_mu_);
+    // Another member's import ordered right after this one is the newest: say which is ours.
+    if (!directory_ || directory_->entry != index)
+      return Status::Unavailable(fmt::format(
+          "directory import recorded as entry {}, but another member's import came right after "
+          "it and is the directory now (medctl directory show)",
+          index));
     return *directory_;
   }
 

@@ -228,8 +228,7 @@ int cmd_status(const GlobalOptions& g) {
           in["hl7"].value("tls_client_certificates", false) ? ", client certificates required" : "",
           in["hl7"].value("tls_handshakes", 0ULL), in["hl7"].value("tls_handshake_failures", 0ULL),
           in["hl7"].value("tls_handshake_timeouts", 0ULL));
-    if (!in["hl7"].is_object())
-      std::cout << "  hl7      off (no [hl7] section in the config)\n";
+    if (!in["hl7"].is_object()) std::cout << "  hl7      off (no [hl7] section in the config)\n";
     if (in["coap"].is_object())
       std::cout << fmt::format(
           "  coap     DTLS-PSK port {}: {} devices seen, {} unknown identities, {} handshake "
@@ -272,6 +271,12 @@ int cmd_status(const GlobalOptions& g) {
             ? fmt::format("connected, lag {} blocks", o.value("lag_blocks", 0))
             : std::string("etcd NOT CONNECTED"),
         c["queue"].value("entries", 0), c["queue"].value("oldest_age_ms", 0));
+    if (c.contains("shared_key"))
+      std::cout << (c["shared_key"].is_string()
+                        ? fmt::format("           shared key {}\n",
+                                      c["shared_key"].get<std::string>())
+                        : std::string("           shared key NOT RECEIVED yet: no patient can be "
+                                      "named here\n"));
   }
   if (const json& m = s.value("metrics", json()); m.is_object())
     std::cout << fmt::format("metrics    http://{}:{}/metrics, {} scrapes\n",

@@ -161,6 +161,8 @@ for m in b c; do
   for _ in $(seq 1 100); do [ "$(shared_key $m)" = "$KEY_A" ] && break; sleep 0.1; done
   [ "$(shared_key $m)" = "$KEY_A" ] && pass "$m received the same shared key" || failed "$m has shared key $(shared_key $m)"
 done
+expect_rc 0 "status at b" -- ctl b status
+expect_in "shared key $KEY_A" "status shows the shared key's id"
 SHARES=$(sqlite3 "$WORK/a/ledger.db" "SELECT count(*) FROM entries WHERE type = 17")
 [ "$SHARES" -ge 3 ] && pass "the ledger holds a key share for each member ($SHARES)" || failed "$SHARES key shares"
 if sqlite3 "$WORK/a/vault.db" "SELECT hex(wrapped) FROM cluster_secret" | grep -q .; then pass "the secret is kept wrapped in the vault"; else failed "no wrapped secret in a's vault"; fi

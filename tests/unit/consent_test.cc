@@ -347,3 +347,38 @@ TEST_CASE(
   CHECK(report.problem->number == *index);
   CHECK_THAT(report.problem->describe(), Catch::Contains("signature"));
 }
+
+TEST_CASE(
+    "two rules versions written with the same number (two members at once) are numbered "
+    "by ledger order",
+    "[consent]") {
+  Fixture f;
+  const std::string text = "permit (principal, action, resource);";
+  auto racing_entry = [&](const char* actor) {
+    ledger::Entry e;
+    e.type = ledger::EntryType::kRulesVersion;
+    e.time_us = ledger::now_us();
+    e.actor = actor;
+    const Hash digest = sha256(as_bytes(text));
+    e.body = *ledger::cbor::Value::map(
+        {{ledger::cbor::Value::text("version"), ledger::cbor::Value::uint(1)},
+         {ledger::cbor::Value::text("text"), ledger::cbor::Value::text(text)},
+         {ledger::cbor::Value::text("sha256"), ledger::cbor::Value::bytes(ByteView(digest))}});
+    return e;
+  };
+  // Both members computed "version 1"; the ledger orders them.
+  const std::uint64_t first = f.ledger->append(racing_entry("member:a")).value();
+  const std::uint64_t second = f.ledger->append(racing_entry("member:b")).value();
+  f.reopen_book();
+  std::vector<RulesVersionInfo> versions = f.book->rules_versions();
+  REQUIRE(versions.size() == 2);
+  CHECK(versions[0].version == 1);
+  CHECK(versions[0].entry == first);
+  CHECK(versions[1].version == 2);
+  CHECK(versions[1].entry == second);
+  CHECK(f.book->rules_version(2).value().actor == "member:b");
+  // The next local deploy says which version it became.
+  auto third = f.book->deploy_rules(text, "user:c");
+  REQUIRE(third.ok());
+  CHECK(third->version == 3);
+}
