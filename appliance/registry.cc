@@ -238,7 +238,8 @@ Status DeviceRegistry::store(const DeviceInfo& d, const std::optional<Bytes>& wr
 // Under mu_. Every change: a new PSK wrapped first (so a key-store failure records nothing), then
 // the ledger entry, then the registry file, then the in-memory view the listeners read.
 Result<DeviceChange> DeviceRegistry::apply(const char* event, DeviceInfo d,
-                                           const std::string& actor, bool make_psk) {
+                                           const std::string& actor, bool make_psk,
+                                           std::unique_lock<std::mutex>& lk) {
   DeviceChange change;
   std::optional<Bytes> wrapped;
   std::optional<Bytes> sealed;  // for the other members of a cluster
@@ -249,7 +250,34 @@ Result<DeviceChange> DeviceRegistry::apply(const char* event, DeviceInfo d,
     MEDGATE_ASSIGN_OR_RETURN(sealed,
                              vault_.seal_for_members(as_bytes(change.psk), shared_psk_label(d.id)));
   }
-  MEDGATE_ASSIGN_OR_RETURN(change.entry, record(event, d, actor, sealed));
+  // The ledger append waits for the cluster to order the entry on a replicated ledger: the
+  // listeners (every HL7 message, every DTLS handshake) must not wait with it.
+  lk.unlock();
+  Result<std::uint64_t> entry = record(event, d, actor, sealed);
+  lk.lock();
+  if (!entry.ok()) return entry.status();
+  change.entry = *entry;
+  if (ledger_.replica()) {
+    // A cluster's registry changes in ledger order only: this change is applied when its entry
+    // comes back through the follower (apply_replicated), after every other member's change
+    // ordered before it, as at every other member.
+    if (!applied_cv_.wait_for(lk, std::chrono::seconds(10),
+                              [&] { return replicated_index_ >= change.entry; }))
+      return Status::Unavailable(fmt::format(
+          "device event {} is on the ledger but not applied here yet (the cluster's follower is "
+          "behind); it takes effect when it is",
+          change.entry));
+    auto it = devices_.find(d.id);
+    if (it == devices_.end())
+      return Status::Internal(fmt::format("device {} is not here after its event", d.id));
+    // Without a cluster secret the event carries no sealed PSK: keep the one made here.
+    if (make_psk && !sealed) {
+      MEDGATE_RETURN_IF_ERROR(store(it->second, wrapped));
+      MEDGATE_RETURN_IF_ERROR(cache(it->second, change.psk));
+    }
+    change.device = it->second;
+    return change;
+  }
   d.updated_us = ledger::now_us();
   d.last_entry = change.entry;
   MEDGATE_RETURN_IF_ERROR(store(d, wrapped));
@@ -267,7 +295,8 @@ Result<DeviceChange> DeviceRegistry::add(const std::string& id, DeviceKind kind,
   if (!valid_id(id))
     return Status::InvalidArgument(
         "a device id is 1-64 characters of letters, digits, '.', '_' and '-'");
-  std::lock_guard lk(mu_);
+  std::lock_guard change(change_mu_);  // one change at a time, in the order they are asked
+  std::unique_lock lk(mu_);
   if (devices_.count(id))
     return Status::FailedPrecondition(fmt::format("device {} is registered already", id));
   DeviceInfo d;
@@ -297,12 +326,13 @@ Result<DeviceChange> DeviceRegistry::add(const std::string& id, DeviceKind kind,
     d.patient = p;
   }
   d.created_us = ledger::now_us();
-  return apply("add", std::move(d), actor, /*new_psk=*/kind == DeviceKind::kCoap);
+  return apply("add", std::move(d), actor, /*new_psk=*/kind == DeviceKind::kCoap, lk);
 }
 
 Result<DeviceChange> DeviceRegistry::bind(const std::string& id, const std::string& patient_id,
                                           const std::string& actor) {
-  std::lock_guard lk(mu_);
+  std::lock_guard change(change_mu_);  // one change at a time, in the order they are asked
+  std::unique_lock lk(mu_);
   auto it = devices_.find(id);
   if (it == devices_.end()) return Status::NotFound(fmt::format("no device {}", id));
   if (it->second.revoked)
@@ -310,34 +340,37 @@ Result<DeviceChange> DeviceRegistry::bind(const std::string& id, const std::stri
   DeviceInfo d = it->second;
   MEDGATE_ASSIGN_OR_RETURN(Pseudonym p, vault_.pseudonym(patient_id));
   d.patient = p;
-  return apply("bind", std::move(d), actor, /*new_psk=*/false);
+  return apply("bind", std::move(d), actor, /*new_psk=*/false, lk);
 }
 
 Result<DeviceChange> DeviceRegistry::revoke(const std::string& id, const std::string& actor) {
-  std::lock_guard lk(mu_);
+  std::lock_guard change(change_mu_);  // one change at a time, in the order they are asked
+  std::unique_lock lk(mu_);
   auto it = devices_.find(id);
   if (it == devices_.end()) return Status::NotFound(fmt::format("no device {}", id));
   if (it->second.revoked)
     return Status::FailedPrecondition(fmt::format("device {} is revoked already", id));
   DeviceInfo d = it->second;
   d.revoked = true;
-  return apply("revoke", std::move(d), actor, /*new_psk=*/false);
+  return apply("revoke", std::move(d), actor, /*new_psk=*/false, lk);
 }
 
 Result<DeviceChange> DeviceRegistry::rotate_psk(const std::string& id, const std::string& actor) {
-  std::lock_guard lk(mu_);
+  std::lock_guard change(change_mu_);  // one change at a time, in the order they are asked
+  std::unique_lock lk(mu_);
   auto it = devices_.find(id);
   if (it == devices_.end()) return Status::NotFound(fmt::format("no device {}", id));
   if (it->second.kind != DeviceKind::kCoap)
     return Status::InvalidArgument(fmt::format("device {} is an HL7 source: it has no PSK", id));
   if (it->second.revoked)
     return Status::FailedPrecondition(fmt::format("device {} is revoked", id));
-  return apply("rotate-psk", it->second, actor, /*new_psk=*/true);
+  return apply("rotate-psk", it->second, actor, /*new_psk=*/true, lk);
 }
 
 Result<DeviceChange> DeviceRegistry::set_allow(const std::string& id, std::vector<IpNetwork> allow,
                                                const std::string& actor) {
-  std::lock_guard lk(mu_);
+  std::lock_guard change(change_mu_);  // one change at a time, in the order they are asked
+  std::unique_lock lk(mu_);
   auto it = devices_.find(id);
   if (it == devices_.end()) return Status::NotFound(fmt::format("no device {}", id));
   if (it->second.kind != DeviceKind::kHl7)
@@ -347,12 +380,13 @@ Result<DeviceChange> DeviceRegistry::set_allow(const std::string& id, std::vecto
     return Status::FailedPrecondition(fmt::format("device {} is revoked", id));
   DeviceInfo d = it->second;
   d.allow = std::move(allow);
-  return apply("allow", std::move(d), actor, /*new_psk=*/false);
+  return apply("allow", std::move(d), actor, /*new_psk=*/false, lk);
 }
 
 Result<DeviceChange> DeviceRegistry::set_cert(const std::string& id, CertBinding cert,
                                               const std::string& actor) {
-  std::lock_guard lk(mu_);
+  std::lock_guard change(change_mu_);  // one change at a time, in the order they are asked
+  std::unique_lock lk(mu_);
   auto it = devices_.find(id);
   if (it == devices_.end()) return Status::NotFound(fmt::format("no device {}", id));
   if (it->second.kind != DeviceKind::kHl7)
@@ -362,7 +396,7 @@ Result<DeviceChange> DeviceRegistry::set_cert(const std::string& id, CertBinding
     return Status::FailedPrecondition(fmt::format("device {} is revoked", id));
   DeviceInfo d = it->second;
   d.cert = std::move(cert);
-  return apply("cert", std::move(d), actor, /*new_psk=*/false);
+  return apply("cert", std::move(d), actor, /*new_psk=*/false, lk);
 }
 
 std::vector<DeviceInfo> DeviceRegistry::list() const {
@@ -511,6 +545,10 @@ Status DeviceRegistry::apply_replicated(std::uint64_t index, const ledger::Entry
 }
 
 Status DeviceRegistry::mark_replicated(std::uint64_t index) {
+  if (index > replicated_index_) {
+    replicated_index_ = index;
+    applied_cv_.notify_all();
+  }
   MEDGATE_ASSIGN_OR_RETURN(
       auto st, db_.prepare("INSERT INTO replicated (key, value) VALUES ('device_events', ?) "
                            "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)"));

@@ -20,6 +20,7 @@
 // Thread safety: all methods from any thread.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -114,15 +115,21 @@ class DeviceRegistry final : public DeviceDirectory {
   Status load();
   Result<std::uint64_t> record(const std::string& event, const DeviceInfo& d,
                                const std::string& actor, const std::optional<Bytes>& sealed_psk);
+  // Under mu_ (held by `lk`, released while the ledger append waits).
   Result<DeviceChange> apply(const char* event, DeviceInfo d, const std::string& actor,
-                             bool make_psk);
+                             bool make_psk, std::unique_lock<std::mutex>& lk);
   Status store(const DeviceInfo& d, const std::optional<Bytes>& wrapped_psk);
   Result<std::string> new_psk();
   Result<Bytes> wrap_psk(const std::string& id, const std::string& psk);
   Status cache(const DeviceInfo& d, const std::optional<std::string>& psk);
   Status mark_replicated(std::uint64_t index);
 
-  mutable std::mutex mu_;  // serializes changes and guards the caches
+  std::mutex change_mu_;   // serializes local changes (held across the ledger append)
+  mutable std::mutex mu_;  // guards the caches; never held while the ledger append waits
+  // A replicated ledger: the highest device event applied (apply_replicated); a local change waits
+  // on applied_cv_ for its own.
+  std::uint64_t replicated_index_ = 0;
+  std::condition_variable applied_cv_;
   mutable ledger::sql::Database db_;
   hsm::KeyStore& keys_;
   Vault& vault_;
