@@ -104,6 +104,15 @@ expect_in 'not replicated' "member.propose on a single box is refused"
 OUT=$(printf '%s\n' '{"v":1,"op":"cluster.init","args":{"etcd":["http://127.0.0.1:1"],"member_id":"a","endpoint":"h:1","prefix":5}}' | raw_request "${SOCKP[a]}")
 expect_in '"code":"invalid_argument".*\\"prefix\\" must be a text' "a prefix that is not text is named"
 [ ! -e "$WORK/a/cluster.json" ] && pass "no cluster settings were written by the refused calls" || failed "cluster.json written"
+# A box that already named patients with its own pseudonym key cannot found a cluster.
+"$MEDCTL" init --data-dir "$WORK/z" --ledger-id zed --socket "$WORK/run/z.sock" >/dev/null
+make_config z
+start_member z
+printf '%s\n' "HOSP:Z-1" | ctl z device add pump-z --kind coap --patient - --psk-out "$WORK/pump-z.psk" >/dev/null
+expect_rc 2 "cluster init on a box that has patients is refused" -- ctl z cluster init --etcd "$ETCD_ENDPOINTS" --member-id z --endpoint 127.0.0.1:7009 --prefix /medgate/zed/
+expect_in "holds 1 patient record\(s\) whose pseudonyms were made with this key store's own key" "naming why"
+[ -z "$(etcdctl_cluster get --prefix --keys-only /medgate/zed/)" ] && pass "and nothing was published" || failed "z published to etcd"
+stop_member z
 expect_rc 0 "medctl cluster init" -- ctl a cluster init --etcd "$ETCD_ENDPOINTS" --member-id a --endpoint 127.0.0.1:7001
 expect_in '"?a"? +127.0.0.1:7001' "a is the first member"
 expect_rc 2 "a second cluster init is refused" -- ctl a cluster init --etcd "$ETCD_ENDPOINTS" --member-id a --endpoint 127.0.0.1:7001
