@@ -34,10 +34,15 @@ void print_members(const json& r) {
   if (r.contains("this_member") && r["this_member"].is_string())
     std::cout << ", this appliance is \"" << r["this_member"].get<std::string>() << "\"";
   std::cout << "\n";
-  for (const json& m : r.value("members", json::array()))
-    std::cout << fmt::format("  {:<20} {}  key {}…  (member since entry {})\n", m.value("id", ""),
-                             m.value("endpoint", ""), m.value("key_id", "").substr(0, 16),
-                             m.value("since_entry", 0));
+  for (const json& m : r.value("members", json::array())) {
+    const json agreement = m.value("agreement_key_id", json());
+    std::cout << fmt::format(
+        "  {:<20} {}  key {}…  {}  (member since entry {})\n", m.value("id", ""),
+        m.value("endpoint", ""), m.value("key_id", "").substr(0, 16),
+        agreement.is_string() ? "agreement key " + agreement.get<std::string>().substr(0, 16) + "…"
+                              : std::string("NO agreement key: it never receives the shared key"),
+        m.value("since_entry", 0));
+  }
   const json proposals = r.value("open_proposals", json::array());
   if (!proposals.empty()) {
     std::cout << "open proposals:\n";

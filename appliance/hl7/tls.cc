@@ -1,7 +1,6 @@
 #include "appliance/hl7/tls.h"
 
 #include <arpa/inet.h>
-#include <sys/stat.h>
 #include <openssl/bio.h>
 #include <openssl/bn.h>
 #include <openssl/err.h>
@@ -11,6 +10,7 @@
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
+#include <sys/stat.h>
 
 #include <cctype>
 #include <system_error>
@@ -114,9 +114,9 @@ Result<std::shared_ptr<TlsServerContext>> TlsServerContext::create(const MllpTls
     // The fallback key is a secret on disk: like a PIN file, only its owner may read it.
     struct stat st {};
     if (::stat(config.key_file->c_str(), &st) == 0 && (st.st_mode & 077) != 0)
-      return Status::InvalidArgument(fmt::format(
-          "[hl7] tls_key_file {} may be read by others (mode {:04o}); chmod 600 it",
-          config.key_file->string(), st.st_mode & 07777));
+      return Status::InvalidArgument(
+          fmt::format("[hl7] tls_key_file {} may be read by others (mode {:04o}); chmod 600 it",
+                      config.key_file->string(), st.st_mode & 07777));
   }
   if (config.client_ca) MEDGATE_RETURN_IF_ERROR(readable(*config.client_ca, "tls_client_ca"));
 
@@ -165,7 +165,10 @@ Result<std::shared_ptr<TlsServerContext>> TlsServerContext::create(const MllpTls
       return Status::InvalidArgument("[hl7] tls: OpenSSL cannot use the key store's TLS key: " +
                                      tls_errors());
     }
-    c->key_location_ = "key store (" + std::string(hsm::kTlsKeyLabel) + ")";
+    // Named as the key store holds it: a token object's label, or the TPM's key file.
+    c->key_location_ = config.key_store.uri.rfind("tpm2", 0) == 0
+                           ? "key store (TPM, tls-key in " + config.key_store.key_dir.string() + ")"
+                           : "key store (" + std::string(hsm::kTlsKeyLabel) + ")";
   }
   if (SSL_CTX_check_private_key(ctx) != 1) return mismatch();
 

@@ -160,6 +160,7 @@ for _ in $(seq 1 50); do ctl c member list | grep -q "epoch 3" && break; sleep 0
 expect_rc 0 "member list at c" -- ctl c member list
 expect_in "epoch 3" "three changes so far"
 expect_in "c +127.0.0.1:7003" "c is a member"
+expect_in "c +127.0.0.1:7003  key [0-9a-f]{16}…  agreement key [0-9a-f]{16}…" "with its key-agreement key"
 expect_rc 1 "an auditor cannot propose" -- as_user nobody "$MEDCTL" --socket "${SOCKP[a]}" member remove b
 
 say "== the cluster's shared key reaches b and c"

@@ -48,7 +48,7 @@ EOC
 start_daemon "$CONF" "$LOG"
 HL7_PORT=$("$MEDCTL" --json status | sed -n '/"hl7": {/,/}/s/.*"port": \([0-9]*\).*/\1/p' | head -1)
 [ -n "$HL7_PORT" ] && [ "$HL7_PORT" != 0 ] && pass "the HL7 listener is up (port $HL7_PORT)" || failed "no HL7 port in status"
-grep -q "over TLS (key: key store (medgate-tls)" "$LOG" && pass "it says TLS with the key in the key store" || failed "no TLS line in the log"
+grep -q "over TLS (key: key store (TPM, tls-key in " "$LOG" && pass "it says TLS with the key in the key store" || failed "no TLS line in the log"
 
 expect_rc 0 "keys show" -- "$MEDCTL" --json keys show
 expect_not_in "$KEY_SHA" "the TLS key is not a signing key"
