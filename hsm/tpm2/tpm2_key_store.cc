@@ -397,8 +397,18 @@ Status Tpm2KeyStore::open_signing_keys(KeyPolicy policy) {
       .status();
 }
 
-Result<Tpm2KeyStore::SigningKey> Tpm2KeyStore::make_signing_key(Device& d) {
-  const TPM2B_PUBLIC in_public = signing_key_template();
+namespace {
+
+struct CreatedKey {
+  PublicKey public_key;
+  Bytes public_blob;
+  Bytes private_blob;
+};
+
+// A new key from `in_public` under the storage primary: its public key and both blobs. `what`
+// names it in messages ("signing key").
+Result<CreatedKey> create_key(Device& d, const TPM2B_PUBLIC& in_public, const std::string& what,
+                              KeyUse use) {
   const TPM2B_SENSITIVE_CREATE in_sensitive{};
   const TPM2B_DATA outside_info{};
   const TPML_PCR_SELECTION creation_pcrs{};
@@ -411,12 +421,19 @@ Result<Tpm2KeyStore::SigningKey> Tpm2KeyStore::make_signing_key(Device& d) {
   });
   EsysPtr<TPM2B_PRIVATE> own_private(out_private);
   EsysPtr<TPM2B_PUBLIC> own_public(out_public);
-  if (rc != TSS2_RC_SUCCESS) return d.fail("creating a signing key", rc);
-  MEDGATE_ASSIGN_OR_RETURN(PublicKey key,
-                           public_key_of(*out_public, "the new signing key", KeyUse::kSign));
+  if (rc != TSS2_RC_SUCCESS) return d.fail("creating a " + what, rc);
+  MEDGATE_ASSIGN_OR_RETURN(PublicKey key, public_key_of(*out_public, "the new " + what, use));
   MEDGATE_ASSIGN_OR_RETURN(Bytes pub, marshal_public(*out_public));
   MEDGATE_ASSIGN_OR_RETURN(Bytes priv, marshal_private(*out_private));
-  return SigningKey{std::move(key), std::move(pub), std::move(priv)};
+  return CreatedKey{std::move(key), std::move(pub), std::move(priv)};
+}
+
+}  // namespace
+
+Result<Tpm2KeyStore::SigningKey> Tpm2KeyStore::make_signing_key(Device& d) {
+  MEDGATE_ASSIGN_OR_RETURN(CreatedKey k,
+                           create_key(d, signing_key_template(), "signing key", KeyUse::kSign));
+  return SigningKey{std::move(k.public_key), std::move(k.public_blob), std::move(k.private_blob)};
 }
 
 // The blobs first, then the list that makes the key part of the store: a crash in between leaves
@@ -755,25 +772,9 @@ Result<std::optional<Tpm2KeyStore::KeyBlobs>> Tpm2KeyStore::read_optional_key(
 }
 
 Result<Tpm2KeyStore::KeyBlobs> Tpm2KeyStore::make_agreement_key(Device& d) {
-  const TPM2B_PUBLIC in_public = agreement_key_template();
-  const TPM2B_SENSITIVE_CREATE in_sensitive{};
-  const TPM2B_DATA outside_info{};
-  const TPML_PCR_SELECTION creation_pcrs{};
-  TPM2B_PRIVATE* out_private = nullptr;
-  TPM2B_PUBLIC* out_public = nullptr;
-  TSS2_RC rc = d.call([&] {
-    return Esys_Create(d.esys(), d.primary(), ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE,
-                       &in_sensitive, &in_public, &outside_info, &creation_pcrs, &out_private,
-                       &out_public, nullptr, nullptr, nullptr);
-  });
-  EsysPtr<TPM2B_PRIVATE> own_private(out_private);
-  EsysPtr<TPM2B_PUBLIC> own_public(out_public);
-  if (rc != TSS2_RC_SUCCESS) return d.fail("creating the key-agreement key", rc);
-  MEDGATE_ASSIGN_OR_RETURN(PublicKey key,
-                           public_key_of(*out_public, "the new key-agreement key", KeyUse::kAgree));
-  MEDGATE_ASSIGN_OR_RETURN(Bytes pub, marshal_public(*out_public));
-  MEDGATE_ASSIGN_OR_RETURN(Bytes priv, marshal_private(*out_private));
-  return KeyBlobs{std::move(key), std::move(pub), std::move(priv)};
+  MEDGATE_ASSIGN_OR_RETURN(
+      CreatedKey k, create_key(d, agreement_key_template(), "key-agreement key", KeyUse::kAgree));
+  return KeyBlobs{std::move(k.public_key), std::move(k.public_blob), std::move(k.private_blob)};
 }
 
 Status Tpm2KeyStore::ensure_agreement_key() {
