@@ -396,6 +396,13 @@ AdminServer::~AdminServer() {
   stop();
 }
 
+Result<std::string> text_arg(const nlohmann::json& args, const char* name) {
+  auto it = args.find(name);
+  if (it == args.end() || !it->is_string() || it->get<std::string>().empty())
+    return Status::InvalidArgument(fmt::format("argument \"{}\" must be a non-empty text", name));
+  return it->get<std::string>();
+}
+
 Result<std::unique_ptr<AdminServer>> AdminServer::start(const AdminConfig& config,
                                                         std::vector<Operation> operations) {
   auto impl = std::make_unique<Impl>(config, std::move(operations));

@@ -44,6 +44,10 @@ struct Operation {
   std::function<Result<nlohmann::json>(const Caller& caller, const nlohmann::json& args)> handler;
 };
 
+// An operation's text argument `name`: kInvalidArgument "argument "NAME" must be a non-empty
+// text" when it is missing, not a string, or empty.
+Result<std::string> text_arg(const nlohmann::json& args, const char* name);
+
 struct AdminCounters {
   std::uint64_t connections = 0;
   std::uint64_t requests = 0;

@@ -23,13 +23,6 @@ namespace {
 
 using nlohmann::json;
 
-Result<std::string> text_arg(const json& args, const char* name) {
-  auto it = args.find(name);
-  if (it == args.end() || !it->is_string() || it->get<std::string>().empty())
-    return Status::InvalidArgument(fmt::format("argument \"{}\" must be a non-empty text", name));
-  return it->get<std::string>();
-}
-
 std::uint64_t age_ms(std::uint64_t time_us) {
   const std::uint64_t now = ledger::now_us();
   return now > time_us ? (now - time_us) / 1000 : 0;

@@ -21,13 +21,6 @@ constexpr const char* kIngestCategory = "vitals";
 // A read returns at most this many observations, the newest.
 constexpr std::size_t kMaxReturned = 1000;
 
-Result<std::string> text_arg(const json& args, const char* name) {
-  auto it = args.find(name);
-  if (it == args.end() || !it->is_string() || it->get<std::string>().empty())
-    return Status::InvalidArgument(fmt::format("argument \"{}\" must be a non-empty text", name));
-  return it->get<std::string>();
-}
-
 std::optional<std::string> optional_text(const json& args, const char* name) {
   auto it = args.find(name);
   if (it == args.end() || !it->is_string() || it->get<std::string>().empty()) return std::nullopt;

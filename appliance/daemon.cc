@@ -740,13 +740,6 @@ class Daemon::Impl {
     return CertBinding{};
   }
 
-  static Result<std::string> text_arg(const json& args, const char* name) {
-    auto it = args.find(name);
-    if (it == args.end() || !it->is_string() || it->get<std::string>().empty())
-      return Status::InvalidArgument(fmt::format("argument \"{}\" must be a non-empty text", name));
-    return it->get<std::string>();
-  }
-
   Result<json> device_change(const Caller& c, const char* op, const Result<DeviceChange>& r) {
     if (!r.ok()) {
       log(LogLevel::kWarning, op, "{} by {} refused: {}", op, c.actor(), r.status().message());
