@@ -85,42 +85,33 @@ TPML_PCR_SELECTION pcr_selection(const std::vector<unsigned>& pcrs) {
   return selection;
 }
 
-// An ECDSA P-256 signing key: sign-only (not restricted, so it signs digests computed outside),
-// never leaves the TPM, empty auth.
-TPM2B_PUBLIC signing_key_template() {
+// A P-256 key created under the storage primary for one `use` (sign or decrypt) with `scheme`:
+// not restricted, never leaves the TPM, empty auth. (ECDSA and ECDH share the hash-scheme layout.)
+TPM2B_PUBLIC p256_key_template(TPMA_OBJECT use, TPM2_ALG_ID scheme) {
   TPM2B_PUBLIC in{};
   TPMT_PUBLIC& p = in.publicArea;
   p.type = TPM2_ALG_ECC;
   p.nameAlg = TPM2_ALG_SHA256;
   p.objectAttributes = TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT |
-                       TPMA_OBJECT_SENSITIVEDATAORIGIN | TPMA_OBJECT_USERWITHAUTH |
-                       TPMA_OBJECT_SIGN_ENCRYPT;
+                       TPMA_OBJECT_SENSITIVEDATAORIGIN | TPMA_OBJECT_USERWITHAUTH | use;
   p.parameters.eccDetail.symmetric.algorithm = TPM2_ALG_NULL;
-  p.parameters.eccDetail.scheme.scheme = TPM2_ALG_ECDSA;
-  p.parameters.eccDetail.scheme.details.ecdsa.hashAlg = TPM2_ALG_SHA256;
+  p.parameters.eccDetail.scheme.scheme = scheme;
+  p.parameters.eccDetail.scheme.details.anySig.hashAlg = TPM2_ALG_SHA256;
   p.parameters.eccDetail.curveID = TPM2_ECC_NIST_P256;
   p.parameters.eccDetail.kdf.scheme = TPM2_ALG_NULL;
   return in;
 }
 
-// An ECC P-256 key whose only use is ECDH (TPM2_ECDH_ZGen): decrypt but not sign, and not
-// restricted (a restricted decrypt key is a storage parent and cannot do ZGen). The TPM accepts
-// ZGen with scheme ECDH or NULL; ECDH says what the key is for. Never leaves the TPM, empty
-// auth like the signing keys.
+// An ECDSA signing key: sign-only (not restricted, so it signs digests computed outside).
+TPM2B_PUBLIC signing_key_template() {
+  return p256_key_template(TPMA_OBJECT_SIGN_ENCRYPT, TPM2_ALG_ECDSA);
+}
+
+// A key whose only use is ECDH (TPM2_ECDH_ZGen): decrypt but not sign, and not restricted (a
+// restricted decrypt key is a storage parent and cannot do ZGen). The TPM accepts ZGen with
+// scheme ECDH or NULL; ECDH says what the key is for.
 TPM2B_PUBLIC agreement_key_template() {
-  TPM2B_PUBLIC in{};
-  TPMT_PUBLIC& p = in.publicArea;
-  p.type = TPM2_ALG_ECC;
-  p.nameAlg = TPM2_ALG_SHA256;
-  p.objectAttributes = TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT |
-                       TPMA_OBJECT_SENSITIVEDATAORIGIN | TPMA_OBJECT_USERWITHAUTH |
-                       TPMA_OBJECT_DECRYPT;
-  p.parameters.eccDetail.symmetric.algorithm = TPM2_ALG_NULL;
-  p.parameters.eccDetail.scheme.scheme = TPM2_ALG_ECDH;
-  p.parameters.eccDetail.scheme.details.ecdh.hashAlg = TPM2_ALG_SHA256;
-  p.parameters.eccDetail.curveID = TPM2_ECC_NIST_P256;
-  p.parameters.eccDetail.kdf.scheme = TPM2_ALG_NULL;
-  return in;
+  return p256_key_template(TPMA_OBJECT_DECRYPT, TPM2_ALG_ECDH);
 }
 
 template <typename T, TSS2_RC (*Marshal)(const T*, uint8_t[], size_t, size_t*)>
