@@ -1821,16 +1821,26 @@ Status run_hl7_phase(const Options& options, Appliance& appliance, LedgerFloor& 
   return Status::Ok();
 }
 
-// CPU per POST of a CoAP row's server and client, and the rate the machine's cores would allow
-// at that cost if nothing else ran on them.
+// CPU per POST of a CoAP row's server (and, for medgated, of its busiest threads) and client, and
+// the rate the machine's cores would allow at that cost if nothing else ran on them.
 std::string cpu_per_post(const LoadRun& r) {
   if (r.acknowledged == 0 || r.cpu.wall < 0.5) return "(too little measured to say)";
   const double n = static_cast<double>(r.acknowledged);
   const double server = r.cpu.daemon_cpu() / n * 1e6, client = r.cpu.client_cpu() / n * 1e6;
-  return fmt::format(
+  std::string out = fmt::format(
       "server {:.0f} + client {:.0f} = {:.0f} us of CPU per POST: {} POSTs/s on {} cores at most",
       server, client, server + client, rate(cpus_available() * 1e6 / (server + client)),
       cpus_available());
+  if (r.cpu.daemon_threads.size() > 1) {
+    std::vector<std::pair<double, std::string>> threads;
+    for (const auto& [tid, t] : r.cpu.daemon_threads)
+      if (t.cpu / n * 1e6 >= 2) threads.emplace_back(t.cpu / n * 1e6, t.name);
+    std::sort(threads.rbegin(), threads.rend());
+    std::vector<std::string> parts;
+    for (const auto& [us, name] : threads) parts.push_back(fmt::format("{} {:.0f}", name, us));
+    out += fmt::format("\n      (server threads, us per POST: {})", fmt::join(parts, ", "));
+  }
+  return out;
 }
 
 // Server CPU per POST, or 0 when too little was measured.
@@ -1848,7 +1858,7 @@ Status run_coap_phase(const Options& options, Appliance& appliance, Totals& tota
       "on the same medgated. Beside them, the floor: the same client against a libcoap server in\n"
       "this process (its own thread and context, the devices' PSKs) that answers 2.04 at once with\n"
       "no work, piggybacked on the ACK (2 datagrams per POST) and, as medgated does, separately\n"
-      "with libcoap's async API (empty ACK, CON 2.04, the client's ACK: 4 datagrams). {}\n\n",
+      "with libcoap's async API (empty ACK, CON 2.04, the client's ACK: 4 datagrams).\n{}\n\n",
       senml_pack("bench-pump-0", 0).size(), kPatients,
       options.per_client ? fmt::format("Smoke: {} POSTs per session.", options.per_client)
                          : fmt::format("Rows alternate in ~{:.0f} s slices for {:.1f} s each.",
@@ -1967,8 +1977,8 @@ Status run_coap_phase(const Options& options, Appliance& appliance, Totals& tota
   }
   if (best_floor_dtls) {
     fmt::print(
-        "  the floor over DTLS (libcoap alone, no work; best of piggybacked and separate): {} "
-        "POSTs/s at {} sessions, {} the target\n",
+        "  the floor over DTLS (libcoap alone, no work; best of piggybacked and separate):\n"
+        "  {} POSTs/s at {} sessions, {} the target\n",
         rate(best_floor_dtls->second.per_second()), best_floor_dtls->first,
         best_floor_dtls->second.per_second() >= kTargetCoapRate ? "above" : "below");
   }
