@@ -31,14 +31,14 @@
 //      much of medgated's cost is its own work.
 //
 // Compared rows (HL7 and its ledger floor; CoAP DTLS and plain, medgated's and the floors') take
-// turns in ~1 s slices, so load on a shared machine falls on all alike. Every row also prints the ledger's entries per
-// group commit (medgated's status before and after each slice) and where the CPU went while it
-// ran: the machine as a whole (/proc/stat), each of medgated's threads on a CPU and waiting for one
-// (/proc/PID/task/*/schedstat; for a floor row, the floor server's thread, /proc/self/task/TID),
-// with its wake-ups and CPU per acknowledged message, this process less any floor thread
-// (getrusage; a client that used most of a core would be measuring itself), and everything else
-// (other tenants of a shared machine). The CoAP rows then print the server's and the client's CPU
-// per POST side by side.
+// turns in ~1 s slices, so load on a shared machine falls on all alike. Every row also prints the
+// ledger's entries per group commit (medgated's status before and after each slice) and where the
+// CPU went while it ran: the machine as a whole (/proc/stat), each of medgated's threads on a CPU
+// and waiting for one (/proc/PID/task/*/schedstat; for a floor row, the floor server's thread,
+// /proc/self/task/TID), with its wake-ups and CPU per acknowledged message, this process less any
+// floor thread (getrusage; a client that used most of a core would be measuring itself), and
+// everything else (other tenants of a shared machine). The CoAP rows then print the server's and
+// the client's CPU per POST side by side.
 //
 // libcoap is otherwise kept inside appliance/coap/server.cc; this file uses it as a client because
 // spawning coap-client-openssl per request would measure process start-up, not medgated, and as
@@ -1582,8 +1582,8 @@ Status CoapFloor::listen() {
     // Unknown identities get no key, and their handshake fails (as medgated's would).
     if (!identity) return nullptr;
     const auto& keys = of(session)->keys_;
-    auto it = keys.find(
-        std::string_view(reinterpret_cast<const char*>(identity->s), identity->length));
+    auto it =
+        keys.find(std::string_view(reinterpret_cast<const char*>(identity->s), identity->length));
     return it == keys.end() ? nullptr : &it->second.view;
   };
   if (coap_context_set_psk2(ctx_, &psk) != 1)
@@ -1855,10 +1855,11 @@ Status run_coap_phase(const Options& options, Appliance& appliance, Totals& tota
       "and waits for the 2.04 (a separate response: medgated ACKs at once and answers 2.04 once\n"
       "durable) before the next; all sessions in one libcoap context on one thread. Sessions are\n"
       "devices bound to {} patients. DTLS-PSK (coaps) beside plain CoAP (?d=ID, unauthenticated)\n"
-      "on the same medgated. Beside them, the floor: the same client against a libcoap server in\n"
-      "this process (its own thread and context, the devices' PSKs) that answers 2.04 at once with\n"
-      "no work, piggybacked on the ACK (2 datagrams per POST) and, as medgated does, separately\n"
-      "with libcoap's async API (empty ACK, CON 2.04, the client's ACK: 4 datagrams).\n{}\n\n",
+      "on the same medgated. Beside them, the floor: the same client against a libcoap server\n"
+      "in this process (its own thread and context, the devices' PSKs) that answers 2.04 at once\n"
+      "with no work, piggybacked on the ACK (2 datagrams per POST) and, as medgated does,\n"
+      "separately with libcoap's async API (empty ACK, CON 2.04, the client's ACK: 4 datagrams).\n"
+      "{}\n\n",
       senml_pack("bench-pump-0", 0).size(), kPatients,
       options.per_client ? fmt::format("Smoke: {} POSTs per session.", options.per_client)
                          : fmt::format("Rows alternate in ~{:.0f} s slices for {:.1f} s each.",
@@ -1926,7 +1927,8 @@ Status run_coap_phase(const Options& options, Appliance& appliance, Totals& tota
       const Row& row = rows[i];
       const LoadRun& r = runs[i];
       // medgated's count of committed readings is checked against what it acknowledged only.
-      if (!row.floor) totals.readings_acknowledged += row.load->total_changed() * kReadingsPerMessage;
+      if (!row.floor)
+        totals.readings_acknowledged += row.load->total_changed() * kReadingsPerMessage;
       totals.errors += r.errors + missing(options, sessions, r);
       Percentiles p = percentiles(r.latency_ns);
       std::string as = r.piggybacked && r.separate
@@ -1954,15 +1956,15 @@ Status run_coap_phase(const Options& options, Appliance& appliance, Totals& tota
       cost_lines.push_back(fmt::format(
           "  x{} {}: the separate floor's server thread is {:.0f}% of medgated's server CPU per "
           "POST ({:.0f} of {:.0f} us), the piggybacked floor's {:.0f}% ({:.0f} us)",
-          sessions, t == 0 ? "DTLS" : "plain", sep / mine * 100, sep, mine, ack / mine * 100,
-          ack));
+          sessions, t == 0 ? "DTLS" : "plain", sep / mine * 100, sep, mine, ack / mine * 100, ack));
     }
   }
   table.print(/*blank_line_after=*/true);
   print_cpu_legend();
   for (const auto& l : cpu_lines) fmt::print("{}\n", l);
-  fmt::print("\nCPU per acknowledged POST, the server's (medgated's threads, or the floor's one "
-             "thread) and the client's:\n");
+  fmt::print(
+      "\nCPU per acknowledged POST, the server's (medgated's threads, or the floor's one "
+      "thread) and the client's:\n");
   for (const auto& l : cost_lines) fmt::print("{}\n", l);
   fmt::print("\n");
   if (best_dtls) {
