@@ -1217,6 +1217,17 @@ std::string senml_pack(const std::string& device, std::uint64_t n) {
                      device, 1764072000 + n, 10 + n % 10, 100 + n % 400);
 }
 
+// 127.0.0.1:port as libcoap wants it.
+coap_address_t loopback_address(std::uint16_t port) {
+  coap_address_t a;
+  coap_address_init(&a);
+  a.addr.sin.sin_family = AF_INET;
+  a.addr.sin.sin_port = htons(port);
+  a.addr.sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.size = sizeof(sockaddr_in);
+  return a;
+}
+
 std::string coap_code_text(coap_pdu_code_t code) {
   unsigned c = static_cast<unsigned>(code);
   return fmt::format("{}.{:02}", c >> 5, c & 0x1f);
@@ -1301,12 +1312,7 @@ Result<std::unique_ptr<CoapLoad>> CoapLoad::open(std::uint16_t port, Transport t
   coap_register_response_handler(load->ctx_, &CoapLoad::on_response);
   coap_register_nack_handler(load->ctx_, &CoapLoad::on_nack);
 
-  coap_address_t to;
-  coap_address_init(&to);
-  to.addr.sin.sin_family = AF_INET;
-  to.addr.sin.sin_port = htons(port);
-  to.addr.sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  to.size = sizeof(sockaddr_in);
+  const coap_address_t to = loopback_address(port);
   for (int i = 0; i < sessions; ++i) {
     const CoapDevice& d = devices[static_cast<std::size_t>(i) % devices.size()];
     auto s = std::make_unique<Session>();
@@ -1591,18 +1597,9 @@ Status CoapFloor::listen() {
 
   // The ports are chosen as medgated's are (free_port: another process could take one between
   // the probe and the bind; then the next pair is tried).
-  auto make = [](std::uint16_t port) {
-    coap_address_t a;
-    coap_address_init(&a);
-    a.addr.sin.sin_family = AF_INET;
-    a.addr.sin.sin_port = htons(port);
-    a.addr.sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    a.size = sizeof(sockaddr_in);
-    return a;
-  };
   for (int attempt = 0;; ++attempt) {
     MEDGATE_ASSIGN_OR_RETURN(std::uint16_t port, free_port(SOCK_DGRAM));
-    coap_address_t a = make(port);
+    coap_address_t a = loopback_address(port);
     if (coap_new_endpoint(ctx_, &a, COAP_PROTO_DTLS)) {
       coaps_port_ = port;
       break;
@@ -1611,7 +1608,7 @@ Status CoapFloor::listen() {
   }
   for (int attempt = 0;; ++attempt) {
     MEDGATE_ASSIGN_OR_RETURN(std::uint16_t port, free_port(SOCK_DGRAM));
-    coap_address_t a = make(port);
+    coap_address_t a = loopback_address(port);
     if (port != coaps_port_ && coap_new_endpoint(ctx_, &a, COAP_PROTO_UDP)) {
       plain_port_ = port;
       break;
