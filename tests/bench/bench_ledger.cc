@@ -437,8 +437,9 @@ Result<AppendRun> run_async_appenders(std::string store, int appenders, double s
       was_idle = d.ready.empty();
       d.ready.push_back(a);
     }
-    in_flight.fetch_sub(1);
     if (was_idle) d.cv.notify_one();
+    // Last: once in_flight reaches 0 the caller returns and destroys what this touched.
+    in_flight.fetch_sub(1);
   };
   for (int a = 0; a < appenders; ++a)
     drivers[static_cast<std::size_t>(a) % drivers.size()]->ready.push_back(a);
