@@ -353,7 +353,12 @@ MS=$(((T1 - T0) / 1000000))
 say "     (measured, not judged: $MS ms from the revoke's return to the first AE at b; the issue asks for 1 s)"
 [ "$(send_app CENTRAL-A c REV2)" = AE ] && pass "and at c" || failed "c still accepts it"
 say "== a CoAP device added at a speaks DTLS-PSK to b (its PSK sealed for the members)"
-printf '%s\n' "HOSP:CLUSTER-P9" | ctl a device add pump-a --kind coap --patient - --psk-out "$WORK/pump-a.psk" >/dev/null
+# Checked, not left to `set -e`: a failure here once ended the run with no line saying why.
+if ! ADD_OUT=$(printf '%s\n' "HOSP:CLUSTER-P9" |
+  ctl a device add pump-a --kind coap --patient - --psk-out "$WORK/pump-a.psk" 2>&1); then
+  failed "device add pump-a at a: $ADD_OUT"
+  tail -n 20 "${LOG[a]}" | sed 's/^/     a: /'
+fi
 printf '[{"bn":"urn:dev:pump-a:","n":"rate","u":"ml/h","v":12.5}]' >"$WORK/senml.json"
 coap_at() {  # coap_at MEMBER KEY -> the last response code
   coap-client-openssl -v 6 -B 5 -m post -t 110 -f "$WORK/senml.json" -u pump-a -k "$2" \
