@@ -18,6 +18,9 @@ Status migrate_schema(sql::Database& db);
 // once the migrated file passed its checks). Returns the version the file had before.
 Result<int> migrate_schema_in_transaction(sql::Database& db);
 
+// The file's schema version (0 for a file that is not a ledger).
+Result<int> schema_version(sql::Database& db);
+
 // Checks that a file opened read-only has a schema this build can read (for offline verify).
 Status check_schema_readable(sql::Database& db);
 

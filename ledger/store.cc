@@ -16,8 +16,11 @@
 #include <cstring>
 #include <deque>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <span>
 #include <thread>
 #include <unordered_map>
 
@@ -51,50 +54,144 @@ Status apply_pragmas(sql::Database& db, const LedgerOptions& options) {
 
 // Reads tiles through one connection. Not thread-safe: one per connection.
 //
-// Level-0 tiles (leaf hashes) are stored only once they are complete: the partial one at the right
-// edge would otherwise be rewritten by every commit, a WAL page each time. Its hashes are
-// recomputed here from the (at most 15) entries it covers.
+// Only complete tiles are stored (schema 5, ledger/schema.cc): the partial tile at the right edge
+// of each level would otherwise be rewritten by every commit, a WAL page per level each time. A
+// tile that is not stored is recomputed here: at level 0 from the (at most 15) entries it covers,
+// above from the roots of the complete tiles one level down (at most 15 reads). A tile that ends
+// short (a gap, or a child that is not complete) stops there: callers see a short tile.
 TileReader tile_reader(const sql::Database& db) {
-  struct Statements {
+  struct Reader {
     Result<sql::Statement> tile, entries;
-  };
-  auto st = std::make_shared<Statements>(Statements{
-      db.prepare("SELECT hashes FROM tiles WHERE level = ? AND idx = ?"),
-      db.prepare("SELECT idx, bytes FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx")});
-  return [st](int level, std::uint64_t index) -> Result<Bytes> {
-    if (!st->tile.ok()) return st->tile.status();
-    if (!st->entries.ok()) return st->entries.status();
-    sql::Statement& s = st->tile.value();
-    s.bind(1, level).bind(2, index);
-    Result<sql::Statement::Step> step = s.step();
-    Result<Bytes> out =
-        Status::NotFound(fmt::format("Merkle tile ({}, {}) is missing", level, index));
-    if (!step.ok())
-      out = step.status();
-    else if (*step == sql::Statement::Step::kRow) {
-      ByteView b = s.column_blob(0);
-      out = Bytes(b.begin(), b.end());
-    }
-    s.reset();
-    if (level != 0 || out.ok() || out.status().code() != StatusCode::kNotFound) return out;
-    sql::Statement& e = st->entries.value();
-    e.bind(1, index * kTileWidth).bind(2, (index + 1) * kTileWidth);
-    Bytes hashes;
-    for (std::uint64_t expected = index * kTileWidth;; ++expected) {
-      Result<sql::Statement::Step> row = e.step();
-      if (!row.ok()) {
-        e.reset();
-        return row.status();
+
+    Result<Bytes> read(int level, std::uint64_t index) {
+      if (!tile.ok()) return tile.status();
+      if (!entries.ok()) return entries.status();
+      MEDGATE_ASSIGN_OR_RETURN(std::int64_t pos, tile_position({level, index}));
+      sql::Statement& s = tile.value();
+      s.bind(1, pos);
+      Result<sql::Statement::Step> step = s.step();
+      Result<Bytes> out =
+          Status::NotFound(fmt::format("Merkle tile ({}, {}) is missing", level, index));
+      if (!step.ok())
+        out = step.status();
+      else if (*step == sql::Statement::Step::kRow) {
+        ByteView b = s.column_blob(0);
+        out = Bytes(b.begin(), b.end());
       }
-      if (*row == sql::Statement::Step::kDone) break;
-      if (e.column_uint(0) != expected) break;  // a gap: stop; callers see a short tile
-      Hash leaf = merkle::leaf_hash(e.column_blob(1));
-      hashes.insert(hashes.end(), leaf.begin(), leaf.end());
+      s.reset();
+      if (out.ok() || out.status().code() != StatusCode::kNotFound) return out;
+      Result<Bytes> hashes = level == 0 ? leaf_hashes(index) : child_roots(level, index);
+      if (!hashes.ok()) return hashes.status();
+      if (hashes->empty()) return out;
+      return hashes;
     }
-    e.reset();
-    if (hashes.empty()) return out;
-    return hashes;
+
+    Result<Bytes> leaf_hashes(std::uint64_t index) {
+      sql::Statement& e = entries.value();
+      e.bind(1, index * kTileWidth).bind(2, (index + 1) * kTileWidth);
+      Bytes hashes;
+      for (std::uint64_t expected = index * kTileWidth;; ++expected) {
+        Result<sql::Statement::Step> row = e.step();
+        if (!row.ok()) {
+          e.reset();
+          return row.status();
+        }
+        if (*row == sql::Statement::Step::kDone) break;
+        if (e.column_uint(0) != expected) break;  // a gap
+        Hash leaf = merkle::leaf_hash(e.column_blob(1));
+        hashes.insert(hashes.end(), leaf.begin(), leaf.end());
+      }
+      e.reset();
+      return hashes;
+    }
+
+    Result<Bytes> child_roots(int level, std::uint64_t index) {
+      Bytes hashes;
+      for (std::uint64_t i = 0; i < kTileWidth; ++i) {
+        Result<Bytes> child = read(level - 1, index * kTileWidth + i);
+        if (!child.ok() && child.status().code() == StatusCode::kNotFound) break;
+        if (!child.ok()) return child.status();
+        if (child->size() != kTileWidth * sizeof(Hash)) break;  // not complete: no node above it
+        Hash root = tile_root(*child);
+        hashes.insert(hashes.end(), root.begin(), root.end());
+      }
+      return hashes;
+    }
   };
+  auto reader = std::make_shared<Reader>(
+      Reader{db.prepare("SELECT hashes FROM merkle_tiles WHERE pos = ?"),
+             db.prepare("SELECT idx, bytes FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx")});
+  return [reader](int level, std::uint64_t index) { return reader->read(level, index); };
+}
+
+// Calls fn(index, bytes) for the entries of `types` with indexes in [from, until), in index
+// order, at most `limit` of them (0: no limit), read through type_runs (ledger/schema.cc, 4 -> 5):
+// no entry of a type lies outside its runs, so only the runs' ranges are scanned, each once even
+// where runs of several of the types overlap.
+Status for_each_entry_of_type(const sql::Database& db, std::span<const EntryType> types,
+                              std::uint64_t from, std::uint64_t until, std::size_t limit,
+                              const std::function<Status(std::uint64_t, ByteView)>& fn) {
+  struct Runs {
+    sql::Statement st;
+    bool has = false;
+    std::uint64_t first = 0, end = 0;
+    Status next() {
+      MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+      has = step == sql::Statement::Step::kRow;
+      if (has) {
+        first = st.column_uint(0);
+        end = st.column_uint(1);
+      }
+      return Status::Ok();
+    }
+  };
+  std::string in;
+  std::vector<Runs> runs;
+  for (EntryType t : types) {
+    const auto type = static_cast<std::uint32_t>(t);
+    in += fmt::format("{}{}", in.empty() ? "" : ",", type);
+    MEDGATE_ASSIGN_OR_RETURN(auto st, db.prepare("SELECT first_index, end_index FROM type_runs "
+                                                 "WHERE type = ? AND end_index > ? ORDER BY "
+                                                 "end_index"));
+    st.bind(1, static_cast<std::int64_t>(type)).bind(2, from);
+    runs.push_back({std::move(st)});
+    MEDGATE_RETURN_IF_ERROR(runs.back().next());
+  }
+  if (in.empty()) return Status::Ok();
+  MEDGATE_ASSIGN_OR_RETURN(
+      auto scan, db.prepare(fmt::format("SELECT idx, bytes FROM entries WHERE idx >= ? AND idx < ? "
+                                        "AND type IN ({}) ORDER BY idx",
+                                        in)));
+  std::size_t found = 0;
+  for (std::uint64_t pos = from; pos < until && (limit == 0 || found < limit);) {
+    // The run, among the types', that reaches furthest left of what is not yet scanned.
+    std::optional<std::pair<std::uint64_t, std::uint64_t>> next;
+    for (Runs& r : runs) {
+      while (r.has && r.end <= pos) MEDGATE_RETURN_IF_ERROR(r.next());
+      if (!r.has) continue;
+      const std::uint64_t begin = std::max(r.first, pos);
+      if (!next || begin < next->first) next = {begin, r.end};
+    }
+    if (!next || next->first >= until) break;
+    const std::uint64_t end = std::min(next->second, until);
+    scan.bind(1, next->first).bind(2, end);
+    for (;;) {
+      Result<sql::Statement::Step> step = scan.step();
+      if (!step.ok()) {
+        scan.reset();
+        return step.status();
+      }
+      if (*step != sql::Statement::Step::kRow) break;
+      if (Status s = fn(scan.column_uint(0), scan.column_blob(1)); !s.ok()) {
+        scan.reset();
+        return s;
+      }
+      if (++found == limit) break;
+    }
+    scan.reset();
+    pos = end;
+  }
+  return Status::Ok();
 }
 
 void fsync_directory(const std::filesystem::path& dir) {
@@ -147,6 +244,24 @@ class LockFile {
   explicit LockFile(int fd) : fd_(fd) {}
   int fd_;
 };
+
+// The end_index of a type's open run in type_runs: one that goes on to the ledger's end
+// (ledger/schema.cc, 4 -> 5; Ledger::Impl::write_type_runs()).
+constexpr std::uint64_t kOpenRunEnd = std::uint64_t{1} << 62;
+
+// A range of entry indexes [first, end) outside which no entry of some type lies (type_runs).
+struct TypeRun {
+  std::uint64_t first = 0, end = 0;
+};
+
+// Adds `type` to a block's types (with `index`, its first entry there) unless it is there.
+void note_type(std::vector<std::pair<std::uint32_t, std::uint64_t>>& firsts, EntryType type,
+               std::uint64_t index) {
+  const auto t = static_cast<std::uint32_t>(type);
+  for (const auto& f : firsts)
+    if (f.first == t) return;
+  firsts.emplace_back(t, index);
+}
 
 // Heads covering at least `from_size` entries are signed by `key`.
 struct KeyEpoch {
@@ -243,14 +358,12 @@ Status write_first_block(sql::Database& db, const std::string& ledger_id, ByteVi
                               .bind(2, entry_time_us)
                               .bind(3, entry_bytes)
                               .run());
-  TileBuilder builder;
-  builder.append(merkle::leaf_hash(entry_bytes));
-  MEDGATE_ASSIGN_OR_RETURN(auto ins_tile,
-                           db.prepare("INSERT INTO tiles (level, idx, hashes) VALUES (?,?,?)"));
-  for (const auto& [k, hashes] : builder.take_dirty())
-    if (k.level != 0 || hashes.size() == kTileWidth * 32)  // see tile_reader()
-      MEDGATE_RETURN_IF_ERROR(
-          ins_tile.bind(1, k.level).bind(2, k.index).bind(3, ByteView(hashes)).run());
+  // One leaf completes no Merkle tile (tile_reader() recomputes the partial ones).
+  MEDGATE_ASSIGN_OR_RETURN(
+      auto ins_run,
+      db.prepare("INSERT INTO type_runs (type, end_index, first_index) VALUES (?,?,0)"));
+  MEDGATE_RETURN_IF_ERROR(
+      ins_run.bind(1, static_cast<std::int64_t>(EntryType::kGenesis)).bind(2, kOpenRunEnd).run());
   MEDGATE_ASSIGN_OR_RETURN(
       auto ins_block,
       db.prepare("INSERT INTO blocks (height, first_index, entry_count, header) VALUES (0,0,1,?)"));
@@ -280,9 +393,14 @@ class Ledger::Impl {
     MEDGATE_ASSIGN_OR_RETURN(
         insert_entry_,
         db_.prepare("INSERT INTO entries (idx, type, time_us, bytes) VALUES (?,?,?,?)"));
+    MEDGATE_ASSIGN_OR_RETURN(insert_tile_,
+                             db_.prepare("INSERT INTO merkle_tiles (pos, hashes) VALUES (?,?)"));
     MEDGATE_ASSIGN_OR_RETURN(
-        insert_tile_,
-        db_.prepare("INSERT OR REPLACE INTO tiles (level, idx, hashes) VALUES (?,?,?)"));
+        insert_run_,
+        db_.prepare("INSERT INTO type_runs (type, end_index, first_index) VALUES (?,?,?)"));
+    MEDGATE_ASSIGN_OR_RETURN(
+        close_run_,
+        db_.prepare("UPDATE type_runs SET end_index = ? WHERE type = ? AND end_index = ?"));
     MEDGATE_ASSIGN_OR_RETURN(
         insert_block_,
         db_.prepare(
@@ -862,30 +980,21 @@ class Ledger::Impl {
   Result<std::vector<StoredEntry>> entries_of_type(std::span<const EntryType> types,
                                                    std::uint64_t from, std::size_t limit) const {
     const std::uint64_t size = committed_size_.load();
-    std::string in;
-    for (EntryType t : types)
-      in += fmt::format("{}{}", in.empty() ? "" : ",", static_cast<std::uint32_t>(t));
-    if (in.empty() || limit == 0) return std::vector<StoredEntry>{};
+    if (types.empty() || limit == 0) return std::vector<StoredEntry>{};
     return with_reader([&](sql::Database& db) -> Result<std::vector<StoredEntry>> {
-      MEDGATE_ASSIGN_OR_RETURN(
-          auto st, db.prepare(fmt::format("SELECT idx, bytes FROM entries WHERE type IN ({}) AND "
-                                          "idx >= ? AND idx < ? ORDER BY idx LIMIT ?",
-                                          in)));
-      st.bind(1, from).bind(2, size).bind(3, static_cast<std::uint64_t>(limit));
       std::vector<StoredEntry> out;
-      for (;;) {
-        MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
-        if (step != sql::Statement::Step::kRow) break;
-        StoredEntry e;
-        e.index = static_cast<std::uint64_t>(st.column_int(0));
-        ByteView b = st.column_blob(1);
-        e.bytes.assign(b.begin(), b.end());
-        e.leaf = merkle::leaf_hash(e.bytes);
-        Result<Entry> decoded = decode_entry(e.bytes);
-        if (!decoded.ok()) return decoded.status().with_context(fmt::format("entry {}", e.index));
-        e.entry = std::move(decoded).value();
-        out.push_back(std::move(e));
-      }
+      MEDGATE_RETURN_IF_ERROR(for_each_entry_of_type(
+          db, types, from, size, limit, [&](std::uint64_t index, ByteView bytes) -> Status {
+            StoredEntry e;
+            e.index = index;
+            e.bytes.assign(bytes.begin(), bytes.end());
+            e.leaf = merkle::leaf_hash(e.bytes);
+            Result<Entry> decoded = decode_entry(e.bytes);
+            if (!decoded.ok()) return decoded.status().with_context(fmt::format("entry {}", index));
+            e.entry = std::move(decoded).value();
+            out.push_back(std::move(e));
+            return Status::Ok();
+          }));
       return out;
     });
   }
@@ -1259,6 +1368,7 @@ class Ledger::Impl {
     Result<TileBuilder> builder = TileBuilder::load(last_block_.header.tree_size, tile_reader(db_));
     if (!builder.ok()) return builder.status().with_context("rebuilding the Merkle right edge");
     tiles_ = std::move(builder).value();
+    MEDGATE_RETURN_IF_ERROR(load_type_runs().with_context("reading the type runs"));
     if (tiles_.root() != last_block_.header.root)
       return Status::Corruption(
           fmt::format("the stored Merkle tiles give root {} but block {} says {}",
@@ -1314,28 +1424,23 @@ class Ledger::Impl {
   }
 
   // The membership and the active key, from the genesis entry and every membership and
-  // key-transition entry in order (found by the entries_by_type index).
+  // key-transition entry in order (found through type_runs).
   Status load_membership(const cbor::Value& genesis_body) {
     auto genesis_key = PublicKey::from_spki_der(*genesis_body.find("public_key")->as_bytes());
     if (!genesis_key.ok()) return genesis_key.status().with_context("the genesis key");
     std::lock_guard lk(state_mu_);
     membership_ = Membership(ledger_id_);
     active_pub_ = std::move(genesis_key).value();
-    MEDGATE_ASSIGN_OR_RETURN(
-        auto st, db_.prepare(fmt::format(
-                     "SELECT idx, bytes FROM entries WHERE type IN ({},{},{}) ORDER BY idx",
-                     static_cast<int>(EntryType::kKeyTransition),
-                     static_cast<int>(EntryType::kMemberProposal),
-                     static_cast<int>(EntryType::kMemberApproval))));
-    for (;;) {
-      MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
-      if (step != sql::Statement::Step::kRow) break;
-      const std::uint64_t index = st.column_uint(0);
-      Result<Entry> e = decode_entry(st.column_blob(1));
-      if (!e.ok()) return e.status().with_context(fmt::format("entry {}", index));
-      apply_to_membership(*e, index);
-    }
-    return Status::Ok();
+    constexpr EntryType kTypes[] = {EntryType::kKeyTransition, EntryType::kMemberProposal,
+                                    EntryType::kMemberApproval};
+    return for_each_entry_of_type(
+        db_, kTypes, 0, committed_size_.load(), 0,
+        [&](std::uint64_t index, ByteView bytes) -> Status {
+          Result<Entry> e = decode_entry(bytes);
+          if (!e.ok()) return e.status().with_context(fmt::format("entry {}", index));
+          apply_to_membership(*e, index);
+          return Status::Ok();
+        });
   }
 
   // meta 'replica': {"member_id", "key_id", "from_size", "founder_key"} once replicated.
@@ -1480,6 +1585,65 @@ class Ledger::Impl {
     }
   }
 
+  // The complete Merkle tiles the entries just appended to tiles_ completed, in the order they
+  // completed: each is the merkle_tiles table's new last row (tiles.h, tile_position()). Partial
+  // tiles are not stored (tile_reader() recomputes them).
+  Status write_complete_tiles() {
+    for (const auto& [key, hashes] : tiles_.take_dirty()) {
+      if (hashes.size() < kTileWidth * sizeof(Hash)) continue;
+      MEDGATE_ASSIGN_OR_RETURN(std::int64_t pos, tile_position(key));
+      insert_tile_.bind(1, pos).bind(2, ByteView(hashes));
+      MEDGATE_RETURN_IF_ERROR(insert_tile_.run().with_context("writing Merkle tiles"));
+    }
+    return Status::Ok();
+  }
+
+  // Records in type_runs that a block holding entries [first, end) holds the types in `firsts`
+  // (each with its first index in the block). A type's last run stays open on disk (end_index
+  // kOpenRunEnd, ledger/schema.cc) for as long as consecutive blocks hold the type: a type the
+  // block before held costs no write; a type it did not hold starts an open run at its first
+  // index here; an open run whose type this block lacks is closed where it really ended. So
+  // after every commit the open runs are exactly the last block's types, and most commits write
+  // nothing here. `open` receives them with their in-memory ends, for open_runs_ once durable.
+  Status write_type_runs(std::uint64_t first, std::uint64_t end,
+                         const std::vector<std::pair<std::uint32_t, std::uint64_t>>& firsts,
+                         std::unordered_map<std::uint32_t, TypeRun>& open) {
+    open.clear();
+    auto close = [&](std::uint32_t type, std::uint64_t run_end) -> Status {
+      close_run_.bind(1, run_end).bind(2, static_cast<std::int64_t>(type)).bind(3, kOpenRunEnd);
+      return close_run_.run().with_context("closing a type run");
+    };
+    for (const auto& [type, at] : firsts) {
+      auto run = open_runs_.find(type);
+      if (run != open_runs_.end() && run->second.end == first) {
+        open[type] = {run->second.first, end};
+        continue;
+      }
+      if (run != open_runs_.end()) MEDGATE_RETURN_IF_ERROR(close(type, run->second.end));
+      insert_run_.bind(1, static_cast<std::int64_t>(type)).bind(2, kOpenRunEnd).bind(3, at);
+      MEDGATE_RETURN_IF_ERROR(insert_run_.run().with_context("starting a type run"));
+      open[type] = {at, end};
+    }
+    for (const auto& [type, run] : open_runs_)
+      if (!open.contains(type)) MEDGATE_RETURN_IF_ERROR(close(type, run.end));
+    return Status::Ok();
+  }
+
+  // The open runs are the last block's types (write_type_runs()); they end at the tree size.
+  Status load_type_runs() {
+    open_runs_.clear();
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto st, db_.prepare("SELECT type, first_index FROM type_runs WHERE end_index = ?"));
+    st.bind(1, kOpenRunEnd);
+    for (;;) {
+      MEDGATE_ASSIGN_OR_RETURN(auto step, st.step());
+      if (step != sql::Statement::Step::kRow) break;
+      open_runs_[static_cast<std::uint32_t>(st.column_uint(0))] = {st.column_uint(1),
+                                                                   committed_size_.load()};
+    }
+    return Status::Ok();
+  }
+
   Status commit_batch(const std::vector<Job*>& batch) {
     {
       std::lock_guard lk(state_mu_);
@@ -1521,6 +1685,8 @@ class Ledger::Impl {
     // latest_subjects_ learns them only once the batch is durable.
     std::vector<std::pair<Bytes, std::uint64_t>> subject_updates;
     std::unordered_map<Bytes, std::uint64_t, SubjectHash> batch_latest;
+    std::vector<std::pair<std::uint32_t, std::uint64_t>> types;  // the block's, see note_type()
+    std::unordered_map<std::uint32_t, TypeRun> open_runs;
     for (Job* job : batch) {
       job->first_index = index;
       for (PendingEntry& e : job->entries) {
@@ -1565,16 +1731,14 @@ class Ledger::Impl {
           membership_entries.emplace_back(index, std::move(decoded));
         }
         tiles_.append(e.leaf);
+        note_type(types, e.type, index);
         ++index;
       }
     }
     std::optional<StoredBlock> new_block;
     if (index > first) {
-      for (const auto& [key, hashes] : tiles_.take_dirty()) {
-        if (key.level == 0 && hashes.size() < kTileWidth * 32) continue;  // see tile_reader()
-        insert_tile_.bind(1, key.level).bind(2, key.index).bind(3, ByteView(hashes));
-        MEDGATE_RETURN_IF_ERROR(insert_tile_.run().with_context("writing Merkle tiles"));
-      }
+      MEDGATE_RETURN_IF_ERROR(write_complete_tiles());
+      MEDGATE_RETURN_IF_ERROR(write_type_runs(first, index, types, open_runs));
       StoredBlock b;
       {
         std::lock_guard lk(state_mu_);
@@ -1602,6 +1766,7 @@ class Ledger::Impl {
     MEDGATE_RETURN_IF_ERROR(tx.commit().with_context("committing"));
     // Durable: publish.
     for (auto& [subject, latest] : batch_latest) latest_subjects_[subject] = latest;
+    if (new_block) open_runs_ = std::move(open_runs);
     if (new_block) {
       std::lock_guard lk(state_mu_);
       for (auto& [i, e] : membership_entries) apply_to_membership(e, i);
@@ -1893,10 +2058,12 @@ class Ledger::Impl {
     std::vector<std::pair<std::uint64_t, Entry>> membership_entries;
     std::vector<std::pair<Bytes, std::uint64_t>> subject_updates;
     std::optional<KeyEpoch> own_rotation;
+    std::unordered_map<std::uint32_t, TypeRun> open_runs;
     Status s = [&]() -> Status {
       MEDGATE_ASSIGN_OR_RETURN(auto tx, sql::Transaction::immediate(db_, tx_statements_));
       began = true;
       std::uint64_t index = r.header.first_index;
+      std::vector<std::pair<std::uint32_t, std::uint64_t>> types;  // see note_type()
       for (std::size_t i = 0; i < r.entries.size(); ++i) {
         const Bytes& bytes = r.entries[i];
         Entry& e = v.entries[i];
@@ -1912,6 +2079,7 @@ class Ledger::Impl {
           subject_updates.emplace_back(l.subject, index);
         }
         tiles_.append(v.leaves[i]);
+        note_type(types, e.type, index);
         if (affects_membership(e.type)) membership_entries.emplace_back(index, e);
         if (e.type == EntryType::kKeyTransition && replicated_) {
           // This member's own rotation: its heads and blocks use the new key from here on.
@@ -1933,11 +2101,8 @@ class Ledger::Impl {
         }
         ++index;
       }
-      for (const auto& [key, hashes] : tiles_.take_dirty()) {
-        if (key.level == 0 && hashes.size() < kTileWidth * 32) continue;  // see tile_reader()
-        insert_tile_.bind(1, key.level).bind(2, key.index).bind(3, ByteView(hashes));
-        MEDGATE_RETURN_IF_ERROR(insert_tile_.run().with_context("writing Merkle tiles"));
-      }
+      MEDGATE_RETURN_IF_ERROR(write_complete_tiles());
+      MEDGATE_RETURN_IF_ERROR(write_type_runs(r.header.first_index, index, types, open_runs));
       insert_block_.bind(1, r.header.height)
           .bind(2, r.header.first_index)
           .bind(3, r.header.entry_count)
@@ -1982,6 +2147,7 @@ class Ledger::Impl {
     }
     // Durable: publish.
     for (const auto& [subject, latest] : v.subject_updates) latest_subjects_[subject] = latest;
+    open_runs_ = std::move(open_runs);
     {
       std::lock_guard lk(state_mu_);
       last_block_.bytes = r.header_bytes;
@@ -2295,9 +2461,12 @@ class Ledger::Impl {
 
   sql::Database db_;  // the writer's connection (writer thread only, after open)
   sql::Statement insert_entry_, insert_tile_, insert_block_, insert_head_, insert_epoch_,
-      insert_subject_;
+      insert_subject_, insert_run_, close_run_;
   sql::TransactionStatements tx_statements_;
   TileBuilder tiles_;  // writer thread only
+  // The open runs in type_runs (write_type_runs()) by type, each with where it really ends (the
+  // tree size). Writer thread only (and open()); it learns a block's runs once it is durable.
+  std::unordered_map<std::uint32_t, TypeRun> open_runs_;
 
   // Every subject's latest entry index, for the links of new entries (entry.h). Writer thread
   // only (and open()); it learns a batch's subjects once the batch is durable.

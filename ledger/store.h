@@ -83,7 +83,7 @@
 
 namespace medgate::ledger {
 
-inline constexpr int kSchemaVersion = 4;
+inline constexpr int kSchemaVersion = 5;
 
 // Who restores, from what, and what it replaces (Ledger::open; see "Rollback protection").
 struct RestoreRecord {

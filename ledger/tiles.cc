@@ -50,6 +50,38 @@ Bytes serialize(const std::vector<Hash>& hashes) {
 
 }  // namespace
 
+Result<std::int64_t> tile_position(TileKey key) {
+  constexpr int kPositionBits = 59;  // tree sizes up to 2^59, times 16, fit an int64
+  const int shift = kTileHeight * (key.level + 1);
+  if (key.level < 0 || shift >= kPositionBits ||
+      key.index + 1 >= (std::uint64_t{1} << (kPositionBits - shift)))
+    return Status::InvalidArgument(
+        fmt::format("{} lies beyond 2^{} leaves", tile_name(key), kPositionBits));
+  const std::uint64_t completes_at = (key.index + 1) << shift;
+  return static_cast<std::int64_t>(completes_at * 16 + static_cast<std::uint64_t>(key.level));
+}
+
+Result<TileKey> tile_at_position(std::int64_t position) {
+  const auto p = static_cast<std::uint64_t>(position);
+  const int level = static_cast<int>(p % 16);
+  const std::uint64_t completes_at = p / 16;
+  const int shift = kTileHeight * (level + 1);
+  if (position <= 0 || shift >= 64 || completes_at % (std::uint64_t{1} << shift) != 0 ||
+      completes_at == 0)
+    return Status::Corruption(fmt::format("no Merkle tile is stored at position {}", position));
+  return TileKey{level, (completes_at >> shift) - 1};
+}
+
+Hash tile_root(ByteView complete_tile) {
+  assert(complete_tile.size() == kTileWidth * kHashSize);
+  std::array<Hash, kTileWidth> row;
+  for (std::size_t i = 0; i < kTileWidth; ++i) row[i] = hash_at(complete_tile, i);
+  for (std::size_t width = kTileWidth; width > 1; width /= 2)
+    for (std::size_t i = 0; i < width / 2; ++i)
+      row[i] = merkle::node_hash(row[2 * i], row[2 * i + 1]);
+  return row[0];
+}
+
 merkle::NodeSource node_source(TileReader reader) {
   struct LastTile {
     std::mutex mu;

@@ -33,6 +33,19 @@ struct TileKey {
   auto operator<=>(const TileKey&) const = default;
 };
 
+// Where a complete tile is stored (schema 5, table merkle_tiles): the tree size at which it
+// completes, times 16, plus its level. Tiles complete in this order (at a given tree size the
+// lower level first), so every tile the writer stores becomes the table's last row: SQLite appends
+// it to the b-tree's rightmost page instead of splitting a page in the middle of the table, and a
+// commit dirties about one tile page however many levels it completes. kInvalidArgument for a
+// tile beyond 2^59 leaves (the position would not fit a SQLite integer).
+Result<std::int64_t> tile_position(TileKey key);
+// The inverse; kCorruption for a number no tile is stored at.
+Result<TileKey> tile_at_position(std::int64_t position);
+
+// The root of a complete tile's 16 hashes (512 bytes): the node one tile level up.
+Hash tile_root(ByteView complete_tile);
+
 // Returns the stored blob of tile (tile_level, tile_index), or kNotFound if there is none.
 using TileReader = std::function<Result<Bytes>(int tile_level, std::uint64_t tile_index)>;
 

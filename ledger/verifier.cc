@@ -258,10 +258,11 @@ class TileChecker {
     if (c.valid && c.index == k && c.absent_partial) return Status::Ok();
     if (!c.valid || c.index != k || c.blob.size() < (pos + 1) * 32) {
       Result<Bytes> blob = reader_(t, k);
-      // The partial level-0 tile at the right edge is not stored (store.cc, tile_reader()): its
-      // entries are checked by their block's root alone.
-      if (!blob.ok() && blob.status().code() == StatusCode::kNotFound && t == 0 &&
-          (k + 1) * kTileWidth > tree_size_) {
+      // The partial tile at the right edge of a level is not stored (store.cc, tile_reader();
+      // schema 4 stored those above level 0): its nodes are checked by their block's root alone.
+      const int shift = kTileHeight * (t + 1);
+      const bool partial = shift >= 64 || k >= (tree_size_ >> shift);
+      if (!blob.ok() && blob.status().code() == StatusCode::kNotFound && partial) {
         c = {true, k, {}};
         c.absent_partial = true;
         return Status::Ok();
@@ -396,20 +397,32 @@ class Verifier {
       MEDGATE_ASSIGN_OR_RETURN(auto last_step, last.step());
       if (last_step == sql::Statement::Step::kRow) final_tree_size = last.column_uint(0);
     }
-    MEDGATE_ASSIGN_OR_RETURN(auto tile_st,
-                             db_.prepare("SELECT hashes FROM tiles WHERE level = ? AND idx = ?"));
+    // Schema 5 keeps complete tiles in merkle_tiles by position (ledger/tiles.h); files written
+    // before it keep them in tiles by (level, idx). Both are read: auditors verify old files.
+    MEDGATE_ASSIGN_OR_RETURN(const int schema, schema_version(db_));
+    const bool by_position = schema >= 5;
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto tile_st, db_.prepare(by_position ? "SELECT hashes FROM merkle_tiles WHERE pos = ?"
+                                              : "SELECT hashes FROM tiles WHERE level = ? AND "
+                                                "idx = ?"));
+    // Level-0 tiles are read 512 at a time (one query per 8,192 entries, not one per 16). A
+    // level-0 tile (0, k) is at position (k + 1) * 256 (tile_position()); the range holds higher
+    // tiles too, which the level filter leaves out.
     MEDGATE_ASSIGN_OR_RETURN(
         auto leaf_tiles_st,
-        db_.prepare("SELECT idx, hashes FROM tiles WHERE level = 0 AND idx >= ? "
-                    "AND idx < ? ORDER BY idx"));
-    // Level-0 tiles are read 512 at a time (one query per 8,192 entries, not one per 16).
+        db_.prepare(by_position ? "SELECT (pos >> 8) - 1, hashes FROM merkle_tiles WHERE pos >= "
+                                  "(?1 + 1) << 8 AND pos < (?2 + 1) << 8 AND pos % 16 = 0 ORDER BY "
+                                  "pos"
+                                : "SELECT idx, hashes FROM tiles WHERE level = 0 AND idx >= ?1 "
+                                  "AND idx < ?2 ORDER BY idx"));
     struct TileQueries {
       sql::Statement one, leaves;
+      bool by_position = false;
       std::uint64_t first = 0;
       std::vector<std::optional<Bytes>> window;
     };
     auto q = std::make_shared<TileQueries>(
-        TileQueries{std::move(tile_st), std::move(leaf_tiles_st), 0, {}});
+        TileQueries{std::move(tile_st), std::move(leaf_tiles_st), by_position, 0, {}});
     TileChecker tiles(
         [q](int level, std::uint64_t index) -> Result<Bytes> {
           constexpr std::uint64_t kWindow = 512;
@@ -435,7 +448,12 @@ class Verifier {
             if (!tile) return Status::NotFound("missing");
             return *tile;
           }
-          q->one.bind(1, level).bind(2, index);
+          if (q->by_position) {
+            MEDGATE_ASSIGN_OR_RETURN(std::int64_t pos, tile_position({level, index}));
+            q->one.bind(1, pos);
+          } else {
+            q->one.bind(1, level).bind(2, index);
+          }
           auto s = q->one.step();
           Result<Bytes> out = Status::NotFound("missing");
           if (!s.ok())

@@ -34,7 +34,7 @@ EDITED=$(printf '%s' "$HEX" | sed 's/726F6F74/65766565/')  # 'root' -> 'evee'
 tamper edit "UPDATE entries SET bytes = X'$EDITED' WHERE idx = 5"
 verify_copy "an edited entry"
 expect_in "entry 5: its bytes do not match the hash stored in Merkle tile \(0, 0\) when it was committed" "names entry 5 and why"
-tamper tile_gone "DELETE FROM tiles WHERE level = 0 AND idx = 0"
+tamper tile_gone "DELETE FROM merkle_tiles WHERE pos = 256"  # tile (0, 0): ledger/tiles.h, tile_position()
 verify_copy "a Merkle tile deleted"
 expect_in "Merkle tile \(0, 0\) cannot be read" "names the tile"
 

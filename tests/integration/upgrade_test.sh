@@ -30,6 +30,7 @@ DATA=$WORK/data
 fixture "$DATA"
 chmod 755 "$DATA"
 CONF=$DATA/medgated.toml
+SCHEMA=5  # the ledger schema this build writes (ledger/store.h, kSchemaVersion)
 DB=$DATA/ledger.db
 PEM=$DATA/signing-key.pem
 export MEDGATE_SOCKET=$DATA/admin.sock
@@ -47,7 +48,13 @@ sql "$DB" 'SELECT height, hex(header) FROM blocks ORDER BY height' >"$WORK/old-b
 
 say "== the new medgated on it"
 start_daemon "$CONF"
-[ "$(sql "$DB" 'PRAGMA user_version')" = 4 ] && pass "migrated to schema 4" || failed "schema $(sql "$DB" 'PRAGMA user_version') after the start"
+[ "$(sql "$DB" 'PRAGMA user_version')" = "$SCHEMA" ] && pass "migrated to schema $SCHEMA" || failed "schema $(sql "$DB" 'PRAGMA user_version') after the start"
+# Schema 5: complete Merkle tiles by position, and type runs instead of the by-type index. Every
+# entry must lie in a run of its type (the readers that look for entries by type see only those).
+[ "$(sql "$DB" "SELECT count(*) FROM sqlite_master WHERE name IN ('tiles', 'entries_by_type')")" = 0 ] && pass "the old tiles table and by-type index are gone" || failed "the old tiles table or by-type index is still there"
+[ "$(sql "$DB" 'SELECT count(*) FROM merkle_tiles')" -ge 1 ] && pass "the complete tiles moved to merkle_tiles" || failed "merkle_tiles is empty"
+UNCOVERED=$(sql "$DB" 'SELECT count(*) FROM entries e WHERE NOT EXISTS (SELECT 1 FROM type_runs r WHERE r.type = e.type AND e.idx >= r.first_index AND e.idx < r.end_index)')
+[ "$UNCOVERED" = 0 ] && pass "every entry lies in a run of its type" || failed "$UNCOVERED entries lie in no run of their type"
 grep -q "ledger.open" "$WORK/medgated.log" && pass "the ledger opened" || failed "no ledger.open in the log"
 expect_rc 0 "status" -- "$MEDCTL" --json status
 HL7_PORT=$(sed -n '/"hl7": {/,/}/s/.*"port": \([0-9]*\).*/\1/p' <<<"$OUT" | head -1)
@@ -91,10 +98,10 @@ fixture "$NEWER"
 sql "$NEWER/ledger.db" 'PRAGMA user_version = 99'
 BEFORE=$(sha256sum <"$NEWER/ledger.db")
 expect_rc 1 "medgated refuses it" -- "$MEDGATED" --config "$NEWER/medgated.toml"
-expect_in "schema version 99 is newer than this build understands \(4\)" "naming both versions"
+expect_in "schema version 99 is newer than this build understands \($SCHEMA\)" "naming both versions"
 [ "$(sha256sum <"$NEWER/ledger.db")" = "$BEFORE" ] && pass "the file is byte-identical" || failed "the file changed"
 expect_rc 2 "medctl ledger verify refuses it too" -- "$MEDCTL" ledger verify --db "$NEWER/ledger.db" --trust "$PEM"
-expect_in "99 is newer than this build understands \(4\)" "naming both versions"
+expect_in "99 is newer than this build understands \($SCHEMA\)" "naming both versions"
 
 say "== a migration that fails half-way"
 HALF=$WORK/half
@@ -105,7 +112,7 @@ fixture "$HALF"
 sql "$HALF/ledger.db" "UPDATE entries SET bytes = x'a1' || substr(bytes, 2) WHERE idx = 5"
 BEFORE=$(sha256sum <"$HALF/ledger.db")
 expect_rc 1 "medgated refuses it" -- "$MEDGATED" --config "$HALF/medgated.toml"
-expect_in "upgrading the ledger from schema 2 to 4 failed; the file is unchanged" "says the upgrade failed and nothing changed"
+expect_in "upgrading the ledger from schema 2 to $SCHEMA failed; the file is unchanged" "says the upgrade failed and nothing changed"
 expect_in "entry 5" "names the entry"
 [ "$(sha256sum <"$HALF/ledger.db")" = "$BEFORE" ] && pass "the file is byte-identical" || failed "the file changed"
 [ "$(sql "$HALF/ledger.db" 'PRAGMA user_version')" = 2 ] && pass "still schema 2" || failed "schema is now $(sql "$HALF/ledger.db" 'PRAGMA user_version')"

@@ -13,10 +13,12 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
-#include <mutex>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <map>
+#include <mutex>
+#include <random>
 #include <set>
 #include <thread>
 
@@ -555,8 +557,199 @@ TEST_CASE("asynchronous appends complete once durable, in order, and push back w
   INFO("queue-full answers: " << busy);
   Entry bad = note("x");
   bad.actor.clear();
-  CHECK((*ledger)->append_async(std::span(&bad, 1), [](Result<std::uint64_t>) { std::abort(); }).code() ==
-        StatusCode::kInvalidArgument);
+  CHECK((*ledger)
+            ->append_async(std::span(&bad, 1), [](Result<std::uint64_t>) { std::abort(); })
+            .code() == StatusCode::kInvalidArgument);
   (*ledger)->close();
   CHECK(verify(path, keys->signing_key()).ok());
+}
+
+namespace {
+
+// One integer from a query on a read-only connection of its own.
+std::int64_t query_int(const std::filesystem::path& path, const std::string& sql) {
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+  sqlite3_stmt* st = nullptr;
+  INFO(sql);
+  REQUIRE(sqlite3_prepare_v2(db, sql.c_str(), -1, &st, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_step(st) == SQLITE_ROW);
+  std::int64_t v = sqlite3_column_int64(st, 0);
+  sqlite3_finalize(st);
+  sqlite3_close(db);
+  return v;
+}
+
+Entry of_type(EntryType type, std::uint64_t n) {
+  using cbor::Value;
+  if (type == EntryType::kAdminAction) return medgate::testing::note("op", n);
+  Entry e;
+  e.type = type;
+  e.actor = "user:test";
+  if (type == EntryType::kKeyEvent)
+    e.body = *Value::map({{Value::text("event"), Value::text("registered")},
+                          {Value::text("key_id"), Value::bytes(Bytes(32, std::byte(n & 0xff)))}});
+  else
+    e.body = *Value::map({{Value::text("event"), Value::text("add")},
+                          {Value::text("device"), Value::text("pump-" + std::to_string(n))},
+                          {Value::text("kind"), Value::text("coap")}});
+  return e;
+}
+
+}  // namespace
+
+// Schema 5: type_runs instead of an index row per entry. The readers must see exactly the entries
+// a scan would, whatever the mix of types per block, across reopens (open runs end at the tree
+// size), and a type that fills consecutive blocks must cost one run, not one row per block.
+TEST_CASE("entries of a type are found through the type runs across blocks and reopens",
+          "[store][types]") {
+  TempDir dir;
+  SoftHsmToken token(dir.path());
+  auto keys = token.open_with_key();
+  auto path = dir / "ledger.db";
+  std::vector<EntryType> types = {EntryType::kGenesis};  // by index
+  std::mt19937_64 rng(20261126);
+  const EntryType kinds[] = {EntryType::kAdminAction, EntryType::kKeyEvent,
+                             EntryType::kDeviceEvent};
+  auto append_blocks = [&](Ledger& ledger, int blocks, std::function<EntryType()> pick) {
+    for (int b = 0; b < blocks; ++b) {
+      std::vector<Entry> batch;
+      const std::size_t n = 1 + rng() % 9;
+      for (std::size_t i = 0; i < n; ++i) batch.push_back(of_type(pick(), types.size() + i));
+      auto first = ledger.append_all(batch);
+      REQUIRE(first.ok());
+      REQUIRE(*first == types.size());
+      for (const Entry& e : batch) types.push_back(e.type);
+    }
+  };
+  auto mixed = [&] { return kinds[rng() % 16 == 0 ? 1 + rng() % 2 : 0]; };
+  auto admin_only = [] { return EntryType::kAdminAction; };
+  {
+    auto ledger = Ledger::create(options_for(path), "ward-7", *keys, "user:root");
+    REQUIRE(ledger.ok());
+    append_blocks(**ledger, 60, mixed);
+  }
+  std::int64_t admin_runs = 0;
+  for (int reopen = 0; reopen < 2; ++reopen) {
+    auto ledger = Ledger::open(options_for(path), *keys);
+    REQUIRE(ledger.ok());
+    append_blocks(**ledger, 30, mixed);
+    // 40 blocks of admin actions alone extend one run (open since the last block held the type
+    // or starting in the first of them): at most one more row for the type, none for the others.
+    admin_runs = query_int(path, "SELECT count(*) FROM type_runs WHERE type = 2");
+    const std::int64_t all_runs = query_int(path, "SELECT count(*) FROM type_runs");
+    append_blocks(**ledger, 40, admin_only);
+    (*ledger)->close();
+    CHECK(query_int(path, "SELECT count(*) FROM type_runs WHERE type = 2") <= admin_runs + 1);
+    CHECK(query_int(path, "SELECT count(*) FROM type_runs") <= all_runs + 1);
+    admin_runs = query_int(path, "SELECT count(*) FROM type_runs WHERE type = 2");
+  }
+  // Admin actions fill nearly every block: a handful of runs, not one per block or entry.
+  const auto total = static_cast<std::int64_t>(types.size());
+  CHECK(admin_runs < total / 4);
+  // Every entry lies in a run of its type; the runs of a type do not overlap.
+  CHECK(query_int(path,
+                  "SELECT count(*) FROM entries e WHERE NOT EXISTS (SELECT 1 FROM type_runs "
+                  "r WHERE r.type = e.type AND e.idx >= r.first_index AND e.idx < "
+                  "r.end_index)") == 0);
+  CHECK(query_int(path,
+                  "SELECT count(*) FROM type_runs a JOIN type_runs b ON a.type = b.type AND "
+                  "a.end_index < b.end_index AND b.first_index < a.end_index") == 0);
+  CHECK(query_int(path, "SELECT count(*) FROM entries") == total);
+
+  auto ledger = Ledger::open(options_for(path), *keys);
+  REQUIRE(ledger.ok());
+  const std::vector<std::vector<EntryType>> queries = {
+      {EntryType::kAdminAction},
+      {EntryType::kKeyEvent},
+      {EntryType::kDeviceEvent},
+      {EntryType::kKeyEvent, EntryType::kDeviceEvent},
+      {EntryType::kDeviceEvent, EntryType::kGenesis, EntryType::kAdminAction},
+      {EntryType::kPatientErasure}};
+  for (const auto& q : queries) {
+    for (std::uint64_t from : {std::uint64_t{0}, std::uint64_t{1}, rng() % types.size(),
+                               rng() % types.size(), std::uint64_t(types.size())}) {
+      for (std::size_t limit : {std::size_t{1}, std::size_t{7}, std::size_t{100000}}) {
+        std::vector<std::uint64_t> want;
+        for (std::uint64_t i = from; i < types.size() && want.size() < limit; ++i)
+          if (std::find(q.begin(), q.end(), types[i]) != q.end()) want.push_back(i);
+        auto got = (*ledger)->entries_of_type(q, from, limit);
+        REQUIRE(got.ok());
+        std::vector<std::uint64_t> got_indexes;
+        for (const StoredEntry& e : *got) {
+          got_indexes.push_back(e.index);
+          CHECK(std::find(q.begin(), q.end(), e.entry.type) != q.end());
+        }
+        INFO("types " << q.size() << " from " << from << " limit " << limit);
+        CHECK(got_indexes == want);
+      }
+    }
+  }
+}
+
+// Schema 5 stores complete Merkle tiles only; the partial tile at each level's right edge is
+// recomputed from the level below (store.cc, tile_reader()). After a reopen at a size with partial
+// tiles at three levels, roots and proofs to every size near the edge still come out right.
+TEST_CASE("only complete Merkle tiles are stored and the right edge is recomputed on reopen",
+          "[store][tiles]") {
+  TempDir dir;
+  SoftHsmToken token(dir.path());
+  auto keys = token.open_with_key();
+  auto path = dir / "ledger.db";
+  const std::uint64_t size = 4096 + 2 * 256 + 3 * 16 + 5;  // partial tiles at levels 0, 1 and 2
+  std::vector<Hash> roots;
+  {
+    auto ledger = Ledger::create(options_for(path), "ward-7", *keys, "user:root");
+    REQUIRE(ledger.ok());
+    std::mt19937_64 rng(7);
+    while ((*ledger)->stats().tree_size < size) {
+      const std::uint64_t n =
+          std::min<std::uint64_t>(1 + rng() % 300, size - (*ledger)->stats().tree_size);
+      std::vector<Entry> batch;
+      for (std::uint64_t i = 0; i < n; ++i) batch.push_back(medgate::testing::note("t", i));
+      REQUIRE((*ledger)->append_all(batch).ok());
+    }
+    for (std::uint64_t s = 1; s <= size; ++s) {
+      auto r = (*ledger)->root_at(s);
+      REQUIRE(r.ok());
+      roots.push_back(*r);
+    }
+  }
+  // Complete tiles only: floor(size / 16^(t+1)) at each level t.
+  std::int64_t complete = 0;
+  for (std::uint64_t width = 16; width <= size; width *= 16)
+    complete += static_cast<std::int64_t>(size / width);
+  CHECK(query_int(path, "SELECT count(*) FROM merkle_tiles") == complete);
+  CHECK(query_int(path, "SELECT count(*) FROM merkle_tiles WHERE length(hashes) != 512") == 0);
+
+  auto ledger = Ledger::open(options_for(path), *keys);
+  REQUIRE(ledger.ok());
+  REQUIRE((*ledger)->stats().tree_size == size);
+  CHECK((*ledger)->stats().root == roots.back());
+  for (std::uint64_t s : {size, size - 1, size - 5, size - 6, size - 53, std::uint64_t{4096},
+                          std::uint64_t{4095}, std::uint64_t{4097}, std::uint64_t{17}}) {
+    auto r = (*ledger)->root_at(s);
+    REQUIRE(r.ok());
+    CHECK(*r == roots[s - 1]);
+    for (std::uint64_t i : {std::uint64_t{0}, s / 2, s - 1}) {
+      auto entry = (*ledger)->entry(i);
+      REQUIRE(entry.ok());
+      auto proof = (*ledger)->inclusion_proof(i, s);
+      REQUIRE(proof.ok());
+      CHECK(merkle::verify_inclusion(i, s, entry->leaf, *proof, roots[s - 1]).ok());
+    }
+  }
+  auto consistency = (*ledger)->consistency_proof(4000, size);
+  REQUIRE(consistency.ok());
+  CHECK(merkle::verify_consistency(4000, size, roots[3999], roots.back(), *consistency).ok());
+  // The tiles completed after the reopen are stored as they complete.
+  std::vector<Entry> more;
+  for (int i = 0; i < 16 * 16; ++i) more.push_back(medgate::testing::note("u", 0));
+  REQUIRE((*ledger)->append_all(more).ok());
+  (*ledger)->close();
+  std::int64_t after = 0;
+  for (std::uint64_t width = 16; width <= size + 256; width *= 16)
+    after += static_cast<std::int64_t>((size + 256) / width);
+  CHECK(query_int(path, "SELECT count(*) FROM merkle_tiles") == after);
+  CHECK(verify(path, (*ledger)->active_key()).ok());
 }

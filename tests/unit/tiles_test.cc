@@ -19,6 +19,8 @@ using medgate::Status;
 using medgate::StatusCode;
 using medgate::ledger::kTileWidth;
 using medgate::ledger::node_source;
+using medgate::ledger::tile_at_position;
+using medgate::ledger::tile_position;
 using medgate::ledger::TileBuilder;
 using medgate::ledger::TileKey;
 
@@ -307,4 +309,41 @@ TEST_CASE("an empty TileBuilder", "[tiles]") {
   REQUIRE(loaded.ok());
   CHECK(loaded->root() == merkle::empty_root());
   CHECK(TileBuilder::load(1, reader_for(none)).status().code() == StatusCode::kNotFound);
+}
+
+// Where merkle_tiles keeps a tile: positions must follow the order in which TileBuilder completes
+// tiles (so each stored tile is the table's last row), be distinct, and map back.
+TEST_CASE("tile positions follow completion order and map back", "[tiles]") {
+  std::mt19937_64 rng(59);
+  const auto leaves = random_leaves(rng, 70000);
+  TileBuilder builder;
+  std::int64_t last = 0;
+  std::size_t completed = 0;
+  for (const Hash& leaf : leaves) {
+    builder.append(leaf);
+    for (const auto& [key, hashes] : builder.take_dirty()) {
+      if (hashes.size() < kTileWidth * 32) continue;  // partial: not stored
+      auto pos = tile_position(key);
+      REQUIRE(pos.ok());
+      CHECK(*pos > last);
+      last = *pos;
+      auto back = tile_at_position(*pos);
+      REQUIRE(back.ok());
+      CHECK(*back == key);
+      ++completed;
+    }
+  }
+  CHECK(completed == 70000 / 16 + 70000 / 256 + 70000 / 4096 + 70000 / 65536);
+  // Level-0 tile k is at (k + 1) * 256 (the verifier's range query relies on it).
+  CHECK(*tile_position({0, 0}) == 256);
+  CHECK(*tile_position({0, 9}) == 2560);
+  CHECK(*tile_position({1, 0}) == 4096 + 1);
+  // Beyond 2^59 leaves, and numbers no tile is stored at.
+  CHECK(tile_position({14, 0}).status().code() == StatusCode::kInvalidArgument);
+  CHECK(tile_position({0, (std::uint64_t{1} << 55) - 1}).status().code() ==
+        StatusCode::kInvalidArgument);
+  CHECK(tile_position({0, (std::uint64_t{1} << 55) - 2}).ok());
+  for (std::int64_t bad : {std::int64_t{0}, std::int64_t{-256}, std::int64_t{255},
+                           std::int64_t{257}, std::int64_t{256 + 16}, std::int64_t{16 * 16 + 1}})
+    CHECK(tile_at_position(bad).status().code() == StatusCode::kCorruption);
 }

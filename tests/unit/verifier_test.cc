@@ -355,11 +355,13 @@ class EntryEditor {
 // Rewrites the level-0 tile so that it holds `leaf` for entry `index`.
 void fix_leaf_in_tile(const fs::path& path, std::uint64_t index, const Hash& leaf) {
   std::uint64_t tile = index / kTileWidth, pos = index % kTileWidth;
-  std::string where = "level = 0 AND idx = " + std::to_string(tile);
-  Bytes hashes = query_blob(path, "SELECT hashes FROM tiles WHERE " + where);
+  Result<std::int64_t> position = tile_position({0, tile});
+  REQUIRE(position.ok());
+  std::string where = "pos = " + std::to_string(*position);
+  Bytes hashes = query_blob(path, "SELECT hashes FROM merkle_tiles WHERE " + where);
   REQUIRE(hashes.size() >= (pos + 1) * 32);
   std::copy(leaf.begin(), leaf.end(), hashes.begin() + static_cast<std::ptrdiff_t>(pos * 32));
-  exec_with_blob(path, "UPDATE tiles SET hashes = ?1 WHERE " + where, hashes);
+  exec_with_blob(path, "UPDATE merkle_tiles SET hashes = ?1 WHERE " + where, hashes);
 }
 
 }  // namespace
@@ -596,7 +598,7 @@ TEST_CASE("a file that is not a ledger fails the call, with a clear reason", "[v
     LedgerCopy copy;
     exec(copy.path,
          "DELETE FROM meta; DELETE FROM entries; DELETE FROM blocks; DELETE FROM heads; DELETE "
-         "FROM tiles;");
+         "FROM merkle_tiles;");
     VerifyReport r = verify(copy.path);
     REQUIRE_FALSE(r.ok());
     CHECK(r.problem->where == Where::kFile);
@@ -624,8 +626,9 @@ TEST_CASE("a random byte flipped in any entry is always named at that entry", "[
     INFO("reported: " << r->problem->describe());
     if (i >= b.entries / 16 * 16) {
       bool named_entry = r->problem->where == Where::kEntry && r->problem->number == i;
-      bool named_block = r->problem->where == Where::kBlock &&
-                         r->problem->describe().find("Merkle root over entries") != std::string::npos;
+      bool named_block =
+          r->problem->where == Where::kBlock &&
+          r->problem->describe().find("Merkle root over entries") != std::string::npos;
       CHECK((named_entry || named_block));
     } else {
       CHECK(r->problem->where == Where::kEntry);
