@@ -188,9 +188,8 @@ std::string peer_name(const sockaddr_storage& ss) {
 std::string printable(std::string_view text) {
   std::string out;
   for (char ch : text)
-    out.push_back(static_cast<unsigned char>(ch) < 0x20 || static_cast<unsigned char>(ch) >= 0x7f
-                      ? '?'
-                      : ch);
+    out.push_back(
+        static_cast<unsigned char>(ch) < 0x20 || static_cast<unsigned char>(ch) >= 0x7f ? '?' : ch);
   return out;
 }
 
@@ -200,7 +199,7 @@ class MllpListener::Loop {
  public:
   Loop(MllpListenerConfig config, const DeviceDirectory& directory, IngestSink& sink, Fd listen,
        Fd epoll, std::shared_ptr<CompletionQueue> completions, std::uint16_t port,
-       std::shared_ptr<const TlsServerContext> tls)
+       std::shared_ptr<const TlsServerContext> tls, Fd handshake_epoll, Fd handshake_wake)
       : config_(std::move(config)),
         tls_(std::move(tls)),
         directory_(directory),
@@ -210,6 +209,8 @@ class MllpListener::Loop {
         completions_(std::move(completions)),
         port_(port),
         id_prefix_(static_cast<std::uint32_t>(wall_now_us() / 1'000'000)),
+        handshake_epoll_(std::move(handshake_epoll)),
+        handshake_wake_(std::move(handshake_wake)),
         read_buffer_(kReadChunk) {}
 
   std::uint16_t port() const { return port_; }
@@ -217,6 +218,12 @@ class MllpListener::Loop {
   bool verifies_clients() const { return tls_ && tls_->verifies_clients(); }
 
   void start_thread() {
+    if (tls_) {
+      handshake_thread_ = std::thread([this] {
+        pthread_setname_np(pthread_self(), "mllp-tls");
+        handshake_run();
+      });
+    }
     thread_ = std::thread([this] {
       pthread_setname_np(pthread_self(), "mllp-loop");
       run();
@@ -224,10 +231,12 @@ class MllpListener::Loop {
   }
 
   void stop() {
-    if (!thread_.joinable()) return;
-    stop_requested_ = true;
-    completions_->wake();
-    thread_.join();
+    if (thread_.joinable()) {
+      stop_requested_ = true;
+      completions_->wake();
+      thread_.join();
+    }
+    stop_handshakes();
   }
 
   MllpListenerCounters counters() const {
@@ -241,6 +250,13 @@ class MllpListener::Loop {
   void on_event(Connection& conn, std::uint32_t events);
   void read_some(Connection& conn);
   void handshake(Connection& conn);
+  void hand_to_handshakes(std::unique_ptr<Connection> conn);
+  void wake_handshakes();
+  void stop_handshakes();
+  void handshake_run();
+  void handshake_step(std::uint64_t id);
+  void adopt_handshaken();
+  std::size_t open_connections() const { return connections_.size() + handed_off_.load(); }
   void take_bytes(Connection& conn, std::size_t n);
   void peer_closed(Connection& conn);
   void read_failed(Connection& conn, const std::string& why);
@@ -280,6 +296,20 @@ class MllpListener::Loop {
   const std::uint32_t id_prefix_;
   std::thread thread_;
   std::atomic<bool> stop_requested_ = false;
+
+  // TLS handshakes run on a thread of their own (handshake_run()): the server's signature is made
+  // by the key store, ~200 ms on a hardware TPM, and on the epoll thread it would stall every
+  // established connection for that long. A connection is handed over at accept and handed back
+  // once established; a failed or timed-out handshake is closed there.
+  std::thread handshake_thread_;
+  Fd handshake_epoll_, handshake_wake_;  // the handshake thread's epoll and eventfd (TLS only)
+  std::mutex handoff_mu_;
+  std::vector<std::unique_ptr<Connection>> to_handshake_;  // accepted, not yet taken
+  std::vector<std::unique_ptr<Connection>> handshaken_;    // established, not yet adopted
+  bool handshake_stop_ = false;                            // guarded by handoff_mu_
+  std::atomic<std::size_t> handed_off_ = 0;  // connections the epoll thread does not hold
+  // The handshake thread's own.
+  std::unordered_map<std::uint64_t, std::unique_ptr<Connection>> handshakes_;
 
   // Everything below belongs to the epoll thread.
   std::unordered_map<std::uint64_t, std::unique_ptr<Connection>> connections_;
@@ -380,10 +410,10 @@ void MllpListener::Loop::accept_all() {
     }
     Fd socket(fd);
     std::string peer = peer_name(ss);
-    if (connections_.size() >= config_.max_connections) {
+    if (open_connections() >= config_.max_connections) {
       with_counters([](MllpListenerCounters& c) { ++c.connections_refused; });
       log(LogLevel::kWarning, "mllp.refused", "refused {}: already {} connections (the limit)",
-          peer, connections_.size());
+          peer, open_connections());
       continue;
     }
     int one = 1;
@@ -391,6 +421,24 @@ void MllpListener::Loop::accept_all() {
     std::uint64_t id = next_connection_++;
     auto conn = std::make_unique<Connection>(id, std::move(socket), ss, std::move(peer),
                                              config_.max_frame_bytes);
+    if (tls_) {
+      conn->ssl.reset(tls_->new_session(fd));
+      if (!conn->ssl) {
+        log(LogLevel::kError, "mllp.tls", "cannot make a TLS session for {}: {}", conn->peer,
+            tls_errors());
+        continue;
+      }
+      conn->handshaking = true;
+      conn->handshake_deadline = Clock::now() + config_.tls->handshake_timeout;
+      log(LogLevel::kInfo, "mllp.connect", "connection from {}", conn->peer);
+      ++handed_off_;
+      with_counters([&](MllpListenerCounters& c) {
+        ++c.connections_accepted;
+        c.connections_open = open_connections();
+      });
+      hand_to_handshakes(std::move(conn));
+      continue;
+    }
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.u64 = id;
@@ -399,36 +447,17 @@ void MllpListener::Loop::accept_all() {
           errno_text(errno));
       continue;
     }
-    if (tls_) {
-      conn->ssl.reset(tls_->new_session(fd));
-      if (!conn->ssl) {
-        log(LogLevel::kError, "mllp.tls", "cannot make a TLS session for {}: {}", conn->peer,
-            tls_errors());
-        ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
-        continue;
-      }
-      conn->handshaking = true;
-      conn->handshake_deadline = Clock::now() + config_.tls->handshake_timeout;
-      note_deadline(conn->handshake_deadline);
-    }
     note_deadline(conn->last_io + config_.read_timeout);
     log(LogLevel::kInfo, "mllp.connect", "connection from {}", conn->peer);
     connections_.emplace(id, std::move(conn));
     with_counters([&](MllpListenerCounters& c) {
       ++c.connections_accepted;
-      c.connections_open = connections_.size();
+      c.connections_open = open_connections();
     });
   }
 }
 
 void MllpListener::Loop::on_event(Connection& conn, std::uint32_t events) {
-  if (conn.handshaking) {
-    handshake(conn);
-    // The first frames may have come right behind the client's Finished.
-    if (!conn.handshaking && !conn.dead) read_some(conn);
-    advance(conn);
-    return;
-  }
   if ((events & EPOLLOUT) != 0 && conn.read_wants_write && !conn.dead) {
     conn.read_wants_write = false;
     read_some(conn);
@@ -727,7 +756,11 @@ void MllpListener::Loop::submit(Connection& conn) {
 }
 
 void MllpListener::Loop::handle_completions() {
-  for (Completion& done : completions_->take()) {
+  // Taken before the handshake thread's hand-backs: one handed back after this take() wrote the
+  // eventfd after it, so the loop wakes for it again.
+  std::vector<Completion> completed = completions_->take();
+  adopt_handshaken();
+  for (Completion& done : completed) {
     const bool durable = done.result.status.ok();
     with_source(done.device_id, [&](MllpSourceCounters& s) {
       if (durable) {
@@ -829,13 +862,12 @@ void MllpListener::Loop::flush(Connection& conn) {
 
 void MllpListener::Loop::update_interest(Connection& conn) {
   std::uint32_t want = 0;
-  if (conn.handshaking) want = conn.handshake_wants;
   if (!conn.out.empty() || conn.read_wants_write) want |= EPOLLOUT;
   if (conn.write_wants_read) want |= EPOLLIN;
   // Read only between messages, with the previous ACK written: one message in flight per
   // connection, and a sender that does not read its ACKs is not read either.
-  if (!conn.handshaking && conn.stage == Stage::kReading && conn.frames.empty() &&
-      conn.out.empty() && !conn.peer_eof && !draining_) {
+  if (conn.stage == Stage::kReading && conn.frames.empty() && conn.out.empty() && !conn.peer_eof &&
+      !draining_) {
     want |= EPOLLIN;
   }
   if (want == conn.events) return;
@@ -868,18 +900,7 @@ void MllpListener::Loop::sweep(Clock::time_point now) {
   for (auto& [id, conn] : connections_) ids.push_back(id);
   for (std::uint64_t id : ids) {
     Connection& conn = *connections_.at(id);
-    if (conn.handshaking) {
-      if (now >= conn.handshake_deadline) {
-        with_counters([](MllpListenerCounters& c) { ++c.tls_handshake_timeouts; });
-        log(LogLevel::kNotice, "mllp.tls_handshake_timeout",
-            "{}: no TLS handshake within {} ms; closing", conn.peer,
-            config_.tls->handshake_timeout.count());
-        conn.tls_failed = true;  // nothing to say goodbye to
-        conn.dead = true;
-      } else {
-        note_deadline(conn.handshake_deadline);
-      }
-    } else if (conn.stage == Stage::kBusy) {
+    if (conn.stage == Stage::kBusy) {
       if (now >= conn.retry_at) {
         submit(conn);
         advance(conn);
@@ -903,6 +924,7 @@ void MllpListener::Loop::sweep(Clock::time_point now) {
 
 void MllpListener::Loop::begin_drain() {
   draining_ = true;
+  stop_handshakes();  // connections still in their handshake have sent nothing to answer
   drain_deadline_ = Clock::now() + config_.stop_grace;
   if (listen_.valid()) {
     ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, listen_.get(), nullptr);
@@ -931,7 +953,164 @@ void MllpListener::Loop::reap(std::uint64_t id) {
   }
   // A message in flight stays with the sink; its completion finds no connection and is counted.
   connections_.erase(it);
-  with_counters([&](MllpListenerCounters& c) { c.connections_open = connections_.size(); });
+  with_counters([&](MllpListenerCounters& c) { c.connections_open = open_connections(); });
+}
+
+// ---- TLS handshakes, on their own thread (see the members) ----
+
+void MllpListener::Loop::hand_to_handshakes(std::unique_ptr<Connection> conn) {
+  {
+    std::lock_guard lock(handoff_mu_);
+    to_handshake_.push_back(std::move(conn));
+  }
+  wake_handshakes();
+}
+
+void MllpListener::Loop::wake_handshakes() {
+  std::uint64_t one = 1;
+  // EAGAIN means the counter is already far from zero: the thread is woken either way.
+  [[maybe_unused]] ssize_t n = ::write(handshake_wake_.get(), &one, sizeof one);
+}
+
+void MllpListener::Loop::stop_handshakes() {
+  if (!handshake_thread_.joinable()) return;
+  {
+    std::lock_guard lock(handoff_mu_);
+    handshake_stop_ = true;
+  }
+  wake_handshakes();
+  handshake_thread_.join();
+}
+
+void MllpListener::Loop::handshake_run() {
+  std::vector<epoll_event> events(64);
+  while (true) {
+    std::vector<std::unique_ptr<Connection>> arrived;
+    {
+      std::lock_guard lock(handoff_mu_);
+      if (handshake_stop_) break;
+      arrived.swap(to_handshake_);
+    }
+    for (std::unique_ptr<Connection>& conn : arrived) {
+      epoll_event ev{};
+      ev.events = EPOLLIN;
+      ev.data.u64 = conn->id;
+      if (::epoll_ctl(handshake_epoll_.get(), EPOLL_CTL_ADD, conn->fd.get(), &ev) != 0) {
+        log(LogLevel::kError, "mllp.accept", "cannot watch the connection from {}: {}", conn->peer,
+            errno_text(errno));
+        --handed_off_;
+        continue;
+      }
+      conn->events = EPOLLIN;
+      const std::uint64_t id = conn->id;
+      handshakes_.emplace(id, std::move(conn));
+      handshake_step(id);  // the ClientHello may be in already
+    }
+    Clock::time_point next = Clock::time_point::max();
+    for (const auto& [id, conn] : handshakes_) next = std::min(next, conn->handshake_deadline);
+    int timeout = -1;
+    if (next != Clock::time_point::max()) {
+      auto ms = std::chrono::ceil<std::chrono::milliseconds>(next - Clock::now()).count();
+      timeout = static_cast<int>(std::clamp<std::int64_t>(ms, 0, 60'000));
+    }
+    int n = ::epoll_wait(handshake_epoll_.get(), events.data(), static_cast<int>(events.size()),
+                         timeout);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      log(LogLevel::kError, "mllp.epoll", "epoll_wait (TLS handshakes) failed: {}",
+          errno_text(errno));
+      break;
+    }
+    for (int i = 0; i < n; ++i) {
+      std::uint64_t key = events[static_cast<std::size_t>(i)].data.u64;
+      if (key == kWakeKey) {
+        std::uint64_t count = 0;
+        [[maybe_unused]] ssize_t r = ::read(handshake_wake_.get(), &count, sizeof count);
+      } else {
+        handshake_step(key);
+      }
+    }
+    Clock::time_point now = Clock::now();
+    for (auto it = handshakes_.begin(); it != handshakes_.end();) {
+      Connection& conn = *it->second;
+      if (now < conn.handshake_deadline) {
+        ++it;
+        continue;
+      }
+      with_counters([](MllpListenerCounters& c) { ++c.tls_handshake_timeouts; });
+      log(LogLevel::kNotice, "mllp.tls_handshake_timeout",
+          "{}: no TLS handshake within {} ms; closing", conn.peer,
+          config_.tls->handshake_timeout.count());
+      ::epoll_ctl(handshake_epoll_.get(), EPOLL_CTL_DEL, conn.fd.get(), nullptr);
+      it = handshakes_.erase(it);  // no close_notify: nothing to say goodbye to
+      --handed_off_;
+      with_counters([&](MllpListenerCounters& c) { c.connections_open = handed_off_.load(); });
+    }
+  }
+  // Stopping: the handshakes still running are closed (their peers have sent nothing to answer).
+  for (const auto& [id, conn] : handshakes_)
+    ::epoll_ctl(handshake_epoll_.get(), EPOLL_CTL_DEL, conn->fd.get(), nullptr);
+  handed_off_ -= handshakes_.size();
+  handshakes_.clear();
+}
+
+// Runs the handshake as far as the socket allows; hands the connection back to the epoll thread
+// once it is established, or closes it when it failed.
+void MllpListener::Loop::handshake_step(std::uint64_t id) {
+  auto it = handshakes_.find(id);
+  if (it == handshakes_.end()) return;
+  Connection& conn = *it->second;
+  handshake(conn);
+  if (!conn.dead && conn.handshaking) {
+    if (conn.handshake_wants != conn.events) {
+      epoll_event ev{};
+      ev.events = conn.handshake_wants;
+      ev.data.u64 = id;
+      ::epoll_ctl(handshake_epoll_.get(), EPOLL_CTL_MOD, conn.fd.get(), &ev);
+      conn.events = conn.handshake_wants;
+    }
+    return;
+  }
+  ::epoll_ctl(handshake_epoll_.get(), EPOLL_CTL_DEL, conn.fd.get(), nullptr);
+  std::unique_ptr<Connection> owned = std::move(it->second);
+  handshakes_.erase(it);
+  if (owned->dead) {  // failed (handshake() said why): closed here, without close_notify
+    --handed_off_;
+    return;
+  }
+  {
+    std::lock_guard lock(handoff_mu_);
+    handshaken_.push_back(std::move(owned));
+  }
+  completions_->wake();
+}
+
+// On the epoll thread: takes the connections whose handshake finished.
+void MllpListener::Loop::adopt_handshaken() {
+  std::vector<std::unique_ptr<Connection>> established;
+  {
+    std::lock_guard lock(handoff_mu_);
+    established.swap(handshaken_);
+  }
+  for (std::unique_ptr<Connection>& owned : established) {
+    const std::uint64_t id = owned->id;
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = id;
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, owned->fd.get(), &ev) != 0) {
+      log(LogLevel::kError, "mllp.epoll", "cannot watch {}: {}", owned->peer, errno_text(errno));
+      --handed_off_;
+      continue;
+    }
+    Connection& conn = *owned;
+    conn.events = EPOLLIN;
+    connections_.emplace(id, std::move(owned));
+    --handed_off_;
+    // The first frames may have come right behind the client's Finished.
+    if (!draining_) read_some(conn);
+    advance(conn);
+    reap(id);
+  }
 }
 
 MllpListener::MllpListener() = default;
@@ -1010,9 +1189,22 @@ Status MllpListener::start(MllpListenerConfig config, const DeviceDirectory& dir
   if (::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, wake.get(), &ev) != 0) {
     return Status::Unavailable(fmt::format("MLLP listener: epoll_ctl: {}", errno_text(errno)));
   }
+  Fd handshake_epoll, handshake_wake;
+  if (tls) {
+    handshake_epoll = Fd(::epoll_create1(EPOLL_CLOEXEC));
+    handshake_wake = Fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+    ev.events = EPOLLIN;
+    ev.data.u64 = kWakeKey;
+    if (!handshake_epoll.valid() || !handshake_wake.valid() ||
+        ::epoll_ctl(handshake_epoll.get(), EPOLL_CTL_ADD, handshake_wake.get(), &ev) != 0) {
+      return Status::Unavailable(
+          fmt::format("MLLP listener: epoll/eventfd for TLS handshakes: {}", errno_text(errno)));
+    }
+  }
   auto completions = std::make_shared<CompletionQueue>(std::move(wake));
   loop_ = std::make_unique<Loop>(std::move(config), directory, sink, std::move(listen),
-                                 std::move(epoll), std::move(completions), port, std::move(tls));
+                                 std::move(epoll), std::move(completions), port, std::move(tls),
+                                 std::move(handshake_epoll), std::move(handshake_wake));
   loop_->start_thread();
   return Status::Ok();
 }

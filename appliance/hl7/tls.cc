@@ -147,7 +147,14 @@ Result<std::shared_ptr<TlsServerContext>> TlsServerContext::create(const MllpTls
   auto is_mismatch = [] {
     return ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH;
   };
-  if (config.key_file) {
+  if (config.key) {
+    if (SSL_CTX_use_PrivateKey(ctx, config.key.get()) != 1) {
+      if (is_mismatch()) return mismatch();
+      return Status::InvalidArgument("[hl7] tls: OpenSSL cannot use the given key: " +
+                                     tls_errors());
+    }
+    c->key_location_ = "given by the caller";
+  } else if (config.key_file) {
     if (SSL_CTX_use_PrivateKey_file(ctx, config.key_file->c_str(), SSL_FILETYPE_PEM) != 1) {
       if (is_mismatch()) return mismatch();
       return Status::InvalidArgument(fmt::format("[hl7] tls_key_file {}: not a PEM private key: {}",

@@ -39,6 +39,9 @@ struct MllpTlsConfig {
   // The process's open key store for key_store, when it has one: a TPM's TLS key signs through
   // it (hsm/tls_key.h). Must outlive every TlsServerContext made from this config.
   hsm::KeyStore* open_key_store = nullptr;
+  // An open key used instead of key_file or the key store. For tests: a key whose signatures
+  // can be held, as a hardware TPM's take ~200 ms (the one fault swtpm cannot produce).
+  std::shared_ptr<EVP_PKEY> key;
 };
 
 class TlsServerContext {

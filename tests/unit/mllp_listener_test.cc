@@ -33,6 +33,8 @@
 #include "appliance/hl7/mllp.h"
 #include "appliance/hl7/sender.h"
 #include "appliance/hl7/tls.h"
+#include "hsm/tls_callback_key.h"
+#include "hsm/tls_key.h"
 #include "tests/support/temp_dir.h"
 
 #include <openssl/evp.h>
@@ -712,8 +714,8 @@ MllpTlsConfig tls_files(const medgate::testing::TempDir& dir) {
   REQUIRE(out != nullptr);
   REQUIRE(PEM_write_PrivateKey(out, key, nullptr, nullptr, 0, nullptr, nullptr) == 1);
   std::fclose(out);
-  std::filesystem::permissions(*tls.key_file, std::filesystem::perms::owner_read |
-                                                  std::filesystem::perms::owner_write);
+  std::filesystem::permissions(
+      *tls.key_file, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
   EVP_PKEY_free(key);
   return tls;
 }
@@ -768,6 +770,140 @@ TEST_CASE("MLLP over TLS: AA, a plain-text client dropped, the connection goes o
   REQUIRE(bytewise.send(lab_message("TLS-3")).ok());
   CHECK(summary_of(bytewise.receive().value()).code == "AA");
   CHECK(f.listener.counters().tls_handshakes == 2);
+}
+
+namespace {
+
+// A TLS key whose signatures can be held: how a hardware TPM looks to the listener (~200 ms per
+// handshake signature), which swtpm cannot be made to do. Signs with a software key through the
+// same callback path the TPM key store uses (hsm/tls_callback_key.h).
+PublicKey public_key_of(EVP_PKEY* key) {
+  REQUIRE(key != nullptr);
+  unsigned char* der = nullptr;
+  int n = i2d_PUBKEY(key, &der);
+  REQUIRE(n > 0);
+  auto pub = PublicKey::from_spki_der(
+      ByteView(reinterpret_cast<std::byte*>(der), static_cast<std::size_t>(n)));
+  OPENSSL_free(der);
+  REQUIRE(pub.ok());
+  return *pub;
+}
+
+class HeldTlsKey : public hsm::TlsKeyHolder {
+ public:
+  HeldTlsKey() : key_(EVP_EC_gen("P-256")), info_{public_key_of(key_), false, "test"} {}
+  ~HeldTlsKey() override {
+    release();
+    EVP_PKEY_free(key_);
+  }
+  EVP_PKEY* software_key() const { return key_; }
+
+  Result<hsm::TlsKeyInfo> tls_key(bool) override { return info_; }
+  Result<Bytes> sign_tls_digest(const Hash& digest) override {
+    {
+      std::unique_lock lock(mu_);
+      if (hold_) {
+        ++held_;
+        cv_.notify_all();
+        cv_.wait(lock, [&] { return !hold_; });
+      }
+    }
+    EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new(key_, nullptr);
+    std::size_t len = 0;
+    Bytes sig;
+    bool ok =
+        ctx != nullptr && EVP_PKEY_sign_init(ctx) == 1 &&
+        EVP_PKEY_sign(ctx, nullptr, &len, reinterpret_cast<const unsigned char*>(digest.data()),
+                      digest.size()) == 1;
+    if (ok) {
+      sig.resize(len);
+      ok = EVP_PKEY_sign(ctx, reinterpret_cast<unsigned char*>(sig.data()), &len,
+                         reinterpret_cast<const unsigned char*>(digest.data()), digest.size()) == 1;
+      sig.resize(len);
+    }
+    EVP_PKEY_CTX_free(ctx);
+    if (!ok) return Status::Internal("test key: ECDSA failed");
+    return sig;
+  }
+
+  void hold() {
+    std::lock_guard lock(mu_);
+    hold_ = true;
+  }
+  void release() {
+    std::lock_guard lock(mu_);
+    hold_ = false;
+    cv_.notify_all();
+  }
+  // Waits (up to `limit`, so that a broken listener fails the test rather than hangs it) until a
+  // signature is being held.
+  bool wait_until_held(std::chrono::milliseconds limit) {
+    std::unique_lock lock(mu_);
+    return cv_.wait_for(lock, limit, [&] { return held_ > 0; });
+  }
+
+ private:
+  EVP_PKEY* key_;
+  hsm::TlsKeyInfo info_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool hold_ = false;
+  int held_ = 0;
+};
+
+}  // namespace
+
+// A handshake whose signature takes long (a hardware TPM) must hold up other handshakes at most,
+// never the connections already established: handshakes run on their own thread.
+TEST_CASE("MLLP over TLS: a handshake waiting on a slow key store does not hold up others' ACKs",
+          "[mllp]") {
+  medgate::testing::TempDir dir;
+  HeldTlsKey held;  // outlives the listener: released before it stops
+  Result<TlsKeyIssue> issue =
+      issue_for_key(held.software_key(), TlsKeyRequest{"mllp.test", {"127.0.0.1"}, 1});
+  REQUIRE(issue.ok());
+  MllpListenerConfig config;
+  config.tls.emplace();
+  config.tls->cert_file = dir / "cert.pem";
+  std::ofstream(config.tls->cert_file) << issue->cert_pem;
+  auto key = hsm::key_signing_through(held, held.tls_key(false)->public_key);
+  REQUIRE(key.ok());
+  config.tls->key = std::shared_ptr<EVP_PKEY>(key->release(), EVP_PKEY_free);
+  Fixture f(config);
+  struct ReleaseFirst {
+    HeldTlsKey& key;
+    ~ReleaseFirst() { key.release(); }  // before the listener stops (declared after it)
+  } release_first{held};
+
+  MllpSender established(tls_sender(f.listener.port(), *config.tls));
+  REQUIRE(established.connect().ok());
+  REQUIRE(established.send(lab_message("EST-1")).ok());
+  CHECK(summary_of(established.receive().value()).code == "AA");
+
+  held.hold();
+  std::atomic<bool> late_ok = false;
+  std::thread late_sender([&] {
+    MllpSender late(tls_sender(f.listener.port(), *config.tls));
+    if (!late.connect().ok() || !late.send(lab_message("LATE-1")).ok()) return;
+    Result<std::string> ack = late.receive();
+    late_ok = ack.ok() && summary_of(*ack).code == "AA";
+  });
+  REQUIRE(held.wait_until_held(10'000ms));
+  // The late handshake is stuck in the key store; the established connection is answered.
+  for (int i = 2; i <= 4; ++i) {
+    std::string id = fmt::format("EST-{}", i);
+    REQUIRE(established.send(lab_message(id)).ok());
+    Result<std::string> ack = established.receive();
+    INFO(id << ": " << ack.status().to_string());
+    REQUIRE(ack.ok());
+    CHECK(summary_of(*ack).code == "AA");
+  }
+  CHECK(f.listener.counters().connections_open == 2);
+  held.release();
+  late_sender.join();
+  CHECK(late_ok);
+  CHECK(f.listener.counters().tls_handshakes == 2);
+  CHECK(f.sink.batches().size() == 5);
 }
 
 TEST_CASE("MLLP over TLS: stalled handshakes are closed at the timeout, others are served",
