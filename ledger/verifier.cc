@@ -297,6 +297,54 @@ class TileChecker {
   std::vector<Cached> cache_;
 };
 
+// Checks that every entry lies in a run of its type in type_runs (schema 5): the readers that find
+// entries by type (consent and key state at start, exports by kind) read only the runs' ranges,
+// so a run deleted or shortened would hide entries from them without changing anything hashed.
+// One cursor per type walks that type's runs once, in order, as the entries go by.
+class TypeRunChecker {
+ public:
+  explicit TypeRunChecker(sql::Database& db) : db_(db) {}
+
+  // OK; kVerificationFailed when no run of the type covers the entry.
+  Status check(std::uint64_t index, std::int64_t type) {
+    Cursor& c = cursors_[type];
+    if (!c.st) {
+      MEDGATE_ASSIGN_OR_RETURN(sql::Statement st,
+                               db_.prepare("SELECT first_index, end_index FROM type_runs WHERE "
+                                           "type = ? ORDER BY end_index"));
+      st.bind(1, type);
+      c.st = std::move(st);
+      MEDGATE_RETURN_IF_ERROR(c.next());
+    }
+    while (c.has && c.end <= index) MEDGATE_RETURN_IF_ERROR(c.next());
+    if (!c.has || c.first > index)
+      return Status::VerificationFailed(fmt::format(
+          "lies in no range of type_runs for its type ({}): the table that readers use to find "
+          "entries by type (consent and key state, exports by kind) was changed, and they would "
+          "not see this entry",
+          type));
+    return Status::Ok();
+  }
+
+ private:
+  struct Cursor {
+    std::optional<sql::Statement> st;
+    bool has = false;
+    std::uint64_t first = 0, end = 0;
+    Status next() {
+      MEDGATE_ASSIGN_OR_RETURN(auto step, st->step());
+      has = step == sql::Statement::Step::kRow;
+      if (has) {
+        first = st->column_uint(0);
+        end = st->column_uint(1);
+      }
+      return Status::Ok();
+    }
+  };
+  sql::Database& db_;
+  std::map<std::int64_t, Cursor> cursors_;
+};
+
 class Verifier {
  public:
   Verifier(sql::Database& db, std::filesystem::path path, const VerifyOptions& options)
@@ -401,6 +449,8 @@ class Verifier {
     // before it keep them in tiles by (level, idx). Both are read: auditors verify old files.
     MEDGATE_ASSIGN_OR_RETURN(const int schema, schema_version(db_));
     const bool by_position = schema >= 5;
+    std::optional<TypeRunChecker> type_runs;
+    if (schema >= 5) type_runs.emplace(db_);
     MEDGATE_ASSIGN_OR_RETURN(
         auto tile_st, db_.prepare(by_position ? "SELECT hashes FROM merkle_tiles WHERE pos = ?"
                                               : "SELECT hashes FROM tiles WHERE level = ? AND "
@@ -548,6 +598,12 @@ class Verifier {
                           ? *tile_problem
                           : problem(VerifyProblem::Where::kEntry, i,
                                     "its type or time column does not match its bytes"));
+        if (type_runs) {
+          if (Status s = type_runs->check(i, e->type); !s.ok()) {
+            if (s.code() != StatusCode::kVerificationFailed) return s;
+            return fail(problem(VerifyProblem::Where::kEntry, i, s.message()));
+          }
+        }
         if (i == 0) {
           Result<Entry> genesis = decode_entry(e->bytes);
           if (!genesis.ok())

@@ -37,6 +37,11 @@ expect_in "entry 5: its bytes do not match the hash stored in Merkle tile \(0, 0
 tamper tile_gone "DELETE FROM merkle_tiles WHERE pos = 256"  # tile (0, 0): ledger/tiles.h, tile_position()
 verify_copy "a Merkle tile deleted"
 expect_in "Merkle tile \(0, 0\) cannot be read" "names the tile"
+# type_runs is how readers find entries by type (consent and key state at start): not signed, but
+# a run removed would hide entries from them, so verify checks it covers every entry.
+tamper type_run_gone "DELETE FROM type_runs WHERE type = 2"
+verify_copy "a type run deleted"
+expect_in "entry [0-9]+: lies in no range of type_runs for its type \(2\)" "names the first entry it hid"
 
 tamper delete "DELETE FROM entries WHERE idx = 7"
 verify_copy "a deleted entry"

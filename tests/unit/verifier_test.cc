@@ -696,3 +696,34 @@ TEST_CASE("an entry's type or time column stored as a non-integer is named", "[v
     CHECK_THAT(r.problem->describe(), Catch::Contains("column"));
   }
 }
+
+// Schema 5: readers find entries by type through type_runs, which nothing signed covers. A run
+// removed or shortened would hide entries from them (consent and key state at start), so the
+// verifier checks that every entry lies in a run of its type and names the first that does not.
+TEST_CASE("a type run deleted or shortened is named at the first entry it no longer covers",
+          "[verifier]") {
+  SECTION("deleted") {
+    LedgerCopy copy;
+    exec(copy.path, "DELETE FROM type_runs WHERE type = 2");
+    VerifyReport r = verify(copy.path);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.problem->where == Where::kEntry);
+    CHECK_THAT(r.problem->describe(), Catch::Contains("no range of type_runs for its type (2)"));
+  }
+  SECTION("shortened by one entry") {
+    LedgerCopy copy;
+    const std::uint64_t first =
+        query_uint(copy.path, "SELECT min(first_index) FROM type_runs WHERE type = 2");
+    exec(copy.path,
+         "UPDATE type_runs SET first_index = first_index + 1 WHERE type = 2 AND "
+         "first_index = " +
+             std::to_string(first));
+    expect_problem(verify(copy.path), Where::kEntry, first, "no range of type_runs");
+  }
+  SECTION("untouched, and widened (harmless: readers scan a little more)") {
+    LedgerCopy copy;
+    CHECK(verify(copy.path).ok());
+    exec(copy.path, "UPDATE type_runs SET first_index = 0 WHERE type = 2");
+    CHECK(verify(copy.path).ok());
+  }
+}
