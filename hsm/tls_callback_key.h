@@ -1,5 +1,6 @@
 // An OpenSSL key whose ECDSA signatures are made by a TlsKeyHolder (hsm/tls_key.h): how a TPM's
-// TLS key reaches libssl through the key store's own connection. Private to hsm/ (the factory).
+// TLS key reaches libssl through the key store's own connection. Private to hsm/ (the factory);
+// tests use it for a key whose signatures they hold (a slow TPM, tests/unit/mllp_listener_test.cc).
 #pragma once
 
 #include "hsm/public_key.h"
