@@ -300,49 +300,68 @@ class TileChecker {
 // Checks that every entry lies in a run of its type in type_runs (schema 5): the readers that find
 // entries by type (consent and key state at start, exports by kind) read only the runs' ranges,
 // so a run deleted or shortened would hide entries from them without changing anything hashed.
-// One cursor per type walks that type's runs once, in order, as the entries go by.
+// Each type's runs are read in order, a chunk at a time (no statement stays open between
+// chunks, so the verification does not pin the WAL), as the entries go by.
 class TypeRunChecker {
  public:
   explicit TypeRunChecker(sql::Database& db) : db_(db) {}
 
   // OK; kVerificationFailed when no run of the type covers the entry.
   Status check(std::uint64_t index, std::int64_t type) {
-    Cursor& c = cursors_[type];
-    if (!c.st) {
-      MEDGATE_ASSIGN_OR_RETURN(sql::Statement st,
-                               db_.prepare("SELECT first_index, end_index FROM type_runs WHERE "
-                                           "type = ? ORDER BY end_index"));
-      st.bind(1, type);
-      c.st = std::move(st);
-      MEDGATE_RETURN_IF_ERROR(c.next());
+    Runs& r = runs_[type];
+    for (;;) {
+      while (r.next < r.chunk.size() && r.chunk[r.next].second <= index) ++r.next;
+      if (r.next < r.chunk.size()) break;
+      if (r.done && r.read_after == index) break;
+      MEDGATE_RETURN_IF_ERROR(read(r, type, index));
     }
-    while (c.has && c.end <= index) MEDGATE_RETURN_IF_ERROR(c.next());
-    if (!c.has || c.first > index)
-      return Status::VerificationFailed(fmt::format(
-          "lies in no range of type_runs for its type ({}): the table that readers use to find "
-          "entries by type (consent and key state, exports by kind) was changed, and they would "
-          "not see this entry",
-          type));
-    return Status::Ok();
+    if (r.next < r.chunk.size() && r.chunk[r.next].first <= index) return Status::Ok();
+    return Status::VerificationFailed(fmt::format(
+        "lies in no range of type_runs for its type ({}): the table that readers use to find "
+        "entries by type (consent and key state, exports by kind) was changed, and they would not "
+        "see this entry",
+        type));
   }
 
  private:
-  struct Cursor {
-    std::optional<sql::Statement> st;
-    bool has = false;
-    std::uint64_t first = 0, end = 0;
-    Status next() {
-      MEDGATE_ASSIGN_OR_RETURN(auto step, st->step());
-      has = step == sql::Statement::Step::kRow;
-      if (has) {
-        first = st->column_uint(0);
-        end = st->column_uint(1);
-      }
-      return Status::Ok();
-    }
+  static constexpr std::int64_t kChunk = 256;
+  struct Runs {
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> chunk;  // [first, end), by end
+    std::size_t next = 0;
+    bool done = false;  // the last read found no run ending after read_after
+    std::uint64_t read_after = 0;
   };
+
+  // The type's next runs ending after `index`.
+  Status read(Runs& r, std::int64_t type, std::uint64_t index) {
+    if (!st_) {
+      MEDGATE_ASSIGN_OR_RETURN(
+          sql::Statement st,
+          db_.prepare("SELECT first_index, end_index FROM type_runs WHERE type = "
+                      "? AND end_index > ? ORDER BY end_index LIMIT ?"));
+      st_ = std::move(st);
+    }
+    r.chunk.clear();
+    r.next = 0;
+    st_->bind(1, type).bind(2, index).bind(3, kChunk);
+    for (;;) {
+      Result<sql::Statement::Step> step = st_->step();
+      if (!step.ok()) {
+        st_->reset();
+        return step.status();
+      }
+      if (*step != sql::Statement::Step::kRow) break;
+      r.chunk.emplace_back(st_->column_uint(0), st_->column_uint(1));
+    }
+    st_->reset();
+    r.done = r.chunk.empty();
+    r.read_after = index;
+    return Status::Ok();
+  }
+
   sql::Database& db_;
-  std::map<std::int64_t, Cursor> cursors_;
+  std::optional<sql::Statement> st_;
+  std::map<std::int64_t, Runs> runs_;
 };
 
 class Verifier {
@@ -430,21 +449,29 @@ class Verifier {
     }
     gaps.reset();
 
-    MEDGATE_ASSIGN_OR_RETURN(auto blocks_st,
-                             db_.prepare("SELECT height, first_index, entry_count, header FROM "
-                                         "blocks WHERE height >= ? ORDER BY height LIMIT ?"));
+    // The blocks verified are those stored now: on a live ledger (medgated verifying its own
+    // file while it appends) the streams below read at different moments, and what the writer
+    // commits meanwhile is left for the next verification (see the end of this function). Where
+    // the last block says the tree ends: the partial tiles there are not stored.
+    std::uint64_t final_height = 0, final_tree_size = 0;
+    {
+      MEDGATE_ASSIGN_OR_RETURN(auto last,
+                               db_.prepare("SELECT height, first_index + entry_count FROM blocks "
+                                           "ORDER BY height DESC LIMIT 1"));
+      MEDGATE_ASSIGN_OR_RETURN(auto last_step, last.step());
+      if (last_step == sql::Statement::Step::kRow) {
+        final_height = last.column_uint(0);
+        final_tree_size = last.column_uint(1);
+      }
+    }
+    MEDGATE_ASSIGN_OR_RETURN(
+        auto blocks_st,
+        db_.prepare(fmt::format("SELECT height, first_index, entry_count, header FROM blocks WHERE "
+                                "height >= ? AND height <= {} ORDER BY height LIMIT ?",
+                                final_height)));
     MEDGATE_ASSIGN_OR_RETURN(auto heads_st,
                              db_.prepare("SELECT seq, height, tree_size, head, signature FROM "
                                          "heads WHERE seq >= ? ORDER BY seq LIMIT ?"));
-    // Where the last block says the tree ends: the level-0 tile there may be partial and unstored.
-    std::uint64_t final_tree_size = 0;
-    {
-      MEDGATE_ASSIGN_OR_RETURN(auto last,
-                               db_.prepare("SELECT first_index + entry_count FROM blocks "
-                                           "ORDER BY height DESC LIMIT 1"));
-      MEDGATE_ASSIGN_OR_RETURN(auto last_step, last.step());
-      if (last_step == sql::Statement::Step::kRow) final_tree_size = last.column_uint(0);
-    }
     // Schema 5 keeps complete tiles in merkle_tiles by position (ledger/tiles.h); files written
     // before it keep them in tiles by (level, idx). Both are read: auditors verify old files.
     MEDGATE_ASSIGN_OR_RETURN(const int schema, schema_version(db_));
@@ -457,11 +484,11 @@ class Verifier {
                                                 "idx = ?"));
     // Level-0 tiles are read 512 at a time (one query per 8,192 entries, not one per 16). A
     // level-0 tile (0, k) is at position (k + 1) * 256 (tile_position()); the range holds higher
-    // tiles too, which the level filter leaves out.
+    // tiles too, and the multiples of 256 in it are exactly the level-0 positions.
     MEDGATE_ASSIGN_OR_RETURN(
         auto leaf_tiles_st,
         db_.prepare(by_position ? "SELECT (pos >> 8) - 1, hashes FROM merkle_tiles WHERE pos >= "
-                                  "(?1 + 1) << 8 AND pos < (?2 + 1) << 8 AND pos % 16 = 0 ORDER BY "
+                                  "(?1 + 1) << 8 AND pos < (?2 + 1) << 8 AND pos % 256 = 0 ORDER BY "
                                   "pos"
                                 : "SELECT idx, hashes FROM tiles WHERE level = 0 AND idx >= ?1 "
                                   "AND idx < ?2 ORDER BY idx"));
@@ -689,14 +716,25 @@ class Verifier {
     if (report_.blocks == 0)
       return fail(problem(VerifyProblem::Where::kFile, 0, "the ledger has no blocks"));
 
+    // A head or an entry past the last block verified is a problem unless a block stored since
+    // covers it (a live ledger grew): that block and what it covers are the next verification's.
+    MEDGATE_ASSIGN_OR_RETURN(auto latest,
+                             db_.prepare("SELECT height, first_index + entry_count FROM blocks "
+                                         "ORDER BY height DESC LIMIT 1"));
+    MEDGATE_ASSIGN_OR_RETURN(auto latest_step, latest.step());
+    const std::uint64_t latest_height =
+        latest_step == sql::Statement::Step::kRow ? latest.column_uint(0) : 0;
+    const std::uint64_t latest_size =
+        latest_step == sql::Statement::Step::kRow ? latest.column_uint(1) : 0;
+    latest.reset();
     MEDGATE_ASSIGN_OR_RETURN(std::optional<HeadRow> stray, heads.peek());
-    if (stray)
+    if (stray && stray->height > latest_height)
       return fail(problem(VerifyProblem::Where::kHead, stray->seq,
                           fmt::format("covers block {}, which is not in the ledger (the last block "
                                       "is {}): the ledger was truncated",
                                       stray->height, expected_height - 1)));
     MEDGATE_ASSIGN_OR_RETURN(std::optional<EntryRow> extra, entries.next());
-    if (extra)
+    if (extra && extra->index >= latest_size)
       return fail(
           problem(VerifyProblem::Where::kEntry, extra->index, "is not covered by any block"));
 
