@@ -1611,7 +1611,13 @@ class Ledger::Impl {
     open.clear();
     auto close = [&](std::uint32_t type, std::uint64_t run_end) -> Status {
       close_run_.bind(1, run_end).bind(2, static_cast<std::int64_t>(type)).bind(3, kOpenRunEnd);
-      return close_run_.run().with_context("closing a type run");
+      MEDGATE_RETURN_IF_ERROR(close_run_.run().with_context("closing a type run"));
+      // The open runs in memory must be the ones on disk; if not, stop rather than write runs
+      // that would hide entries from the readers.
+      if (sqlite3_changes(db_.handle()) != 1)
+        return Status::Corruption(fmt::format(
+            "type_runs has no open run for entry type {} where the writer expected one", type));
+      return Status::Ok();
     };
     for (const auto& [type, at] : firsts) {
       auto run = open_runs_.find(type);

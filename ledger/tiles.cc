@@ -54,7 +54,7 @@ Result<std::int64_t> tile_position(TileKey key) {
   constexpr int kPositionBits = 59;  // tree sizes up to 2^59, times 16, fit an int64
   const int shift = kTileHeight * (key.level + 1);
   if (key.level < 0 || shift >= kPositionBits ||
-      key.index + 1 >= (std::uint64_t{1} << (kPositionBits - shift)))
+      key.index >= (std::uint64_t{1} << (kPositionBits - shift)) - 1)
     return Status::InvalidArgument(
         fmt::format("{} lies beyond 2^{} leaves", tile_name(key), kPositionBits));
   const std::uint64_t completes_at = (key.index + 1) << shift;

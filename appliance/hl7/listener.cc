@@ -241,7 +241,9 @@ class MllpListener::Loop {
 
   MllpListenerCounters counters() const {
     std::lock_guard lock(counters_mu_);
-    return counters_;
+    MllpListenerCounters c = counters_;
+    c.connections_open = open_connections();
+    return c;
   }
 
  private:
@@ -256,7 +258,8 @@ class MllpListener::Loop {
   void handshake_run();
   void handshake_step(std::uint64_t id);
   void adopt_handshaken();
-  std::size_t open_connections() const { return connections_.size() + handed_off_.load(); }
+  // Both threads' connections; from any thread.
+  std::size_t open_connections() const { return established_.load() + handed_off_.load(); }
   void take_bytes(Connection& conn, std::size_t n);
   void peer_closed(Connection& conn);
   void read_failed(Connection& conn, const std::string& why);
@@ -307,7 +310,9 @@ class MllpListener::Loop {
   std::vector<std::unique_ptr<Connection>> to_handshake_;  // accepted, not yet taken
   std::vector<std::unique_ptr<Connection>> handshaken_;    // established, not yet adopted
   bool handshake_stop_ = false;                            // guarded by handoff_mu_
-  std::atomic<std::size_t> handed_off_ = 0;  // connections the epoll thread does not hold
+  std::atomic<std::size_t> handed_off_ = 0;       // connections the epoll thread does not hold
+  std::atomic<std::size_t> established_ = 0;      // connections_.size(), readable from any thread
+  std::atomic<bool> handshakes_stopped_ = false;  // the handshake thread has ended
   // The handshake thread's own.
   std::unordered_map<std::uint64_t, std::unique_ptr<Connection>> handshakes_;
 
@@ -370,10 +375,14 @@ void MllpListener::Loop::run() {
     if (conn->stage != Stage::kReading) ++unanswered;
   }
   connections_.clear();
-  with_counters([&](MllpListenerCounters& c) {
-    c.connections_open = 0;
-    c.acks_unsent += unanswered;
-  });
+  established_ = 0;
+  {
+    // Handed back by the handshake thread but not taken: nothing was read from them.
+    std::lock_guard lock(handoff_mu_);
+    handed_off_ -= handshaken_.size();
+    handshaken_.clear();
+  }
+  with_counters([&](MllpListenerCounters& c) { c.acks_unsent += unanswered; });
   listen_.reset();
   log(LogLevel::kNotice, "mllp.stopped", "HL7/MLLP listener on port {} stopped", port_);
 }
@@ -431,11 +440,13 @@ void MllpListener::Loop::accept_all() {
       conn->handshaking = true;
       conn->handshake_deadline = Clock::now() + config_.tls->handshake_timeout;
       log(LogLevel::kInfo, "mllp.connect", "connection from {}", conn->peer);
+      if (handshakes_stopped_) {
+        log(LogLevel::kError, "mllp.tls", "refused {}: the TLS handshake thread has stopped",
+            conn->peer);
+        continue;
+      }
       ++handed_off_;
-      with_counters([&](MllpListenerCounters& c) {
-        ++c.connections_accepted;
-        c.connections_open = open_connections();
-      });
+      with_counters([](MllpListenerCounters& c) { ++c.connections_accepted; });
       hand_to_handshakes(std::move(conn));
       continue;
     }
@@ -450,10 +461,8 @@ void MllpListener::Loop::accept_all() {
     note_deadline(conn->last_io + config_.read_timeout);
     log(LogLevel::kInfo, "mllp.connect", "connection from {}", conn->peer);
     connections_.emplace(id, std::move(conn));
-    with_counters([&](MllpListenerCounters& c) {
-      ++c.connections_accepted;
-      c.connections_open = open_connections();
-    });
+    established_ = connections_.size();
+    with_counters([](MllpListenerCounters& c) { ++c.connections_accepted; });
   }
 }
 
@@ -953,7 +962,7 @@ void MllpListener::Loop::reap(std::uint64_t id) {
   }
   // A message in flight stays with the sink; its completion finds no connection and is counted.
   connections_.erase(it);
-  with_counters([&](MllpListenerCounters& c) { c.connections_open = open_connections(); });
+  established_ = connections_.size();
 }
 
 // ---- TLS handshakes, on their own thread (see the members) ----
@@ -961,6 +970,11 @@ void MllpListener::Loop::reap(std::uint64_t id) {
 void MllpListener::Loop::hand_to_handshakes(std::unique_ptr<Connection> conn) {
   {
     std::lock_guard lock(handoff_mu_);
+    // The thread sets handshakes_stopped_ before it empties to_handshake_ for the last time.
+    if (handshakes_stopped_) {
+      --handed_off_;
+      return;  // closed: the thread is gone
+    }
     to_handshake_.push_back(std::move(conn));
   }
   wake_handshakes();
@@ -1044,14 +1058,18 @@ void MllpListener::Loop::handshake_run() {
       ::epoll_ctl(handshake_epoll_.get(), EPOLL_CTL_DEL, conn.fd.get(), nullptr);
       it = handshakes_.erase(it);  // no close_notify: nothing to say goodbye to
       --handed_off_;
-      with_counters([&](MllpListenerCounters& c) { c.connections_open = handed_off_.load(); });
     }
   }
-  // Stopping: the handshakes still running are closed (their peers have sent nothing to answer).
+  // Stopping: the handshakes still running, and those not begun, are closed (their peers have
+  // sent nothing to answer). From now on accept_all() refuses TLS connections.
+  handshakes_stopped_ = true;
   for (const auto& [id, conn] : handshakes_)
     ::epoll_ctl(handshake_epoll_.get(), EPOLL_CTL_DEL, conn->fd.get(), nullptr);
   handed_off_ -= handshakes_.size();
   handshakes_.clear();
+  std::lock_guard lock(handoff_mu_);
+  handed_off_ -= to_handshake_.size();
+  to_handshake_.clear();
 }
 
 // Runs the handshake as far as the socket allows; hands the connection back to the epoll thread
@@ -1105,6 +1123,7 @@ void MllpListener::Loop::adopt_handshaken() {
     Connection& conn = *owned;
     conn.events = EPOLLIN;
     connections_.emplace(id, std::move(owned));
+    established_ = connections_.size();
     --handed_off_;
     // The first frames may have come right behind the client's Finished.
     if (!draining_) read_some(conn);

@@ -888,6 +888,14 @@ TEST_CASE("MLLP over TLS: a handshake waiting on a slow key store does not hold 
     Result<std::string> ack = late.receive();
     late_ok = ack.ok() && summary_of(*ack).code == "AA";
   });
+  struct JoinLate {  // a failed REQUIRE below still releases the key and joins the thread
+    HeldTlsKey& key;
+    std::thread& thread;
+    ~JoinLate() {
+      key.release();
+      if (thread.joinable()) thread.join();
+    }
+  } join_late{held, late_sender};
   REQUIRE(held.wait_until_held(10'000ms));
   // The late handshake is stuck in the key store; the established connection is answered.
   for (int i = 2; i <= 4; ++i) {
@@ -930,6 +938,7 @@ TEST_CASE("MLLP over TLS: stalled handshakes are closed at the timeout, others a
   CHECK(half.closed_by_listener(5000ms));
   CHECK(eventually([&] { return f.listener.counters().tls_handshake_timeouts == 2; }));
   CHECK(f.listener.counters().read_timeouts == 0);
+  CHECK(f.listener.counters().connections_open == 1);  // the sender's, still connected
 }
 
 TEST_CASE("MLLP over TLS: a source bound to a client certificate gets AE 204 without it",
