@@ -1953,6 +1953,39 @@ double server_us_per_post(const LoadRun& r) {
   return r.cpu.daemon_cpu() / static_cast<double>(r.acknowledged) * 1e6;
 }
 
+// --smoke only: the NON deadline itself, which a healthy run never reaches. One NON POST goes to
+// a loopback UDP socket that takes datagrams and never answers (bound, so no ICMP refusal); it
+// must be counted lost after kNonDeadline, not waited on and not taken for an error.
+Status check_non_loss_detection(const Appliance& appliance) {
+  struct Socket {
+    int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    ~Socket() {
+      if (fd >= 0) ::close(fd);
+    }
+  } silent;
+  if (silent.fd < 0) return Status::Unavailable("socket: " + errno_text());
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (::bind(silent.fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+      ::getsockname(silent.fd, reinterpret_cast<sockaddr*>(&a), &len) != 0)
+    return Status::Unavailable("bind a silent UDP socket: " + errno_text());
+  MEDGATE_ASSIGN_OR_RETURN(std::unique_ptr<CoapLoad> load,
+                           CoapLoad::open(ntohs(a.sin_port), Transport::kPlain, Request::kNon,
+                                          appliance.coap_devices(), 1));
+  MEDGATE_ASSIGN_OR_RETURN(LoadRun run, load->run(Limit{0, 1}, appliance.pid()));
+  const LoadRun& r = run;
+  fmt::print(
+      "NON loss detection: one NON POST to a UDP port that never answers: {} lost, {} answered, {} "
+      "errors after {:.1f} s\n\n",
+      r.lost, r.acknowledged, r.errors, r.seconds);
+  if (r.lost != 1 || r.acknowledged != 0 || r.errors != 0)
+    return Status::Internal(
+        "a NON POST that got no answer was not counted lost (want 1 lost, 0 answered, 0 errors)");
+  return Status::Ok();
+}
+
 // The best DTLS rate one kind of CoAP row reached over the session counts.
 struct BestRate {
   int sessions = 0;
@@ -1990,6 +2023,7 @@ Status run_coap_phase(const Options& options, Appliance& appliance, Totals& tota
       LIBCOAP_PACKAGE_VERSION, piggybacked->coaps_port(), piggybacked->plain_port(),
       piggybacked->tid(), separate->coaps_port(), separate->plain_port(), separate->tid());
   std::fflush(stdout);
+  if (options.smoke) MEDGATE_RETURN_IF_ERROR(check_non_loss_detection(appliance));
 
   // Which server a row measures: medgated, or one of the floors. The floors' names depend on the
   // request: to a NON request the "piggybacked" floor's 2.04 rides on nothing, it is just at once.
