@@ -1953,6 +1953,12 @@ double server_us_per_post(const LoadRun& r) {
   return r.cpu.daemon_cpu() / static_cast<double>(r.acknowledged) * 1e6;
 }
 
+// Client CPU per POST, or 0 when too little was measured.
+double client_us_per_post(const LoadRun& r) {
+  if (r.acknowledged == 0 || r.cpu.wall < 0.5) return 0;
+  return r.cpu.client_cpu() / static_cast<double>(r.acknowledged) * 1e6;
+}
+
 // --smoke only: the NON deadline itself, which a healthy run never reaches. One NON POST goes to
 // a loopback UDP socket that takes datagrams and never answers (bound, so no ICMP refusal); it
 // must be counted lost after kNonDeadline, not waited on and not taken for an error.
@@ -2159,6 +2165,21 @@ Status run_coap_phase(const Options& options, Appliance& appliance, Totals& tota
           floor_name(Server::kFloorAsync, q), async / mine * 100, async, mine,
           floor_name(Server::kFloorAtOnce, q), at_once / mine * 100, at_once));
     }
+    // What the CON exchange (empty ACK, CON 2.04, the client's ACK) costs in CPU: the same
+    // server's CPU per POST with NON requests beside CON. Steadier than the rates on a shared
+    // machine, since other tenants take cores but not CPU time per POST.
+    const LoadRun* mc = find(Request::kCon, Server::kMedgated, Transport::kDtls);
+    const LoadRun* mn = find(Request::kNon, Server::kMedgated, Transport::kDtls);
+    const LoadRun* ac = find(Request::kCon, Server::kFloorAsync, Transport::kDtls);
+    const LoadRun* an = find(Request::kNon, Server::kFloorAsync, Transport::kDtls);
+    if (mc && mn && ac && an && server_us_per_post(*mc) > 0 && server_us_per_post(*mn) > 0 &&
+        server_us_per_post(*ac) > 0 && server_us_per_post(*an) > 0)
+      cost_lines.push_back(fmt::format(
+          "  x{} DTLS, NON against CON requests, CPU per POST: medgated's {:.0f} against {:.0f} "
+          "us, the async floor's server thread's {:.0f} against {:.0f} us; the client's (against "
+          "medgated) {:.0f} against {:.0f} us",
+          sessions, server_us_per_post(*mn), server_us_per_post(*mc), server_us_per_post(*an),
+          server_us_per_post(*ac), client_us_per_post(*mn), client_us_per_post(*mc)));
   }
   table.print(/*blank_line_after=*/true);
   print_cpu_legend();
