@@ -2228,12 +2228,17 @@ Status run_coap_phase(const Options& options, Appliance& appliance, Totals& tota
       fmt::print(", the async floor {} against {} (x{:.2f})", rate(fn->second.rate),
                  rate(fc->second.rate), fn->second.rate / fc->second.rate);
     fmt::print("\n");
-    if (gap > 0)
+    const double gain = non->second.rate - con->second.rate;
+    if (gap > 0 && gain >= 0)
       fmt::print(
           "    of medgated's {} POSTs/s short of the target with CON requests, NON requests make "
           "up {} ({:.0f}%)\n",
-          rate(gap), rate(non->second.rate - con->second.rate),
-          (non->second.rate - con->second.rate) / gap * 100);
+          rate(gap), rate(gain), gain / gap * 100);
+    else if (gap > 0)
+      fmt::print(
+          "    medgated is {} POSTs/s short of the target with CON requests, and {} POSTs/s "
+          "slower still with NON requests\n",
+          rate(gap), rate(-gain));
   }
   fmt::print("\n");
   std::fflush(stdout);
