@@ -1589,8 +1589,7 @@ class Ledger::Impl {
   // completed: each is the merkle_tiles table's new last row (tiles.h, tile_position()). Partial
   // tiles are not stored (tile_reader() recomputes them).
   Status write_complete_tiles() {
-    for (const auto& [key, hashes] : tiles_.take_dirty()) {
-      if (hashes.size() < kTileWidth * sizeof(Hash)) continue;
+    for (const auto& [key, hashes] : tiles_.take_completed()) {
       MEDGATE_ASSIGN_OR_RETURN(std::int64_t pos, tile_position(key));
       insert_tile_.bind(1, pos).bind(2, ByteView(hashes));
       MEDGATE_RETURN_IF_ERROR(insert_tile_.run().with_context("writing Merkle tiles"));
@@ -1661,7 +1660,7 @@ class Ledger::Impl {
     Status s = write_batch(batch, first, began);
     if (!s.ok()) {
       tiles_ = std::move(before);
-      (void)tiles_.take_dirty();
+      (void)tiles_.take_completed();
       // A full disk leaves SQLite's state clean (the transaction rolled back); anything else, an
       // fsync error above all, leaves the file's durable state unknown.
       // A transaction that never began wrote nothing (another process held the write lock).
@@ -2141,7 +2140,7 @@ class Ledger::Impl {
     }();
     if (!s.ok()) {
       tiles_ = std::move(before);
-      (void)tiles_.take_dirty();
+      (void)tiles_.take_completed();
       if (began && !sql::is_disk_full(s)) {
         std::lock_guard lk(state_mu_);
         writer_error_ = Status(

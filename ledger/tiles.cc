@@ -179,6 +179,10 @@ void TileBuilder::append(const Hash& leaf) {
   });
 }
 
+std::vector<std::pair<TileKey, Bytes>> TileBuilder::take_completed() {
+  return std::exchange(completed_, {});
+}
+
 std::vector<std::pair<TileKey, Bytes>> TileBuilder::take_dirty() {
   std::vector<std::pair<TileKey, Bytes>> dirty = std::move(completed_);
   completed_.clear();

@@ -6,10 +6,11 @@
 // of a level is partial and holds fewer (hash count = blob size / 32). Level-0 tiles hold the
 // leaf hashes.
 //
-// Why tiles rather than one row per node: an append rewrites one row per 16 leaves (plus, rarely,
-// a higher-level row) instead of ~2 new rows per leaf, which keeps appends cheap; yet any node is
+// Why tiles rather than one row per node: an append adds one row per 16 leaves (plus, rarely, a
+// higher-level row) instead of ~2 new rows per leaf, which keeps appends cheap; yet any node is
 // still computable from a single tile by hashing at most 15 pairs (node (4t + r, i) from 2^r
-// hashes at level 4t), so a root or a proof stays O(log n) tile reads.
+// hashes at level 4t), so a root or a proof stays O(log n) tile reads. The ledger's store keeps
+// complete tiles only (schema 5, at tile_position()) and recomputes the partial ones when read.
 #pragma once
 
 #include <compare>
@@ -77,9 +78,12 @@ class TileBuilder {
   const merkle::CompactRange& range() const { return range_; }
 
   // Every tile whose content changed since the last call (completed ones and the current partial
-  // ones), each with its full current content, for the caller to INSERT OR REPLACE. Completed
-  // tiles come first, in the order they completed.
+  // ones), each with its full current content, for a store that keeps partial tiles too (INSERT
+  // OR REPLACE). Completed tiles come first, in the order they completed.
   std::vector<std::pair<TileKey, Bytes>> take_dirty();
+  // Only the tiles completed since the last call, in the order they completed: what the ledger's
+  // store writes (it recomputes partial tiles), without serializing the partial ones each commit.
+  std::vector<std::pair<TileKey, Bytes>> take_completed();
 
  private:
   struct PartialTile {

@@ -347,3 +347,28 @@ TEST_CASE("tile positions follow completion order and map back", "[tiles]") {
                            std::int64_t{257}, std::int64_t{256 + 16}, std::int64_t{16 * 16 + 1}})
     CHECK(tile_at_position(bad).status().code() == StatusCode::kCorruption);
 }
+
+// What the ledger's store writes: the completed tiles only, each once, in the order they
+// completed, and exactly the complete tiles a naive computation gives.
+TEST_CASE("TileBuilder::take_completed gives each complete tile once, in order", "[tiles]") {
+  std::mt19937_64 rng(11);
+  const auto leaves = random_leaves(rng, 5000);
+  TileBuilder builder;
+  Store completed;
+  std::int64_t last = 0;
+  for (std::size_t i = 0; i < leaves.size(); ++i) {
+    builder.append(leaves[i]);
+    if (rng() % 5 != 0) continue;
+    for (auto& [key, blob] : builder.take_completed()) {
+      CHECK(blob.size() == kTileWidth * 32);
+      CHECK(*tile_position(key) > last);
+      last = *tile_position(key);
+      CHECK(completed.emplace(key, std::move(blob)).second);
+    }
+  }
+  for (auto& [key, blob] : builder.take_completed()) completed.emplace(key, std::move(blob));
+  CHECK(builder.take_completed().empty());
+  Store want = expected_tiles(Leaves(leaves));
+  std::erase_if(want, [](const auto& kv) { return kv.second.size() < kTileWidth * 32; });
+  CHECK(completed == want);
+}
